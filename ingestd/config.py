@@ -1,0 +1,206 @@
+"""Load and validate ingestd's YAML configuration.
+
+Every problem is reported at once, each naming the file, the line and the key, never as a traceback.
+The models are frozen: nothing downstream re-validates or sees a dict from YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ingestd.errors import ConfigError
+
+__all__ = ["Config", "DropFolder", "Listener", "Spool", "Tls", "load_config", "parse_config"]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1 to 16 printable ASCII characters, not all spaces, no backslash")
+    return value.strip()
+
+
+class Tls(_Model):
+    """DICOM TLS for the listener: our certificate and key, and the CA that signs the scanners' certificates."""
+
+    certificate: Path
+    key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _ca_when_verifying(self) -> Tls:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to verify callers against")
+        return self
+
+
+class Listener(_Model):
+    """The DICOM C-STORE/C-ECHO listener."""
+
+    enabled: bool = True
+    ae_title: str = "INGESTD"
+    host: str = "0.0.0.0"  # noqa: S104 - a DICOM listener serves the scanners on the lab network
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_pdu_size: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    tls: Tls | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(v) for v in values)
+
+
+class DropFolder(_Model):
+    """A folder people drop DICOM files, folders or archives into."""
+
+    path: Path
+    settle_seconds: Annotated[float, Field(ge=0)] = 5.0
+    after: Literal["delete", "move"] = "delete"
+    done_folder: Path | None = None
+    polling: bool = False
+    poll_interval_seconds: Annotated[float, Field(gt=0)] = 2.0
+
+    @model_validator(mode="after")
+    def _done_folder_for_move(self) -> DropFolder:
+        if self.after == "move" and self.done_folder is None:
+            raise ValueError("after: move needs done_folder, the folder taken files are moved to")
+        return self
+
+
+class Spool(_Model):
+    """Where instances wait, and how much of the disk they may use."""
+
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+
+
+class Archives(_Model):
+    """Limits that keep a hostile or absurd archive out of the spool."""
+
+    max_members: Annotated[int, Field(ge=1)] = 100_000
+    max_total_mb: Annotated[int, Field(ge=1)] = 50_000
+    max_member_mb: Annotated[int, Field(ge=1)] = 4_096
+    max_ratio: Annotated[float, Field(ge=1)] = 200.0
+
+
+class Logging(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Model):
+    """The whole of ingestd.yaml."""
+
+    state_dir: Path
+    listener: Listener = Listener()
+    drop_folders: tuple[DropFolder, ...] = ()
+    spool: Spool = Spool()
+    archives: Archives = Archives()
+    study_idle_seconds: Annotated[float, Field(gt=0)] = 120.0
+    study_max_wait_seconds: Annotated[float, Field(gt=0)] = 6 * 3600.0
+    logging: Logging = Logging()
+
+    @model_validator(mode="after")
+    def _wait_above_idle(self) -> Config:
+        if self.study_max_wait_seconds < self.study_idle_seconds:
+            raise ValueError("study_max_wait_seconds must not be shorter than study_idle_seconds")
+        return self
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_dir / "quarantine"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.sqlite"
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A safe loader that remembers the line of every key, keyed by its path in the document."""
+
+
+def _key_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _key_lines(value_node, (*path, key), lines)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _key_lines(item, (*path, index), lines)
+
+
+def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate configuration text; raise ConfigError listing every problem."""
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}: not valid YAML: {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"{source}:1: the configuration must be a mapping of keys to values"])
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _key_lines(node, (), lines)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+            line = _line_of(loc, lines)
+            key = ".".join(str(part) for part in loc) or "(top level)"
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif error["type"] == "missing":
+                message = "required key is missing"
+            problems.append(f"{source}:{line if line is not None else 1}: {key}: {message}")
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the configuration file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"{path}: cannot read the configuration: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [f"{path}: the configuration is not UTF-8 text"]) from None
+    return parse_config(text, str(path))

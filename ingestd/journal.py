@@ -1,0 +1,330 @@
+"""The journal: ingestd's state in SQLite (WAL), the single source of truth for instances and studies.
+
+A study is kept as batches: `(study_uid, batch)`. Instances that arrive after a batch left `receiving`
+open the next batch of the same study. The journal holds no file contents, only facts and spool paths
+built from validated UIDs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BatchRow", "InstanceRow", "Journal", "Source", "StudyState"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    batch INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    source_kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    state_changed REAL NOT NULL,
+    reason TEXT,
+    UNIQUE (study_uid, batch)
+);
+CREATE INDEX IF NOT EXISTS batches_state ON batches (state);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    series_number INTEGER,
+    size INTEGER NOT NULL,
+    data_offset INTEGER NOT NULL,
+    source_kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    source_detail TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    spool_path TEXT NOT NULL UNIQUE,
+    UNIQUE (batch_id, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances (study_uid, sop_uid);
+CREATE TABLE IF NOT EXISTS receipts (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    sop_uid TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    source_kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    source_kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+class StudyState(StrEnum):
+    """Where a batch of a study is. The values are stored in the journal: never rename them."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    HELD = "held"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an instance came from: a DICOM peer (calling AE, called AE) or a drop folder (folder, file)."""
+
+    kind: str  # "dicom" or "folder"
+    name: str  # the calling AE title, or the drop folder
+    detail: str = ""  # the called AE title and peer address, or the file's path within the folder
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    id: int
+    batch_id: int
+    batch_state: str
+    sop_uid: str
+    size: int
+    data_offset: int
+    spool_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    id: int
+    study_uid: str
+    batch: int
+    state: str
+    source_kind: str
+    source: str
+    first_received: float
+    last_received: float
+    state_changed: float
+    reason: str | None
+    series: int
+    instances: int
+    size: int
+
+
+class Journal:
+    """A connection to the journal, safe to share between threads (one writer at a time).
+
+    Several processes may open the same journal; SQLite's locking and the busy timeout serialise them.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        self.path = path
+        uri = f"file:{path}?mode=ro" if read_only else f"file:{path}"
+        self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA busy_timeout = 30000")
+        if not read_only:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed row survives power loss and reboot, not only a killed process.
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run the block as one write transaction, taken at once (BEGIN IMMEDIATE); commit or roll back."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- instances ---------------------------------------------------------------------------------
+
+    def find_instance(self, study_uid: str, sop_uid: str) -> InstanceRow | None:
+        """The newest stored copy of an instance in any batch of its study."""
+        row = self._db.execute(
+            "SELECT i.id, i.batch_id, b.state, i.sop_uid, i.size, i.data_offset, i.spool_path "
+            "FROM instances i JOIN batches b ON b.id = i.batch_id "
+            "WHERE i.study_uid = ? AND i.sop_uid = ? ORDER BY b.batch DESC LIMIT 1",
+            (study_uid, sop_uid),
+        ).fetchone()
+        return InstanceRow(*row) if row else None
+
+    def receiving_batch(self, study_uid: str, source: Source, now: float) -> tuple[int, int]:
+        """The (id, number) of the study's batch still receiving, opening the next batch if there is none."""
+        row = self._db.execute(
+            "SELECT id, batch, state FROM batches WHERE study_uid = ? ORDER BY batch DESC LIMIT 1", (study_uid,)
+        ).fetchone()
+        if row is not None and row["state"] == StudyState.RECEIVING:
+            return row["id"], row["batch"]
+        number = 1 if row is None else row["batch"] + 1
+        cursor = self._db.execute(
+            "INSERT INTO batches (study_uid, batch, state, source_kind, source, first_received, last_received,"
+            " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (study_uid, number, StudyState.RECEIVING, source.kind, source.name, now, now, now),
+        )
+        return int(cursor.lastrowid or 0), number
+
+    def batch_for(self, study_uid: str, number: int, source: Source, now: float) -> int:
+        """The id of batch `number` of a study, created in `receiving` if the journal lacks it."""
+        row = self._db.execute(
+            "SELECT id FROM batches WHERE study_uid = ? AND batch = ?", (study_uid, number)
+        ).fetchone()
+        if row is not None:
+            return int(row["id"])
+        cursor = self._db.execute(
+            "INSERT INTO batches (study_uid, batch, state, source_kind, source, first_received, last_received,"
+            " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (study_uid, number, StudyState.RECEIVING, source.kind, source.name, now, now, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def insert_instance(
+        self,
+        batch_id: int,
+        header: Any,
+        size: int,
+        data_offset: int,
+        source: Source,
+        now: float,
+        spool_path: str,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO instances (batch_id, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax,"
+            " modality, series_number, size, data_offset, source_kind, source, source_detail, received_at,"
+            " spool_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                batch_id,
+                header.study_uid,
+                header.series_uid,
+                header.sop_uid,
+                header.sop_class_uid,
+                header.transfer_syntax,
+                header.modality,
+                header.series_number,
+                size,
+                data_offset,
+                source.kind,
+                source.name,
+                source.detail,
+                now,
+                spool_path,
+            ),
+        )
+        self._db.execute("UPDATE batches SET last_received = ? WHERE id = ?", (now, batch_id))
+
+    def update_instance(
+        self, instance_id: int, header: Any, size: int, data_offset: int, source: Source, now: float
+    ) -> None:
+        self._db.execute(
+            "UPDATE instances SET series_uid = ?, sop_class_uid = ?, transfer_syntax = ?, modality = ?,"
+            " series_number = ?, size = ?, data_offset = ?, source_kind = ?, source = ?, source_detail = ?,"
+            " received_at = ? WHERE id = ?",
+            (
+                header.series_uid,
+                header.sop_class_uid,
+                header.transfer_syntax,
+                header.modality,
+                header.series_number,
+                size,
+                data_offset,
+                source.kind,
+                source.name,
+                source.detail,
+                now,
+                instance_id,
+            ),
+        )
+        self._db.execute(
+            "UPDATE batches SET last_received = ? WHERE id = (SELECT batch_id FROM instances WHERE id = ?)",
+            (now, instance_id),
+        )
+
+    def add_receipt(
+        self, batch_id: int, sop_uid: str, outcome: str, source: Source, size: int, now: float
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (batch_id, sop_uid, outcome, source.kind, source.name, size, now),
+        )
+
+    def spool_paths(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT spool_path FROM instances")}
+
+    def instance_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+    # -- studies -----------------------------------------------------------------------------------
+
+    def batches(self, states: tuple[str, ...] | None = None) -> list[BatchRow]:
+        """Every batch (or those in `states`), newest first, with series, instance and byte counts."""
+        where = ""
+        args: tuple[str, ...] = ()
+        if states:
+            where = f"WHERE b.state IN ({', '.join('?' * len(states))})"
+            args = states
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT b.id, b.study_uid, b.batch, b.state, b.source_kind, b.source, b.first_received,"
+                " b.last_received, b.state_changed, b.reason,"
+                " count(DISTINCT i.series_uid), count(i.id), coalesce(sum(i.size), 0)"
+                f" FROM batches b LEFT JOIN instances i ON i.batch_id = b.id {where}"  # noqa: S608 - placeholders only
+                " GROUP BY b.id ORDER BY b.last_received DESC",
+                args,
+            ).fetchall()
+        return [BatchRow(*row) for row in rows]
+
+    def complete_batch(self, batch_id: int, last_received: float, now: float) -> bool:
+        """Move a receiving batch to `complete` unless an instance arrived after `last_received`."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE batches SET state = ?, state_changed = ? WHERE id = ? AND state = ? AND last_received = ?",
+                (StudyState.COMPLETE, now, batch_id, StudyState.RECEIVING, last_received),
+            )
+            return cursor.rowcount == 1
+
+    # -- quarantine --------------------------------------------------------------------------------
+
+    def add_quarantine(self, path: str, reason: str, source: Source, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO quarantine (path, reason, source_kind, source, at) VALUES (?, ?, ?, ?, ?)",
+                (path, reason, source.kind, source.name, now),
+            )
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, reason, source_kind, source, at FROM quarantine ORDER BY at DESC"
+            ).fetchall()
+        return [dict(row) for row in rows]

@@ -1,0 +1,204 @@
+"""The DICOM listener: C-ECHO and C-STORE over pynetdicom, acknowledging only what is durable.
+
+The C-STORE handler reads the few header values the journal needs from the encoded data set (never
+decoding the rest, never touching pixel data), hands the bytes to the spool, and returns Success only
+once the spool has the file fsync'd and the journal row committed.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from typing import Any
+
+import structlog
+from pydicom import uid as dicom_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from ingestd.config import Listener as ListenerConfig
+from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
+from ingestd.header import file_meta_prefix, read_stream_header
+from ingestd.journal import Source
+from ingestd.spool import Spool
+
+__all__ = ["TRANSFER_SYNTAXES", "DicomListener", "Status"]
+
+log = structlog.get_logger("ingestd.listener")
+
+# Uncompressed first (the cheapest for everyone), then the common compressed syntaxes, stored as received.
+TRANSFER_SYNTAXES = [
+    dicom_uid.ExplicitVRLittleEndian,
+    dicom_uid.ImplicitVRLittleEndian,
+    dicom_uid.DeflatedExplicitVRLittleEndian,
+    dicom_uid.ExplicitVRBigEndian,
+    dicom_uid.JPEGBaseline8Bit,
+    dicom_uid.JPEGExtended12Bit,
+    dicom_uid.JPEGLossless,
+    dicom_uid.JPEGLosslessSV1,
+    dicom_uid.JPEGLSLossless,
+    dicom_uid.JPEGLSNearLossless,
+    dicom_uid.JPEG2000Lossless,
+    dicom_uid.JPEG2000,
+    dicom_uid.HTJ2KLossless,
+    dicom_uid.HTJ2KLosslessRPCL,
+    dicom_uid.HTJ2K,
+    dicom_uid.RLELossless,
+]
+
+
+class Status:
+    """The C-STORE statuses ingestd answers with (PS3.4 Annex B.2.3)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (spool full or unwritable)
+    CANNOT_UNDERSTAND = 0xC210  # Error: cannot understand (unparsable, or UIDs missing or malformed)
+
+
+class DicomListener:
+    """A pynetdicom AE serving C-ECHO and C-STORE into the spool."""
+
+    def __init__(self, config: ListenerConfig, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self._server: Any = None
+        self._inflight = 0
+        self._idle = threading.Condition()
+        self._accepting = True
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu_size
+        ae.network_timeout = self.config.network_timeout_seconds
+        ae.acse_timeout = self.config.network_timeout_seconds
+        ae.dimse_timeout = self.config.network_timeout_seconds
+        if self.config.allowed_calling_aets:
+            ae.require_calling_aet = list(self.config.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
+        if tls.ca_certificates is not None:
+            context.load_verify_locations(cafile=str(tls.ca_certificates))
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+        return context
+
+    @property
+    def port(self) -> int:
+        """The port the listener is bound to (useful when configured as 0)."""
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+        self._server = self.ae.start_server(
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
+        )
+        log.info(
+            "listener_started",
+            ae_title=self.config.ae_title,
+            host=self.config.host,
+            port=self.port,
+            tls=self.config.tls is not None,
+        )
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop gracefully: accept no new association, let stores in flight finish, then close."""
+        if self._server is None:
+            return
+        self._accepting = False
+        deadline = time.monotonic() + grace_seconds
+        # Let open associations end by themselves for a while (a scanner mid-study finishes its series).
+        while self._server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=max(0.0, deadline - time.monotonic()))
+        self._server.shutdown()
+        with self._idle:  # shutdown aborts what is left; a store already running still finishes
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=30.0)
+        self._server = None
+        log.info("listener_stopped")
+
+    # -- handlers (run in association threads; they must never raise into pynetdicom) --------------
+
+    def _on_established(self, event: Any) -> None:
+        requestor = event.assoc.requestor
+        if not self._accepting:
+            event.assoc.abort()
+            return
+        log.info("association", state="established", calling_aet=requestor.ae_title, peer=requestor.address)
+
+    def _on_closed(self, event: Any) -> None:
+        log.info("association", state="released" if event.event is evt.EVT_RELEASED else "aborted",
+                 calling_aet=event.assoc.requestor.ae_title)
+
+    def _on_rejected(self, event: Any) -> None:
+        requestor = event.assoc.requestor
+        log.warning("association", state="rejected", calling_aet=requestor.ae_title, peer=requestor.address)
+
+    def _on_echo(self, event: Any) -> int:
+        return Status.SUCCESS
+
+    def _on_store(self, event: Any) -> int:
+        with self._idle:
+            self._inflight += 1
+        try:
+            return self._store(event)
+        except Exception:  # noqa: BLE001 - the scanner must get a failure status, never an exception
+            log.exception("store_failed", calling_aet=event.assoc.requestor.ae_title)
+            return Status.OUT_OF_RESOURCES
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def _store(self, event: Any) -> int:
+        assoc = event.assoc
+        requestor = assoc.requestor
+        calling = requestor.ae_title
+        transfer_syntax = event.context.transfer_syntax
+        body = event.request.DataSet.getbuffer()
+        try:
+            header = read_stream_header(body, transfer_syntax)
+        except InvalidInstanceError as exc:
+            log.warning("store_refused", calling_aet=calling, status="0xC210", reason=str(exc))
+            return Status.CANNOT_UNDERSTAND
+        prefix = file_meta_prefix(header.sop_class_uid, header.sop_uid, transfer_syntax, calling)
+        source = Source("dicom", calling, f"{assoc.acceptor.ae_title}@{requestor.address}")
+        try:
+            outcome = self.spool.store(prefix, body, header, source)
+        except SpoolFullError as exc:
+            log.error("store_refused", calling_aet=calling, status="0xA700", reason=str(exc))
+            return Status.OUT_OF_RESOURCES
+        except SpoolError as exc:
+            log.error("store_refused", calling_aet=calling, status="0xA701", reason=str(exc))
+            return Status.OUT_OF_RESOURCES + 1
+        log.debug(
+            "instance",
+            outcome=outcome.outcome,
+            calling_aet=calling,
+            study_uid=header.study_uid,
+            sop_uid=header.sop_uid,
+            size=outcome.size,
+        )
+        return Status.SUCCESS

@@ -1,0 +1,299 @@
+"""The spool: every instance written durably to disk, then recorded in the journal.
+
+An instance is written to a temp file on the spool's file system, fsync'd, renamed into
+`spool/<StudyInstanceUID>/<batch>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`, its directory fsync'd, and
+only then is its journal row committed. Paths are built from validated UIDs only. Nothing here decides
+anything about studies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
+from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
+from ingestd.journal import Journal, Source
+
+__all__ = ["Quarantine", "Spool", "StoreOutcome", "fsync_dir"]
+
+log = structlog.get_logger("ingestd.spool")
+
+_TMP = ".tmp"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
+    """Write `chunks` to a new file at `path` and fsync it; return the number of bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        total = sum(len(chunk) for chunk in chunks)
+        written = os.writev(fd, chunks)
+        while written < total:  # a short write: finish the rest
+            rest = b"".join(bytes(chunk) for chunk in chunks)[written:]
+            written += os.write(fd, rest)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    """What storing one instance did: `stored`, `duplicate` (identical bytes, a no-op) or `replaced`."""
+
+    outcome: str
+    header: InstanceHeader
+    batch_id: int
+    spool_path: str
+    size: int
+
+
+class Spool:
+    """Durable storage of instances under `root`, recorded in `journal`."""
+
+    def __init__(self, root: Path, journal: Journal, *, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.tmp = root / _TMP
+        self.journal = journal
+        self.min_free_bytes = min_free_bytes
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    # -- storing -----------------------------------------------------------------------------------
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Refuse (SpoolFullError) when storing `incoming` more bytes would go below the free-space floor."""
+        stat = os.statvfs(self.root)
+        free = stat.f_bavail * stat.f_frsize
+        if free - incoming < self.min_free_bytes:
+            raise SpoolFullError(
+                f"spool file system has {free // 2**20} MiB free, below the floor of "
+                f"{self.min_free_bytes // 2**20} MiB (spool.min_free_mb); refusing new instances until space is freed"
+            )
+
+    def store(
+        self, prefix: bytes, body: bytes | memoryview, header: InstanceHeader, source: Source
+    ) -> StoreOutcome:
+        """Store one instance: `prefix` (preamble and file meta) followed by `body` (the data set as received).
+
+        Returns only once the file and its journal row are durable. Raises SpoolFullError below the
+        free-space floor and SpoolError on any I/O failure; in both cases nothing was recorded.
+        """
+        size = len(prefix) + len(body)
+        self.check_space(size)
+        tmp = self.tmp / f"{secrets.token_hex(12)}.part"
+        try:
+            write_durably(tmp, (prefix, body))
+            return self._commit(tmp, prefix, body, header, source, size)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError("spool file system is full; refusing new instances") from None
+            raise SpoolError(f"cannot write to the spool ({exc.strerror or exc})") from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def _commit(
+        self,
+        tmp: Path,
+        prefix: bytes,
+        body: bytes | memoryview,
+        header: InstanceHeader,
+        source: Source,
+        size: int,
+    ) -> StoreOutcome:
+        now = time.time()
+        with self.journal.transaction():
+            existing = self.journal.find_instance(header.study_uid, header.sop_uid)
+            if existing is not None and self._same_data(existing.spool_path, existing.data_offset, body):
+                tmp.unlink()
+                self.journal.add_receipt(existing.batch_id, header.sop_uid, "duplicate", source, size, now)
+                return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, size)
+            if existing is not None and existing.batch_state == "receiving":
+                final = self.root / existing.spool_path
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                self.journal.update_instance(existing.id, header, size, len(prefix), source, now)
+                self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
+                return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
+            batch_id, number = self.journal.receiving_batch(header.study_uid, source, now)
+            relative = f"{header.study_uid}/{number}/{header.series_uid}/{header.sop_uid}.dcm"
+            final = self.root / relative
+            self._ensure_dir(final.parent)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            self.journal.insert_instance(batch_id, header, size, len(prefix), source, now, relative)
+            outcome = "stored" if existing is None else "replaced"
+            self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
+            return StoreOutcome(outcome, header, batch_id, relative, size)
+
+    def _same_data(self, relative: str, data_offset: int, body: bytes | memoryview) -> bool:
+        try:
+            with (self.root / relative).open("rb") as existing:
+                existing.seek(data_offset)
+                return existing.read() == body
+        except OSError:
+            return False
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create `directory` below the root if needed, making each new entry durable."""
+        if directory in self._known_dirs:
+            return
+        with self._dirs_lock:
+            missing = []
+            current = directory
+            while current != self.root and not current.is_dir():
+                missing.append(current)
+                current = current.parent
+            for new in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    new.mkdir()
+                fsync_dir(new.parent)
+            self._known_dirs.add(directory)
+
+    # -- recovery ----------------------------------------------------------------------------------
+
+    def recover(self, quarantine: Quarantine) -> dict[str, int]:
+        """Reconcile the spool with the journal after a start or a crash.
+
+        Removes leftover temp files (never acknowledged), and adopts spooled files the journal has no
+        row for (the process died between the rename and the commit).
+        """
+        removed = 0
+        for leftover in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                removed += 1
+        known = self.journal.spool_paths()
+        adopted = 0
+        source = Source("recovered", "spool")
+        for path in sorted(self.root.glob("*/*/*/*.dcm")):
+            relative = path.relative_to(self.root).as_posix()
+            if relative in known:
+                continue
+            study_uid, number, _series, _name = relative.split("/")
+            try:
+                data = path.read_bytes()
+                header = read_file_header(data)
+                if header.study_uid != study_uid or not number.isdigit():
+                    raise InvalidInstanceError("its header does not match its place in the spool")
+            except (OSError, InvalidInstanceError) as exc:
+                quarantine.put_file(path, f"spool file could not be adopted: {exc}", source)
+                continue
+            offset = _data_offset(data)
+            now = time.time()
+            with self.journal.transaction():
+                batch_id = self.journal.batch_for(study_uid, int(number), source, now)
+                self.journal.insert_instance(batch_id, header, len(data), offset, source, now, relative)
+                self.journal.add_receipt(batch_id, header.sop_uid, "adopted", source, len(data), now)
+            adopted += 1
+        log.info("spool_recovered", temp_files_removed=removed, instances_adopted=adopted)
+        return {"temp_files_removed": removed, "instances_adopted": adopted}
+
+
+def _data_offset(data: bytes) -> int:
+    """Where the data set starts in a Part 10 file (after preamble and file meta); 0 without them."""
+    if data[128:132] != b"DICM":
+        return 0
+    # (0002,0000) File Meta Information Group Length, explicit VR little endian: tag, 'UL', 2-byte length, value.
+    if data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
+        return 144 + int.from_bytes(data[140:144], "little")
+    return 0
+
+
+class Quarantine:
+    """Where bad input is kept aside, each item with a sidecar stating the reason."""
+
+    def __init__(self, root: Path, journal: Journal) -> None:
+        self.root = root
+        self.journal = journal
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _target(self, name: str) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        safe = _SAFE_NAME.sub("_", name).strip("._")[:100] or "item"
+        return self.root / f"{stamp}-{secrets.token_hex(4)}-{safe}"
+
+    def _record(self, target: Path, reason: str, source: Source) -> Path:
+        sidecar = target.with_name(target.name + ".reason.json")
+        text = json.dumps(
+            {"reason": reason, "source_kind": source.kind, "source": source.name, "detail": source.detail,
+             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            indent=2,
+        )
+        write_durably(sidecar, (text.encode(),))
+        fsync_dir(self.root)
+        self.journal.add_quarantine(target.name, reason, source, time.time())
+        log.warning("quarantine", item=target.name, reason=reason, source_kind=source.kind, source=source.name)
+        return target
+
+    def put_file(self, path: Path, reason: str, source: Source) -> Path:
+        """Move the file (or folder) at `path` into quarantine with `reason`."""
+        target = self._target(path.name)
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_durably(path, target)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        fsync_dir(self.root)
+        return self._record(target, reason, source)
+
+    def put_bytes(self, name: str, data: bytes, reason: str, source: Source) -> Path:
+        """Keep `data` (an archive member, say) in quarantine under `name` with `reason`."""
+        target = self._target(name)
+        write_durably(target, (data,))
+        return self._record(target, reason, source)
+
+
+def _copy_durably(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target)
+        for path in [target, *target.rglob("*")]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return
+    shutil.copyfile(source, target)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_spool_name(name: str) -> bool:
+    """Say whether a spool path component is a UID (the only names the spool builds)."""
+    return is_valid_uid(name)

@@ -1,0 +1,72 @@
+"""Builders for tiny synthetic DICOM instances (no real patient data is ever committed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+
+def make_instance(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    *,
+    sop_class: str = MRImageStorage,
+    number: int = 1,
+    rows: int = 16,
+    fill: int = 0,
+) -> Dataset:
+    """A small valid image instance with file meta, Explicit VR Little Endian."""
+    ds = Dataset()
+    sop_uid = generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = "Synthetic^Test"
+    ds.PatientID = "SYN0001"
+    ds.StudyDate = "20260101"
+    ds.Modality = "MR" if sop_class == MRImageStorage else "CT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = rows
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes([(fill + number) % 256]) * (rows * rows * 2)
+    return ds
+
+
+def make_study(series: int = 2, per_series: int = 3, *, sop_class: str = MRImageStorage) -> list[Dataset]:
+    """Instances of one study: `series` series of `per_series` instances each."""
+    study_uid = generate_uid()
+    out = []
+    for _ in range(series):
+        series_uid = generate_uid()
+        out.extend(
+            make_instance(study_uid, series_uid, sop_class=sop_class, number=i + 1) for i in range(per_series)
+        )
+    return out
+
+
+def write_instances(datasets: list[Dataset], folder: Path, *, suffix: str = ".dcm") -> list[Path]:
+    """Write each dataset as a Part 10 file into `folder`; return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, ds in enumerate(datasets):
+        path = folder / f"IM{index:04d}{suffix}"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+__all__ = ["CTImageStorage", "MRImageStorage", "make_instance", "make_study", "write_instances"]
