@@ -51,7 +51,7 @@ class Listener(_Model):
     enabled: bool = True
     ae_title: str = "INGESTD"
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM listener serves the scanners on the lab network
-    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: any free port (tests)
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
     max_pdu_size: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
@@ -164,7 +164,7 @@ def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | N
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse and validate configuration text; raise ConfigError listing every problem."""
     try:
-        node = yaml.compose(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+        node = yaml.compose(text, Loader=_LineLoader)
         data = yaml.load(text, Loader=_LineLoader)  # noqa: S506
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

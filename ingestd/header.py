@@ -16,10 +16,11 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
 )
 
 from ingestd import __version__
@@ -32,7 +33,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # Everything the journal needs lies at or before (0020,0011) Series Number: stop parsing there.
 _LAST_TAG = Tag(0x0020, 0x0011)
-_TAGS = [
+_TAGS: list[BaseTag | int] = [
     Tag(0x0002, 0x0010),
     Tag(0x0008, 0x0016),
     Tag(0x0008, 0x0018),
@@ -46,7 +47,9 @@ _IMPLEMENTATION_VERSION = f"INGESTD_{__version__}"[:16]
 
 def is_valid_uid(value: object) -> bool:
     """Say whether `value` is a syntactically valid UID (safe to use as a file or folder name)."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and _UID.match(value) is not None
+    if not isinstance(value, str):
+        return False
+    return bool(0 < len(value) <= 64 and _UID.match(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +86,11 @@ def _header_from(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
         raise InvalidInstanceError(f"the instance has no {', '.join(missing)}")
     bad = [keyword for keyword, value in values.items() if not is_valid_uid(value)]
     if bad:
-        raise InvalidInstanceError(
-            f"malformed {', '.join(bad)} (a UID is up to 64 digits and dots)"
-        )
+        raise InvalidInstanceError(f"malformed {', '.join(bad)} (a UID is up to 64 digits and dots)")
     try:
-        series_number: int | None = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
+        series_number: int | None = (
+            int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
+        )
     except (TypeError, ValueError):
         series_number = None
     modality = _text(ds, "Modality")[:16]
@@ -148,9 +151,9 @@ def file_meta_prefix(sop_class_uid: str, sop_uid: str, transfer_syntax: str, sou
     """Encode a preamble, the DICM prefix and a file meta group for a dataset received over the network."""
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = transfer_syntax
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = _IMPLEMENTATION_VERSION
     if source_aet:

@@ -7,6 +7,7 @@ built from validated UIDs.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -180,7 +181,8 @@ class Journal:
     def receiving_batch(self, study_uid: str, source: Source, now: float) -> tuple[int, int]:
         """The (id, number) of the study's batch still receiving, opening the next batch if there is none."""
         row = self._db.execute(
-            "SELECT id, batch, state FROM batches WHERE study_uid = ? ORDER BY batch DESC LIMIT 1", (study_uid,)
+            "SELECT id, batch, state FROM batches WHERE study_uid = ? ORDER BY batch DESC LIMIT 1",
+            (study_uid,),
         ).fetchone()
         if row is not None and row["state"] == StudyState.RECEIVING:
             return row["id"], row["batch"]
@@ -288,19 +290,15 @@ class Journal:
 
     def batches(self, states: tuple[str, ...] | None = None) -> list[BatchRow]:
         """Every batch (or those in `states`), newest first, with series, instance and byte counts."""
-        where = ""
-        args: tuple[str, ...] = ()
-        if states:
-            where = f"WHERE b.state IN ({', '.join('?' * len(states))})"
-            args = states
         with self._lock:
             rows = self._db.execute(
                 "SELECT b.id, b.study_uid, b.batch, b.state, b.source_kind, b.source, b.first_received,"
                 " b.last_received, b.state_changed, b.reason,"
                 " count(DISTINCT i.series_uid), count(i.id), coalesce(sum(i.size), 0)"
-                f" FROM batches b LEFT JOIN instances i ON i.batch_id = b.id {where}"  # noqa: S608 - placeholders only
+                " FROM batches b LEFT JOIN instances i ON i.batch_id = b.id"
+                " WHERE ?1 IS NULL OR b.state IN (SELECT value FROM json_each(?1))"
                 " GROUP BY b.id ORDER BY b.last_received DESC",
-                args,
+                (json.dumps(states) if states else None,),
             ).fetchall()
         return [BatchRow(*row) for row in rows]
 

@@ -243,14 +243,21 @@ class Quarantine:
     def _record(self, target: Path, reason: str, source: Source) -> Path:
         sidecar = target.with_name(target.name + ".reason.json")
         text = json.dumps(
-            {"reason": reason, "source_kind": source.kind, "source": source.name, "detail": source.detail,
-             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            {
+                "reason": reason,
+                "source_kind": source.kind,
+                "source": source.name,
+                "detail": source.detail,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
             indent=2,
         )
         write_durably(sidecar, (text.encode(),))
         fsync_dir(self.root)
         self.journal.add_quarantine(target.name, reason, source, time.time())
-        log.warning("quarantine", item=target.name, reason=reason, source_kind=source.kind, source=source.name)
+        log.warning(
+            "quarantine", item=target.name, reason=reason, source_kind=source.kind, source=source.name
+        )
         return target
 
     def put_file(self, path: Path, reason: str, source: Source) -> Path:

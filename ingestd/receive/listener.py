@@ -15,13 +15,14 @@ from typing import Any
 import structlog
 from pydicom import uid as dicom_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
 
 from ingestd.config import Listener as ListenerConfig
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.header import file_meta_prefix, read_stream_header
 from ingestd.journal import Source
 from ingestd.spool import Spool
+
+VERIFICATION = dicom_uid.UID("1.2.840.10008.1.1")
 
 __all__ = ["TRANSFER_SYNTAXES", "DicomListener", "Status"]
 
@@ -77,9 +78,9 @@ class DicomListener:
         ae.dimse_timeout = self.config.network_timeout_seconds
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -100,7 +101,7 @@ class DicomListener:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -149,8 +150,11 @@ class DicomListener:
         log.info("association", state="established", calling_aet=requestor.ae_title, peer=requestor.address)
 
     def _on_closed(self, event: Any) -> None:
-        log.info("association", state="released" if event.event is evt.EVT_RELEASED else "aborted",
-                 calling_aet=event.assoc.requestor.ae_title)
+        log.info(
+            "association",
+            state="released" if event.event is evt.EVT_RELEASED else "aborted",
+            calling_aet=event.assoc.requestor.ae_title,
+        )
 
     def _on_rejected(self, event: Any) -> None:
         requestor = event.assoc.requestor
@@ -164,7 +168,7 @@ class DicomListener:
             self._inflight += 1
         try:
             return self._store(event)
-        except Exception:  # noqa: BLE001 - the scanner must get a failure status, never an exception
+        except Exception:
             log.exception("store_failed", calling_aet=event.assoc.requestor.ae_title)
             return Status.OUT_OF_RESOURCES
         finally:

@@ -1,0 +1,77 @@
+"""Assembly: decide when a batch of a study is complete, and mark it so in the journal.
+
+C-STORE carries no "study done" signal, so completion is a policy: quiet for `study_idle_seconds` since
+the last instance, or waiting longer than `study_max_wait_seconds` since the first. The decision is a pure
+function of the batch's times and `now`; the loop around it is the only part that touches the journal.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from ingestd.journal import Journal, StudyState
+
+__all__ = ["Assembler", "CompletionPolicy", "is_complete"]
+
+log = structlog.get_logger("ingestd.assemble")
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionPolicy:
+    idle_seconds: float
+    max_wait_seconds: float
+
+
+def is_complete(first_received: float, last_received: float, now: float, policy: CompletionPolicy) -> bool:
+    """Say whether a batch first seen at `first_received` and last fed at `last_received` is complete."""
+    return now - last_received >= policy.idle_seconds or now - first_received >= policy.max_wait_seconds
+
+
+class Assembler:
+    """A thread that moves quiet batches from `receiving` to `complete`."""
+
+    def __init__(self, journal: Journal, policy: CompletionPolicy, interval: float = 1.0) -> None:
+        self.journal = journal
+        self.policy = policy
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def check(self, now: float | None = None) -> int:
+        """Complete every batch that is due; return how many were completed."""
+        now = time.time() if now is None else now
+        completed = 0
+        for batch in self.journal.batches((StudyState.RECEIVING,)):
+            if is_complete(batch.first_received, batch.last_received, now, self.policy) and (
+                self.journal.complete_batch(batch.id, batch.last_received, now)
+            ):
+                completed += 1
+                forced = now - batch.last_received < self.policy.idle_seconds
+                log.info(
+                    "study_complete",
+                    study_uid=batch.study_uid,
+                    batch=batch.batch,
+                    series=batch.series,
+                    instances=batch.instances,
+                    forced=forced,
+                )
+        return completed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:
+                log.exception("assembler_error")

@@ -1,0 +1,123 @@
+"""Wire the steps into threads and run them until SIGTERM or SIGINT.
+
+Start-up reconciles the spool with the journal (crash recovery), then starts the listener, one watcher per
+drop folder and the assembler. Stopping is graceful: no new associations, stores in flight finish, the
+journal is closed last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+from types import FrameType
+from typing import IO, Protocol
+
+import structlog
+
+from ingestd import __version__
+from ingestd.assemble import Assembler, CompletionPolicy
+from ingestd.config import Config
+from ingestd.errors import IngestdError
+from ingestd.journal import Journal
+from ingestd.receive.listener import DicomListener
+from ingestd.receive.watcher import DropFolderWatcher
+from ingestd.spool import Quarantine, Spool
+
+__all__ = ["Daemon", "StateDirLockedError"]
+
+log = structlog.get_logger("ingestd.daemon")
+
+
+class StateDirLockedError(IngestdError):
+    """Another ingestd already runs on this state directory."""
+
+
+class _Service(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Daemon:
+    """The running service: spool, journal, listener, watchers and assembler over one state directory."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = threading.Event()
+        self._lock_file: IO[str] | None = None
+        self.journal: Journal | None = None
+        self.listener: DicomListener | None = None
+        self._services: list[_Service] = []
+
+    def _lock_state_dir(self) -> None:
+        state = self.config.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o750)
+        lock = (state / "ingestd.lock").open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StateDirLockedError(
+                f"another ingestd is already running on {state} (it holds {state / 'ingestd.lock'})"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock_file = lock
+
+    def start(self) -> None:
+        """Recover the spool and start every service; return once they are running."""
+        config = self.config
+        self._lock_state_dir()
+        self.journal = Journal(config.journal_path)
+        spool = Spool(config.spool_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
+        quarantine = Quarantine(config.quarantine_dir, self.journal)
+        spool.recover(quarantine)
+        assembler = Assembler(
+            self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds)
+        )
+        assembler.start()
+        self._services.append(assembler)
+        for folder in config.drop_folders:
+            watcher = DropFolderWatcher(folder, config.archives, spool, quarantine)
+            watcher.start()
+            self._services.append(watcher)
+        if config.listener.enabled:
+            self.listener = DicomListener(config.listener, spool)
+            self.listener.start()
+            self._services.append(self.listener)
+        log.info("daemon_started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
+
+    def stop(self) -> None:
+        """Stop every service, newest first (receivers before the assembler), then close the journal."""
+        while self._services:
+            service = self._services.pop()
+            try:
+                service.stop()
+            except Exception:
+                log.exception("service_stop_failed", service=type(service).__name__)
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        log.info("daemon_stopped")
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop gracefully."""
+
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal", signal=signal.Signals(signum).name)
+            self.stopping.set()
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            self.stopping.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a real journal, spool and listener under tmp_path, on 127.0.0.1 and a free port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from ingestd.config import Config, parse_config
+from ingestd.journal import Journal
+from ingestd.receive.listener import DicomListener
+from ingestd.spool import Quarantine, Spool
+
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@dataclass
+class Receiver:
+    config: Config
+    journal: Journal
+    spool: Spool
+    quarantine: Quarantine
+    listener: DicomListener
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+
+def make_config(tmp_path: Path, extra: str = "") -> Config:
+    return parse_config(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "listener: {host: 127.0.0.1, port: 0, ae_title: INGESTD}\n"
+        "spool: {min_free_mb: 0}\n" + extra
+    )
+
+
+def start_receiver(config: Config) -> Receiver:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(config.journal_path)
+    spool = Spool(config.spool_dir, journal, min_free_bytes=config.spool.min_free_mb * 2**20)
+    quarantine = Quarantine(config.quarantine_dir, journal)
+    listener = DicomListener(config.listener, spool)
+    listener.start()
+    return Receiver(config, journal, spool, quarantine, listener)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A listener on a free port writing into a spool and journal under tmp_path."""
+    running = start_receiver(make_config(tmp_path))
+    try:
+        yield running
+    finally:
+        running.listener.stop(grace_seconds=2)
+        running.journal.close()
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> None:
+    """Skip locally when DCMTK is missing; .ci/run installs it, so CI never skips."""
+    if shutil.which("storescu") is None:
+        if os.environ.get("CI"):
+            pytest.fail("DCMTK is not installed: .ci/run must apt-get install dcmtk")
+        pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
