@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 
-def _instance(sop_class: str, study: str, series: str, number: int, rows: int, pixels: bytes) -> Dataset:
+def _instance(sop_class: str, study: str, series: str, *, number: int, rows: int, pixels: bytes) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     sop_uid = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -53,7 +53,7 @@ def generate(out: Path, mr: int, ct: int, seed: int = 0) -> list[Path]:
     ):
         for i in range(count):
             pixels = rng.integers(0, 4096, size=rows * rows, dtype=np.uint16).tobytes()
-            ds = _instance(kind, study, series, i + 1, rows, pixels)
+            ds = _instance(kind, study, series, number=i + 1, rows=rows, pixels=pixels)
             path = out / f"{'MR' if kind == MRImageStorage else 'CT'}{i:05d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             paths.append(path)

@@ -22,6 +22,7 @@ from ingestd.config import Config
 from ingestd.errors import IngestdError
 from ingestd.journal import Journal
 from ingestd.receive.listener import DicomListener
+from ingestd.receive.pool import ReceiverPool, wait_for_receivers
 from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.spool import Quarantine, Spool
 
@@ -74,7 +75,8 @@ class Daemon:
         self.journal = Journal(config.journal_path)
         spool = Spool(config.spool_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
         quarantine = Quarantine(config.quarantine_dir, self.journal)
-        spool.recover(quarantine)
+        with wait_for_receivers(config):  # no receiver of an earlier run may still be writing
+            spool.recover(quarantine)
         assembler = Assembler(
             self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds)
         )
@@ -85,9 +87,14 @@ class Daemon:
             watcher.start()
             self._services.append(watcher)
         if config.listener.enabled:
-            self.listener = DicomListener(config.listener, spool)
+            shared = config.listener.processes > 1
+            self.listener = DicomListener(config.listener, spool, shared_port=shared)
             self.listener.start()
             self._services.append(self.listener)
+            if shared:
+                pool = ReceiverPool(config, self.listener.port, config.listener.processes - 1)
+                self._services.append(pool)
+                pool.start()
         log.info("daemon_started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
 
     def stop(self) -> None:

@@ -170,13 +170,24 @@ class Journal:
 
     def find_instance(self, study_uid: str, sop_uid: str) -> InstanceRow | None:
         """The newest stored copy of an instance in any batch of its study."""
-        row = self._db.execute(
-            "SELECT i.id, i.batch_id, b.state, i.sop_uid, i.size, i.data_offset, i.spool_path "
-            "FROM instances i JOIN batches b ON b.id = i.batch_id "
-            "WHERE i.study_uid = ? AND i.sop_uid = ? ORDER BY b.batch DESC LIMIT 1",
-            (study_uid, sop_uid),
-        ).fetchone()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT i.id, i.batch_id, b.state, i.sop_uid, i.size, i.data_offset, i.spool_path "
+                "FROM instances i JOIN batches b ON b.id = i.batch_id "
+                "WHERE i.study_uid = ? AND i.sop_uid = ? ORDER BY b.batch DESC LIMIT 1",
+                (study_uid, sop_uid),
+            ).fetchone()
         return InstanceRow(*row) if row else None
+
+    def next_batch_number(self, study_uid: str) -> int:
+        """The number of the batch a new instance of the study would join now (a read; no lock taken)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT batch, state FROM batches WHERE study_uid = ? ORDER BY batch DESC LIMIT 1", (study_uid,)
+            ).fetchone()
+        if row is None:
+            return 1
+        return int(row["batch"]) + (0 if row["state"] == StudyState.RECEIVING else 1)
 
     def receiving_batch(self, study_uid: str, source: Source, now: float) -> tuple[int, int]:
         """The (id, number) of the study's batch still receiving, opening the next batch if there is none."""
@@ -269,9 +280,7 @@ class Journal:
             (now, instance_id),
         )
 
-    def add_receipt(
-        self, batch_id: int, sop_uid: str, outcome: str, source: Source, size: int, now: float
-    ) -> None:
+    def add_receipt(self, batch_id: int, sop_uid: str, outcome: str, source: Source, size: int, now: float) -> None:
         self._db.execute(
             "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -94,9 +94,7 @@ class Spool:
                 f"{self.min_free_bytes // 2**20} MiB (spool.min_free_mb); refusing new instances until space is freed"
             )
 
-    def store(
-        self, prefix: bytes, body: bytes | memoryview, header: InstanceHeader, source: Source
-    ) -> StoreOutcome:
+    def store(self, prefix: bytes, body: bytes | memoryview, header: InstanceHeader, source: Source) -> StoreOutcome:
         """Store one instance: `prefix` (preamble and file meta) followed by `body` (the data set as received).
 
         Returns only once the file and its journal row are durable. Raises SpoolFullError below the
@@ -128,7 +126,51 @@ class Spool:
         source: Source,
         size: int,
     ) -> StoreOutcome:
+        """Rename the durable temp file into place, then commit its journal row.
+
+        The common case (an instance not seen before) renames and fsyncs the directory outside the
+        journal's write lock, so concurrent associations and receiver processes hold it only for the
+        commit itself. A copy of an instance already stored takes the slow path, wholly in a transaction.
+        """
         now = time.time()
+        if self.journal.find_instance(header.study_uid, header.sop_uid) is not None:
+            return self._commit_again(tmp, prefix, body, header, source, size, now)
+        number = self.journal.next_batch_number(header.study_uid)
+        relative = self._place(tmp, header, number)
+        with self.journal.transaction():
+            existing = self.journal.find_instance(header.study_uid, header.sop_uid)
+            if existing is not None and existing.spool_path == relative:  # the same instance, concurrently
+                self.journal.update_instance(existing.id, header, size, len(prefix), source, now)
+                self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
+                return StoreOutcome("replaced", header, existing.batch_id, relative, size)
+            batch_id, actual = self.journal.receiving_batch(header.study_uid, source, now)
+            if actual != number:  # the batch completed meanwhile: the instance opens the next one
+                relative = self._place(self.root / relative, header, actual)
+            self.journal.insert_instance(batch_id, header, size, len(prefix), source, now, relative)
+            outcome = "stored" if existing is None else "replaced"
+            self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
+            return StoreOutcome(outcome, header, batch_id, relative, size)
+
+    def _place(self, current: Path, header: InstanceHeader, batch: int) -> str:
+        """Rename `current` to the instance's spool path in `batch`, durably; return the relative path."""
+        relative = f"{header.study_uid}/{batch}/{header.series_uid}/{header.sop_uid}.dcm"
+        final = self.root / relative
+        self._ensure_dir(final.parent)
+        os.replace(current, final)
+        fsync_dir(final.parent)
+        return relative
+
+    def _commit_again(
+        self,
+        tmp: Path,
+        prefix: bytes,
+        body: bytes | memoryview,
+        header: InstanceHeader,
+        source: Source,
+        size: int,
+        now: float,
+    ) -> StoreOutcome:
+        """Store a copy of an instance already in the spool: a no-op if identical, else a replacement."""
         with self.journal.transaction():
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
             if existing is not None and self._same_data(existing.spool_path, existing.data_offset, body):
@@ -142,12 +184,9 @@ class Spool:
                 self.journal.update_instance(existing.id, header, size, len(prefix), source, now)
                 self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
                 return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
+            # the earlier copy's batch has moved on: this copy goes with the study's next batch
             batch_id, number = self.journal.receiving_batch(header.study_uid, source, now)
-            relative = f"{header.study_uid}/{number}/{header.series_uid}/{header.sop_uid}.dcm"
-            final = self.root / relative
-            self._ensure_dir(final.parent)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+            relative = self._place(tmp, header, number)
             self.journal.insert_instance(batch_id, header, size, len(prefix), source, now, relative)
             outcome = "stored" if existing is None else "replaced"
             self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
@@ -255,9 +294,7 @@ class Quarantine:
         write_durably(sidecar, (text.encode(),))
         fsync_dir(self.root)
         self.journal.add_quarantine(target.name, reason, source, time.time())
-        log.warning(
-            "quarantine", item=target.name, reason=reason, source_kind=source.kind, source=source.name
-        )
+        log.warning("quarantine", item=target.name, reason=reason, source_kind=source.kind, source=source.name)
         return target
 
     def put_file(self, path: Path, reason: str, source: Source) -> Path:

@@ -7,14 +7,16 @@ once the spool has the file fsync'd and the journal row committed.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom import uid as dicom_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from ingestd.config import Listener as ListenerConfig
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
@@ -57,12 +59,39 @@ class Status:
     CANNOT_UNDERSTAND = 0xC210  # Error: cannot understand (unparsable, or UIDs missing or malformed)
 
 
-class DicomListener:
-    """A pynetdicom AE serving C-ECHO and C-STORE into the spool."""
+class _SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other receiver processes bind too (SO_REUSEPORT).
 
-    def __init__(self, config: ListenerConfig, spool: Spool) -> None:
+    The kernel spreads incoming connections over the processes, so associations run on several cores
+    instead of sharing one interpreter lock.
+    """
+
+    def server_bind(self) -> None:
+        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _ListenerAE(AE):
+    shared_port = False
+
+    def make_server(  # type: ignore[override]
+        self, address: Any, server_class: Any = None, **kwargs: Any
+    ) -> Any:
+        if self.shared_port and server_class is ThreadedAssociationServer:
+            server_class = _SharedPortServer
+        return super().make_server(address, server_class=server_class, **kwargs)
+
+
+class DicomListener:
+    """A pynetdicom AE serving C-ECHO and C-STORE into the spool.
+
+    With `shared_port`, several processes each run a DicomListener on the same host and port.
+    """
+
+    def __init__(self, config: ListenerConfig, spool: Spool, *, shared_port: bool = False) -> None:
         self.config = config
         self.spool = spool
+        self.shared_port = shared_port
         self._server: Any = None
         self._inflight = 0
         self._idle = threading.Condition()
@@ -70,7 +99,8 @@ class DicomListener:
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
+        ae = _ListenerAE(ae_title=self.config.ae_title)
+        ae.shared_port = self.shared_port
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu_size
         ae.network_timeout = self.config.network_timeout_seconds
