@@ -22,8 +22,8 @@ import os
 import signal
 import threading
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -75,7 +75,7 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _receiver_main(config: Config, port: int, index: int, parent: int, ready: ProcessEvent) -> None:
+def _receiver_main(config: Config, port: int, index: int, parent: int, ready: Connection) -> None:
     """Run one receiver process until SIGTERM or SIGINT (the target of a spawned process)."""
     stopping = threading.Event()
 
@@ -94,7 +94,10 @@ def _receiver_main(config: Config, port: int, index: int, parent: int, ready: Pr
         listener = DicomListener(config.listener.model_copy(update={"port": port}), spool, shared_port=True)
         try:
             listener.start()
-            ready.set()
+            # A pipe, not a multiprocessing.Event: setting an Event whose waiter was killed can hang for ever.
+            with contextlib.suppress(OSError):
+                ready.send(listener.port)
+                ready.close()
             stopping.wait()
         finally:
             listener.stop()
@@ -113,15 +116,18 @@ class ReceiverPool:
         self._supervisor = threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)
 
     def _spawn(self, index: int) -> None:
-        ready = _CONTEXT.Event()
+        ready_reader, ready_writer = _CONTEXT.Pipe(duplex=False)
         process = _CONTEXT.Process(
             target=_receiver_main,
-            args=(self.config, self.port, index, os.getpid(), ready),
+            args=(self.config, self.port, index, os.getpid(), ready_writer),
             name=f"ingestd-receiver-{index}",
             daemon=False,
         )
         process.start()
-        if not ready.wait(60):
+        ready_writer.close()
+        with ready_reader:
+            ready = ready_reader.poll(60)
+        if not ready:
             log.error("receiver", index=index, state="not_ready", pid=process.pid)
         else:
             log.info("receiver", index=index, state="started", pid=process.pid, port=self.port)
