@@ -77,9 +77,7 @@ class Daemon:
         quarantine = Quarantine(config.quarantine_dir, self.journal)
         with wait_for_receivers(config):  # no receiver of an earlier run may still be writing
             spool.recover(quarantine)
-        assembler = Assembler(
-            self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds)
-        )
+        assembler = Assembler(self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds))
         assembler.start()
         self._services.append(assembler)
         for folder in config.drop_folders:

@@ -234,6 +234,8 @@ def read_stream_header(dataset: bytes | memoryview, transfer_syntax: str) -> Ins
 
 def read_file_header(data: bytes) -> InstanceHeader:
     """Read the header of a DICOM file's bytes, with or without preamble and file meta."""
+    if data[:4] == b"DICM":  # the DICM prefix without its preamble
+        data = b"\x00" * 128 + data
     has_magic = data[128:132] == b"DICM" or data[:4] == b"DICM"
     try:
         ds = read_partial(BytesIO(data), stop_when=_stop_after_last, force=not has_magic, specific_tags=_TAGS)

@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Literal
 
+import pydicom.config
 import structlog
 
 __all__ = ["configure_logging"]
@@ -50,3 +51,6 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("watchdog").setLevel(max(numeric, logging.WARNING))
     logging.captureWarnings(True)
+    # pydicom's validation warnings quote header values, which may be PHI: ingestd validates the values it
+    # uses itself, so reading never warns.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

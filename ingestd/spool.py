@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -50,9 +51,13 @@ def write_durably(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
     try:
         total = sum(len(chunk) for chunk in chunks)
         written = os.writev(fd, chunks)
-        while written < total:  # a short write: finish the rest
-            rest = b"".join(bytes(chunk) for chunk in chunks)[written:]
-            written += os.write(fd, rest)
+        if written < total:  # a short write: finish chunk by chunk
+            offset = 0
+            for chunk in chunks:
+                view = memoryview(chunk)[max(0, written - offset) :]
+                offset += len(chunk)
+                while len(view):
+                    view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -112,6 +117,10 @@ class Spool:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError("spool file system is full; refusing new instances") from None
             raise SpoolError(f"cannot write to the spool ({exc.strerror or exc})") from None
+        except sqlite3.Error as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpoolError(f"cannot record the instance in the journal ({exc})") from None
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -279,7 +288,8 @@ class Quarantine:
         safe = _SAFE_NAME.sub("_", name).strip("._")[:100] or "item"
         return self.root / f"{stamp}-{secrets.token_hex(4)}-{safe}"
 
-    def _record(self, target: Path, reason: str, source: Source) -> Path:
+    def _write_reason(self, target: Path, reason: str, source: Source) -> None:
+        """Write the sidecar first, so that an item never sits in quarantine without its reason."""
         sidecar = target.with_name(target.name + ".reason.json")
         text = json.dumps(
             {
@@ -292,6 +302,8 @@ class Quarantine:
             indent=2,
         )
         write_durably(sidecar, (text.encode(),))
+
+    def _record(self, target: Path, reason: str, source: Source) -> Path:
         fsync_dir(self.root)
         self.journal.add_quarantine(target.name, reason, source, time.time())
         log.warning("quarantine", item=target.name, reason=reason, source_kind=source.kind, source=source.name)
@@ -300,6 +312,7 @@ class Quarantine:
     def put_file(self, path: Path, reason: str, source: Source) -> Path:
         """Move the file (or folder) at `path` into quarantine with `reason`."""
         target = self._target(path.name)
+        self._write_reason(target, reason, source)
         try:
             os.replace(path, target)
         except OSError as exc:
@@ -310,12 +323,13 @@ class Quarantine:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        fsync_dir(self.root)
+        fsync_dir(path.parent)
         return self._record(target, reason, source)
 
     def put_bytes(self, name: str, data: bytes, reason: str, source: Source) -> Path:
         """Keep `data` (an archive member, say) in quarantine under `name` with `reason`."""
         target = self._target(name)
+        self._write_reason(target, reason, source)
         write_durably(target, (data,))
         return self._record(target, reason, source)
 

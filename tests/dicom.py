@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
+from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 
 def make_instance(
@@ -52,9 +60,7 @@ def make_study(series: int = 2, per_series: int = 3, *, sop_class: str = MRImage
     out = []
     for _ in range(series):
         series_uid = generate_uid()
-        out.extend(
-            make_instance(study_uid, series_uid, sop_class=sop_class, number=i + 1) for i in range(per_series)
-        )
+        out.extend(make_instance(study_uid, series_uid, sop_class=sop_class, number=i + 1) for i in range(per_series))
     return out
 
 
@@ -69,4 +75,28 @@ def write_instances(datasets: list[Dataset], folder: Path, *, suffix: str = ".dc
     return paths
 
 
-__all__ = ["CTImageStorage", "MRImageStorage", "make_instance", "make_study", "write_instances"]
+def encode(ds: Dataset) -> bytes:
+    """The dataset as the bytes of a Part 10 file (preamble, DICM, file meta, data set)."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def encode_raw(ds: Dataset, *, implicit: bool = False) -> bytes:
+    """The bare data set, without preamble or file meta, Explicit (or Implicit) VR Little Endian."""
+    copy = deepcopy(ds)
+    copy.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    data = encode(copy)
+    # (0002,0000) File Meta Information Group Length: the meta ends that many bytes after it.
+    return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
+__all__ = [
+    "CTImageStorage",
+    "MRImageStorage",
+    "encode",
+    "encode_raw",
+    "make_instance",
+    "make_study",
+    "write_instances",
+]

@@ -1,0 +1,709 @@
+"""The drop-folder watcher: DICOM files, folders and archives dropped into a folder, taken into the spool.
+
+One watcher per configured folder. A watchdog observer (inotify, or polling for network shares) only
+tells the watcher which paths to look at; a single worker thread does the rest. A file is taken once it
+has settled (unchanged in size, times and inode for `settle_seconds`); hidden and partial files
+(`.name`, `*.part`, `*.tmp`, ...) are left alone until renamed. A source file or archive is deleted or
+moved to the done folder only after every instance in it is in the spool and the journal, so a crash at
+any point loses nothing: taking the same bytes again is a duplicate, a no-op in the spool.
+
+What is not DICOM, is corrupt or is a hostile archive goes to quarantine with its reason. A refusal by
+the spool (full, unwritable) leaves the file where it is, to be tried again later.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import shutil
+import stat
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, replace
+from io import BytesIO
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+import structlog
+from pydicom.filereader import data_element_generator
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from ingestd.config import Archives, DropFolder
+from ingestd.errors import IngestdError, InvalidInstanceError, SpoolError, UnsafeArchiveError
+from ingestd.header import InstanceHeader, file_meta_prefix, read_file_header
+from ingestd.journal import Source
+from ingestd.receive.archives import ArchiveKind, archive_kind, check_archive, is_archive_name, read_members
+from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir
+
+__all__ = [
+    "RETRY_SECONDS",
+    "DropFolderError",
+    "DropFolderWatcher",
+    "PreparedInstance",
+    "is_ignored",
+    "prepare_instance",
+]
+
+log = structlog.get_logger("ingestd.watcher")
+
+_MB = 1024 * 1024
+_PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".filepart")
+# Our own reads cause open/close-without-write events, and a folder is "modified" by every file created
+# in it: neither says anything new about a path to take.
+_IGNORED_EVENTS = frozenset({"opened", "closed_no_write", "attrib"})
+_MIN_RESCAN_SECONDS = 2.0
+RETRY_SECONDS = 30.0  # after a spool refusal or an I/O error, try the source again this much later
+_ERROR_PAUSE_SECONDS = 1.0
+
+
+class DropFolderError(IngestdError):
+    """A drop folder cannot be watched (missing, or not a folder)."""
+
+
+class _Retry(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Leave the source where it is and try it again later."""
+
+    def __init__(self, reason: str, delay: float) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class _Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The watcher is stopping: leave the source where it is for the next start."""
+
+
+# -- DICOM files -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedInstance:
+    """A dropped DICOM file split for the spool: preamble and file meta, the data set, its header."""
+
+    prefix: bytes
+    body: memoryview
+    header: InstanceHeader
+
+
+def _truncated() -> InvalidInstanceError:
+    return InvalidInstanceError("corrupt DICOM file: truncated")
+
+
+def _file_meta_end(data: bytes) -> tuple[int, dict[bytes, str]]:
+    """Walk the file meta group after `DICM` at 128: where the data set starts, and the meta's UIDs.
+
+    The UIDs are keyed by element number: b"\x02\x00" Media Storage SOP Class, b"\x10\x00" Transfer Syntax.
+    """
+    pos = 132
+    uids: dict[bytes, str] = {}
+    while data[pos : pos + 2] == b"\x02\x00":
+        if pos + 8 > len(data):
+            raise _truncated()
+        vr = data[pos + 4 : pos + 6]
+        if not vr.isalpha():  # implicit VR file meta (non-conformant, but seen): 4-byte length
+            length, start = int.from_bytes(data[pos + 4 : pos + 8], "little"), pos + 8
+        elif vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"):
+            length, start = int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
+        else:
+            length, start = int.from_bytes(data[pos + 6 : pos + 8], "little"), pos + 8
+        if length == 0xFFFFFFFF:
+            raise InvalidInstanceError("corrupt DICOM file: undefined length in the file meta")
+        if start + length > len(data):
+            raise _truncated()
+        if data[pos + 2 : pos + 4] in (b"\x02\x00", b"\x10\x00"):
+            uids[data[pos + 2 : pos + 4]] = data[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    if pos >= len(data):
+        raise _truncated()
+    return pos, uids
+
+
+def _check_deflated(body: memoryview) -> None:
+    """Inflate a deflated data set in bounded steps, keeping nothing, to see that the stream is whole."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(body, _MB)
+        while inflater.unconsumed_tail and not inflater.eof:
+            inflater.decompress(inflater.unconsumed_tail, _MB)
+    except zlib.error:
+        raise InvalidInstanceError("corrupt DICOM file: the deflated data set cannot be inflated") from None
+    if not inflater.eof:
+        raise _truncated()
+
+
+def check_data_set(body: memoryview, transfer_syntax: str) -> None:
+    """Check that a data set's elements, as pydicom reads them, all end within the data.
+
+    pydicom reads a file cut short without complaint (the last value is just shorter than its length),
+    so each element's declared length is held against the bytes there. Large values are skipped, not
+    read. Raises InvalidInstanceError "corrupt DICOM file: truncated" (or another reason).
+    """
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        _check_deflated(body)
+        return
+    size = len(body)
+    stream = BytesIO(body)
+    end = 0
+    try:
+        for element in data_element_generator(
+            stream,
+            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+            defer_size=4096,
+        ):
+            end = stream.tell()
+            value: Any = element.value
+            length = getattr(element, "length", 0)
+            short = isinstance(value, bytes) and length != 0xFFFFFFFF and len(value) < length
+            if end > size or short:
+                raise _truncated()
+    except InvalidInstanceError:
+        raise
+    except (EOFError, OSError, struct.error):  # a value, sequence or length field with no end
+        raise _truncated() from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed data
+        raise InvalidInstanceError(f"corrupt DICOM file: {type(exc).__name__}") from None
+    padding = transfer_syntax != ExplicitVRBigEndian and not any(body[end:])  # trailing zeros: seen, harmless
+    if 0 < size - end < 8 and not padding:  # the file ends inside an element's tag and length
+        raise _truncated()
+    if size - end >= 8:
+        raise InvalidInstanceError("corrupt DICOM file: stray item delimiter in the data set")
+
+
+def _read_header(data: bytes) -> InstanceHeader:
+    try:
+        return read_file_header(data)
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a pydicom warning about a cut UID, raised as an error
+        raise InvalidInstanceError(f"corrupt DICOM file: {type(exc).__name__}") from None
+
+
+def _bare_syntax(data: bytes) -> str:
+    """The transfer syntax a data set without file meta is in, judged from its first element."""
+    if not (data[4:6].isalpha() and data[4:6].isupper()):
+        return ImplicitVRLittleEndian
+    if data[0] == 0 and data[1] != 0:  # group 0008 written high byte first
+        return ExplicitVRBigEndian
+    return ExplicitVRLittleEndian
+
+
+def prepare_instance(data: bytes) -> PreparedInstance:
+    """Split a dropped file into what the spool stores; raise InvalidInstanceError with the reason.
+
+    Takes a Part 10 file (kept as it is), a file meta without the 128-byte preamble (a preamble is
+    added), or a bare data set without file meta (a file meta is built for it).
+    """
+    if data[:4] == b"DICM" and data[128:132] != b"DICM":
+        data = bytes(128) + data
+    view = memoryview(data)
+    if data[128:132] == b"DICM":
+        offset, uids = _file_meta_end(data)
+        if uids.get(b"\x02\x00") == MediaStorageDirectoryStorage:
+            raise InvalidInstanceError("DICOMDIR: an index of a disc or folder, not an instance")
+        check_data_set(view[offset:], uids.get(b"\x10\x00") or ExplicitVRLittleEndian)
+        header = _read_header(data)
+        return PreparedInstance(data[:offset], view[offset:], header)
+    syntax = _bare_syntax(data)
+    try:
+        header = _read_header(data)
+    except InvalidInstanceError:
+        if data[:2] in (b"\x08\x00", b"\x00\x08"):  # starts like a data set (group 0008): cut short?
+            check_data_set(view, syntax)
+        raise
+    if header.transfer_syntax == ImplicitVRLittleEndian:
+        syntax = ImplicitVRLittleEndian
+    header = replace(header, transfer_syntax=syntax)
+    check_data_set(view, syntax)
+    prefix = file_meta_prefix(header.sop_class_uid, header.sop_uid, syntax)
+    return PreparedInstance(prefix, view, header)
+
+
+# -- paths -------------------------------------------------------------------------------------------
+
+
+def is_ignored(relative: PurePosixPath | Path) -> bool:
+    """Say whether a path (relative to the drop folder) is hidden or looks partial, so is left alone."""
+    for part in relative.parts:
+        if part.startswith("."):
+            return True
+    return relative.name.lower().endswith(_PARTIAL_SUFFIXES)
+
+
+class _Signature(NamedTuple):
+    """What must stay the same for a file to count as settled."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def _signature(info: os.stat_result) -> _Signature:
+    return _Signature(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A path waiting to be taken (or a folder to be removed): how it looked, and when to look again."""
+
+    signature: _Signature
+    due: float
+
+
+def _numbered(target: Path) -> Path:
+    """`target`, or `name-1.ext`, `name-2.ext`, ... when it exists (`.tar.gz` counts as one extension)."""
+    if not target.exists():
+        return target
+    name = target.name
+    base, dot, extension = name.partition(".")
+    for number in range(1, 1_000_000):
+        candidate = target.with_name(f"{base}-{number}{dot}{extension}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(f"too many files named like {target} in the done folder")
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create `directory` and any missing parents, each new entry made durable."""
+    missing = []
+    current = directory
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_dir(new.parent)
+
+
+def _copy_then_remove(source: Path, target: Path) -> None:
+    """Move across file systems: copy to a temporary name, fsync, rename into place, remove the source."""
+    temporary = target.with_name(f".{target.name}.ingestd-copy")
+    shutil.copyfile(source, temporary)
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    temporary.replace(target)
+    fsync_dir(target.parent)
+    source.unlink()
+
+
+# -- the watchdog side -------------------------------------------------------------------------------
+
+
+class _EventHandler(FileSystemEventHandler):
+    """Passes the paths of file-system events to the watcher's queue. Never raises: watchdog would stop."""
+
+    def __init__(self, paths: queue.SimpleQueue[str | None]) -> None:
+        super().__init__()
+        self._paths = paths
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            if event.event_type in _IGNORED_EVENTS or (event.is_directory and event.event_type == "modified"):
+                return
+            self._paths.put(os.fsdecode(event.src_path))
+            destination = getattr(event, "dest_path", "")
+            if destination:
+                self._paths.put(os.fsdecode(destination))
+        except Exception:
+            log.exception("drop_event_error", fs_event=type(event).__name__)
+
+
+# -- the watcher -------------------------------------------------------------------------------------
+
+
+class DropFolderWatcher:
+    """Watch one drop folder and take what settles in it into the spool.
+
+    `start()` scans the folder (files dropped while ingestd was down), starts the observer and the
+    worker thread; `stop()` ends both. `scan_once()` runs one synchronous pass without any thread:
+    it notes every file and takes those that have settled.
+    """
+
+    def __init__(
+        self,
+        folder: DropFolder,
+        limits: Archives,
+        spool: Spool,
+        quarantine: Quarantine,
+        *,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
+        self.folder = folder
+        self.limits = limits
+        self.spool = spool
+        self.quarantine = quarantine
+        self.root = Path(os.path.abspath(folder.path))  # noqa: PTH100 - absolute without resolving links
+        done = folder.done_folder if folder.after == "move" else None
+        self.done_folder = Path(os.path.abspath(done)) if done is not None else None  # noqa: PTH100
+        self.rescan_seconds = max(_MIN_RESCAN_SECONDS, folder.settle_seconds, folder.poll_interval_seconds)
+        self.retry_seconds = retry_seconds
+        self._settle = folder.settle_seconds
+        self._paths: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._pending: dict[Path, _Pending] = {}
+        self._emptied: dict[Path, _Pending] = {}
+        self._lock = threading.Lock()  # one pass at a time: the worker's or scan_once's
+        self._stopping = threading.Event()
+        self._observer: Any = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Scan the folder and start watching it. Raises DropFolderError if the folder is missing."""
+        if not self.root.is_dir():
+            raise DropFolderError(
+                f"drop folder {self.root} does not exist or is not a folder; create it or correct "
+                "drop_folders[].path in the configuration"
+            )
+        if self._thread is not None:
+            raise RuntimeError("this drop folder watcher is already started")
+        self._stopping.clear()
+        self._observer = self._start_observer()
+        with self._lock:
+            self._scan_tree(self.root)  # what was dropped while ingestd was down
+        self._thread = threading.Thread(target=self._run, name=f"ingestd-drop-{self.root.name}", daemon=True)
+        self._thread.start()
+        log.info(
+            "drop_watcher",
+            state="started",
+            folder=str(self.root),
+            polling=self.folder.polling,
+            settle_seconds=self._settle,
+            files_found=len(self._pending),
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the observer and the worker (the source being taken, if any, is left for the next start)."""
+        self._stopping.set()
+        self._paths.put(None)
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+            self._observer = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("drop_watcher", state="stop_timed_out", folder=str(self.root), timeout=timeout)
+            self._thread = None
+        log.info("drop_watcher", state="stopped", folder=str(self.root))
+
+    def scan_once(self) -> int:
+        """Note every file in the folder and take those that have settled; return how many were finished.
+
+        A file first seen here is taken by a later pass, `settle_seconds` on (at once if that is 0).
+        """
+        with self._lock:
+            self._scan_tree(self.root)
+            return self._process_due()
+
+    def _start_observer(self) -> Any:
+        interval = self.folder.poll_interval_seconds
+        observer: Any = PollingObserver(timeout=interval) if self.folder.polling else Observer()
+        observer.schedule(_EventHandler(self._paths), str(self.root), recursive=True)
+        try:
+            observer.start()
+        except OSError as exc:  # inotify watch or instance limit reached: polling still works
+            log.warning("drop_watcher", state="polling_fallback", folder=str(self.root), reason=str(exc))
+            observer = PollingObserver(timeout=interval)
+            observer.schedule(_EventHandler(self._paths), str(self.root), recursive=True)
+            observer.start()
+        return observer
+
+    # -- the worker --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_scan = time.monotonic() + self.rescan_seconds
+        while not self._stopping.is_set():
+            try:
+                paths = self._wait_for_paths(self._next_due(next_scan) - time.monotonic())
+                if self._stopping.is_set():
+                    break
+                with self._lock:
+                    for path in paths:
+                        self._note(path)
+                    if time.monotonic() >= next_scan:
+                        self._scan_tree(self.root)
+                        next_scan = time.monotonic() + self.rescan_seconds
+                    self._process_due()
+            except Exception:
+                log.exception("drop_watcher_error", folder=str(self.root))
+                self._stopping.wait(_ERROR_PAUSE_SECONDS)
+
+    def _next_due(self, next_scan: float) -> float:
+        with self._lock:
+            dues = [entry.due for entry in (*self._pending.values(), *self._emptied.values())]
+        return min([next_scan, *dues])
+
+    def _wait_for_paths(self, timeout: float) -> list[Path]:
+        """Block until a path arrives or `timeout` passes; return every path queued by then."""
+        try:
+            first = self._paths.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return []
+        queued = [first]
+        while True:
+            try:
+                queued.append(self._paths.get_nowait())
+            except queue.Empty:
+                break
+        return [Path(path) for path in dict.fromkeys(queued) if path is not None]
+
+    # -- noting paths ------------------------------------------------------------------------------
+
+    def _relative(self, path: Path) -> PurePosixPath | None:
+        """The path relative to the drop folder, or None if it is outside, hidden, partial or done."""
+        if self.done_folder is not None and path.is_relative_to(self.done_folder):
+            return None
+        if not path.is_relative_to(self.root) or path == self.root:
+            return None
+        relative = PurePosixPath(path.relative_to(self.root).as_posix())
+        return None if is_ignored(relative) else relative
+
+    def _scan_tree(self, top: Path) -> None:
+        def report(error: OSError) -> None:
+            log.warning("drop_scan", outcome="unreadable", path=str(error.filename), reason=error.strerror)
+
+        for directory, subdirectories, files in os.walk(top, onerror=report):
+            here = Path(directory)
+            subdirectories[:] = [name for name in subdirectories if self._relative(here / name) is not None]
+            for name in files:
+                self._note(here / name)
+
+    def _note(self, path: Path) -> None:
+        """Start (or restart) the settle clock of a file; walk a folder; forget what is gone."""
+        if self._relative(path) is None:
+            return
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            self._pending.pop(path, None)
+            return
+        if stat.S_ISDIR(info.st_mode):
+            self._scan_tree(path)
+            return
+        if not stat.S_ISREG(info.st_mode):  # symbolic links, pipes, sockets: never followed or read
+            return
+        signature = _signature(info)
+        entry = self._pending.get(path)
+        if entry is None or entry.signature != signature:
+            self._pending[path] = _Pending(signature, time.monotonic() + self._settle)
+
+    # -- taking what has settled -------------------------------------------------------------------
+
+    def _process_due(self) -> int:
+        finished = 0
+        for path, entry in sorted(self._pending.items()):
+            if self._stopping.is_set():
+                break
+            if entry.due <= time.monotonic() and self._settled(path, entry):
+                finished += self._take(path, entry)
+        self._remove_emptied_folders()
+        return finished
+
+    def _settled(self, path: Path, entry: _Pending) -> bool:
+        try:
+            signature = _signature(path.lstat())
+        except FileNotFoundError:
+            self._pending.pop(path, None)
+            return False
+        if signature != entry.signature:
+            entry.signature = signature
+            entry.due = time.monotonic() + self._settle
+            return False
+        return True
+
+    def _take(self, path: Path, entry: _Pending) -> int:
+        """Take one settled source; return 1 if it is finished (taken or quarantined), else 0."""
+        relative = path.relative_to(self.root).as_posix()
+        try:
+            kind = self._archive_kind(path)
+            if kind is None:
+                self._take_file(path, relative, entry.signature)
+            else:
+                self._take_archive(path, relative, kind, entry.signature)
+        except _Retry as exc:
+            entry.due = time.monotonic() + exc.delay
+            log.warning("drop_file", outcome="retry_later", path=relative, reason=str(exc), retry_in=exc.delay)
+            return 0
+        except _Stopped:
+            return 0
+        except OSError as exc:
+            entry.due = time.monotonic() + self.retry_seconds
+            log.error(
+                "drop_file",
+                outcome="failed",
+                path=relative,
+                reason=f"{exc.strerror or exc} ({exc.filename or path})",
+                retry_in=self.retry_seconds,
+            )
+            return 0
+        except Exception:  # a journal error, a bug: this source waits, the others go on
+            entry.due = time.monotonic() + self.retry_seconds
+            log.exception("drop_file", outcome="failed", path=relative, retry_in=self.retry_seconds)
+            return 0
+        self._pending.pop(path, None)
+        self._note_emptied(path.parent)
+        return 1
+
+    def _archive_kind(self, path: Path) -> ArchiveKind | None:
+        with path.open("rb") as stream:
+            head = stream.read(512)
+        return archive_kind(path.name, head)
+
+    def _source(self, detail: str) -> Source:
+        return Source("folder", str(self.folder.path), detail)
+
+    def _check_unchanged(self, path: Path, signature: _Signature) -> None:
+        try:
+            unchanged = _signature(path.lstat()) == signature
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            raise _Retry("the file changed while it was being read", 0.0)
+
+    def _store(self, prepared: PreparedInstance, source: Source) -> StoreOutcome:
+        try:
+            return self.spool.store(prepared.prefix, prepared.body, prepared.header, source)
+        except SpoolError as exc:
+            raise _Retry(f"the spool refused the instance: {exc}", self.retry_seconds) from None
+
+    def _take_file(self, path: Path, relative: str, signature: _Signature) -> None:
+        source = self._source(relative)
+        if signature.size > self.limits.max_member_mb * _MB:
+            reason = (
+                f"file is {signature.size // _MB} MB, over archives.max_member_mb "
+                f"({self.limits.max_member_mb}), the largest instance ingestd takes"
+            )
+            self._quarantine_source(path, relative, reason, source)
+            return
+        data = path.read_bytes()
+        self._check_unchanged(path, signature)
+        try:
+            prepared = prepare_instance(data)
+        except InvalidInstanceError as exc:
+            self._quarantine_source(path, relative, str(exc), source)
+            return
+        outcome = self._store(prepared, source)
+        self._finish(path)
+        log.info("drop_file", outcome="taken", path=relative, instances=1, spool=outcome.outcome)
+
+    def _take_archive(self, path: Path, relative: str, kind: ArchiveKind, signature: _Signature) -> None:
+        source = self._source(relative)
+        try:
+            members = check_archive(path, kind, self.limits)
+            self._check_unchanged(path, signature)
+            bad = self._spool_members(path, relative, kind)
+            self._quarantine_members(path, relative, kind, bad)
+        except UnsafeArchiveError as exc:
+            self._check_unchanged(path, signature)
+            self._quarantine_source(path, relative, str(exc), source)
+            return
+        self._check_unchanged(path, signature)
+        self._finish(path)
+        log.info(
+            "drop_archive",
+            outcome="taken",
+            path=relative,
+            members=len(members),
+            instances=len(members) - len(bad),
+            quarantined=len(bad),
+        )
+
+    def _member_problem(self, name: str, data: bytes) -> tuple[PreparedInstance | None, str]:
+        """An archive member prepared for the spool, or the reason it is not taken."""
+        if is_archive_name(name) or archive_kind(name, data[:512]) is not None:
+            return None, "nested archive"
+        try:
+            return prepare_instance(data), ""
+        except InvalidInstanceError as exc:
+            return None, str(exc)
+
+    def _spool_members(self, path: Path, relative: str, kind: ArchiveKind) -> dict[str, str]:
+        """Spool every good member of a checked archive; return the bad ones' names and reasons."""
+        bad: dict[str, str] = {}
+        for name, data in read_members(path, kind, self.limits):
+            if self._stopping.is_set():
+                raise _Stopped
+            prepared, reason = self._member_problem(name, data)
+            if prepared is None:
+                bad[name] = reason
+                continue
+            self._store(prepared, self._source(f"{relative}!{name}"))
+        return bad
+
+    def _quarantine_members(self, path: Path, relative: str, kind: ArchiveKind, bad: dict[str, str]) -> None:
+        """Keep the bad members of an archive in quarantine, once its good ones are all spooled."""
+        if not bad:
+            return
+        for name, data in read_members(path, kind, self.limits, names=bad):
+            source = self._source(f"{relative}!{name}")
+            self.quarantine.put_bytes(PurePosixPath(name).name, data, bad[name], source)
+            log.warning("drop_member", outcome="quarantined", path=f"{relative}!{name}", reason=bad[name])
+
+    def _quarantine_source(self, path: Path, relative: str, reason: str, source: Source) -> None:
+        self.quarantine.put_file(path, reason, source)
+        fsync_dir(path.parent)
+        log.warning("drop_file", outcome="quarantined", path=relative, reason=reason)
+
+    # -- after taking ------------------------------------------------------------------------------
+
+    def _finish(self, path: Path) -> None:
+        """Delete the taken source, or move it to the done folder under its relative path."""
+        if self.done_folder is None:
+            path.unlink()
+            fsync_dir(path.parent)
+            return
+        target = _numbered(self.done_folder / path.relative_to(self.root))
+        _make_dirs(target.parent)
+        try:
+            path.rename(target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # the done folder is on another file system
+                raise
+            _copy_then_remove(path, target)
+        fsync_dir(target.parent)
+        fsync_dir(path.parent)
+
+    def _note_emptied(self, directory: Path) -> None:
+        """Remember a folder a source was taken out of, to remove it once it stays empty."""
+        if directory == self.root or not directory.is_relative_to(self.root):
+            return
+        try:
+            info = directory.lstat()
+        except FileNotFoundError:
+            return
+        self._emptied[directory] = _Pending(_signature(info), time.monotonic() + self._settle)
+
+    def _remove_emptied_folders(self) -> None:
+        """Remove the folders sources were taken out of once they have been empty for `settle_seconds`."""
+        for directory, entry in sorted(self._emptied.items(), reverse=True):
+            if entry.due > time.monotonic():
+                continue
+            del self._emptied[directory]
+            try:
+                signature = _signature(directory.lstat())
+                if signature != entry.signature:  # something was added or removed since: look again later
+                    self._note_emptied(directory)
+                    continue
+                directory.rmdir()  # fails, harmlessly, if anything is in it
+            except OSError:
+                continue
+            fsync_dir(directory.parent)
+            log.info("drop_folder", outcome="removed", path=directory.relative_to(self.root).as_posix())
+            self._note_emptied(directory.parent)
