@@ -1,0 +1,116 @@
+"""`ingestd run` as a real process: listener, receiver processes, drop folder, assembler, status, stop."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.dicom import make_study, write_instances
+from tests.procs import DaemonProcess, Storescu, free_port, process_group, wait_until, write_daemon_config
+
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
+
+
+def _status(config: Path) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-m", "ingestd", "status", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def test_daemon_end_to_end(tmp_path: Path) -> None:
+    """Scanner and drop folder feed one daemon; studies complete when quiet; SIGTERM stops everything."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    port = free_port()
+    config = write_daemon_config(
+        tmp_path / "ingestd.yaml",
+        tmp_path / "state",
+        port,
+        extra=(f"drop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\n"),
+    )
+    config.write_text(
+        config.read_text()
+        .replace("study_idle_seconds: 3600", "study_idle_seconds: 2")
+        .replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2}")
+    )
+    scanned = make_study(series=2, per_series=15)
+    dropped = make_study(series=1, per_series=5)
+    files = write_instances(scanned, tmp_path / "scan")
+    staging = write_instances(dropped, tmp_path / "staging")
+    with zipfile.ZipFile(tmp_path / "upload.zip", "w") as archive:
+        for path in staging:
+            archive.write(path, f"study/{path.name}")
+    (drop / "notes.txt").write_text("not an image")
+
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        receivers = daemon.wait_logged("receiver")
+        assert receivers["state"] == "started"
+        (tmp_path / "upload.zip").rename(drop / "upload.zip")
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+
+        def both_complete() -> list[dict[str, object]] | None:
+            studies = _status(config)["studies"]
+            assert isinstance(studies, list)
+            states = {s["study_uid"]: s for s in studies}
+            done = all(
+                states.get(ds.StudyInstanceUID, {}).get("state") == "complete" for ds in (scanned[0], dropped[0])
+            )
+            return studies if done else None
+
+        studies = wait_until(both_complete, 60, interval=0.3, message="both studies to complete")
+        by_uid = {s["study_uid"]: s for s in studies}
+        assert by_uid[scanned[0].StudyInstanceUID]["instances"] == 30
+        assert by_uid[scanned[0].StudyInstanceUID]["series"] == 2
+        assert by_uid[scanned[0].StudyInstanceUID]["source"] == "STORESCU"
+        assert by_uid[dropped[0].StudyInstanceUID]["instances"] == 5
+        assert by_uid[dropped[0].StudyInstanceUID]["source_kind"] == "folder"
+        quarantine = _status(config)["quarantine"]
+        assert isinstance(quarantine, list) and len(quarantine) == 1
+        assert "not a DICOM file" in quarantine[0]["reason"]
+        assert not (drop / "upload.zip").exists()
+
+        text = subprocess.run(
+            [sys.executable, "-m", "ingestd", "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert "2 studies (batches)" in text
+        assert "1 quarantined item" in text
+        assert "not a DICOM file" in text
+
+        assert daemon.terminate() == 0
+        assert not process_group(daemon.pid)
+        assert daemon.logged("daemon_stopped")
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    """Two daemons never share a spool: the second exits with a clear message."""
+    port = free_port()
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
+    with DaemonProcess(config, tmp_path / "first.log") as first:
+        first.wait_ready(port)
+        second = subprocess.run(
+            [sys.executable, "-m", "ingestd", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "another ingestd is already running" in second.stderr
+        assert first.terminate() == 0
