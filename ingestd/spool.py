@@ -28,7 +28,7 @@ from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
 from ingestd.journal import Journal, Source
 
-__all__ = ["Quarantine", "Spool", "StoreOutcome", "fsync_dir"]
+__all__ = ["Quarantine", "Spool", "StoreOutcome", "fsync_dir", "make_dirs_durably", "move_durably", "write_durably"]
 
 log = structlog.get_logger("ingestd.spool")
 
@@ -245,8 +245,10 @@ class Spool:
             relative = path.relative_to(self.root).as_posix()
             if relative in known:
                 continue
-            study_uid, number, _series, _name = relative.split("/")
+            study_uid, number, series_uid, name = relative.split("/")
             try:
+                if not (is_valid_uid(study_uid) and is_valid_uid(series_uid) and is_valid_uid(name[:-4])):
+                    raise InvalidInstanceError("its path is not made of UIDs")
                 data = path.read_bytes()
                 header = read_file_header(data)
                 if header.study_uid != study_uid or not number.isdigit():
@@ -313,17 +315,7 @@ class Quarantine:
         """Move the file (or folder) at `path` into quarantine with `reason`."""
         target = self._target(path.name)
         self._write_reason(target, reason, source)
-        try:
-            os.replace(path, target)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            _copy_durably(path, target)
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        fsync_dir(path.parent)
+        move_durably(path, target)
         return self._record(target, reason, source)
 
     def put_bytes(self, name: str, data: bytes, reason: str, source: Source) -> Path:
@@ -334,24 +326,48 @@ class Quarantine:
         return self._record(target, reason, source)
 
 
-def _copy_durably(source: Path, target: Path) -> None:
-    if source.is_dir():
-        shutil.copytree(source, target)
-        for path in [target, *target.rglob("*")]:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return
-    shutil.copyfile(source, target)
-    fd = os.open(target, os.O_RDONLY)
+def _fsync_tree(root: Path) -> None:
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def make_dirs_durably(directory: Path) -> None:
+    """Create `directory` and any missing parents, each new entry made durable."""
+    missing = []
+    current = directory
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_dir(new.parent)
+
+
+def move_durably(source: Path, target: Path) -> None:
+    """Move a file or folder to `target` (whose folder exists) so that a crash leaves it in one place or the other.
+
+    Across file systems it is copied to a temporary name, fsync'd, renamed into place, and only then removed.
+    """
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def is_spool_name(name: str) -> bool:
-    """Say whether a spool path component is a UID (the only names the spool builds)."""
-    return is_valid_uid(name)
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        temporary = target.with_name(f".{target.name}.ingestd-copy")
+        if source.is_dir():
+            shutil.copytree(source, temporary)
+        else:
+            shutil.copyfile(source, temporary)
+        _fsync_tree(temporary)
+        os.replace(temporary, target)
+        fsync_dir(target.parent)
+        if source.is_dir():
+            shutil.rmtree(source)
+        else:
+            source.unlink()
+    fsync_dir(target.parent)
+    fsync_dir(source.parent)

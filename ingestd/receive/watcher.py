@@ -13,10 +13,8 @@ the spool (full, unwritable) leaves the file where it is, to be tried again late
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
-import shutil
 import stat
 import struct
 import threading
@@ -45,7 +43,7 @@ from ingestd.errors import IngestdError, InvalidInstanceError, SpoolError, Unsaf
 from ingestd.header import InstanceHeader, file_meta_prefix, read_file_header
 from ingestd.journal import Source
 from ingestd.receive.archives import ArchiveKind, archive_kind, check_archive, is_archive_name, read_members
-from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir
+from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir, make_dirs_durably, move_durably
 
 __all__ = [
     "RETRY_SECONDS",
@@ -274,32 +272,6 @@ def _numbered(target: Path) -> Path:
         if not candidate.exists():
             return candidate
     raise FileExistsError(f"too many files named like {target} in the done folder")
-
-
-def _make_dirs(directory: Path) -> None:
-    """Create `directory` and any missing parents, each new entry made durable."""
-    missing = []
-    current = directory
-    while not current.is_dir():
-        missing.append(current)
-        current = current.parent
-    for new in reversed(missing):
-        new.mkdir(exist_ok=True)
-        fsync_dir(new.parent)
-
-
-def _copy_then_remove(source: Path, target: Path) -> None:
-    """Move across file systems: copy to a temporary name, fsync, rename into place, remove the source."""
-    temporary = target.with_name(f".{target.name}.ingestd-copy")
-    shutil.copyfile(source, temporary)
-    fd = os.open(temporary, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    temporary.replace(target)
-    fsync_dir(target.parent)
-    source.unlink()
 
 
 # -- the watchdog side -------------------------------------------------------------------------------
@@ -658,7 +630,6 @@ class DropFolderWatcher:
 
     def _quarantine_source(self, path: Path, relative: str, reason: str, source: Source) -> None:
         self.quarantine.put_file(path, reason, source)
-        fsync_dir(path.parent)
         log.warning("drop_file", outcome="quarantined", path=relative, reason=reason)
 
     # -- after taking ------------------------------------------------------------------------------
@@ -670,15 +641,8 @@ class DropFolderWatcher:
             fsync_dir(path.parent)
             return
         target = _numbered(self.done_folder / path.relative_to(self.root))
-        _make_dirs(target.parent)
-        try:
-            path.rename(target)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:  # the done folder is on another file system
-                raise
-            _copy_then_remove(path, target)
-        fsync_dir(target.parent)
-        fsync_dir(path.parent)
+        make_dirs_durably(target.parent)
+        move_durably(path, target)
 
     def _note_emptied(self, directory: Path) -> None:
         """Remember a folder a source was taken out of, to remove it once it stays empty."""
