@@ -59,9 +59,7 @@ class TestPynetdicomPeer:
         assert batches == [(study[0].StudyInstanceUID, 1, "receiving")]
         assert not list((receiver.config.spool_dir / ".tmp").iterdir())
 
-    @pytest.mark.parametrize(
-        "name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "image_dfl.dcm"]
-    )
+    @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "image_dfl.dcm"])
     def test_compressed_instance_is_stored_byte_identical(self, receiver: Receiver, name: str) -> None:
         """RLE, JPEG 2000 and deflated data sets are stored exactly as sent, never decoded."""
         path = Path(str(get_testdata_file(name)))
@@ -83,9 +81,7 @@ class TestPynetdicomPeer:
         (spool_path,) = _rows(receiver, "SELECT spool_path FROM instances")[0]
         stored = (receiver.config.spool_dir / str(spool_path)).read_bytes()
         assert stored[_data_start(stored) :] == original[meta_end:]
-        assert (
-            pydicom.dcmread(receiver.config.spool_dir / str(spool_path)).file_meta.TransferSyntaxUID == syntax
-        )
+        assert pydicom.dcmread(receiver.config.spool_dir / str(spool_path)).file_meta.TransferSyntaxUID == syntax
 
     def test_disallowed_calling_aet_is_rejected(self, tmp_path: Path) -> None:
         """A calling AE title missing from a non-empty allow-list is rejected at association time."""
@@ -109,9 +105,7 @@ class TestPynetdicomPeer:
         """Below the free-space floor the scanner gets 0xA700, nothing is journaled, no temp file is left."""
         free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // 2**20
         config = make_config(tmp_path, "")
-        config = config.model_copy(
-            update={"spool": config.spool.model_copy(update={"min_free_mb": free_mb + 1024})}
-        )
+        config = config.model_copy(update={"spool": config.spool.model_copy(update={"min_free_mb": free_mb + 1024})})
         running = start_receiver(config)
         try:
             assoc = _associate(running.port)
