@@ -30,3 +30,7 @@ class InvalidInstanceError(IngestdError):
 
 class UnsafeArchiveError(IngestdError):
     """An archive in a drop folder is hostile or absurd (escaping paths, bomb ratios, too many members)."""
+
+
+class ListenerError(IngestdError):
+    """The DICOM listener cannot start (port taken, TLS files unreadable)."""

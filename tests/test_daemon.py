@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import zipfile
@@ -114,3 +115,22 @@ def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
         assert second.returncode == 1
         assert "another ingestd is already running" in second.stderr
         assert first.terminate() == 0
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """A taken port ends the daemon with a message naming the port, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
+        result = subprocess.run(
+            [sys.executable, "-m", "ingestd", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -19,7 +19,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ingestd.config import Listener as ListenerConfig
-from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
+from ingestd.errors import InvalidInstanceError, ListenerError, SpoolError, SpoolFullError
 from ingestd.header import file_meta_prefix, read_stream_header
 from ingestd.journal import Source
 from ingestd.spool import Spool
@@ -123,9 +123,15 @@ class DicomListener:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
-        if tls.ca_certificates is not None:
-            context.load_verify_locations(cafile=str(tls.ca_certificates))
+        try:
+            context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
+            if tls.ca_certificates is not None:
+                context.load_verify_locations(cafile=str(tls.ca_certificates))
+        except (OSError, ssl.SSLError) as exc:
+            raise ListenerError(
+                f"cannot load the listener's TLS certificate, key or CA ({tls.certificate}, {tls.key}, "
+                f"{tls.ca_certificates}): {exc.strerror or exc}"
+            ) from None
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
         return context
 
@@ -143,12 +149,16 @@ class DicomListener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self._ssl_context(),
-        )
+        ssl_context = self._ssl_context()
+        try:
+            self._server = self.ae.start_server(
+                (self.config.host, self.config.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+            )
+        except OSError as exc:
+            raise ListenerError(
+                f"cannot listen on {self.config.host}:{self.config.port} ({exc.strerror or exc}); "
+                "is another DICOM service using the port, or is it below 1024 without CAP_NET_BIND_SERVICE?"
+            ) from None
         log.info(
             "listener_started",
             ae_title=self.config.ae_title,
