@@ -284,7 +284,7 @@ def file_meta_prefix(sop_class_uid: str, sop_uid: str, transfer_syntax: str, sou
             _meta_element(0x00020003, b"UI", sop_uid.encode("ascii")),
             _meta_element(0x00020010, b"UI", transfer_syntax.encode("ascii")),
             _META_IMPLEMENTATION,
-            _meta_element(0x00020016, b"AE", source_aet.encode("ascii")) if source_aet else b"",
+            _meta_element(0x00020016, b"AE", source_aet.encode("ascii", "replace")) if source_aet else b"",
         )
     )
     group_length = b"\x02\x00\x00\x00UL\x04\x00" + len(body).to_bytes(4, "little")

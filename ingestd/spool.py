@@ -165,7 +165,13 @@ class Spool:
         relative = f"{header.study_uid}/{batch}/{header.series_uid}/{header.sop_uid}.dcm"
         final = self.root / relative
         self._ensure_dir(final.parent)
-        os.replace(current, final)
+        try:
+            os.replace(current, final)
+        except FileNotFoundError:  # the folder was removed behind the cache's back (a cleaned-up study)
+            with self._dirs_lock:
+                self._known_dirs.clear()
+            self._ensure_dir(final.parent)
+            os.replace(current, final)
         fsync_dir(final.parent)
         return relative
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ingestd.header import read_file_header
@@ -54,3 +55,21 @@ def test_store_then_reopen(tmp_path: Path) -> None:
     assert reopened.spool_paths() == {outcome.spool_path}
     assert (spool.root / outcome.spool_path).read_bytes() == data
     reopened.close()
+
+
+def test_store_after_the_study_folder_was_removed(tmp_path: Path) -> None:
+    """A spool folder removed behind the spool's back (a cleaned-up study) is created again."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    spool = Spool(tmp_path / "spool", journal)
+    first, second = make_instance(), make_instance()
+    second.StudyInstanceUID = first.StudyInstanceUID
+    second.SeriesInstanceUID = first.SeriesInstanceUID
+    files = write_instances([first, second], tmp_path / "src")
+    source = Source("folder", "/drop", "a.dcm")
+    data = files[0].read_bytes()
+    outcome = spool.store(data[:0], data, read_file_header(data), source)
+    shutil.rmtree(spool.root / outcome.spool_path.split("/")[0])
+    data = files[1].read_bytes()
+    again = spool.store(data[:0], data, read_file_header(data), source)
+    assert (spool.root / again.spool_path).read_bytes() == data
+    journal.close()
