@@ -24,6 +24,7 @@ from pathlib import Path
 
 import structlog
 
+from ingestd.dicomfile import data_set_offset
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
 from ingestd.journal import Journal, Source
@@ -259,10 +260,10 @@ class Spool:
                 header = read_file_header(data)
                 if header.study_uid != study_uid or not number.isdigit():
                     raise InvalidInstanceError("its header does not match its place in the spool")
+                offset = data_set_offset(data)
             except (OSError, InvalidInstanceError) as exc:
                 quarantine.put_file(path, f"spool file could not be adopted: {exc}", source)
                 continue
-            offset = _data_offset(data)
             now = time.time()
             with self.journal.transaction():
                 batch_id = self.journal.batch_for(study_uid, int(number), source, now)
@@ -271,16 +272,6 @@ class Spool:
             adopted += 1
         log.info("spool_recovered", temp_files_removed=removed, instances_adopted=adopted)
         return {"temp_files_removed": removed, "instances_adopted": adopted}
-
-
-def _data_offset(data: bytes) -> int:
-    """Where the data set starts in a Part 10 file (after preamble and file meta); 0 without them."""
-    if data[128:132] != b"DICM":
-        return 0
-    # (0002,0000) File Meta Information Group Length, explicit VR little endian: tag, 'UL', 2-byte length, value.
-    if data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
-        return 144 + int.from_bytes(data[140:144], "little")
-    return 0
 
 
 class Quarantine:

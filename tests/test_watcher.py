@@ -19,8 +19,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian
 
 from ingestd.config import Archives, DropFolder
+from ingestd.dicomfile import prepare_instance
 from ingestd.journal import Journal
-from ingestd.receive.watcher import DropFolderError, DropFolderWatcher, _EventHandler, prepare_instance
+from ingestd.receive.watcher import DropFolderError, DropFolderWatcher, _EventHandler
 from ingestd.spool import Quarantine, Spool
 from tests.dicom import encode, encode_raw, make_instance, make_study, write_instances
 

@@ -16,31 +16,20 @@ from __future__ import annotations
 import os
 import queue
 import stat
-import struct
 import threading
 import time
-import zlib
-from dataclasses import dataclass, replace
-from io import BytesIO
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import structlog
-from pydicom.filereader import data_element_generator
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    MediaStorageDirectoryStorage,
-)
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from ingestd.config import Archives, DropFolder
+from ingestd.dicomfile import PreparedInstance, prepare_instance
 from ingestd.errors import IngestdError, InvalidInstanceError, SpoolError, UnsafeArchiveError
-from ingestd.header import InstanceHeader, file_meta_prefix, read_file_header
 from ingestd.journal import Source
 from ingestd.receive.archives import ArchiveKind, archive_kind, check_archive, is_archive_name, read_members
 from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir, make_dirs_durably, move_durably
@@ -49,9 +38,7 @@ __all__ = [
     "RETRY_SECONDS",
     "DropFolderError",
     "DropFolderWatcher",
-    "PreparedInstance",
     "is_ignored",
-    "prepare_instance",
 ]
 
 log = structlog.get_logger("ingestd.watcher")
@@ -80,152 +67,6 @@ class _Retry(Exception):  # noqa: N818 - a control-flow signal, not an error
 
 class _Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
     """The watcher is stopping: leave the source where it is for the next start."""
-
-
-# -- DICOM files -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedInstance:
-    """A dropped DICOM file split for the spool: preamble and file meta, the data set, its header."""
-
-    prefix: bytes
-    body: memoryview
-    header: InstanceHeader
-
-
-def _truncated() -> InvalidInstanceError:
-    return InvalidInstanceError("corrupt DICOM file: truncated")
-
-
-def _file_meta_end(data: bytes) -> tuple[int, dict[bytes, str]]:
-    """Walk the file meta group after `DICM` at 128: where the data set starts, and the meta's UIDs.
-
-    The UIDs are keyed by element number: b"\x02\x00" Media Storage SOP Class, b"\x10\x00" Transfer Syntax.
-    """
-    pos = 132
-    uids: dict[bytes, str] = {}
-    while data[pos : pos + 2] == b"\x02\x00":
-        if pos + 8 > len(data):
-            raise _truncated()
-        vr = data[pos + 4 : pos + 6]
-        if not vr.isalpha():  # implicit VR file meta (non-conformant, but seen): 4-byte length
-            length, start = int.from_bytes(data[pos + 4 : pos + 8], "little"), pos + 8
-        elif vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"):
-            length, start = int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
-        else:
-            length, start = int.from_bytes(data[pos + 6 : pos + 8], "little"), pos + 8
-        if length == 0xFFFFFFFF:
-            raise InvalidInstanceError("corrupt DICOM file: undefined length in the file meta")
-        if start + length > len(data):
-            raise _truncated()
-        if data[pos + 2 : pos + 4] in (b"\x02\x00", b"\x10\x00"):
-            uids[data[pos + 2 : pos + 4]] = data[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        pos = start + length
-    if pos >= len(data):
-        raise _truncated()
-    return pos, uids
-
-
-def _check_deflated(body: memoryview) -> None:
-    """Inflate a deflated data set in bounded steps, keeping nothing, to see that the stream is whole."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        inflater.decompress(body, _MB)
-        while inflater.unconsumed_tail and not inflater.eof:
-            inflater.decompress(inflater.unconsumed_tail, _MB)
-    except zlib.error:
-        raise InvalidInstanceError("corrupt DICOM file: the deflated data set cannot be inflated") from None
-    if not inflater.eof:
-        raise _truncated()
-
-
-def check_data_set(body: memoryview, transfer_syntax: str) -> None:
-    """Check that a data set's elements, as pydicom reads them, all end within the data.
-
-    pydicom reads a file cut short without complaint (the last value is just shorter than its length),
-    so each element's declared length is held against the bytes there. Large values are skipped, not
-    read. Raises InvalidInstanceError "corrupt DICOM file: truncated" (or another reason).
-    """
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        _check_deflated(body)
-        return
-    size = len(body)
-    stream = BytesIO(body)
-    end = 0
-    try:
-        for element in data_element_generator(
-            stream,
-            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
-            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
-            defer_size=4096,
-        ):
-            end = stream.tell()
-            value: Any = element.value
-            length = getattr(element, "length", 0)
-            short = isinstance(value, bytes) and length != 0xFFFFFFFF and len(value) < length
-            if end > size or short:
-                raise _truncated()
-    except InvalidInstanceError:
-        raise
-    except (EOFError, OSError, struct.error):  # a value, sequence or length field with no end
-        raise _truncated() from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed data
-        raise InvalidInstanceError(f"corrupt DICOM file: {type(exc).__name__}") from None
-    padding = transfer_syntax != ExplicitVRBigEndian and not any(body[end:])  # trailing zeros: seen, harmless
-    if 0 < size - end < 8 and not padding:  # the file ends inside an element's tag and length
-        raise _truncated()
-    if size - end >= 8:
-        raise InvalidInstanceError("corrupt DICOM file: stray item delimiter in the data set")
-
-
-def _read_header(data: bytes) -> InstanceHeader:
-    try:
-        return read_file_header(data)
-    except InvalidInstanceError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - e.g. a pydicom warning about a cut UID, raised as an error
-        raise InvalidInstanceError(f"corrupt DICOM file: {type(exc).__name__}") from None
-
-
-def _bare_syntax(data: bytes) -> str:
-    """The transfer syntax a data set without file meta is in, judged from its first element."""
-    if not (data[4:6].isalpha() and data[4:6].isupper()):
-        return ImplicitVRLittleEndian
-    if data[0] == 0 and data[1] != 0:  # group 0008 written high byte first
-        return ExplicitVRBigEndian
-    return ExplicitVRLittleEndian
-
-
-def prepare_instance(data: bytes) -> PreparedInstance:
-    """Split a dropped file into what the spool stores; raise InvalidInstanceError with the reason.
-
-    Takes a Part 10 file (kept as it is), a file meta without the 128-byte preamble (a preamble is
-    added), or a bare data set without file meta (a file meta is built for it).
-    """
-    if data[:4] == b"DICM" and data[128:132] != b"DICM":
-        data = bytes(128) + data
-    view = memoryview(data)
-    if data[128:132] == b"DICM":
-        offset, uids = _file_meta_end(data)
-        if uids.get(b"\x02\x00") == MediaStorageDirectoryStorage:
-            raise InvalidInstanceError("DICOMDIR: an index of a disc or folder, not an instance")
-        check_data_set(view[offset:], uids.get(b"\x10\x00") or ExplicitVRLittleEndian)
-        header = _read_header(data)
-        return PreparedInstance(data[:offset], view[offset:], header)
-    syntax = _bare_syntax(data)
-    try:
-        header = _read_header(data)
-    except InvalidInstanceError:
-        if data[:2] in (b"\x08\x00", b"\x00\x08"):  # starts like a data set (group 0008): cut short?
-            check_data_set(view, syntax)
-        raise
-    if header.transfer_syntax == ImplicitVRLittleEndian:
-        syntax = ImplicitVRLittleEndian
-    header = replace(header, transfer_syntax=syntax)
-    check_data_set(view, syntax)
-    prefix = file_meta_prefix(header.sop_class_uid, header.sop_uid, syntax)
-    return PreparedInstance(prefix, view, header)
 
 
 # -- paths -------------------------------------------------------------------------------------------
