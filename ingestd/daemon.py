@@ -86,11 +86,11 @@ class Daemon:
             self._services.append(watcher)
         if config.listener.enabled:
             shared = config.listener.processes > 1
-            self.listener = DicomListener(config.listener, spool, shared_port=shared)
+            self.listener = DicomListener(config.listener, spool, shared=shared)
             self.listener.start()
             self._services.append(self.listener)
             if shared:
-                pool = ReceiverPool(config, self.listener.port, config.listener.processes - 1)
+                pool = ReceiverPool(config, self.listener.socket, config.listener.processes - 1)
                 self._services.append(pool)
                 pool.start()
         log.info("daemon_started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())

@@ -7,6 +7,7 @@ stays at WARNING because at DEBUG it logs whole DIMSE messages, query identifier
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Literal
 
@@ -14,6 +15,11 @@ import pydicom.config
 import structlog
 
 __all__ = ["configure_logging"]
+
+
+def _add_pid(_logger: object, _method: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+    event["pid"] = os.getpid()  # receiver processes log to the same stream
+    return event
 
 
 def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
@@ -24,6 +30,7 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        _add_pid,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (

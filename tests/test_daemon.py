@@ -10,6 +10,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from tests.dicom import make_study, write_instances
 from tests.procs import DaemonProcess, Storescu, free_port, process_group, wait_until, write_daemon_config
@@ -134,3 +136,25 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_concurrent_associations_spread_over_receiver_processes(tmp_path: Path) -> None:
+    """With two processes, a second association opened while the first is busy goes to the other process."""
+    port = free_port()
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
+    config.write_text(config.read_text().replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2}"))
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        daemon.wait_logged("receiver")
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(MRImageStorage)
+        first = ae.associate("127.0.0.1", port, ae_title="INGESTD")
+        wait_until(lambda: len(daemon.logged("association")) >= 1, 10, message="the first association")
+        second = ae.associate("127.0.0.1", port, ae_title="INGESTD")
+        assert first.is_established and second.is_established
+        for assoc in (first, second):
+            assert assoc.send_c_store(make_study(1, 1)[0]).Status == 0
+            assoc.release()
+        established = [r for r in daemon.logged("association") if r["state"] == "established"]
+        assert len({record["pid"] for record in established}) == 2
+        assert daemon.terminate() == 0

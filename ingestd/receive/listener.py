@@ -51,6 +51,9 @@ TRANSFER_SYNTAXES = [
 ]
 
 
+_DEFER_PER_ASSOCIATION = 0.003  # seconds a receiver process waits per open association before it accepts
+
+
 class Status:
     """The C-STORE statuses ingestd answers with (PS3.4 Annex B.2.3)."""
 
@@ -59,39 +62,70 @@ class Status:
     CANNOT_UNDERSTAND = 0xC210  # Error: cannot understand (unparsable, or UIDs missing or malformed)
 
 
-class _SharedPortServer(ThreadedAssociationServer):
-    """An association server whose port other receiver processes bind too (SO_REUSEPORT).
+class _SharedSocketServer(ThreadedAssociationServer):
+    """An association server whose listening socket several receiver processes accept from.
 
-    The kernel spreads incoming connections over the processes, so associations run on several cores
-    instead of sharing one interpreter lock.
+    The first process binds it; the others get a duplicate of it. Each process's accept loop wakes on a
+    new connection and one of them wins it, so a process busy with its own associations takes fewer new
+    ones. The socket is non-blocking, so the processes that lose the race go back to waiting.
     """
 
+    ae: _ListenerAE
+
     def server_bind(self) -> None:
-        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        inherited = self.ae.listening_socket
+        if inherited is None:
+            super().server_bind()
+        else:
+            cast(socket.socket, self.socket).close()
+            self.socket = inherited
+            self.server_address = inherited.getsockname()
+        cast(socket.socket, self.socket).setblocking(False)
+
+    def server_activate(self) -> None:
+        if self.ae.listening_socket is None:
+            super().server_activate()
+
+    def _handle_request_noblock(self) -> None:
+        # Every process wakes for a new connection; one busy with associations of its own waits a moment
+        # longer, so that an idle one wins the race and the associations spread over the processes.
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(_DEFER_PER_ASSOCIATION * busy, 0.05))
+        super()._handle_request_noblock()  # type: ignore[misc]
 
 
 class _ListenerAE(AE):
-    shared_port = False
+    shared = False
+    listening_socket: socket.socket | None = None
 
     def make_server(  # type: ignore[override]
         self, address: Any, server_class: Any = None, **kwargs: Any
     ) -> Any:
-        if self.shared_port and server_class is ThreadedAssociationServer:
-            server_class = _SharedPortServer
+        if self.shared and server_class is ThreadedAssociationServer:
+            server_class = _SharedSocketServer
         return super().make_server(address, server_class=server_class, **kwargs)
 
 
 class DicomListener:
     """A pynetdicom AE serving C-ECHO and C-STORE into the spool.
 
-    With `shared_port`, several processes each run a DicomListener on the same host and port.
+    With `shared`, several processes each run a DicomListener on one listening socket: the first binds it
+    (`listening_socket` is None), the others are given a duplicate of its `socket`.
     """
 
-    def __init__(self, config: ListenerConfig, spool: Spool, *, shared_port: bool = False) -> None:
+    def __init__(
+        self,
+        config: ListenerConfig,
+        spool: Spool,
+        *,
+        shared: bool = False,
+        listening_socket: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.spool = spool
-        self.shared_port = shared_port
+        self.shared = shared or listening_socket is not None
+        self.listening_socket = listening_socket
         self._server: Any = None
         self._inflight = 0
         self._idle = threading.Condition()
@@ -104,7 +138,8 @@ class DicomListener:
         # The setting is pynetdicom's process-wide one; ingestd logs associations and stores itself.
         _config.LOG_HANDLER_LEVEL = "none"
         ae = _ListenerAE(ae_title=self.config.ae_title)
-        ae.shared_port = self.shared_port
+        ae.shared = self.shared
+        ae.listening_socket = self.listening_socket
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu_size
         ae.network_timeout = self.config.network_timeout_seconds
@@ -134,6 +169,11 @@ class DicomListener:
             ) from None
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
         return context
+
+    @property
+    def socket(self) -> socket.socket:
+        """The listening socket (to hand to receiver processes)."""
+        return cast(socket.socket, self._server.socket)
 
     @property
     def port(self) -> int:

@@ -1,11 +1,10 @@
 """Receiver processes that share the listener's port, so associations use more than one core.
 
-One Python process is bound by its interpreter lock: a single C-STORE association keeps about 60 % of a core
-busy in pynetdicom, and concurrent associations in one process queue behind each other. The daemon therefore
-starts `listener.processes - 1` extra receiver processes; each binds the same host and port with SO_REUSEPORT
-(the kernel spreads incoming connections over them), opens its own connection to the journal (SQLite
-serialises the writers) and writes into the same spool. They only receive: the watcher and the assembler run
-in the main process.
+One Python process is bound by its interpreter lock: concurrent associations in one process queue behind
+each other. The daemon therefore starts `listener.processes - 1` extra receiver processes. Each gets a
+duplicate of the main process's listening socket and accepts from it (whichever process is free first takes
+a new association), opens its own connection to the journal (SQLite serialises the writers) and writes into
+the same spool. They only receive: the watcher and the assembler run in the main process.
 
 A receiver process dies with the daemon (PR_SET_PDEATHSIG asks the kernel to send it SIGTERM, which it handles
 gracefully), and holds a shared lock on `receivers.lock` while it runs, so a restarted daemon waits for the
@@ -20,6 +19,7 @@ import fcntl
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -75,7 +75,7 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _receiver_main(config: Config, port: int, index: int, parent: int, ready: Connection) -> None:
+def _receiver_main(config: Config, listening: socket.socket, index: int, parent: int, ready: Connection) -> None:
     """Run one receiver process until SIGTERM or SIGINT (the target of a spawned process)."""
     stopping = threading.Event()
 
@@ -91,7 +91,7 @@ def _receiver_main(config: Config, port: int, index: int, parent: int, ready: Co
         fcntl.flock(lock, fcntl.LOCK_SH)
         journal = Journal(config.journal_path)
         spool = Spool(config.spool_dir, journal, min_free_bytes=config.spool.min_free_mb * 2**20)
-        listener = DicomListener(config.listener.model_copy(update={"port": port}), spool, shared_port=True)
+        listener = DicomListener(config.listener, spool, listening_socket=listening)
         try:
             listener.start()
             # A pipe, not a multiprocessing.Event: setting an Event whose waiter was killed can hang for ever.
@@ -107,9 +107,9 @@ def _receiver_main(config: Config, port: int, index: int, parent: int, ready: Co
 class ReceiverPool:
     """The extra receiver processes of a daemon, restarted if one dies."""
 
-    def __init__(self, config: Config, port: int, count: int) -> None:
+    def __init__(self, config: Config, listening: socket.socket, count: int) -> None:
         self.config = config
-        self.port = port
+        self.listening = listening
         self.count = count
         self._processes: dict[int, BaseProcess] = {}
         self._stop = threading.Event()
@@ -119,7 +119,7 @@ class ReceiverPool:
         ready_reader, ready_writer = _CONTEXT.Pipe(duplex=False)
         process = _CONTEXT.Process(
             target=_receiver_main,
-            args=(self.config, self.port, index, os.getpid(), ready_writer),
+            args=(self.config, self.listening, index, os.getpid(), ready_writer),
             name=f"ingestd-receiver-{index}",
             daemon=False,
         )
@@ -130,7 +130,7 @@ class ReceiverPool:
         if not ready:
             log.error("receiver", index=index, state="not_ready", pid=process.pid)
         else:
-            log.info("receiver", index=index, state="started", pid=process.pid, port=self.port)
+            log.info("receiver", index=index, state="started", pid=process.pid)
         self._processes[index] = process
 
     def start(self) -> None:
