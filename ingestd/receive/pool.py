@@ -126,7 +126,10 @@ class ReceiverPool:
         process.start()
         ready_writer.close()
         with ready_reader:
-            ready = ready_reader.poll(60)
+            try:
+                ready = ready_reader.poll(60) and ready_reader.recv() is not None
+            except (EOFError, OSError):  # it died before it was listening
+                ready = False
         if not ready:
             log.error("receiver", index=index, state="not_ready", pid=process.pid)
         else:
