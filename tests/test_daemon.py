@@ -19,15 +19,15 @@ from tests.procs import DaemonProcess, Storescu, free_port, process_group, wait_
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
 
 
-def _status(config: Path) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ingestd", "status", "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+def _ingestd(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the `ingestd` command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "ingestd", *args], capture_output=True, text=True, timeout=60, check=check
     )
-    data: dict[str, object] = json.loads(result.stdout)
+
+
+def _status(config: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads(_ingestd("status", "--config", str(config), "--json", check=True).stdout)
     return data
 
 
@@ -85,13 +85,7 @@ def test_daemon_end_to_end(tmp_path: Path) -> None:
         assert "not a DICOM file" in quarantine[0]["reason"]
         assert not (drop / "upload.zip").exists()
 
-        text = subprocess.run(
-            [sys.executable, "-m", "ingestd", "status", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
+        text = _ingestd("status", "--config", str(config), check=True).stdout
         assert "2 studies (batches)" in text
         assert "1 quarantined item" in text
         assert "not a DICOM file" in text
@@ -107,13 +101,7 @@ def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
     with DaemonProcess(config, tmp_path / "first.log") as first:
         first.wait_ready(port)
-        second = subprocess.run(
-            [sys.executable, "-m", "ingestd", "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        second = _ingestd("run", "--config", str(config))
         assert second.returncode == 1
         assert "another ingestd is already running" in second.stderr
         assert first.terminate() == 0
@@ -126,13 +114,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
-        result = subprocess.run(
-            [sys.executable, "-m", "ingestd", "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = _ingestd("run", "--config", str(config))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

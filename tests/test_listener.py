@@ -17,8 +17,12 @@ from pynetdicom.sop_class import MRImageStorage, Verification
 from ingestd.header import read_file_header
 from tests.conftest import Receiver, make_config, start_receiver
 from tests.dicom import make_instance, make_study, write_instances
+from tests.procs import DCMTK_ENV
 
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK tool (with TCP_NODELAY=1, or it crawls) to completion."""
+    return subprocess.run(list(args), env=DCMTK_ENV, capture_output=True, text=True, timeout=60, check=False)
 
 
 def _rows(receiver: Receiver, sql: str) -> list[tuple[object, ...]]:
@@ -187,24 +191,17 @@ class TestDcmtkPeer:
         folder = tmp_path / "scan"
         write_instances(study[:10], folder / "a")
         write_instances(study[10:], folder / "b")
-        result = subprocess.run(
-            [
-                "storescu",
-                "-aet",
-                "MRSCANNER",
-                "-aec",
-                "INGESTD",
-                "+sd",
-                "+r",
-                "127.0.0.1",
-                str(receiver.port),
-                str(folder),
-            ],
-            env=DCMTK_ENV,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        result = _dcmtk(
+            "storescu",
+            "-aet",
+            "MRSCANNER",
+            "-aec",
+            "INGESTD",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(receiver.port),
+            str(folder),
         )
         assert result.returncode == 0, result.stderr
         rows = _rows(receiver, "SELECT sop_uid, source FROM instances")
@@ -213,14 +210,7 @@ class TestDcmtkPeer:
 
     def test_echoscu(self, receiver: Receiver) -> None:
         """DCMTK echoscu gets an answer."""
-        result = subprocess.run(
-            ["echoscu", "-aec", "INGESTD", "127.0.0.1", str(receiver.port)],
-            env=DCMTK_ENV,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = _dcmtk("echoscu", "-aec", "INGESTD", "127.0.0.1", str(receiver.port))
         assert result.returncode == 0, result.stderr
 
     def test_storescu_disallowed_aet(self, tmp_path: Path) -> None:
@@ -232,14 +222,7 @@ class TestDcmtkPeer:
         running = start_receiver(config)
         try:
             file = write_instances([make_instance()], tmp_path / "one")[0]
-            result = subprocess.run(
-                ["storescu", "-aet", "OTHER", "-aec", "INGESTD", "127.0.0.1", str(running.port), str(file)],
-                env=DCMTK_ENV,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
+            result = _dcmtk("storescu", "-aet", "OTHER", "-aec", "INGESTD", "127.0.0.1", str(running.port), str(file))
             assert result.returncode != 0
             assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
             assert running.journal.instance_count() == 0
