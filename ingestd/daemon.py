@@ -21,7 +21,7 @@ from ingestd.assemble import Assembler, CompletionPolicy
 from ingestd.config import Config
 from ingestd.errors import IngestdError
 from ingestd.journal import Journal
-from ingestd.receive.listener import DicomListener
+from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
 from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.spool import Quarantine, Spool
@@ -85,14 +85,16 @@ class Daemon:
             watcher.start()
             self._services.append(watcher)
         if config.listener.enabled:
-            shared = config.listener.processes > 1
-            self.listener = DicomListener(config.listener, spool, shared=shared)
-            self.listener.start()
-            self._services.append(self.listener)
-            if shared:
-                pool = ReceiverPool(config, self.listener.socket, config.listener.processes - 1)
+            listening = None
+            if config.listener.processes > 1:
+                # The receivers are up before anything accepts, so the first associations spread too.
+                listening = bind_listening_socket(config.listener)
+                pool = ReceiverPool(config, listening, config.listener.processes - 1)
                 self._services.append(pool)
                 pool.start()
+            self.listener = DicomListener(config.listener, spool, listening_socket=listening)
+            self.listener.start()
+            self._services.append(self.listener)
         log.info("daemon_started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
 
     def stop(self) -> None:

@@ -73,18 +73,13 @@ class _SharedSocketServer(ThreadedAssociationServer):
     ae: _ListenerAE
 
     def server_bind(self) -> None:
-        inherited = self.ae.listening_socket
-        if inherited is None:
-            super().server_bind()
-        else:
-            cast(socket.socket, self.socket).close()
-            self.socket = inherited
-            self.server_address = inherited.getsockname()
-        cast(socket.socket, self.socket).setblocking(False)
+        shared = cast(socket.socket, self.ae.listening_socket)
+        cast(socket.socket, self.socket).close()
+        self.socket = shared
+        self.server_address = shared.getsockname()
 
     def server_activate(self) -> None:
-        if self.ae.listening_socket is None:
-            super().server_activate()
+        """The shared socket is listening already."""
 
     def _handle_request_noblock(self) -> None:
         # Every process wakes for a new connection; one busy with associations of its own waits a moment
@@ -96,35 +91,52 @@ class _SharedSocketServer(ThreadedAssociationServer):
 
 
 class _ListenerAE(AE):
-    shared = False
     listening_socket: socket.socket | None = None
 
     def make_server(  # type: ignore[override]
         self, address: Any, server_class: Any = None, **kwargs: Any
     ) -> Any:
-        if self.shared and server_class is ThreadedAssociationServer:
+        if self.listening_socket is not None and server_class is ThreadedAssociationServer:
             server_class = _SharedSocketServer
         return super().make_server(address, server_class=server_class, **kwargs)
+
+
+def bind_listening_socket(config: ListenerConfig) -> socket.socket:
+    """Bind and listen on the configured host and port, for several receiver processes to accept from.
+
+    The socket is non-blocking: every process wakes for a new connection and those that lose the race to
+    accept it go back to waiting instead of blocking.
+    """
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((config.host, config.port))
+        listening.listen(128)
+    except OSError as exc:
+        listening.close()
+        raise ListenerError(_cannot_listen(config, exc)) from None
+    listening.setblocking(False)
+    return listening
+
+
+def _cannot_listen(config: ListenerConfig, exc: OSError) -> str:
+    return (
+        f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); "
+        "is another DICOM service using the port, or is it below 1024 without CAP_NET_BIND_SERVICE?"
+    )
 
 
 class DicomListener:
     """A pynetdicom AE serving C-ECHO and C-STORE into the spool.
 
-    With `shared`, several processes each run a DicomListener on one listening socket: the first binds it
-    (`listening_socket` is None), the others are given a duplicate of its `socket`.
+    Given a `listening_socket` (from `bind_listening_socket`), it accepts from that socket, which several
+    processes may share; otherwise it binds the configured host and port itself.
     """
 
-    def __init__(
-        self,
-        config: ListenerConfig,
-        spool: Spool,
-        *,
-        shared: bool = False,
-        listening_socket: socket.socket | None = None,
-    ) -> None:
+    def __init__(self, config: ListenerConfig, spool: Spool, *, listening_socket: socket.socket | None = None) -> None:
         self.config = config
         self.spool = spool
-        self.shared = shared or listening_socket is not None
         self.listening_socket = listening_socket
         self._server: Any = None
         self._inflight = 0
@@ -138,7 +150,6 @@ class DicomListener:
         # The setting is pynetdicom's process-wide one; ingestd logs associations and stores itself.
         _config.LOG_HANDLER_LEVEL = "none"
         ae = _ListenerAE(ae_title=self.config.ae_title)
-        ae.shared = self.shared
         ae.listening_socket = self.listening_socket
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu_size
@@ -171,11 +182,6 @@ class DicomListener:
         return context
 
     @property
-    def socket(self) -> socket.socket:
-        """The listening socket (to hand to receiver processes)."""
-        return cast(socket.socket, self._server.socket)
-
-    @property
     def port(self) -> int:
         """The port the listener is bound to (useful when configured as 0)."""
         return int(self._server.server_address[1])
@@ -195,10 +201,7 @@ class DicomListener:
                 (self.config.host, self.config.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
             )
         except OSError as exc:
-            raise ListenerError(
-                f"cannot listen on {self.config.host}:{self.config.port} ({exc.strerror or exc}); "
-                "is another DICOM service using the port, or is it below 1024 without CAP_NET_BIND_SERVICE?"
-            ) from None
+            raise ListenerError(_cannot_listen(self.config, exc)) from None
         log.info(
             "listener_started",
             ae_title=self.config.ae_title,
