@@ -22,6 +22,7 @@ from ingestd.config import Listener as ListenerConfig
 from ingestd.errors import InvalidInstanceError, ListenerError, SpoolError, SpoolFullError
 from ingestd.header import file_meta_prefix, read_stream_header
 from ingestd.journal import Source
+from ingestd.receive.responses import use_fast_store_responses
 from ingestd.spool import Spool
 
 VERIFICATION = dicom_uid.UID("1.2.840.10008.1.1")
@@ -234,6 +235,7 @@ class DicomListener:
         if not self._accepting:
             event.assoc.abort()
             return
+        use_fast_store_responses(event.assoc)
         log.info("association", state="established", calling_aet=requestor.ae_title, peer=requestor.address)
 
     def _on_closed(self, event: Any) -> None:
