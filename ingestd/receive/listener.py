@@ -52,6 +52,7 @@ TRANSFER_SYNTAXES = [
 ]
 
 
+_DUL_IDLE_SLEEP = 0.0003  # seconds; pynetdicom's default is 0.001
 _DEFER_PER_ASSOCIATION = 0.003  # seconds a receiver process waits per open association before it accepts
 
 
@@ -236,6 +237,10 @@ class DicomListener:
             event.assoc.abort()
             return
         use_fast_store_responses(event.assoc)
+        # pynetdicom's DUL thread sleeps 1 ms whenever it finds nothing to do, so every response waits for
+        # up to 1 ms before it is sent; 0.3 ms gave one association 15 % more images/s at no cost to four.
+        if hasattr(event.assoc.dul, "_run_loop_delay"):
+            event.assoc.dul._run_loop_delay = _DUL_IDLE_SLEEP
         log.info("association", state="established", calling_aet=requestor.ae_title, peer=requestor.address)
 
     def _on_closed(self, event: Any) -> None:
