@@ -67,9 +67,10 @@ class Status:
 class _SharedSocketServer(ThreadedAssociationServer):
     """An association server whose listening socket several receiver processes accept from.
 
-    The first process binds it; the others get a duplicate of it. Each process's accept loop wakes on a
-    new connection and one of them wins it, so a process busy with its own associations takes fewer new
-    ones. The socket is non-blocking, so the processes that lose the race go back to waiting.
+    The daemon binds it (`bind_listening_socket`) and every receiver process gets a duplicate. Each
+    process's accept loop wakes on a new connection and one of them wins it; a process busy with its own
+    associations waits a moment first, so new ones go to an idle process. The socket is non-blocking, so
+    the processes that lose the race go back to waiting.
     """
 
     ae: _ListenerAE
