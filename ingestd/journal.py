@@ -18,6 +18,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ingestd.header import InstanceHeader
+
 __all__ = ["BatchRow", "InstanceRow", "Journal", "Source", "StudyState"]
 
 SCHEMA_VERSION = 1
@@ -218,12 +220,7 @@ class Journal:
         if row is not None and row["state"] == StudyState.RECEIVING:
             return row["id"], row["batch"]
         number = 1 if row is None else row["batch"] + 1
-        cursor = self._db.execute(
-            "INSERT INTO batches (study_uid, batch, state, source_kind, source, first_received, last_received,"
-            " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (study_uid, number, StudyState.RECEIVING, source.kind, source.name, now, now, now),
-        )
-        return int(cursor.lastrowid or 0), number
+        return self._open_batch(study_uid, number, source, now), number
 
     def batch_for(self, study_uid: str, number: int, source: Source, now: float) -> int:
         """The id of batch `number` of a study, created in `receiving` if the journal lacks it."""
@@ -232,6 +229,9 @@ class Journal:
         ).fetchone()
         if row is not None:
             return int(row["id"])
+        return self._open_batch(study_uid, number, source, now)
+
+    def _open_batch(self, study_uid: str, number: int, source: Source, now: float) -> int:
         cursor = self._db.execute(
             "INSERT INTO batches (study_uid, batch, state, source_kind, source, first_received, last_received,"
             " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -242,7 +242,7 @@ class Journal:
     def insert_instance(
         self,
         batch_id: int,
-        header: Any,
+        header: InstanceHeader,
         size: int,
         data_offset: int,
         source: Source,
@@ -274,7 +274,7 @@ class Journal:
         self._db.execute("UPDATE batches SET last_received = ? WHERE id = ?", (now, batch_id))
 
     def update_instance(
-        self, instance_id: int, header: Any, size: int, data_offset: int, source: Source, now: float
+        self, instance_id: int, header: InstanceHeader, size: int, data_offset: int, source: Source, now: float
     ) -> None:
         self._db.execute(
             "UPDATE instances SET series_uid = ?, sop_class_uid = ?, transfer_syntax = ?, modality = ?,"

@@ -27,7 +27,7 @@ import structlog
 from ingestd.dicomfile import data_set_offset
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
-from ingestd.journal import Journal, Source
+from ingestd.journal import InstanceRow, Journal, Source
 
 __all__ = ["Quarantine", "Spool", "StoreOutcome", "fsync_dir", "make_dirs_durably", "move_durably", "write_durably"]
 
@@ -63,6 +63,17 @@ def write_durably(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
     finally:
         os.close(fd)
     return total
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What the journal records about one instance being stored."""
+
+    header: InstanceHeader
+    source: Source
+    size: int
+    data_offset: int  # where the data set starts in the file, after preamble and file meta
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +122,7 @@ class Spool:
         tmp = self.tmp / f"{secrets.token_hex(12)}.part"
         try:
             write_durably(tmp, (prefix, body))
-            return self._commit(tmp, prefix, body, header, source, size)
+            return self._commit(tmp, _Facts(header, source, size, len(prefix), time.time()), body)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -127,39 +138,62 @@ class Spool:
                 tmp.unlink()
             raise
 
-    def _commit(
-        self,
-        tmp: Path,
-        prefix: bytes,
-        body: bytes | memoryview,
-        header: InstanceHeader,
-        source: Source,
-        size: int,
-    ) -> StoreOutcome:
+    def _commit(self, tmp: Path, facts: _Facts, body: bytes | memoryview) -> StoreOutcome:
         """Rename the durable temp file into place, then commit its journal row.
 
         The common case (an instance not seen before) renames and fsyncs the directory outside the
         journal's write lock, so concurrent associations and receiver processes hold it only for the
         commit itself. A copy of an instance already stored takes the slow path, wholly in a transaction.
         """
-        now = time.time()
+        header = facts.header
         if self.journal.find_instance(header.study_uid, header.sop_uid) is not None:
-            return self._commit_again(tmp, prefix, body, header, source, size, now)
+            return self._commit_again(tmp, facts, body)
         number = self.journal.next_batch_number(header.study_uid)
         relative = self._place(tmp, header, number)
         with self.journal.transaction():
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
             if existing is not None and existing.spool_path == relative:  # the same instance, concurrently
-                self.journal.update_instance(existing.id, header, size, len(prefix), source, now)
-                self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
-                return StoreOutcome("replaced", header, existing.batch_id, relative, size)
-            batch_id, actual = self.journal.receiving_batch(header.study_uid, source, now)
+                return self._record_replacement(existing, facts)
+            batch_id, actual = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
             if actual != number:  # the batch completed meanwhile: the instance opens the next one
                 relative = self._place(self.root / relative, header, actual)
-            self.journal.insert_instance(batch_id, header, size, len(prefix), source, now, relative)
-            outcome = "stored" if existing is None else "replaced"
-            self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
-            return StoreOutcome(outcome, header, batch_id, relative, size)
+            return self._record_new(batch_id, relative, facts, replaces=existing is not None)
+
+    def _commit_again(self, tmp: Path, facts: _Facts, body: bytes | memoryview) -> StoreOutcome:
+        """Store a copy of an instance already in the spool: a no-op if identical, else a replacement."""
+        header = facts.header
+        with self.journal.transaction():
+            existing = self.journal.find_instance(header.study_uid, header.sop_uid)
+            if existing is not None and self._same_data(existing.spool_path, existing.data_offset, body):
+                tmp.unlink()
+                self.journal.add_receipt(
+                    existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now
+                )
+                return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, facts.size)
+            if existing is not None and existing.batch_state == "receiving":
+                final = self.root / existing.spool_path
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                return self._record_replacement(existing, facts)
+            # the earlier copy's batch has moved on: this copy goes with the study's next batch
+            batch_id, number = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
+            relative = self._place(tmp, header, number)
+            return self._record_new(batch_id, relative, facts, replaces=existing is not None)
+
+    def _record_new(self, batch_id: int, relative: str, facts: _Facts, *, replaces: bool) -> StoreOutcome:
+        """Journal an instance placed at `relative` in batch `batch_id` (inside a transaction)."""
+        header, source, size, now = facts.header, facts.source, facts.size, facts.now
+        self.journal.insert_instance(batch_id, header, size, facts.data_offset, source, now, relative)
+        outcome = "replaced" if replaces else "stored"
+        self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
+        return StoreOutcome(outcome, header, batch_id, relative, size)
+
+    def _record_replacement(self, existing: InstanceRow, facts: _Facts) -> StoreOutcome:
+        """Journal new data for an instance whose file was replaced in place (inside a transaction)."""
+        header, source, size, now = facts.header, facts.source, facts.size, facts.now
+        self.journal.update_instance(existing.id, header, size, facts.data_offset, source, now)
+        self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
+        return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
 
     def _place(self, current: Path, header: InstanceHeader, batch: int) -> str:
         """Rename `current` to the instance's spool path in `batch`, durably; return the relative path."""
@@ -175,38 +209,6 @@ class Spool:
             os.replace(current, final)
         fsync_dir(final.parent)
         return relative
-
-    def _commit_again(
-        self,
-        tmp: Path,
-        prefix: bytes,
-        body: bytes | memoryview,
-        header: InstanceHeader,
-        source: Source,
-        size: int,
-        now: float,
-    ) -> StoreOutcome:
-        """Store a copy of an instance already in the spool: a no-op if identical, else a replacement."""
-        with self.journal.transaction():
-            existing = self.journal.find_instance(header.study_uid, header.sop_uid)
-            if existing is not None and self._same_data(existing.spool_path, existing.data_offset, body):
-                tmp.unlink()
-                self.journal.add_receipt(existing.batch_id, header.sop_uid, "duplicate", source, size, now)
-                return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, size)
-            if existing is not None and existing.batch_state == "receiving":
-                final = self.root / existing.spool_path
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
-                self.journal.update_instance(existing.id, header, size, len(prefix), source, now)
-                self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
-                return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
-            # the earlier copy's batch has moved on: this copy goes with the study's next batch
-            batch_id, number = self.journal.receiving_batch(header.study_uid, source, now)
-            relative = self._place(tmp, header, number)
-            self.journal.insert_instance(batch_id, header, size, len(prefix), source, now, relative)
-            outcome = "stored" if existing is None else "replaced"
-            self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
-            return StoreOutcome(outcome, header, batch_id, relative, size)
 
     def _same_data(self, relative: str, data_offset: int, body: bytes | memoryview) -> bool:
         try:
