@@ -9,15 +9,17 @@ import warnings
 from pathlib import Path
 
 import pydicom
+import pynetdicom
 import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from ingestd.header import read_file_header
+from ingestd.receive.reactor import REACTOR_VERSIONS
 from tests.conftest import Receiver, make_config, start_receiver
 from tests.dicom import make_instance, make_study, write_instances
-from tests.procs import DCMTK_ENV
+from tests.procs import DCMTK_ENV, wait_until
 
 
 def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
@@ -248,3 +250,38 @@ def test_read_file_header_matches_pydicom() -> None:
         ds.SeriesInstanceUID,
         ds.SOPInstanceUID,
     )
+
+
+class TestPromptReactor:
+    """ingestd replaces pynetdicom's acceptor loop (see ingestd/receive/reactor.py); it must end associations
+    exactly as pynetdicom's does."""
+
+    def test_this_pynetdicom_gets_the_prompt_reactor(self) -> None:
+        assert pynetdicom.__version__ in REACTOR_VERSIONS, "re-check reactor.py against this pynetdicom's loop"
+
+    def test_release_and_stores_on_one_association(self, receiver: Receiver) -> None:
+        study = make_study(series=1, per_series=20)
+        assoc = _associate(receiver.port)
+        assert [assoc.send_c_store(ds).Status for ds in study] == [0x0000] * 20
+        assoc.release()
+        assert assoc.is_released
+        wait_until(lambda: receiver.listener.association_count() == 0, timeout=10)
+
+    def test_peer_abort_ends_the_association(self, receiver: Receiver) -> None:
+        assoc = _associate(receiver.port)
+        assert assoc.send_c_store(make_instance()).Status == 0x0000
+        assoc.abort()
+        wait_until(lambda: receiver.listener.association_count() == 0, timeout=10)
+
+    def test_network_timeout_ends_an_idle_association(self, tmp_path: Path) -> None:
+        config = make_config(tmp_path)
+        listener = config.listener.model_copy(update={"network_timeout_seconds": 0.5})
+        running = start_receiver(config.model_copy(update={"listener": listener}))
+        try:
+            assoc = _associate(running.port)
+            assert assoc.is_established
+            wait_until(lambda: not assoc.is_established, timeout=10)
+            wait_until(lambda: running.listener.association_count() == 0, timeout=10)
+        finally:
+            running.listener.stop(grace_seconds=2)
+            running.journal.close()

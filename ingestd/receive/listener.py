@@ -22,6 +22,7 @@ from ingestd.config import Listener as ListenerConfig
 from ingestd.errors import InvalidInstanceError, ListenerError, SpoolError, SpoolFullError
 from ingestd.header import file_meta_prefix, read_stream_header
 from ingestd.journal import Source
+from ingestd.receive.reactor import use_prompt_reactor
 from ingestd.receive.responses import use_fast_store_responses
 from ingestd.spool import Spool
 
@@ -189,6 +190,11 @@ class DicomListener:
         """The port the listener is bound to (useful when configured as 0)."""
         return int(self._server.server_address[1])
 
+    def association_count(self) -> int:
+        """How many associations this listener holds open now."""
+        server = self._server
+        return 0 if server is None else len(server.active_associations)
+
     def start(self) -> None:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
@@ -238,6 +244,7 @@ class DicomListener:
             event.assoc.abort()
             return
         use_fast_store_responses(event.assoc)
+        use_prompt_reactor(event.assoc)
         # pynetdicom's DUL thread sleeps 1 ms whenever it finds nothing to do, so every response waits for
         # up to 1 ms before it is sent; 0.3 ms gave one association 15 % more images/s at no cost to four.
         if hasattr(event.assoc.dul, "_run_loop_delay"):
