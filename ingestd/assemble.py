@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import structlog
 
 from ingestd.journal import Journal, StudyState
+from ingestd.logs import uid_digest
 
 __all__ = ["Assembler", "CompletionPolicy", "is_complete"]
 
@@ -61,7 +62,8 @@ class Assembler:
                 forced = now - batch.last_received < self.policy.idle_seconds
                 log.info(
                     "study_complete",
-                    study_uid=batch.study_uid,
+                    batch_id=batch.id,
+                    study=uid_digest(batch.study_uid),
                     batch=batch.batch,
                     series=batch.series,
                     instances=batch.instances,

@@ -1,4 +1,4 @@
-"""The `ingestd` command: run, check-config, status."""
+"""The `ingestd` command: run, check-config, check-rules, new-key, explain, anonymize, status."""
 
 from __future__ import annotations
 
@@ -30,9 +30,37 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", type=Path)
 
+    check_rules = commands.add_parser("check-rules", help="validate rules files (together, as the daemon loads them)")
+    check_rules.add_argument("files", type=Path, nargs="+", metavar="FILE")
+
+    new_key = commands.add_parser("new-key", help="write a new random key to a new file of mode 0600")
+    new_key.add_argument("file", type=Path)
+
+    explain = commands.add_parser(
+        "explain", help="show which rule matches DICOM files, their labels, and what the profile does to each attribute"
+    )
+    explain.add_argument("--rules", type=Path, action="append", required=True, metavar="FILE", help="rules file(s)")
+    explain.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files or folders")
+    explain.add_argument("--calling-aet", help="treat the files as received over DICOM from this AE title")
+    explain.add_argument("--called-aet", default="INGESTD", help="the AE title they were sent to (default INGESTD)")
+    explain.add_argument("--all", action="store_true", help="show every instance, not one per series")
+
+    anonymize = commands.add_parser(
+        "anonymize", help="de-identify files or folders offline, exactly as the daemon would, into a folder"
+    )
+    anonymize.add_argument("--rules", type=Path, action="append", required=True, metavar="FILE", help="rules file(s)")
+    anonymize.add_argument("--rule", help="apply this rule whatever its `when` says (default: the first that matches)")
+    anonymize.add_argument("--calling-aet", help="treat the files as received over DICOM from this AE title")
+    anonymize.add_argument("--called-aet", default="INGESTD", help="the AE title they were sent to (default INGESTD)")
+    anonymize.add_argument("input", type=Path, help="a DICOM file or a folder")
+    anonymize.add_argument("output", type=Path, help="the folder to write into (<study>/<series>/<instance>.dcm)")
+
     status = commands.add_parser("status", help="list studies and quarantined items from the journal")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--show-uids", action="store_true", help="show original Study Instance UIDs (default: a digest, or the new UID)"
+    )
     return parser
 
 
@@ -42,6 +70,57 @@ def _cmd_run(config: Config) -> int:
 
     configure_logging(config.logging.level, config.logging.format)
     Daemon(config).run()
+    return 0
+
+
+def _cmd_offline(args: argparse.Namespace) -> int:
+    from ingestd.logs import quiet_pydicom  # noqa: PLC0415
+    from ingestd.offline import anonymize_studies, explain_studies, read_studies  # noqa: PLC0415
+    from ingestd.rules import load_rules  # noqa: PLC0415
+
+    quiet_pydicom()
+    rules = load_rules(args.rules)
+    paths = args.paths if args.command == "explain" else [args.input]
+    missing = [path for path in paths if not path.exists()]
+    if missing:
+        print(f"ingestd: no such file or folder: {missing[0]}", file=sys.stderr)
+        return 2
+    studies, skipped = read_studies(paths, calling_aet=args.calling_aet, called_aet=args.called_aet)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not studies:
+        print("ingestd: no DICOM instances found", file=sys.stderr)
+        return 1
+    if args.command == "explain":
+        for line in explain_studies(rules, studies, all_instances=args.all):
+            print(line)
+        return 0
+    failed = 0
+    for message, ok in anonymize_studies(rules, studies, args.output, rule=args.rule):
+        print(message, file=sys.stdout if ok else sys.stderr)
+        failed += not ok
+    return 1 if failed else 0
+
+
+def _cmd_check_rules(files: list[Path]) -> int:
+    from ingestd.rules import load_rules  # noqa: PLC0415 - keeps `status` light
+
+    rules = load_rules(files)
+    for file in files:
+        count = sum(1 for rule in rules.rules if rule.source == file)
+        profiles = sum(1 for source in rules.profile_sources.values() if source == file)
+        print(
+            f"{file}: OK ({count} rule{'' if count == 1 else 's'}, {profiles} profile{'' if profiles == 1 else 's'};"
+            f" rule set {rules.version})"
+        )
+    return 0
+
+
+def _cmd_new_key(file: Path) -> int:
+    from ingestd.rules import write_new_key  # noqa: PLC0415
+
+    write_new_key(file)
+    print(f"wrote a new key to {file} (mode 0600); use it in a profile as key: {{file: {file}}}")
     return 0
 
 
@@ -65,15 +144,35 @@ def _size(size: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def _status_data(config: Config) -> dict[str, Any]:
+def _study_reference(study_uid: str, route: dict[str, Any] | None, show_uids: bool) -> str:
+    """How status names a study: its outgoing UID once de-identified, else a digest unless UIDs are asked for."""
+    if route is not None and route["profile"]:
+        return str(route["study_uid"])
+    if show_uids:
+        return study_uid
+    from ingestd.logs import uid_digest  # noqa: PLC0415 - keeps `status` light
+
+    return uid_digest(study_uid)
+
+
+def _route_data(route: dict[str, Any] | None) -> dict[str, Any] | None:
+    if route is None:
+        return None
+    keys = ("rule", "rules_version", "server", "project", "subject", "session", "profile", "dropped_instances")
+    return {key: route[key] for key in keys} | {"archive": bool(route["archive"])}
+
+
+def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
     if not config.journal_path.exists():
         return {"studies": [], "quarantine": [], "journal": str(config.journal_path), "exists": False}
     journal = Journal(config.journal_path, read_only=True)
     try:
         now = time.time()
+        routes = journal.routes()
         studies = [
             {
-                "study_uid": batch.study_uid,
+                "batch_id": batch.id,
+                "study": _study_reference(batch.study_uid, routes.get(batch.id), show_uids),
                 "batch": batch.batch,
                 "state": batch.state,
                 "series": batch.series,
@@ -86,6 +185,7 @@ def _status_data(config: Config) -> dict[str, Any]:
                 "age_seconds": round(now - batch.first_received, 1),
                 "quiet_seconds": round(now - batch.last_received, 1),
                 "reason": batch.reason,
+                "route": _route_data(routes.get(batch.id)),
             }
             for batch in journal.batches()
         ]
@@ -95,12 +195,18 @@ def _status_data(config: Config) -> dict[str, Any]:
     return {"studies": studies, "quarantine": quarantine, "journal": str(config.journal_path), "exists": True}
 
 
+def _route_text(route: dict[str, Any] | None) -> str:
+    if route is None:
+        return ""
+    return f"{route['rule']}: {route['project']}/{route['subject']}/{route['session']}"
+
+
 def _print_status(data: dict[str, Any]) -> None:
     studies, quarantine = data["studies"], data["quarantine"]
     if not data["exists"]:
         print(f"no journal yet at {data['journal']}: nothing received")
         return
-    header = ("STATE", "SERIES", "INST", "SIZE", "SOURCE", "AGE", "QUIET", "STUDY", "REASON")
+    header = ("STATE", "SERIES", "INST", "SIZE", "SOURCE", "AGE", "QUIET", "STUDY", "ROUTE", "REASON")
     rows = [
         (
             s["state"],
@@ -110,7 +216,8 @@ def _print_status(data: dict[str, Any]) -> None:
             f"{s['source_kind']}:{s['source']}",
             _age(s["age_seconds"]),
             _age(s["quiet_seconds"]),
-            f"{s['study_uid']}#{s['batch']}",
+            f"{s['study']}#{s['batch']}",
+            _route_text(s["route"]),
             s["reason"] or "",
         )
         for s in studies
@@ -126,7 +233,7 @@ def _print_status(data: dict[str, Any]) -> None:
         print(f"  {when}  {item['path']}  ({item['source_kind']}:{item['source']}): {item['reason']}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return per command
     """Run the `ingestd` command; return the exit status."""
     args = _parser().parse_args(argv)
     try:
@@ -134,10 +241,16 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.file)
             print(f"{args.file}: OK (state_dir {config.state_dir})")
             return 0
+        if args.command == "check-rules":
+            return _cmd_check_rules(args.files)
+        if args.command == "new-key":
+            return _cmd_new_key(args.file)
+        if args.command in ("explain", "anonymize"):
+            return _cmd_offline(args)
         config = load_config(args.config)
         if args.command == "run":
             return _cmd_run(config)
-        data = _status_data(config)
+        data = _status_data(config, show_uids=args.show_uids)
         if args.json:
             json.dump(data, sys.stdout, indent=2)
             print()

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ingestd.errors import ConfigError
 
-__all__ = ["Config", "DropFolder", "Listener", "Spool", "Tls", "load_config", "parse_config"]
+__all__ = ["Config", "DropFolder", "Listener", "Spool", "Tls", "load_config", "parse_config", "validate_yaml"]
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Model(BaseModel):
@@ -118,6 +121,7 @@ class Config(_Model):
     study_idle_seconds: Annotated[float, Field(gt=0)] = 120.0
     study_max_wait_seconds: Annotated[float, Field(gt=0)] = 6 * 3600.0
     logging: Logging = Logging()
+    rules: tuple[Path, ...] = ()  # rules files (relative: to the configuration file's folder); none: nothing is routed
 
     @model_validator(mode="after")
     def _wait_above_idle(self) -> Config:
@@ -162,8 +166,11 @@ def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | N
     return None
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse and validate configuration text; raise ConfigError listing every problem."""
+def validate_yaml(text: str, source: str, model: type[M], *, what: str = "configuration") -> M:
+    """Safe-load YAML text and validate it against `model`; raise ConfigError listing every problem.
+
+    Each problem names `source`, the line and the dotted key, e.g. `rules.yaml:12: rules.0.when.Modalty: ...`.
+    """
     try:
         node = yaml.compose(text, Loader=_LineLoader)
         data = yaml.load(text, Loader=_LineLoader)  # noqa: S506
@@ -175,12 +182,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, [f"{source}:1: the configuration must be a mapping of keys to values"])
+        raise ConfigError(source, [f"{source}:1: the {what} must be a mapping of keys to values"])
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
         _key_lines(node, (), lines)
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data, context={"source": source})
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -196,6 +203,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(source, problems) from None
 
 
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate configuration text; raise ConfigError listing every problem."""
+    return validate_yaml(text, source, Config)
+
+
 def load_config(path: Path) -> Config:
     """Read and validate the configuration file at `path`."""
     try:
@@ -204,4 +216,8 @@ def load_config(path: Path) -> Config:
         raise ConfigError(str(path), [f"{path}: cannot read the configuration: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), [f"{path}: the configuration is not UTF-8 text"]) from None
-    return parse_config(text, str(path))
+    config = parse_config(text, str(path))
+    if any(not rules.is_absolute() for rules in config.rules):
+        resolved = tuple(rules if rules.is_absolute() else path.parent / rules for rules in config.rules)
+        config = config.model_copy(update={"rules": resolved})
+    return config

@@ -24,6 +24,8 @@ from ingestd.journal import Journal
 from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
 from ingestd.receive.watcher import DropFolderWatcher
+from ingestd.route import Router
+from ingestd.rules import load_rules
 from ingestd.spool import Quarantine, Spool
 
 __all__ = ["Daemon", "StateDirLockedError"]
@@ -71,6 +73,7 @@ class Daemon:
     def start(self) -> None:
         """Recover the spool and start every service; return once they are running."""
         config = self.config
+        rules = load_rules(config.rules) if config.rules else None  # a bad rules file stops the start, nothing else
         self._lock_state_dir()
         self.journal = Journal(config.journal_path)
         spool = Spool(config.spool_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
@@ -80,6 +83,13 @@ class Daemon:
         assembler = Assembler(self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds))
         assembler.start()
         self._services.append(assembler)
+        if rules is not None:
+            router = Router(self.journal, rules, config.state_dir)
+            router.start()
+            self._services.append(router)
+            log.info("rules_loaded", files=[str(path) for path in rules.sources], version=rules.version)
+        else:
+            log.warning("rules_missing", detail="no rules configured: complete studies wait, nothing is routed")
         for folder in config.drop_folders:
             watcher = DropFolderWatcher(folder, config.archives, spool, quarantine)
             watcher.start()

@@ -20,9 +20,9 @@ from typing import Any
 
 from ingestd.header import InstanceHeader
 
-__all__ = ["BatchRow", "InstanceRow", "Journal", "Source", "StudyState"]
+__all__ = ["BatchInstance", "BatchRow", "InstanceRow", "Journal", "Outgoing", "RouteRecord", "Source", "StudyState"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LOCK_TIMEOUT = 30.0
 
 _SCHEMA = """
@@ -71,6 +71,38 @@ CREATE TABLE IF NOT EXISTS receipts (
     size INTEGER NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS routes (
+    batch_id INTEGER PRIMARY KEY REFERENCES batches (id),
+    rule TEXT NOT NULL,
+    rules_version TEXT NOT NULL,
+    server TEXT NOT NULL,
+    project TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    session TEXT NOT NULL,
+    archive INTEGER NOT NULL,
+    profile TEXT,
+    study_uid TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    dropped_instances INTEGER NOT NULL,
+    decided_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dropped_series (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    series_uid TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outgoing (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    instance_id INTEGER NOT NULL REFERENCES instances (id),
+    series_uid TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    UNIQUE (batch_id, sop_uid)
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL,
@@ -87,6 +119,7 @@ class StudyState(StrEnum):
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
+    ROUTED = "routed"  # a rule decided the labels; the outgoing (de-identified) instances are written
     HELD = "held"
 
 
@@ -124,6 +157,48 @@ class BatchRow:
     reason: str | None
     series: int
     instances: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInstance:
+    """One instance of a batch, as the router reads it."""
+
+    id: int
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    source_kind: str
+    source: str
+    source_detail: str
+    spool_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRecord:
+    """What the rules decided for a batch: recorded with the rules' version, kept for delivery."""
+
+    rule: str
+    rules_version: str
+    server: str
+    project: str
+    subject: str
+    session: str
+    archive: bool
+    profile: str | None
+    study_uid: str  # the study's UID as it leaves (new if de-identified)
+    dropped: tuple[tuple[str, int, str], ...]  # (series UID as received, instances, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One instance as it will leave: its (new) UIDs and its file, relative to the state directory."""
+
+    instance_id: int
+    series_uid: str
+    sop_uid: str
+    path: str
     size: int
 
 
@@ -339,6 +414,78 @@ class Journal:
                 (StudyState.COMPLETE, now, batch_id, StudyState.RECEIVING, last_received),
             )
             return cursor.rowcount == 1
+
+    def batch_instances(self, batch_id: int) -> list[BatchInstance]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, series_uid, sop_uid, sop_class_uid, modality, source_kind, source, source_detail,"
+                " spool_path FROM instances WHERE batch_id = ? ORDER BY series_uid, id",
+                (batch_id,),
+            ).fetchall()
+        return [BatchInstance(*row) for row in rows]
+
+    def hold_batch(self, batch_id: int, reason: str, now: float, *, from_state: str = StudyState.COMPLETE) -> bool:
+        """Move a batch to `held` with the reason (which must carry no patient data)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE batches SET state = ?, state_changed = ?, reason = ? WHERE id = ? AND state = ?",
+                (StudyState.HELD, now, reason, batch_id, from_state),
+            )
+            return cursor.rowcount == 1
+
+    def route_batch(self, batch_id: int, route: RouteRecord, outgoing: list[Outgoing], now: float) -> bool:
+        """Record a complete batch's route and outgoing instances and move it to `routed`, in one transaction."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL WHERE id = ? AND state = ?",
+                (StudyState.ROUTED, now, batch_id, StudyState.COMPLETE),
+            )
+            if cursor.rowcount != 1:
+                return False
+            db.execute(
+                "INSERT INTO routes (batch_id, rule, rules_version, server, project, subject, session, archive,"
+                " profile, study_uid, instances, dropped_instances, decided_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    batch_id,
+                    route.rule,
+                    route.rules_version,
+                    route.server,
+                    route.project,
+                    route.subject,
+                    route.session,
+                    int(route.archive),
+                    route.profile,
+                    route.study_uid,
+                    len(outgoing),
+                    sum(count for _series, count, _reason in route.dropped),
+                    now,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO dropped_series (batch_id, series_uid, instances, reason) VALUES (?, ?, ?, ?)",
+                [(batch_id, series, count, reason) for series, count, reason in route.dropped],
+            )
+            db.executemany(
+                "INSERT INTO outgoing (batch_id, instance_id, series_uid, sop_uid, path, size)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(batch_id, o.instance_id, o.series_uid, o.sop_uid, o.path, o.size) for o in outgoing],
+            )
+            return True
+
+    def routes(self) -> dict[int, dict[str, Any]]:
+        """The route of every routed batch, by batch id."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM routes").fetchall()
+        return {int(row["batch_id"]): dict(row) for row in rows}
+
+    def outgoing(self, batch_id: int) -> list[Outgoing]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT instance_id, series_uid, sop_uid, path, size FROM outgoing WHERE batch_id = ? ORDER BY id",
+                (batch_id,),
+            ).fetchall()
+        return [Outgoing(*row) for row in rows]
 
     # -- quarantine --------------------------------------------------------------------------------
 

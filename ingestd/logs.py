@@ -6,6 +6,7 @@ stays at WARNING because at DEBUG it logs whole DIMSE messages, query identifier
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -58,6 +59,18 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("watchdog").setLevel(max(numeric, logging.WARNING))
     logging.captureWarnings(True)
-    # pydicom's validation warnings quote header values, which may be PHI: ingestd validates the values it
-    # uses itself, so reading never warns.
+    quiet_pydicom()
+
+
+def uid_digest(uid: str) -> str:
+    """How logs and `ingestd status` name an original UID: a digest, so that no original value is shown."""
+    return "sha256:" + hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:16]
+
+
+def quiet_pydicom() -> None:
+    """Stop pydicom's validation warnings: they quote header values, which may be PHI.
+
+    ingestd validates the values it uses itself; the de-identifier fails closed on values it cannot handle.
+    """
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE

@@ -27,7 +27,9 @@ def _ingestd(*args: str, check: bool = False) -> subprocess.CompletedProcess[str
 
 
 def _status(config: Path) -> dict[str, object]:
-    data: dict[str, object] = json.loads(_ingestd("status", "--config", str(config), "--json", check=True).stdout)
+    data: dict[str, object] = json.loads(
+        _ingestd("status", "--config", str(config), "--json", "--show-uids", check=True).stdout
+    )
     return data
 
 
@@ -67,14 +69,14 @@ def test_daemon_end_to_end(tmp_path: Path) -> None:
         def both_complete() -> list[dict[str, object]] | None:
             studies = _status(config)["studies"]
             assert isinstance(studies, list)
-            states = {s["study_uid"]: s for s in studies}
+            states = {s["study"]: s for s in studies}
             done = all(
                 states.get(ds.StudyInstanceUID, {}).get("state") == "complete" for ds in (scanned[0], dropped[0])
             )
             return studies if done else None
 
         studies = wait_until(both_complete, 60, interval=0.3, message="both studies to complete")
-        by_uid = {s["study_uid"]: s for s in studies}
+        by_uid = {s["study"]: s for s in studies}
         assert by_uid[scanned[0].StudyInstanceUID]["instances"] == 30
         assert by_uid[scanned[0].StudyInstanceUID]["series"] == 2
         assert by_uid[scanned[0].StudyInstanceUID]["source"] == "STORESCU"
@@ -140,3 +142,55 @@ def test_concurrent_associations_spread_over_receiver_processes(tmp_path: Path) 
         established = [r for r in daemon.logged("association") if r["state"] == "established"]
         assert len({record["pid"] for record in established}) == 2
         assert daemon.terminate() == 0
+
+
+def test_daemon_routes_and_deidentifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A complete study is routed by the rules file the configuration names and de-identified into the outbox;
+    neither the log nor `ingestd status` shows the planted patient data."""
+    monkeypatch.setenv("INGESTD_TEST_KEY", "t" * 40)
+    rules = tmp_path / "lab.rules.yaml"
+    rules.write_text(
+        "profiles:\n"
+        "  research: {key: {env: INGESTD_TEST_KEY}, options: [clean-descriptors]}\n"
+        "rules:\n"
+        "  - name: scanner\n"
+        "    when: {calling_aet: STORESCU}\n"
+        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR'}\n"
+        "    anonymize: research\n"
+    )
+    port = free_port()
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port, extra="rules: [lab.rules.yaml]\n")
+    config.write_text(config.read_text().replace("study_idle_seconds: 3600", "study_idle_seconds: 1"))
+    study = make_study(series=2, per_series=3)
+    for ds in study:
+        ds.PatientName = "Canaryname^Planted"
+        ds.PatientID = "CANARYID42"
+        ds.SeriesDescription = "T2 CANARYID42"
+    files = write_instances(study, tmp_path / "scan")
+
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+
+        def routed() -> dict[str, object] | None:
+            studies = _status(config)["studies"]
+            assert isinstance(studies, list)
+            return studies[0] if studies and studies[0]["state"] == "routed" else None
+
+        entry = wait_until(routed, 60, interval=0.3, message="the study to be routed")
+        route = entry["route"]
+        assert isinstance(route, dict)
+        assert (route["rule"], route["project"], route["profile"]) == ("scanner", "PROJ", "research")
+        assert str(entry["study"]).startswith("2.25.")
+        outbox = sorted((tmp_path / "state" / "outbox").rglob("*.dcm"))
+        assert len(outbox) == 6
+        for path in outbox:
+            assert b"CANARY" not in path.read_bytes()
+        text = _ingestd("status", "--config", str(config), check=True).stdout
+        assert "routed" in text and "scanner: PROJ/" in text
+        assert study[0].StudyInstanceUID not in text
+        assert daemon.terminate() == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert "CANARY" not in log and "Canaryname" not in log
+    assert not any(uid in log for ds in study for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))

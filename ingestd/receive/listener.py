@@ -22,6 +22,7 @@ from ingestd.config import Listener as ListenerConfig
 from ingestd.errors import InvalidInstanceError, ListenerError, SpoolError, SpoolFullError
 from ingestd.header import file_meta_prefix, read_stream_header
 from ingestd.journal import Source
+from ingestd.logs import uid_digest
 from ingestd.receive.reactor import use_prompt_reactor
 from ingestd.receive.responses import use_fast_store_responses
 from ingestd.spool import Spool
@@ -303,8 +304,8 @@ class DicomListener:
             "instance",
             outcome=outcome.outcome,
             calling_aet=calling,
-            study_uid=header.study_uid,
-            sop_uid=header.sop_uid,
+            study=uid_digest(header.study_uid),
+            sop=uid_digest(header.sop_uid),
             size=outcome.size,
         )
         return Status.SUCCESS

@@ -1,0 +1,276 @@
+"""Routing: apply the rules to every complete batch and write what will leave, de-identified by its profile.
+
+For each batch in `complete` (oldest first), the router reads one representative header per series, asks the
+rules (`ingestd.rules.decide`, pure) for a route, and then either holds the batch with the reason, or writes
+its outgoing instances and moves it to `routed` in one journal transaction:
+
+- without a profile, the outgoing instances are the spooled files themselves;
+- with a profile, every kept instance is screened and de-identified (`ingestd.deid`) into
+  `outbox/.tmp-<batch>/<new series UID>/<new SOP UID>.dcm`, each file fsync'd; only when all succeeded is the
+  folder renamed to `outbox/<batch>` and the route committed. A failure anywhere holds the whole batch and
+  removes the partial folder, so no partially de-identified file is ever handed on.
+
+A crash at any point leaves the batch `complete` (the route is committed last); the next run removes the
+leftovers and does the same work again, with the same result (the de-identification is deterministic).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+import pydicom
+import pydicom.errors
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from ingestd.deid.engine import DeidError, Labels, anonymize, screen
+from ingestd.deid.profile import Profile
+from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord, StudyState
+from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide
+from ingestd.spool import fsync_dir, make_dirs_durably, write_durably
+
+__all__ = ["Router", "deidentify_file", "header_facts", "path_parts", "study_facts"]
+
+log = structlog.get_logger("ingestd.route")
+
+_SKIPPED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
+def header_facts(ds: Dataset) -> dict[str, str | tuple[str, ...]]:
+    """The top-level standard attributes of a data set as strings (multi-valued ones as tuples), by keyword."""
+    facts: dict[str, str | tuple[str, ...]] = {}
+    for elem in ds:
+        if elem.tag.group % 2 or elem.tag.group == 0x0002 or elem.VR in _SKIPPED_VRS or not elem.keyword:
+            continue
+        value = elem.value
+        if isinstance(value, MultiValue | list):
+            facts[elem.keyword] = tuple(str(v) for v in value)
+        elif value is None:
+            facts[elem.keyword] = ""
+        elif isinstance(value, bytes):
+            continue
+        else:
+            facts[elem.keyword] = str(value)
+    return facts
+
+
+def path_parts(detail: str) -> str:
+    """The path of a dropped instance inside its drop folder, archives opened: `a/b.zip!c/d.dcm` -> `a/c/d.dcm`."""
+    if "!" not in detail:
+        return detail
+    archive, member = detail.split("!", 1)
+    return str(PurePosixPath(PurePosixPath(archive).parent, member))
+
+
+def study_facts(
+    study_uid: str, instances: list[BatchInstance], headers: dict[str, dict[str, str | tuple[str, ...]]]
+) -> StudyFacts:
+    """What the rules see of a batch: one header per series (`headers` by series UID) and the sources."""
+    counts: dict[str, int] = {}
+    sop_classes: dict[str, str] = {}
+    for instance in instances:
+        counts[instance.series_uid] = counts.get(instance.series_uid, 0) + 1
+        sop_classes.setdefault(instance.series_uid, instance.sop_class_uid)
+    series = tuple(
+        SeriesFacts(
+            series_uid=uid, instance_count=counts[uid], headers=headers.get(uid, {}), sop_class_uid=sop_classes[uid]
+        )
+        for uid in counts
+    )
+    dicom = [i for i in instances if i.source_kind == "dicom"]
+    folder = [i for i in instances if i.source_kind == "folder"]
+    return StudyFacts(
+        study_uid=study_uid,
+        series=series,
+        calling_aet=dicom[0].source if dicom else None,
+        called_aet=dicom[0].source_detail.split("@", 1)[0] if dicom else None,
+        drop_folder=folder[0].source if folder else None,
+        paths=tuple(sorted({path_parts(i.source_detail) for i in folder})),
+    )
+
+
+def deidentify_file(path: Path, profile: Profile, labels: Labels) -> tuple[Dataset, bytes]:
+    """Read one instance, screen and de-identify it; return the new data set and its Part 10 file bytes.
+
+    The daemon and `ingestd anonymize` both go through here. Raises DeidError (held) or OSError.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
+        raise DeidError("unreadable", f"a spooled instance cannot be parsed ({type(exc).__name__})") from None
+    screen(ds, profile)
+    out = anonymize(ds, profile, labels)
+    buffer = io.BytesIO()
+    try:
+        pydicom.dcmwrite(buffer, out, enforce_file_format=True)
+    except Exception as exc:  # noqa: BLE001 - an encoding failure holds the study, whatever pydicom raised
+        raise DeidError("encode", f"the de-identified instance cannot be encoded ({type(exc).__name__})") from None
+    return out, buffer.getvalue()
+
+
+class Router:
+    """A thread that routes complete batches, one at a time, oldest first."""
+
+    def __init__(self, journal: Journal, rules: RuleSet, state_dir: Path, interval: float = 1.0) -> None:
+        self.journal = journal
+        self.rules = rules
+        self.state_dir = state_dir
+        self.spool_dir = state_dir / "spool"
+        self.outbox = state_dir / "outbox"
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="router", daemon=True)
+
+    def start(self) -> None:
+        self.recover()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def recover(self) -> None:
+        """Remove outbox folders no journal row points at: the leftovers of a batch interrupted mid-way."""
+        make_dirs_durably(self.outbox)
+        routed = {batch.id for batch in self.journal.batches((StudyState.ROUTED,))}
+        for entry in self.outbox.iterdir():
+            name = entry.name.removeprefix(".tmp-")
+            if not (name.isdigit() and int(name) in routed and not entry.name.startswith(".tmp-")):
+                shutil.rmtree(entry, ignore_errors=True)
+        fsync_dir(self.outbox)
+
+    def check(self) -> int:
+        """Route every complete batch; return how many were handled (routed or held)."""
+        handled = 0
+        for batch in sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id):
+            if self._stop.is_set():
+                break
+            self.route(batch)
+            handled += 1
+        return handled
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:
+                log.exception("route_failed")
+
+    # -- one batch -------------------------------------------------------------------------------------
+
+    def route(self, batch: BatchRow) -> None:
+        instances = self.journal.batch_instances(batch.id)
+        try:
+            facts = study_facts(batch.study_uid, instances, self._headers(instances))
+        except OSError as exc:
+            self._hold(batch, f"spool: a spooled instance cannot be read ({exc.strerror})")
+            return
+        decision = decide(self.rules, facts)
+        if isinstance(decision, Held):
+            self._hold(batch, f"{decision.code}: {decision.reason}")
+            return
+        profile = self.rules.profiles.get(decision.profile) if decision.profile else None
+        kept = [i for i in instances if i.series_uid in set(decision.kept_series)]
+        try:
+            study_uid, outgoing = (
+                self._write_outbox(batch, kept, profile, decision)
+                if profile is not None
+                else (batch.study_uid, [self._as_spooled(i) for i in kept])
+            )
+        except DeidError as exc:
+            self._hold(batch, f"{exc.code}: {exc.reason}", rule=decision.rule)
+            return
+        except OSError as exc:
+            shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
+            self._hold(batch, f"outbox: cannot write the outgoing instances ({exc.strerror})", rule=decision.rule)
+            return
+        record = RouteRecord(
+            rule=decision.rule,
+            rules_version=self.rules.version,
+            server=decision.server,
+            project=decision.project,
+            subject=decision.subject,
+            session=decision.session,
+            archive=decision.archive,
+            profile=decision.profile,
+            study_uid=study_uid,
+            dropped=decision.dropped_series,
+        )
+        if not self.journal.route_batch(batch.id, record, outgoing, time.time()):
+            return  # the batch changed state meanwhile (it cannot today; a later `retry` might)
+        log.info(
+            "route",
+            outcome="routed",
+            batch=batch.id,
+            rule=decision.rule,
+            rules_version=self.rules.version,
+            project=decision.project,
+            subject=decision.subject,
+            session=decision.session,
+            profile=decision.profile,
+            instances=len(outgoing),
+            dropped_instances=sum(count for _uid, count, _reason in decision.dropped_series),
+        )
+
+    def _headers(self, instances: Iterable[BatchInstance]) -> dict[str, dict[str, str | tuple[str, ...]]]:
+        headers: dict[str, dict[str, str | tuple[str, ...]]] = {}
+        for instance in instances:
+            if instance.series_uid not in headers:
+                ds = pydicom.dcmread(self.spool_dir / instance.spool_path, stop_before_pixels=True)
+                headers[instance.series_uid] = header_facts(ds)
+        return headers
+
+    def _as_spooled(self, instance: BatchInstance) -> Outgoing:
+        path = self.spool_dir / instance.spool_path
+        return Outgoing(
+            instance.id, instance.series_uid, instance.sop_uid, f"spool/{instance.spool_path}", path.stat().st_size
+        )
+
+    def _write_outbox(
+        self, batch: BatchRow, kept: list[BatchInstance], profile: Profile, decision: Routed
+    ) -> tuple[str, list[Outgoing]]:
+        temp = self.outbox / f".tmp-{batch.id}"
+        final = self.outbox / str(batch.id)
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        temp.mkdir(parents=True)
+        labels = Labels(project=decision.project, subject=decision.subject, session=decision.session)
+        outgoing: list[Outgoing] = []
+        study_uids: set[str] = set()
+        folders: set[Path] = set()
+        try:
+            for instance in kept:
+                out, encoded = deidentify_file(self.spool_dir / instance.spool_path, profile, labels)
+                series_uid, sop_uid = str(out.SeriesInstanceUID), str(out.SOPInstanceUID)
+                study_uids.add(str(out.StudyInstanceUID))
+                folder = temp / series_uid
+                if folder not in folders:
+                    folder.mkdir()
+                    folders.add(folder)
+                size = write_durably(folder / f"{sop_uid}.dcm", [encoded])
+                relative = f"outbox/{batch.id}/{series_uid}/{sop_uid}.dcm"
+                outgoing.append(Outgoing(instance.id, series_uid, sop_uid, relative, size))
+            for folder in folders:
+                fsync_dir(folder)
+            fsync_dir(temp)
+            os.replace(temp, final)
+            fsync_dir(self.outbox)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        if len(study_uids) != 1:
+            shutil.rmtree(final, ignore_errors=True)
+            raise DeidError("engine", f"the batch's instances left with {len(study_uids)} Study Instance UIDs")
+        return study_uids.pop(), outgoing
+
+    def _hold(self, batch: BatchRow, reason: str, rule: str | None = None) -> None:
+        if self.journal.hold_batch(batch.id, reason, time.time()):
+            log.warning("route", outcome="held", batch=batch.id, rule=rule, reason=reason)

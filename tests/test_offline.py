@@ -1,0 +1,89 @@
+"""`ingestd explain` and `ingestd anonymize` as a user runs them: real files, the real command, its output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.dicom import make_study, write_instances
+
+KEYS = {"INGESTD_KEY_RESEARCH": "r" * 40, "INGESTD_KEY_PET": "p" * 40}
+EXAMPLE = Path(__file__).resolve().parents[1] / "rules" / "example.rules.yaml"
+
+
+def _ingestd(*args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | KEYS
+    return subprocess.run(
+        [sys.executable, "-m", "ingestd", *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+@pytest.fixture
+def research_study(tmp_path: Path) -> Path:
+    study = make_study(series=2, per_series=2)
+    for ds in study:
+        ds.StudyDescription = "RESEARCH^BRAIN"
+        ds.SeriesDescription = "T1 SYN0001"
+    folder = tmp_path / "in" / "visit"
+    write_instances(study, folder)
+    (folder / "notes.txt").write_text("not DICOM")
+    return tmp_path / "in"
+
+
+def test_explain_names_the_rule_the_labels_and_each_change(research_study: Path) -> None:
+    result = _ingestd("explain", "--rules", str(EXAMPLE), "--calling-aet", "SCANNER1", str(research_study))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "rule 'qa-phantom'" in out and "does not match" in out
+    assert "decision: routed by rule 'mr-research'" in out
+    assert "project PROJA" in out
+    assert "(0010,0010) PatientName" in out and "'Synthetic^Test' -> " in out
+    assert "(0008,0018) SOPInstanceUID" in out and "-> '2.25." in out
+    assert "skipped" in result.stderr and "notes.txt" in result.stderr
+
+
+def test_explain_without_a_matching_rule_says_held(research_study: Path) -> None:
+    result = _ingestd("explain", "--rules", str(EXAMPLE), str(research_study))
+    assert result.returncode == 0, result.stderr
+    assert "held (unrouted): no rule matches this study" in result.stdout
+
+
+def test_anonymize_writes_what_the_daemon_would(research_study: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ("anonymize", "--rules", str(EXAMPLE), "--calling-aet", "SCANNER1", str(research_study), str(out))
+    result = _ingestd(*args)
+    assert result.returncode == 0, result.stderr
+    files = sorted(out.rglob("*.dcm"))
+    assert len(files) == 4
+    for path in files:
+        assert all(part.startswith("2.25.") for part in path.relative_to(out).with_suffix("").parts)
+        data = path.read_bytes()
+        assert b"SYN0001" not in data and b"Synthetic" not in data
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == path.stem
+    again = _ingestd(*args[:-1], str(tmp_path / "again"))
+    assert again.returncode == 0
+    second = sorted((tmp_path / "again").rglob("*.dcm"))
+    assert [p.relative_to(tmp_path / "again") for p in second] == [p.relative_to(out) for p in files]
+    assert [p.read_bytes() for p in second] == [p.read_bytes() for p in files]
+
+
+def test_anonymize_refuses_what_would_be_held(research_study: Path, tmp_path: Path) -> None:
+    result = _ingestd("anonymize", "--rules", str(EXAMPLE), str(research_study), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "held (unrouted)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_anonymize_with_a_named_rule(research_study: Path, tmp_path: Path) -> None:
+    result = _ingestd(
+        "anonymize", "--rules", str(EXAMPLE), "--rule", "mr-research", str(research_study), str(tmp_path / "out")
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 4
