@@ -235,7 +235,7 @@ def _walk(ds: Dataset, run: _Run, table: Table, path: str) -> Dataset:
         if group % 2:
             if 0x10 <= element <= 0xFF:
                 private_creators[tag] = str(elem.value).strip()
-            _private(elem, out, run, private_creators, kept_blocks, where)
+            _private(elem, out, run, table, private_creators, kept_blocks, where)
             continue
         if tag in _ALWAYS_REMOVED:
             _note(run, where, elem, "remove", "never kept (old values, signatures, icons)", None)
@@ -394,6 +394,7 @@ def _private(
     elem: DataElement,
     out: Dataset,
     run: _Run,
+    table: Table,
     creators: dict[int, str],
     kept_blocks: dict[int, str],
     where: str,
@@ -410,7 +411,10 @@ def _private(
         for keep in run.profile.private_keep:
             if keep.group == group and keep.element == element & 0xFF and keep.creator == creator:
                 kept_blocks[creator_tag] = creator
-                new = _remap(elem, run) if elem.VR == "UI" else elem
+                if elem.VR == "SQ":  # kept, and its items processed like any other sequence's
+                    new = _sequence(elem, run, table, where)
+                else:
+                    new = _remap(elem, run) if elem.VR == "UI" else elem
                 _put(out, run, where, elem, "keep", f"safe private ({keep.justification})", new)
                 return
     _note(run, where, elem, "remove", "private", None)
