@@ -162,6 +162,15 @@ def _route_data(route: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: route[key] for key in keys} | {"archive": bool(route["archive"])}
 
 
+def _delivery_data(delivery: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    if delivery is None:
+        return None
+    keys = ("step", "attempts", "last_error", "prearchive_url", "archive_uri", "zip_size")
+    data = {key: delivery[key] for key in keys}
+    data["next_attempt_in_seconds"] = max(0.0, round(delivery["next_attempt_at"] - now, 1))
+    return data
+
+
 def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
     if not config.journal_path.exists():
         return {"studies": [], "quarantine": [], "journal": str(config.journal_path), "exists": False}
@@ -169,6 +178,7 @@ def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
     try:
         now = time.time()
         routes = journal.routes()
+        deliveries = journal.deliveries()
         studies = [
             {
                 "batch_id": batch.id,
@@ -186,6 +196,7 @@ def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
                 "quiet_seconds": round(now - batch.last_received, 1),
                 "reason": batch.reason,
                 "route": _route_data(routes.get(batch.id)),
+                "delivery": _delivery_data(deliveries.get(batch.id), now),
             }
             for batch in journal.batches()
         ]
@@ -193,6 +204,16 @@ def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
     finally:
         journal.close()
     return {"studies": studies, "quarantine": quarantine, "journal": str(config.journal_path), "exists": True}
+
+
+def _delivery_text(delivery: dict[str, Any] | None) -> str:
+    if delivery is None or delivery["step"] == "done":
+        return ""
+    text = f"delivery: {delivery['step']}"
+    if delivery["attempts"]:
+        text += f", attempt {delivery['attempts'] + 1} in {_age(delivery['next_attempt_in_seconds'])}"
+        text += f" ({delivery['last_error']})"
+    return text
 
 
 def _route_text(route: dict[str, Any] | None) -> str:
@@ -218,7 +239,7 @@ def _print_status(data: dict[str, Any]) -> None:
             _age(s["quiet_seconds"]),
             f"{s['study']}#{s['batch']}",
             _route_text(s["route"]),
-            s["reason"] or "",
+            s["reason"] or _delivery_text(s["delivery"]),
         )
         for s in studies
     ]

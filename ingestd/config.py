@@ -105,6 +105,74 @@ class Archives(_Model):
     max_ratio: Annotated[float, Field(ge=1)] = 200.0
 
 
+class Credentials(_Model):
+    """Where an XNAT server's credentials come from; never the secret itself.
+
+    Exactly one of: `netrc` (a .netrc file, refused when group or others can read it), `file` (a 0600 file
+    holding `username:password`, or `alias:secret` of an XNAT alias token), or `env_username` and
+    `env_password` (the names of environment variables).
+    """
+
+    netrc: Path | None = None
+    file: Path | None = None
+    env_username: str | None = None
+    env_password: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Credentials:
+        sources = [self.netrc is not None, self.file is not None, bool(self.env_username or self.env_password)]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of netrc, file, or env_username with env_password")
+        if (self.env_username is None) != (self.env_password is None):
+            raise ValueError("env_username and env_password go together")
+        return self
+
+
+class Retry(_Model):
+    """How delivery retries after a retryable failure (XNAT down, 5xx, timeouts)."""
+
+    initial_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    max_attempts: Annotated[int, Field(ge=1)] = 50
+    max_age_hours: Annotated[float, Field(gt=0)] = 72.0
+
+
+class XnatServer(_Model):
+    """One XNAT server that rules route studies to (by its name)."""
+
+    url: str
+    credentials: Credentials
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    connect_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    read_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
+    archive_timeout_seconds: Annotated[float, Field(gt=0)] = 900.0
+    poll_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    build_wait_seconds: Annotated[float, Field(gt=0)] = 60.0  # RECEIVING this long: ask XNAT to build
+    ready_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
+    retry: Retry = Retry()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", value):
+            raise ValueError("url must be http(s)://host[:port][/path]")
+        if "@" in value.split("//", 1)[1].split("/", 1)[0]:
+            raise ValueError("no credentials in the url: use credentials")
+        return value.rstrip("/")
+
+
+class Xnat(_Model):
+    servers: dict[str, XnatServer] = {}
+
+
+class Delivery(_Model):
+    """How routed studies are packaged and what is kept after XNAT has them."""
+
+    compression: Literal["stored", "deflated"] = "stored"
+    keep_after_delivery: bool = False  # keep spool, outbox and zip after a verified delivery
+
+
 class Logging(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -121,6 +189,8 @@ class Config(_Model):
     study_idle_seconds: Annotated[float, Field(gt=0)] = 120.0
     study_max_wait_seconds: Annotated[float, Field(gt=0)] = 6 * 3600.0
     logging: Logging = Logging()
+    xnat: Xnat = Xnat()
+    delivery: Delivery = Delivery()
     rules: tuple[Path, ...] = ()  # rules files (relative: to the configuration file's folder); none: nothing is routed
 
     @model_validator(mode="after")

@@ -19,7 +19,8 @@ import structlog
 from ingestd import __version__
 from ingestd.assemble import Assembler, CompletionPolicy
 from ingestd.config import Config
-from ingestd.errors import IngestdError
+from ingestd.deliver import Deliverer
+from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
 from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
@@ -74,6 +75,12 @@ class Daemon:
         """Recover the spool and start every service; return once they are running."""
         config = self.config
         rules = load_rules(config.rules) if config.rules else None  # a bad rules file stops the start, nothing else
+        if rules is not None:
+            unknown = sorted({rule.route.server for rule in rules.rules} - set(config.xnat.servers))
+            if unknown and config.xnat.servers:
+                raise ConfigError(
+                    "rules", [f"rules route to XNAT server(s) {', '.join(unknown)}, not defined under xnat.servers"]
+                )
         self._lock_state_dir()
         self.journal = Journal(config.journal_path)
         spool = Spool(config.spool_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
@@ -88,6 +95,12 @@ class Daemon:
             router.start()
             self._services.append(router)
             log.info("rules_loaded", files=[str(path) for path in rules.sources], version=rules.version)
+            if config.xnat.servers:
+                deliverer = Deliverer(self.journal, config)
+                deliverer.start()
+                self._services.append(deliverer)
+            else:
+                log.warning("xnat_missing", detail="no xnat.servers configured: routed studies wait, nothing is sent")
         else:
             log.warning("rules_missing", detail="no rules configured: complete studies wait, nothing is routed")
         for folder in config.drop_folders:

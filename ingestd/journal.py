@@ -103,6 +103,22 @@ CREATE TABLE IF NOT EXISTS outgoing (
     size INTEGER NOT NULL,
     UNIQUE (batch_id, sop_uid)
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    batch_id INTEGER PRIMARY KEY REFERENCES batches (id),
+    step TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    started_at REAL NOT NULL,
+    step_started_at REAL NOT NULL,
+    last_error TEXT,
+    zip_path TEXT,
+    zip_size INTEGER,
+    zip_sha256 TEXT,
+    prearchive_url TEXT,
+    archive_uri TEXT,
+    build_requested_at REAL,
+    finished_at REAL
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL,
@@ -120,6 +136,7 @@ class StudyState(StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
     ROUTED = "routed"  # a rule decided the labels; the outgoing (de-identified) instances are written
+    DELIVERED = "delivered"  # XNAT has it (archived, or READY in the prearchive when the rule does not archive)
     HELD = "held"
 
 
@@ -486,6 +503,44 @@ class Journal:
                 (batch_id,),
             ).fetchall()
         return [Outgoing(*row) for row in rows]
+
+    # -- deliveries ------------------------------------------------------------------------------------
+
+    def delivery(self, batch_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
+        return dict(row) if row else None
+
+    def deliveries(self) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM deliveries").fetchall()
+        return {int(row["batch_id"]): dict(row) for row in rows}
+
+    def start_delivery(self, batch_id: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO deliveries (batch_id, step, next_attempt_at, started_at, step_started_at)"
+                " VALUES (?, 'package', ?, ?, ?)",
+                (batch_id, now, now, now),
+            )
+
+    def update_delivery(self, batch_id: int, **fields: Any) -> None:
+        """Set columns of a batch's delivery row in one transaction (column names are ours, never input)."""
+        names = ", ".join(f"{name} = ?" for name in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE deliveries SET {names} WHERE batch_id = ?", (*fields.values(), batch_id))  # noqa: S608
+
+    def finish_delivery(self, batch_id: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET step = 'done', finished_at = ? WHERE batch_id = ?", (now, batch_id))
+            db.execute(
+                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL WHERE id = ? AND state = ?",
+                (StudyState.DELIVERED, now, batch_id, StudyState.ROUTED),
+            )
+
+    def spool_files(self, batch_id: int) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT spool_path FROM instances WHERE batch_id = ?", (batch_id,))]
 
     # -- quarantine --------------------------------------------------------------------------------
 

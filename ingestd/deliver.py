@@ -1,0 +1,385 @@
+"""Delivery: package each routed batch, import it into XNAT's prearchive, wait for XNAT, archive, verify.
+
+One row per batch in the journal's `deliveries` table says which step comes next, when, and what XNAT
+answered so far; every step commits before and after it talks to XNAT, so a restart resumes exactly where
+the last run stopped. The steps:
+
+    package -> preflight -> import -> wait -> archive -> verify -> done
+                              |(crash)   |                 |(crash)
+                           importing   (READY)          archiving
+
+`importing` and `archiving` are written *before* the request: finding one at start means the request may or
+may not have reached XNAT. Then the batch is looked for first (prearchive by project, StudyInstanceUID and
+session label; archive by project, subject and label) and adopted if XNAT has it, so a retry never creates a
+second session. A retryable failure (XNAT down, 5xx, timeouts, a refused login) schedules the same step again
+with exponential back-off and jitter, up to the server's attempt and age caps; a permanent one (XNAT's own
+refusal, a conflict, a missing project) holds the batch with XNAT's message.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ingestd.config import Config, XnatServer
+from ingestd.journal import Journal, StudyState
+from ingestd.package import write_package
+from ingestd.xnat import XnatClient, XnatError, scan_counts
+
+__all__ = ["Deliverer", "HoldError", "backoff_seconds"]
+
+log = structlog.get_logger("ingestd.deliver")
+
+
+class HoldError(Exception):
+    """The batch cannot go on without a person: held with this reason."""
+
+
+def backoff_seconds(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """The wait before attempt `attempt + 1`: doubling from `initial`, capped at `maximum`, jittered ±50 %."""
+    base = min(maximum, initial * 2 ** max(0, attempt - 1))
+    return float(base * rng.uniform(0.5, 1.5))
+
+
+class Deliverer:
+    """A thread that moves routed batches through the delivery steps, one step of one batch at a time."""
+
+    def __init__(self, journal: Journal, config: Config, interval: float = 1.0) -> None:
+        self.journal = journal
+        self.config = config
+        self.state_dir = config.state_dir
+        self.packages = config.state_dir / "packages"
+        self.interval = interval
+        self._clients: dict[str, XnatClient] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deliverer", daemon=True)
+        self._rng = random.Random()  # jitter, not secrets
+
+    def start(self) -> None:
+        self.packages.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for client in self._clients.values():
+            client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # the batch's step stays as committed and is tried again
+                log.exception("deliver_failed")
+
+    def check(self, now: float | None = None) -> int:
+        """Advance every due batch by one step; return how many were advanced."""
+        advanced = 0
+        routes = self.journal.routes()
+        for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
+            if self._stop.is_set():
+                break
+            delivery = self.journal.delivery(batch.id)
+            current = now if now is not None else time.time()
+            if delivery is None:
+                self.journal.start_delivery(batch.id, current)
+                delivery = self.journal.delivery(batch.id)
+            assert delivery is not None  # noqa: S101 - just inserted
+            if delivery["next_attempt_at"] > current:
+                continue
+            self.step(batch.id, routes[batch.id], delivery)
+            advanced += 1
+        return advanced
+
+    # -- one step ------------------------------------------------------------------------------------------
+
+    def step(self, batch_id: int, route: Mapping[str, Any], delivery: Mapping[str, Any]) -> None:
+        name = str(route["server"])
+        server = self.config.xnat.servers.get(name)
+        step = str(delivery["step"])
+        try:
+            if server is None:
+                raise HoldError(f"no XNAT server named '{name}' in the configuration (xnat.servers)")
+            handler = getattr(self, f"_step_{step}")
+            handler(batch_id, route, delivery, server, self._client(name, server))
+        except HoldError as exc:
+            self._hold(batch_id, str(exc), step)
+        except XnatError as exc:
+            if not exc.retryable:
+                self._hold(batch_id, str(exc), step)
+            else:
+                self._retry(batch_id, delivery, server, str(exc))
+
+    def _client(self, name: str, server: XnatServer) -> XnatClient:
+        client = self._clients.get(name)
+        if client is None:
+            client = self._clients[name] = XnatClient(name, server)
+        return client
+
+    def _advance(self, batch_id: int, step: str, **fields: Any) -> None:
+        now = time.time()
+        self.journal.update_delivery(
+            batch_id, step=step, next_attempt_at=now, step_started_at=now, attempts=0, last_error=None, **fields
+        )
+
+    def _wait(self, batch_id: int, seconds: float, **fields: Any) -> None:
+        self.journal.update_delivery(batch_id, next_attempt_at=time.time() + seconds, **fields)
+
+    def _retry(self, batch_id: int, delivery: Mapping[str, Any], server: XnatServer | None, error: str) -> None:
+        assert server is not None  # noqa: S101 - a missing server holds before any request
+        attempts = int(delivery["attempts"]) + 1
+        age_hours = (time.time() - float(delivery["started_at"])) / 3600
+        if attempts >= server.retry.max_attempts or age_hours >= server.retry.max_age_hours:
+            self._hold(batch_id, f"gave up after {attempts} attempts over {age_hours:.1f} h: {error}", delivery["step"])
+            return
+        wait = backoff_seconds(attempts, server.retry.initial_seconds, server.retry.max_seconds, self._rng)
+        self.journal.update_delivery(batch_id, attempts=attempts, last_error=error, next_attempt_at=time.time() + wait)
+        log.warning(
+            "deliver",
+            outcome="retry",
+            batch=batch_id,
+            step=delivery["step"],
+            attempt=attempts,
+            wait_seconds=round(wait, 1),
+            error=error,
+        )
+
+    def _hold(self, batch_id: int, reason: str, step: str) -> None:
+        self.journal.update_delivery(batch_id, last_error=reason)
+        if self.journal.hold_batch(batch_id, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
+            log.warning("deliver", outcome="held", batch=batch_id, step=step, reason=reason)
+
+    # -- the steps -------------------------------------------------------------------------------------------
+
+    def _step_package(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        outgoing = self.journal.outgoing(batch_id)
+        if not outgoing:
+            raise HoldError("the batch has no outgoing instances")
+        started = time.monotonic()
+        package = write_package(
+            outgoing, self.state_dir, self.packages / f"{batch_id}.zip", self.config.delivery.compression
+        )
+        log.info(
+            "deliver",
+            outcome="packaged",
+            batch=batch_id,
+            entries=package.entries,
+            bytes=package.size,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        self._advance(
+            batch_id,
+            "preflight",
+            zip_path=str(package.path.relative_to(self.state_dir)),
+            zip_size=package.size,
+            zip_sha256=package.sha256,
+        )
+
+    def _step_preflight(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
+        client.check_project(project)
+        # With overwrite=append XNAT merges whatever is archived into an existing experiment of that label, even
+        # another study; a label already taken by another study must stop here, before anything is sent.
+        experiment = client.experiment(project, subject, session)
+        existing = str((experiment or {}).get("data_fields", {}).get("UID", ""))
+        if existing and existing != str(route["study_uid"]):
+            raise HoldError(
+                f"XNAT already has {project}/{subject}/{session} for another study: "
+                "change the rule's session label template so that each study gets its own"
+            )
+        self._advance(batch_id, "import")
+
+    def _step_import(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
+        self.journal.update_delivery(batch_id, step="importing", step_started_at=time.time())
+        started = time.monotonic()
+        uris = client.import_zip(self.state_dir / str(delivery["zip_path"]), project, subject, session)
+        if len(uris) != 1:
+            raise HoldError(f"XNAT answered the import with {len(uris)} sessions (expected one): {' '.join(uris)}")
+        uri = uris[0]
+        expected = f"/data/prearchive/projects/{project}/"
+        if not uri.startswith(expected):
+            raise HoldError(f"XNAT filed the upload under {uri}, not in the prearchive of project {project}")
+        log.info("deliver", outcome="imported", batch=batch_id, uri=uri, seconds=round(time.monotonic() - started, 3))
+        self._advance(batch_id, "wait", prearchive_url=uri.removeprefix("/data"))
+
+    def _step_importing(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        """An import that may have reached XNAT: adopt what XNAT has, else import again."""
+        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
+        study_uid = str(route["study_uid"])
+        for row in client.prearchive(project):
+            if row.study_uid == study_uid and row.name == session:
+                log.info("deliver", outcome="adopted", batch=batch_id, uri=f"/data{row.url}", where="prearchive")
+                self._advance(batch_id, "wait", prearchive_url=row.url)
+                return
+        experiment = client.experiment(project, subject, session)
+        if experiment is not None and self._holds_batch(experiment, batch_id, study_uid):
+            log.info("deliver", outcome="adopted", batch=batch_id, where="archive")
+            self._advance(batch_id, "verify")
+            return
+        self._step_import(batch_id, route, delivery, server, client)
+
+    def _step_wait(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        url = str(delivery["prearchive_url"])
+        row = client.prearchive_session(url)
+        waited = time.time() - float(delivery["step_started_at"])
+        if row is None:  # gone: an auto-archive project may have archived it already
+            self._advance(batch_id, "verify")
+            return
+        if row.status == "READY":
+            self._advance(batch_id, "archive" if route["archive"] else "verify")
+            return
+        if row.status in ("CONFLICT", "ERROR"):
+            raise HoldError(f"XNAT set the prearchive session {url} to {row.status}; see its log in XNAT")
+        if waited > server.ready_timeout_seconds:
+            raise HoldError(f"the prearchive session {url} is still {row.status} after {waited:.0f} s")
+        if row.status == "RECEIVING" and waited > server.build_wait_seconds and not delivery["build_requested_at"]:
+            client.build(url)  # XNAT up to 1.8.9 builds only after minutes of idleness
+            self._wait(batch_id, server.poll_interval_seconds, build_requested_at=time.time())
+            return
+        self._wait(batch_id, server.poll_interval_seconds)
+
+    def _step_archive(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
+        self.journal.update_delivery(batch_id, step="archiving", step_started_at=time.time())
+        started = time.monotonic()
+        uri = client.archive(str(delivery["prearchive_url"]), project, subject, session)
+        log.info("deliver", outcome="archived", batch=batch_id, uri=uri, seconds=round(time.monotonic() - started, 3))
+        self._advance(batch_id, "verify", archive_uri=uri)
+
+    def _step_archiving(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        """An archive request that may have been carried out: look before asking again."""
+        row = client.prearchive_session(str(delivery["prearchive_url"]))
+        if row is None:
+            self._advance(batch_id, "verify")
+        elif row.status == "READY":
+            self._step_archive(batch_id, route, delivery, server, client)
+        elif row.status in ("CONFLICT", "ERROR"):
+            raise HoldError(f"XNAT set the prearchive session {row.url} to {row.status} while archiving it")
+        else:
+            self._wait(batch_id, server.poll_interval_seconds)
+
+    def _step_verify(
+        self,
+        batch_id: int,
+        route: Mapping[str, Any],
+        delivery: Mapping[str, Any],
+        server: XnatServer,
+        client: XnatClient,
+    ) -> None:
+        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
+        if not route["archive"] and delivery["prearchive_url"]:
+            row = client.prearchive_session(str(delivery["prearchive_url"]))
+            if row is not None and row.status == "READY":
+                self._done(batch_id, route, "prearchive")
+                return
+        experiment = client.experiment(project, subject, session)
+        if experiment is None:
+            raise HoldError(f"XNAT has no experiment {project}/{subject}/{session} after archiving")
+        uid = str(experiment.get("data_fields", {}).get("UID", ""))
+        if uid and uid != str(route["study_uid"]):
+            raise HoldError(f"the experiment {project}/{subject}/{session} belongs to another study")
+        if not self._holds_batch(experiment, batch_id, str(route["study_uid"])):
+            raise HoldError(f"the experiment {project}/{subject}/{session} lacks instances of this batch")
+        self._done(batch_id, route, "archive")
+
+    def _holds_batch(self, experiment: Mapping[str, Any], batch_id: int, study_uid: str) -> bool:
+        """The experiment is this study and has at least as many files per series as this batch sends."""
+        fields = experiment.get("data_fields", {})
+        if fields.get("UID") and fields.get("UID") != study_uid:
+            return False
+        counts = scan_counts(experiment)
+        sent: dict[str, int] = {}
+        for item in self.journal.outgoing(batch_id):
+            sent[item.series_uid] = sent.get(item.series_uid, 0) + 1
+        return all(counts.get(series, 0) >= count for series, count in sent.items())
+
+    def _done(self, batch_id: int, route: Mapping[str, Any], where: str) -> None:
+        self.journal.finish_delivery(batch_id, time.time())
+        log.info(
+            "deliver",
+            outcome="delivered",
+            batch=batch_id,
+            where=where,
+            project=route["project"],
+            subject=route["subject"],
+            session=route["session"],
+        )
+        if not self.config.delivery.keep_after_delivery:
+            self._clean(batch_id)
+
+    def _clean(self, batch_id: int) -> None:
+        """Remove what XNAT now holds: the zip, the outbox folder and the spooled files (the journal stays)."""
+        (self.packages / f"{batch_id}.zip").unlink(missing_ok=True)
+        shutil.rmtree(self.state_dir / "outbox" / str(batch_id), ignore_errors=True)
+        spool = self.state_dir / "spool"
+        for relative in self.journal.spool_files(batch_id):
+            (spool / relative).unlink(missing_ok=True)
+        for folder in sorted({(spool / r).parent for r in self.journal.spool_files(batch_id)}, reverse=True):
+            _remove_empty(folder, spool)
+
+
+def _remove_empty(folder: Path, root: Path) -> None:
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent

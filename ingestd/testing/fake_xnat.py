@@ -1,0 +1,2940 @@
+"""A faithful in-process stand-in for an XNAT 1.8 server (import -> prearchive -> archive), for tests and labs.
+
+Behaviour follows `shared/reference/xnat-api.md` (cited below as §n), surprises included: unknown projects land in
+`Unassigned` with status 200, archive conflicts answer HTTP 500 (not 409), octet-stream zips are refused with
+`Unsupported format UNKNOWN`, a bad zip entry aborts the import *after* earlier entries were stored, and sessions
+sit in `RECEIVING` until an idle builder builds them. Standard library HTTP server + pydicom only.
+
+Usage::
+
+    with FakeXnat(version="1.8.10", idle_build_seconds=0.2, rebuild_repeat_seconds=0.1) as xnat:
+        xnat.add_user("alice", "secret")
+        xnat.add_project("PROJ", owners=["alice"], prearchive_code=0)
+        requests.post(f"{xnat.url}/data/services/import?PROJECT_ID=PROJ", data=zip_bytes,
+                      headers={"Content-Type": "application/zip"}, auth=("alice", "secret"))
+        xnat.build_now()
+        assert xnat.prearchive_rows("PROJ")[0]["status"] == "READY"
+
+Public API (`FakeXnat`):
+
+* ``FakeXnat(*, version="1.8.10", host="127.0.0.1", port=0, idle_build_seconds=300.0,
+  rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
+  operation_seconds=0.0, site_id="XNAT")`` -- `version` switches the 1.8.9 / 1.8.10 behaviour (default import
+  handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested archives, `Ignore-Unparsable`
+  scope); the idle builder replaces XNAT's minutes by seconds (§5.3); `operation_seconds` makes every build and
+  archive take that long, so tests can observe `BUILDING`/`_ARCHIVING` and lock contention.
+* ``start()`` (returns self), ``stop()``, context manager; ``url`` (``http://127.0.0.1:PORT``).
+* ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
+  collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
+  read, site admins do everything; ``issue_token(username) -> (alias, secret)``; ``expire_sessions()``.
+* Fault injection, each for the next `times` requests whose method matches and whose path starts with
+  `path_prefix`: ``fail_next(method, path_prefix, *, status=503, times=1, body=None, html=True,
+  after_processing=False, delay=0.0)`` -- `body` is the message (inside a Restlet status page when `html`,
+  else plain text); `after_processing=True` does the real work first (files stored, session archived) and then
+  answers the failure, like a proxy 504 after XNAT finished; `delay` sleeps before answering.
+  ``html_error_with_200_next(method, path_prefix, message=...)`` answers 200 with an HTML error page (what
+  `format=html` uploads do) without doing the work.
+* Inspection: ``prearchive_rows(project=None)`` (the §5.1 row dicts, `project` may be ``"Unassigned"``),
+  ``experiments(project=None)`` (`ExperimentRecord` snapshots), ``requests_log`` (a copy of every
+  ``(method, path+query, status)``), ``build_now()`` (one idle-builder pass ignoring the idle time, including the
+  auto-archive that follows a build).
+
+Command line (a lab can point ingestd at it)::
+
+    python -m ingestd.testing.fake_xnat --port 8080 --user admin:admin --project PROJ
+
+Deliberate simplifications (see each [INF] in the reference): files live in memory; no XSDs (xnatpy object
+creation after import/archive therefore needs a real server), no CSRF, no anonymisation scripts, no custom routing
+rules, no `Direct-Archive`, no concurrent-send detection, no PET/MR separation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import functools
+import html
+import io
+import json
+import logging
+import re
+import secrets
+import signal
+import tarfile
+import threading
+import time
+import uuid
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.message import Message
+from email.utils import collapse_rfc2231_value
+from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socket import SHUT_RDWR, socket
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydicom import dcmread
+
+__all__ = ["ExperimentRecord", "FakeXnat", "ScanRecord", "main"]
+
+LOG = logging.getLogger("ingestd.testing.fake_xnat")
+
+# --------------------------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------------------------
+
+# §5.2 prearchive statuses (the full enum is accepted by set-status; the fake itself uses the subset below).
+RECEIVING = "RECEIVING"
+RECEIVING_INTERRUPT = "RECEIVING_INTERRUPT"
+QUEUED_BUILDING = "QUEUED_BUILDING"
+BUILDING = "BUILDING"
+READY = "READY"
+ERROR = "ERROR"
+CONFLICT = "CONFLICT"
+QUEUED_ARCHIVING = "QUEUED_ARCHIVING"
+ARCHIVING = "ARCHIVING"
+LOCKED_ARCHIVING = "_ARCHIVING"
+QUEUED_DELETING = "QUEUED_DELETING"
+LOCKED_DELETING = "_DELETING"
+QUEUED_MOVING = "QUEUED_MOVING"
+LOCKED_MOVING = "_MOVING"
+ALL_STATUSES = frozenset(
+    {
+        "ARCHIVING", "BUILDING", "CONFLICT", "DELETING", "ERROR", "MOVING", "READY", "RECEIVING",
+        "RECEIVING_INTERRUPT", "SEPARATING", "QUEUED_ARCHIVING", "QUEUED_BUILDING", "QUEUED_DELETING",
+        "QUEUED_MOVING", "QUEUED_SEPARATING", "_ARCHIVING", "_BUILDING", "_CONFLICT", "_DELETING", "_MOVING",
+        "_RECEIVING", "_RECEIVING_INTERRUPT", "_SEPARATING",
+    }
+)  # fmt: skip
+# §3.4 step 5: rows that new files reuse (as is / set back to RECEIVING); anything else gets a new row.
+_REUSE_AS_IS = frozenset({RECEIVING, RECEIVING_INTERRUPT})
+_INTERRUPTIBLE = frozenset({READY, ERROR, CONFLICT, QUEUED_BUILDING})
+# States from which an explicit build or an archive may start; anything else is an operation in progress.
+_BUILDABLE = frozenset({RECEIVING, READY, ERROR, CONFLICT, QUEUED_BUILDING})
+_ARCHIVABLE = frozenset({RECEIVING, READY, ERROR, CONFLICT})
+_AUTO_ARCHIVE_CODES = frozenset({"AutoArchive", "AutoArchiveOverwrite"})
+
+UNASSIGNED = "Unassigned"
+ROW_COLUMNS = (
+    "project", "timestamp", "lastmod", "uploaded", "scan_date", "scan_time", "subject", "folderName", "name", "tag",
+    "status", "url", "autoarchive", "prevent_anon", "prevent_auto_commit", "SOURCE", "VISIT", "PROTOCOL", "TIMEZONE",
+)  # fmt: skip
+
+# §3.1: the internal file name XNAT gives a raw body, derived from the Content-Type only.
+_UPLOAD_NAMES = {
+    "application/zip": "upload.zip",
+    "application/x-tar": "upload.tar",
+    "application/x-gtar": "upload.tar.gz",
+    "application/x-gzip": "upload.gzip",
+    "application/octet-stream": "upload",
+    "application/dicom": "upload.dcm",
+    "application/x-mirc": "upload.dcm",
+    "application/x-mirc-dicom": "upload.dcm",
+    "application/pdf": "upload.pdf",
+}
+_GRADUAL_TYPES = frozenset({"application/dicom", "application/x-mirc", "application/x-mirc-dicom"})
+_HANDLERS = frozenset({"DICOM-zip", "gradual-DICOM", "SI"})
+
+_SESSION_TYPES = {"MR": "xnat:mrSessionData", "CT": "xnat:ctSessionData", "PT": "xnat:petSessionData"}
+_SCAN_TYPES = {"MR": "xnat:mrScanData", "CT": "xnat:ctScanData", "PT": "xnat:petScanData"}
+_XML_ROOTS = {"MR": "xnat:MRSession", "CT": "xnat:CTSession", "PT": "xnat:PETSession"}
+
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_INTERACTIVE_RE = re.compile(r".*(MSIE|Mozilla|AppleWebKit|Opera).*")  # §2.2 interactiveAgentIds
+_SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+\-^ ()\[\]{}~!@#$%&=,']*")
+_PREARC_URI = re.compile(r"^(?:/data|/REST)?/prearchive/projects/([^/]+)/([^/]+)/([^/]+)/?$")
+
+Key = tuple[str, str, str]  # (project or "Unassigned", timestamp, folderName)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    """Local time at millisecond precision, as XNAT's timestamps are."""
+    now = datetime.now()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _java_timestamp(value: datetime | None) -> str:
+    """`java.sql.Timestamp.toString()`: trailing zeros of the fraction dropped, at least one digit (§1.3)."""
+    if value is None:
+        return ""
+    fraction = f"{value.microsecond * 1000:09d}".rstrip("0") or "0"
+    return value.strftime("%Y-%m-%d %H:%M:%S.") + fraction
+
+
+def _timestamp_datetime(timestamp: str) -> datetime | None:
+    """The upload time encoded in a prearchive timestamp folder (`yyyyMMdd_HHmmssSSS` or `yyyyMMdd_HHmmss`)."""
+    for pattern in ("%Y%m%d_%H%M%S%f", "%Y%m%d_%H%M%S"):
+        try:
+            return datetime.strptime(timestamp, pattern)
+        except ValueError:
+            continue
+    return None
+
+
+def _dicom_datetime(date: str, time_of_day: str) -> datetime | None:
+    if not re.fullmatch(r"\d{8}", date):
+        return None
+    digits, _, fraction = re.sub(r"[^0-9.]", "", time_of_day).partition(".")
+    digits = (digits + "000000")[:6]
+    micros = int((fraction + "000000")[:6]) if fraction.isdigit() else 0
+    try:
+        return datetime.strptime(date + digits, "%Y%m%d%H%M%S").replace(microsecond=micros)
+    except ValueError:
+        return None
+
+
+def _java_hash(text: str) -> int:
+    """Java's `String.hashCode()` (XNAT names scans without a SeriesNumber after the series UID hash [INF])."""
+    value = 0
+    for char in text:
+        value = (31 * value + ord(char)) & 0xFFFFFFFF
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _label_chars(value: str) -> str:
+    """`org.nrg.xnat.Labels.toLabelChars`: every character outside [A-Za-z0-9_-] becomes `_` (§4)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", value)
+
+
+def _assignment(text: str, key: str) -> str:
+    """A "contained assignment" such as `Project: P1` anywhere in a comment field (§4); "" if absent."""
+    match = re.search(rf"(?:^|[\s,;]){key}\s*:\s*([A-Za-z0-9_-]*)", text, flags=re.IGNORECASE)
+    return match.group(1) if match else ""
+
+
+def _code_name(code: int | None) -> str:
+    """The prearchive `autoarchive` column for a project prearchive code (§7)."""
+    if code is None:
+        return ""
+    if code == 4:
+        return "AutoArchive"
+    if code == 5:
+        return "AutoArchiveOverwrite"
+    return "Manual" if code < 4 else ""
+
+
+def _csv_cell(value: str) -> str:
+    """Apache commons `escapeCsv`: quote only when the value contains a comma, quote, CR or LF (§1.3)."""
+    if any(char in value for char in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def _xml(value: str) -> str:
+    return html.escape(value, quote=True)
+
+
+def _strip_path(name: str) -> str:
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _param_of(header_value: str, name: str, header: str = "content-type") -> str | None:
+    message = Message()
+    message[header] = header_value
+    value = message.get_param(name, header=header)
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return collapse_rfc2231_value(value)
+    return value
+
+
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    if not header.lower().startswith("basic "):
+        return None
+    try:
+        raw = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, sep, password = raw.partition(":")
+    return (username, password) if sep else None
+
+
+def _cookie(headers: Message, name: str) -> str | None:
+    for raw in headers.get_all("Cookie") or []:
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(str(raw))
+        except CookieError:
+            continue
+        if name in jar:
+            return jar[name].value
+    return None
+
+
+def _same_secret(left: str, right: str) -> bool:
+    return secrets.compare_digest(left.encode("utf-8"), right.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Responses and errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _status_page(status: int, message: str) -> bytes:
+    """Restlet 1.1's StatusFilter page: the message is the `<h3>` (§1.4)."""
+    if 400 <= status < 418:
+        anchor = f"#sec10.4.{status - 399}"
+    elif 500 <= status < 506:
+        anchor = f"#sec10.5.{status - 499}"
+    else:
+        anchor = ""
+    return (
+        "<html>\n<head>\n   <title>Status page</title>\n</head>\n<body>\n"
+        f"<h3>{html.escape(message, quote=False)}</h3><p>You can get technical details "
+        f'<a href="http://www.w3.org/Protocols/rfc2616/rfc2616-sec10.html{anchor}">here</a>.<br>\n'
+        'Please continue your visit at our <a href="/">home page</a>.\n</p>\n</body>\n</html>\n'
+    ).encode()
+
+
+def _tomcat_page(status: int, message: str) -> bytes:
+    """Tomcat's own error page, for errors raised before Restlet (Spring Security) [INF §1.4]."""
+    phrase = _phrase(status)
+    return (
+        f'<!doctype html><html lang="en"><head><title>HTTP Status {status} - {phrase}</title></head>'
+        f"<body><h1>HTTP Status {status} - {phrase}</h1><hr/><p><b>Type</b> Status Report</p>"
+        f"<p><b>Message</b> {html.escape(message)}</p><hr/><h3>Apache Tomcat</h3></body></html>"
+    ).encode()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+class _HttpError(Exception):
+    """An error answer: a Restlet status page (or Tomcat page) with `message`, or an empty redirect."""
+
+    def __init__(
+        self, status: int, message: str = "", *, headers: Sequence[tuple[str, str]] = (), tomcat: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message or _phrase(status)
+        self.headers = list(headers)
+        self.tomcat = tomcat
+
+    def response(self) -> _Response:
+        if 300 <= self.status < 400:
+            return _Response(self.status, headers=self.headers)
+        page = _tomcat_page if self.tomcat else _status_page
+        return _Response(self.status, page(self.status, self.message), "text/html;charset=UTF-8", self.headers)
+
+
+class _EntryError(_HttpError):
+    """A per-entry import failure (§3.4 step 1); `unreadable` marks a DICOM coding error (≤1.8.9 skips only those)."""
+
+    def __init__(self, message: str, *, unreadable: bool) -> None:
+        super().__init__(400, message)
+        self.unreadable = unreadable
+
+
+class _ArchiveError(Exception):
+    """The archive step failed; `conflict` ones leave the row CONFLICT, the others ERROR (§6.4)."""
+
+    def __init__(self, message: str, *, conflict: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.conflict = conflict
+
+
+def _text(text: str, *, status: int = 200, content_type: str = "text/plain;charset=UTF-8") -> _Response:
+    return _Response(status, text.encode(), content_type)
+
+
+def _json(value: Any, *, status: int = 200) -> _Response:
+    return _Response(status, json.dumps(value).encode(), "application/json;charset=UTF-8")
+
+
+def _uri_list(uris: Sequence[str], fmt: str | None = None) -> _Response:
+    """§3.6: `text/uri-list`, each URI + CRLF; `format=txt` gives a bare single URI; empty body when none."""
+    if fmt == "txt":
+        body = uris[0] if len(uris) == 1 else "".join(uri + "\r\n" for uri in uris)
+        return _text(body)
+    if fmt == "html":
+        items = "".join(f"<li>{html.escape(uri)}</li>" for uri in uris)
+        return _text(f"<html><body><ul>{items}</ul></body></html>", content_type="text/html;charset=UTF-8")
+    return _Response(200, "".join(uri + "\r\n" for uri in uris).encode(), "text/uri-list")
+
+
+def _table(columns: Sequence[str], rows: Sequence[dict[str, str]], fmt: str) -> _Response:
+    """A ResultSet table (§1.3) as JSON (every value a string), CSV, XML (XFTTable shape) or HTML."""
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    if fmt == "csv":
+        lines = [",".join(_csv_cell(c) for c in columns)] + [",".join(_csv_cell(c) for c in line) for line in cells]
+        return _Response(200, ("\n".join(lines) + "\n").encode(), "text/csv;charset=UTF-8")
+    if fmt == "xml":
+        head = "".join(f"<column>{_xml(c)}</column>" for c in columns)
+        body = "".join("<row>" + "".join(f"<cell>{_xml(c)}</cell>" for c in line) + "</row>" for line in cells)
+        text = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<results><columns>{head}</columns><rows>{body}</rows></results>'
+        )
+        return _Response(200, text.encode(), "text/xml;charset=UTF-8")
+    if fmt == "html":
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells)
+        return _text(f"<html><body><table><tr>{head}</tr>{body}</table></body></html>", content_type="text/html")
+    result = [dict(zip(columns, line, strict=True)) for line in cells]
+    return _json({"ResultSet": {"Result": result}})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DICOM parsing and archive unpacking
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dicom:
+    """The header values the fake routes and describes sessions by."""
+
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    series_number: str
+    series_description: str
+    modality: str
+    patient_name: str
+    patient_id: str
+    comments: tuple[str, str, str]  # Patient Comments, Study Comments, Additional Patient History (§4)
+    study_description: str
+    accession: str
+    study_date: str
+    study_time: str
+    instance_number: str
+
+    @property
+    def scan_id(self) -> str:
+        """§3.4 step 6: scan = SeriesNumber, else a hash of the series UID."""
+        return self.series_number or str(abs(_java_hash(self.series_uid)))
+
+
+_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
+    "Modality", "PatientName", "PatientID", "PatientComments", "StudyComments", "AdditionalPatientHistory",
+    "StudyDescription", "AccessionNumber", "StudyDate", "StudyTime", "InstanceNumber",
+)  # fmt: skip
+# pydicom may warn on odd input; `warnings.catch_warnings` is process-global, so parsing is serialised.
+_PARSE_LOCK = threading.Lock()
+
+
+def _looks_like_dicom(data: bytes) -> bool:
+    """A Part 10 file, or a bare data set starting with a group 0002/0008 element (dcm4che guesses the same)."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    if len(data) < 8 or int.from_bytes(data[0:2], "little") not in (0x0002, 0x0008):
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():
+        return True
+    return int.from_bytes(data[4:8], "little") <= len(data) - 8
+
+
+def _value(dataset: Any, keyword: str) -> str:
+    value = dataset.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def _parse_dicom(entry_name: str, data: bytes) -> _Dicom:
+    base = _strip_path(entry_name)
+    if not _looks_like_dicom(data):
+        raise _EntryError(f"unable to read DICOM object {base}", unreadable=True)
+    try:
+        with _PARSE_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+            values = {keyword: _value(dataset, keyword) for keyword in _KEYWORDS}
+    except Exception as exc:  # pydicom raises many types on garbage; all mean "unreadable"
+        raise _EntryError(f"unable to read DICOM object {base}", unreadable=True) from exc
+    if not values["SOPClassUID"]:
+        raise _EntryError(f"object {base} contains no SOP Class UID", unreadable=False)
+    if not values["SOPInstanceUID"]:
+        raise _EntryError(f"object {base} contains no SOP Instance UID", unreadable=False)
+    return _Dicom(
+        sop_class=values["SOPClassUID"],
+        sop_uid=values["SOPInstanceUID"],
+        study_uid=values["StudyInstanceUID"],
+        series_uid=values["SeriesInstanceUID"],
+        series_number=values["SeriesNumber"],
+        series_description=values["SeriesDescription"],
+        modality=values["Modality"],
+        patient_name=values["PatientName"],
+        patient_id=values["PatientID"],
+        comments=(values["PatientComments"], values["StudyComments"], values["AdditionalPatientHistory"]),
+        study_description=values["StudyDescription"],
+        accession=values["AccessionNumber"],
+        study_date=values["StudyDate"],
+        study_time=values["StudyTime"],
+        instance_number=values["InstanceNumber"],
+    )
+
+
+def _archive_kind(name: str) -> str | None:
+    """`Format.getFormat`: purely from the (case-sensitive) file name (§3.1)."""
+    if name.endswith((".zip", ".zar")):
+        return "zip"
+    if name.endswith((".tar", ".xar")):
+        return "tar"
+    if name.endswith((".tgz", ".tar.gz")):
+        return "tgz"
+    return None
+
+
+def _iter_entries(name: str, data: bytes, *, nested: bool) -> Iterator[tuple[str, bytes]]:
+    """The file entries of a zip/tar/tgz, lazily (so a later failure comes after earlier entries were stored)."""
+    kind = _archive_kind(name)
+    if kind == "zip":
+        yield from _zip_entries(data, nested=nested)
+    elif kind is not None:
+        yield from _tar_entries(data, gzip=kind == "tgz", nested=nested)
+
+
+def _expand(entry_name: str, data: bytes, *, nested: bool) -> Iterator[tuple[str, bytes]]:
+    if nested and _archive_kind(entry_name) is not None:  # ≥1.8.10 unpacks nested archives (§3.2)
+        yield from _iter_entries(entry_name, data, nested=nested)
+    else:
+        yield entry_name, data
+
+
+def _zip_entries(data: bytes, *, nested: bool) -> Iterator[tuple[str, bytes]]:
+    # java.util.zip.ZipInputStream sees no entry at all when the stream does not start with a local header (§3.6).
+    if not data.startswith(b"PK\x03\x04"):
+        return
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _HttpError(400, "unable to read data from file") from exc
+    with archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            try:
+                content = archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, OSError, ValueError, NotImplementedError) as exc:
+                raise _HttpError(400, "unable to read data from file") from exc
+            yield from _expand(info.filename, content, nested=nested)
+
+
+def _tar_entries(data: bytes, *, gzip: bool, nested: bool) -> Iterator[tuple[str, bytes]]:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz" if gzip else "r:") as archive:
+            for member in archive:
+                extracted = archive.extractfile(member) if member.isfile() else None
+                if extracted is not None:
+                    yield from _expand(member.name, extracted.read(), nested=nested)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise _HttpError(400, "unable to read data from file") from exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _User:
+    username: str
+    password: str
+    admin: bool = False
+
+
+@dataclass
+class _Project:
+    id: str
+    name: str
+    owners: set[str]
+    members: set[str]
+    collaborators: set[str]
+    prearchive_code: int
+    aliases: tuple[str, ...]
+
+
+@dataclass
+class _Token:
+    alias: str
+    secret: str
+    username: str
+    created: float
+    expires: float
+    serial: int
+
+
+@dataclass
+class _HttpSession:
+    id: str
+    username: str
+    last_access: float
+
+
+@dataclass
+class _File:
+    name: str
+    data: bytes
+    dicom: _Dicom
+
+
+@dataclass
+class _Row:
+    """One prearchive session (§5.1); `scans` maps scan id -> file name -> file."""
+
+    project: str | None
+    timestamp: str
+    folder: str
+    name: str
+    tag: str
+    subject: str
+    status: str
+    lastmod: datetime
+    scan_datetime: datetime | None
+    has_study_time: bool
+    autoarchive: str
+    prevent_anon: str
+    prevent_auto_commit: str
+    source: str
+    visit: str
+    protocol: str
+    timezone: str
+    overwrite_files: bool
+    uploaded: datetime | None = None
+    scan_time: str = ""
+    built: bool = False
+    scans: dict[str, dict[str, _File]] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def project_label(self) -> str:
+        return self.project or UNASSIGNED
+
+    @property
+    def key(self) -> Key:
+        return (self.project_label, self.timestamp, self.folder)
+
+    @property
+    def url(self) -> str:
+        return f"/prearchive/projects/{self.project_label}/{self.timestamp}/{self.folder}"
+
+    @property
+    def modality(self) -> str:
+        for files in self.scans.values():
+            for item in files.values():
+                return item.dicom.modality
+        return ""
+
+    def note(self, message: str) -> None:
+        self.log.append(f"{_java_timestamp(_now())} {message}")
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "project": self.project_label,
+            "timestamp": self.timestamp,
+            "lastmod": _java_timestamp(self.lastmod),
+            "uploaded": _java_timestamp(self.uploaded),
+            "scan_date": _java_timestamp(self.scan_datetime),
+            "scan_time": self.scan_time,
+            "subject": self.subject,
+            "folderName": self.folder,
+            "name": self.name,
+            "tag": self.tag,
+            "status": self.status,
+            "url": self.url,
+            "autoarchive": self.autoarchive,
+            "prevent_anon": self.prevent_anon,
+            "prevent_auto_commit": self.prevent_auto_commit,
+            "SOURCE": self.source,
+            "VISIT": self.visit,
+            "PROTOCOL": self.protocol,
+            "TIMEZONE": self.timezone,
+        }
+
+
+@dataclass
+class ScanRecord:
+    """One archived scan: `files` maps file name -> SOP Instance UID."""
+
+    id: str
+    series_uid: str
+    type: str
+    xsi_type: str
+    files: dict[str, str]
+
+
+@dataclass
+class ExperimentRecord:
+    """One archived imaging session (a snapshot; changing it changes nothing on the server)."""
+
+    project: str
+    subject: str
+    label: str
+    id: str
+    study_uid: str
+    xsi_type: str
+    scans: dict[str, ScanRecord]
+
+
+@dataclass
+class _Scan:
+    id: str
+    series_uid: str
+    type: str
+    xsi_type: str
+    files: dict[str, _File] = field(default_factory=dict)
+
+
+@dataclass
+class _Experiment:
+    id: str
+    project: str
+    subject: str
+    label: str
+    study_uid: str
+    xsi_type: str
+    modality: str
+    date: str
+    inserted: datetime
+    scans: dict[str, _Scan] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"/data/archive/projects/{self.project}/subjects/{self.subject}/experiments/{self.label}"
+
+    def record(self) -> ExperimentRecord:
+        scans = {
+            scan_id: ScanRecord(
+                scan.id, scan.series_uid, scan.type, scan.xsi_type, {n: f.dicom.sop_uid for n, f in scan.files.items()}
+            )
+            for scan_id, scan in self.scans.items()
+        }
+        return ExperimentRecord(self.project, self.subject, self.label, self.id, self.study_uid, self.xsi_type, scans)
+
+
+@dataclass
+class _Subject:
+    id: str
+    project: str
+    label: str
+
+
+@dataclass
+class _ImportContext:
+    """What one import request says about routing and the rows it creates (§3.3)."""
+
+    user: _User
+    project: str | None = None
+    subject: str | None = None
+    label: str | None = None
+    timestamp: str | None = None
+    folder: str | None = None
+    rename: bool = False
+    synthetic_name: bool = False
+    prevent_anon: bool = False
+    prevent_auto_commit: bool = False
+    source: str = ""
+    visit: str = ""
+    protocol: str = ""
+    timezone: str = ""
+    overwrite_files: bool = False
+    new_rows_only: bool = False  # SI: every upload is a new prearchive folder
+    created: dict[tuple[str | None, str, str], Key] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ArchiveOptions:
+    """The archiver's flags (§6.3): relabels plus overrideExceptions / allowSessionMerge / overwriteFiles."""
+
+    project: str | None = None
+    subject: str | None = None
+    label: str | None = None
+    override_exceptions: bool = False
+    allow_merge: bool = True
+    overwrite_files: bool = False
+
+
+@dataclass
+class _Config:
+    version: str
+    site_id: str
+    idle_build_seconds: float
+    rebuild_repeat_seconds: float
+    session_timeout_seconds: float
+    archive_timeout_seconds: float
+    operation_seconds: float
+    token_lifetime_seconds: float = 2 * 24 * 3600.0
+
+    @property
+    def modern(self) -> bool:
+        """≥1.8.10: DICOM-zip default, `project`/`dest`/`action=commit` in DICOM-zip, nested archives (§0)."""
+        numbers = tuple(int(part) for part in re.findall(r"\d+", self.version)[:3])
+        return numbers >= (1, 8, 10)
+
+
+class _Store:
+    """All server state behind one re-entrant lock, and the prearchive/archive operations (§3.4, §5, §6)."""
+
+    def __init__(self, config: _Config) -> None:
+        self.config = config
+        self.lock = threading.RLock()
+        self.users: dict[str, _User] = {}
+        self.projects: dict[str, _Project] = {}
+        self.tokens: dict[str, _Token] = {}
+        self.sessions: dict[str, _HttpSession] = {}
+        self.rows: dict[Key, _Row] = {}
+        self.subjects: dict[tuple[str, str], _Subject] = {}
+        self.experiments: dict[tuple[str, str], _Experiment] = {}
+        self._serial = 0
+        self._last_timestamp: datetime | None = None
+
+    # -- users, projects, permissions --------------------------------------------------------------------------
+
+    def next_serial(self) -> int:
+        with self.lock:
+            self._serial += 1
+            return self._serial
+
+    def project(self, name: str | None) -> _Project | None:
+        """A project by ID or alias."""
+        if not name:
+            return None
+        with self.lock:
+            found = self.projects.get(name)
+            if found is not None:
+                return found
+            return next((p for p in self.projects.values() if name in p.aliases), None)
+
+    def code(self, project_id: str | None) -> int | None:
+        project = self.project(project_id)
+        return project.prearchive_code if project else None
+
+    @staticmethod
+    def can_read(user: _User, project: _Project) -> bool:
+        name = user.username
+        return user.admin or name in project.owners or name in project.members or name in project.collaborators
+
+    @staticmethod
+    def can_edit(user: _User, project: _Project) -> bool:
+        return user.admin or user.username in project.owners or user.username in project.members
+
+    def can_edit_label(self, user: _User, label: str) -> bool:
+        """Edit rights on a prearchive project (`Unassigned` needs all-data access = admin, §4)."""
+        if label == UNASSIGNED:
+            return user.admin
+        project = self.project(label)
+        return project is not None and self.can_edit(user, project)
+
+    # -- authentication -----------------------------------------------------------------------------------------
+
+    def check_password(self, username: str, password: str, *, tokens: bool = True) -> _User | None:
+        with self.lock:
+            user = self.users.get(username)
+            if user is not None and _same_secret(user.password, password):
+                return user
+            # §2.1: a failed password for a UUID-shaped name is tried as an alias token.
+            token = self.tokens.get(username) if tokens and _UUID_RE.fullmatch(username) else None
+            if token is not None and time.time() < token.expires and _same_secret(token.secret, password):
+                return self.users.get(token.username)
+        return None
+
+    def live_session(self, session_id: str | None) -> _HttpSession | None:
+        if not session_id:
+            return None
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return None
+            if time.monotonic() - session.last_access > self.config.session_timeout_seconds:
+                del self.sessions[session_id]
+                return None
+            session.last_access = time.monotonic()
+            return session
+
+    def new_session(self, user: _User) -> _HttpSession:
+        session = _HttpSession(uuid.uuid4().hex.upper(), user.username, time.monotonic())  # 32 upper-case hex
+        with self.lock:
+            self.sessions[session.id] = session
+        return session
+
+    def authenticate(
+        self, authorization: str | None, session_id: str | None
+    ) -> tuple[_User, _HttpSession, bool] | None:
+        """(user, HTTP session, session is new) or None; bad Basic credentials fail even with a valid cookie."""
+        session = self.live_session(session_id)
+        if authorization:
+            credentials = _basic_credentials(authorization)
+            user = self.check_password(*credentials) if credentials else None
+            if user is None:
+                return None
+            if session is not None and session.username == user.username:
+                return user, session, False
+            return user, self.new_session(user), True
+        if session is None:
+            return None
+        with self.lock:
+            user = self.users.get(session.username)
+        return (user, session, False) if user else None
+
+    def issue_token(self, username: str) -> _Token:
+        now = time.time()
+        token = _Token(
+            str(uuid.uuid4()), secrets.token_urlsafe(32), username, now, now + self.config.token_lifetime_seconds, 0
+        )
+        token.serial = self.next_serial()
+        with self.lock:
+            self.tokens[token.alias] = token
+        return token
+
+    # -- prearchive: receiving -----------------------------------------------------------------------------------
+
+    def _new_timestamp(self) -> str:
+        """`yyyyMMdd_HHmmssSSS`, strictly increasing so every new row gets its own folder (§1.5)."""
+        now = _now()
+        if self._last_timestamp is not None and now <= self._last_timestamp:
+            now = self._last_timestamp + timedelta(milliseconds=1)
+        self._last_timestamp = now
+        return now.strftime("%Y%m%d_%H%M%S") + f"{now.microsecond // 1000:03d}"
+
+    def _readable_project(self, user: _User, name: str) -> _Project | None:
+        project = self.project(name.strip())
+        return project if project is not None and self.can_read(user, project) else None
+
+    def route(self, ctx: _ImportContext, dicom: _Dicom) -> tuple[_Project | None, str, str]:
+        """§4: (project, subject label, session label) for one object; explicit parameters win."""
+        project = self._readable_project(ctx.user, ctx.project) if ctx.project else None
+        if project is None:  # an unknown/unreadable PROJECT_ID is silently ignored (§3.3)
+            candidates = [_assignment(text, "Project") for text in dicom.comments]
+            candidates += [dicom.study_description, dicom.accession]
+            for candidate in candidates:
+                project = self._readable_project(ctx.user, candidate) if candidate.strip() else None
+                if project is not None:
+                    break
+        subject = ctx.subject or next((v for v in (_assignment(t, "Subject") for t in dicom.comments) if v), "")
+        subject = subject or _label_chars(dicom.patient_name)
+        label = ctx.label or next((v for v in (_assignment(t, "Session") for t in dicom.comments) if v), "")
+        label = label or _label_chars(dicom.patient_id) or "dicom_upload"
+        return project, subject, label
+
+    def receive(self, ctx: _ImportContext, entry_name: str, data: bytes, dicom: _Dicom) -> Key:
+        """§3.4 steps 2-8 for one parsed object: route, find-or-create the row, store the file."""
+        with self.lock:
+            project, subject, label = self.route(ctx, dicom)
+            row = self._find_or_create(ctx, project, subject, label, dicom)
+            name = self._file_name(ctx, entry_name, dicom)
+            row.scans.setdefault(dicom.scan_id, {})[name] = _File(name, data, dicom)
+            row.lastmod = _now()  # XNAT refreshes at most every 15 s; seconds-scale idle times need every file
+            return row.key
+
+    def _find_or_create(
+        self, ctx: _ImportContext, project: _Project | None, subject: str, label: str, dicom: _Dicom
+    ) -> _Row:
+        project_id = project.id if project else None
+        identity = (project_id, dicom.study_uid, label)
+        if ctx.new_rows_only:
+            existing = self.rows.get(ctx.created[identity]) if identity in ctx.created else None
+            if existing is not None:
+                return existing
+        else:
+            for row in self.rows.values():  # PrearcDatabase.eitherGetOrCreateSession (§3.4 step 5)
+                if (row.project, row.tag, row.name) != identity:
+                    continue
+                if row.status in _REUSE_AS_IS:
+                    return row
+                if row.status == BUILDING:
+                    row.status = RECEIVING_INTERRUPT
+                    return row
+                if row.status in _INTERRUPTIBLE:
+                    row.status = RECEIVING
+                    row.note("new files arrived: status set back to RECEIVING")
+                    return row
+        row = self._new_row(ctx, project, subject, label, dicom)
+        ctx.created[identity] = row.key
+        return row
+
+    def _new_row(self, ctx: _ImportContext, project: _Project | None, subject: str, label: str, dicom: _Dicom) -> _Row:
+        timestamp = ctx.timestamp or self._new_timestamp()
+        project_label = project.id if project else UNASSIGNED
+        wanted = ctx.folder or label
+        folder = next(
+            (
+                f
+                for f in [wanted] + [f"{wanted}_{n}" for n in (1, 2, 3)]
+                if (project_label, timestamp, f) not in self.rows
+            ),
+            None,
+        )  # §1.5: suffix _1.._3 on a clash
+        if folder is None:
+            raise _HttpError(500, f"Unable to create a prearchive session folder for {wanted}: name clash")
+        autoarchive = _code_name(project.prearchive_code if project else None)
+        requested = next((v for v in (_assignment(t, "AA") for t in dicom.comments) if v), "").lower()
+        if requested in ("true", "t"):  # §4 AA: override
+            autoarchive = "AutoArchive"
+        elif requested in ("false", "f"):
+            autoarchive = "Manual"
+        row = _Row(
+            project=project.id if project else None,
+            timestamp=timestamp,
+            folder=folder,
+            name=label,
+            tag=dicom.study_uid,
+            subject=subject,
+            status=RECEIVING,
+            lastmod=_now(),
+            scan_datetime=_dicom_datetime(dicom.study_date, dicom.study_time),
+            has_study_time=bool(dicom.study_time),
+            autoarchive=autoarchive,
+            prevent_anon="true" if ctx.prevent_anon else "false",
+            prevent_auto_commit="true" if ctx.prevent_auto_commit else "false",
+            source=ctx.source,
+            visit=ctx.visit,
+            protocol=ctx.protocol,
+            timezone=ctx.timezone,
+            overwrite_files=ctx.overwrite_files,
+        )
+        row.note(f"session created by {ctx.user.username}")
+        self.rows[row.key] = row
+        return row
+
+    @staticmethod
+    def _file_name(ctx: _ImportContext, entry_name: str, dicom: _Dicom) -> str:
+        """The original entry name when valid, else the site template namer (§3.4 step 6) [INF template]."""
+        base = _strip_path(entry_name)
+        if not (ctx.rename or ctx.synthetic_name) and _SAFE_FILE_NAME.fullmatch(base):
+            return base
+        digest = format(_java_hash(dicom.sop_class + dicom.sop_uid) & 0xFFFFFFFF, "x")
+        return f"{dicom.study_uid}-{dicom.series_number}-{dicom.instance_number}-{digest}.dcm"
+
+    # -- prearchive: operations ----------------------------------------------------------------------------------
+
+    def row(self, key: Key) -> _Row | None:
+        with self.lock:
+            return self.rows.get(key)
+
+    def pause(self) -> None:
+        if self.config.operation_seconds > 0:
+            time.sleep(self.config.operation_seconds)
+
+    def build(self, key: Key, *, only_from: frozenset[str] | None = None) -> _Row | None:
+        """QUEUED_BUILDING/...-> BUILDING -> READY (or ERROR; back to RECEIVING if files arrived meanwhile)."""
+        with self.lock:
+            row = self.rows.get(key)
+            if row is None or (only_from is not None and row.status not in only_from):
+                return None
+            if row.status not in _BUILDABLE:
+                raise _HttpError(409, "session document locked")
+            row.status = BUILDING
+        self.pause()
+        with self.lock:
+            if self.rows.get(row.key) is not row:
+                return None
+            interrupted = row.status == RECEIVING_INTERRUPT
+            row.lastmod = _now()
+            if not row.scans:
+                row.status = ERROR
+                row.note("build failed: no files")
+                return row
+            row.built = True
+            row.uploaded = _timestamp_datetime(row.timestamp)
+            row.scan_time = row.scan_datetime.strftime("%H:%M:%S") if row.scan_datetime and row.has_study_time else ""
+            row.status = RECEIVING if interrupted else READY
+            row.note("session built" + (" (interrupted by new files)" if interrupted else ""))
+            return row
+
+    def archive(self, key: Key, options: _ArchiveOptions, *, from_statuses: frozenset[str] = _ARCHIVABLE) -> str:
+        """Archive one row (§6): lock it, merge into the archive, delete the row; CONFLICT/ERROR on failure."""
+        with self.lock:
+            row = self.rows.get(key)
+            if row is None:
+                raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+            if row.status not in from_statuses:
+                raise _HttpError(403, "Operation already in progress on this prearchive entry.")
+            row.status = LOCKED_ARCHIVING
+        self.pause()
+        with self.lock:
+            try:
+                uri = self._merge(row, options)
+            except _ArchiveError as failure:
+                row.status = CONFLICT if failure.conflict else ERROR
+                row.lastmod = _now()
+                row.note(f"archive failed: {failure.message}")
+                raise
+            self.rows.pop(row.key, None)
+            return uri
+
+    def _merge(self, row: _Row, options: _ArchiveOptions) -> str:
+        if not row.built:  # §5.2: no session XML yet -> ERROR [INF]
+            raise _ArchiveError("Unable to load the session XML: the session has not been built.", conflict=False)
+        project_id = options.project or row.project
+        if project_id is None:
+            raise _ArchiveError("Cannot archive sessions from the Unassigned folder.", conflict=False)
+        label = options.label or row.name or row.folder
+        subject = options.subject or row.subject
+        if not subject:
+            raise _ArchiveError("Unable to identify the subject of the session.", conflict=False)
+        xsi_type = _SESSION_TYPES.get(row.modality, "xnat:otherDicomSessionData")
+        existing = self.experiments.get((project_id, label))
+        if existing is None:
+            existing = _Experiment(
+                f"{self.config.site_id}_E{self.next_serial():05d}", project_id, subject, label, row.tag, xsi_type,
+                row.modality, row.scan_datetime.strftime("%Y-%m-%d") if row.scan_datetime else "", _now(),
+            )  # fmt: skip
+            plan = [(scan_id, files) for scan_id, files in row.scans.items()]
+        else:
+            self._check_session(existing, row, subject, xsi_type, options)
+            plan = self._plan_scans(existing, row, options)
+        self._ensure_subject(project_id, subject)
+        self.experiments[(project_id, label)] = existing
+        for scan_id, files in plan:
+            first = next(iter(files.values())).dicom
+            modality = first.modality
+            scan = existing.scans.setdefault(
+                scan_id,
+                _Scan(
+                    scan_id,
+                    first.series_uid,
+                    first.series_description,
+                    _SCAN_TYPES.get(modality, "xnat:otherDicomScanData"),
+                ),
+            )
+            scan.files.update(files)
+        return existing.uri
+
+    @staticmethod
+    def _check_session(existing: _Experiment, row: _Row, subject: str, xsi_type: str, options: _ArchiveOptions) -> None:
+        """The session-level rows of the §6.3 merge matrix."""
+        if existing.subject != subject:
+            raise _ArchiveError(
+                "Invalid modification of session subject via archive process.: "
+                f"{existing.label} Already Exists for another Subject",
+                conflict=True,
+            )
+        if existing.xsi_type != xsi_type:
+            raise _ArchiveError(
+                "Invalid modification of session modality via archive process. Data may require a manual merge.",
+                conflict=True,
+            )
+        if not options.allow_merge:
+            raise _ArchiveError("Session already exists, retry with overwrite enabled", conflict=True)
+        if existing.study_uid != row.tag and not options.override_exceptions:
+            raise _ArchiveError("Invalid modification of session UID via archive process.", conflict=True)
+
+    @staticmethod
+    def _plan_scans(existing: _Experiment, row: _Row, options: _ArchiveOptions) -> list[tuple[str, dict[str, _File]]]:
+        """The scan-level rows of the §6.3 matrix: where each incoming scan goes, or the conflict."""
+        by_uid = {scan.series_uid: scan.id for scan in existing.scans.values()}
+        taken = set(existing.scans)
+        plan: list[tuple[str, dict[str, _File]]] = []
+        for scan_id, files in row.scans.items():
+            series_uid = next(iter(files.values())).dicom.series_uid
+            target = scan_id
+            other = by_uid.get(series_uid)
+            if other is not None and other != scan_id:
+                if not options.override_exceptions:
+                    raise _ArchiveError(
+                        f"Session already contains a scan with the same UID, but a different number ({other}).",
+                        conflict=True,
+                    )
+                target = other
+            elif scan_id in existing.scans and existing.scans[scan_id].series_uid != series_uid:
+                # "scan IDs corrected, merged" (§6.3); the corrected ID's form is [INF].
+                target = next(f"{scan_id}-{n}" for n in range(1, 10_000) if f"{scan_id}-{n}" not in taken)
+            taken.add(target)
+            clash = target in existing.scans and set(files) & set(existing.scans[target].files)
+            if clash and not options.overwrite_files:
+                raise _ArchiveError("Session already exists with matching files.", conflict=True)
+            plan.append((target, files))
+        return plan
+
+    def subject_id(self, project_id: str, label: str) -> str:
+        with self.lock:
+            return self._ensure_subject(project_id, label).id
+
+    def _ensure_subject(self, project_id: str, label: str) -> _Subject:
+        subject = self.subjects.get((project_id, label))
+        if subject is None:  # §6.1: the subject is created if missing
+            subject = _Subject(f"{self.config.site_id}_S{self.next_serial():05d}", project_id, label)
+            self.subjects[(project_id, label)] = subject
+        return subject
+
+    def delete(self, key: Key) -> None:
+        with self.lock:
+            row = self.rows.get(key)
+            if row is None:
+                raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+            if row.status.startswith("_"):
+                raise _HttpError(400, f"Unable to delete the session: it is {row.status}.")
+            del self.rows[key]
+
+    def move(self, key: Key, destination: _Project) -> Key:
+        with self.lock:
+            row = self.rows.get(key)
+            if row is None:
+                raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+            if row.status.startswith("_") or row.status in (BUILDING, ARCHIVING, QUEUED_ARCHIVING):
+                raise _HttpError(409, "session document locked")
+            new_key = (destination.id, row.timestamp, row.folder)
+            if new_key in self.rows:
+                raise _HttpError(
+                    409,
+                    f"A prearchive resource with session {row.folder} already exists in the project {destination.id}",
+                )
+            del self.rows[key]
+            row.project = destination.id
+            if row.status == QUEUED_MOVING:
+                row.status = READY if row.built else RECEIVING
+            row.note(f"moved from {key[0]} to {destination.id}")
+            self.rows[new_key] = row
+            return new_key
+
+    def wants_auto_archive(self, row: _Row) -> bool:
+        """§5.3: row autoarchive AutoArchive* or project code ≥4."""
+        code = self.code(row.project)
+        return row.autoarchive in _AUTO_ARCHIVE_CODES or (code is not None and code >= 4)
+
+    def queued_archive_options(self, row: _Row) -> _ArchiveOptions:
+        """§5.3: queued auto-archive uses override=false, append=true, overwriteFiles = code 5 or overwrite_files."""
+        code = self.code(row.project)
+        overwrite = row.overwrite_files or code == 5 or row.autoarchive == "AutoArchiveOverwrite"
+        return _ArchiveOptions(override_exceptions=False, allow_merge=True, overwrite_files=overwrite)
+
+    def idle_pass(self, *, ignore_idle: bool) -> None:
+        """One run of the SessionXMLRebuilder (§5.3): build idle RECEIVING rows, then auto-archive as configured."""
+        with self.lock:
+            now = _now()
+            due = [
+                row
+                for row in self.rows.values()
+                if row.status == RECEIVING
+                and row.prevent_auto_commit != "true"
+                and row.source != "uploader"
+                and (ignore_idle or (now - row.lastmod).total_seconds() >= self.config.idle_build_seconds)
+            ]
+            for row in due:
+                row.status = QUEUED_BUILDING
+            keys = [row.key for row in due]
+        for key in keys:
+            built = self.build(key, only_from=frozenset({QUEUED_BUILDING}))
+            if built is None:
+                continue
+            with self.lock:
+                if built.status != READY or not self.wants_auto_archive(built) or self.rows.get(built.key) is not built:
+                    continue
+                built.status = QUEUED_ARCHIVING
+                options = self.queued_archive_options(built)
+            try:
+                self.archive(built.key, options, from_statuses=frozenset({QUEUED_ARCHIVING}))
+            except (_ArchiveError, _HttpError) as exc:
+                LOG.info("auto-archive of %s failed: %s", built.url, exc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Requests and routing
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Params:
+    """Query (and form) parameters: case-sensitive keys, repeatable values."""
+
+    def __init__(self, values: dict[str, list[str]] | None = None) -> None:
+        self._values: dict[str, list[str]] = {key: list(v) for key, v in (values or {}).items()}
+
+    def get(self, key: str) -> str | None:
+        values = self._values.get(key)
+        return values[0] if values else None
+
+    def all(self, key: str) -> list[str]:
+        return list(self._values.get(key, []))
+
+    def flag(self, key: str) -> bool:
+        return (self.get(key) or "").strip().lower() == "true"
+
+    def add(self, key: str, value: str) -> None:
+        self._values.setdefault(key, []).append(value)
+
+    def set(self, key: str, value: str) -> None:
+        self._values[key] = [value]
+
+    def merge(self, values: dict[str, list[str]]) -> None:
+        for key, items in values.items():
+            self._values.setdefault(key, []).extend(items)
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    path: str
+    params: _Params
+    headers: Message
+    body: bytes
+    user: _User | None = None
+    session: _HttpSession | None = None
+    new_session: bool = False
+    groups: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def content_type(self) -> str:
+        return (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+
+    @property
+    def agent(self) -> _User:
+        if self.user is None:  # every data route is authenticated before its handler runs
+            raise _HttpError(401, "Unauthorized")
+        return self.user
+
+    def fmt(self, default: str = "json") -> str:
+        return (self.params.get("format") or default).strip().lower()
+
+    def group(self, name: str) -> str:
+        return unquote(self.groups[name])
+
+
+Handler = Callable[[_Request], _Response]
+
+
+@dataclass(frozen=True)
+class _Route:
+    methods: frozenset[str]
+    pattern: re.Pattern[str]
+    handler: Handler
+
+
+@dataclass
+class _Fault:
+    method: str
+    prefix: str
+    status: int
+    remaining: int
+    body: str | None
+    html: bool
+    after_processing: bool
+    delay: float
+
+    def response(self) -> _Response:
+        message = self.body if self.body is not None else f"{self.status} {_phrase(self.status)}"
+        if self.html:
+            return _Response(self.status, _status_page(self.status, message), "text/html;charset=UTF-8")
+        return _Response(self.status, message.encode(), "text/plain;charset=UTF-8")
+
+
+def _normalise(path: str) -> str:
+    """`/REST` is `/data`; `/data/archive/projects/...` is `/data/projects/...` (§1.1)."""
+    if path == "/REST" or path.startswith("/REST/"):
+        path = "/data" + path[5:]
+    if path.startswith("/data/archive/projects"):
+        path = "/data" + path[len("/data/archive") :]
+    return path.rstrip("/") or "/"
+
+
+def _is_data_path(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in ("/data", "/xapi", "/fs"))
+
+
+@dataclass(frozen=True)
+class _Dest:
+    kind: str  # "prearchive" or "archive"
+    project: str | None = None
+    timestamp: str | None = None
+    folder: str | None = None
+    subject: str | None = None
+    label: str | None = None
+
+
+def _parse_dest(dest: str) -> _Dest | None:
+    """§3.3 `dest` forms, with or without `/data`."""
+    path = dest.split("?", 1)[0]
+    for prefix in ("/data", "/REST"):
+        if path.startswith(prefix + "/"):
+            path = path[len(prefix) :]
+    parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
+    if parts[:1] == ["prearchive"] and (len(parts) == 1 or (parts[1] == "projects" and 3 <= len(parts) <= 5)):
+        values = [*parts[2:], None, None, None]
+        return _Dest("prearchive", values[0], values[1], values[2])
+    if parts[:2] != ["archive", "projects"] or len(parts) not in (3, 5, 7):
+        return None
+    if (len(parts) >= 5 and parts[3] != "subjects") or (len(parts) == 7 and parts[5] != "experiments"):
+        return None
+    values = [*parts[2:], None, None, None, None]
+    return _Dest("archive", project=values[0], subject=values[2], label=values[4])
+
+
+def _prearc_key(src: str) -> Key | None:
+    match = _PREARC_URI.match(src.split("?", 1)[0])
+    return (unquote(match.group(1)), unquote(match.group(2)), unquote(match.group(3))) if match else None
+
+
+_PA = r"/data/prearchive/projects/(?P<project>[^/]+)/(?P<timestamp>[^/]+)/(?P<folder>[^/]+)"
+_EXP = r"/data/projects/(?P<project>[^/]+)(?:/subjects/(?P<subject>[^/]+))?/experiments/(?P<experiment>[^/]+)"
+_SCAN = _EXP + r"/scans/(?P<scan>[^/]+)"
+
+
+class _Api:
+    """The HTTP behaviour: authentication, the routing table and one small handler per resource."""
+
+    def __init__(self, store: _Store, config: _Config, jobs: ThreadPoolExecutor, site_url: Callable[[], str]) -> None:
+        self.store = store
+        self.config = config
+        self.jobs = jobs
+        self.site_url = site_url
+        self.faults: list[_Fault] = []
+        self.log: list[tuple[str, str, int]] = []
+        self._log_lock = threading.Lock()
+        get, post, put, delete = "GET", "POST", "PUT", "DELETE"
+        table: list[tuple[str, str, Handler]] = [
+            (get, r"/", self.root),
+            (get, r"/app(?:/.*)?", self.login_page),
+            ("GET POST PUT DELETE", r"/data/services/auth", self.login),
+            ("GET POST", r"/data/JSESSION", self.jsession),
+            (delete, r"/data/JSESSION", self.logout),
+            (get, r"/data/auth", self.whoami),
+            (get, r"/data/services/tokens/issue", self.token_issue),
+            (get, r"/data/services/tokens/issue/user/(?P<user>[^/]+)", self.token_issue),
+            (get, r"/data/services/tokens/validate/(?P<alias>[^/]+)/(?P<secret>[^/]+)", self.token_validate),
+            (get, r"/data/services/tokens/invalidate/(?P<alias>[^/]+)", self.token_invalidate),
+            (get, r"/xapi/siteConfig/buildInfo", self.build_info),
+            (get, r"/xapi/schemas", self.schemas),
+            (get, r"/data/search/elements(?:/(?P<element>[^/]+))?", self.search_elements),
+            (get, r"/data/projects", self.projects),
+            (get, r"/data/projects/(?P<project>[^/]+)", self.project),
+            (get, r"/data/projects/(?P<project>[^/]+)/prearchive_code", self.prearchive_code),
+            (put, r"/data/projects/(?P<project>[^/]+)/prearchive_code/(?P<code>[^/]+)", self.set_prearchive_code),
+            (get, r"/data/projects/(?P<project>[^/]+)/subjects", self.subjects),
+            (get, r"/data/projects/(?P<project>[^/]+)/subjects/(?P<subject>[^/]+)", self.subject),
+            (get, r"/data/projects/(?P<project>[^/]+)(?:/subjects/(?P<subject>[^/]+))?/experiments", self.experiments),
+            (get, _EXP, self.experiment),
+            (get, _EXP + r"/scans", self.scans),
+            (get, _SCAN, self.scan),
+            (get, _SCAN + r"/resources", self.scan_resources),
+            (get, _SCAN + r"/resources/(?P<resource>[^/]+)/files", self.scan_files),
+            (get, _SCAN + r"/resources/(?P<resource>[^/]+)/files/(?P<name>.+)", self.scan_file),
+            (post, r"/data/services/import", self.import_),
+            (post, r"/data/services/archive", self.archive),
+            (post, r"/data/services/prearchive/(?P<action>delete|rebuild|move)", self.batch),
+            ("GET PUT", r"/data/prearchive", self.prearchive),
+            (get, r"/data/prearchive/projects", self.prearchive),
+            (get, r"/data/prearchive/projects/(?P<projects>[^/]+)", self.prearchive_projects),
+            (get, _PA, self.session_get),
+            (post, _PA, self.session_post),
+            (delete, _PA, self.session_delete),
+            (get, _PA + r"/scans", self.session_scans),
+            (get, _PA + r"/scans/(?P<scan>[^/]+)/resources", self.session_resources),
+            (get, _PA + r"/scans/(?P<scan>[^/]+)/resources/(?P<resource>[^/]+)/files", self.session_files),
+            (get, _PA + r"/scans/(?P<scan>[^/]+)/resources/(?P<resource>[^/]+)/files/(?P<name>.+)", self.session_file),
+            (get, _PA + r"/logs(?:/(?P<last>last))?", self.session_logs),
+        ]
+        self.routes = [
+            _Route(frozenset(methods.split()), re.compile(f"^{pattern}$"), handler)
+            for methods, pattern, handler in table
+        ]
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+
+    def handle(self, method: str, target: str, headers: Message, body: bytes) -> _Response:
+        """Answer one request: faults first (§10 proxies), then authentication, routing and the handler."""
+        path = urlsplit(target).path
+        fault = self._take_fault(method, path)
+        if fault is not None and not fault.after_processing:
+            time.sleep(fault.delay)
+            response = fault.response()
+        else:
+            response = self._process(method, target, headers, body)
+            if fault is not None:
+                time.sleep(fault.delay)
+                response = fault.response()
+        with self._log_lock:
+            self.log.append((method, target, response.status))
+        return response
+
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
+        with self._log_lock:
+            for fault in self.faults:
+                if fault.remaining > 0 and fault.method == method.upper() and path.startswith(fault.prefix):
+                    fault.remaining -= 1
+                    return fault
+        return None
+
+    def _process(self, method: str, target: str, headers: Message, body: bytes) -> _Response:
+        split = urlsplit(target)
+        request = _Request(
+            method,
+            target,
+            _normalise(split.path),
+            _Params(parse_qs(split.query, keep_blank_values=True)),
+            headers,
+            body,
+        )
+        self._read_form(request)
+        try:
+            self._authenticate(request)
+            route, groups = self._match(request)
+            request.groups = groups
+            if request.method == "GET":  # reads never wait, so they see one consistent state under the lock
+                with self.store.lock:
+                    response = route.handler(request)
+            else:  # writes take the lock themselves, released while an operation "runs" (operation_seconds)
+                response = route.handler(request)
+        except _HttpError as error:
+            response = error.response()
+        except Exception:
+            LOG.exception("fake XNAT failed on %s %s", method, target)
+            response = _HttpError(500, "Internal Server Error").response()
+        if request.session is not None:
+            if request.new_session:
+                response.headers.append(("Set-Cookie", f"JSESSIONID={request.session.id}; Path=/; HttpOnly"))
+            timeout_ms = int(self.config.session_timeout_seconds * 1000)
+            response.headers.append(
+                ("Set-Cookie", f'SESSION_EXPIRATION_TIME="{int(time.time() * 1000)},{timeout_ms}"; Path=/')
+            )
+        return response
+
+    @staticmethod
+    def _read_form(request: _Request) -> None:
+        """Form bodies (and a JSON object body, §5.5) add to the query parameters; import bodies are files."""
+        if not request.body or request.path == "/data/services/import":
+            return
+        if request.content_type == "application/x-www-form-urlencoded":
+            request.params.merge(parse_qs(request.body.decode("utf-8", "replace"), keep_blank_values=True))
+        elif request.content_type == "application/json" and request.path.startswith("/data/prearchive"):
+            try:
+                value = json.loads(request.body)
+            except ValueError:
+                return
+            if isinstance(value, dict):
+                request.params.merge({str(k): [str(v)] for k, v in value.items()})
+
+    def _authenticate(self, request: _Request) -> None:
+        """§2: Basic (password or alias token) or JSESSIONID; data paths need it (401, or 302 for browsers)."""
+        result = self.store.authenticate(request.headers.get("Authorization"), _cookie(request.headers, "JSESSIONID"))
+        if result is not None:
+            request.user, request.session, request.new_session = result
+            return
+        if not _is_data_path(request.path) or request.path == "/data/services/auth":
+            return
+        if _INTERACTIVE_RE.fullmatch(request.headers.get("User-Agent") or ""):
+            raise _HttpError(302, headers=[("Location", "/app/template/Login.vm")])
+        raise _HttpError(
+            401,
+            "Full authentication is required to access this resource",
+            headers=[("WWW-Authenticate", 'Basic realm="XNAT Protected Area"')],
+            tomcat=True,
+        )
+
+    def _match(self, request: _Request) -> tuple[_Route, dict[str, str]]:
+        allowed: set[str] = set()
+        for route in self.routes:
+            match = route.pattern.match(request.path)
+            if match is None:
+                continue
+            if request.method in route.methods:
+                return route, {k: v for k, v in match.groupdict().items() if v is not None}
+            allowed |= route.methods
+        if allowed:
+            raise _HttpError(405, "Method Not Allowed", headers=[("Allow", ", ".join(sorted(allowed)))])
+        if _is_data_path(request.path):
+            raise _HttpError(404, "The server has not found anything matching the request URI")
+        raise _HttpError(404, f"The requested resource [{request.path}] is not available", tomcat=True)
+
+    def _project(self, request: _Request, *, edit: bool = False) -> _Project:
+        """The `{project}` of the path (ID or alias): 404 if unknown, 403 without read (or edit) rights."""
+        name = request.group("project")
+        project = self.store.project(name)
+        if project is None:
+            raise _HttpError(404, f"Unable to find project {name}")
+        allowed = self.store.can_edit if edit else self.store.can_read
+        if not allowed(request.agent, project):
+            raise _HttpError(403, f"The current user does not have access to the requested project: {name}")
+        return project
+
+    # -- auth and bootstrap (§2, §8.1) ----------------------------------------------------------------------------
+
+    def root(self, request: _Request) -> _Response:
+        return _Response(302, headers=[("Location", "/app/template/Login.vm")])
+
+    def login_page(self, request: _Request) -> _Response:
+        page = "<!DOCTYPE html><html><head><title>XNAT</title></head><body><form>Login</form></body></html>"
+        return _text(page, content_type="text/html;charset=UTF-8")
+
+    def login(self, request: _Request) -> _Response:
+        """`PUT`/`POST /data/services/auth` (open): 200 text body = new session id + cookie; 401 otherwise."""
+        if request.method not in ("PUT", "POST"):
+            raise _HttpError(405, "Method Not Allowed", headers=[("Allow", "POST, PUT")])
+        username = request.params.get("username") or request.params.get("j_username") or ""
+        password = request.params.get("password") or request.params.get("j_password") or ""
+        user = self.store.check_password(username, password, tokens=False)
+        if user is None:
+            raise _HttpError(401, "Authentication failed.")
+        request.user, request.session, request.new_session = user, self.store.new_session(user), True
+        return _text(request.session.id)
+
+    def jsession(self, request: _Request) -> _Response:
+        if request.session is None:
+            request.session, request.new_session = self.store.new_session(request.agent), True
+        text = request.session.id
+        if request.params.flag("CSRF"):
+            text += f"; XNAT_CSRF={uuid.uuid5(uuid.NAMESPACE_OID, text)}"
+        return _text(text)
+
+    def logout(self, request: _Request) -> _Response:
+        if request.session is not None:
+            with self.store.lock:
+                self.store.sessions.pop(request.session.id, None)
+            request.session = None
+        return _Response(200)
+
+    def whoami(self, request: _Request) -> _Response:
+        return _text(f"User '{request.agent.username}' is logged in")
+
+    def token_issue(self, request: _Request) -> _Response:
+        username = request.agent.username
+        if "user" in request.groups:
+            if not request.agent.admin:
+                raise _HttpError(403, "Only administrators can issue tokens for other users.")
+            username = request.group("user")
+            with self.store.lock:
+                if username not in self.store.users:
+                    raise _HttpError(404, f"The user {username} does not exist.")
+        token = self.store.issue_token(username)
+        return _json(
+            {
+                "alias": token.alias,
+                "secret": token.secret,
+                "singleUse": False,
+                "estimatedExpirationTime": int(token.expires * 1000),
+                "xdatUserId": token.username,
+                "validIPAddresses": [],
+                "id": token.serial,
+                "enabled": True,
+                "created": int(token.created * 1000),
+                "timestamp": int(token.created * 1000),
+                "disabled": 0,
+            }
+        )
+
+    def token_validate(self, request: _Request) -> _Response:
+        with self.store.lock:
+            token = self.store.tokens.get(request.group("alias"))
+        valid = (
+            token is not None and time.time() < token.expires and _same_secret(token.secret, request.group("secret"))
+        )
+        return _json({"valid": token.username if valid and token else False})
+
+    def token_invalidate(self, request: _Request) -> _Response:
+        with self.store.lock:
+            self.store.tokens.pop(request.group("alias"), None)
+        return _json({"result": "OK"})
+
+    def build_info(self, request: _Request) -> _Response:
+        return _json(
+            {
+                "version": self.config.version,
+                "buildNumber": "fake",
+                "buildDate": "Thu Jan 01 00:00:00 UTC 1970",
+                "commit": "fake",
+                "sha": "fake",
+                "branch": "fake",
+            }
+        )
+
+    def schemas(self, request: _Request) -> _Response:
+        return _json([])  # no XSDs are served (see the module docstring)
+
+    def search_elements(self, request: _Request) -> _Response:
+        if "element" in request.groups:
+            return _table(["FIELD_ID", "HEADER", "SUMMARY", "TYPE", "REQUIRES_VALUE", "DESC"], [], request.fmt())
+        return _table(["ELEMENT_NAME", "PLURAL", "SINGULAR", "COUNT"], [], request.fmt())
+
+    # -- projects, subjects, experiments (§6, §7, §8) ------------------------------------------------------------
+
+    def projects(self, request: _Request) -> _Response:
+        permissions = request.params.get("permissions")
+        if permissions is not None:
+            # xnat-web ProjectListResource.PermissionsProjectHandler: without dataType, the projects where the user
+            # may edit imaging sessions, as lower-case `id` and `secondary_id` columns.
+            if permissions not in ("read", "edit", "create", "delete", "active"):
+                raise _HttpError(500, "You must specify one of the following values for the permissions parameter")
+            with self.store.lock:
+                allowed = [
+                    p
+                    for p in self.store.projects.values()
+                    if (self.store.can_read if permissions == "read" else self.store.can_edit)(request.agent, p)
+                ]
+            rows = [{"id": p.id, "secondary_id": p.id} for p in sorted(allowed, key=lambda p: p.id)]
+            return _table(["id", "secondary_id"], rows, request.fmt())
+        with self.store.lock:
+            visible = [p for p in self.store.projects.values() if self.store.can_read(request.agent, p)]
+        rows = [
+            {
+                "ID": p.id, "secondary_ID": p.id, "name": p.name, "description": "", "pi_firstname": "",
+                "pi_lastname": "", "URI": f"/data/projects/{p.id}",
+            }
+            for p in visible
+        ]  # fmt: skip
+        return _table(
+            ["ID", "secondary_ID", "name", "description", "pi_firstname", "pi_lastname", "URI"], rows, request.fmt()
+        )
+
+    def project(self, request: _Request) -> _Response:
+        project = self._project(request)
+        fields = {"ID": project.id, "secondary_ID": project.id, "name": project.name, "description": ""}
+        if request.fmt() == "xml":
+            attributes = " ".join(f"{k}={_xml_attr(v)}" for k, v in fields.items() if k != "description")
+            return _text(
+                f'<xnat:Project xmlns:xnat="http://nrg.wustl.edu/xnat" {attributes}/>', content_type="text/xml"
+            )
+        meta = {"xsi:type": "xnat:projectData", "isHistory": False}
+        return _json({"items": [{"meta": meta, "data_fields": fields, "children": []}]})
+
+    def prearchive_code(self, request: _Request) -> _Response:
+        return _text(str(self._project(request).prearchive_code))
+
+    def set_prearchive_code(self, request: _Request) -> _Response:
+        project = self._project(request, edit=True)
+        raw = request.group("code")
+        mapping = {"true": "1", "false": "0"}
+        value = mapping.get(raw.lower(), raw)
+        if not re.fullmatch(r"-?\d+", value):
+            raise _HttpError(400, f"The submitted code {raw} is invalid: must be an integer.")
+        with self.store.lock:
+            project.prearchive_code = int(value)
+        return _Response(200)
+
+    def subjects(self, request: _Request) -> _Response:
+        project = self._project(request)
+        with self.store.lock:
+            found = [s for (p, _), s in self.store.subjects.items() if p == project.id]
+        rows = [{"ID": s.id, "project": s.project, "label": s.label, "URI": f"/data/subjects/{s.id}"} for s in found]
+        return _table(["ID", "project", "label", "URI"], rows, request.fmt())
+
+    def subject(self, request: _Request) -> _Response:
+        found = self._subject(request, self._project(request))
+        fields = {"ID": found.id, "label": found.label, "project": found.project}
+        return _json(
+            {
+                "items": [
+                    {
+                        "meta": {"xsi:type": "xnat:subjectData", "isHistory": False},
+                        "data_fields": fields,
+                        "children": [],
+                    }
+                ]
+            }
+        )
+
+    def _subject(self, request: _Request, project: _Project) -> _Subject:
+        name = request.group("subject")
+        with self.store.lock:
+            for subject in self.store.subjects.values():
+                if subject.project == project.id and name in (subject.label, subject.id):
+                    return subject
+        raise _HttpError(404, f"Unable to find subject {name}")
+
+    def experiments(self, request: _Request) -> _Response:
+        project = self._project(request)
+        subject = self._subject(request, project) if "subject" in request.groups else None
+        with self.store.lock:
+            found = [
+                e for e in self.store.experiments.values()
+                if e.project == project.id and (subject is None or e.subject == subject.label)
+            ]  # fmt: skip
+            subject_ids = {e.subject: self.store.subject_id(e.project, e.subject) for e in found}
+        rows = [
+            {
+                "ID": e.id, "project": e.project, "label": e.label, "subject_ID": subject_ids[e.subject],
+                "subject_label": e.subject, "UID": e.study_uid, "xsiType": e.xsi_type, "date": e.date,
+                "insert_date": _java_timestamp(e.inserted), "URI": f"/data/experiments/{e.id}",
+            }
+            for e in found
+        ]  # fmt: skip
+        columns = [
+            "ID",
+            "project",
+            "label",
+            "subject_ID",
+            "subject_label",
+            "UID",
+            "xsiType",
+            "date",
+            "insert_date",
+            "URI",
+        ]
+        return _table(columns, rows, request.fmt())
+
+    def _experiment(self, request: _Request) -> _Experiment:
+        project = self._project(request)
+        name = request.group("experiment")
+        subject = request.group("subject") if "subject" in request.groups else None
+        with self.store.lock:
+            for experiment in self.store.experiments.values():
+                if experiment.project != project.id or name not in (experiment.label, experiment.id):
+                    continue
+                owner_id = self.store.subject_id(experiment.project, experiment.subject)
+                if subject is None or subject in (experiment.subject, owner_id):
+                    return experiment
+        raise _HttpError(404, f"Unable to find experiment {name}")
+
+    def experiment(self, request: _Request) -> _Response:
+        experiment = self._experiment(request)
+        with self.store.lock:
+            subject_id = self.store.subject_id(experiment.project, experiment.subject)
+            item = _experiment_item(experiment, subject_id)
+        if request.fmt("xml") == "json":
+            return _json({"items": [item]})
+        return _text(_experiment_xml(experiment, subject_id), content_type="text/xml;charset=UTF-8")
+
+    def scans(self, request: _Request) -> _Response:
+        experiment = self._experiment(request)
+        rows = [
+            {
+                "ID": s.id, "type": s.type, "series_description": s.type, "UID": s.series_uid, "xsiType": s.xsi_type,
+                "quality": "usable", "file_count": str(len(s.files)), "URI": f"{experiment.uri}/scans/{s.id}",
+            }
+            for s in experiment.scans.values()
+        ]  # fmt: skip
+        columns = ["ID", "type", "series_description", "UID", "xsiType", "quality", "file_count", "URI"]
+        return _table(columns, rows, request.fmt())
+
+    def _scan(self, request: _Request) -> tuple[_Experiment, _Scan]:
+        experiment = self._experiment(request)
+        scan = experiment.scans.get(request.group("scan"))
+        if scan is None:
+            raise _HttpError(404, f"Unable to find scan {request.group('scan')}")
+        return experiment, scan
+
+    def scan(self, request: _Request) -> _Response:
+        _, scan = self._scan(request)
+        fields = {"ID": scan.id, "type": scan.type, "UID": scan.series_uid, "series_description": scan.type}
+        return _json(
+            {
+                "items": [
+                    {"meta": {"xsi:type": scan.xsi_type, "isHistory": False}, "data_fields": fields, "children": []}
+                ]
+            }
+        )
+
+    def scan_resources(self, request: _Request) -> _Response:
+        _, scan = self._scan(request)
+        size = sum(len(f.data) for f in scan.files.values())
+        row = {
+            "label": "DICOM",
+            "format": "DICOM",
+            "content": "RAW",
+            "file_count": str(len(scan.files)),
+            "file_size": str(size),
+        }
+        return _table(["label", "format", "content", "file_count", "file_size"], [row], request.fmt())
+
+    def _scan_files(self, request: _Request) -> tuple[str, dict[str, _File]]:
+        experiment, scan = self._scan(request)
+        if request.group("resource") != "DICOM":
+            raise _HttpError(404, f"Unable to find resource {request.group('resource')}")
+        return f"{experiment.uri}/scans/{scan.id}/resources/DICOM/files", scan.files
+
+    def scan_files(self, request: _Request) -> _Response:
+        base, files = self._scan_files(request)
+        rows = [
+            {"Name": n, "Size": str(len(f.data)), "URI": f"{base}/{n}", "collection": "DICOM", "file_format": "DICOM"}
+            for n, f in files.items()
+        ]
+        return _table(["Name", "Size", "URI", "collection", "file_format"], rows, request.fmt())
+
+    def scan_file(self, request: _Request) -> _Response:
+        _, files = self._scan_files(request)
+        found = files.get(request.group("name"))
+        if found is None:
+            raise _HttpError(404, f"Unable to find file {request.group('name')}")
+        return _Response(200, found.data, "application/dicom")
+
+    # -- import (§3) -------------------------------------------------------------------------------------------
+
+    def import_(self, request: _Request) -> _Response:
+        params = request.params
+        upload = self._upload(request)
+        handler = params.get("import-handler")
+        if handler is None:
+            if request.content_type in _GRADUAL_TYPES:
+                handler = "gradual-DICOM"
+            else:  # §3.2: SI up to 1.8.9, uiDefaultCompressedUploaderImporter (DICOM-zip) from 1.8.10
+                handler = "DICOM-zip" if self.config.modern else "SI"
+        if handler not in _HANDLERS:
+            raise _HttpError(404, f"Unknown importer implementation specified: {handler}")
+        if params.get("src"):
+            raise _HttpError(404, "Unknown src file.")
+        if params.get("prearchive_code") == "1" and params.get("overwrite") is not None:  # the §3.3 UI-path bug
+            raise _HttpError(400, "Overwrite flag was not set to a valid option. ('append' or 'delete')")
+        if upload is None:
+            # Without import-handler XNAT indexes an empty list (probably 500) [INF §3.1].
+            status = 400 if params.get("import-handler") else 500
+            raise _HttpError(status, "Unable to identify upload format.")
+        ctx, dest = self._import_context(request, handler)
+        if handler == "gradual-DICOM":
+            return self._import_gradual(request, ctx, upload)
+        if handler == "SI":
+            return self._import_si(request, ctx, dest, upload)
+        return self._import_zip(request, ctx, dest, upload)
+
+    def _upload(self, request: _Request) -> tuple[str, bytes] | None:
+        """§3.1: the single uploaded file as (internal name, bytes); multipart fields become parameters."""
+        inbody = request.params.flag("inbody")
+        if request.content_type == "multipart/form-data":
+            if inbody:  # 406 is attempted, then the code fails [INF]
+                raise _HttpError(500, "In-body uploads cannot be multipart/form-data.")
+            files: list[tuple[str, bytes]] = []
+            for name, filename, payload in _multipart(request):
+                if name == "reference":
+                    raise _HttpError(400, "The reference parameter is not supported by the importer.")
+                if filename is None:
+                    request.params.add(name, payload.decode("utf-8", "replace"))
+                else:
+                    files.append((_strip_path(filename), payload))
+            if len(files) > 1:
+                raise _HttpError(400, "Importer is limited to one uploaded resource at a time.")
+            return files[0] if files else None
+        content_type = request.content_type
+        internal = _UPLOAD_NAMES.get(content_type)
+        if internal is None and content_type.startswith(("text/", "image/")):
+            internal = "upload." + (content_type.split("/", 1)[1] or "bin")
+        if internal is None and inbody:
+            internal = "upload.unsupported"
+        if internal is None or (not request.body and content_type != "application/zip"):
+            return None
+        return internal, request.body
+
+    def _import_context(self, request: _Request, handler: str) -> tuple[_ImportContext, _Dest | None]:
+        """§3.3: which parameters each handler and version honours."""
+        params = request.params
+        ctx = _ImportContext(
+            user=request.agent,
+            project=params.get("PROJECT_ID"),
+            subject=params.get("SUBJECT_ID"),
+            label=params.get("EXPT_LABEL"),
+            timestamp=params.get("PREARC_TIMESTAMP"),
+            folder=params.get("PREARC_SESSION_FOLDER"),
+            rename=params.flag("rename"),
+            prevent_anon=params.flag("prevent_anon"),
+            prevent_auto_commit=params.flag("prevent_auto_commit"),
+            source=params.get("SOURCE") or "",
+            visit=params.get("VISIT") or "",
+            protocol=params.get("SUBTYPE") or "",
+            timezone=params.get("TIMEZONE") or "",
+            overwrite_files=params.flag("overwrite_files"),
+        )
+        raw_dest = params.get("dest")
+        full = handler == "SI" or (handler == "DICOM-zip" and self.config.modern)
+        if full:
+            ctx.project = params.get("project") or ctx.project
+            ctx.subject = params.get("subject") or ctx.subject
+            ctx.label = params.get("session") or ctx.label
+        dest = _parse_dest(raw_dest) if raw_dest else None
+        if raw_dest and dest is None and handler == "DICOM-zip" and self.config.modern:
+            raise _HttpError(400, "Parameter dest format error")
+        if dest is not None and full:  # all parts of dest are merged into the parameters [INF: dest wins]
+            ctx.project = dest.project or ctx.project
+            ctx.timestamp = dest.timestamp or ctx.timestamp
+            ctx.folder = dest.folder or ctx.folder
+            ctx.subject = dest.subject or ctx.subject
+            ctx.label = dest.label or ctx.label
+        elif dest is not None and not ctx.project:  # ≤1.8.9 / gradual-DICOM: only the project of dest
+            ctx.project = dest.project
+        return ctx, dest
+
+    def _receive_all(
+        self, ctx: _ImportContext, entries: Iterable[tuple[str, bytes]], *, ignore: bool, ignore_any: bool
+    ) -> list[Key]:
+        """Feed entries one by one (§3.4); a failing entry aborts after the earlier ones were stored."""
+        keys: dict[Key, None] = {}
+        last_error: _EntryError | None = None
+        for entry_name, data in entries:
+            try:
+                dicom = _parse_dicom(entry_name, data)
+            except _EntryError as error:
+                # Ignore-Unparsable: ≤1.8.9 skips only DICOM coding errors, ≥1.8.10 any per-entry client error.
+                if ignore and (ignore_any or error.unreadable):
+                    last_error = error
+                    continue
+                raise
+            keys[self.store.receive(ctx, entry_name, data, dicom)] = None
+        if not keys and last_error is not None:
+            raise last_error
+        return list(keys)
+
+    def _import_gradual(self, request: _Request, ctx: _ImportContext, upload: tuple[str, bytes]) -> _Response:
+        name, data = upload
+        ctx.synthetic_name = name.startswith("upload.")  # in-body uploads have no real name -> template namer
+        keys = self._receive_all(ctx, [(name, data)], ignore=False, ignore_any=False)
+        return _uri_list(
+            [f"/data/prearchive/projects/{k[0]}/{k[1]}/{k[2]}" for k in keys], request.params.get("format")
+        )
+
+    def _import_zip(
+        self, request: _Request, ctx: _ImportContext, dest: _Dest | None, upload: tuple[str, bytes]
+    ) -> _Response:
+        params = request.params
+        name, data = upload
+        if _archive_kind(name) is None:
+            raise _HttpError(400, "Unsupported format UNKNOWN")
+        modern = self.config.modern
+        action_commit = modern and params.get("action") == "commit"
+        commit = modern and (params.get("dest") is not None or action_commit)
+        raw_ignore = params.get("Ignore-Unparsable")
+        ignore = raw_ignore.strip().lower() == "true" if raw_ignore is not None else action_commit
+        entries = _iter_entries(name, data, nested=modern)
+        keys = self._receive_all(ctx, entries, ignore=ignore, ignore_any=modern)
+        if not commit:
+            return _uri_list([_data_url(k) for k in keys], params.get("format"))
+        # ≥1.8.10 dest / action=commit: build synchronously; archive only for an archive dest or commit+auto-archive.
+        archive = (dest is not None and dest.kind == "archive") or (
+            action_commit and (params.flag("auto-archive") or params.flag("AA"))
+        )
+        overwrite = params.get("overwrite")
+        uris: list[str] = []
+        for key in keys:
+            row = self.store.build(key)
+            if row is None:
+                continue
+            if not archive:
+                uris.append("/data" + row.url)
+                continue
+            options = _ArchiveOptions(
+                override_exceptions=overwrite in ("delete", "override"),
+                allow_merge=overwrite is not None or row.autoarchive != "Manual",
+                overwrite_files=params.flag("overwrite_files") or self.store.code(row.project) == 5,
+            )  # §3.5 DicomZipImporter.archiveSession
+            try:
+                uris.append(self.store.archive(row.key, options))
+            except _ArchiveError as failure:
+                raise _HttpError(400, "unable to archive for the Prearchive session") from failure
+        return _uri_list(uris, params.get("format"))
+
+    def _import_si(
+        self, request: _Request, ctx: _ImportContext, dest: _Dest | None, upload: tuple[str, bytes]
+    ) -> _Response:
+        """The legacy SessionImporter (§3.5): new folder per upload, synchronous build, archive if auto-archive."""
+        params = request.params
+        name, data = upload
+        entries = _iter_entries(name, data, nested=self.config.modern) if _archive_kind(name) else [(name, data)]
+        parsed: list[tuple[str, bytes, _Dicom]] = []
+        for entry_name, content in entries:
+            try:
+                parsed.append((entry_name, content, _parse_dicom(entry_name, content)))
+            except _EntryError:
+                continue  # the session builder ignores files it cannot read
+        if not parsed:
+            raise _HttpError(400, "Upload did not include parsable files for session generation.")
+        sessions: set[tuple[str | None, str, str]] = set()
+        with self.store.lock:
+            for _, _, dicom in parsed:
+                project, _, label = self.store.route(ctx, dicom)
+                sessions.add((project.id if project else None, dicom.study_uid, label))
+        if len(sessions) > 1 and not (dest is not None and dest.kind == "prearchive"):
+            raise _HttpError(400, "Upload included files for multiple imaging sessions.")
+        ctx.new_rows_only = True
+        keys = list(dict.fromkeys(self.store.receive(ctx, n, c, d) for n, c, d in parsed))
+        uris: list[str] = []
+        for key in keys:
+            row = self.store.build(key)
+            if row is None:
+                continue
+            code = self.store.code(row.project)
+            wanted = (
+                (code is not None and code >= 4)
+                or row.autoarchive in _AUTO_ARCHIVE_CODES
+                or (dest is not None and dest.kind == "archive")
+                or params.flag("auto-archive")
+                or params.flag("AA")
+            )
+            uris.append(self._si_archive(params, row) if wanted else "/data" + row.url)
+        return _uri_list(uris, params.get("format"))
+
+    def _si_archive(self, params: _Params, row: _Row) -> str:
+        overwrite = params.get("overwrite")
+        # Importer.parseOverrideValue (§3.3): absent -> (false, false); delete/override -> (true, true);
+        # any other value -> (false, true).
+        options = _ArchiveOptions(
+            override_exceptions=overwrite in ("delete", "override"),
+            allow_merge=overwrite is not None,
+            overwrite_files=params.flag("overwrite_files") or self.store.code(row.project) == 5,
+        )
+        try:
+            return self.store.archive(row.key, options)
+        except _ArchiveError as failure:  # SI's status for archive failures is [INF]
+            raise _HttpError(409 if failure.conflict else 500, failure.message) from failure
+
+    # -- archive (§6) -------------------------------------------------------------------------------------------
+
+    def _archivable_key(self, request: _Request, src: str) -> tuple[Key, _Project]:
+        """§6.4 checks of one `src`, in XNAT's order."""
+        path = src.split("?", 1)[0]
+        if re.match(r"^(?:/data|/REST)?/archive/", path):
+            raise _HttpError(400, f"Invalid src URI ({src})")
+        key = _prearc_key(src)
+        if key is None:
+            raise _HttpError(400, f"Invalid src URI ({src})")
+        if key[0] == UNASSIGNED:
+            raise _HttpError(400, "Cannot archive sessions from the Unassigned folder.")
+        project = self.store.project(key[0])
+        if project is None:
+            raise _HttpError(500, f"{src} invalid.")
+        if not self.store.can_edit(request.agent, project):
+            raise _HttpError(403, src)
+        key = (project.id, key[1], key[2])
+        if self.store.row(key) is None:
+            raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+        return key, project
+
+    def archive(self, request: _Request) -> _Response:
+        params = request.params
+        sources = params.all("src")
+        if not sources and all(params.get(k) for k in ("project", "PREARC_TIMESTAMP", "PREARC_SESSION_FOLDER")):
+            sources = [f"/prearchive/projects/{params.get('project')}/{params.get('PREARC_TIMESTAMP')}/"
+                       f"{params.get('PREARC_SESSION_FOLDER')}"]  # fmt: skip
+            params.set("project", "")
+        if not sources:
+            raise _HttpError(404, "Unknown prearchive session.")
+        if len(sources) > 1:
+            return self._archive_batch(request, sources)
+        key, _ = self._archivable_key(request, sources[0])
+        target = params.get("project")
+        if target:
+            destination = self.store.project(target)
+            if destination is None or not self.store.can_edit(request.agent, destination):
+                raise _HttpError(403, "Invalid permissions for new project.")
+            target = destination.id
+        overwrite = params.get("overwrite")
+        override = overwrite in ("append", "delete", "override")  # Archiver.finishSingleSessionArchive (§6.3)
+        row = self.store.row(key)
+        code = self.store.code(key[0])
+        options = _ArchiveOptions(
+            project=target or None,
+            subject=params.get("subject") or params.get("SUBJECT_ID"),
+            label=self._archive_label(params, row),
+            override_exceptions=override,
+            allow_merge=True,
+            overwrite_files=override or params.flag("overwrite_files") or code == 5,
+        )
+        redirect = params.flag("redirect") or (row is not None and self._auto_archive(params, row, code))
+        uri = self._run_archive(key, options)
+        if redirect:  # §6.2: 303 without a body
+            return _Response(303, headers=[("Location", self.site_url() + uri)])
+        return _uri_list([uri])
+
+    @staticmethod
+    def _archive_label(params: _Params, row: _Row | None) -> str | None:
+        """§6.1: session, else {xsiType}/label, else EXPT_LABEL, else label (then the row's name)."""
+        xsi_type = _SESSION_TYPES.get(row.modality, "xnat:otherDicomSessionData") if row else ""
+        for key in ("session", f"{xsi_type}/label", "EXPT_LABEL", "label"):
+            if params.get(key):
+                return params.get(key)
+        return None
+
+    @staticmethod
+    def _auto_archive(params: _Params, row: _Row, code: int | None) -> bool:
+        """`PrearcSession.isAutoArchive` (§6.2): the row first, then an explicit parameter, then the project."""
+        if row.autoarchive in _AUTO_ARCHIVE_CODES:
+            return True
+        explicit = params.get("auto-archive") or params.get("AA")
+        if explicit is not None:
+            return explicit.strip().lower() == "true"
+        return code is not None and code >= 4
+
+    def _run_archive(self, key: Key, options: _ArchiveOptions) -> str:
+        """Queue the archive job and wait for it up to the timeout (§6.2); failures are 500 `FAILED: ...`."""
+        future = self.jobs.submit(self.store.archive, key, options)
+        try:
+            return future.result(timeout=self.config.archive_timeout_seconds)
+        except FutureTimeoutError as exc:
+            raise _HttpError(
+                500, f"The session {key[0]}/{key[1]}/{key[2]} did not complete within the configured timeout interval."
+            ) from exc
+        except _ArchiveError as failure:
+            raise _HttpError(
+                500, f"FAILED: Unable to archive {key[2]}: Operation Failed: {failure.message}"
+            ) from failure
+
+    def _archive_batch(self, request: _Request, sources: list[str]) -> _Response:
+        """§6.3/§6.5 batch mode: rows go ARCHIVING, the answer comes at once, archiving continues in the background."""
+        overwrite = request.params.get("overwrite")
+        keys = [self._archivable_key(request, src)[0] for src in sources]
+        rows: list[dict[str, str]] = []
+        with self.store.lock:
+            for key in keys:
+                row = self.store.rows[key]
+                if row.status not in _ARCHIVABLE:
+                    raise _HttpError(403, "Operation already in progress on this prearchive entry.")
+            for key in keys:
+                row = self.store.rows[key]
+                row.status = ARCHIVING
+                rows.append(row.as_dict())
+        for key in keys:
+            code = self.store.code(key[0])
+            options = _ArchiveOptions(
+                override_exceptions=overwrite == "delete",
+                allow_merge=overwrite in ("append", "delete"),
+                overwrite_files=overwrite in ("append", "delete")
+                or request.params.flag("overwrite_files")
+                or code == 5,
+            )
+            self.jobs.submit(self._quiet_archive, key, options, frozenset({ARCHIVING}))
+        return _table(ROW_COLUMNS, rows, request.fmt("xml"))
+
+    def _quiet_archive(self, key: Key, options: _ArchiveOptions, from_statuses: frozenset[str]) -> None:
+        try:
+            self.store.archive(key, options, from_statuses=from_statuses)
+        except (_ArchiveError, _HttpError) as exc:
+            LOG.info("background archive of %s failed: %s", key, exc)
+
+    # -- prearchive (§5) ----------------------------------------------------------------------------------------
+
+    def prearchive(self, request: _Request) -> _Response:
+        """`GET /data/prearchive[/projects]`: rows of every project with edit rights, Unassigned for admins."""
+        if request.method == "PUT":
+            if not request.agent.admin:
+                raise _HttpError(403, "Only site administrators can refresh the prearchive.")
+            return _Response(200)
+        return self._listing(request, None)
+
+    def prearchive_projects(self, request: _Request) -> _Response:
+        names = [unquote(n) for n in request.groups["projects"].split(",") if n]
+        wanted: set[str] = set()
+        for name in names:
+            if name == UNASSIGNED:
+                if not request.agent.admin:
+                    raise _HttpError(403, f"The current user does not have access to the requested project: {name}")
+                wanted.add(UNASSIGNED)
+                continue
+            project = self.store.project(name)
+            if project is None and request.agent.admin:
+                continue  # unknown project for an admin: 200 with an empty Result
+            if project is None or not self.store.can_read(request.agent, project):
+                raise _HttpError(403, f"The current user does not have access to the requested project: {name}")
+            wanted.add(project.id)
+        return self._listing(request, wanted)
+
+    def _listing(self, request: _Request, projects: set[str] | None) -> _Response:
+        tag = request.params.get("tag")
+        if tag is not None and not request.agent.admin:
+            raise _HttpError(403, "Only site administrators can search the prearchive by tag.")
+        with self.store.lock:
+            rows = [
+                row.as_dict()
+                for row in self.store.rows.values()
+                if (
+                    row.project_label in projects
+                    if projects is not None
+                    else self.store.can_edit_label(request.agent, row.project_label)
+                )
+                and (tag is None or row.tag == tag)
+            ]
+        return _table(ROW_COLUMNS, rows, request.fmt())
+
+    def _session_key(self, request: _Request) -> Key:
+        """A prearchive session path: 500 `No project named X` for unknown projects, 403 without edit rights."""
+        name = request.group("project")
+        if name == UNASSIGNED:
+            if not request.agent.admin:
+                raise _HttpError(403, "Unable to modify session data for destination project.")
+            return (UNASSIGNED, request.group("timestamp"), request.group("folder"))
+        project = self.store.project(name)
+        if project is None:
+            raise _HttpError(500, f"No project named {name}")
+        if not self.store.can_edit(request.agent, project):
+            raise _HttpError(403, f"The current user does not have access to the requested project: {name}")
+        return (project.id, request.group("timestamp"), request.group("folder"))
+
+    def session_get(self, request: _Request) -> _Response:
+        key = self._session_key(request)
+        fmt = request.fmt("xml")
+        with self.store.lock:
+            row = self.store.rows.get(key)
+            table = [row.as_dict()] if row else []
+            if fmt in ("json", "csv", "html"):
+                return _table(ROW_COLUMNS, table, fmt)
+            if row is None:
+                raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+            if not row.built:
+                raise _HttpError(
+                    404,
+                    "The named session exists, but its XNAT session document is not available. "
+                    "The session is likely invalid or incomplete.",
+                )
+            if fmt == "zip":
+                return _Response(200, _zip_row(row), "application/zip")
+            return _text(_session_xml(row), content_type="text/xml;charset=UTF-8")
+
+    def session_post(self, request: _Request) -> _Response:
+        key = self._session_key(request)
+        action = request.params.get("action")
+        if not action:
+            raise _HttpError(400, "No action parameter was specified for this request.")
+        if self.store.row(key) is None:
+            raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+        actions: dict[str, Callable[[_Request, Key], _Response]] = {
+            "build": self._action_build,
+            "commit": self._action_commit,
+            "move": self._action_move,
+            "reset-status": self._action_reset,
+            "set-status": self._action_set_status,
+        }
+        if action not in actions:
+            raise _HttpError(400, f"The user requested an unsupported action {action} on the prearchive session.")
+        return actions[action](request, key)
+
+    def _action_build(self, request: _Request, key: Key) -> _Response:
+        row = self.store.build(key)
+        return _uri_list(["/data" + row.url] if row else [])
+
+    def _action_commit(self, request: _Request, key: Key) -> _Response:
+        """§5.5 commit: build; archive synchronously (answering 301 + archive URI) if the session is auto-archive."""
+        row = self.store.build(key)
+        if row is None:
+            raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+        if row.status != READY or not self._auto_archive(request.params, row, self.store.code(row.project)):
+            return _uri_list(["/data" + row.url])
+        uri = self._run_archive(row.key, self.store.queued_archive_options(row))
+        return _Response(301, uri.encode(), "text/plain", [("Location", self.site_url() + uri)])
+
+    def _action_move(self, request: _Request, key: Key) -> _Response:
+        destination = self.store.project(request.params.get("newProject"))
+        if destination is None or not self.store.can_edit(request.agent, destination):
+            raise _HttpError(403, "Unable to modify session data for destination project.")
+        new_key = self.store.move(key, destination)
+        uri = f"/data/prearchive/projects/{new_key[0]}/{new_key[1]}/{new_key[2]}"
+        return _Response(301, uri.encode(), "text/plain", [("Location", self.site_url() + uri)])
+
+    def _action_reset(self, request: _Request, key: Key) -> _Response:
+        with self.store.lock:
+            row = self.store.rows[key]
+            row.status = READY if row.built else RECEIVING  # status from the session XML [INF]
+            return _uri_list(["/data" + row.url])
+
+    def _action_set_status(self, request: _Request, key: Key) -> _Response:
+        status = request.params.get("status") or ""
+        if status not in ALL_STATUSES or status.startswith("_"):
+            raise _HttpError(400, f"Invalid status: {status}")
+        with self.store.lock:
+            row = self.store.rows[key]
+            if row.status.startswith("_"):
+                raise _HttpError(409, "session document locked")
+            row.status = status
+            return _uri_list(["/data" + row.url])
+
+    def session_delete(self, request: _Request) -> _Response:
+        name = request.group("project")
+        if name != UNASSIGNED and self.store.project(name) is None:
+            raise _HttpError(404, f"No project named {name}")
+        if not self.store.can_edit_label(request.agent, name):
+            raise _HttpError(403, "Unable to modify session data for destination project.")
+        key = self._session_key(request)
+        self.store.delete(key)
+        return _Response(200)
+
+    def _built_row(self, request: _Request) -> _Row:
+        row = self.store.row(self._session_key(request))
+        if row is None or not row.built:  # §5.6
+            raise _HttpError(404, "Unable to locate prearc resource.")
+        return row
+
+    def session_scans(self, request: _Request) -> _Response:
+        row = self._built_row(request)
+        with self.store.lock:
+            rows = [
+                {
+                    "ID": scan_id,
+                    "xsiType": _SCAN_TYPES.get(next(iter(f.values())).dicom.modality, "xnat:otherDicomScanData"),
+                    "series_description": next(iter(f.values())).dicom.series_description,
+                }
+                for scan_id, f in row.scans.items()
+            ]
+        return _table(["ID", "xsiType", "series_description"], rows, request.fmt())
+
+    def _session_scan(self, request: _Request) -> dict[str, _File]:
+        row = self._built_row(request)
+        files = row.scans.get(request.group("scan"))
+        if files is None or ("resource" in request.groups and request.group("resource") != "DICOM"):
+            raise _HttpError(404, "Unable to locate prearc resource.")
+        return files
+
+    def session_resources(self, request: _Request) -> _Response:
+        files = self._session_scan(request)
+        row = {
+            "label": "DICOM",
+            "file_count": str(len(files)),
+            "file_size": str(sum(len(f.data) for f in files.values())),
+        }
+        return _table(["label", "file_count", "file_size"], [row], request.fmt())
+
+    def session_files(self, request: _Request) -> _Response:
+        files = self._session_scan(request)
+        base = request.path
+        rows = [{"Name": n, "Size": str(len(f.data)), "URI": f"{base}/{n}"} for n, f in files.items()]
+        return _table(["Name", "Size", "URI"], rows, request.fmt())
+
+    def session_file(self, request: _Request) -> _Response:
+        found = self._session_scan(request).get(request.group("name"))
+        if found is None:
+            raise _HttpError(404, "Unable to locate prearc resource.")
+        return _Response(200, found.data, "application/dicom")
+
+    def session_logs(self, request: _Request) -> _Response:
+        row = self.store.row(self._session_key(request))
+        if row is None:
+            raise _HttpError(404, "Unable to locate prearc resource.")
+        with self.store.lock:
+            entries = list(row.log)
+        if "last" in request.groups:
+            return _text(entries[-1] if entries else "")
+        return _table(["entry"], [{"entry": e} for e in entries], request.fmt())
+
+    # -- batch services (§5.7) ----------------------------------------------------------------------------------
+
+    def batch(self, request: _Request) -> _Response:
+        action = request.groups["action"]
+        keys = self._batch_keys(request)
+        destination: _Project | None = None
+        if action == "move":
+            destination = self.store.project(request.params.get("newProject"))
+            if destination is None:
+                raise _HttpError(
+                    404, f"One or more specified projects does not exist: {request.params.get('newProject')}"
+                )
+            if not self.store.can_edit(request.agent, destination):
+                raise _HttpError(
+                    403,
+                    f"Invalid permissions for user {request.agent.username} to delete prearchive sessions "
+                    f"in one or more projects: {destination.id}",
+                )
+        queued = {"delete": QUEUED_DELETING, "rebuild": QUEUED_BUILDING, "move": QUEUED_MOVING}[action]
+        rows: list[dict[str, str]] = []
+        with self.store.lock:
+            for key in keys:
+                row = self.store.rows[key]
+                if row.status.startswith("_") or row.status in (BUILDING, ARCHIVING, QUEUED_ARCHIVING):
+                    raise _HttpError(409, "session document locked")
+            for key in keys:
+                row = self.store.rows[key]
+                row.status = queued
+                rows.append(row.as_dict())
+        synchronous = request.params.get("async") == "false"
+        for key in keys:
+            job = functools.partial(self._batch_job, action, key, destination)
+            if synchronous:
+                job()
+            else:
+                self.jobs.submit(job)
+        return _table(ROW_COLUMNS, rows, request.fmt("xml"))
+
+    def _batch_keys(self, request: _Request) -> list[Key]:
+        sources = request.params.all("src")
+        keys = [_prearc_key(src) for src in sources]
+        malformed = [src for src, key in zip(sources, keys, strict=True) if key is None]
+        if malformed:
+            raise _HttpError(500, f"One or more source values contained a malformed URL: {', '.join(malformed)}")
+        found = [k for k in keys if k is not None]
+        unknown = sorted({k[0] for k in found if k[0] != UNASSIGNED and self.store.project(k[0]) is None})
+        if unknown:
+            raise _HttpError(404, f"One or more specified projects does not exist: {', '.join(unknown)}")
+        resolved = [
+            (k[0] if k[0] == UNASSIGNED else cast(_Project, self.store.project(k[0])).id, k[1], k[2]) for k in found
+        ]
+        denied = sorted({k[0] for k in resolved if not self.store.can_edit_label(request.agent, k[0])})
+        if denied:
+            raise _HttpError(
+                403,
+                f"Invalid permissions for user {request.agent.username} to delete prearchive sessions "
+                f"in one or more projects: {', '.join(denied)}",
+            )
+        for key in resolved:
+            if self.store.row(key) is None:
+                raise _HttpError(404, f"/prearchive/projects/{key[0]}/{key[1]}/{key[2]} not found.")
+        return resolved
+
+    def _batch_job(self, action: str, key: Key, destination: _Project | None) -> None:
+        try:
+            if action == "delete":
+                self.store.pause()
+                self.store.delete(key)
+            elif action == "rebuild":  # never auto-archives (§5.3 autoArchiveBlocked)
+                self.store.build(key, only_from=frozenset({QUEUED_BUILDING}))
+            elif destination is not None:
+                self.store.pause()
+                self.store.move(key, destination)
+        except _HttpError as exc:
+            LOG.info("prearchive %s of %s failed: %s", action, key, exc.message)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Representations
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _data_url(key: Key) -> str:
+    return f"/data/prearchive/projects/{key[0]}/{key[1]}/{key[2]}"
+
+
+def _xml_attr(value: str) -> str:
+    return '"' + _xml(value) + '"'
+
+
+def _multipart(request: _Request) -> Iterator[tuple[str, str | None, bytes]]:
+    """(field name, file name or None, payload) of each part of a multipart/form-data body."""
+    boundary = _param_of(request.headers.get("Content-Type") or "", "boundary")
+    if not boundary:
+        raise _HttpError(400, "Unable to parse the multipart request: no boundary.")
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    for chunk in (b"\r\n" + request.body).split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, payload = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        disposition = ""
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "content-disposition":
+                disposition = value.strip()
+        name = _param_of(disposition, "name", "content-disposition") or ""
+        filename = _param_of(disposition, "filename", "content-disposition")
+        yield name, filename, payload
+
+
+def _experiment_item(experiment: _Experiment, subject_id: str) -> dict[str, Any]:
+    """An xnatpy-style `items` entry (§8.2) of an archived session."""
+    scans = [
+        {
+            "meta": {"xsi:type": scan.xsi_type, "isHistory": False},
+            "data_fields": {
+                "ID": scan.id, "type": scan.type, "series_description": scan.type, "UID": scan.series_uid,
+                "xsi:type": scan.xsi_type, "image_session_ID": experiment.id, "project": experiment.project,
+            },
+            "children": [
+                {
+                    "field": "file",
+                    "items": [
+                        {
+                            "meta": {"xsi:type": "xnat:resourceCatalog", "isHistory": False},
+                            "data_fields": {
+                                "label": "DICOM", "file_count": len(scan.files), "format": "DICOM", "content": "RAW",
+                            },
+                            "children": [],
+                        }
+                    ],
+                }
+            ],
+        }
+        for scan in experiment.scans.values()
+    ]  # fmt: skip
+    fields = {
+        "ID": experiment.id, "label": experiment.label, "project": experiment.project, "subject_ID": subject_id,
+        "UID": experiment.study_uid, "modality": experiment.modality, "date": experiment.date,
+    }  # fmt: skip
+    children = [{"field": "scans/scan", "items": scans}] if scans else []
+    return {"meta": {"xsi:type": experiment.xsi_type, "isHistory": False}, "data_fields": fields, "children": children}
+
+
+def _experiment_xml(experiment: _Experiment, subject_id: str) -> str:
+    root = _XML_ROOTS.get(experiment.modality, "xnat:OtherDicomSession")
+    scans = "".join(
+        f"<xnat:scan ID={_xml_attr(s.id)} type={_xml_attr(s.type)} UID={_xml_attr(s.series_uid)} "
+        f'xsi:type="{s.xsi_type}">'
+        f'<xnat:file label="DICOM" format="DICOM" content="RAW" xsi:type="xnat:resourceCatalog"/></xnat:scan>'
+        for s in experiment.scans.values()
+    )
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<{root} ID={_xml_attr(experiment.id)} '
+        f"project={_xml_attr(experiment.project)} label={_xml_attr(experiment.label)} "
+        f"UID={_xml_attr(experiment.study_uid)} "
+        'xmlns:xnat="http://nrg.wustl.edu/xnat" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
+        f"<xnat:subject_ID>{_xml(subject_id)}</xnat:subject_ID><xnat:scans>{scans}</xnat:scans></{root}>"
+    )
+
+
+def _session_xml(row: _Row) -> str:
+    """The prearchive session document (a minimal form of what the session builder writes)."""
+    root = _XML_ROOTS.get(row.modality, "xnat:OtherDicomSession")
+    scans = []
+    for scan_id, files in row.scans.items():
+        first = next(iter(files.values())).dicom
+        scan_type = _SCAN_TYPES.get(first.modality, "xnat:otherDicomScanData")
+        scans.append(
+            f"<xnat:scan ID={_xml_attr(scan_id)} type={_xml_attr(first.series_description)} "
+            f'UID={_xml_attr(first.series_uid)} xsi:type="{scan_type}"><xnat:file label="DICOM" format="DICOM" '
+            f'content="RAW" xsi:type="xnat:resourceCatalog" '
+            f'URI="SCANS/{_xml(scan_id)}/DICOM/scan_{_xml(scan_id)}_catalog.xml"/>'
+            "</xnat:scan>"
+        )
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<{root} project={_xml_attr(row.project_label)} '
+        f'label={_xml_attr(row.name)} UID={_xml_attr(row.tag)} xmlns:xnat="http://nrg.wustl.edu/xnat" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
+        f"<xnat:subject_ID>{_xml(row.subject)}</xnat:subject_ID><xnat:scans>{''.join(scans)}</xnat:scans></{root}>"
+    )
+
+
+def _zip_row(row: _Row) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for scan_id, files in row.scans.items():
+            for name, item in files.items():
+                archive.writestr(f"{row.folder}/SCANS/{scan_id}/DICOM/{name}", item.data)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTTP server
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], api: _Api) -> None:
+        super().__init__(address, _Handler)
+        self.api = api
+        self.connections: set[socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        LOG.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def close_connections(self) -> None:
+        with self.connections_lock:
+            open_sockets = list(self.connections)
+        for sock in open_sockets:
+            try:
+                sock.shutdown(SHUT_RDWR)
+            except OSError:
+                continue
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeXnat/1.8"
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def setup(self) -> None:
+        super().setup()
+        server = cast(_Server, self.server)
+        with server.connections_lock:
+            server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        server = cast(_Server, self.server)
+        with server.connections_lock:
+            server.connections.discard(self.connection)
+        super().finish()
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        LOG.debug("%s " + format, self.address_string(), *args)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline(65537).split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _serve(self, *, head: bool = False) -> None:
+        try:
+            body = self._read_body()
+        except ValueError:
+            self.send_error(400, "Bad request body")
+            return
+        server = cast(_Server, self.server)
+        response = server.api.handle("GET" if head else self.command, self.path, self.headers, body)
+        self.send_response(response.status)
+        if response.content_type is not None:
+            self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(response.body)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The public facade
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FakeXnat:
+    """An XNAT 1.8 stand-in on a local port (see the module docstring for the API and its limits)."""
+
+    def __init__(
+        self,
+        *,
+        version: str = "1.8.10",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        idle_build_seconds: float = 300.0,
+        rebuild_repeat_seconds: float = 60.0,
+        session_timeout_seconds: float = 900.0,
+        archive_timeout_seconds: float = 600.0,
+        operation_seconds: float = 0.0,
+        site_id: str = "XNAT",
+    ) -> None:
+        self._config = _Config(
+            version=version,
+            site_id=site_id,
+            idle_build_seconds=idle_build_seconds,
+            rebuild_repeat_seconds=rebuild_repeat_seconds,
+            session_timeout_seconds=session_timeout_seconds,
+            archive_timeout_seconds=archive_timeout_seconds,
+            operation_seconds=operation_seconds,
+        )
+        self._host = host
+        self._port = port
+        self._store = _Store(self._config)
+        self._jobs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fake-xnat-job")
+        self._api = _Api(self._store, self._config, self._jobs, lambda: self.url)
+        self._server: _Server | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeXnat is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def version(self) -> str:
+        return self._config.version
+
+    def start(self) -> FakeXnat:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._server = _Server((self._host, self._port), self._api)
+        server_thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-xnat-http", daemon=True
+        )
+        builder_thread = threading.Thread(target=self._builder_loop, name="fake-xnat-idle-builder", daemon=True)
+        self._threads = [server_thread, builder_thread]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the HTTP server, the idle builder and the job pool, and wait for them."""
+        server, self._server = self._server, None
+        self._stopping.set()
+        if server is not None:
+            server.shutdown()
+            server.close_connections()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+        self._jobs.shutdown(wait=True)
+        self._jobs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fake-xnat-job")
+        self._api.jobs = self._jobs
+
+    def __enter__(self) -> FakeXnat:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _builder_loop(self) -> None:
+        while not self._stopping.wait(self._config.rebuild_repeat_seconds):
+            try:
+                self._store.idle_pass(ignore_idle=False)
+            except Exception:
+                LOG.exception("fake XNAT idle builder failed")
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    def add_user(self, username: str, password: str, *, admin: bool = False) -> None:
+        with self._store.lock:
+            self._store.users[username] = _User(username, password, admin)
+
+    def add_project(
+        self,
+        project_id: str,
+        *,
+        owners: Iterable[str] = (),
+        members: Iterable[str] = (),
+        collaborators: Iterable[str] = (),
+        prearchive_code: int = 0,
+        aliases: Iterable[str] = (),
+        name: str | None = None,
+    ) -> None:
+        project = _Project(
+            project_id,
+            name or project_id,
+            set(owners),
+            set(members),
+            set(collaborators),
+            prearchive_code,
+            tuple(aliases),
+        )
+        with self._store.lock:
+            self._store.projects[project_id] = project
+
+    def issue_token(self, username: str) -> tuple[str, str]:
+        """An alias token for `username`: (alias UUID, secret), usable as Basic credentials."""
+        token = self._store.issue_token(username)
+        return token.alias, token.secret
+
+    def expire_sessions(self) -> None:
+        """Invalidate every JSESSIONID (clients must log in again)."""
+        with self._store.lock:
+            self._store.sessions.clear()
+
+    # -- fault injection ----------------------------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        method: str,
+        path_prefix: str,
+        *,
+        status: int = 503,
+        times: int = 1,
+        body: str | None = None,
+        html: bool = True,
+        after_processing: bool = False,
+        delay: float = 0.0,
+    ) -> None:
+        """Answer the next `times` matching requests with `status` (see the module docstring)."""
+        fault = _Fault(method.upper(), path_prefix, status, times, body, html, after_processing, delay)
+        with self._api._log_lock:
+            self._api.faults.append(fault)
+
+    def html_error_with_200_next(
+        self, method: str, path_prefix: str, message: str = "The upload failed: the session could not be imported."
+    ) -> None:
+        """The next matching request gets status 200 with an HTML error page (XNAT's `format=html` style)."""
+        self.fail_next(method, path_prefix, status=200, body=message, html=True)
+
+    # -- inspection ---------------------------------------------------------------------------------------------
+
+    def prearchive_rows(self, project: str | None = None) -> list[dict[str, str]]:
+        """The prearchive rows (§5.1 dicts), optionally of one project (or "Unassigned")."""
+        with self._store.lock:
+            return [r.as_dict() for r in self._store.rows.values() if project is None or r.project_label == project]
+
+    def experiments(self, project: str | None = None) -> list[ExperimentRecord]:
+        """Snapshots of the archived imaging sessions, optionally of one project."""
+        with self._store.lock:
+            return [e.record() for e in self._store.experiments.values() if project is None or e.project == project]
+
+    @property
+    def requests_log(self) -> list[tuple[str, str, int]]:
+        """(method, path+query, status) of every request so far."""
+        with self._api._log_lock:
+            return list(self._api.log)
+
+    def build_now(self) -> None:
+        """Run the idle builder once now, ignoring the idle time (auto-archive included)."""
+        self._store.idle_pass(ignore_idle=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _credentials(value: str) -> tuple[str, str]:
+    username, sep, password = value.partition(":")
+    if not sep or not username:
+        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD, got {value!r}")
+    return username, password
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingestd.testing.fake_xnat", description="Run a fake XNAT 1.8 server in the foreground."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--version", default="1.8.10", help="XNAT version to emulate (1.8.9 vs 1.8.10 behaviour)")
+    parser.add_argument(
+        "--user", action="append", type=_credentials, default=[], metavar="NAME:PASSWORD", help="a site admin"
+    )
+    parser.add_argument(
+        "--member", action="append", type=_credentials, default=[], metavar="NAME:PASSWORD",
+        help="a non-admin user who owns every --project",
+    )  # fmt: skip
+    parser.add_argument("--project", action="append", default=[], metavar="ID")
+    parser.add_argument("--prearchive-code", type=int, default=0, choices=(0, 4, 5), help="for every --project")
+    parser.add_argument("--idle-build-seconds", type=float, default=300.0)
+    parser.add_argument("--rebuild-repeat-seconds", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    xnat = FakeXnat(
+        version=args.version,
+        host=args.host,
+        port=args.port,
+        idle_build_seconds=args.idle_build_seconds,
+        rebuild_repeat_seconds=args.rebuild_repeat_seconds,
+    )
+    for username, password in args.user:
+        xnat.add_user(username, password, admin=True)
+    for username, password in args.member:
+        xnat.add_user(username, password)
+    for project_id in args.project:
+        xnat.add_project(project_id, owners=[u for u, _ in args.member], prearchive_code=args.prearchive_code)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with xnat:
+        LOG.info("fake XNAT %s listening on %s (Ctrl-C stops)", args.version, xnat.url)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            LOG.info("stopping")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,371 @@
+"""The XNAT client: one logged-in `requests.Session` per server, and failures classified where they are born.
+
+XNAT answers errors as HTML status pages (sometimes with status 200), uses 500 for archive conflicts, and
+silently routes an unknown project to `Unassigned` (see ../shared/reference/xnat-api.md). So every response
+is checked here: an HTML body is an error whatever the status; each failure becomes an `XnatError` that says
+whether trying again later can help (`retryable`: connection errors, timeouts, 5xx, 429) or not (other 4xx,
+XNAT's own messages such as a conflict on archive). Credentials are read once, kept out of every message and
+`repr`, and the session cookie is reused; a 401 logs in again once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import netrc
+import os
+import re
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import requests
+
+from ingestd import __version__
+from ingestd.config import Credentials, XnatServer
+from ingestd.errors import IngestdError
+
+__all__ = ["PrearchiveRow", "XnatClient", "XnatError", "load_credentials"]
+
+_H3 = re.compile(r"<h3>(.*?)</h3>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]+>")
+
+
+class XnatError(IngestdError):
+    """A failed XNAT request. `retryable`: the same request may succeed later; otherwise a person must act."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        self.retryable = retryable
+        self.status = status
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class _Secret:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PrearchiveRow:
+    project: str
+    timestamp: str
+    folder: str
+    name: str
+    subject: str
+    study_uid: str
+    status: str
+    url: str  # /prearchive/projects/P/TS/FOLDER (no /data)
+
+
+def _check_private(path: Path, what: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise XnatError(f"cannot read the {what} {path}: {exc.strerror}", retryable=False) from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise XnatError(f"the {what} {path} is readable by others: chmod 600 {path}", retryable=False)
+
+
+def load_credentials(credentials: Credentials, url: str) -> _Secret:
+    """Read the credentials for `url` from where the configuration says; raise XnatError (never the secret)."""
+    if credentials.netrc is not None:
+        _check_private(credentials.netrc, ".netrc file")
+        host = urlsplit(url).hostname or ""
+        try:
+            entry = netrc.netrc(str(credentials.netrc)).authenticators(host)
+        except (netrc.NetrcParseError, OSError) as exc:
+            raise XnatError(f"cannot parse {credentials.netrc}: {type(exc).__name__}", retryable=False) from None
+        if entry is None or not entry[0] or entry[2] is None:
+            raise XnatError(f"{credentials.netrc} has no login and password for machine {host}", retryable=False)
+        return _Secret(entry[0], entry[2])
+    if credentials.file is not None:
+        _check_private(credentials.file, "credentials file")
+        text = credentials.file.read_text(encoding="utf-8").strip()
+        username, sep, password = text.partition(":")
+        if not sep or not username or not password or "\n" in text:
+            raise XnatError(
+                f"{credentials.file} must hold one line username:password (or alias:secret)", retryable=False
+            )
+        return _Secret(username, password)
+    assert credentials.env_username is not None and credentials.env_password is not None  # noqa: S101 - validated
+    username = os.environ.get(credentials.env_username, "")
+    password = os.environ.get(credentials.env_password, "")
+    if not username or not password:
+        raise XnatError(
+            f"environment variables {credentials.env_username} and {credentials.env_password} must be set",
+            retryable=False,
+        )
+    return _Secret(username, password)
+
+
+def _message(response: requests.Response) -> str:
+    """XNAT's message from a response: the status page's <h3>, else the first line of text."""
+    text = response.text or ""
+    found = _H3.search(text)
+    if found:
+        return " ".join(_TAG.sub("", found.group(1)).split())[:500]
+    return " ".join(_TAG.sub(" ", text).split())[:500] or response.reason or "no message"
+
+
+def _is_html(response: requests.Response) -> bool:
+    head = (response.text or "")[:200].lstrip().lower()
+    return head.startswith(("<html", "<!doctype")) or "text/html" in response.headers.get("Content-Type", "")
+
+
+class XnatClient:
+    """A connection to one XNAT server. Not thread-safe: one delivery worker uses it at a time."""
+
+    def __init__(self, name: str, server: XnatServer) -> None:
+        self.name = name
+        self.server = server
+        self.base = server.url
+        self._secret: _Secret | None = None
+        self._session: requests.Session | None = None
+        self._timeout = (server.connect_timeout_seconds, server.read_timeout_seconds)
+
+    # -- session -------------------------------------------------------------------------------------
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        session.headers["User-Agent"] = f"ingestd/{__version__}"
+        session.verify = str(self.server.ca_bundle) if self.server.ca_bundle else self.server.verify_tls
+        session.trust_env = False  # no proxies or .netrc from the environment: only what the config names
+        return session
+
+    def login(self) -> None:
+        """Open a JSESSION with the configured credentials (HTTP Basic once), then use only the cookie."""
+        if self._secret is None:
+            self._secret = load_credentials(self.server.credentials, self.base)
+        session = self._session or self._new_session()
+        session.cookies.clear()
+        try:
+            response = session.get(
+                f"{self.base}/data/JSESSION",
+                auth=(self._secret.username, self._secret.password),
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise self._connection_error(exc) from None
+        if response.status_code == 401:
+            raise XnatError(f"XNAT {self.name} refused the login (401): check the credentials", retryable=True)
+        self._raise_for(response, "log in")
+        if "JSESSIONID" not in session.cookies:
+            session.cookies.set("JSESSIONID", response.text.strip(), domain=urlsplit(self.base).hostname or "")
+        self._session = session
+
+    def close(self) -> None:
+        """Log out (DELETE /data/JSESSION) and drop the session; errors are ignored."""
+        if self._session is None:
+            return
+        with contextlib.suppress(requests.RequestException):
+            self._session.delete(f"{self.base}/data/JSESSION", timeout=self._timeout)
+        self._session.close()
+        self._session = None
+
+    def _connection_error(self, exc: requests.RequestException) -> XnatError:
+        kind = "timed out" if isinstance(exc, requests.Timeout) else "is unreachable"
+        return XnatError(f"XNAT {self.name} {kind} ({type(exc).__name__})", retryable=True)
+
+    def _raise_for(self, response: requests.Response, doing: str) -> None:
+        status = response.status_code
+        if status < 400 and not _is_html(response):
+            return
+        message = _message(response)
+        retryable = status >= 500 or status == 429 or status in (401, 408)
+        if status < 400:  # an HTML page with a 2xx/3xx status: XNAT's way of reporting some errors
+            retryable = False
+        if status == 500 and message.startswith("FAILED:"):
+            retryable = False  # the archive step failed for a reason XNAT states (conflict, permissions)
+        raise XnatError(f"XNAT {self.name} could not {doing}: {status} {message}", retryable=retryable, status=status)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        doing: str,
+        *,
+        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        data: BinaryIO | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        allow: tuple[int, ...] = (),
+    ) -> requests.Response:
+        """One request with the session cookie; on 401 log in again once and repeat. Raises XnatError."""
+        for attempt in (1, 2):
+            if self._session is None:
+                self.login()
+            assert self._session is not None  # noqa: S101 - login() set it
+            if hasattr(data, "seek"):
+                data.seek(0)  # type: ignore[union-attr]
+            try:
+                response = self._session.request(
+                    method,
+                    f"{self.base}{path}",
+                    params=params,
+                    data=data,
+                    headers=dict(headers or {}),
+                    timeout=(self.server.connect_timeout_seconds, timeout or self.server.read_timeout_seconds),
+                    allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                raise self._connection_error(exc) from None
+            if response.status_code == 401 and attempt == 1:
+                self._session.cookies.clear()
+                self.login()
+                continue
+            if response.status_code in allow:
+                return response
+            self._raise_for(response, doing)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- projects --------------------------------------------------------------------------------------
+
+    def check_project(self, project: str) -> None:
+        """Pre-flight: the project exists and this account may write to it; else a permanent XnatError."""
+        response = self.request(
+            "GET", "/data/projects", f"list projects for {project}", params={"format": "json", "permissions": "edit"}
+        )
+        # XNAT's PermissionsProjectHandler: projects where this account may edit imaging sessions, as `id` and
+        # `secondary_id` columns (ProjectListResource in xnat-web).
+        writable = {row.get("id") or row.get("ID") for row in _rows(response)}
+        if project in writable:
+            return
+        check = self.request(
+            "GET", f"/data/projects/{project}", f"look up {project}", params={"format": "json"}, allow=(403, 404)
+        )
+        if check.status_code == 404:
+            raise XnatError(f"XNAT {self.name} has no project {project}", retryable=False, status=404)
+        raise XnatError(
+            f"the XNAT account on {self.name} cannot write to project {project}", retryable=False, status=403
+        )
+
+    # -- import and prearchive -------------------------------------------------------------------------
+
+    def import_zip(self, zip_path: Path, project: str, subject: str, session: str) -> list[str]:
+        """Upload a study zip to the project's prearchive (DICOM-zip); return the URIs XNAT answered."""
+        params = {
+            "import-handler": "DICOM-zip",
+            "PROJECT_ID": project,
+            "SUBJECT_ID": subject,
+            "EXPT_LABEL": session,
+            "dest": f"/prearchive/projects/{project}",
+            "overwrite": "append",
+        }
+        with zip_path.open("rb") as body:
+            response = self.request(
+                "POST",
+                "/data/services/import",
+                f"import {session} into {project}",
+                params=params,
+                data=body,
+                headers={"Content-Type": "application/zip"},
+            )
+        return [line.strip() for line in response.text.splitlines() if line.strip()]
+
+    def prearchive(self, project: str) -> list[PrearchiveRow]:
+        response = self.request(
+            "GET", f"/data/prearchive/projects/{project}", f"list prearchive {project}", params={"format": "json"}
+        )
+        return [_prearchive_row(row) for row in _rows(response)]
+
+    def prearchive_session(self, url: str) -> PrearchiveRow | None:
+        """One prearchive session by its URL (with or without /data); None if XNAT no longer has it."""
+        path = "/data" + url.removeprefix("/data")
+        response = self.request("GET", path, "read a prearchive session", params={"format": "json"}, allow=(404,))
+        if response.status_code == 404:
+            return None
+        rows = _rows(response)
+        return _prearchive_row(rows[0]) if rows else None
+
+    def build(self, url: str) -> None:
+        path = "/data" + url.removeprefix("/data")
+        self.request("POST", path, "build a prearchive session", params={"action": "build"})
+
+    def archive(self, url: str, project: str, subject: str, session: str) -> str:
+        """Archive a prearchive session (blocks until XNAT is done); return the archive URI."""
+        src = "/data" + url.removeprefix("/data")
+        response = self.request(
+            "POST",
+            "/data/services/archive",
+            f"archive {session} in {project}",
+            params={
+                "src": src,
+                "overwrite": "append",
+                "project": project,
+                "subject": subject,
+                "session": session,
+                "auto-archive": "false",
+            },
+            timeout=self.server.archive_timeout_seconds,
+            allow=(301, 302, 303),
+        )
+        if response.status_code in (301, 302, 303):
+            return urlsplit(response.headers.get("Location", "")).path
+        return response.text.strip().splitlines()[0] if response.text.strip() else ""
+
+    # -- archive ---------------------------------------------------------------------------------------
+
+    def experiment(self, project: str, subject: str, session: str) -> dict[str, Any] | None:
+        """The archived experiment's JSON item (data_fields and children), or None if XNAT has none."""
+        response = self.request(
+            "GET",
+            f"/data/projects/{project}/subjects/{subject}/experiments/{session}",
+            f"read experiment {session}",
+            params={"format": "json"},
+            allow=(404,),
+        )
+        if response.status_code == 404:
+            return None
+        items = response.json().get("items") or []
+        return items[0] if items else None
+
+
+def _rows(response: requests.Response) -> list[dict[str, str]]:
+    if "csv" in response.headers.get("Content-Type", ""):
+        return list(csv.DictReader(io.StringIO(response.text)))
+    try:
+        payload = response.json()
+    except ValueError:
+        raise XnatError("XNAT answered something that is not JSON", retryable=True) from None
+    result = payload.get("ResultSet", {}).get("Result", []) if isinstance(payload, dict) else []
+    return [row for row in result if isinstance(row, dict)]
+
+
+def _prearchive_row(row: Mapping[str, str]) -> PrearchiveRow:
+    return PrearchiveRow(
+        project=row.get("project", ""),
+        timestamp=row.get("timestamp", ""),
+        folder=row.get("folderName", ""),
+        name=row.get("name", ""),
+        subject=row.get("subject", ""),
+        study_uid=row.get("tag", ""),
+        status=row.get("status", ""),
+        url=row.get("url", ""),
+    )
+
+
+def scan_counts(experiment: Mapping[str, Any]) -> dict[str, int]:
+    """Series Instance UID -> DICOM file count, from an experiment's JSON item."""
+    counts: dict[str, int] = {}
+    for child in experiment.get("children", []):
+        if child.get("field") != "scans/scan":
+            continue
+        for scan in child.get("items", []):
+            uid = str(scan.get("data_fields", {}).get("UID", ""))
+            total = 0
+            for files in _resources(scan):
+                total += int(files.get("data_fields", {}).get("file_count", 0) or 0)
+            counts[uid] = total
+    return counts
+
+
+def _resources(scan: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    for child in scan.get("children", []):
+        if child.get("field") == "file":
+            yield from child.get("items", [])

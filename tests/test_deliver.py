@@ -1,0 +1,278 @@
+"""Delivery against the XNAT stand-in (real HTTP on 127.0.0.1): package, import, wait, archive, verify — once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from ingestd.config import Config, parse_config
+from ingestd.deliver import Deliverer
+from ingestd.header import read_file_header
+from ingestd.journal import Journal, Source, StudyState
+from ingestd.route import Router
+from ingestd.rules import load_rules
+from ingestd.spool import Spool
+from ingestd.testing.fake_xnat import FakeXnat
+from tests.dicom import encode, make_instance
+
+KEY = "d" * 40
+SCANNER = Source("dicom", "SCANNER", "INGESTD@127.0.0.1")
+
+RULES = """
+profiles:
+  research: {key: {env: INGESTD_TEST_KEY}}
+rules:
+  - name: research
+    when: {calling_aet: SCANNER}
+    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR', archive: ARCHIVE}
+    anonymize: research
+"""
+
+
+def study(series: int = 2, per_series: int = 3, study_uid: str | None = None, first: int = 1) -> list[pydicom.Dataset]:
+    """A study whose series have distinct SeriesNumbers (XNAT files scans by SeriesNumber)."""
+    study_uid = study_uid or generate_uid()
+    out = []
+    for number in range(first, first + series):
+        series_uid = generate_uid()
+        for index in range(per_series):
+            ds = make_instance(study_uid, series_uid, number=index + 1)
+            ds.SeriesNumber = number
+            ds.PatientName = "Deliver^Test"
+            ds.PatientID = "DELIVER1"
+            out.append(ds)
+    return out
+
+
+class Lab:
+    """A state directory with journal, spool, router and deliverer, and an XNAT stand-in to deliver to."""
+
+    def __init__(self, tmp_path: Path, xnat: FakeXnat, *, archive: bool = True, project: str = "PROJ") -> None:
+        self.xnat = xnat
+        self.state = tmp_path / "state"
+        self.state.mkdir()
+        rules = tmp_path / "lab.rules.yaml"
+        rules.write_text(RULES.replace("ARCHIVE", str(archive).lower()).replace("project: PROJ", f"project: {project}"))
+        self.config: Config = parse_config(
+            f"state_dir: {self.state}\n"
+            "xnat:\n"
+            "  servers:\n"
+            "    main:\n"
+            f"      url: {xnat.url}\n"
+            "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
+            "      poll_interval_seconds: 0.05\n"
+            "      build_wait_seconds: 0.3\n"
+            "      ready_timeout_seconds: 20\n"
+            "      retry: {initial_seconds: 0.05, max_seconds: 0.2, max_attempts: 6}\n"
+        )
+        self.journal = Journal(self.state / "journal.sqlite")
+        self.spool = Spool(self.state / "spool", self.journal)
+        self.router = Router(self.journal, load_rules([rules]), self.state)
+        self.router.recover()
+        self.deliverer = Deliverer(self.journal, self.config)
+        self.deliverer.packages.mkdir(parents=True, exist_ok=True)
+
+    def receive(self, datasets: list[pydicom.Dataset]) -> None:
+        for ds in datasets:
+            data = encode(ds)
+            self.spool.store(data[:0], data, read_file_header(data), SCANNER)
+        for batch in self.journal.batches((StudyState.RECEIVING,)):
+            assert self.journal.complete_batch(batch.id, batch.last_received, time.time())
+        self.router.check()
+
+    def deliver(self, timeout: float = 20.0) -> None:
+        """Run delivery steps until no batch is routed any more."""
+        deadline = time.monotonic() + timeout
+        while self.journal.batches((StudyState.ROUTED,)):
+            assert time.monotonic() < deadline, self.journal.deliveries()
+            self.deliverer.check()
+            time.sleep(0.02)
+
+    def batch(self, index: int = 0) -> tuple[object, dict[str, object]]:
+        batch = sorted(self.journal.batches(), key=lambda b: b.id)[index]
+        delivery = self.journal.delivery(batch.id)
+        assert delivery is not None
+        return batch, delivery
+
+    def imports(self) -> int:
+        return sum(
+            1 for method, path, _status in self.xnat.requests_log if method == "POST" and "services/import" in path
+        )
+
+
+@pytest.fixture
+def xnat(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXnat]:
+    monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
+    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "s3cret-pw")
+    with FakeXnat(version="1.8.10", idle_build_seconds=0.3, rebuild_repeat_seconds=0.1) as server:
+        server.add_user("ingestd", "s3cret-pw")
+        server.add_project("PROJ", members=["ingestd"])
+        server.add_project("READONLY", collaborators=["ingestd"])
+        yield server
+
+
+def test_study_is_archived_verified_and_cleaned_up(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=2, per_series=3))
+    lab.deliver()
+    batch, delivery = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert delivery["step"] == "done" and str(delivery["archive_uri"]).startswith("/data/archive/projects/PROJ/")
+    (experiment,) = xnat.experiments("PROJ")
+    assert len(experiment.scans) == 2 and sum(len(scan.files) for scan in experiment.scans.values()) == 6
+    route = lab.journal.routes()[batch.id]  # type: ignore[attr-defined]
+    assert (experiment.subject, experiment.label, experiment.study_uid) == (
+        route["subject"],
+        route["session"],
+        route["study_uid"],
+    )
+    assert not xnat.prearchive_rows("PROJ")
+    assert not list((lab.state / "spool").rglob("*.dcm")) and not list((lab.state / "outbox").rglob("*.dcm"))
+    assert not list((lab.state / "packages").iterdir())
+    assert lab.imports() == 1
+
+
+def test_rule_without_archive_leaves_it_ready_in_the_prearchive(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat, archive=False)
+    lab.receive(study(series=1, per_series=2))
+    lab.deliver()
+    batch, delivery = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    (row,) = xnat.prearchive_rows("PROJ")
+    assert row["status"] == "READY" and f"/data{row['url']}" == f"/data{delivery['prearchive_url']}"
+    assert not xnat.experiments("PROJ")
+
+
+def test_older_xnat_is_asked_to_build_a_session_left_receiving(tmp_path: Path, xnat: FakeXnat) -> None:
+    """XNAT up to 1.8.9 ignores dest for DICOM-zip and builds only after minutes of idleness."""
+    with FakeXnat(version="1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
+        old.add_user("ingestd", "s3cret-pw")
+        old.add_project("PROJ", members=["ingestd"])
+        lab = Lab(tmp_path, old)
+        lab.receive(study(series=1, per_series=2))
+        lab.deliver()
+        assert any("action=build" in path for method, path, _ in old.requests_log if method == "POST")
+        assert len(old.experiments("PROJ")) == 1
+
+
+def test_unknown_project_is_held_not_sent_to_unassigned(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat, project="NOSUCH")
+    lab.receive(study(series=1, per_series=1))
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
+    assert "has no project NOSUCH" in str(batch.reason)  # type: ignore[attr-defined]
+    assert lab.imports() == 0 and not xnat.prearchive_rows()
+
+
+def test_read_only_project_is_held(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat, project="READONLY")
+    lab.receive(study(series=1, per_series=1))
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert "cannot write to project READONLY" in str(batch.reason)  # type: ignore[attr-defined]
+    assert lab.imports() == 0
+
+
+def test_outage_is_retried_with_backoff(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=1, per_series=2))
+    xnat.fail_next("POST", "/data/services/import", status=503, times=2)
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert lab.imports() == 3 and len(xnat.experiments("PROJ")) == 1
+
+
+def test_import_that_xnat_did_but_the_client_never_heard_of_is_adopted(tmp_path: Path, xnat: FakeXnat) -> None:
+    """A proxy 504 after XNAT stored the upload: the retry finds the session instead of importing again."""
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=2, per_series=2))
+    xnat.fail_next("POST", "/data/services/import", status=504, after_processing=True)
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert lab.imports() == 1
+    assert len(xnat.experiments("PROJ")) == 1 and not xnat.prearchive_rows()
+
+
+def test_archive_that_xnat_did_but_the_client_never_heard_of_is_verified(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=1, per_series=3))
+    xnat.fail_next("POST", "/data/services/archive", status=504, after_processing=True)
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    archives = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/archive" in path]
+    assert len(archives) == 1 and len(xnat.experiments("PROJ")) == 1
+
+
+def test_expired_session_logs_in_again(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=1, per_series=1))
+    lab.deliverer.check()  # package
+    lab.deliverer.check()  # preflight: logged in
+    xnat.expire_sessions()
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+
+
+def test_late_series_are_appended_to_the_same_session(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat)
+    first = study(series=2, per_series=2)
+    lab.receive(first)
+    lab.deliver()
+    lab.receive(study(series=1, per_series=2, study_uid=first[0].StudyInstanceUID, first=3))
+    lab.deliver()
+    assert [b.state for b in sorted(lab.journal.batches(), key=lambda b: b.id)] == [StudyState.DELIVERED] * 2
+    (experiment,) = xnat.experiments("PROJ")
+    assert len(experiment.scans) == 3
+
+
+def test_session_label_of_another_study_is_held_before_sending(tmp_path: Path, xnat: FakeXnat) -> None:
+    """XNAT would merge another study into an archived session of the same label (overwrite=append): held first."""
+    lab = Lab(tmp_path, xnat)
+    first = study(series=1, per_series=1)
+    lab.receive(first)
+    lab.deliver()
+    other = study(series=1, per_series=1)  # another study of the same patient: same subject and session label
+    lab.receive(other)
+    lab.deliver()
+    batch, _ = lab.batch(1)
+    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
+    assert "already has" in str(batch.reason) and "for another study" in str(batch.reason)  # type: ignore[attr-defined]
+    assert lab.imports() == 1
+    (experiment,) = xnat.experiments("PROJ")
+    assert experiment.study_uid == lab.journal.routes()[1]["study_uid"]
+
+
+def test_conflict_on_archive_holds_with_xnats_message(tmp_path: Path, xnat: FakeXnat) -> None:
+    """XNAT refuses the archive (its 500 "FAILED: ..." is a permanent refusal, not an outage): held with it."""
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=1, per_series=2))
+    xnat.fail_next(
+        "POST", "/data/services/archive", status=500, body="FAILED: Unable to archive S: Operation Failed: Nope."
+    )
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
+    assert "FAILED: Unable to archive S: Operation Failed: Nope." in str(batch.reason)  # type: ignore[attr-defined]
+
+
+def test_credentials_never_reach_the_journal(tmp_path: Path, xnat: FakeXnat, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "wrong-password-123")
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=1, per_series=1))
+    for _ in range(20):
+        lab.deliverer.check()
+        time.sleep(0.02)
+    _, delivery = lab.batch()
+    assert "refused the login" in str(delivery["last_error"])
+    assert b"wrong-password-123" not in (lab.state / "journal.sqlite").read_bytes()
