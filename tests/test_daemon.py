@@ -7,12 +7,15 @@ import socket
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
+from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import make_study, write_instances
 from tests.procs import DaemonProcess, Storescu, free_port, process_group, wait_until, write_daemon_config
 
@@ -194,3 +197,98 @@ def test_daemon_routes_and_deidentifies(tmp_path: Path, monkeypatch: pytest.Monk
     log = (tmp_path / "daemon.log").read_text()
     assert "CANARY" not in log and "Canaryname" not in log
     assert not any(uid in log for ds in study for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+
+
+def _xnat_config(tmp_path: Path, port: int, url: str) -> Path:
+    rules = tmp_path / "lab.rules.yaml"
+    rules.write_text(
+        "profiles:\n"
+        "  research: {key: {env: INGESTD_TEST_KEY}}\n"
+        "rules:\n"
+        "  - name: scanner\n"
+        "    when: {calling_aet: STORESCU}\n"
+        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
+        " archive: true}\n"
+        "    anonymize: research\n"
+    )
+    extra = (
+        "rules: [lab.rules.yaml]\n"
+        "xnat:\n"
+        "  servers:\n"
+        "    main:\n"
+        f"      url: {url}\n"
+        "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
+        "      poll_interval_seconds: 0.2\n"
+        "      retry: {initial_seconds: 0.2, max_seconds: 1}\n"
+    )
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port, extra=extra)
+    config.write_text(config.read_text().replace("study_idle_seconds: 3600", "study_idle_seconds: 1"))
+    return config
+
+
+def _numbered_study() -> list[Any]:
+    study = make_study(series=2, per_series=3)
+    for ds in study:
+        ds.SeriesNumber = 1 if ds.SeriesInstanceUID == study[0].SeriesInstanceUID else 2
+    return study
+
+
+@pytest.fixture
+def xnat(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXnat]:
+    monkeypatch.setenv("INGESTD_TEST_KEY", "t" * 40)
+    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "pw-for-tests")
+    with FakeXnat(version="1.8.10") as server:
+        server.add_user("ingestd", "pw-for-tests")
+        server.add_project("PROJ", members=["ingestd"])
+        yield server
+
+
+def _delivery_step(config: Path) -> str | None:
+    studies = _status(config)["studies"]
+    assert isinstance(studies, list)
+    if not studies or studies[0]["delivery"] is None:
+        return None
+    return str(studies[0]["delivery"]["step"])
+
+
+def test_daemon_delivers_to_xnat(tmp_path: Path, xnat: FakeXnat) -> None:
+    """storescu -> spool -> complete -> routed and de-identified -> zip -> XNAT import -> archive -> verified."""
+    port = free_port()
+    config = _xnat_config(tmp_path, port, xnat.url)
+    files = write_instances(_numbered_study(), tmp_path / "scan")
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        assert daemon.terminate() == 0
+    (experiment,) = xnat.experiments("PROJ")
+    assert len(experiment.scans) == 2 and sum(len(s.files) for s in experiment.scans.values()) == 6
+    assert "pw-for-tests" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_kill9_during_import_delivers_exactly_once(tmp_path: Path, xnat: FakeXnat) -> None:
+    """The daemon dies while XNAT is still answering an import it has already stored: after the restart the
+    session is found and adopted, never imported a second time."""
+    port = free_port()
+    config = _xnat_config(tmp_path, port, xnat.url)
+    files = write_instances(_numbered_study(), tmp_path / "scan")
+    xnat.fail_next("POST", "/data/services/import", status=504, after_processing=True, delay=30)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+        wait_until(lambda: xnat.prearchive_rows("PROJ") and _delivery_step(config) == "importing", 60, interval=0.2)
+        assert daemon.kill9() == -9
+        daemon.start()
+        daemon.wait_ready(port)
+        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        adopted = [r for r in daemon.logged("deliver") if r.get("outcome") == "adopted"]
+        assert daemon.terminate() == 0
+    assert adopted and adopted[0]["where"] == "prearchive"
+    # The only import is the one the first daemon died waiting for (the stand-in logs a request when it has
+    # answered it, and that answer never reached anyone): the restarted daemon imported nothing.
+    imports = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/import" in path]
+    assert imports == []
+    assert len(xnat.experiments("PROJ")) == 1 and not xnat.prearchive_rows()
