@@ -1,4 +1,4 @@
-"""The `ingestd` command: run, check-config, check-rules, new-key, explain, anonymize, status."""
+"""The `ingestd` command: run, check-config, check-rules, new-key, explain, anonymize, status, retry, release."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     anonymize.add_argument("input", type=Path, help="a DICOM file or a folder")
     anonymize.add_argument("output", type=Path, help="the folder to write into (<study>/<series>/<instance>.dcm)")
 
+    retry = commands.add_parser("retry", help="try held studies again, from the step that held them")
+    retry.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("study", nargs="?", help="batch id, study digest (sha256:...), or Study Instance UID")
+    which.add_argument("--held", action="store_true", help="every held study")
+
+    release = commands.add_parser("release", help="take a held study over by hand: ingestd stops working on it")
+    release.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    release.add_argument("study", help="batch id, study digest (sha256:...), or Study Instance UID")
+
     status = commands.add_parser("status", help="list studies and quarantined items from the journal")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -100,6 +110,43 @@ def _cmd_offline(args: argparse.Namespace) -> int:
         print(message, file=sys.stdout if ok else sys.stderr)
         failed += not ok
     return 1 if failed else 0
+
+
+def _held_batches(journal: Journal, reference: str | None) -> list[int]:
+    """The held batches a person named: by batch id, by study digest, original or outgoing Study Instance UID."""
+    from ingestd.logs import uid_digest  # noqa: PLC0415
+
+    routes = journal.routes()
+    held = [batch for batch in journal.batches(("held",))]
+    if reference is None:
+        return sorted(batch.id for batch in held)
+    return sorted(
+        batch.id
+        for batch in held
+        if reference in (str(batch.id), batch.study_uid, uid_digest(batch.study_uid))
+        or reference == routes.get(batch.id, {}).get("study_uid")
+    )
+
+
+def _cmd_retry_release(args: argparse.Namespace, config: Config) -> int:
+    if not config.journal_path.exists():
+        print(f"ingestd: no journal at {config.journal_path}", file=sys.stderr)
+        return 1
+    journal = Journal(config.journal_path)
+    try:
+        batches = _held_batches(journal, None if args.command == "retry" and args.held else args.study)
+        if not batches:
+            print("ingestd: no held study matches", file=sys.stderr)
+            return 1
+        now = time.time()
+        for batch_id in batches:
+            if args.command == "retry":
+                print(f"batch {batch_id}: {journal.retry_batch(batch_id, now) or 'not held any more'}")
+            else:
+                print(f"batch {batch_id}: {'released' if journal.release_batch(batch_id, now) else 'not held'}")
+    finally:
+        journal.close()
+    return 0
 
 
 def _cmd_check_rules(files: list[Path]) -> int:
@@ -271,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return pe
         config = load_config(args.config)
         if args.command == "run":
             return _cmd_run(config)
+        if args.command in ("retry", "release"):
+            return _cmd_retry_release(args, config)
         data = _status_data(config, show_uids=args.show_uids)
         if args.json:
             json.dump(data, sys.stdout, indent=2)

@@ -137,6 +137,7 @@ class StudyState(StrEnum):
     COMPLETE = "complete"
     ROUTED = "routed"  # a rule decided the labels; the outgoing (de-identified) instances are written
     DELIVERED = "delivered"  # XNAT has it (archived, or READY in the prearchive when the rule does not archive)
+    RELEASED = "released"  # a person took a held batch over (`ingestd release`); ingestd does nothing more with it
     HELD = "held"
 
 
@@ -541,6 +542,39 @@ class Journal:
     def spool_files(self, batch_id: int) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT spool_path FROM instances WHERE batch_id = ?", (batch_id,))]
+
+    # -- held batches: a person's decisions ------------------------------------------------------------
+
+    def retry_batch(self, batch_id: int, now: float) -> str | None:
+        """Put a held batch back where it was held: routing again, or its delivery step with a fresh schedule.
+
+        Returns the state it moved to, or None if it was not held.
+        """
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row is None or row["state"] != StudyState.HELD:
+                return None
+            routed = db.execute("SELECT 1 FROM routes WHERE batch_id = ?", (batch_id,)).fetchone() is not None
+            state = StudyState.ROUTED if routed else StudyState.COMPLETE
+            db.execute(
+                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL WHERE id = ?", (state, now, batch_id)
+            )
+            db.execute(
+                "UPDATE deliveries SET attempts = 0, next_attempt_at = ?, started_at = ?, step_started_at = ?,"
+                " last_error = NULL, build_requested_at = NULL WHERE batch_id = ?",
+                (now, now, now, batch_id),
+            )
+            return str(state)
+
+    def release_batch(self, batch_id: int, now: float) -> bool:
+        """A person takes a held batch over: ingestd stops working on it and deletes nothing."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE batches SET state = ?, state_changed = ?, reason = 'released by a person: ' || reason"
+                " WHERE id = ? AND state = ?",
+                (StudyState.RELEASED, now, batch_id, StudyState.HELD),
+            )
+            return cursor.rowcount == 1
 
     # -- quarantine --------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from ingestd.cli import main
 from ingestd.config import Config, parse_config
 from ingestd.deliver import Deliverer
 from ingestd.header import read_file_header
@@ -276,3 +277,35 @@ def test_credentials_never_reach_the_journal(tmp_path: Path, xnat: FakeXnat, mon
     _, delivery = lab.batch()
     assert "refused the login" in str(delivery["last_error"])
     assert b"wrong-password-123" not in (lab.state / "journal.sqlite").read_bytes()
+
+
+def test_held_study_is_retried_after_the_cause_is_fixed(tmp_path: Path, xnat: FakeXnat) -> None:
+    """Held for a missing project; the project is created; `ingestd retry --held` delivers it."""
+    lab = Lab(tmp_path, xnat, project="LATER")
+    lab.receive(study(series=1, per_series=2))
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
+    xnat.add_project("LATER", members=["ingestd"])
+    config = tmp_path / "ingestd.yaml"
+    config.write_text(f"state_dir: {lab.state}\n")
+    assert main(["retry", "--config", str(config), "--held"]) == 0
+    lab.deliver()
+    batch, delivery = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert len(xnat.experiments("LATER")) == 1 and delivery["attempts"] == 0
+
+
+def test_released_study_is_left_alone(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat, project="NOSUCH")
+    lab.receive(study(series=1, per_series=1))
+    lab.deliver()
+    batch, _ = lab.batch()
+    config = tmp_path / "ingestd.yaml"
+    config.write_text(f"state_dir: {lab.state}\n")
+    assert main(["release", "--config", str(config), str(batch.id)]) == 0  # type: ignore[attr-defined]
+    assert main(["release", "--config", str(config), str(batch.id)]) == 1  # type: ignore[attr-defined]
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.RELEASED  # type: ignore[attr-defined]
+    assert str(batch.reason).startswith("released by a person: deliver: XNAT main has no project NOSUCH")  # type: ignore[attr-defined]
+    assert list((lab.state / "spool").rglob("*.dcm"))  # nothing deleted
