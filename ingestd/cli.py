@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     anonymize.add_argument("input", type=Path, help="a DICOM file or a folder")
     anonymize.add_argument("output", type=Path, help="the folder to write into (<study>/<series>/<instance>.dcm)")
 
+    demo = commands.add_parser(
+        "demo", help="start an XNAT stand-in and the daemon, send a study, show it arrive de-identified (1 min)"
+    )
+    demo.add_argument("--keep", type=Path, metavar="FOLDER", help="work in FOLDER and keep it (default: a temp folder)")
+
     retry = commands.add_parser("retry", help="try held studies again, from the step that held them")
     retry.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     which = retry.add_mutually_exclusive_group(required=True)
@@ -301,7 +306,7 @@ def _print_status(data: dict[str, Any]) -> None:
         print(f"  {when}  {item['path']}  ({item['source_kind']}:{item['source']}): {item['reason']}")
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return per command
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one branch and return per command
     """Run the `ingestd` command; return the exit status."""
     args = _parser().parse_args(argv)
     try:
@@ -315,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one return pe
             return _cmd_new_key(args.file)
         if args.command in ("explain", "anonymize"):
             return _cmd_offline(args)
+        if args.command == "demo":
+            from ingestd.demo import run_demo  # noqa: PLC0415 - starts servers; only for this command
+
+            return run_demo(args.keep)
         config = load_config(args.config)
         if args.command == "run":
             return _cmd_run(config)

@@ -2868,6 +2868,18 @@ class FakeXnat:
         with self._store.lock:
             return [e.record() for e in self._store.experiments.values() if project is None or e.project == project]
 
+    def archived_files(self, project: str, label: str) -> dict[str, bytes]:
+        """The stored files of an archived session, keyed `<scan id>/<file name>` (tests assert on the bytes)."""
+        with self._store.lock:
+            for experiment in self._store.experiments.values():
+                if experiment.project == project and experiment.label == label:
+                    return {
+                        f"{scan_id}/{name}": file.data
+                        for scan_id, scan in experiment.scans.items()
+                        for name, file in scan.files.items()
+                    }
+        return {}
+
     @property
     def requests_log(self) -> list[tuple[str, str, int]]:
         """(method, path+query, status) of every request so far."""
