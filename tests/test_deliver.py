@@ -309,3 +309,49 @@ def test_released_study_is_left_alone(tmp_path: Path, xnat: FakeXnat) -> None:
     assert batch.state == StudyState.RELEASED  # type: ignore[attr-defined]
     assert str(batch.reason).startswith("released by a person: deliver: XNAT main has no project NOSUCH")  # type: ignore[attr-defined]
     assert list((lab.state / "spool").rglob("*.dcm"))  # nothing deleted
+
+
+def test_xnat_down_at_start_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens on XNAT's port at first: connection errors are retried until it comes up."""
+    monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
+    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "s3cret-pw")
+    with FakeXnat() as probe:  # pick a free port, then free it again
+        port = int(probe.url.rsplit(":", 1)[1])
+        lab = Lab(tmp_path, probe)
+    lab.receive(study(series=1, per_series=2))
+    for _ in range(5):
+        lab.deliverer.check()
+        time.sleep(0.05)
+    _, delivery = lab.batch()
+    assert delivery["attempts"] >= 1 and "unreachable" in str(delivery["last_error"])
+    with FakeXnat(port=port) as xnat:
+        xnat.add_user("ingestd", "s3cret-pw")
+        xnat.add_project("PROJ", members=["ingestd"])
+        lab.xnat = xnat
+        lab.deliver()
+        batch, _ = lab.batch()
+        assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+        assert len(xnat.experiments("PROJ")) == 1
+
+
+def test_connection_reset_mid_upload_is_retried(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=2, per_series=3))
+    xnat.reset_next("POST", "/data/services/import")
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert [status for method, path, status in xnat.requests_log if "services/import" in path] == [0, 200]
+    assert len(xnat.experiments("PROJ")) == 1
+
+
+def test_throttling_and_slow_answers_are_waited_out(tmp_path: Path, xnat: FakeXnat) -> None:
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=1, per_series=2))
+    xnat.fail_next("GET", "/data/prearchive/projects/PROJ/", status=429, times=3, html=False, body="slow down")
+    xnat.fail_next("POST", "/data/services/archive", status=502, delay=0.3)
+    lab.deliver()
+    batch, _ = lab.batch()
+    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert len(xnat.experiments("PROJ")) == 1

@@ -61,6 +61,7 @@ import logging
 import re
 import secrets
 import signal
+import struct
 import tarfile
 import threading
 import time
@@ -78,7 +79,7 @@ from email.utils import collapse_rfc2231_value
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socket import SHUT_RDWR, socket
+from socket import SHUT_RDWR, SO_LINGER, SOL_SOCKET, socket
 from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -1400,6 +1401,7 @@ class _Api:
         self.jobs = jobs
         self.site_url = site_url
         self.faults: list[_Fault] = []
+        self.resets: list[list[Any]] = []  # [method, path prefix, remaining]: connections cut mid-upload
         self.log: list[tuple[str, str, int]] = []
         self._log_lock = threading.Lock()
         get, post, put, delete = "GET", "POST", "PUT", "DELETE"
@@ -1467,6 +1469,15 @@ class _Api:
         with self._log_lock:
             self.log.append((method, target, response.status))
         return response
+
+    def take_reset(self, method: str, path: str) -> bool:
+        with self._log_lock:
+            for reset in self.resets:
+                if reset[2] > 0 and reset[0] == method.upper() and path.startswith(reset[1]):
+                    reset[2] -= 1
+                    self.log.append((method, path, 0))
+                    return True
+        return False
 
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._log_lock:
@@ -2678,12 +2689,19 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _serve(self, *, head: bool = False) -> None:
+        server = cast(_Server, self.server)
+        if server.api.take_reset(self.command, urlsplit(self.path).path):
+            # A connection cut mid-upload: read a little of the body, then reset (RST, not a clean close).
+            self.rfile.read(min(65536, int(self.headers.get("Content-Length") or 0)))
+            self.connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+            return
         try:
             body = self._read_body()
         except ValueError:
             self.send_error(400, "Bad request body")
             return
-        server = cast(_Server, self.server)
         response = server.api.handle("GET" if head else self.command, self.path, self.headers, body)
         self.send_response(response.status)
         if response.content_type is not None:
@@ -2849,6 +2867,14 @@ class FakeXnat:
         fault = _Fault(method.upper(), path_prefix, status, times, body, html, after_processing, delay)
         with self._api._log_lock:
             self._api.faults.append(fault)
+
+    def reset_next(self, method: str, path_prefix: str, *, times: int = 1) -> None:
+        """Cut the connection of the next `times` matching requests after 64 KiB of their body (a TCP reset).
+
+        Nothing of the request is processed; `requests_log` records it with status 0.
+        """
+        with self._api._log_lock:
+            self._api.resets.append([method.upper(), path_prefix, times])
 
     def html_error_with_200_next(
         self, method: str, path_prefix: str, message: str = "The upload failed: the session could not be imported."
