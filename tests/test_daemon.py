@@ -292,3 +292,56 @@ def test_kill9_during_import_delivers_exactly_once(tmp_path: Path, xnat: FakeXna
     imports = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/import" in path]
     assert imports == []
     assert len(xnat.experiments("PROJ")) == 1 and not xnat.prearchive_rows()
+
+
+def test_kill9_during_archive_delivers_exactly_once(tmp_path: Path, xnat: FakeXnat) -> None:
+    """XNAT has archived the session but the daemon dies before hearing so: the restart finds the experiment."""
+    port = free_port()
+    config = _xnat_config(tmp_path, port, xnat.url)
+    files = write_instances(_numbered_study(), tmp_path / "scan")
+    xnat.fail_next("POST", "/data/services/archive", status=504, after_processing=True, delay=30)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+        wait_until(lambda: xnat.experiments("PROJ") and _delivery_step(config) == "archiving", 60, interval=0.2)
+        assert daemon.kill9() == -9
+        daemon.start()
+        daemon.wait_ready(port)
+        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        assert daemon.terminate() == 0
+    archives = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/archive" in path]
+    assert archives == []  # the one archive request never got its answer; none was sent after the restart
+    assert len(xnat.experiments("PROJ")) == 1
+
+
+def test_kill9_during_the_build_wait_on_older_xnat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """XNAT 1.8.9 leaves the session RECEIVING; the daemon dies while waiting, resumes, asks for the build."""
+    monkeypatch.setenv("INGESTD_TEST_KEY", "t" * 40)
+    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "pw-for-tests")
+    with FakeXnat(version="1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
+        old.add_user("ingestd", "pw-for-tests")
+        old.add_project("PROJ", members=["ingestd"])
+        port = free_port()
+        config = _xnat_config(tmp_path, port, old.url)
+        config.write_text(
+            config.read_text().replace(
+                "      poll_interval_seconds: 0.2\n", "      poll_interval_seconds: 0.2\n      build_wait_seconds: 3\n"
+            )
+        )
+        files = write_instances(_numbered_study(), tmp_path / "scan")
+        with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+            daemon.wait_ready(port)
+            with Storescu(port, files) as storescu:
+                assert storescu.wait() == 0, storescu.output()
+            wait_until(lambda: _delivery_step(config) == "wait", 60, interval=0.2)
+            assert daemon.kill9() == -9
+            daemon.start()
+            daemon.wait_ready(port)
+            wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+            assert daemon.terminate() == 0
+        imports = [p for m, p, _ in old.requests_log if m == "POST" and "services/import" in p]
+        assert len(imports) == 1
+        assert any("action=build" in p for m, p, _ in old.requests_log if m == "POST")
+        assert len(old.experiments("PROJ")) == 1 and not old.prearchive_rows()
