@@ -38,6 +38,9 @@ __all__ = ["Deliverer", "HoldError", "backoff_seconds"]
 log = structlog.get_logger("ingestd.deliver")
 
 
+_STEPS_PER_CHECK = 12  # at most this many steps of one batch per check, so that other batches get their turn
+
+
 class HoldError(Exception):
     """The batch cannot go on without a person: held with this reason."""
 
@@ -92,11 +95,15 @@ class Deliverer:
             if delivery is None:
                 self.journal.start_delivery(batch.id, current)
                 delivery = self.journal.delivery(batch.id)
-            assert delivery is not None  # noqa: S101 - just inserted
-            if delivery["next_attempt_at"] > current:
-                continue
-            self.step(batch.id, routes[batch.id], delivery)
-            advanced += 1
+            # One step after the other while the batch is due: the next check is a poll interval away.
+            for _ in range(_STEPS_PER_CHECK):
+                if delivery is None or delivery["next_attempt_at"] > time.time() or self._stop.is_set():
+                    break
+                self.step(batch.id, routes[batch.id], delivery)
+                advanced += 1
+                if self.journal.batch_state(batch.id) != StudyState.ROUTED:
+                    break
+                delivery = self.journal.delivery(batch.id)
         return advanced
 
     # -- one step ------------------------------------------------------------------------------------------

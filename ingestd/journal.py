@@ -507,6 +507,11 @@ class Journal:
 
     # -- deliveries ------------------------------------------------------------------------------------
 
+    def batch_state(self, batch_id: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return str(row[0]) if row else None
+
     def delivery(self, batch_id: int) -> dict[str, Any] | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()

@@ -167,6 +167,7 @@ class Router:
     # -- one batch -------------------------------------------------------------------------------------
 
     def route(self, batch: BatchRow) -> None:
+        started = time.monotonic()
         instances = self.journal.batch_instances(batch.id)
         try:
             facts = study_facts(batch.study_uid, instances, self._headers(instances))
@@ -218,6 +219,7 @@ class Router:
             profile=decision.profile,
             instances=len(outgoing),
             dropped_instances=sum(count for _uid, count, _reason in decision.dropped_series),
+            seconds=round(time.monotonic() - started, 3),
         )
 
     def _headers(self, instances: Iterable[BatchInstance]) -> dict[str, dict[str, str | tuple[str, ...]]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,11 @@ def test_zip_holds_every_instance_under_its_uids(tmp_path: Path, compression: st
             assert zf.read(f"2.25.1/{item.sop_uid}.dcm") == (tmp_path / item.path).read_bytes()
         method = zipfile.ZIP_STORED if compression == "stored" else zipfile.ZIP_DEFLATED
         assert {info.compress_type for info in zf.infolist()} == {method}
+        if compression == "deflated":  # deflated at level 1, the fast one
+            info = zf.infolist()[0]
+            data = (tmp_path / items[0].path).read_bytes()
+            level1 = zlib.compressobj(1, zlib.DEFLATED, -15)
+            assert info.compress_size == len(level1.compress(data) + level1.flush())
     assert not list(tmp_path.glob(".tmp-*"))
 
 
