@@ -345,3 +345,30 @@ def test_kill9_during_the_build_wait_on_older_xnat(tmp_path: Path, monkeypatch: 
         assert len(imports) == 1
         assert any("action=build" in p for m, p, _ in old.requests_log if m == "POST")
         assert len(old.experiments("PROJ")) == 1 and not old.prearchive_rows()
+
+
+def test_late_series_reach_the_same_experiment(tmp_path: Path, xnat: FakeXnat) -> None:
+    """A series sent after the study was delivered opens a second batch, appended to the same XNAT session."""
+    port = free_port()
+    config = _xnat_config(tmp_path, port, xnat.url)
+    study = _numbered_study()
+    late = make_study(series=1, per_series=2)
+    for ds in late:
+        ds.StudyInstanceUID = study[0].StudyInstanceUID
+        ds.SeriesNumber = 3
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        for batch, files in enumerate((study, late), start=1):
+            paths = write_instances(files, tmp_path / f"scan{batch}")
+            with Storescu(port, paths) as storescu:
+                assert storescu.wait() == 0, storescu.output()
+
+            def delivered(count: int = batch) -> bool:
+                studies = _status(config)["studies"]
+                assert isinstance(studies, list)
+                return len(studies) == count and all(s["state"] == "delivered" for s in studies)
+
+            wait_until(delivered, 60, interval=0.3, message=f"batch {batch} to be delivered")
+        assert daemon.terminate() == 0
+    (experiment,) = xnat.experiments("PROJ")
+    assert len(experiment.scans) == 3 and sum(len(s.files) for s in experiment.scans.values()) == 8
