@@ -43,9 +43,9 @@ Command line (a lab can point ingestd at it)::
 
     python -m ingestd.testing.fake_xnat --port 8080 --user admin:admin --project PROJ
 
-Deliberate simplifications (see each [INF] in the reference): files live in memory; no XSDs (xnatpy object
-creation after import/archive therefore needs a real server), no CSRF, no anonymisation scripts, no custom routing
-rules, no `Direct-Archive`, no concurrent-send detection, no PET/MR separation.
+Deliberate simplifications (see each [INF] in the reference): files live in memory; a minimal xnat.xsd (the
+session types the stand-in files; enough for xnatpy to create its objects), no CSRF, no anonymisation scripts, no
+custom routing rules, no `Direct-Archive`, no concurrent-send detection, no PET/MR separation.
 """
 
 from __future__ import annotations
@@ -161,6 +161,71 @@ Key = tuple[str, str, str]  # (project or "Unassigned", timestamp, folderName)
 # --------------------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------------------
+
+
+# A minimal xnat.xsd: the types the stand-in answers with (projects, subjects, imaging sessions of the modalities it
+# files), with the fields it fills. Real XNAT serves its full schemas; xnatpy builds its classes from whatever it gets.
+_XNAT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
+<xs:schema targetNamespace="http://nrg.wustl.edu/xnat" xmlns:xnat="http://nrg.wustl.edu/xnat"
+    xmlns:xs="http://www.w3.org/2001/XMLSchema" elementFormDefault="qualified" attributeFormDefault="unqualified">
+  <xs:element name="Project" type="xnat:projectData"/>
+  <xs:element name="Subject" type="xnat:subjectData"/>
+  <xs:element name="MRSession" type="xnat:mrSessionData"/>
+  <xs:element name="CTSession" type="xnat:ctSessionData"/>
+  <xs:element name="PETSession" type="xnat:petSessionData"/>
+  <xs:element name="OtherDicomSession" type="xnat:otherDicomSessionData"/>
+  <xs:complexType name="projectData">
+    <xs:sequence>
+      <xs:element name="name" type="xs:string" minOccurs="0"/>
+    </xs:sequence>
+    <xs:attribute name="ID" type="xs:string" use="required"/>
+  </xs:complexType>
+  <xs:complexType name="subjectData">
+    <xs:attribute name="ID" type="xs:string"/>
+    <xs:attribute name="project" type="xs:string"/>
+    <xs:attribute name="label" type="xs:string"/>
+  </xs:complexType>
+  <xs:complexType name="experimentData">
+    <xs:sequence>
+      <xs:element name="date" type="xs:date" minOccurs="0"/>
+    </xs:sequence>
+    <xs:attribute name="ID" type="xs:string" use="required"/>
+    <xs:attribute name="project" type="xs:string" use="required"/>
+    <xs:attribute name="label" type="xs:string"/>
+  </xs:complexType>
+  <xs:complexType name="subjectAssessorData">
+    <xs:complexContent>
+      <xs:extension base="xnat:experimentData">
+        <xs:sequence>
+          <xs:element name="subject_ID" type="xs:string"/>
+        </xs:sequence>
+      </xs:extension>
+    </xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="imageSessionData">
+    <xs:complexContent>
+      <xs:extension base="xnat:subjectAssessorData">
+        <xs:sequence>
+          <xs:element name="UID" type="xs:string" minOccurs="0"/>
+          <xs:element name="modality" type="xs:string" minOccurs="0"/>
+        </xs:sequence>
+      </xs:extension>
+    </xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="mrSessionData">
+    <xs:complexContent><xs:extension base="xnat:imageSessionData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="ctSessionData">
+    <xs:complexContent><xs:extension base="xnat:imageSessionData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="petSessionData">
+    <xs:complexContent><xs:extension base="xnat:imageSessionData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="otherDicomSessionData">
+    <xs:complexContent><xs:extension base="xnat:imageSessionData"/></xs:complexContent>
+  </xs:complexType>
+</xs:schema>
+"""
 
 
 def _now() -> datetime:
@@ -1418,6 +1483,7 @@ class _Api:
             (get, r"/data/services/tokens/invalidate/(?P<alias>[^/]+)", self.token_invalidate),
             (get, r"/xapi/siteConfig/buildInfo", self.build_info),
             (get, r"/xapi/schemas", self.schemas),
+            (get, r"/xapi/schemas/(?P<schema>[A-Za-z0-9_/-]+)", self.schema),
             (get, r"/data/search/elements(?:/(?P<element>[^/]+))?", self.search_elements),
             (get, r"/data/projects", self.projects),
             (get, r"/data/projects/(?P<project>[^/]+)", self.project),
@@ -1670,7 +1736,12 @@ class _Api:
         )
 
     def schemas(self, request: _Request) -> _Response:
-        return _json([])  # no XSDs are served (see the module docstring)
+        return _json(["xnat"])  # one minimal schema: enough for xnatpy to build its session classes
+
+    def schema(self, request: _Request) -> _Response:
+        if request.group("schema") != "xnat":
+            raise _HttpError(404, f"No schema named {request.group('schema')}")
+        return _text(_XNAT_XSD, content_type="application/xml")
 
     def search_elements(self, request: _Request) -> _Response:
         if "element" in request.groups:
