@@ -83,17 +83,16 @@ class Deliverer:
             except Exception:  # the batch's step stays as committed and is tried again
                 log.exception("deliver_failed")
 
-    def check(self, now: float | None = None) -> int:
-        """Advance every due batch by one step; return how many were advanced."""
+    def check(self) -> int:
+        """Advance every due batch through the steps that are due now; return how many steps were taken."""
         advanced = 0
         routes = self.journal.routes()
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
             if self._stop.is_set():
                 break
             delivery = self.journal.delivery(batch.id)
-            current = now if now is not None else time.time()
             if delivery is None:
-                self.journal.start_delivery(batch.id, current)
+                self.journal.start_delivery(batch.id, time.time())
                 delivery = self.journal.delivery(batch.id)
             # One step after the other while the batch is due: the next check is a poll interval away.
             for _ in range(_STEPS_PER_CHECK):
