@@ -331,6 +331,8 @@ def _apply_override(elem: DataElement, override: Override, out: Dataset, run: _R
         new = _sequence(elem, run, table, where) if elem.VR == "SQ" else elem
         _put(out, run, where, elem, "keep", why, new)
     elif action == "uid":
+        if elem.VR != "UI":  # a sequence or text would silently become one made-up UID
+            raise DeidError("override", f"override 'uid' cannot apply to {where}, whose VR is {elem.VR}")
         _put(out, run, where, elem, "remap UID", why, _remap(elem, run))
     elif elem.VR in ("SQ", "UN") or elem.VR in _BINARY or elem.VR in _NUMERIC_BINARY:
         raise DeidError("override", f"override '{action}' cannot apply to {where}, whose VR is {elem.VR}")
