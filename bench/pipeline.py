@@ -168,7 +168,7 @@ def run_once(work: Path, files: list[Path], compression: str, idle: float) -> di
         curl_started = time.monotonic()
         subprocess.run(
             ["curl", "-sS", "-f", "-o", "/dev/null", "-u", f"bench:{password}", "-H", "Content-Type: application/zip",
-             "--data-binary", f"@{zip_path}",
+             "-X", "POST", "--upload-file", str(zip_path),  # streamed: --data-binary @file reads it all into memory
              f"{xnat.url}/data/services/import?import-handler=DICOM-zip&PROJECT_ID=BENCH&SUBJECT_ID=curl&EXPT_LABEL=curl"],
             check=True,
         )  # fmt: skip
