@@ -279,7 +279,8 @@ class Deliverer:
             self._advance(batch_id, "archive" if route["archive"] else "verify")
             return
         if row.status in ("CONFLICT", "ERROR"):
-            raise HoldError(f"XNAT set the prearchive session {url} to {row.status}; see its log in XNAT")
+            said = client.prearchive_log(url)
+            raise HoldError(f"XNAT set the prearchive session {url} to {row.status}: {said or 'no log entry'}")
         if waited > server.ready_timeout_seconds:
             raise HoldError(f"the prearchive session {url} is still {row.status} after {waited:.0f} s")
         if row.status == "RECEIVING" and waited > server.build_wait_seconds and not delivery["build_requested_at"]:
@@ -318,7 +319,8 @@ class Deliverer:
         elif row.status == "READY":
             self._step_archive(batch_id, route, delivery, server, client)
         elif row.status in ("CONFLICT", "ERROR"):
-            raise HoldError(f"XNAT set the prearchive session {row.url} to {row.status} while archiving it")
+            said = client.prearchive_log(row.url)
+            raise HoldError(f"XNAT set {row.url} to {row.status} while archiving it: {said or 'no log entry'}")
         else:
             self._wait(batch_id, server.poll_interval_seconds)
 

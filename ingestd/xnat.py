@@ -295,6 +295,12 @@ class XnatClient:
         rows = _rows(response)
         return _prearchive_row(rows[0]) if rows else None
 
+    def prearchive_log(self, url: str) -> str:
+        """The last entry of a prearchive session's log (XNAT writes why a build or archive failed there)."""
+        path = "/data" + url.removeprefix("/data") + "/logs/last"
+        response = self.request("GET", path, "read a prearchive session's log", allow=(404,))
+        return "" if response.status_code == 404 else " ".join(response.text.split())[:500]
+
     def build(self, url: str) -> None:
         path = "/data" + url.removeprefix("/data")
         self.request("POST", path, "build a prearchive session", params={"action": "build"})

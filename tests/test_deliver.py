@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.uid import generate_uid
 
 from ingestd.cli import main
@@ -355,3 +356,28 @@ def test_throttling_and_slow_answers_are_waited_out(tmp_path: Path, xnat: FakeXn
     batch, _ = lab.batch()
     assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
     assert len(xnat.experiments("PROJ")) == 1
+
+
+def test_conflict_found_while_waiting_holds_with_xnats_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """XNAT sets the waiting session to CONFLICT: held with XNAT's own log entry for it."""
+    monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
+    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "s3cret-pw")
+    with FakeXnat(version="1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
+        old.add_user("ingestd", "s3cret-pw")
+        old.add_project("PROJ", members=["ingestd"])
+        lab = Lab(tmp_path, old)
+        lab.receive(study(series=1, per_series=2))
+        lab.deliverer.check()  # package, preflight, import; then waiting: 1.8.9 leaves the session RECEIVING
+        assert lab.batch()[1]["step"] == "wait"
+        (row,) = old.prearchive_rows("PROJ")
+        requests.post(
+            f"{old.url}/data/prearchive/projects/PROJ/{row['timestamp']}/{row['folderName']}",
+            params={"action": "set-status", "status": "CONFLICT"},
+            auth=("ingestd", "s3cret-pw"),
+            timeout=10,
+        ).raise_for_status()
+        lab.deliver()
+        batch, _ = lab.batch()
+        assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
+        assert "to CONFLICT: " in str(batch.reason) and "no log entry" not in str(batch.reason)  # type: ignore[attr-defined]
