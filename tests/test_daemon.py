@@ -199,7 +199,7 @@ def test_daemon_routes_and_deidentifies(tmp_path: Path, monkeypatch: pytest.Monk
     assert not any(uid in log for ds in study for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
 
 
-def _xnat_config(tmp_path: Path, port: int, url: str) -> Path:
+def _xnat_config(tmp_path: Path, port: int, url: str, *, archive: bool = True) -> Path:
     rules = tmp_path / "lab.rules.yaml"
     rules.write_text(
         "profiles:\n"
@@ -208,7 +208,7 @@ def _xnat_config(tmp_path: Path, port: int, url: str) -> Path:
         "  - name: scanner\n"
         "    when: {calling_aet: STORESCU}\n"
         "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
-        " archive: true}\n"
+        f" archive: {str(archive).lower()}}}\n"
         "    anonymize: research\n"
     )
     extra = (
@@ -266,6 +266,20 @@ def test_daemon_delivers_to_xnat(tmp_path: Path, xnat: FakeXnat) -> None:
     (experiment,) = xnat.experiments("PROJ")
     assert len(experiment.scans) == 2 and sum(len(s.files) for s in experiment.scans.values()) == 6
     assert "pw-for-tests" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_rule_without_archive_leaves_a_ready_prearchive_session(tmp_path: Path, xnat: FakeXnat) -> None:
+    port = free_port()
+    config = _xnat_config(tmp_path, port, xnat.url, archive=False)
+    files = write_instances(_numbered_study(), tmp_path / "scan")
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        assert daemon.terminate() == 0
+    (row,) = xnat.prearchive_rows("PROJ")
+    assert row["status"] == "READY" and not xnat.experiments("PROJ")
 
 
 def test_kill9_during_import_delivers_exactly_once(tmp_path: Path, xnat: FakeXnat) -> None:
