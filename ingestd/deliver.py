@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,33 @@ def backoff_seconds(attempt: int, initial: float, maximum: float, rng: random.Ra
     """The wait before attempt `attempt + 1`: doubling from `initial`, capped at `maximum`, jittered ±50 %."""
     base = min(maximum, initial * 2 ** max(0, attempt - 1))
     return float(base * rng.uniform(0.5, 1.5))
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One batch's delivery as a step sees it: the route, the journal row, the server and its client."""
+
+    batch_id: int
+    route: Mapping[str, Any]
+    delivery: Mapping[str, Any]
+    server: XnatServer
+    client: XnatClient
+
+    @property
+    def project(self) -> str:
+        return str(self.route["project"])
+
+    @property
+    def subject(self) -> str:
+        return str(self.route["subject"])
+
+    @property
+    def session(self) -> str:
+        return str(self.route["session"])
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.route["study_uid"])
 
 
 class Deliverer:
@@ -115,7 +143,7 @@ class Deliverer:
             if server is None:
                 raise HoldError(f"no XNAT server named '{name}' in the configuration (xnat.servers)")
             handler = getattr(self, f"_step_{step}")
-            handler(batch_id, route, delivery, server, self._client(name, server))
+            handler(_Job(batch_id, route, delivery, server, self._client(name, server)))
         except HoldError as exc:
             self._hold(batch_id, str(exc), step)
         except XnatError as exc:
@@ -165,222 +193,175 @@ class Deliverer:
 
     # -- the steps -------------------------------------------------------------------------------------------
 
-    def _step_package(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
-        outgoing = self.journal.outgoing(batch_id)
+    def _step_package(self, job: _Job) -> None:
+        outgoing = self.journal.outgoing(job.batch_id)
         if not outgoing:
             raise HoldError("the batch has no outgoing instances")
         started = time.monotonic()
         package = write_package(
-            outgoing, self.state_dir, self.packages / f"{batch_id}.zip", self.config.delivery.compression
+            outgoing, self.state_dir, self.packages / f"{job.batch_id}.zip", self.config.delivery.compression
         )
         log.info(
             "deliver",
             outcome="packaged",
-            batch=batch_id,
+            batch=job.batch_id,
             entries=package.entries,
             bytes=package.size,
             seconds=round(time.monotonic() - started, 3),
         )
         self._advance(
-            batch_id,
+            job.batch_id,
             "preflight",
             zip_path=str(package.path.relative_to(self.state_dir)),
             zip_size=package.size,
             zip_sha256=package.sha256,
         )
 
-    def _step_preflight(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
-        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
-        client.check_project(project)
+    def _step_preflight(self, job: _Job) -> None:
+        project, subject, session = job.project, job.subject, job.session
+        job.client.check_project(project)
         # With overwrite=append XNAT merges whatever is archived into an existing experiment of that label, even
         # another study; a label already taken by another study must stop here, before anything is sent.
-        experiment = client.experiment(project, subject, session)
+        experiment = job.client.experiment(project, subject, session)
         existing = str((experiment or {}).get("data_fields", {}).get("UID", ""))
-        if existing and existing != str(route["study_uid"]):
+        if existing and existing != job.study_uid:
             raise HoldError(
                 f"XNAT already has {project}/{subject}/{session} for another study: "
                 "change the rule's session label template so that each study gets its own"
             )
-        self._advance(batch_id, "import")
+        self._advance(job.batch_id, "import")
 
-    def _step_import(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
-        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
-        self.journal.update_delivery(batch_id, step="importing", step_started_at=time.time())
+    def _step_import(self, job: _Job) -> None:
+        project, subject, session = job.project, job.subject, job.session
+        self.journal.update_delivery(job.batch_id, step="importing", step_started_at=time.time())
         started = time.monotonic()
-        uris = client.import_zip(self.state_dir / str(delivery["zip_path"]), project, subject, session)
+        uris = job.client.import_zip(self.state_dir / str(job.delivery["zip_path"]), project, subject, session)
         if len(uris) != 1:
             raise HoldError(f"XNAT answered the import with {len(uris)} sessions (expected one): {' '.join(uris)}")
         uri = uris[0]
         expected = f"/data/prearchive/projects/{project}/"
         if not uri.startswith(expected):
             raise HoldError(f"XNAT filed the upload under {uri}, not in the prearchive of project {project}")
-        log.info("deliver", outcome="imported", batch=batch_id, uri=uri, seconds=round(time.monotonic() - started, 3))
-        self._advance(batch_id, "wait", prearchive_url=uri.removeprefix("/data"))
+        log.info(
+            "deliver", outcome="imported", batch=job.batch_id, uri=uri, seconds=round(time.monotonic() - started, 3)
+        )
+        self._advance(job.batch_id, "wait", prearchive_url=uri.removeprefix("/data"))
 
-    def _step_importing(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
+    def _step_importing(self, job: _Job) -> None:
         """An import that may have reached XNAT: adopt what XNAT has, else import again."""
-        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
-        study_uid = str(route["study_uid"])
-        for row in client.prearchive(project):
+        project, subject, session = job.project, job.subject, job.session
+        study_uid = job.study_uid
+        for row in job.client.prearchive(project):
             if row.study_uid == study_uid and row.name == session:
-                log.info("deliver", outcome="adopted", batch=batch_id, uri=f"/data{row.url}", where="prearchive")
-                self._advance(batch_id, "wait", prearchive_url=row.url)
+                log.info("deliver", outcome="adopted", batch=job.batch_id, uri=f"/data{row.url}", where="prearchive")
+                self._advance(job.batch_id, "wait", prearchive_url=row.url)
                 return
-        experiment = client.experiment(project, subject, session)
-        if experiment is not None and self._holds_batch(experiment, batch_id, study_uid):
-            log.info("deliver", outcome="adopted", batch=batch_id, where="archive")
-            self._advance(batch_id, "verify")
+        experiment = job.client.experiment(project, subject, session)
+        if experiment is not None and self._holds_batch(experiment, job):
+            log.info("deliver", outcome="adopted", batch=job.batch_id, where="archive")
+            self._advance(job.batch_id, "verify")
             return
-        self._step_import(batch_id, route, delivery, server, client)
+        self._step_import(job)
 
-    def _step_wait(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
-        url = str(delivery["prearchive_url"])
-        row = client.prearchive_session(url)
-        waited = time.time() - float(delivery["step_started_at"])
+    def _step_wait(self, job: _Job) -> None:
+        url = str(job.delivery["prearchive_url"])
+        row = job.client.prearchive_session(url)
+        waited = time.time() - float(job.delivery["step_started_at"])
         if row is None:  # gone: an auto-archive project may have archived it already
-            self._advance(batch_id, "verify")
+            self._advance(job.batch_id, "verify")
             return
         if row.status == "READY":
-            self._advance(batch_id, "archive" if route["archive"] else "verify")
+            self._advance(job.batch_id, "archive" if job.route["archive"] else "verify")
             return
         if row.status in ("CONFLICT", "ERROR"):
-            said = client.prearchive_log(url)
+            said = job.client.prearchive_log(url)
             raise HoldError(f"XNAT set the prearchive session {url} to {row.status}: {said or 'no log entry'}")
-        if waited > server.ready_timeout_seconds:
+        if waited > job.server.ready_timeout_seconds:
             raise HoldError(f"the prearchive session {url} is still {row.status} after {waited:.0f} s")
-        if row.status == "RECEIVING" and waited > server.build_wait_seconds and not delivery["build_requested_at"]:
-            client.build(url)  # XNAT up to 1.8.9 builds only after minutes of idleness
-            self._wait(batch_id, server.poll_interval_seconds, build_requested_at=time.time())
+        if (
+            row.status == "RECEIVING"
+            and waited > job.server.build_wait_seconds
+            and not job.delivery["build_requested_at"]
+        ):
+            job.client.build(url)  # XNAT up to 1.8.9 builds only after minutes of idleness
+            self._wait(job.batch_id, job.server.poll_interval_seconds, build_requested_at=time.time())
             return
-        self._wait(batch_id, server.poll_interval_seconds)
+        self._wait(job.batch_id, job.server.poll_interval_seconds)
 
-    def _step_archive(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
-        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
-        self.journal.update_delivery(batch_id, step="archiving", step_started_at=time.time())
+    def _step_archive(self, job: _Job) -> None:
+        project, subject, session = job.project, job.subject, job.session
+        self.journal.update_delivery(job.batch_id, step="archiving", step_started_at=time.time())
         started = time.monotonic()
-        uri = client.archive(str(delivery["prearchive_url"]), project, subject, session)
-        log.info("deliver", outcome="archived", batch=batch_id, uri=uri, seconds=round(time.monotonic() - started, 3))
-        self._advance(batch_id, "verify", archive_uri=uri)
+        uri = job.client.archive(str(job.delivery["prearchive_url"]), project, subject, session)
+        log.info(
+            "deliver", outcome="archived", batch=job.batch_id, uri=uri, seconds=round(time.monotonic() - started, 3)
+        )
+        self._advance(job.batch_id, "verify", archive_uri=uri)
 
-    def _step_archiving(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
+    def _step_archiving(self, job: _Job) -> None:
         """An archive request that may have been carried out: look before asking again."""
-        row = client.prearchive_session(str(delivery["prearchive_url"]))
+        row = job.client.prearchive_session(str(job.delivery["prearchive_url"]))
         if row is None:
-            self._advance(batch_id, "verify")
+            self._advance(job.batch_id, "verify")
         elif row.status == "READY":
-            self._step_archive(batch_id, route, delivery, server, client)
+            self._step_archive(job)
         elif row.status in ("CONFLICT", "ERROR"):
-            said = client.prearchive_log(row.url)
+            said = job.client.prearchive_log(row.url)
             raise HoldError(f"XNAT set {row.url} to {row.status} while archiving it: {said or 'no log entry'}")
         else:
-            self._wait(batch_id, server.poll_interval_seconds)
+            self._wait(job.batch_id, job.server.poll_interval_seconds)
 
-    def _step_verify(
-        self,
-        batch_id: int,
-        route: Mapping[str, Any],
-        delivery: Mapping[str, Any],
-        server: XnatServer,
-        client: XnatClient,
-    ) -> None:
-        project, subject, session = str(route["project"]), str(route["subject"]), str(route["session"])
-        if not route["archive"] and delivery["prearchive_url"]:
-            row = client.prearchive_session(str(delivery["prearchive_url"]))
+    def _step_verify(self, job: _Job) -> None:
+        project, subject, session = job.project, job.subject, job.session
+        if not job.route["archive"] and job.delivery["prearchive_url"]:
+            row = job.client.prearchive_session(str(job.delivery["prearchive_url"]))
             if row is not None and row.status == "READY":
-                self._done(batch_id, route, "prearchive")
+                self._done(job, "prearchive")
                 return
-        experiment = client.experiment(project, subject, session)
+        experiment = job.client.experiment(project, subject, session)
         if experiment is None:
             raise HoldError(f"XNAT has no experiment {project}/{subject}/{session} after archiving")
         uid = str(experiment.get("data_fields", {}).get("UID", ""))
-        if uid and uid != str(route["study_uid"]):
+        if uid and uid != job.study_uid:
             raise HoldError(f"the experiment {project}/{subject}/{session} belongs to another study")
-        if not self._holds_batch(experiment, batch_id, str(route["study_uid"])):
+        if not self._holds_batch(experiment, job):
             raise HoldError(f"the experiment {project}/{subject}/{session} lacks instances of this batch")
-        self._done(batch_id, route, "archive")
+        self._done(job, "archive")
 
-    def _holds_batch(self, experiment: Mapping[str, Any], batch_id: int, study_uid: str) -> bool:
+    def _holds_batch(self, experiment: Mapping[str, Any], job: _Job) -> bool:
         """The experiment is this study and has at least as many files per series as this batch sends."""
         fields = experiment.get("data_fields", {})
-        if fields.get("UID") and fields.get("UID") != study_uid:
+        if fields.get("UID") and fields.get("UID") != job.study_uid:
             return False
         counts = scan_counts(experiment)
         sent: dict[str, int] = {}
-        for item in self.journal.outgoing(batch_id):
+        for item in self.journal.outgoing(job.batch_id):
             sent[item.series_uid] = sent.get(item.series_uid, 0) + 1
         return all(counts.get(series, 0) >= count for series, count in sent.items())
 
-    def _done(self, batch_id: int, route: Mapping[str, Any], where: str) -> None:
-        self.journal.finish_delivery(batch_id, time.time())
+    def _done(self, job: _Job, where: str) -> None:
+        self.journal.finish_delivery(job.batch_id, time.time())
         log.info(
             "deliver",
             outcome="delivered",
-            batch=batch_id,
+            batch=job.batch_id,
             where=where,
-            project=route["project"],
-            subject=route["subject"],
-            session=route["session"],
+            project=job.project,
+            subject=job.subject,
+            session=job.session,
         )
         if not self.config.delivery.keep_after_delivery:
-            self._clean(batch_id)
+            self._clean(job.batch_id)
 
     def _clean(self, batch_id: int) -> None:
         """Remove what XNAT now holds: the zip, the outbox folder and the spooled files (the journal stays)."""
         (self.packages / f"{batch_id}.zip").unlink(missing_ok=True)
         shutil.rmtree(self.state_dir / "outbox" / str(batch_id), ignore_errors=True)
         spool = self.state_dir / "spool"
-        for relative in self.journal.spool_files(batch_id):
+        relatives = self.journal.spool_files(batch_id)
+        for relative in relatives:
             (spool / relative).unlink(missing_ok=True)
-        for folder in sorted({(spool / r).parent for r in self.journal.spool_files(batch_id)}, reverse=True):
+        for folder in sorted({(spool / relative).parent for relative in relatives}, reverse=True):
             _remove_empty(folder, spool)
 
 
