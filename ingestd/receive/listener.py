@@ -22,7 +22,6 @@ from ingestd.config import Listener as ListenerConfig
 from ingestd.errors import InvalidInstanceError, ListenerError, SpoolError, SpoolFullError
 from ingestd.header import file_meta_prefix, read_stream_header
 from ingestd.journal import Source
-from ingestd.logs import uid_digest
 from ingestd.receive.reactor import use_prompt_reactor
 from ingestd.receive.responses import use_fast_store_responses
 from ingestd.spool import Spool
@@ -304,8 +303,6 @@ class DicomListener:
             "instance",
             outcome=outcome.outcome,
             calling_aet=calling,
-            study=uid_digest(header.study_uid),
-            sop=uid_digest(header.sop_uid),
             size=outcome.size,
         )
         return Status.SUCCESS
