@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,24 +282,38 @@ def test_rule_without_archive_leaves_a_ready_prearchive_session(tmp_path: Path, 
     assert row["status"] == "READY" and not xnat.experiments("PROJ")
 
 
+def _kill9_then_deliver(
+    tmp_path: Path, config: Path, port: int, dying_moment: Callable[[], object]
+) -> list[dict[str, Any]]:
+    """Send a study, kill -9 the daemon once `dying_moment()` holds, restart it, wait until the study is delivered.
+
+    Returns the `deliver` log records of the restarted daemon.
+    """
+    files = write_instances(_numbered_study(), tmp_path / "scan")
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+        wait_until(dying_moment, 60, interval=0.2, message="the moment to kill the daemon")
+        assert daemon.kill9() == -9
+        daemon.start()
+        daemon.wait_ready(port)
+        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        records = daemon.logged("deliver")
+        assert daemon.terminate() == 0
+    return records
+
+
 def test_kill9_during_import_delivers_exactly_once(tmp_path: Path, xnat: FakeXnat) -> None:
     """The daemon dies while XNAT is still answering an import it has already stored: after the restart the
     session is found and adopted, never imported a second time."""
     port = free_port()
     config = _xnat_config(tmp_path, port, xnat.url)
-    files = write_instances(_numbered_study(), tmp_path / "scan")
     xnat.fail_next("POST", "/data/services/import", status=504, after_processing=True, delay=30)
-    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-        daemon.wait_ready(port)
-        with Storescu(port, files) as storescu:
-            assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: xnat.prearchive_rows("PROJ") and _delivery_step(config) == "importing", 60, interval=0.2)
-        assert daemon.kill9() == -9
-        daemon.start()
-        daemon.wait_ready(port)
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
-        adopted = [r for r in daemon.logged("deliver") if r.get("outcome") == "adopted"]
-        assert daemon.terminate() == 0
+    records = _kill9_then_deliver(
+        tmp_path, config, port, lambda: xnat.prearchive_rows("PROJ") and _delivery_step(config) == "importing"
+    )
+    adopted = [r for r in records if r.get("outcome") == "adopted"]
     assert adopted and adopted[0]["where"] == "prearchive"
     # The only import is the one the first daemon died waiting for (the stand-in logs a request when it has
     # answered it, and that answer never reached anyone): the restarted daemon imported nothing.
@@ -312,18 +326,10 @@ def test_kill9_during_archive_delivers_exactly_once(tmp_path: Path, xnat: FakeXn
     """XNAT has archived the session but the daemon dies before hearing so: the restart finds the experiment."""
     port = free_port()
     config = _xnat_config(tmp_path, port, xnat.url)
-    files = write_instances(_numbered_study(), tmp_path / "scan")
     xnat.fail_next("POST", "/data/services/archive", status=504, after_processing=True, delay=30)
-    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-        daemon.wait_ready(port)
-        with Storescu(port, files) as storescu:
-            assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: xnat.experiments("PROJ") and _delivery_step(config) == "archiving", 60, interval=0.2)
-        assert daemon.kill9() == -9
-        daemon.start()
-        daemon.wait_ready(port)
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
-        assert daemon.terminate() == 0
+    _kill9_then_deliver(
+        tmp_path, config, port, lambda: xnat.experiments("PROJ") and _delivery_step(config) == "archiving"
+    )
     archives = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/archive" in path]
     assert archives == []  # the one archive request never got its answer; none was sent after the restart
     assert len(xnat.experiments("PROJ")) == 1
@@ -344,17 +350,7 @@ def test_kill9_during_the_build_wait_on_older_xnat(tmp_path: Path, monkeypatch: 
                 "      poll_interval_seconds: 0.2\n", "      poll_interval_seconds: 0.2\n      build_wait_seconds: 3\n"
             )
         )
-        files = write_instances(_numbered_study(), tmp_path / "scan")
-        with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-            daemon.wait_ready(port)
-            with Storescu(port, files) as storescu:
-                assert storescu.wait() == 0, storescu.output()
-            wait_until(lambda: _delivery_step(config) == "wait", 60, interval=0.2)
-            assert daemon.kill9() == -9
-            daemon.start()
-            daemon.wait_ready(port)
-            wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
-            assert daemon.terminate() == 0
+        _kill9_then_deliver(tmp_path, config, port, lambda: _delivery_step(config) == "wait")
         imports = [p for m, p, _ in old.requests_log if m == "POST" and "services/import" in p]
         assert len(imports) == 1
         assert any("action=build" in p for m, p, _ in old.requests_log if m == "POST")

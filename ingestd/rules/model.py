@@ -80,6 +80,16 @@ def _base(info: ValidationInfo) -> Path:
     return Path(source).parent if source else Path()
 
 
+def _regex(value: str | None) -> str | None:
+    """A regular expression that compiles (the error names what is wrong), or None."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
 def _text(value: Any) -> Any:
     """YAML numbers become text (`SeriesNumber: 3`); booleans and dates must be quoted."""
     if isinstance(value, bool):
@@ -183,12 +193,7 @@ class ConditionModel(_Model):
     @field_validator("matches")
     @classmethod
     def _matches(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+        return _regex(value)
 
     @field_validator("glob")
     @classmethod
@@ -306,12 +311,7 @@ class AttributeModel(_Model):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+        return _regex(value)
 
     @model_validator(mode="after")
     def _action(self, info: ValidationInfo) -> AttributeModel:
