@@ -84,8 +84,7 @@ def _cmd_run(config: Config) -> int:
     from ingestd.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(config.logging.level, config.logging.format)
-    Daemon(config).run()
-    return 0
+    return Daemon(config).run()
 
 
 def _cmd_offline(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from ingestd.config import Config
 from ingestd.deliver import Deliverer
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
+from ingestd.notify import SystemdNotifier
 from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
 from ingestd.receive.watcher import DropFolderWatcher
@@ -41,6 +42,7 @@ class StateDirLockedError(IngestdError):
 class _Service(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
+    def alive(self) -> bool: ...
 
 
 class Daemon:
@@ -136,18 +138,46 @@ class Daemon:
             self._lock_file = None
         log.info("daemon_stopped")
 
-    def run(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop gracefully."""
+    def run(self) -> int:
+        """Start, serve until SIGTERM or SIGINT, then stop gracefully. Returns the exit status.
+
+        Under systemd (`Type=notify`) it reports READY=1 once every service runs, a STATUS= line with the
+        journal's counts, WATCHDOG=1 while every worker thread is alive, and STOPPING=1. A worker that died
+        stops the pings, is logged, and makes the daemon exit with status 1 (systemd restarts it; the journal
+        resumes everything).
+        """
 
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("signal", signal=signal.Signals(signum).name)
             self.stopping.set()
 
+        notifier = SystemdNotifier()
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        status = 0
         try:
             self.start()
-            self.stopping.wait()
+            notifier.ready(self._status_line())
+            interval = min(5.0, notifier.watchdog_seconds / 2) if notifier.watchdog_seconds else 5.0
+            while not self.stopping.wait(interval):
+                dead = [type(service).__name__ for service in self._services if not service.alive()]
+                if dead:
+                    log.error("worker_died", services=dead)
+                    status = 1
+                    break
+                if notifier.enabled:
+                    notifier.send("WATCHDOG=1", f"STATUS={self._status_line()}")
         finally:
+            notifier.stopping()
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        return status
+
+    def _status_line(self) -> str:
+        if self.journal is None:
+            return "starting"
+        counts: dict[str, int] = {}
+        for batch in self.journal.batches():
+            counts[batch.state] = counts.get(batch.state, 0) + 1
+        states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "no studies"
+        return f"serving; studies: {states}"

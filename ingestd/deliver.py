@@ -97,6 +97,9 @@ class Deliverer:
         self.packages.mkdir(parents=True, exist_ok=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():

@@ -219,6 +219,9 @@ class DicomListener:
             tls=self.config.tls is not None,
         )
 
+    def alive(self) -> bool:
+        return self._server is not None
+
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop gracefully: accept no new association, let stores in flight finish, then close."""
         if self._server is None:

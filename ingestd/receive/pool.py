@@ -136,6 +136,9 @@ class ReceiverPool:
             log.info("receiver", index=index, state="started", pid=process.pid)
         self._processes[index] = process
 
+    def alive(self) -> bool:
+        return self._supervisor.is_alive()
+
     def start(self) -> None:
         for index in range(1, self.count + 1):
             self._spawn(index)

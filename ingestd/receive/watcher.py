@@ -201,6 +201,9 @@ class DropFolderWatcher:
             files_found=len(self._pending),
         )
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the observer and the worker (the source being taken, if any, is left for the next start)."""
         self._stopping.set()
