@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", type=Path, metavar="FOLDER", help="work in FOLDER and keep it (default: a temp folder)")
 
+    health = commands.add_parser(
+        "health", help="is the daemon running and answering? (exit 0 or 1; for HEALTHCHECK and monitoring)"
+    )
+    health.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the C-ECHO (default 5)")
+
     retry = commands.add_parser("retry", help="try held studies again, from the step that held them")
     retry.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     which = retry.add_mutually_exclusive_group(required=True)
@@ -150,6 +156,53 @@ def _cmd_retry_release(args: argparse.Namespace, config: Config) -> int:
                 print(f"batch {batch_id}: {'released' if journal.release_batch(batch_id, now) else 'not held'}")
     finally:
         journal.close()
+    return 0
+
+
+def _cmd_health(config: Config, timeout: float) -> int:
+    """Healthy: a daemon holds the state directory's lock, the journal reads, and the listener answers C-ECHO."""
+    import fcntl  # noqa: PLC0415
+
+    problems: list[str] = []
+    lock_path = config.state_dir / "ingestd.lock"
+    try:
+        with lock_path.open("r") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # a running daemon holds it exclusively: good
+            else:
+                problems.append(f"no daemon runs on {config.state_dir}")
+    except FileNotFoundError:
+        problems.append(f"no daemon runs on {config.state_dir}")
+    except OSError as exc:
+        problems.append(f"cannot open {lock_path}: {exc.strerror}")
+    if not problems:
+        try:
+            journal = Journal(config.journal_path, read_only=True)
+            try:
+                held = len(journal.batches(("held",)))
+            finally:
+                journal.close()
+        except Exception as exc:  # noqa: BLE001 - any failure to read the journal is unhealthy
+            problems.append(f"the journal cannot be read: {type(exc).__name__}")
+    if not problems and config.listener.enabled:
+        from pynetdicom import AE  # noqa: PLC0415
+
+        host = "127.0.0.1" if config.listener.host in ("0.0.0.0", "") else config.listener.host  # noqa: S104
+        ae = AE(ae_title="INGESTD_HEALTH")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate(host, config.listener.port, ae_title=config.listener.ae_title)
+        answered = assoc.is_established and assoc.send_c_echo().Status == 0
+        if assoc.is_established:
+            assoc.release()
+        if not answered:
+            problems.append(f"no C-ECHO answer from {config.listener.ae_title}@{host}:{config.listener.port}")
+    if problems:
+        print("unhealthy: " + "; ".join(problems))
+        return 1
+    print(f"healthy: daemon running, journal readable ({held} held)")
     return 0
 
 
@@ -326,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
         config = load_config(args.config)
         if args.command == "run":
             return _cmd_run(config)
+        if args.command == "health":
+            return _cmd_health(config, args.timeout)
         if args.command in ("retry", "release"):
             return _cmd_retry_release(args, config)
         data = _status_data(config, show_uids=args.show_uids)

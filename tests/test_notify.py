@@ -85,3 +85,26 @@ def test_a_dead_worker_stops_the_daemon_with_status_1(tmp_path: Path, monkeypatc
     daemon = Daemon(config)
     assert daemon.run() == 1
     assert daemon.journal is None  # stopped and closed
+
+
+def test_health_command(tmp_path: Path) -> None:
+    """`ingestd health` (the Docker HEALTHCHECK): unhealthy without a daemon, healthy while one serves."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    port = free_port()
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
+
+    def health() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ingestd", "health", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    down = health()
+    assert down.returncode == 1 and "unhealthy: no daemon runs on" in down.stdout
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        up = health()
+        assert up.returncode == 0 and up.stdout.startswith("healthy: daemon running"), up.stdout + up.stderr
+        assert daemon.terminate() == 0
