@@ -7,7 +7,6 @@ function of the batch's times and `now`; the loop around it is the only part tha
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import structlog
 
 from ingestd.journal import Journal, StudyState
 from ingestd.logs import uid_digest
+from ingestd.worker import PeriodicWorker
 
 __all__ = ["Assembler", "CompletionPolicy", "is_complete"]
 
@@ -32,26 +32,15 @@ def is_complete(first_received: float, last_received: float, now: float, policy:
     return now - last_received >= policy.idle_seconds or now - first_received >= policy.max_wait_seconds
 
 
-class Assembler:
+class Assembler(PeriodicWorker):
     """A thread that moves quiet batches from `receiving` to `complete`."""
 
+    name = "assembler"
+
     def __init__(self, journal: Journal, policy: CompletionPolicy, interval: float = 1.0) -> None:
+        super().__init__(interval)
         self.journal = journal
         self.policy = policy
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     def check(self, now: float | None = None) -> int:
         """Complete every batch that is due; return how many were completed."""
@@ -73,10 +62,3 @@ class Assembler:
                     forced=forced,
                 )
         return completed
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:
-                log.exception("assembler_error")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import structlog
 from ingestd.config import Config, XnatServer
 from ingestd.journal import Journal, StudyState
 from ingestd.package import write_package
+from ingestd.worker import PeriodicWorker
 from ingestd.xnat import XnatClient, XnatError, scan_counts
 
 __all__ = ["Deliverer", "HoldError", "backoff_seconds"]
@@ -79,47 +79,35 @@ class _Job:
         return str(self.route["study_uid"])
 
 
-class Deliverer:
-    """A thread that moves routed batches through the delivery steps, one step of one batch at a time."""
+class Deliverer(PeriodicWorker):
+    """A thread that moves routed batches through the delivery steps, one batch at a time."""
+
+    name = "deliverer"
 
     def __init__(self, journal: Journal, config: Config, interval: float = 1.0) -> None:
+        super().__init__(interval)
         self.journal = journal
         self.config = config
         self.state_dir = config.state_dir
         self.packages = config.state_dir / "packages"
-        self.interval = interval
         self._clients: dict[str, XnatClient] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="deliverer", daemon=True)
         self._rng = random.Random()  # jitter, not secrets
 
     def start(self) -> None:
         self.packages.mkdir(parents=True, exist_ok=True)
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        super().stop()
         for client in self._clients.values():
             client.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:  # the batch's step stays as committed and is tried again
-                log.exception("deliver_failed")
 
     def check(self) -> int:
         """Advance every due batch through the steps that are due now; return how many steps were taken."""
         advanced = 0
         routes = self.journal.routes()
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
-            if self._stop.is_set():
+            if self.stopping:
                 break
             delivery = self.journal.delivery(batch.id)
             if delivery is None:
@@ -127,7 +115,7 @@ class Deliverer:
                 delivery = self.journal.delivery(batch.id)
             # One step after the other while the batch is due: the next check is a poll interval away.
             for _ in range(_STEPS_PER_CHECK):
-                if delivery is None or delivery["next_attempt_at"] > time.time() or self._stop.is_set():
+                if delivery is None or delivery["next_attempt_at"] > time.time() or self.stopping:
                     break
                 self.step(batch.id, routes[batch.id], delivery)
                 advanced += 1

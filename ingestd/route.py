@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -35,6 +34,7 @@ from ingestd.deid.profile import Profile
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord, StudyState
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide
 from ingestd.spool import fsync_dir, make_dirs_durably, write_durably
+from ingestd.worker import PeriodicWorker
 
 __all__ = ["Router", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
@@ -115,30 +115,22 @@ def deidentify_file(path: Path, profile: Profile, labels: Labels) -> tuple[Datas
     return out, buffer.getvalue()
 
 
-class Router:
+class Router(PeriodicWorker):
     """A thread that routes complete batches, one at a time, oldest first."""
 
+    name = "router"
+
     def __init__(self, journal: Journal, rules: RuleSet, state_dir: Path, interval: float = 1.0) -> None:
+        super().__init__(interval)
         self.journal = journal
         self.rules = rules
         self.state_dir = state_dir
         self.spool_dir = state_dir / "spool"
         self.outbox = state_dir / "outbox"
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="router", daemon=True)
 
     def start(self) -> None:
         self.recover()
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        super().start()
 
     def recover(self) -> None:
         """Remove outbox folders no journal row points at: the leftovers of a batch interrupted mid-way."""
@@ -154,18 +146,11 @@ class Router:
         """Route every complete batch; return how many were handled (routed or held)."""
         handled = 0
         for batch in sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id):
-            if self._stop.is_set():
+            if self.stopping:
                 break
             self.route(batch)
             handled += 1
         return handled
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:
-                log.exception("route_failed")
 
     # -- one batch -------------------------------------------------------------------------------------
 
