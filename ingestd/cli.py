@@ -85,12 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_run(config: Config) -> int:
+def _cmd_run(config: Config, path: Path) -> int:
     from ingestd.daemon import Daemon  # noqa: PLC0415 - keeps `status` and `check-config` light
     from ingestd.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(config.logging.level, config.logging.format)
-    return Daemon(config).run()
+    return Daemon(config, path).run()
 
 
 def _cmd_offline(args: argparse.Namespace) -> int:
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return run_demo(args.keep)
         config = load_config(args.config)
         if args.command == "run":
-            return _cmd_run(config)
+            return _cmd_run(config, args.config)
         if args.command == "health":
             return _cmd_health(config, args.timeout)
         if args.command in ("retry", "release"):

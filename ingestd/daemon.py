@@ -11,6 +11,7 @@ import fcntl
 import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
@@ -18,7 +19,7 @@ import structlog
 
 from ingestd import __version__
 from ingestd.assemble import Assembler, CompletionPolicy
-from ingestd.config import Config
+from ingestd.config import Config, load_config
 from ingestd.deliver import Deliverer
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
@@ -27,7 +28,7 @@ from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
 from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.route import Router
-from ingestd.rules import load_rules
+from ingestd.rules import RuleSet, load_rules
 from ingestd.spool import Quarantine, Spool
 
 __all__ = ["Daemon", "StateDirLockedError"]
@@ -45,12 +46,30 @@ class _Service(Protocol):
     def alive(self) -> bool: ...
 
 
+def _load_rules_for(config: Config) -> RuleSet | None:
+    """The configuration's rules, checked against its XNAT servers; raises ConfigError."""
+    rules = load_rules(config.rules) if config.rules else None
+    if rules is not None:
+        unknown = sorted({rule.route.server for rule in rules.rules} - set(config.xnat.servers))
+        if unknown and config.xnat.servers:
+            raise ConfigError(
+                "rules", [f"rules route to XNAT server(s) {', '.join(unknown)}, not defined under xnat.servers"]
+            )
+    return rules
+
+
 class Daemon:
     """The running service: spool, journal, listener, watchers and assembler over one state directory."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # what SIGHUP reloads; None: reloading is not possible
         self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._router: Router | None = None
+        self._deliverer: Deliverer | None = None
+        self._assembler: Assembler | None = None
         self._lock_file: IO[str] | None = None
         self.journal: Journal | None = None
         self.listener: DicomListener | None = None
@@ -76,13 +95,7 @@ class Daemon:
     def start(self) -> None:
         """Recover the spool and start every service; return once they are running."""
         config = self.config
-        rules = load_rules(config.rules) if config.rules else None  # a bad rules file stops the start, nothing else
-        if rules is not None:
-            unknown = sorted({rule.route.server for rule in rules.rules} - set(config.xnat.servers))
-            if unknown and config.xnat.servers:
-                raise ConfigError(
-                    "rules", [f"rules route to XNAT server(s) {', '.join(unknown)}, not defined under xnat.servers"]
-                )
+        rules = _load_rules_for(config)  # a bad rules file stops the start, nothing else
         self._lock_state_dir()
         self.journal = Journal(config.journal_path)
         spool = Spool(config.spool_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
@@ -92,15 +105,18 @@ class Daemon:
         assembler = Assembler(self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds))
         assembler.start()
         self._services.append(assembler)
+        self._assembler = assembler
         if rules is not None:
             router = Router(self.journal, rules, config.state_dir)
             router.start()
             self._services.append(router)
+            self._router = router
             log.info("rules_loaded", files=[str(path) for path in rules.sources], version=rules.version)
             if config.xnat.servers:
                 deliverer = Deliverer(self.journal, config)
                 deliverer.start()
                 self._services.append(deliverer)
+                self._deliverer = deliverer
             else:
                 log.warning("xnat_missing", detail="no xnat.servers configured: routed studies wait, nothing is sent")
         else:
@@ -150,15 +166,31 @@ class Daemon:
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("signal", signal=signal.Signals(signum).name)
             self.stopping.set()
+            self._wake.set()
+
+        def request_reload(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal", signal=signal.Signals(signum).name)
+            self._reload_requested = True
+            self._wake.set()
 
         notifier = SystemdNotifier()
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {signal.SIGTERM: request_stop, signal.SIGINT: request_stop, signal.SIGHUP: request_reload}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         status = 0
         try:
             self.start()
             notifier.ready(self._status_line())
             interval = min(5.0, notifier.watchdog_seconds / 2) if notifier.watchdog_seconds else 5.0
-            while not self.stopping.wait(interval):
+            while not self.stopping.is_set():
+                self._wake.wait(interval)
+                self._wake.clear()
+                if self.stopping.is_set():
+                    break
+                if self._reload_requested:
+                    self._reload_requested = False
+                    notifier.send("RELOADING=1")
+                    self.reload()
+                    notifier.send("READY=1")
                 dead = [type(service).__name__ for service in self._services if not service.alive()]
                 if dead:
                     log.error("worker_died", services=dead)
@@ -172,6 +204,47 @@ class Daemon:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return status
+
+    def reload(self) -> bool:
+        """Load the configuration file and its rules again; apply what can change live. False if refused.
+
+        The new files are validated first; on any error the running ones stay in force and the errors are
+        logged. Rules, XNAT servers, delivery settings and the completion times change live; batches already
+        routed keep the rule they were routed with (the journal holds their route). The listener, drop folders,
+        state directory and spool need a restart, which is logged.
+        """
+        if self.config_path is None:
+            log.warning("reload", outcome="unavailable", detail="the daemon was not started from a file")
+            return False
+        try:
+            new = load_config(self.config_path)
+            rules = _load_rules_for(new)
+        except ConfigError as exc:
+            log.error("reload", outcome="refused", problems=exc.problems)
+            return False
+        old = self.config
+        if self._router is not None and rules is not None:
+            self._router.rules = rules
+        if self._deliverer is not None:
+            self._deliverer.reconfigure(new)
+        if self._assembler is not None:
+            self._assembler.policy = CompletionPolicy(new.study_idle_seconds, new.study_max_wait_seconds)
+        live = {"rules", "xnat", "delivery", "study_idle_seconds", "study_max_wait_seconds", "logging"}
+        restart = sorted(
+            key for key in type(old).model_fields if key not in live and getattr(old, key) != getattr(new, key)
+        )
+        if (rules is None) != (self._router is None) or (new.xnat.servers and self._deliverer is None):
+            restart.append("rules or xnat (turned on or off)")
+        self.config = new.model_copy(
+            update={key: getattr(old, key) for key in type(old).model_fields if key in restart}
+        )
+        log.info(
+            "reload",
+            outcome="applied",
+            rules_version=rules.version if rules is not None else None,
+            needs_restart=restart or None,
+        )
+        return True
 
     def _status_line(self) -> str:
         if self.journal is None:

@@ -92,6 +92,7 @@ class Deliverer(PeriodicWorker):
         self.packages = config.state_dir / "packages"
         self._clients: dict[str, XnatClient] = {}
         self._rng = random.Random()  # jitter, not secrets
+        self._pending: Config | None = None
 
     def start(self) -> None:
         self.packages.mkdir(parents=True, exist_ok=True)
@@ -102,8 +103,21 @@ class Deliverer(PeriodicWorker):
         for client in self._clients.values():
             client.close()
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded configuration from the next check on (the worker thread applies it between steps)."""
+        self._pending = config
+
+    def _apply_pending(self) -> None:
+        config, self._pending = self._pending, None
+        if config is None:
+            return
+        old, self.config = self.config.xnat.servers, config
+        for name in [name for name, client in self._clients.items() if config.xnat.servers.get(name) != old.get(name)]:
+            self._clients.pop(name).close()  # its settings changed: log in again with the new ones
+
     def check(self) -> int:
         """Advance every due batch through the steps that are due now; return how many steps were taken."""
+        self._apply_pending()
         advanced = 0
         routes = self.journal.routes()
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):

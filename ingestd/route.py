@@ -162,11 +162,12 @@ class Router(PeriodicWorker):
         except OSError as exc:
             self._hold(batch, f"spool: a spooled instance cannot be read ({exc.strerror})")
             return
-        decision = decide(self.rules, facts)
+        rules = self.rules  # one rules version for the whole batch, even if SIGHUP swaps them meanwhile
+        decision = decide(rules, facts)
         if isinstance(decision, Held):
             self._hold(batch, f"{decision.code}: {decision.reason}")
             return
-        profile = self.rules.profiles.get(decision.profile) if decision.profile else None
+        profile = rules.profiles.get(decision.profile) if decision.profile else None
         kept = [i for i in instances if i.series_uid in set(decision.kept_series)]
         try:
             study_uid, outgoing = (
@@ -183,7 +184,7 @@ class Router(PeriodicWorker):
             return
         record = RouteRecord(
             rule=decision.rule,
-            rules_version=self.rules.version,
+            rules_version=rules.version,
             server=decision.server,
             project=decision.project,
             subject=decision.subject,
@@ -200,7 +201,7 @@ class Router(PeriodicWorker):
             outcome="routed",
             batch=batch.id,
             rule=decision.rule,
-            rules_version=self.rules.version,
+            rules_version=rules.version,
             project=decision.project,
             subject=decision.subject,
             session=decision.session,

@@ -382,3 +382,44 @@ def test_late_series_reach_the_same_experiment(tmp_path: Path, xnat: FakeXnat) -
         assert daemon.terminate() == 0
     (experiment,) = xnat.experiments("PROJ")
     assert len(experiment.scans) == 3 and sum(len(s.files) for s in experiment.scans.values()) == 8
+
+
+def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study no rule matches is held; the rules are fixed and SIGHUP'd in; retry routes it. A broken rules
+    file on the next SIGHUP is refused with its errors, and the rules in force stay."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    monkeypatch.setenv("INGESTD_TEST_KEY", "h" * 40)
+    rules = tmp_path / "lab.rules.yaml"
+    rule = (
+        "profiles:\n  research: {key: {env: INGESTD_TEST_KEY}}\n"
+        "rules:\n  - name: scanner\n    when: {calling_aet: CALLER}\n"
+        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR'}\n"
+        "    anonymize: research\n"
+    )
+    rules.write_text(rule.replace("CALLER", "SOMEONE_ELSE"))
+    port = free_port()
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port, extra="rules: [lab.rules.yaml]\n")
+    config.write_text(config.read_text().replace("study_idle_seconds: 3600", "study_idle_seconds: 1"))
+    files = write_instances(make_study(series=1, per_series=2), tmp_path / "scan")
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        with Storescu(port, files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+        wait_until(lambda: _status(config)["studies"][0]["state"] == "held", 30, interval=0.3)  # type: ignore[index]
+
+        rules.write_text(rule.replace("CALLER", "STORESCU"))
+        os.kill(daemon.pid, signal.SIGHUP)
+        applied = wait_until(lambda: [r for r in daemon.logged("reload") if r["outcome"] == "applied"], 20)
+        assert applied[0]["needs_restart"] is None
+        assert _ingestd("retry", "--config", str(config), "--held").returncode == 0
+        wait_until(lambda: _status(config)["studies"][0]["state"] == "routed", 30, interval=0.3)  # type: ignore[index]
+
+        rules.write_text(rule.replace("when: {calling_aet: CALLER}", "when: {Modalty: MR}"))
+        os.kill(daemon.pid, signal.SIGHUP)
+        refused = wait_until(lambda: [r for r in daemon.logged("reload") if r["outcome"] == "refused"], 20)
+        assert any("did you mean 'Modality'" in problem for problem in refused[0]["problems"])
+        route = _status(config)["studies"][0]["route"]
+        assert isinstance(route, dict) and route["rule"] == "scanner"
+        assert daemon.terminate() == 0
