@@ -229,7 +229,7 @@ class Daemon:
             self._deliverer.reconfigure(new)
         if self._assembler is not None:
             self._assembler.policy = CompletionPolicy(new.study_idle_seconds, new.study_max_wait_seconds)
-        live = {"rules", "xnat", "delivery", "study_idle_seconds", "study_max_wait_seconds", "logging"}
+        live = {"rules", "xnat", "delivery", "study_idle_seconds", "study_max_wait_seconds"}
         restart = sorted(
             key for key in type(old).model_fields if key not in live and getattr(old, key) != getattr(new, key)
         )
