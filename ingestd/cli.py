@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,24 +160,29 @@ def _cmd_retry_release(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _cmd_health(config: Config, timeout: float) -> int:
-    """Healthy: a daemon holds the state directory's lock, the journal reads, and the listener answers C-ECHO."""
+def _daemon_running(config: Config) -> bool:
+    """Whether a daemon holds the state directory's lock (it takes it exclusively for as long as it runs)."""
     import fcntl  # noqa: PLC0415
 
-    problems: list[str] = []
-    lock_path = config.state_dir / "ingestd.lock"
     try:
-        with lock_path.open("r") as lock:
+        with (config.state_dir / "ingestd.lock").open("r") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                pass  # a running daemon holds it exclusively: good
-            else:
-                problems.append(f"no daemon runs on {config.state_dir}")
+                return True
+            return False
     except FileNotFoundError:
-        problems.append(f"no daemon runs on {config.state_dir}")
+        return False
+
+
+def _cmd_health(config: Config, timeout: float) -> int:
+    """Healthy: a daemon holds the state directory's lock, the journal reads, and the listener answers C-ECHO."""
+    problems: list[str] = []
+    try:
+        if not _daemon_running(config):
+            problems.append(f"no daemon runs on {config.state_dir}")
     except OSError as exc:
-        problems.append(f"cannot open {lock_path}: {exc.strerror}")
+        problems.append(f"cannot open {config.state_dir / 'ingestd.lock'}: {exc.strerror}")
     if not problems:
         try:
             journal = Journal(config.journal_path, read_only=True)
@@ -283,7 +289,7 @@ def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
         now = time.time()
         routes = journal.routes()
         deliveries = journal.deliveries()
-        studies = [
+        studies: list[dict[str, Any]] = [
             {
                 "batch_id": batch.id,
                 "study": _study_reference(batch.study_uid, routes.get(batch.id), show_uids),
@@ -305,9 +311,29 @@ def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
             for batch in journal.batches()
         ]
         quarantine = journal.quarantined()
+        heartbeat = journal.meta("heartbeat")
     finally:
         journal.close()
-    return {"studies": studies, "quarantine": quarantine, "journal": str(config.journal_path), "exists": True}
+    held: dict[str, int] = {}
+    for study in studies:
+        if study["state"] == "held":
+            code = str(study["reason"] or "unknown").split(":", 1)[0]
+            held[code] = held.get(code, 0) + 1
+    stat = os.statvfs(config.state_dir)
+    health: dict[str, Any] = {
+        "running": _daemon_running(config),
+        "last_heartbeat_seconds_ago": round(now - float(heartbeat), 1) if heartbeat else None,
+        "spool_bytes": sum(s["bytes"] for s in studies if s["state"] not in ("delivered", "released")),
+        "disk_free_bytes": stat.f_bavail * stat.f_frsize,
+        "held_by_reason": held,
+    }
+    return {
+        "health": health,
+        "studies": studies,
+        "quarantine": quarantine,
+        "journal": str(config.journal_path),
+        "exists": True,
+    }
 
 
 def _delivery_text(delivery: dict[str, Any] | None) -> str:
@@ -331,6 +357,18 @@ def _print_status(data: dict[str, Any]) -> None:
     if not data["exists"]:
         print(f"no journal yet at {data['journal']}: nothing received")
         return
+    health = data["health"]
+    beat = health["last_heartbeat_seconds_ago"]
+    print(
+        f"daemon {'running' if health['running'] else 'not running'}"
+        + (f", last heartbeat {_age(beat)} ago" if beat is not None else "")
+        + f"; spool {_size(health['spool_bytes'])} waiting, {_size(health['disk_free_bytes'])} free"
+        + (
+            "; held: " + ", ".join(f"{count} {code}" for code, count in sorted(health["held_by_reason"].items()))
+            if health["held_by_reason"]
+            else ""
+        )
+    )
     header = ("STATE", "SERIES", "INST", "SIZE", "SOURCE", "AGE", "QUIET", "STUDY", "ROUTE", "REASON")
     rows = [
         (

@@ -11,6 +11,7 @@ import fcntl
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
@@ -179,6 +180,8 @@ class Daemon:
         status = 0
         try:
             self.start()
+            if self.journal is not None:
+                self.journal.set_meta("heartbeat", f"{time.time():.3f}")
             notifier.ready(self._status_line())
             interval = min(5.0, notifier.watchdog_seconds / 2) if notifier.watchdog_seconds else 5.0
             while not self.stopping.is_set():
@@ -196,6 +199,8 @@ class Daemon:
                     log.error("worker_died", services=dead)
                     status = 1
                     break
+                if self.journal is not None:
+                    self.journal.set_meta("heartbeat", f"{time.time():.3f}")  # `ingestd status` shows its age
                 if notifier.enabled:
                     notifier.send("WATCHDOG=1", f"STATUS={self._status_line()}")
         finally:

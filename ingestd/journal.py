@@ -505,6 +505,17 @@ class Journal:
             ).fetchall()
         return [Outgoing(*row) for row in rows]
 
+    # -- the daemon's own facts ------------------------------------------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
     # -- deliveries ------------------------------------------------------------------------------------
 
     def batch_state(self, batch_id: int) -> str | None:

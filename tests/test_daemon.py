@@ -408,6 +408,10 @@ def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkey
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
         wait_until(lambda: _status(config)["studies"][0]["state"] == "held", 30, interval=0.3)  # type: ignore[index]
+        health = _status(config)["health"]
+        assert isinstance(health, dict) and health["running"] is True
+        assert health["held_by_reason"] == {"unrouted": 1} and health["last_heartbeat_seconds_ago"] is not None
+        assert "daemon running, last heartbeat" in _ingestd("status", "--config", str(config), check=True).stdout
 
         rules.write_text(rule.replace("CALLER", "STORESCU"))
         os.kill(daemon.pid, signal.SIGHUP)
@@ -423,3 +427,5 @@ def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkey
         route = _status(config)["studies"][0]["route"]
         assert isinstance(route, dict) and route["rule"] == "scanner"
         assert daemon.terminate() == 0
+    stopped = _status(config)["health"]
+    assert isinstance(stopped, dict) and stopped["running"] is False
