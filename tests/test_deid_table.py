@@ -17,35 +17,18 @@ from ingestd.deid.table import (
     TableEntry,
     load_table,
 )
+from tests import deid_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
-ORACLE_CODES = {
-    "D_TAGS": "D",
-    "Z_TAGS": "Z",
-    "X_TAGS": "X",
-    "U_TAGS": "U",
-    "Z_D_TAGS": "Z/D",
-    "X_Z_TAGS": "X/Z",
-    "X_D_TAGS": "X/D",
-    "X_Z_D_TAGS": "X/Z/D",
-    "X_Z_U_STAR_TAGS": "X/Z/U*",
-}
 
 
 def oracle_entries() -> tuple[dict[int, str], dict[tuple[int, int], str]]:
-    """dicom-anonymizer's 2026c lists: concrete tag -> code, and (value, mask) -> code for repeating groups."""
-    singles: dict[int, str] = {}
-    groups: dict[tuple[int, int], str] = {}
-    for attr, code in ORACLE_CODES.items():
-        for item in getattr(oracle, attr):
-            if len(item) == 2:
-                tag = (item[0] << 16) | item[1]
-                assert tag not in singles
-                singles[tag] = code
-            else:
-                mask = (item[2] << 16) | item[3]
-                groups[(((item[0] << 16) | item[1]) & mask, mask)] = code
-    return singles, groups
+    """dicom-anonymizer's 2026c lists (as tests/deid_oracle.py loads them): concrete tag -> code, and
+    (value, mask) -> code for repeating groups."""
+    groups = {
+        ((((g << 16) | e) & ((gm << 16) | em)), (gm << 16) | em): code for g, e, gm, em, code in deid_oracle.MASKED
+    }
+    return dict(deid_oracle.SINGLE), groups
 
 
 def test_oracle_has_655_entries() -> None:

@@ -21,6 +21,7 @@ from ingestd.rules import load_rules
 from ingestd.spool import Spool
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import encode, make_instance
+from tests.procs import wait_until
 
 KEY = "d" * 40
 SCANNER = Source("dicom", "SCANNER", "INGESTD@127.0.0.1")
@@ -108,10 +109,15 @@ class Lab:
 
 
 @pytest.fixture
-def xnat(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXnat]:
+def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The profile key and the XNAT credentials the lab's configuration reads from the environment."""
     monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
     monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
     monkeypatch.setenv("XNAT_TEST_PASSWORD", "s3cret-pw")
+
+
+@pytest.fixture
+def xnat(secrets_env: None) -> Iterator[FakeXnat]:
     with FakeXnat(version="1.8.10", idle_build_seconds=0.3, rebuild_repeat_seconds=0.1) as server:
         server.add_user("ingestd", "s3cret-pw")
         server.add_project("PROJ", members=["ingestd"])
@@ -272,9 +278,7 @@ def test_credentials_never_reach_the_journal(tmp_path: Path, xnat: FakeXnat, mon
     monkeypatch.setenv("XNAT_TEST_PASSWORD", "wrong-password-123")
     lab = Lab(tmp_path, xnat)
     lab.receive(study(series=1, per_series=1))
-    for _ in range(20):
-        lab.deliverer.check()
-        time.sleep(0.02)
+    wait_until(lambda: lab.deliverer.check() is not None and lab.batch()[1]["last_error"], 10, interval=0.02)
     _, delivery = lab.batch()
     assert "refused the login" in str(delivery["last_error"])
     assert b"wrong-password-123" not in (lab.state / "journal.sqlite").read_bytes()
@@ -312,18 +316,14 @@ def test_released_study_is_left_alone(tmp_path: Path, xnat: FakeXnat) -> None:
     assert list((lab.state / "spool").rglob("*.dcm"))  # nothing deleted
 
 
-def test_xnat_down_at_start_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("secrets_env")
+def test_xnat_down_at_start_then_back(tmp_path: Path) -> None:
     """Nothing listens on XNAT's port at first: connection errors are retried until it comes up."""
-    monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
-    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
-    monkeypatch.setenv("XNAT_TEST_PASSWORD", "s3cret-pw")
     with FakeXnat() as probe:  # pick a free port, then free it again
         port = int(probe.url.rsplit(":", 1)[1])
         lab = Lab(tmp_path, probe)
     lab.receive(study(series=1, per_series=2))
-    for _ in range(5):
-        lab.deliverer.check()
-        time.sleep(0.05)
+    wait_until(lambda: lab.deliverer.check() is not None and lab.batch()[1]["attempts"], 10, interval=0.05)
     _, delivery = lab.batch()
     assert delivery["attempts"] >= 1 and "unreachable" in str(delivery["last_error"])
     with FakeXnat(port=port) as xnat:
@@ -358,11 +358,9 @@ def test_throttling_and_slow_answers_are_waited_out(tmp_path: Path, xnat: FakeXn
     assert len(xnat.experiments("PROJ")) == 1
 
 
-def test_conflict_found_while_waiting_holds_with_xnats_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("secrets_env")
+def test_conflict_found_while_waiting_holds_with_xnats_log(tmp_path: Path) -> None:
     """XNAT sets the waiting session to CONFLICT: held with XNAT's own log entry for it."""
-    monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
-    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
-    monkeypatch.setenv("XNAT_TEST_PASSWORD", "s3cret-pw")
     with FakeXnat(version="1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
         old.add_user("ingestd", "s3cret-pw")
         old.add_project("PROJ", members=["ingestd"])
