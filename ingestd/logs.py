@@ -15,7 +15,7 @@ from typing import Literal
 import pydicom.config
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "path_digest", "uid_digest"]
 
 
 def _add_pid(_logger: object, _method: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
@@ -65,6 +65,15 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
 def uid_digest(uid: str) -> str:
     """How logs and `ingestd status` name an original UID: a digest, so that no original value is shown."""
     return "sha256:" + hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:16]
+
+
+def path_digest(path: str) -> str:
+    """How logs name a dropped file: its path may hold a patient's name (`DOE^JOHN/IM0001`), so a digest.
+
+    The quarantine sidecar and `ingestd status --show-paths` show the path itself to whoever may read the
+    state directory; the digest lets a log line be matched to them.
+    """
+    return "sha256:" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def quiet_pydicom() -> None:
