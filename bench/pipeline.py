@@ -157,12 +157,12 @@ def run_once(work: Path, files: list[Path], compression: str, idle: float) -> di
         def at(event: str, **match: Any) -> dict[str, Any]:
             return next(e for e in events if e["event"] == event and all(e.get(k) == v for k, v in match.items()))
 
-        complete = at("study_complete")["at"]
-        routed = at("route", outcome="routed")
-        packaged = at("deliver", outcome="packaged")
-        imported = at("deliver", outcome="imported")
-        archived = at("deliver", outcome="archived")
-        done = at("deliver", outcome="delivered")
+        complete = at("assemble.study_complete")["at"]
+        routed = at("route.routed")
+        packaged = at("deliver.packaged")
+        imported = at("deliver.imported")
+        archived = at("deliver.archived")
+        done = at("deliver.delivered")
         zip_path = work / "state" / "packages" / "1.zip"
         zip_mb = zip_path.stat().st_size / 1e6
         curl_started = time.monotonic()

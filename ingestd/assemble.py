@@ -53,10 +53,10 @@ class Assembler(PeriodicWorker):
                 completed += 1
                 forced = now - batch.last_received < self.policy.idle_seconds
                 log.info(
-                    "study_complete",
+                    "assemble.study_complete",
                     batch_id=batch.id,
                     study=uid_digest(batch.study_uid),
-                    batch=batch.batch,
+                    batch_number=batch.batch,
                     series=batch.series,
                     instances=batch.instances,
                     forced=forced,

@@ -1,4 +1,4 @@
-"""The `ingestd` command: run, check-config, check-rules, new-key, explain, anonymize, status, retry, release."""
+"""The `ingestd` command: run, status, import, explain, anonymize, retry, release and the other tools."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from ingestd import __version__
 from ingestd.config import Config, load_config
 from ingestd.errors import ConfigError, IngestdError
-from ingestd.journal import Journal
+from ingestd.journal import Journal, held_reason_code
 
 __all__ = ["main"]
 
@@ -77,11 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     release.add_argument("study", help="batch id, study digest (sha256:...), or Study Instance UID")
 
+    bulk = commands.add_parser(
+        "import",
+        help="take folders, files and archives on disk to XNAT as the daemon would; wait until delivered or held",
+    )
+    bulk.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    bulk.add_argument(
+        "--rules", type=Path, action="append", metavar="FILE", help="rules file(s) instead of the configuration's"
+    )
+    bulk.add_argument("--dry-run", action="store_true", help="print what would happen to each study; write nothing")
+    bulk.add_argument(
+        "--show-paths", action="store_true", help="name quarantined files by their path (default: a digest)"
+    )
+    bulk.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files, folders, zip or tar archives")
+
     status = commands.add_parser("status", help="list studies and quarantined items from the journal")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument(
         "--show-uids", action="store_true", help="show original Study Instance UIDs (default: a digest, or the new UID)"
+    )
+    status.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="show where quarantined items came from (their original paths, which may hold patient names)",
     )
     return parser
 
@@ -91,7 +110,15 @@ def _cmd_run(config: Config, path: Path) -> int:
     from ingestd.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(config.logging.level, config.logging.format)
-    return Daemon(config, path).run()
+    daemon = Daemon(config, path)
+    status = daemon.run()
+    if daemon.abandoned:
+        # A service outlived the stop deadline (an XNAT request, say): end now, as the deadline promises, rather
+        # than in the interpreter's exit, which would wait for it. The journal resumes its work at the next start.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _cmd_offline(args: argparse.Namespace) -> int:
@@ -121,6 +148,21 @@ def _cmd_offline(args: argparse.Namespace) -> int:
         print(message, file=sys.stdout if ok else sys.stderr)
         failed += not ok
     return 1 if failed else 0
+
+
+def _cmd_import(args: argparse.Namespace, config: Config) -> int:
+    from ingestd.bulk import run_import  # noqa: PLC0415 - pulls in the router, the deliverer and tqdm
+    from ingestd.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(config.logging.level, config.logging.format)
+    return run_import(
+        config,
+        args.paths,
+        rules_files=args.rules or (),
+        dry_run=args.dry_run,
+        show_paths=args.show_paths,
+        config_name=str(args.config),
+    )
 
 
 def _held_batches(journal: Journal, reference: str | None) -> list[int]:
@@ -175,8 +217,58 @@ def _daemon_running(config: Config) -> bool:
         return False
 
 
+HEALTH_AE_TITLE = "INGESTD_HEALTH"
+
+
+def _local_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - a wildcard is reached on loopback
+
+
+def _healthz_problem(config: Config, timeout: float) -> str | None:
+    """Ask the daemon's /healthz; a problem, or None when it answers live and ready."""
+    import urllib.error  # noqa: PLC0415 - keeps `status` light
+    import urllib.request  # noqa: PLC0415
+
+    url = f"http://{_local_host(config.metrics.host)}:{config.metrics.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            answer.read()
+            return None
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+        except ValueError:
+            body = {}
+        said = [str(body.get("status") or "")]
+        said += [f"{name} dead" for name, alive in body.get("services", {}).items() if not alive]
+        said += [f"{name} wedged" for name in body.get("wedged", [])]
+        detail = ", ".join(part for part in said if part)
+        return f"{url} answered {exc.code} ({detail or 'no detail'})"
+    except OSError as exc:
+        return f"{url} did not answer: {getattr(exc, 'reason', None) or exc}"
+
+
+def _echo_problem(config: Config, timeout: float, calling: str) -> str | None:
+    from pynetdicom import AE  # noqa: PLC0415
+
+    host = _local_host(config.listener.host)
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(host, config.listener.port, ae_title=config.listener.ae_title)
+    answered = assoc.is_established and assoc.send_c_echo().Status == 0
+    if assoc.is_established:
+        assoc.release()
+    return None if answered else f"no C-ECHO answer from {config.listener.ae_title}@{host}:{config.listener.port}"
+
+
 def _cmd_health(config: Config, timeout: float) -> int:
-    """Healthy: a daemon holds the state directory's lock, the journal reads, and the listener answers C-ECHO."""
+    """Healthy: a daemon holds the state directory's lock, the journal reads, /healthz says live and ready (every
+    worker running, none wedged), and the listener answers C-ECHO.
+
+    The C-ECHO comes from INGESTD_HEALTH; with an allow-list of calling AE titles that lacks it, it is left out
+    when /healthz answers (which covers the listener), else sent as the first allowed title.
+    """
     problems: list[str] = []
     try:
         if not _daemon_running(config):
@@ -192,19 +284,14 @@ def _cmd_health(config: Config, timeout: float) -> int:
                 journal.close()
         except Exception as exc:  # noqa: BLE001 - any failure to read the journal is unhealthy
             problems.append(f"the journal cannot be read: {type(exc).__name__}")
+    if not problems and config.metrics.enabled and config.metrics.port:
+        problems += filter(None, [_healthz_problem(config, timeout)])
+    allowed = config.listener.allowed_calling_aets
     if not problems and config.listener.enabled:
-        from pynetdicom import AE  # noqa: PLC0415
-
-        host = "127.0.0.1" if config.listener.host in ("0.0.0.0", "") else config.listener.host  # noqa: S104
-        ae = AE(ae_title="INGESTD_HEALTH")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate(host, config.listener.port, ae_title=config.listener.ae_title)
-        answered = assoc.is_established and assoc.send_c_echo().Status == 0
-        if assoc.is_established:
-            assoc.release()
-        if not answered:
-            problems.append(f"no C-ECHO answer from {config.listener.ae_title}@{host}:{config.listener.port}")
+        if not allowed or HEALTH_AE_TITLE in allowed:
+            problems += filter(None, [_echo_problem(config, timeout, HEALTH_AE_TITLE)])
+        elif not (config.metrics.enabled and config.metrics.port):
+            problems += filter(None, [_echo_problem(config, timeout, allowed[0])])
     if problems:
         print("unhealthy: " + "; ".join(problems))
         return 1
@@ -281,7 +368,16 @@ def _delivery_data(delivery: dict[str, Any] | None, now: float) -> dict[str, Any
     return data
 
 
-def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
+def _original_path(quarantine_dir: Path, item: str) -> str | None:
+    """Where a quarantined item came from, as its sidecar says (None if it cannot be read)."""
+    try:
+        sidecar = json.loads((quarantine_dir / f"{item}.reason.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(sidecar.get("detail") or "") or None
+
+
+def _status_data(config: Config, show_uids: bool = False, show_paths: bool = False) -> dict[str, Any]:
     if not config.journal_path.exists():
         return {"studies": [], "quarantine": [], "journal": str(config.journal_path), "exists": False}
     journal = Journal(config.journal_path, read_only=True)
@@ -311,13 +407,16 @@ def _status_data(config: Config, show_uids: bool = False) -> dict[str, Any]:
             for batch in journal.batches()
         ]
         quarantine = journal.quarantined()
+        if show_paths:
+            for item in quarantine:
+                item["original_path"] = _original_path(config.quarantine_dir, item["path"])
         heartbeat = journal.meta("heartbeat")
     finally:
         journal.close()
     held: dict[str, int] = {}
     for study in studies:
         if study["state"] == "held":
-            code = str(study["reason"] or "unknown").split(":", 1)[0]
+            code = held_reason_code(study["reason"])
             held[code] = held.get(code, 0) + 1
     stat = os.statvfs(config.state_dir)
     health: dict[str, Any] = {
@@ -393,7 +492,8 @@ def _print_status(data: dict[str, Any]) -> None:
     print(f"\n{len(quarantine)} quarantined item{'s' if len(quarantine) != 1 else ''}")
     for item in quarantine:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["at"]))
-        print(f"  {when}  {item['path']}  ({item['source_kind']}:{item['source']}): {item['reason']}")
+        came = f" from {item['original_path']}" if item.get("original_path") else ""
+        print(f"  {when}  {item['path']}  ({item['source_kind']}:{item['source']}{came}): {item['reason']}")
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one branch and return per command
@@ -421,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return _cmd_health(config, args.timeout)
         if args.command in ("retry", "release"):
             return _cmd_retry_release(args, config)
-        data = _status_data(config, show_uids=args.show_uids)
+        if args.command == "import":
+            return _cmd_import(args, config)
+        data = _status_data(config, show_uids=args.show_uids, show_paths=args.show_paths)
         if args.json:
             json.dump(data, sys.stdout, indent=2)
             print()

@@ -178,6 +178,14 @@ class Logging(_Model):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class Metrics(_Model):
+    """The Prometheus metrics and /healthz endpoint. Loopback only unless the admin opens it on purpose."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9471
+
+
 class Config(_Model):
     """The whole of ingestd.yaml."""
 
@@ -188,7 +196,14 @@ class Config(_Model):
     archives: Archives = Archives()
     study_idle_seconds: Annotated[float, Field(gt=0)] = 120.0
     study_max_wait_seconds: Annotated[float, Field(gt=0)] = 6 * 3600.0
+    # SIGTERM/SIGINT to exit: what is still running then is abandoned (the journal resumes it). systemd's
+    # TimeoutStopSec= (systemd/ingestd.service) and Docker's stop_grace_period must stay above it.
+    stop_timeout_seconds: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    # A worker check (assembler, router, deliverer) that makes no progress this long is wedged: the watchdog
+    # pings stop and the daemon exits with status 1. The deliverer's limit is at least its longest XNAT wait.
+    wedged_worker_seconds: Annotated[float, Field(gt=0)] = 300.0
     logging: Logging = Logging()
+    metrics: Metrics = Metrics()
     xnat: Xnat = Xnat()
     delivery: Delivery = Delivery()
     rules: tuple[Path, ...] = ()  # rules files (relative: to the configuration file's folder); none: nothing is routed
@@ -210,6 +225,12 @@ class Config(_Model):
     @property
     def journal_path(self) -> Path:
         return self.state_dir / "journal.sqlite"
+
+    @property
+    def association_grace_seconds(self) -> float:
+        """How long a stopping listener lets open associations go on before aborting them (stores in flight
+        finish): a third of the stop deadline, at most 10 s, so that the rest of the stop fits in the deadline."""
+        return min(10.0, self.stop_timeout_seconds / 3)
 
 
 class _LineLoader(yaml.SafeLoader):

@@ -1,7 +1,8 @@
 """Wire the steps into threads and run them until SIGTERM or SIGINT.
 
 Start-up reconciles the spool with the journal (crash recovery), then starts the listener, one watcher per
-drop folder and the assembler. Stopping is graceful: no new associations, stores in flight finish, the
+drop folder and the assembler. Stopping is graceful and bounded by `stop_timeout_seconds`: no new associations,
+stores in flight finish, the current delivery step finishes or is abandoned (the journal resumes it), the
 journal is closed last.
 """
 
@@ -14,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import structlog
 
@@ -24,6 +25,7 @@ from ingestd.config import Config, load_config
 from ingestd.deliver import Deliverer
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
+from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer
 from ingestd.notify import SystemdNotifier
 from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
@@ -31,8 +33,9 @@ from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.route import Router
 from ingestd.rules import RuleSet, load_rules
 from ingestd.spool import Quarantine, Spool
+from ingestd.worker import PeriodicWorker
 
-__all__ = ["Daemon", "StateDirLockedError"]
+__all__ = ["Daemon", "StateDirLockedError", "load_rules_for", "lock_state_dir"]
 
 log = structlog.get_logger("ingestd.daemon")
 
@@ -43,11 +46,15 @@ class StateDirLockedError(IngestdError):
 
 class _Service(Protocol):
     def start(self) -> None: ...
-    def stop(self) -> None: ...
+    def stop(self) -> object: ...
     def alive(self) -> bool: ...
 
 
-def _load_rules_for(config: Config) -> RuleSet | None:
+def _name(service: _Service) -> str:
+    return str(getattr(service, "name", type(service).__name__))
+
+
+def load_rules_for(config: Config) -> RuleSet | None:
     """The configuration's rules, checked against its XNAT servers; raises ConfigError."""
     rules = load_rules(config.rules) if config.rules else None
     if rules is not None:
@@ -57,6 +64,28 @@ def _load_rules_for(config: Config) -> RuleSet | None:
                 "rules", [f"rules route to XNAT server(s) {', '.join(unknown)}, not defined under xnat.servers"]
             )
     return rules
+
+
+def lock_state_dir(state: Path) -> IO[str]:
+    """Take the state directory's lock (`ingestd.lock`, flock'd exclusively) and write our pid into it.
+
+    Held for as long as the returned file stays open: by the daemon while it runs, by `ingestd import` while it
+    works without one. Raises StateDirLockedError when another process holds it.
+    """
+    state.mkdir(parents=True, exist_ok=True, mode=0o750)
+    lock = (state / "ingestd.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StateDirLockedError(
+            f"another ingestd is already running on {state} (it holds {state / 'ingestd.lock'})"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class Daemon:
@@ -75,53 +104,50 @@ class Daemon:
         self.journal: Journal | None = None
         self.listener: DicomListener | None = None
         self._services: list[_Service] = []
+        self._metrics: MetricsServer | None = None
+        self._collector: JournalCollector | None = None
+        self._ready = False
+        self._stop_requested_at: float | None = None  # time.monotonic() of the first SIGTERM/SIGINT
+        self.abandoned: list[str] = []  # services still running when the last stop() gave up on them
 
     def _lock_state_dir(self) -> None:
-        state = self.config.state_dir
-        state.mkdir(parents=True, exist_ok=True, mode=0o750)
-        lock = (state / "ingestd.lock").open("a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise StateDirLockedError(
-                f"another ingestd is already running on {state} (it holds {state / 'ingestd.lock'})"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        self._lock_file = lock
+        self._lock_file = lock_state_dir(self.config.state_dir)
 
     def start(self) -> None:
         """Recover the spool and start every service; return once they are running."""
         config = self.config
-        rules = _load_rules_for(config)  # a bad rules file stops the start, nothing else
+        rules = load_rules_for(config)  # a bad rules file stops the start, nothing else
         self._lock_state_dir()
         self.journal = Journal(config.journal_path)
         spool = Spool(config.spool_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
         quarantine = Quarantine(config.quarantine_dir, self.journal)
         with wait_for_receivers(config):  # no receiver of an earlier run may still be writing
             spool.recover(quarantine)
+        associations = AssociationCounters(config.listener.processes) if config.listener.enabled else None
+        self._start_metrics(associations)
         assembler = Assembler(self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds))
+        assembler.wedged_after = config.wedged_worker_seconds
         assembler.start()
         self._services.append(assembler)
         self._assembler = assembler
         if rules is not None:
             router = Router(self.journal, rules, config.state_dir)
+            router.wedged_after = config.wedged_worker_seconds
             router.start()
             self._services.append(router)
             self._router = router
-            log.info("rules_loaded", files=[str(path) for path in rules.sources], version=rules.version)
+            log.info("daemon.rules_loaded", files=[str(path) for path in rules.sources], version=rules.version)
             if config.xnat.servers:
                 deliverer = Deliverer(self.journal, config)
                 deliverer.start()
                 self._services.append(deliverer)
                 self._deliverer = deliverer
             else:
-                log.warning("xnat_missing", detail="no xnat.servers configured: routed studies wait, nothing is sent")
+                log.warning(
+                    "daemon.xnat_missing", detail="no xnat.servers configured: routed studies wait, nothing is sent"
+                )
         else:
-            log.warning("rules_missing", detail="no rules configured: complete studies wait, nothing is routed")
+            log.warning("daemon.rules_missing", detail="no rules configured: complete studies wait, nothing is routed")
         for folder in config.drop_folders:
             watcher = DropFolderWatcher(folder, config.archives, spool, quarantine)
             watcher.start()
@@ -131,46 +157,180 @@ class Daemon:
             if config.listener.processes > 1:
                 # The receivers are up before anything accepts, so the first associations spread too.
                 listening = bind_listening_socket(config.listener)
-                pool = ReceiverPool(config, listening, config.listener.processes - 1)
+                pool = ReceiverPool(config, listening, config.listener.processes - 1, associations)
                 self._services.append(pool)
                 pool.start()
-            self.listener = DicomListener(config.listener, spool, listening_socket=listening)
+            self.listener = DicomListener(
+                config.listener,
+                spool,
+                listening_socket=listening,
+                associations=None if associations is None else associations.slot(0),
+            )
             self.listener.start()
             self._services.append(self.listener)
-        log.info("daemon_started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
+        self._ready = True
+        log.info("daemon.started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
 
-    def stop(self) -> None:
-        """Stop every service, newest first (receivers before the assembler), then close the journal."""
-        while self._services:
-            service = self._services.pop()
-            try:
+    def _start_metrics(self, associations: AssociationCounters | None) -> None:
+        """Serve /metrics and /healthz. A port that cannot be bound is logged: receiving matters more."""
+        config = self.config
+        self._collector = JournalCollector(config.journal_path, config.spool_dir, associations)
+        REGISTRY.register(self._collector)
+        if not config.metrics.enabled:
+            return
+        server = MetricsServer(config.metrics.host, config.metrics.port, REGISTRY, self.health)
+        try:
+            server.start()
+        except OSError as exc:
+            log.error(
+                "metrics.unavailable",
+                host=config.metrics.host,
+                port=config.metrics.port,
+                reason=exc.strerror or str(exc),
+            )
+            return
+        self._metrics = server
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics and /healthz are served on (useful when configured as 0); None when not served."""
+        return None if self._metrics is None else self._metrics.port
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and readiness, as /healthz reports them."""
+        services: dict[str, bool] = {}
+        for service in self._services:
+            name = _name(service)
+            key = name if name not in services else f"{name}-{sum(k.startswith(name) for k in services) + 1}"
+            services[key] = service.alive()
+        wedged = sorted(
+            service.name
+            for service in self._services
+            if isinstance(service, PeriodicWorker) and service.wedged() is not None
+        )
+        live = all(services.values()) and not wedged
+        ready = self._ready and not self.stopping.is_set()
+        if live and ready:
+            status = "ok"
+        elif self.stopping.is_set():
+            status = "stopping"
+        else:
+            status = "starting" if live else "failing"
+        return {"status": status, "live": live, "ready": ready, "services": services, "wedged": wedged}
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every service within `timeout` s, then close the journal.
+
+        `timeout` defaults to `stop_timeout_seconds`, counted from the SIGTERM/SIGINT if one came. The services
+        stop side by side, each in a thread of its own, so that none waits for another: the listener and the
+        receiver processes accept no new association and let open ones go on for a grace period, then abort
+        them (a store in flight still finishes; what was acknowledged is durable); the watchers leave the file
+        being taken for the next start; the workers finish their current check, the deliverer its current step.
+
+        What has not ended by the deadline is abandoned and listed in `abandoned`. That is safe: the journal
+        commits every state change before the work it stands for (`importing` before the upload, say), so the
+        next start resumes it as after a crash. The journal and the state directory's lock are then left open,
+        since an abandoned thread may still be using the journal: the caller should end the process at once
+        (`ingestd run` does). Nothing is closed under a thread that is mid-transaction.
+        """
+        self._ready = False
+        requested = self._stop_requested_at
+        started = time.monotonic() if requested is None else requested
+        budget = self.config.stop_timeout_seconds if timeout is None else timeout
+        reserve = min(2.0, max(0.75, budget / 10))  # after the services: the metrics server (0.5 s), journal, log
+        services_until = started + budget - reserve
+        stoppers: list[tuple[_Service, threading.Thread]] = []
+        for service in reversed(self._services):
+            thread = threading.Thread(
+                target=self._stop_service, args=(service, services_until), name=f"stop-{_name(service)}", daemon=True
+            )
+            thread.start()
+            stoppers.append((service, thread))
+        for _service, thread in stoppers:
+            thread.join(max(0.0, services_until + 0.1 - time.monotonic()))
+        self.abandoned = [
+            _name(service)
+            for service, thread in stoppers
+            if thread.is_alive() or (isinstance(service, PeriodicWorker) and service.alive())
+        ]
+        self._services.clear()
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+        if self._collector is not None:
+            REGISTRY.unregister(self._collector)
+            self._collector = None
+        if self.abandoned:
+            log.warning(
+                "daemon.stop_abandoned",
+                services=self.abandoned,
+                timeout=budget,
+                detail="still running at the stop deadline; the journal resumes their work at the next start",
+            )
+        else:
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+        log.info("daemon.stopped", seconds=round(time.monotonic() - started, 2), abandoned=self.abandoned or None)
+
+    def _stop_service(self, service: _Service, until: float) -> None:
+        """Stop one service, giving it until `until` (time.monotonic()) where it takes a time limit."""
+        budget = max(0.0, until - time.monotonic())
+        try:
+            if isinstance(service, DicomListener):
+                service.stop(grace_seconds=min(self.config.association_grace_seconds, budget))
+            elif isinstance(service, PeriodicWorker | ReceiverPool | DropFolderWatcher):
+                service.stop(timeout=budget)
+            else:
                 service.stop()
-            except Exception:
-                log.exception("service_stop_failed", service=type(service).__name__)
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
-        log.info("daemon_stopped")
+        except Exception:
+            log.exception("daemon.service_stop_failed", service=type(service).__name__)
+
+    def _wedged(self) -> list[str]:
+        """The workers whose running check has made no progress for longer than their limit; each is logged."""
+        wedged = []
+        for service in self._services:
+            if isinstance(service, PeriodicWorker) and (seconds := service.wedged()) is not None:
+                wedged.append(service.name)
+                log.error(
+                    "daemon.worker_wedged",
+                    worker=service.name,
+                    seconds=round(seconds, 1),
+                    limit_seconds=service.wedged_after,
+                    stack=service.stack(),
+                )
+        return wedged
 
     def run(self) -> int:
         """Start, serve until SIGTERM or SIGINT, then stop gracefully. Returns the exit status.
 
         Under systemd (`Type=notify`) it reports READY=1 once every service runs, a STATUS= line with the
-        journal's counts, WATCHDOG=1 while every worker thread is alive, and STOPPING=1. A worker that died
-        stops the pings, is logged, and makes the daemon exit with status 1 (systemd restarts it; the journal
-        resumes everything).
+        journal's counts, WATCHDOG=1 while every worker thread is alive and none is wedged, and STOPPING=1.
+        A worker that died stops the pings, is logged, and makes the daemon exit with status 1 (systemd restarts
+        it; the journal resumes everything).
+
+        A wedged worker (a check without progress for longer than `wedged_worker_seconds`; the deliverer's
+        limit is at least its longest XNAT wait) is treated the same way: `daemon.worker_wedged` is logged with
+        where the thread is stuck, the pings stop at once, and the daemon stops gracefully (the wedged thread is
+        abandoned at the stop deadline) and exits with status 1. It exits by itself rather than only waiting for
+        systemd's watchdog so that a wedge is also cured without systemd (Docker's restart policy restarts it)
+        and the other services still stop gracefully instead of being killed; STOPPING=1 disarms systemd's
+        watchdog for that stop, TimeoutStopSec= bounds it. The missing pings remain the cure for a wedged main
+        loop, which cannot report itself.
         """
 
         def request_stop(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal", signal=signal.Signals(signum).name)
+            log.info("daemon.signal", signal=signal.Signals(signum).name)
+            if self._stop_requested_at is None:
+                self._stop_requested_at = time.monotonic()  # the stop deadline counts from here
             self.stopping.set()
             self._wake.set()
 
         def request_reload(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal", signal=signal.Signals(signum).name)
+            log.info("daemon.signal", signal=signal.Signals(signum).name)
             self._reload_requested = True
             self._wake.set()
 
@@ -196,7 +356,10 @@ class Daemon:
                     notifier.send("READY=1")
                 dead = [type(service).__name__ for service in self._services if not service.alive()]
                 if dead:
-                    log.error("worker_died", services=dead)
+                    log.error("daemon.worker_died", services=dead)
+                    status = 1
+                    break
+                if self._wedged():  # no more WATCHDOG=1: the daemon stops and exits with status 1
                     status = 1
                     break
                 if self.journal is not None:
@@ -219,13 +382,13 @@ class Daemon:
         state directory and spool need a restart, which is logged.
         """
         if self.config_path is None:
-            log.warning("reload", outcome="unavailable", detail="the daemon was not started from a file")
+            log.warning("daemon.reload", outcome="unavailable", detail="the daemon was not started from a file")
             return False
         try:
             new = load_config(self.config_path)
-            rules = _load_rules_for(new)
+            rules = load_rules_for(new)
         except ConfigError as exc:
-            log.error("reload", outcome="refused", problems=exc.problems)
+            log.error("daemon.reload", outcome="refused", problems=exc.problems)
             return False
         old = self.config
         if self._router is not None and rules is not None:
@@ -234,7 +397,18 @@ class Daemon:
             self._deliverer.reconfigure(new)
         if self._assembler is not None:
             self._assembler.policy = CompletionPolicy(new.study_idle_seconds, new.study_max_wait_seconds)
-        live = {"rules", "xnat", "delivery", "study_idle_seconds", "study_max_wait_seconds"}
+        for worker in (self._assembler, self._router):
+            if worker is not None:
+                worker.wedged_after = new.wedged_worker_seconds
+        live = {
+            "rules",
+            "xnat",
+            "delivery",
+            "study_idle_seconds",
+            "study_max_wait_seconds",
+            "stop_timeout_seconds",
+            "wedged_worker_seconds",
+        }
         restart = sorted(
             key for key in type(old).model_fields if key not in live and getattr(old, key) != getattr(new, key)
         )
@@ -244,7 +418,7 @@ class Daemon:
             update={key: getattr(old, key) for key in type(old).model_fields if key in restart}
         )
         log.info(
-            "reload",
+            "daemon.reload",
             outcome="applied",
             rules_version=rules.version if rules is not None else None,
             needs_restart=restart or None,

@@ -30,16 +30,26 @@ import structlog
 
 from ingestd.config import Config, XnatServer
 from ingestd.journal import Journal, StudyState
+from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.package import write_package
 from ingestd.worker import PeriodicWorker
 from ingestd.xnat import XnatClient, XnatError, scan_counts
 
-__all__ = ["Deliverer", "HoldError", "backoff_seconds"]
+__all__ = ["Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]
 
 log = structlog.get_logger("ingestd.deliver")
 
 
 _STEPS_PER_CHECK = 12  # at most this many steps of one batch per check, so that other batches get their turn
+_WEDGE_MARGIN_SECONDS = 120.0  # beyond the longest XNAT wait: journal writes, a zip entry, a slow disk
+
+
+def wedge_limit(config: Config) -> float:
+    """Seconds the deliverer may go without progress before it counts as wedged: the configured limit, and at
+    least the longest one XNAT request may wait for its answer (the client reports progress otherwise) plus a
+    margin, so that a slow but legitimate archive request is never taken for a wedge."""
+    waits = [XnatClient.longest_wait_seconds(server) for server in config.xnat.servers.values()]
+    return max([config.wedged_worker_seconds, *(wait + _WEDGE_MARGIN_SECONDS for wait in waits)])
 
 
 class HoldError(Exception):
@@ -93,15 +103,32 @@ class Deliverer(PeriodicWorker):
         self._clients: dict[str, XnatClient] = {}
         self._rng = random.Random()  # jitter, not secrets
         self._pending: Config | None = None
+        self._current: tuple[int, str] | None = None  # the batch and step being taken now
+        self.wedged_after = wedge_limit(config)
 
     def start(self) -> None:
         self.packages.mkdir(parents=True, exist_ok=True)
         super().start()
 
-    def stop(self) -> None:
-        super().stop()
+    def stop(self, timeout: float | None = None) -> bool:
+        """Let the step in progress finish if it can within `timeout` s, then log out of XNAT.
+
+        A step still running then is abandoned, safely: `importing` or `archiving` was committed before its
+        request went out, and the next start looks in XNAT before asking again. The thread is left alone (its
+        XNAT client included) and ends with the process. Return whether the thread has ended.
+        """
+        if not super().stop(timeout):
+            batch_id, step = self._current or (None, None)
+            log.warning(
+                "deliver.step_abandoned",
+                batch_id=batch_id,
+                step=step,
+                timeout=None if timeout is None else round(timeout, 1),
+            )
+            return False
         for client in self._clients.values():
             client.close()
+        return True
 
     def reconfigure(self, config: Config) -> None:
         """Use a reloaded configuration from the next check on (the worker thread applies it between steps)."""
@@ -112,6 +139,7 @@ class Deliverer(PeriodicWorker):
         if config is None:
             return
         old, self.config = self.config.xnat.servers, config
+        self.wedged_after = wedge_limit(config)
         for name in [name for name, client in self._clients.items() if config.xnat.servers.get(name) != old.get(name)]:
             self._clients.pop(name).close()  # its settings changed: log in again with the new ones
 
@@ -144,6 +172,8 @@ class Deliverer(PeriodicWorker):
         name = str(route["server"])
         server = self.config.xnat.servers.get(name)
         step = str(delivery["step"])
+        self._current = (batch_id, step)
+        self.beat()
         try:
             if server is None:
                 raise HoldError(f"no XNAT server named '{name}' in the configuration (xnat.servers)")
@@ -156,11 +186,13 @@ class Deliverer(PeriodicWorker):
                 self._hold(batch_id, str(exc), step)
             else:
                 self._retry(batch_id, delivery, server, str(exc))
+        finally:
+            self._current = None
 
     def _client(self, name: str, server: XnatServer) -> XnatClient:
         client = self._clients.get(name)
         if client is None:
-            client = self._clients[name] = XnatClient(name, server)
+            client = self._clients[name] = XnatClient(name, server, progress=self.beat)
         return client
 
     def _advance(self, batch_id: int, step: str, **fields: Any) -> None:
@@ -181,10 +213,10 @@ class Deliverer(PeriodicWorker):
             return
         wait = backoff_seconds(attempts, server.retry.initial_seconds, server.retry.max_seconds, self._rng)
         self.journal.update_delivery(batch_id, attempts=attempts, last_error=error, next_attempt_at=time.time() + wait)
+        RETRIES.labels(step=str(delivery["step"])).inc()
         log.warning(
-            "deliver",
-            outcome="retry",
-            batch=batch_id,
+            "deliver.retry_scheduled",
+            batch_id=batch_id,
             step=delivery["step"],
             attempt=attempts,
             wait_seconds=round(wait, 1),
@@ -194,7 +226,8 @@ class Deliverer(PeriodicWorker):
     def _hold(self, batch_id: int, reason: str, step: str) -> None:
         self.journal.update_delivery(batch_id, last_error=reason)
         if self.journal.hold_batch(batch_id, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
-            log.warning("deliver", outcome="held", batch=batch_id, step=step, reason=reason)
+            DELIVERIES.labels(outcome="held").inc()
+            log.warning("deliver.held", batch_id=batch_id, step=step, reason=reason)
 
     # -- the steps -------------------------------------------------------------------------------------------
 
@@ -204,15 +237,18 @@ class Deliverer(PeriodicWorker):
             raise HoldError("the batch has no outgoing instances")
         started = time.monotonic()
         package = write_package(
-            outgoing, self.state_dir, self.packages / f"{job.batch_id}.zip", self.config.delivery.compression
+            outgoing,
+            self.state_dir,
+            self.packages / f"{job.batch_id}.zip",
+            self.config.delivery.compression,
+            progress=self.beat,
         )
         log.info(
-            "deliver",
-            outcome="packaged",
-            batch=job.batch_id,
+            "deliver.packaged",
+            batch_id=job.batch_id,
             entries=package.entries,
             bytes=package.size,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=stage_seconds("package", started),
         )
         self._advance(
             job.batch_id,
@@ -247,9 +283,7 @@ class Deliverer(PeriodicWorker):
         expected = f"/data/prearchive/projects/{project}/"
         if not uri.startswith(expected):
             raise HoldError(f"XNAT filed the upload under {uri}, not in the prearchive of project {project}")
-        log.info(
-            "deliver", outcome="imported", batch=job.batch_id, uri=uri, seconds=round(time.monotonic() - started, 3)
-        )
+        log.info("deliver.imported", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("import", started))
         self._advance(job.batch_id, "wait", prearchive_url=uri.removeprefix("/data"))
 
     def _step_importing(self, job: _Job) -> None:
@@ -258,12 +292,12 @@ class Deliverer(PeriodicWorker):
         study_uid = job.study_uid
         for row in job.client.prearchive(project):
             if row.study_uid == study_uid and row.name == session:
-                log.info("deliver", outcome="adopted", batch=job.batch_id, uri=f"/data{row.url}", where="prearchive")
+                log.info("deliver.adopted", batch_id=job.batch_id, uri=f"/data{row.url}", where="prearchive")
                 self._advance(job.batch_id, "wait", prearchive_url=row.url)
                 return
         experiment = job.client.experiment(project, subject, session)
         if experiment is not None and self._holds_batch(experiment, job):
-            log.info("deliver", outcome="adopted", batch=job.batch_id, where="archive")
+            log.info("deliver.adopted", batch_id=job.batch_id, where="archive")
             self._advance(job.batch_id, "verify")
             return
         self._step_import(job)
@@ -276,6 +310,7 @@ class Deliverer(PeriodicWorker):
             self._advance(job.batch_id, "verify")
             return
         if row.status == "READY":
+            STAGE_SECONDS.labels(stage="build_wait").observe(max(0.0, waited))
             self._advance(job.batch_id, "archive" if job.route["archive"] else "verify")
             return
         if row.status in ("CONFLICT", "ERROR"):
@@ -298,9 +333,7 @@ class Deliverer(PeriodicWorker):
         self.journal.update_delivery(job.batch_id, step="archiving", step_started_at=time.time())
         started = time.monotonic()
         uri = job.client.archive(str(job.delivery["prearchive_url"]), project, subject, session)
-        log.info(
-            "deliver", outcome="archived", batch=job.batch_id, uri=uri, seconds=round(time.monotonic() - started, 3)
-        )
+        log.info("deliver.archived", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("archive", started))
         self._advance(job.batch_id, "verify", archive_uri=uri)
 
     def _step_archiving(self, job: _Job) -> None:
@@ -346,10 +379,10 @@ class Deliverer(PeriodicWorker):
 
     def _done(self, job: _Job, where: str) -> None:
         self.journal.finish_delivery(job.batch_id, time.time())
+        DELIVERIES.labels(outcome="delivered").inc()
         log.info(
-            "deliver",
-            outcome="delivered",
-            batch=job.batch_id,
+            "deliver.delivered",
+            batch_id=job.batch_id,
             where=where,
             project=job.project,
             subject=job.subject,

@@ -20,7 +20,17 @@ from typing import Any
 
 from ingestd.header import InstanceHeader
 
-__all__ = ["BatchInstance", "BatchRow", "InstanceRow", "Journal", "Outgoing", "RouteRecord", "Source", "StudyState"]
+__all__ = [
+    "BatchInstance",
+    "BatchRow",
+    "InstanceRow",
+    "Journal",
+    "Outgoing",
+    "RouteRecord",
+    "Source",
+    "StudyState",
+    "held_reason_code",
+]
 
 SCHEMA_VERSION = 2
 _LOCK_TIMEOUT = 30.0
@@ -139,6 +149,11 @@ class StudyState(StrEnum):
     DELIVERED = "delivered"  # XNAT has it (archived, or READY in the prearchive when the rule does not archive)
     RELEASED = "released"  # a person took a held batch over (`ingestd release`); ingestd does nothing more with it
     HELD = "held"
+
+
+def held_reason_code(reason: str | None) -> str:
+    """The short form of a hold's reason, for counting: the step that held it (`route`, `deliver`, ...)."""
+    return str(reason or "unknown").split(":", 1)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,6 +615,28 @@ class Journal:
                 "INSERT INTO quarantine (path, reason, source_kind, source, at) VALUES (?, ?, ?, ?, ?)",
                 (path, reason, source.kind, source.name, now),
             )
+
+    def totals(self) -> dict[str, list[tuple[Any, ...]]]:
+        """What the metrics report: receipts by source and outcome, batches by state, held reasons, quarantine."""
+        with self._lock:
+            db = self._db
+            return {
+                "receipts": [
+                    tuple(row)
+                    for row in db.execute(
+                        "SELECT source_kind, source, outcome, COUNT(*), SUM(size) FROM receipts"
+                        " GROUP BY source_kind, source, outcome ORDER BY 1, 2, 3"
+                    )
+                ],
+                "states": [tuple(row) for row in db.execute("SELECT state, COUNT(*) FROM batches GROUP BY state")],
+                "held_reasons": [
+                    tuple(row) for row in db.execute("SELECT reason FROM batches WHERE state = ?", (StudyState.HELD,))
+                ],
+                "quarantine": [
+                    tuple(row)
+                    for row in db.execute("SELECT source_kind, COUNT(*) FROM quarantine GROUP BY source_kind")
+                ],
+            }
 
     def quarantined(self) -> list[dict[str, Any]]:
         with self._lock:

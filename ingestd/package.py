@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,15 +40,24 @@ def entry_name(item: Outgoing) -> str:
 
 
 def write_package(
-    outgoing: Sequence[Outgoing], state_dir: Path, target: Path, compression: Compression = "stored"
+    outgoing: Sequence[Outgoing],
+    state_dir: Path,
+    target: Path,
+    compression: Compression = "stored",
+    progress: Callable[[], None] | None = None,
 ) -> Package:
-    """Write the batch's outgoing instances (paths relative to `state_dir`) into the zip at `target`."""
+    """Write the batch's outgoing instances (paths relative to `state_dir`) into the zip at `target`.
+
+    `progress`, if given, is called before each entry (the deliverer's sign of life while a big study is zipped).
+    """
     temp = target.with_name(f".tmp-{target.name}")
     temp.unlink(missing_ok=True)
     method = _METHODS[compression]
     try:
         with zipfile.ZipFile(temp, "w", compression=method, allowZip64=True, compresslevel=1 if method else None) as zf:
             for item in outgoing:
+                if progress is not None:
+                    progress()
                 info = zipfile.ZipInfo(entry_name(item), date_time=(1980, 1, 1, 0, 0, 0))
                 info.compress_type = method
                 if method == zipfile.ZIP_DEFLATED:

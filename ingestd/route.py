@@ -32,6 +32,8 @@ from pydicom.multival import MultiValue
 from ingestd.deid.engine import DeidError, Labels, anonymize, screen
 from ingestd.deid.profile import Profile
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord, StudyState
+from ingestd.logs import uid_digest
+from ingestd.metrics import stage_seconds
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide
 from ingestd.spool import fsync_dir, make_dirs_durably, write_durably
 from ingestd.worker import PeriodicWorker
@@ -148,6 +150,7 @@ class Router(PeriodicWorker):
         for batch in sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id):
             if self.stopping:
                 break
+            self.beat()
             self.route(batch)
             handled += 1
         return handled
@@ -197,9 +200,9 @@ class Router(PeriodicWorker):
         if not self.journal.route_batch(batch.id, record, outgoing, time.time()):
             return  # the batch changed state meanwhile (it cannot today; a later `retry` might)
         log.info(
-            "route",
-            outcome="routed",
-            batch=batch.id,
+            "route.routed",
+            batch_id=batch.id,
+            study=uid_digest(batch.study_uid),
             rule=decision.rule,
             rules_version=rules.version,
             project=decision.project,
@@ -208,7 +211,7 @@ class Router(PeriodicWorker):
             profile=decision.profile,
             instances=len(outgoing),
             dropped_instances=sum(count for _uid, count, _reason in decision.dropped_series),
-            seconds=round(time.monotonic() - started, 3),
+            seconds=stage_seconds("route", started),
         )
 
     def _headers(self, instances: Iterable[BatchInstance]) -> dict[str, dict[str, str | tuple[str, ...]]]:
@@ -239,6 +242,7 @@ class Router(PeriodicWorker):
         folders: set[Path] = set()
         try:
             for instance in kept:
+                self.beat()  # a study of thousands of instances takes minutes, and is not wedged
                 out, encoded = deidentify_file(self.spool_dir / instance.spool_path, profile, labels)
                 series_uid, sop_uid = str(out.SeriesInstanceUID), str(out.SOPInstanceUID)
                 study_uids.add(str(out.StudyInstanceUID))
@@ -264,4 +268,4 @@ class Router(PeriodicWorker):
 
     def _hold(self, batch: BatchRow, reason: str, rule: str | None = None) -> None:
         if self.journal.hold_batch(batch.id, reason, time.time()):
-            log.warning("route", outcome="held", batch=batch.id, rule=rule, reason=reason)
+            log.warning("route.held", batch_id=batch.id, study=uid_digest(batch.study_uid), rule=rule, reason=reason)

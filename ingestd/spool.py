@@ -12,7 +12,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import secrets
 import shutil
 import sqlite3
@@ -28,13 +27,15 @@ from ingestd.dicomfile import data_set_offset
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
 from ingestd.journal import InstanceRow, Journal, Source
+from ingestd.logs import hide_member_names
 
 __all__ = ["Quarantine", "Spool", "StoreOutcome", "fsync_dir", "make_dirs_durably", "move_durably", "write_durably"]
 
 log = structlog.get_logger("ingestd.spool")
 
 _TMP = ".tmp"
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# Extensions kept on a quarantined item's name (any other part of the name may be a patient's name).
+_KEPT_EXTENSIONS = (".tar.gz", ".tar.bz2", ".tar.xz", ".dcm", ".dicom", ".ima", ".zip", ".tar", ".tgz", ".txt", ".pdf")
 
 
 def fsync_dir(path: Path) -> None:
@@ -272,7 +273,7 @@ class Spool:
                 self.journal.insert_instance(batch_id, header, len(data), offset, source, now, relative)
                 self.journal.add_receipt(batch_id, header.sop_uid, "adopted", source, len(data), now)
             adopted += 1
-        log.info("spool_recovered", temp_files_removed=removed, instances_adopted=adopted)
+        log.info("spool.recovered", temp_files_removed=removed, instances_adopted=adopted)
         return {"temp_files_removed": removed, "instances_adopted": adopted}
 
 
@@ -285,9 +286,14 @@ class Quarantine:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _target(self, name: str) -> Path:
+        """A new name in quarantine: time, random, and the original's extension only.
+
+        The original name may hold a patient's name (`DOE^JOHN.dcm`) and quarantine names are shown in logs
+        and `ingestd status`; the sidecar keeps the original path for whoever may read the state directory.
+        """
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        safe = _SAFE_NAME.sub("_", name).strip("._")[:100] or "item"
-        return self.root / f"{stamp}-{secrets.token_hex(4)}-{safe}"
+        extension = next((kept for kept in _KEPT_EXTENSIONS if name.lower().endswith(kept)), "")
+        return self.root / f"{stamp}-{secrets.token_hex(4)}{extension}"
 
     def _write_reason(self, target: Path, reason: str, source: Source) -> None:
         """Write the sidecar first, so that an item never sits in quarantine without its reason."""
@@ -307,7 +313,13 @@ class Quarantine:
     def _record(self, target: Path, reason: str, source: Source) -> Path:
         fsync_dir(self.root)
         self.journal.add_quarantine(target.name, reason, source, time.time())
-        log.warning("quarantine", item=target.name, reason=reason, source_kind=source.kind, source=source.name)
+        log.warning(
+            "spool.quarantined",
+            item=target.name,
+            reason=hide_member_names(reason),
+            source_kind=source.kind,
+            source=source.name,
+        )
         return target
 
     def put_file(self, path: Path, reason: str, source: Source) -> Path:
@@ -322,6 +334,14 @@ class Quarantine:
         target = self._target(name)
         self._write_reason(target, reason, source)
         write_durably(target, (data,))
+        return self._record(target, reason, source)
+
+    def put_copy(self, path: Path, reason: str, source: Source) -> Path:
+        """Keep a copy of the file at `path` in quarantine with `reason`; the file itself is left as it is."""
+        target = self._target(path.name)
+        self._write_reason(target, reason, source)
+        shutil.copyfile(path, target)
+        _fsync_tree(target)
         return self._record(target, reason, source)
 
 

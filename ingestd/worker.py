@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
+import traceback
 
 import structlog
 
@@ -15,15 +18,21 @@ class PeriodicWorker:
     """A daemon thread that calls `check()` every `interval` seconds until `stop()`.
 
     An exception in one check is logged and the next check runs: the journal still holds the last committed
-    state, so the work is simply tried again. `alive()` tells the daemon's watchdog whether the thread runs.
+    state, so the work is simply tried again. `alive()` tells the daemon's watchdog whether the thread runs,
+    `wedged()` whether the running check has gone without progress for longer than `wedged_after` seconds
+    (a check that may take long calls `beat()` between units of work: a batch, an instance, an XNAT request).
     """
 
     name = "worker"
+    wedged_after = 300.0  # seconds without progress in one check; the daemon sets it from the configuration
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.check_started: float | None = None  # time.monotonic() when the running check began; None between
+        self.last_progress: float | None = None  # ... when it began or last called beat()
+        self.last_finished: float | None = None  # ... when the last check ended
 
     def start(self) -> None:
         self._thread.start()
@@ -31,10 +40,32 @@ class PeriodicWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Let the running check finish and end the thread; wait up to `timeout` s (None: for as long as it
+        takes). Return whether the thread has ended."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def beat(self) -> None:
+        """Say that the running check is making progress (it is not wedged)."""
+        self.last_progress = time.monotonic()
+
+    def wedged(self, now: float | None = None) -> float | None:
+        """Seconds the running check has gone without progress, if that is more than `wedged_after`; else None."""
+        progress = self.last_progress
+        if self.check_started is None or progress is None:
+            return None
+        idle = (time.monotonic() if now is None else now) - progress
+        return idle if idle > self.wedged_after else None
+
+    def stack(self, limit: int = 8) -> list[str]:
+        """Where the worker's thread is now, innermost last (`file:line function`), for the log."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        if frame is None:
+            return []
+        return [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame, limit=limit)]
 
     @property
     def stopping(self) -> bool:
@@ -46,7 +77,11 @@ class PeriodicWorker:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            self.check_started = self.last_progress = time.monotonic()
             try:
                 self.check()
             except Exception:
-                log.exception("worker_failed", worker=self.name)
+                log.exception("worker.check_failed", worker=self.name)
+            finally:
+                self.check_started = None
+                self.last_finished = time.monotonic()

@@ -17,7 +17,7 @@ import netrc
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -126,16 +126,45 @@ class _LargeBlocks(requests.adapters.HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-class XnatClient:
-    """A connection to one XNAT server. Not thread-safe: one delivery worker uses it at a time."""
+class _ReportingFile(io.FileIO):
+    """A file to upload that calls `progress` on every read: urllib3 sends a body in 1 MiB reads, so a long
+    upload keeps telling the daemon's watchdog that the deliverer is not wedged."""
 
-    def __init__(self, name: str, server: XnatServer) -> None:
+    def __init__(self, path: Path, progress: Callable[[], None] | None) -> None:
+        super().__init__(path, "r")
+        self._progress = progress
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self._progress is not None:
+            self._progress()
+        return super().read(size)
+
+
+class XnatClient:
+    """A connection to one XNAT server. Not thread-safe: one delivery worker uses it at a time.
+
+    `progress`, if set, is called before every request and for every block of an upload: the longest the
+    client then goes without calling it is one request's wait for XNAT's answer (`longest_wait_seconds`).
+    """
+
+    def __init__(self, name: str, server: XnatServer, progress: Callable[[], None] | None = None) -> None:
         self.name = name
         self.server = server
         self.base = server.url
+        self.progress = progress
         self._secret: _Secret | None = None
         self._session: requests.Session | None = None
         self._timeout = (server.connect_timeout_seconds, server.read_timeout_seconds)
+
+    @staticmethod
+    def longest_wait_seconds(server: XnatServer) -> float:
+        """The longest one request to `server` may wait between two signs of life: connecting, then XNAT's
+        answer (an archive request waits up to `archive_timeout_seconds`, any other `read_timeout_seconds`)."""
+        return server.connect_timeout_seconds + max(server.read_timeout_seconds, server.archive_timeout_seconds)
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress()
 
     # -- session -------------------------------------------------------------------------------------
 
@@ -155,6 +184,7 @@ class XnatClient:
             self._secret = load_credentials(self.server.credentials, self.base)
         session = self._session or self._new_session()
         session.cookies.clear()
+        self._report()
         try:
             response = session.get(
                 f"{self.base}/data/JSESSION",
@@ -209,6 +239,7 @@ class XnatClient:
     ) -> requests.Response:
         """One request with the session cookie; on 401 log in again once and repeat. Raises XnatError."""
         for attempt in (1, 2):
+            self._report()
             if self._session is None:
                 self.login()
             assert self._session is not None  # noqa: S101 - login() set it
@@ -269,7 +300,7 @@ class XnatClient:
             "dest": f"/prearchive/projects/{project}",
             "overwrite": "append",
         }
-        with zip_path.open("rb") as body:
+        with _ReportingFile(zip_path, self.progress) as body:
             response = self.request(
                 "POST",
                 "/data/services/import",

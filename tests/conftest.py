@@ -15,6 +15,7 @@ from ingestd.config import Config, parse_config
 from ingestd.journal import Journal
 from ingestd.receive.listener import DicomListener
 from ingestd.spool import Quarantine, Spool
+from ingestd.testing.fake_xnat import FakeXnat
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -68,3 +69,18 @@ def dcmtk() -> None:
         if os.environ.get("CI"):
             pytest.fail("DCMTK is not installed: .ci/run must apt-get install dcmtk")
         pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
+
+
+@pytest.fixture
+def xnat(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXnat]:
+    """An XNAT 1.8.10 stand-in on 127.0.0.1 with user `ingestd` (credentials in the environment) in project PROJ.
+
+    The environment also holds INGESTD_TEST_KEY, the key of the test rules' anonymization profiles.
+    """
+    monkeypatch.setenv("INGESTD_TEST_KEY", "t" * 40)
+    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "pw-for-tests")
+    with FakeXnat(version="1.8.10") as server:
+        server.add_user("ingestd", "pw-for-tests")
+        server.add_project("PROJ", members=["ingestd"])
+        yield server

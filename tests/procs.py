@@ -94,7 +94,8 @@ def write_daemon_config(path: Path, state_dir: Path, port: int, *, ae_title: str
         f"listener: {{host: {HOST}, port: {port}, ae_title: {ae_title}}}\n"
         "study_idle_seconds: 3600\n"
         "spool: {min_free_mb: 10}\n"
-        "logging: {level: info, format: json}\n" + extra,
+        "logging: {level: info, format: json}\n"
+        "metrics: {port: 0}\n" + extra,
         encoding="utf-8",
     )
     return path
@@ -218,7 +219,7 @@ class DaemonProcess:
             raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
 
     def wait_logged(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Wait until this run logged `event` (say `daemon_started`); return the record."""
+        """Wait until this run logged `event` (say `daemon.started`); return the record."""
 
         def found() -> dict[str, Any] | None:
             records = self.logged(event)

@@ -229,7 +229,7 @@ def test_kill9_mid_transfer_loses_no_acknowledged_instance(
     write_daemon_config(config, state_dir, port)
     first = stack.enter_context(DaemonProcess(config, log_path))
     first.wait_ready(port)
-    first.wait_logged("daemon_started")  # its receiver processes are up too
+    first.wait_logged("daemon.started")  # its receiver processes are up too
     scu = stack.enter_context(Storescu(port, files))
     assert scu.wait_output("Association Accepted"), scu.output()
     serving = _serving(first, port)
@@ -284,9 +284,9 @@ def test_kill9_mid_transfer_loses_no_acknowledged_instance(
     write_daemon_config(config, state_dir, port)
     second = stack.enter_context(DaemonProcess(config, log_path))
     second.wait_ready(port)
-    second.wait_logged("daemon_started")
+    second.wait_logged("daemon.started")
     recovered_at = time.monotonic()
-    recovery = second.logged("spool_recovered")
+    recovery = second.logged("spool.recovered")
     assert len(recovery) == 1, f"expected one spool_recovered event\n{context()}"
 
     removed, adopted = recovery[0].get("temp_files_removed"), recovery[0].get("instances_adopted")

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def test_daemon_end_to_end(tmp_path: Path) -> None:
 
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(port)
-        receivers = daemon.wait_logged("receiver")
+        receivers = daemon.wait_logged("receive.receiver_process")
         assert receivers["state"] == "started"
         (tmp_path / "upload.zip").rename(drop / "upload.zip")
         with Storescu(port, files) as storescu:
@@ -97,7 +97,7 @@ def test_daemon_end_to_end(tmp_path: Path) -> None:
 
         assert daemon.terminate() == 0
         assert not process_group(daemon.pid)
-        assert daemon.logged("daemon_stopped")
+        assert daemon.logged("daemon.stopped")
 
 
 def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
@@ -132,17 +132,17 @@ def test_concurrent_associations_spread_over_receiver_processes(tmp_path: Path) 
     config.write_text(config.read_text().replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2}"))
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(port)
-        daemon.wait_logged("receiver")
+        daemon.wait_logged("receive.receiver_process")
         ae = AE(ae_title="SCANNER")
         ae.add_requested_context(MRImageStorage)
         first = ae.associate("127.0.0.1", port, ae_title="INGESTD")
-        wait_until(lambda: len(daemon.logged("association")) >= 1, 10, message="the first association")
+        wait_until(lambda: len(daemon.logged("receive.association_accepted")) >= 1, 10, message="the first association")
         second = ae.associate("127.0.0.1", port, ae_title="INGESTD")
         assert first.is_established and second.is_established
         for assoc in (first, second):
             assert assoc.send_c_store(make_study(1, 1)[0]).Status == 0
             assoc.release()
-        established = [r for r in daemon.logged("association") if r["state"] == "established"]
+        established = daemon.logged("receive.association_accepted")
         assert len({record["pid"] for record in established}) == 2
         assert daemon.terminate() == 0
 
@@ -233,17 +233,6 @@ def _numbered_study() -> list[Any]:
     return study
 
 
-@pytest.fixture
-def xnat(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXnat]:
-    monkeypatch.setenv("INGESTD_TEST_KEY", "t" * 40)
-    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
-    monkeypatch.setenv("XNAT_TEST_PASSWORD", "pw-for-tests")
-    with FakeXnat(version="1.8.10") as server:
-        server.add_user("ingestd", "pw-for-tests")
-        server.add_project("PROJ", members=["ingestd"])
-        yield server
-
-
 def _delivery_step(config: Path) -> str | None:
     studies = _status(config)["studies"]
     assert isinstance(studies, list)
@@ -287,7 +276,7 @@ def _kill9_then_deliver(
 ) -> list[dict[str, Any]]:
     """Send a study, kill -9 the daemon once `dying_moment()` holds, restart it, wait until the study is delivered.
 
-    Returns the `deliver` log records of the restarted daemon.
+    Returns the `deliver.adopted` log records of the restarted daemon.
     """
     files = write_instances(_numbered_study(), tmp_path / "scan")
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
@@ -299,7 +288,7 @@ def _kill9_then_deliver(
         daemon.start()
         daemon.wait_ready(port)
         wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
-        records = daemon.logged("deliver")
+        records = daemon.logged("deliver.adopted")
         assert daemon.terminate() == 0
     return records
 
@@ -313,8 +302,7 @@ def test_kill9_during_import_delivers_exactly_once(tmp_path: Path, xnat: FakeXna
     records = _kill9_then_deliver(
         tmp_path, config, port, lambda: xnat.prearchive_rows("PROJ") and _delivery_step(config) == "importing"
     )
-    adopted = [r for r in records if r.get("outcome") == "adopted"]
-    assert adopted and adopted[0]["where"] == "prearchive"
+    assert records and records[0]["where"] == "prearchive"
     # The only import is the one the first daemon died waiting for (the stand-in logs a request when it has
     # answered it, and that answer never reached anyone): the restarted daemon imported nothing.
     imports = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/import" in path]
@@ -415,14 +403,14 @@ def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkey
 
         rules.write_text(rule.replace("CALLER", "STORESCU"))
         os.kill(daemon.pid, signal.SIGHUP)
-        applied = wait_until(lambda: [r for r in daemon.logged("reload") if r["outcome"] == "applied"], 20)
+        applied = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "applied"], 20)
         assert applied[0]["needs_restart"] is None
         assert _ingestd("retry", "--config", str(config), "--held").returncode == 0
         wait_until(lambda: _status(config)["studies"][0]["state"] == "routed", 30, interval=0.3)  # type: ignore[index]
 
         rules.write_text(rule.replace("when: {calling_aet: CALLER}", "when: {Modalty: MR}"))
         os.kill(daemon.pid, signal.SIGHUP)
-        refused = wait_until(lambda: [r for r in daemon.logged("reload") if r["outcome"] == "refused"], 20)
+        refused = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "refused"], 20)
         assert any("did you mean 'Modality'" in problem for problem in refused[0]["problems"])
         route = _status(config)["studies"][0]["route"]
         assert isinstance(route, dict) and route["rule"] == "scanner"

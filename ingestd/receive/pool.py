@@ -33,6 +33,7 @@ import structlog
 from ingestd.config import Config
 from ingestd.journal import Journal
 from ingestd.logs import configure_logging
+from ingestd.metrics import AssociationCounters, AssociationSlot
 from ingestd.receive.listener import DicomListener
 from ingestd.spool import Spool
 
@@ -75,7 +76,14 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _receiver_main(config: Config, listening: socket.socket, index: int, parent: int, ready: Connection) -> None:
+def _receiver_main(
+    config: Config,
+    listening: socket.socket,
+    index: int,
+    parent: int,
+    ready: Connection,
+    associations: AssociationSlot | None = None,
+) -> None:
     """Run one receiver process until SIGTERM or SIGINT (the target of a spawned process)."""
     stopping = threading.Event()
 
@@ -91,7 +99,9 @@ def _receiver_main(config: Config, listening: socket.socket, index: int, parent:
         fcntl.flock(lock, fcntl.LOCK_SH)
         journal = Journal(config.journal_path)
         spool = Spool(config.spool_dir, journal, min_free_bytes=config.spool.min_free_mb * 2**20)
-        listener = DicomListener(config.listener, spool, listening_socket=listening)
+        if associations is not None:
+            associations.reset_active()
+        listener = DicomListener(config.listener, spool, listening_socket=listening, associations=associations)
         try:
             listener.start()
             # A pipe, not a multiprocessing.Event: setting an Event whose waiter was killed can hang for ever.
@@ -100,15 +110,22 @@ def _receiver_main(config: Config, listening: socket.socket, index: int, parent:
                 ready.close()
             stopping.wait()
         finally:
-            listener.stop()
+            listener.stop(grace_seconds=config.association_grace_seconds)
             journal.close()
 
 
 class ReceiverPool:
     """The extra receiver processes of a daemon, restarted if one dies."""
 
-    def __init__(self, config: Config, listening: socket.socket, count: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listening: socket.socket,
+        count: int,
+        associations: AssociationCounters | None = None,
+    ) -> None:
         self.config = config
+        self.associations = associations  # slot 0 is the main process's listener, slot N receiver N
         self.listening = listening
         self.count = count
         self._processes: dict[int, BaseProcess] = {}
@@ -119,7 +136,14 @@ class ReceiverPool:
         ready_reader, ready_writer = _CONTEXT.Pipe(duplex=False)
         process = _CONTEXT.Process(
             target=_receiver_main,
-            args=(self.config, self.listening, index, os.getpid(), ready_writer),
+            args=(
+                self.config,
+                self.listening,
+                index,
+                os.getpid(),
+                ready_writer,
+                None if self.associations is None else self.associations.slot(index),
+            ),
             name=f"ingestd-receiver-{index}",
             daemon=False,
         )
@@ -131,9 +155,9 @@ class ReceiverPool:
             except (EOFError, OSError):  # it died before it was listening
                 ready = False
         if not ready:
-            log.error("receiver", index=index, state="not_ready", pid=process.pid)
+            log.error("receive.receiver_process", index=index, state="not_ready", pid=process.pid)
         else:
-            log.info("receiver", index=index, state="started", pid=process.pid)
+            log.info("receive.receiver_process", index=index, state="started", pid=process.pid)
         self._processes[index] = process
 
     def alive(self) -> bool:
@@ -149,25 +173,26 @@ class ReceiverPool:
             for index, process in list(self._processes.items()):
                 if process.is_alive() or self._stop.is_set():
                     continue
-                log.error("receiver", index=index, state="died", exitcode=process.exitcode)
+                log.error("receive.receiver_process", index=index, state="died", exitcode=process.exitcode)
                 try:
                     self._spawn(index)
                 except Exception:  # keep supervising the others
-                    log.exception("receiver_restart_failed", index=index)
+                    log.exception("receive.receiver_restart_failed", index=index)
 
-    def stop(self) -> None:
-        """Stop every receiver gracefully (SIGTERM), killing any that has not finished in 60 s."""
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop every receiver gracefully (SIGTERM), killing any that has not finished within `timeout` s."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         if self._supervisor.is_alive():
-            self._supervisor.join()
-        for process in self._processes.values():
+            self._supervisor.join(timeout)
+        for process in list(self._processes.values()):
             if process.is_alive() and process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
-        for index, process in self._processes.items():
-            process.join(60)
+        for index, process in list(self._processes.items()):
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.error("receiver", index=index, state="killed")
+                log.error("receive.receiver_process", index=index, state="killed")
                 process.kill()
                 process.join()
         self._processes.clear()

@@ -28,10 +28,12 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from ingestd.config import Archives, DropFolder
-from ingestd.dicomfile import PreparedInstance, prepare_instance
-from ingestd.errors import IngestdError, InvalidInstanceError, SpoolError, UnsafeArchiveError
+from ingestd.dicomfile import PreparedInstance
+from ingestd.errors import IngestdError, SpoolError
 from ingestd.journal import Source
-from ingestd.receive.archives import ArchiveKind, archive_kind, check_archive, is_archive_name, read_members
+from ingestd.logs import hide_member_names, path_digest
+from ingestd.metrics import DROP_SOURCES
+from ingestd.receive.intake import SourceRejected, is_ignored, take_source
 from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir, make_dirs_durably, move_durably
 
 __all__ = [
@@ -43,8 +45,6 @@ __all__ = [
 
 log = structlog.get_logger("ingestd.watcher")
 
-_MB = 1024 * 1024
-_PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".filepart")
 # Our own reads cause open/close-without-write events, and a folder is "modified" by every file created
 # in it: neither says anything new about a path to take.
 _IGNORED_EVENTS = frozenset({"opened", "closed_no_write", "attrib"})
@@ -70,14 +70,6 @@ class _Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
 
 
 # -- paths -------------------------------------------------------------------------------------------
-
-
-def is_ignored(relative: PurePosixPath | Path) -> bool:
-    """Say whether a path (relative to the drop folder) is hidden or looks partial, so is left alone."""
-    for part in relative.parts:
-        if part.startswith("."):
-            return True
-    return relative.name.lower().endswith(_PARTIAL_SUFFIXES)
 
 
 class _Signature(NamedTuple):
@@ -134,7 +126,7 @@ class _EventHandler(FileSystemEventHandler):
             if destination:
                 self._paths.put(os.fsdecode(destination))
         except Exception:
-            log.exception("drop_event_error", fs_event=type(event).__name__)
+            log.exception("drop.event_error", fs_event=type(event).__name__)
 
 
 # -- the watcher -------------------------------------------------------------------------------------
@@ -193,8 +185,7 @@ class DropFolderWatcher:
         self._thread = threading.Thread(target=self._run, name=f"ingestd-drop-{self.root.name}", daemon=True)
         self._thread.start()
         log.info(
-            "drop_watcher",
-            state="started",
+            "drop.watcher_started",
             folder=str(self.root),
             polling=self.folder.polling,
             settle_seconds=self._settle,
@@ -215,9 +206,9 @@ class DropFolderWatcher:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("drop_watcher", state="stop_timed_out", folder=str(self.root), timeout=timeout)
+                log.warning("drop.watcher_stop_timed_out", folder=str(self.root), timeout=timeout)
             self._thread = None
-        log.info("drop_watcher", state="stopped", folder=str(self.root))
+        log.info("drop.watcher_stopped", folder=str(self.root))
 
     def scan_once(self) -> int:
         """Note every file in the folder and take those that have settled; return how many were finished.
@@ -235,7 +226,7 @@ class DropFolderWatcher:
         try:
             observer.start()
         except OSError as exc:  # inotify watch or instance limit reached: polling still works
-            log.warning("drop_watcher", state="polling_fallback", folder=str(self.root), reason=str(exc))
+            log.warning("drop.watcher_polling_fallback", folder=str(self.root), reason=str(exc))
             observer = PollingObserver(timeout=interval)
             observer.schedule(_EventHandler(self._paths), str(self.root), recursive=True)
             observer.start()
@@ -258,7 +249,7 @@ class DropFolderWatcher:
                         next_scan = time.monotonic() + self.rescan_seconds
                     self._process_due()
             except Exception:
-                log.exception("drop_watcher_error", folder=str(self.root))
+                log.exception("drop.watcher_error", folder=str(self.root))
                 self._stopping.wait(_ERROR_PAUSE_SECONDS)
 
     def _next_due(self, next_scan: float) -> float:
@@ -293,7 +284,7 @@ class DropFolderWatcher:
 
     def _scan_tree(self, top: Path) -> None:
         def report(error: OSError) -> None:
-            log.warning("drop_scan", outcome="unreadable", path=str(error.filename), reason=error.strerror)
+            log.warning("drop.scan_error", file=path_digest(os.fsdecode(error.filename or "")), reason=error.strerror)
 
         for directory, subdirectories, files in os.walk(top, onerror=report):
             here = Path(directory)
@@ -348,39 +339,34 @@ class DropFolderWatcher:
         """Take one settled source; return 1 if it is finished (taken or quarantined), else 0."""
         relative = path.relative_to(self.root).as_posix()
         try:
-            kind = self._archive_kind(path)
-            if kind is None:
-                self._take_file(path, relative, entry.signature)
-            else:
-                self._take_archive(path, relative, kind, entry.signature)
+            self._take_source(path, relative, entry.signature)
         except _Retry as exc:
             entry.due = time.monotonic() + exc.delay
-            log.warning("drop_file", outcome="retry_later", path=relative, reason=str(exc), retry_in=exc.delay)
+            log.warning(
+                "drop.file_retry",
+                file=path_digest(relative),
+                reason=hide_member_names(str(exc)),
+                retry_in=exc.delay,
+            )
             return 0
         except _Stopped:
             return 0
         except OSError as exc:
             entry.due = time.monotonic() + self.retry_seconds
             log.error(
-                "drop_file",
-                outcome="failed",
-                path=relative,
-                reason=f"{exc.strerror or exc} ({exc.filename or path})",
+                "drop.file_failed",
+                file=path_digest(relative),
+                reason=exc.strerror or type(exc).__name__,
                 retry_in=self.retry_seconds,
             )
             return 0
         except Exception:  # a journal error, a bug: this source waits, the others go on
             entry.due = time.monotonic() + self.retry_seconds
-            log.exception("drop_file", outcome="failed", path=relative, retry_in=self.retry_seconds)
+            log.exception("drop.file_failed", file=path_digest(relative), retry_in=self.retry_seconds)
             return 0
         self._pending.pop(path, None)
         self._note_emptied(path.parent)
         return 1
-
-    def _archive_kind(self, path: Path) -> ArchiveKind | None:
-        with path.open("rb") as stream:
-            head = stream.read(512)
-        return archive_kind(path.name, head)
 
     def _source(self, detail: str) -> Source:
         return Source("folder", str(self.folder.path), detail)
@@ -393,88 +379,63 @@ class DropFolderWatcher:
         if not unchanged:
             raise _Retry("the file changed while it was being read", 0.0)
 
-    def _store(self, prepared: PreparedInstance, source: Source) -> StoreOutcome:
+    def _store(self, prepared: PreparedInstance, detail: str) -> StoreOutcome:
+        if self._stopping.is_set():
+            raise _Stopped
         try:
-            return self.spool.store(prepared.prefix, prepared.body, prepared.header, source)
+            return self.spool.store(prepared.prefix, prepared.body, prepared.header, self._source(detail))
         except SpoolError as exc:
             raise _Retry(f"the spool refused the instance: {exc}", self.retry_seconds) from None
 
-    def _take_file(self, path: Path, relative: str, signature: _Signature) -> None:
-        source = self._source(relative)
-        if signature.size > self.limits.max_member_mb * _MB:
-            reason = (
-                f"file is {signature.size // _MB} MB, over archives.max_member_mb "
-                f"({self.limits.max_member_mb}), the largest instance ingestd takes"
-            )
-            self._quarantine_source(path, relative, reason, source)
-            return
-        data = path.read_bytes()
-        self._check_unchanged(path, signature)
-        try:
-            prepared = prepare_instance(data)
-        except InvalidInstanceError as exc:
-            self._quarantine_source(path, relative, str(exc), source)
-            return
-        outcome = self._store(prepared, source)
-        self._finish(path)
-        log.info("drop_file", outcome="taken", path=relative, instances=1, spool=outcome.outcome)
+    def _take_source(self, path: Path, relative: str, signature: _Signature) -> None:
+        """Spool the file, or every good member of the archive, keep what is bad in quarantine, then finish it."""
+        outcomes: list[str] = []
 
-    def _take_archive(self, path: Path, relative: str, kind: ArchiveKind, signature: _Signature) -> None:
-        source = self._source(relative)
+        def store(prepared: PreparedInstance, detail: str) -> None:
+            outcomes.append(self._store(prepared, detail).outcome)
+
         try:
-            members = check_archive(path, kind, self.limits)
+            taken = take_source(
+                path,
+                relative,
+                self.limits,
+                size=signature.size,
+                store=store,
+                reject_member=self._quarantine_member,
+                check=lambda: self._check_unchanged(path, signature),
+            )
+        except SourceRejected as exc:
             self._check_unchanged(path, signature)
-            bad = self._spool_members(path, relative, kind)
-            self._quarantine_members(path, relative, kind, bad)
-        except UnsafeArchiveError as exc:
-            self._check_unchanged(path, signature)
-            self._quarantine_source(path, relative, str(exc), source)
+            self._quarantine_source(path, relative, exc.reason, self._source(relative))
             return
         self._check_unchanged(path, signature)
         self._finish(path)
+        if taken.archive is None:
+            DROP_SOURCES.labels(folder=str(self.folder.path), outcome="taken").inc()
+            log.info("drop.file_taken", file=path_digest(relative), instances=1, spool=outcomes[0])
+            return
+        DROP_SOURCES.labels(folder=str(self.folder.path), outcome="taken").inc()
         log.info(
-            "drop_archive",
-            outcome="taken",
-            path=relative,
-            members=len(members),
-            instances=len(members) - len(bad),
-            quarantined=len(bad),
+            "drop.archive_taken",
+            file=path_digest(relative),
+            members=taken.instances + taken.rejected,
+            instances=taken.instances,
+            quarantined=taken.rejected,
         )
 
-    def _member_problem(self, name: str, data: bytes) -> tuple[PreparedInstance | None, str]:
-        """An archive member prepared for the spool, or the reason it is not taken."""
-        if is_archive_name(name) or archive_kind(name, data[:512]) is not None:
-            return None, "nested archive"
-        try:
-            return prepare_instance(data), ""
-        except InvalidInstanceError as exc:
-            return None, str(exc)
-
-    def _spool_members(self, path: Path, relative: str, kind: ArchiveKind) -> dict[str, str]:
-        """Spool every good member of a checked archive; return the bad ones' names and reasons."""
-        bad: dict[str, str] = {}
-        for name, data in read_members(path, kind, self.limits):
-            if self._stopping.is_set():
-                raise _Stopped
-            prepared, reason = self._member_problem(name, data)
-            if prepared is None:
-                bad[name] = reason
-                continue
-            self._store(prepared, self._source(f"{relative}!{name}"))
-        return bad
-
-    def _quarantine_members(self, path: Path, relative: str, kind: ArchiveKind, bad: dict[str, str]) -> None:
-        """Keep the bad members of an archive in quarantine, once its good ones are all spooled."""
-        if not bad:
-            return
-        for name, data in read_members(path, kind, self.limits, names=bad):
-            source = self._source(f"{relative}!{name}")
-            self.quarantine.put_bytes(PurePosixPath(name).name, data, bad[name], source)
-            log.warning("drop_member", outcome="quarantined", path=f"{relative}!{name}", reason=bad[name])
+    def _quarantine_member(self, detail: str, name: str, data: bytes, reason: str) -> None:
+        """Keep a bad member of an archive in quarantine (once its good ones are all spooled)."""
+        item = self.quarantine.put_bytes(name, data, reason, self._source(detail))
+        log.warning(
+            "drop.member_quarantined", file=path_digest(detail), item=item.name, reason=hide_member_names(reason)
+        )
 
     def _quarantine_source(self, path: Path, relative: str, reason: str, source: Source) -> None:
-        self.quarantine.put_file(path, reason, source)
-        log.warning("drop_file", outcome="quarantined", path=relative, reason=reason)
+        item = self.quarantine.put_file(path, reason, source)
+        DROP_SOURCES.labels(folder=str(self.folder.path), outcome="quarantined").inc()
+        log.warning(
+            "drop.file_quarantined", file=path_digest(relative), item=item.name, reason=hide_member_names(reason)
+        )
 
     # -- after taking ------------------------------------------------------------------------------
 
@@ -513,5 +474,5 @@ class DropFolderWatcher:
             except OSError:
                 continue
             fsync_dir(directory.parent)
-            log.info("drop_folder", outcome="removed", path=directory.relative_to(self.root).as_posix())
+            log.info("drop.folder_removed", subfolder=path_digest(directory.relative_to(self.root).as_posix()))
             self._note_emptied(directory.parent)

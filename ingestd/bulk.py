@@ -1,0 +1,675 @@
+"""`ingestd import`: folders, files and archives already on disk, taken through the daemon's own path to XNAT.
+
+Every file under the paths given is taken as a drop folder takes it (`ingestd.receive.intake`): one instance, or
+every member of a zip or tar, into the spool and the journal, each from
+`Source("folder", <the folder given>, <its path within it>)` (`a/b.zip!c/d.dcm` for an archive member), so that the
+rules' `drop_folder`, `path` and `{path[N]}` see the layout of the folder tree. A file given on its own counts as
+dropped into its folder. Hidden and partial files are passed over (and counted); what is not DICOM, is corrupt or
+is a hostile archive is copied to quarantine with its reason. The user's files are never moved or deleted.
+
+Once everything is spooled, the batches the import touched are marked complete at once (nothing waits for
+`study_idle_seconds`), and the import waits until each is delivered (or released) or held:
+
+- without a daemon, the import takes the state directory's lock itself (no daemon starts meanwhile), recovers the
+  spool as the daemon does, and runs the router and the deliverer in its own process;
+- with a daemon running (it holds the lock), the import only spools and completes its batches, through the journal
+  (SQLite serialises the writers), and watches the daemon route and deliver them; should the daemon stop
+  meanwhile, the import takes the lock and finishes the work itself.
+
+Running it again on the same files delivers nothing twice: identical bytes are a duplicate in the spool (a no-op),
+and an instance of an already delivered batch whose spooled copy was removed after delivery is recognised by its
+SOP Instance UID and size. Such studies are reported as already delivered.
+
+`--dry-run` reads and groups the files and prints what the rules would do with each study; it writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Never, TextIO
+
+import pydicom
+import structlog
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ingestd.config import Archives, Config
+from ingestd.daemon import StateDirLockedError, load_rules_for, lock_state_dir
+from ingestd.deliver import Deliverer
+from ingestd.dicomfile import PreparedInstance
+from ingestd.errors import SpoolError
+from ingestd.journal import BatchInstance, Journal, Source, StudyState
+from ingestd.logs import hide_member_names, path_digest, uid_digest
+from ingestd.receive.intake import SourceRejected, is_ignored, take_source
+from ingestd.receive.pool import wait_for_receivers
+from ingestd.route import Router, header_facts, study_facts
+from ingestd.rules import Held, RuleSet, decide
+from ingestd.spool import Quarantine, Spool
+from ingestd.worker import PeriodicWorker
+
+__all__ = ["Counts", "SourceFile", "Sources", "find_sources", "run_import"]
+
+log = structlog.get_logger("ingestd.import")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_DONE = frozenset({StudyState.DELIVERED, StudyState.RELEASED})
+_FINISHED = _DONE | {StudyState.HELD}
+_PROGRESS_SECONDS = 2.0
+_WORKER_SECONDS = 0.2  # how often the import's own router and deliverer look for work
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A file to take: where it is, the folder it counts as dropped into, and its path within that folder."""
+
+    path: Path
+    root: Path
+    relative: str
+    size: int
+
+
+@dataclass
+class Sources:
+    """What `find_sources` found: the files to take, how many entries it passed over, what it could not read."""
+
+    files: list[SourceFile] = field(default_factory=list)
+    passed_over: int = 0  # hidden, partial, links, devices
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path within the folder given, reason)
+
+
+def find_sources(paths: Sequence[Path]) -> Sources:
+    """Every regular file under `paths` (folders walked in name order), what was passed over, what was unreadable.
+
+    Hidden and partial files and folders (`.name`, `*.part`, ...) and links inside a folder are passed over, as a
+    drop folder does. A path given is made absolute without resolving links, so that the rules' `drop_folder` sees
+    the name it was given by.
+    """
+    found = Sources()
+    for given in paths:
+        root = Path(os.path.abspath(given))  # noqa: PTH100 - absolute without resolving links
+        if not root.is_dir():
+            found.files.append(SourceFile(root, root.parent, root.name, root.stat().st_size))
+            continue
+
+        def unreadable(error: OSError, root: Path = root) -> None:
+            where = Path(str(error.filename))
+            relative = where.relative_to(root).as_posix() if where.is_relative_to(root) else where.name
+            found.unreadable.append((relative, f"cannot be read: {error.strerror or error}"))
+
+        for directory, subdirectories, names in os.walk(root, onerror=unreadable):
+            here = Path(directory)
+            kinds = {name: _kind(here / name, root, unreadable) for name in sorted(subdirectories)}
+            subdirectories[:] = [name for name, kind in kinds.items() if kind == "take"]  # os.walk goes into these
+            found.passed_over += sum(kind == "pass" for kind in kinds.values())
+            for name in sorted(names):
+                kind = _kind(here / name, root, unreadable)
+                if kind == "take":
+                    relative = (here / name).relative_to(root).as_posix()
+                    found.files.append(SourceFile(here / name, root, relative, (here / name).lstat().st_size))
+                found.passed_over += kind == "pass"
+    return found
+
+
+def _kind(path: Path, root: Path, unreadable: Callable[[OSError], None]) -> str:
+    """`take` a regular file or folder, `pass` over what is hidden, partial or neither, `gone` if it vanished."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError as exc:
+        unreadable(exc)
+        return "gone"
+    if is_ignored(path.relative_to(root)) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "pass"
+    return "take"
+
+
+# -- progress ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """How far an import is: what its progress shows and `import.finished` logs."""
+
+    files: int = 0
+    scanned: int = 0
+    spooled: int = 0  # instances stored (or replaced) by this import
+    known: int = 0  # instances the spool or the journal already had
+    quarantined: int = 0  # files and archive members kept in quarantine
+    unreadable: int = 0
+    passed_over: int = 0  # hidden, partial, links
+    studies: int = 0  # batches touched
+    delivered: int = 0  # of those: delivered or released, now or before
+    held: int = 0
+    delivering: bool = False  # everything is spooled; the studies are on their way
+
+    def line(self) -> str:
+        known = f", {self.known} already known" if self.known else ""
+        return (
+            f"import: files {self.scanned}/{self.files} scanned, {self.spooled} instances spooled{known}, "
+            f"{self.quarantined} quarantined, studies {self.delivered}/{self.studies} delivered, {self.held} held"
+        )
+
+
+class _Lines:
+    """Progress as plain lines (not a terminal): printed when it changed, at most every two seconds, and at the end."""
+
+    def __init__(self, out: TextIO, interval: float = _PROGRESS_SECONDS) -> None:
+        self.out = out
+        self.interval = interval
+        self._last = ""
+        self._at = -interval
+
+    def show(self, counts: Counts, *, final: bool = False) -> None:
+        line = counts.line()
+        now = time.monotonic()
+        if line == self._last or (not final and now - self._at < self.interval):
+            return
+        print(line, file=self.out, flush=True)
+        self._last, self._at = line, now
+
+    def close(self, counts: Counts) -> None:
+        self.show(counts, final=True)
+
+
+class _Bar:
+    """Progress as a bar on a terminal: files while they are taken, then studies while they are delivered."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._bar: tqdm[Never] | None = None
+        self._delivering = False
+
+    def show(self, counts: Counts, *, final: bool = False) -> None:
+        bar = self._bar
+        if bar is None or self._delivering != counts.delivering:
+            if bar is not None:
+                bar.close()
+            self._delivering = counts.delivering
+            total, what, unit = (
+                (counts.studies, "studies", "study") if counts.delivering else (counts.files, "files", "file")
+            )
+            # A terminal that does not say its size (0 columns) would get no bar at all: draw one 80 wide there.
+            width = {"dynamic_ncols": True} if _columns(self.out) else {"ncols": 80, "nrows": 24}
+            bar = self._bar = tqdm(total=total, desc=what, unit=unit, file=self.out, **width)
+        if counts.delivering:
+            done, postfix = counts.delivered + counts.held, f"{counts.delivered} delivered, {counts.held} held"
+        else:
+            done = counts.scanned
+            postfix = f"{counts.spooled} instances spooled, {counts.known} known, {counts.quarantined} quarantined"
+        bar.set_postfix_str(postfix, refresh=False)
+        bar.update(done - bar.n)
+        if final:
+            bar.refresh()
+
+    def close(self, counts: Counts) -> None:
+        self.show(counts, final=True)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _columns(out: TextIO) -> int:
+    """The width of the terminal `out` is on; 0 when it does not say."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+# -- taking files ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """A file or archive member not taken: kept in quarantine with its reason, or not readable at all."""
+
+    detail: str
+    reason: str
+    unreadable: bool = False
+
+
+class _Taker:
+    """Takes files one at a time: their instances to `instance`, what is bad to `keep` with the reason."""
+
+    def __init__(self, limits: Archives, counts: Counts) -> None:
+        self.limits = limits
+        self.counts = counts
+        self.problems: list[_Problem] = []
+
+    def take(self, file: SourceFile) -> None:
+        root = str(file.root)
+        try:
+            take_source(
+                file.path,
+                file.relative,
+                self.limits,
+                size=file.size,
+                store=lambda prepared, detail: self.instance(prepared, Source("folder", root, detail)),
+                reject_member=lambda detail, name, data, reason: self._reject(
+                    Source("folder", root, detail), reason, name, data
+                ),
+            )
+        except SourceRejected as exc:
+            self._reject(Source("folder", root, file.relative), exc.reason, file.path.name, file.path)
+        except OSError as exc:
+            self.unreadable(file.relative, f"cannot be read: {exc.strerror or exc}")
+        self.counts.scanned += 1
+
+    def take_all(self, sources: Sources, show: Callable[[Counts], object] = lambda _counts: None) -> None:
+        """Take every file found, after noting what could not be read while looking for them."""
+        for detail, reason in sources.unreadable:
+            self.unreadable(detail, reason)
+        for file in sources.files:
+            self.take(file)
+            show(self.counts)
+
+    def unreadable(self, detail: str, reason: str) -> None:
+        self.problems.append(_Problem(detail, reason, unreadable=True))
+        self.counts.unreadable += 1
+        log.error("import.file_unreadable", file=path_digest(detail), reason=reason)
+
+    def _reject(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
+        self.keep(source, reason, name, item)
+        self.problems.append(_Problem(source.detail, reason))
+        self.counts.quarantined += 1
+
+    def instance(self, prepared: PreparedInstance, source: Source) -> None:
+        raise NotImplementedError
+
+    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
+        """Keep a rejected file (its path) or archive member (its bytes) aside."""
+        raise NotImplementedError
+
+
+class _Importer(_Taker):
+    """Spools the files of an import and follows the batches it touched until each is delivered or held."""
+
+    def __init__(self, config: Config, journal: Journal, counts: Counts, lock: IO[str] | None) -> None:
+        super().__init__(config.archives, counts)
+        self.config = config
+        self.journal = journal
+        self.lock = lock  # the state directory's lock, when the import holds it (no daemon runs)
+        self.spool = Spool(config.spool_dir, journal, min_free_bytes=config.spool.min_free_mb * 2**20)
+        self.quarantine = Quarantine(config.quarantine_dir, journal)
+        self.touched: dict[int, str] = {}  # batch id -> its state when the import first touched it
+
+    def instance(self, prepared: PreparedInstance, source: Source) -> None:
+        header = prepared.header
+        known = self.journal.find_instance(header.study_uid, header.sop_uid)
+        if (
+            known is not None
+            and known.batch_state == StudyState.DELIVERED
+            and known.size == len(prepared.prefix) + len(prepared.body)
+            and not (self.spool.root / known.spool_path).exists()
+        ):  # delivered, its spooled copy removed since: the spool cannot compare the bytes any more
+            self.counts.known += 1
+            self._touch(known.batch_id)
+            return
+        outcome = self.spool.store(prepared.prefix, prepared.body, header, source)
+        if outcome.outcome == "duplicate":
+            self.counts.known += 1
+        else:
+            self.counts.spooled += 1
+        self._touch(outcome.batch_id)
+
+    def _touch(self, batch_id: int) -> None:
+        if batch_id not in self.touched:
+            self.touched[batch_id] = self.journal.batch_state(batch_id) or StudyState.RECEIVING
+            self.counts.studies = len(self.touched)
+
+    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
+        try:
+            if isinstance(item, Path):
+                self.quarantine.put_copy(item, reason, source)
+            else:
+                self.quarantine.put_bytes(name, item, reason, source)
+        except OSError as exc:
+            raise SpoolError(f"cannot write to the quarantine ({exc.strerror or exc})") from None
+        log.warning("import.file_quarantined", file=path_digest(source.detail), reason=hide_member_names(reason))
+
+    def complete(self) -> None:
+        """Move the touched batches still receiving to complete, at once."""
+        for _attempt in range(20):  # an instance arriving meanwhile (from a scanner) moves last_received on
+            receiving = [b for b in self.journal.batches((StudyState.RECEIVING,)) if b.id in self.touched]
+            if not receiving:
+                return
+            for batch in receiving:
+                self.journal.complete_batch(batch.id, batch.last_received, time.time())
+        log.warning("import.batches_receiving", detail="instances keep arriving for them: the assembler decides")
+
+    def finished(self) -> bool:
+        """Update the counts from the journal; say whether every touched batch is delivered, released or held."""
+        states = [self.journal.batch_state(batch_id) for batch_id in self.touched]
+        self.counts.delivered = sum(1 for state in states if state in _DONE)
+        self.counts.held = sum(1 for state in states if state == StudyState.HELD)
+        return all(state in _FINISHED for state in states)
+
+    def wait(self, rules: RuleSet, progress: _Lines | _Bar, poll: float) -> None:
+        """Wait until every touched batch is finished, routing and delivering them here unless a daemon does.
+
+        Should the daemon stop meanwhile, the import takes the state directory's lock and does the rest itself.
+        """
+        workers: list[PeriodicWorker] = []
+        try:
+            if self.lock is not None:
+                workers = self._start_workers(rules)
+            while not self.finished():
+                progress.show(self.counts)
+                if self.lock is None:
+                    self.lock = _try_lock(self.config)
+                    if self.lock is not None:
+                        log.warning("import.daemon_stopped", detail="the import routes and delivers the rest itself")
+                        workers = self._start_workers(rules)
+                time.sleep(poll)
+        finally:
+            for worker in reversed(workers):
+                worker.stop()
+
+    def close(self) -> None:
+        self.journal.close()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _start_workers(self, rules: RuleSet) -> list[PeriodicWorker]:
+        router = Router(self.journal, rules, self.config.state_dir, interval=_WORKER_SECONDS)
+        deliverer = Deliverer(self.journal, self.config, interval=_WORKER_SECONDS)
+        router.start()
+        deliverer.start()
+        return [router, deliverer]
+
+    def summary(self) -> Iterator[str]:
+        """The table of the touched batches: study digest, state, instances, XNAT labels, URI or held reason."""
+        routes, deliveries = self.journal.routes(), self.journal.deliveries()
+        rows: list[tuple[str, ...]] = []
+        for batch in sorted((b for b in self.journal.batches() if b.id in self.touched), key=lambda b: b.id):
+            route, delivery = routes.get(batch.id), deliveries.get(batch.id) or {}
+            before = self.touched[batch.id]
+            state = f"already {before}" if before in _DONE and batch.state == before else batch.state
+            uri = delivery.get("archive_uri") or (
+                f"/data{delivery['prearchive_url']}" if delivery.get("prearchive_url") else ""
+            )
+            labels = f"{route['project']}/{route['subject']}/{route['session']}" if route else "-"
+            result = (batch.reason or "") if batch.state == StudyState.HELD else str(uri)
+            rows.append((f"{uid_digest(batch.study_uid)}#{batch.batch}", state, str(batch.instances), labels, result))
+        yield from _table(("STUDY", "STATE", "INSTANCES", "XNAT", "URI OR REASON"), rows)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Iterator[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        yield "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+
+
+def _totals(totals: str, problems: list[_Problem], *, show_paths: bool, kept: str) -> Iterator[str]:
+    """The totals line, then a line per file or member not taken (by a digest of its path unless `show_paths`)."""
+    yield totals
+    for problem in problems:
+        name, reason = (
+            (problem.detail, problem.reason)
+            if show_paths
+            else (path_digest(problem.detail), hide_member_names(problem.reason))
+        )
+        yield f"  {'unreadable' if problem.unreadable else kept}: {name}: {reason}"
+    if problems and not show_paths:
+        yield "  (files are named by a digest of their path; --show-paths names them)"
+
+
+def _try_lock(config: Config) -> IO[str] | None:
+    try:
+        return lock_state_dir(config.state_dir)
+    except StateDirLockedError:
+        return None
+
+
+# -- dry run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Study:
+    instances: list[BatchInstance] = field(default_factory=list)
+    headers: dict[str, dict[str, str | tuple[str, ...]]] = field(default_factory=dict)
+    sops: set[str] = field(default_factory=set)
+
+
+class _Survey(_Taker):
+    """Reads the files of a dry run into studies, as the journal would hold them; keeps nothing."""
+
+    def __init__(self, limits: Archives, counts: Counts) -> None:
+        super().__init__(limits, counts)
+        self.studies: dict[str, _Study] = {}
+
+    def instance(self, prepared: PreparedInstance, source: Source) -> None:
+        header = prepared.header
+        study = self.studies.setdefault(header.study_uid, _Study())
+        if header.sop_uid in study.sops:
+            self.counts.known += 1
+            return
+        study.sops.add(header.sop_uid)
+        self.counts.spooled += 1
+        if header.series_uid not in study.headers:  # one header per series, as the router reads them
+            data = pydicom.dcmread(io.BytesIO(prepared.prefix + prepared.body), stop_before_pixels=True)
+            study.headers[header.series_uid] = header_facts(data)
+        study.instances.append(
+            BatchInstance(
+                id=len(study.instances),
+                series_uid=header.series_uid,
+                sop_uid=header.sop_uid,
+                sop_class_uid=header.sop_class_uid,
+                modality=header.modality,
+                source_kind=source.kind,
+                source=source.name,
+                source_detail=source.detail,
+                spool_path="",
+            )
+        )
+
+    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
+        return None  # a dry run keeps nothing
+
+    def decisions(self, rules: RuleSet) -> Iterator[tuple[str, bool]]:
+        """A line per study saying what the rules would do, and whether it would be held."""
+        for uid, study in self.studies.items():
+            facts = study_facts(uid, study.instances, study.headers)
+            decision = decide(rules, facts)
+            what = f"{uid_digest(uid)}: {len(study.instances)} instance(s) in {len(facts.series)} series"
+            if isinstance(decision, Held):
+                yield f"{what}: would be held ({decision.code}): {decision.reason}", True
+                continue
+            dropped = sum(count for _uid, count, _reason in decision.dropped_series)
+            how = [
+                "archived" if decision.archive else "left in the prearchive",
+                f"de-identified by profile {decision.profile}" if decision.profile else "not de-identified",
+                *([f"{dropped} instance(s) dropped"] if dropped else []),
+            ]
+            yield (
+                f"{what}: rule {decision.rule} would deliver to {decision.server} "
+                f"{decision.project}/{decision.subject}/{decision.session} ({', '.join(how)})",
+                False,
+            )
+
+
+def _dry_run(rules: RuleSet, sources: Sources, limits: Archives, out: TextIO, *, show_paths: bool) -> int:
+    counts = Counts(files=len(sources.files), passed_over=sources.passed_over)
+    survey = _Survey(limits, counts)
+    survey.take_all(sources)
+    held = 0
+    for line, would_hold in survey.decisions(rules):
+        held += would_hold
+        print(line, file=out)
+    totals = (
+        f"dry run: {counts.scanned} files, {counts.spooled} instances in {len(survey.studies)} studies"
+        f" ({held} would be held), {counts.quarantined} would be quarantined, {counts.unreadable} unreadable;"
+        " nothing was written or sent"
+    )
+    for line in _totals(totals, survey.problems, show_paths=show_paths, kept="would be quarantined"):
+        print(line, file=out)
+    return EXIT_FAILED if held or counts.unreadable or not survey.studies else EXIT_OK
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def _usage(message: str) -> int:
+    print(f"ingestd import: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run_import(
+    config: Config,
+    paths: Sequence[Path],
+    *,
+    rules_files: Sequence[Path] = (),
+    dry_run: bool = False,
+    show_paths: bool = False,
+    config_name: str = "FILE",
+    out: TextIO | None = None,
+    poll_seconds: float = 0.25,
+) -> int:
+    """Import `paths`; return the exit status: 0 all delivered, 1 any held (or unreadable), 2 usage or configuration.
+
+    Raises ConfigError for bad rules (the command prints every problem and exits 2).
+    """
+    out = out or sys.stdout
+    missing = [path for path in paths if not path.exists()]
+    if missing:
+        return _usage(f"no such file or folder: {missing[0]}")
+    rules = load_rules_for(config.model_copy(update={"rules": tuple(rules_files)}) if rules_files else config)
+    if rules is None:
+        return _usage("no rules: give --rules FILE, or list rules files under `rules:` in the configuration")
+    if not (dry_run or config.xnat.servers):
+        return _usage("no XNAT server under xnat.servers in the configuration: there is nowhere to deliver to")
+    lock = None if dry_run else _try_lock(config)
+    configured = load_rules_for(config) if rules_files and not dry_run and lock is None else rules
+    if configured is None or configured.version != rules.version:
+        return _usage(
+            f"a daemon runs on {config.state_dir} and routes by the rules of its configuration: "
+            "import without --rules, or stop the daemon first"
+        )
+    importer = None
+    try:
+        started = time.monotonic()
+        sources = find_sources(paths)
+        log.info(
+            "import.started",
+            paths=len(paths),
+            files=len(sources.files),
+            passed_over=sources.passed_over,
+            dry_run=dry_run,
+            daemon_running=None if dry_run else lock is None,
+        )
+        if dry_run:
+            status = _dry_run(rules, sources, config.archives, out, show_paths=show_paths)
+            log.info("import.finished", dry_run=True, exit_status=status, seconds=round(time.monotonic() - started, 3))
+            return status
+        print(
+            f"import: {len(sources.files)} files under {len(paths)} path(s); "
+            + (
+                "a daemon runs: it routes and delivers"
+                if lock is None
+                else "no daemon runs: routing and delivering here"
+            ),
+            file=out,
+            flush=True,
+        )
+        counts = Counts(files=len(sources.files), passed_over=sources.passed_over)
+        importer, lock = _Importer(config, Journal(config.journal_path), counts, lock), None
+        status = _run(importer, rules, sources, out, show_paths, config_name, poll_seconds)
+    finally:
+        if importer is not None:
+            importer.close()
+        if lock is not None:
+            lock.close()
+    log.info(
+        "import.finished",
+        dry_run=False,
+        exit_status=status,
+        seconds=round(time.monotonic() - started, 3),
+        files=counts.files,
+        instances_spooled=counts.spooled,
+        instances_known=counts.known,
+        quarantined=counts.quarantined,
+        unreadable=counts.unreadable,
+        studies=counts.studies,
+        delivered=counts.delivered,
+        held=counts.held,
+    )
+    return status
+
+
+def _run(
+    importer: _Importer, rules: RuleSet, sources: Sources, out: TextIO, show_paths: bool, config_name: str, poll: float
+) -> int:
+    """Spool, complete, wait, print the summary; return the exit status."""
+    config, counts = importer.config, importer.counts
+    progress = _Bar(out) if out.isatty() else _Lines(out)
+    try:
+        with logging_redirect_tqdm() if isinstance(progress, _Bar) else contextlib.nullcontext():
+            if importer.lock is not None:
+                with wait_for_receivers(config):  # no receiver of an earlier daemon may still be writing
+                    importer.spool.recover(importer.quarantine)
+            importer.take_all(sources, progress.show)
+            importer.complete()
+            counts.delivering = True
+            importer.finished()
+            log.info(
+                "import.spooled",
+                files=counts.scanned,
+                instances_spooled=counts.spooled,
+                instances_known=counts.known,
+                quarantined=counts.quarantined,
+                unreadable=counts.unreadable,
+                studies=counts.studies,
+            )
+            importer.wait(rules, progress, poll)
+            importer.finished()
+            progress.close(counts)
+    except SpoolError as exc:
+        progress.close(counts)
+        print(
+            f"ingestd import: the spool refused an instance ({exc}); nothing more was taken. What was spooled waits"
+            " in the journal: run the import again once the spool has room",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        progress.close(counts)
+        print(
+            "\ningestd import: interrupted. What was spooled stays in the journal: the daemon, or the import run"
+            " again, finishes it",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(
+        f"\n{counts.studies} stud{'y' if counts.studies == 1 else 'ies'}: {counts.delivered} delivered,"
+        f" {counts.held} held",
+        file=out,
+    )
+    for line in importer.summary():
+        print(line, file=out)
+    totals = (
+        f"{counts.scanned} files: {counts.spooled} instances spooled, {counts.known} already known, "
+        f"{counts.quarantined} quarantined, {counts.unreadable} unreadable, {counts.passed_over} passed over"
+        " (hidden, partial or links)"
+    )
+    for line in _totals(totals, importer.problems, show_paths=show_paths, kept="quarantined"):
+        print(line, file=out)
+    if counts.quarantined:
+        print(f"  {config.quarantine_dir} keeps each quarantined item beside a .reason.json naming its path", file=out)
+    if counts.held:
+        print(
+            f"held studies wait for a person: fix the cause, then `ingestd retry --config {config_name} STUDY`"
+            " (STUDY as above, without #batch), or `ingestd release`",
+            file=out,
+        )
+    if not importer.touched:
+        print("ingestd import: no DICOM instance found", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if counts.held or counts.unreadable else EXIT_OK

@@ -1,0 +1,276 @@
+"""Prometheus metrics and the /healthz endpoint, served on `metrics.host:metrics.port` (127.0.0.1 by default).
+
+Three sources feed one registry:
+
+* what the journal knows is read from it at scrape time, through a read-only connection: instances and bytes
+  received by source, studies by state, held studies by reason, quarantined items. Those counts are exact,
+  include the receiver processes' work, and survive restarts (they are the journal's totals);
+* the associations, counted by every receiver process into a small shared-memory array;
+* counters and histograms the main process's steps update: drop-folder sources taken and quarantined,
+  deliveries by outcome, retries, stage durations.
+
+`/healthz` answers 200 with a JSON body while the daemon is live (every worker running, none wedged) and
+ready (started, not stopping), 503 otherwise, with the same body saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingestd.journal import Journal, StudyState, held_reason_code
+
+__all__ = [
+    "DELIVERIES",
+    "DROP_SOURCES",
+    "REGISTRY",
+    "RETRIES",
+    "STAGE_SECONDS",
+    "AssociationCounters",
+    "AssociationSlot",
+    "JournalCollector",
+    "MetricsServer",
+    "stage_seconds",
+]
+
+log = structlog.get_logger("ingestd.metrics")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+DROP_SOURCES = Counter(
+    "ingestd_drop_sources",
+    "Drop-folder sources (files and archives) finished, by folder and outcome (taken, quarantined)",
+    ["folder", "outcome"],
+    registry=REGISTRY,
+)
+DELIVERIES = Counter(
+    "ingestd_deliveries",
+    "Batches whose delivery to XNAT ended, by outcome (delivered, held)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "ingestd_delivery_retries",
+    "Delivery steps scheduled again after a retryable failure (XNAT down, 5xx, timeout), by step",
+    ["step"],
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "ingestd_stage_duration_seconds",
+    "How long a step took for one batch, by stage (route, package, import, build_wait, archive)",
+    ["stage"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY,
+)
+
+
+def stage_seconds(stage: str, started: float) -> float:
+    """Record how long `stage` took since `started` (a time.monotonic()); return the seconds, for the log."""
+    seconds = time.monotonic() - started
+    STAGE_SECONDS.labels(stage=stage).observe(seconds)
+    return round(seconds, 3)
+
+
+_CONTEXT = multiprocessing.get_context("spawn")
+_FIELDS = ("active", "accepted", "rejected")
+
+
+class AssociationSlot:
+    """One receiver process's association counters: a slice of the shared array, updated under a local lock.
+
+    Only its own process writes a slot, so a thread lock suffices; the daemon reads all slots at scrape time.
+    """
+
+    def __init__(self, array: Any, index: int) -> None:
+        self._array = array
+        self._base = index * len(_FIELDS)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> tuple[Any, int]:
+        return self._array, self._base
+
+    def __setstate__(self, state: tuple[Any, int]) -> None:
+        self._array, self._base = state
+        self._lock = threading.Lock()
+
+    def add(self, field: str, amount: int = 1) -> None:
+        index = self._base + _FIELDS.index(field)
+        with self._lock:
+            self._array[index] += amount
+
+    def reset_active(self) -> None:
+        """A (re)started receiver holds no association yet, whatever a dead predecessor left counted."""
+        with self._lock:
+            self._array[self._base] = 0
+
+
+class AssociationCounters:
+    """Association counters of the main listener and every receiver process, in shared memory."""
+
+    def __init__(self, slots: int) -> None:
+        self._array = _CONTEXT.RawArray("q", slots * len(_FIELDS))
+        self.slots = slots
+
+    def slot(self, index: int) -> AssociationSlot:
+        return AssociationSlot(self._array, index)
+
+    def totals(self) -> dict[str, int]:
+        values = list(self._array)
+        width = len(_FIELDS)
+        return {field: sum(values[i::width]) for i, field in enumerate(_FIELDS)}
+
+
+class JournalCollector(Collector):
+    """The metrics read from the journal (and the spool's file system) at each scrape."""
+
+    def __init__(self, journal_path: Path, spool_dir: Path, associations: AssociationCounters | None = None) -> None:
+        self.journal_path = journal_path
+        self.spool_dir = spool_dir
+        self.associations = associations
+
+    def collect(self) -> Iterator[Metric]:
+        journal = Journal(self.journal_path, read_only=True)  # WAL: a reader never blocks the writers
+        try:
+            totals = journal.totals()
+            heartbeat = journal.meta("heartbeat")
+        finally:
+            journal.close()
+        instances = CounterMetricFamily(
+            "ingestd_instances_received",
+            "Instances received, by kind (dicom, folder), source (calling AE or drop folder) and outcome"
+            " (stored, duplicate, replaced)",
+            labels=["kind", "source", "outcome"],
+        )
+        received = CounterMetricFamily(
+            "ingestd_received_bytes", "Bytes of instances received, by kind and source", labels=["kind", "source"]
+        )
+        by_source: dict[tuple[str, str], int] = {}
+        for kind, source, outcome, count, size in totals["receipts"]:
+            instances.add_metric([kind, source, outcome], count)
+            by_source[kind, source] = by_source.get((kind, source), 0) + size
+        for (kind, source), size in sorted(by_source.items()):
+            received.add_metric([kind, source], size)
+        yield instances
+        yield received
+        studies = GaugeMetricFamily("ingestd_studies", "Study batches in the journal, by state", labels=["state"])
+        counts = dict(totals["states"])
+        for state in StudyState:
+            studies.add_metric([state], counts.get(state, 0))
+        yield studies
+        held = GaugeMetricFamily(
+            "ingestd_held_studies", "Held study batches, by the step that held them", labels=["reason"]
+        )
+        reasons: dict[str, int] = {}
+        for (reason,) in totals["held_reasons"]:
+            code = held_reason_code(reason)
+            reasons[code] = reasons.get(code, 0) + 1
+        for code, count in sorted(reasons.items()):
+            held.add_metric([code], count)
+        yield held
+        quarantined = CounterMetricFamily(
+            "ingestd_quarantined_items", "Items put in quarantine, by kind of source", labels=["kind"]
+        )
+        for kind, count in totals["quarantine"]:
+            quarantined.add_metric([kind], count)
+        yield quarantined
+        stat = os.statvfs(self.spool_dir)
+        yield GaugeMetricFamily(
+            "ingestd_spool_free_bytes", "Free space on the spool's file system", value=stat.f_bavail * stat.f_frsize
+        )
+        if heartbeat is not None:
+            yield GaugeMetricFamily(
+                "ingestd_heartbeat_timestamp_seconds",
+                "When the supervisor last found every worker alive",
+                value=float(heartbeat),
+            )
+        if self.associations is not None:
+            counted = self.associations.totals()
+            yield GaugeMetricFamily(
+                "ingestd_associations_active", "DICOM associations open now", value=counted["active"]
+            )
+            associations = CounterMetricFamily(
+                "ingestd_associations", "DICOM associations requested, by outcome", labels=["outcome"]
+            )
+            associations.add_metric(["accepted"], counted["accepted"])
+            associations.add_metric(["rejected"], counted["rejected"])
+            yield associations
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the log; errors still reach the WSGI app's own handling."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the daemon's exit
+
+
+Health = Callable[[], dict[str, Any]]
+_StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class MetricsServer:
+    """The HTTP endpoint: `/metrics` (Prometheus text format) and `/healthz` (JSON; 200 or 503)."""
+
+    name = "metrics"
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+        self.host = host
+        self.requested_port = port
+        self.registry = registry
+        self.health = health
+        self._metrics_app = make_wsgi_app(registry)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return 0 if self._server is None else int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._server = make_server(self.host, self.requested_port, self._app, _Server, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics.started", host=self.host, port=self.port)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _app(self, environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            try:
+                health = self.health()
+            except Exception as exc:  # noqa: BLE001 - the answer must still come: "not healthy, and why"
+                health = {"live": False, "ready": False, "detail": f"health check failed: {type(exc).__name__}"}
+            ok = bool(health.get("live")) and bool(health.get("ready"))
+            body = json.dumps(health, sort_keys=True).encode() + b"\n"
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        body = b"ingestd: /metrics (Prometheus) and /healthz\n"
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]

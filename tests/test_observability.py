@@ -1,0 +1,237 @@
+"""What a lab admin watches: the metrics and /healthz after a real end-to-end run, and logs free of PHI.
+
+One daemon (a real process, JSON logs at DEBUG) receives a study by C-STORE and another through the drop
+folder, both with planted PHI in headers and the dropped one also in its folder and file names; a non-DICOM
+file is quarantined and a calling AE off the allow-list is rejected. Both studies reach the XNAT stand-in.
+Then the metrics must show exactly those counts, and no planted value nor original UID may appear anywhere in
+the logs or in `ingestd status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.dataset import Dataset
+
+from ingestd.logs import REDACTED, redact
+from ingestd.testing.fake_xnat import FakeXnat
+from tests.dicom import make_study, write_instances
+from tests.procs import DaemonProcess, Storescu, free_port, wait_until, write_daemon_config
+
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
+
+# Values no log line may contain (compared case-insensitively), planted in headers and in dropped file names.
+PLANTED = {
+    "PatientName": "Quixote^Alonso",
+    "PatientBirthDate": "19311107",
+    "AccessionNumber": "ACC99173X",
+    "InstitutionName": "Planted General Hospital",
+    "ReferringPhysicianName": "Panza^Sancho",
+    "StudyDescription": "Planted Knee Protocol",
+    "OperatorsName": "Dulcinea^Toboso",
+}
+SCANNED_ID = "PHI7731XQ"
+DROPPED_ID = "PHI8842ZR"
+DROP_SUBFOLDER = "Quixote_Alonso_1931"
+
+
+def _planted_study(patient_id: str, series: int, per_series: int) -> list[Dataset]:
+    study = make_study(series=series, per_series=per_series)
+    numbers = {uid: index + 1 for index, uid in enumerate(dict.fromkeys(ds.SeriesInstanceUID for ds in study))}
+    for ds in study:
+        ds.SeriesNumber = numbers[ds.SeriesInstanceUID]
+        for keyword, value in PLANTED.items():
+            setattr(ds, keyword, value)
+        ds.PatientID = patient_id
+    return study
+
+
+def _config(tmp_path: Path, port: int, drop: Path, url: str, metrics_port: int) -> Path:
+    (tmp_path / "lab.rules.yaml").write_text(
+        "profiles:\n"
+        "  research: {key: {env: INGESTD_TEST_KEY}}\n"
+        "rules:\n"
+        "  - name: scanner\n"
+        "    when: {calling_aet: STORESCU}\n"
+        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
+        " archive: true}\n"
+        "    anonymize: research\n"
+        "  - name: dropped\n"
+        "    when: {drop_folder: drop}\n"
+        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
+        " archive: true}\n"
+        "    anonymize: research\n"
+    )
+    config = write_daemon_config(
+        tmp_path / "ingestd.yaml",
+        tmp_path / "state",
+        port,
+        extra=(
+            f"drop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\n"
+            "rules: [lab.rules.yaml]\n"
+            "xnat:\n"
+            "  servers:\n"
+            "    main:\n"
+            f"      url: {url}\n"
+            "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
+            "      poll_interval_seconds: 0.2\n"
+            "      retry: {initial_seconds: 0.2, max_seconds: 1}\n"
+        ),
+    )
+    config.write_text(
+        config.read_text()
+        .replace("study_idle_seconds: 3600", "study_idle_seconds: 1")
+        .replace("level: info", "level: debug")
+        .replace("metrics: {port: 0}", f"metrics: {{port: {metrics_port}}}")
+        .replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2, allowed_calling_aets: [STORESCU, ECHOSCU]}")
+    )
+    return config
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http://127.0.0.1 only
+            return int(answer.status), answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape by (name, sorted labels)."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _status(config: Path, *options: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "ingestd", "status", "--config", str(config), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
+def test_metrics_health_and_logs_without_phi(tmp_path: Path, xnat: FakeXnat) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    port = free_port()
+    config = _config(tmp_path, port, drop, xnat.url, free_port())
+    scanned = _planted_study(SCANNED_ID, series=2, per_series=4)
+    dropped = _planted_study(DROPPED_ID, series=1, per_series=3)
+    scan_files = write_instances(scanned, tmp_path / "scan")
+    staging = write_instances(dropped, tmp_path / "staging")
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port, ae_title="INGESTD")
+        metrics_port = int(daemon.wait_logged("metrics.started")["port"])
+        base = f"http://127.0.0.1:{metrics_port}"
+        wait_until(lambda: _get(f"{base}/healthz")[0] == 200, 10, message="/healthz ready")  # ready after start
+
+        rejected = subprocess.run(
+            ["echoscu", "-aet", "INTRUDER", "-aec", "INGESTD", "127.0.0.1", str(port)],
+            capture_output=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            timeout=30,
+            check=False,
+        )
+        assert rejected.returncode != 0
+        with Storescu(port, scan_files) as storescu:
+            assert storescu.wait() == 0, storescu.output()
+        target = drop / DROP_SUBFOLDER
+        target.mkdir()
+        for path in staging:
+            os.replace(path, target / f"{DROP_SUBFOLDER}_{path.name}")
+        (drop / f"{DROP_SUBFOLDER}_notes.txt").write_text(f"notes on {PLANTED['PatientName']}\n")
+
+        def delivered() -> bool:
+            status = json.loads(_status(config, "--json"))
+            states = [study["state"] for study in status["studies"]]
+            return len(states) == 2 and all(state == "delivered" for state in states)
+
+        wait_until(delivered, 90, interval=0.3, message="both studies delivered")
+        assert len(xnat.experiments("PROJ")) == 2
+
+        code, health = _get(f"{base}/healthz")
+        assert code == 200, health
+        body = json.loads(health)
+        assert body["live"] is True and body["ready"] is True and body["status"] == "ok"
+        code, text = _get(f"{base}/metrics")
+        assert code == 200
+        samples = _samples(text)
+
+        def value(name: str, **labels: str) -> float:
+            return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+        folder = str(drop)
+        assert value("ingestd_instances_received_total", kind="dicom", source="STORESCU", outcome="stored") == 8
+        assert value("ingestd_instances_received_total", kind="folder", source=folder, outcome="stored") == 3
+        assert value("ingestd_received_bytes_total", kind="folder", source=folder) > 0
+        assert value("ingestd_drop_sources_total", folder=folder, outcome="taken") == 3
+        assert value("ingestd_drop_sources_total", folder=folder, outcome="quarantined") == 1
+        assert value("ingestd_quarantined_items_total", kind="folder") == 1
+        assert value("ingestd_associations_total", outcome="rejected") == 1
+        assert value("ingestd_associations_total", outcome="accepted") >= 1
+        assert value("ingestd_associations_active") == 0
+        assert value("ingestd_studies", state="delivered") == 2
+        assert value("ingestd_studies", state="held") == 0
+        assert value("ingestd_deliveries_total", outcome="delivered") == 2
+        assert value("ingestd_stage_duration_seconds_count", stage="route") == 2
+        assert value("ingestd_stage_duration_seconds_count", stage="archive") == 2
+        assert value("ingestd_spool_free_bytes") > 0
+        # `ingestd health` asks /healthz; the allow-list lacks its C-ECHO's AE title, so /healthz stands for it.
+        health_check = subprocess.run(
+            [sys.executable, "-m", "ingestd", "health", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert health_check.returncode == 0, health_check.stdout + health_check.stderr
+        assert daemon.terminate() == 0
+
+    logs = (tmp_path / "daemon.log").read_text(encoding="utf-8", errors="replace")
+    assert '"receive.instance_stored"' in logs and '"deliver.archived"' in logs  # DEBUG lines were captured
+    shown = "\n".join([logs, _status(config), _status(config, "--json")])
+    forbidden = [*PLANTED.values(), SCANNED_ID, DROPPED_ID, DROP_SUBFOLDER, "Quixote", "Sancho", "Dulcinea"]
+    forbidden += sorted({uid for ds in [*scanned, *dropped] for uid in _uids(ds)})
+    leaked = [value for value in forbidden if value.lower() in shown.lower()]
+    assert leaked == [], f"PHI in logs or status: {leaked}"
+
+
+def _uids(ds: Dataset) -> list[str]:
+    return [ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID]
+
+
+def test_redaction_is_the_safety_net_for_library_messages() -> None:
+    """Keys named like PHI attributes lose their values; UIDs and person names in any text are hidden."""
+    event: dict[str, Any] = {
+        "event": "association rejected for 1.2.826.0.1.3680043.8.498.77 (DOE^JOHN)",
+        "patient_name": "DOE^JOHN",
+        "PatientID": "X123",
+        "sop_class": "1.2.840.10008.5.1.4.1.1.4",
+        "exception": "Traceback ...\nValueError: bad value 'SMITH^ANNA^^DR' in 2.25.123456789012345678",
+        "nested": {"AccessionNumber": "A1", "detail": ["x 1.2.3.4.5.6 y"]},
+        "version": "1.8.10",
+        "peer": "192.168.1.10",
+    }
+    out = redact(None, "warning", event)
+    assert out["patient_name"] == REDACTED and out["PatientID"] == REDACTED
+    assert out["nested"]["AccessionNumber"] == REDACTED
+    text = json.dumps(out)
+    for secret in ("DOE", "JOHN", "SMITH", "1.2.826.0.1.3680043.8.498.77", "2.25.123456789012345678", "1.2.3.4.5.6"):
+        assert secret not in text
+    assert out["sop_class"] == "1.2.840.10008.5.1.4.1.1.4"  # the standard's own UIDs stay readable
+    assert out["version"] == "1.8.10" and out["peer"] == "192.168.1.10"
+    assert "sha256:" in out["event"]
