@@ -101,6 +101,42 @@ def write_daemon_config(path: Path, state_dir: Path, port: int, *, ae_title: str
     return path
 
 
+SCANNER_RULES = (
+    "profiles:\n"
+    "  research: {key: {env: INGESTD_TEST_KEY}}\n"
+    "rules:\n"
+    "  - name: scanner\n"
+    "    when: {calling_aet: STORESCU}\n"
+    "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
+    " archive: true}\n"
+    "    anonymize: research\n"
+)
+
+
+def write_xnat_daemon_config(
+    tmp_path: Path, port: int, url: str, *, rules: str = SCANNER_RULES, extra: str = ""
+) -> Path:
+    """A daemon configuration (as `write_daemon_config`, studies complete after 1 s) with `rules` in
+    `lab.rules.yaml` (default: what STORESCU sends goes de-identified to project PROJ and is archived) and the
+    XNAT server `main` at `url`, its credentials in XNAT_TEST_USER and XNAT_TEST_PASSWORD (see the `xnat` fixture).
+    """
+    (tmp_path / "lab.rules.yaml").write_text(rules)
+    extra = (
+        "rules: [lab.rules.yaml]\n"
+        f"{extra}"
+        "xnat:\n"
+        "  servers:\n"
+        "    main:\n"
+        f"      url: {url}\n"
+        "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
+        "      poll_interval_seconds: 0.2\n"
+        "      retry: {initial_seconds: 0.2, max_seconds: 1}\n"
+    )
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port, extra=extra)
+    config.write_text(config.read_text().replace("study_idle_seconds: 3600", "study_idle_seconds: 1"))
+    return config
+
+
 def process_group(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group `pgid` (Linux /proc)."""
     members = []

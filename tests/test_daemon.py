@@ -17,7 +17,16 @@ from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import make_study, write_instances
-from tests.procs import DaemonProcess, Storescu, free_port, process_group, wait_until, write_daemon_config
+from tests.procs import (
+    SCANNER_RULES,
+    DaemonProcess,
+    Storescu,
+    free_port,
+    process_group,
+    wait_until,
+    write_daemon_config,
+    write_xnat_daemon_config,
+)
 
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
 
@@ -200,30 +209,9 @@ def test_daemon_routes_and_deidentifies(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def _xnat_config(tmp_path: Path, port: int, url: str, *, archive: bool = True) -> Path:
-    rules = tmp_path / "lab.rules.yaml"
-    rules.write_text(
-        "profiles:\n"
-        "  research: {key: {env: INGESTD_TEST_KEY}}\n"
-        "rules:\n"
-        "  - name: scanner\n"
-        "    when: {calling_aet: STORESCU}\n"
-        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
-        f" archive: {str(archive).lower()}}}\n"
-        "    anonymize: research\n"
+    return write_xnat_daemon_config(
+        tmp_path, port, url, rules=SCANNER_RULES.replace("archive: true", f"archive: {str(archive).lower()}")
     )
-    extra = (
-        "rules: [lab.rules.yaml]\n"
-        "xnat:\n"
-        "  servers:\n"
-        "    main:\n"
-        f"      url: {url}\n"
-        "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
-        "      poll_interval_seconds: 0.2\n"
-        "      retry: {initial_seconds: 0.2, max_seconds: 1}\n"
-    )
-    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port, extra=extra)
-    config.write_text(config.read_text().replace("study_idle_seconds: 3600", "study_idle_seconds: 1"))
-    return config
 
 
 def _numbered_study() -> list[Any]:

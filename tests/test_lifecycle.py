@@ -35,7 +35,15 @@ from ingestd.deliver import wedge_limit
 from ingestd.testing.fake_xnat import FakeXnat
 from ingestd.xnat import XnatClient
 from tests.dicom import encode, make_instance, make_study, write_instances
-from tests.procs import DaemonProcess, Storescu, free_port, tail, wait_until, write_daemon_config
+from tests.procs import (
+    DaemonProcess,
+    Storescu,
+    free_port,
+    tail,
+    wait_until,
+    write_daemon_config,
+    write_xnat_daemon_config,
+)
 
 _SLACK = 1.5  # seconds beyond the stop deadline for the process to be reaped and the test to notice
 
@@ -269,30 +277,7 @@ def test_sigterm_during_a_transfer_keeps_every_acknowledged_instance(tmp_path: P
 
 
 def _xnat_config(tmp_path: Path, port: int, url: str, deadline: float) -> Path:
-    (tmp_path / "lab.rules.yaml").write_text(
-        "profiles:\n"
-        "  research: {key: {env: INGESTD_TEST_KEY}}\n"
-        "rules:\n"
-        "  - name: scanner\n"
-        "    when: {calling_aet: STORESCU}\n"
-        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
-        " archive: true}\n"
-        "    anonymize: research\n"
-    )
-    extra = (
-        "rules: [lab.rules.yaml]\n"
-        f"stop_timeout_seconds: {deadline}\n"
-        "xnat:\n"
-        "  servers:\n"
-        "    main:\n"
-        f"      url: {url}\n"
-        "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
-        "      poll_interval_seconds: 0.2\n"
-        "      retry: {initial_seconds: 0.2, max_seconds: 1}\n"
-    )
-    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port, extra=extra)
-    config.write_text(config.read_text().replace("study_idle_seconds: 3600", "study_idle_seconds: 1"))
-    return config
+    return write_xnat_daemon_config(tmp_path, port, url, extra=f"stop_timeout_seconds: {deadline}\n")
 
 
 def _delivery(state_dir: Path) -> dict[str, Any] | None:

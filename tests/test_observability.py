@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from ingestd.logs import REDACTED, redact
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import make_study, write_instances
-from tests.procs import DaemonProcess, Storescu, free_port, wait_until, write_daemon_config
+from tests.procs import SCANNER_RULES, DaemonProcess, Storescu, free_port, wait_until, write_xnat_daemon_config
 
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
 
@@ -56,40 +56,22 @@ def _planted_study(patient_id: str, series: int, per_series: int) -> list[Datase
 
 
 def _config(tmp_path: Path, port: int, drop: Path, url: str, metrics_port: int) -> Path:
-    (tmp_path / "lab.rules.yaml").write_text(
-        "profiles:\n"
-        "  research: {key: {env: INGESTD_TEST_KEY}}\n"
-        "rules:\n"
-        "  - name: scanner\n"
-        "    when: {calling_aet: STORESCU}\n"
-        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
-        " archive: true}\n"
-        "    anonymize: research\n"
+    dropped_rule = (
         "  - name: dropped\n"
         "    when: {drop_folder: drop}\n"
         "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
         " archive: true}\n"
         "    anonymize: research\n"
     )
-    config = write_daemon_config(
-        tmp_path / "ingestd.yaml",
-        tmp_path / "state",
+    config = write_xnat_daemon_config(
+        tmp_path,
         port,
-        extra=(
-            f"drop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\n"
-            "rules: [lab.rules.yaml]\n"
-            "xnat:\n"
-            "  servers:\n"
-            "    main:\n"
-            f"      url: {url}\n"
-            "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
-            "      poll_interval_seconds: 0.2\n"
-            "      retry: {initial_seconds: 0.2, max_seconds: 1}\n"
-        ),
+        url,
+        rules=SCANNER_RULES + dropped_rule,
+        extra=f"drop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\n",
     )
     config.write_text(
         config.read_text()
-        .replace("study_idle_seconds: 3600", "study_idle_seconds: 1")
         .replace("level: info", "level: debug")
         .replace("metrics: {port: 0}", f"metrics: {{port: {metrics_port}}}")
         .replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2, allowed_calling_aets: [STORESCU, ECHOSCU]}")
