@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,3 +85,13 @@ def xnat(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXnat]:
         server.add_user("ingestd", "pw-for-tests")
         server.add_project("PROJ", members=["ingestd"])
         yield server
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET: (the socket, its path)."""
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(0.2)
+        yield sock, path

@@ -18,7 +18,6 @@ import subprocess
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,6 @@ from tests.procs import (
 )
 
 _SLACK = 1.5  # seconds beyond the stop deadline for the process to be reaped and the test to notice
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(path)
-        sock.settimeout(0.05)
-        yield sock, path
 
 
 class _Listening:
@@ -89,6 +79,7 @@ def test_the_watchdog_pings_stop_when_a_worker_is_wedged(
     """The assembler's check blocks (as on a hung disk): pings flow until it counts as wedged, then none; the
     daemon logs where the thread is stuck, stops gracefully, abandons the wedged thread and returns 1."""
     sock, path = notify_socket
+    sock.settimeout(0.05)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # pings every 0.2 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)

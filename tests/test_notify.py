@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ingestd.notify import SystemdNotifier
 from tests.procs import DaemonProcess, free_port, wait_until, write_daemon_config
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(path)
-        sock.settimeout(0.2)
-        yield sock, path
 
 
 def _received(sock: socket.socket) -> list[str]:
