@@ -616,27 +616,36 @@ class Journal:
                 (path, reason, source.kind, source.name, now),
             )
 
-    def totals(self) -> dict[str, list[tuple[Any, ...]]]:
-        """What the metrics report: receipts by source and outcome, batches by state, held reasons, quarantine."""
+    def totals(self, receipts_after: int = 0) -> dict[str, list[tuple[Any, ...]]]:
+        """What the metrics report: receipts by source and outcome (those with an id above `receipts_after`, and
+        the highest id as `receipts_upto`), batches by state, held reasons, quarantined items by kind."""
         with self._lock:
             db = self._db
-            return {
-                "receipts": [
-                    tuple(row)
-                    for row in db.execute(
-                        "SELECT source_kind, source, outcome, COUNT(*), SUM(size) FROM receipts"
-                        " GROUP BY source_kind, source, outcome ORDER BY 1, 2, 3"
-                    )
-                ],
-                "states": [tuple(row) for row in db.execute("SELECT state, COUNT(*) FROM batches GROUP BY state")],
-                "held_reasons": [
-                    tuple(row) for row in db.execute("SELECT reason FROM batches WHERE state = ?", (StudyState.HELD,))
-                ],
-                "quarantine": [
-                    tuple(row)
-                    for row in db.execute("SELECT source_kind, COUNT(*) FROM quarantine GROUP BY source_kind")
-                ],
-            }
+            db.execute("BEGIN")  # one snapshot for all of it
+            try:
+                return self._totals(db, receipts_after)
+            finally:
+                db.execute("COMMIT")
+
+    def _totals(self, db: sqlite3.Connection, receipts_after: int) -> dict[str, list[tuple[Any, ...]]]:
+        return {
+            "receipts_upto": [tuple(db.execute("SELECT COALESCE(MAX(id), 0) FROM receipts").fetchone())],
+            "receipts": [
+                tuple(row)
+                for row in db.execute(
+                    "SELECT source_kind, source, outcome, COUNT(*), SUM(size) FROM receipts WHERE id > ?"
+                    " GROUP BY source_kind, source, outcome ORDER BY 1, 2, 3",
+                    (receipts_after,),
+                )
+            ],
+            "states": [tuple(row) for row in db.execute("SELECT state, COUNT(*) FROM batches GROUP BY state")],
+            "held_reasons": [
+                tuple(row) for row in db.execute("SELECT reason FROM batches WHERE state = ?", (StudyState.HELD,))
+            ],
+            "quarantine": [
+                tuple(row) for row in db.execute("SELECT source_kind, COUNT(*) FROM quarantine GROUP BY source_kind")
+            ],
+        }
 
     def quarantined(self) -> list[dict[str, Any]]:
         with self._lock:
