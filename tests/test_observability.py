@@ -22,7 +22,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 
+from ingestd.journal import Journal
+from ingestd.journal import Source as JournalSource
 from ingestd.logs import REDACTED, redact
+from ingestd.metrics import JournalCollector
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import make_study, write_instances
 from tests.procs import SCANNER_RULES, DaemonProcess, Storescu, free_port, wait_until, write_xnat_daemon_config
@@ -217,3 +220,26 @@ def test_redaction_is_the_safety_net_for_library_messages() -> None:
     assert out["sop_class"] == "1.2.840.10008.5.1.4.1.1.4"  # the standard's own UIDs stay readable
     assert out["version"] == "1.8.10" and out["peer"] == "192.168.1.10"
     assert "sha256:" in out["event"]
+
+
+def test_receipts_are_counted_once_across_scrapes(tmp_path: Path) -> None:
+    """Each scrape adds only the receipts after the last one it counted; the totals stay exact."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    source = JournalSource("dicom", "CT1", "INGESTD@127.0.0.1")
+    batch_id, _number = journal.receiving_batch("1.2.3.4", source, 0.0)
+    collector = JournalCollector(journal.path, tmp_path)
+
+    def received() -> dict[str, float]:
+        families = {family.name: family for family in collector.collect()}
+        return {sample.name: sample.value for sample in families["ingestd_instances_received"].samples} | {
+            sample.name: sample.value for sample in families["ingestd_received_bytes"].samples
+        }
+
+    assert received() == {}
+    for size in (100, 200):
+        journal.add_receipt(batch_id, f"1.2.3.4.{size}", "stored", source, size, 0.0)
+    assert received() == {"ingestd_instances_received_total": 2, "ingestd_received_bytes_total": 300}
+    assert received() == {"ingestd_instances_received_total": 2, "ingestd_received_bytes_total": 300}
+    journal.add_receipt(batch_id, "1.2.3.4.5", "stored", source, 50, 0.0)
+    assert received() == {"ingestd_instances_received_total": 3, "ingestd_received_bytes_total": 350}
+    journal.close()
