@@ -243,3 +243,27 @@ def test_receipts_are_counted_once_across_scrapes(tmp_path: Path) -> None:
     journal.add_receipt(batch_id, "1.2.3.4.5", "stored", source, 50, 0.0)
     assert received() == {"ingestd_instances_received_total": 3, "ingestd_received_bytes_total": 350}
     journal.close()
+
+
+_LIBRARIES = """
+import logging, warnings
+from ingestd.logs import configure_logging
+configure_logging("debug", "json")
+logging.getLogger("pynetdicom.assoc").warning("no context for 1.2.826.0.1.3680043.2.1.99 from DOE^JOHN")
+logging.getLogger("pynetdicom.dsutils").debug("hidden below WARNING")
+logging.getLogger("watchdog.observers.inotify").warning("inotify watch limit reached")
+logging.getLogger("urllib3.connectionpool").info("Resetting dropped connection: xnat.example.org")
+warnings.warn("bad value DOE^JANE in 1.2.826.0.1.3680043.2.1.98", UserWarning, stacklevel=1)
+"""
+
+
+def test_library_logs_and_warnings_come_out_as_redacted_json_lines() -> None:
+    """pynetdicom, watchdog, urllib3 and Python warnings go through ingestd's pipeline and its redaction."""
+    done = subprocess.run([sys.executable, "-c", _LIBRARIES], capture_output=True, text=True, timeout=60, check=True)
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    by_logger = {record["logger"]: record for record in records}
+    assert set(by_logger) == {"pynetdicom.assoc", "watchdog.observers.inotify", "urllib3.connectionpool", "py.warnings"}
+    assert all({"event", "level", "timestamp", "pid"} <= set(record) for record in records)
+    assert "DOE" not in done.stderr and "1.2.826.0.1.3680043.2.1.9" not in done.stderr
+    assert by_logger["pynetdicom.assoc"]["event"].startswith("no context for sha256:")
+    assert by_logger["py.warnings"]["level"] == "warning"
