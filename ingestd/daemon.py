@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Protocol
@@ -199,10 +200,11 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         """Liveness and readiness, as /healthz reports them."""
         services: dict[str, bool] = {}
+        seen: Counter[str] = Counter()
         for service in self._services:
             name = _name(service)
-            key = name if name not in services else f"{name}-{sum(k.startswith(name) for k in services) + 1}"
-            services[key] = service.alive()
+            seen[name] += 1  # one watcher per drop folder: watcher, watcher-2, ...
+            services[name if seen[name] == 1 else f"{name}-{seen[name]}"] = service.alive()
         wedged = sorted(
             service.name
             for service in self._services

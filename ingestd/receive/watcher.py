@@ -284,7 +284,9 @@ class DropFolderWatcher:
 
     def _scan_tree(self, top: Path) -> None:
         def report(error: OSError) -> None:
-            log.warning("drop.scan_error", file=path_digest(os.fsdecode(error.filename or "")), reason=error.strerror)
+            where = Path(os.fsdecode(error.filename or ""))
+            shown = where.relative_to(self.root).as_posix() if where.is_relative_to(self.root) else str(where)
+            log.warning("drop.scan_error", file=path_digest(shown), reason=error.strerror)
 
         for directory, subdirectories, files in os.walk(top, onerror=report):
             here = Path(directory)
@@ -410,11 +412,10 @@ class DropFolderWatcher:
             return
         self._check_unchanged(path, signature)
         self._finish(path)
+        DROP_SOURCES.labels(folder=str(self.folder.path), outcome="taken").inc()
         if taken.archive is None:
-            DROP_SOURCES.labels(folder=str(self.folder.path), outcome="taken").inc()
             log.info("drop.file_taken", file=path_digest(relative), instances=1, spool=outcomes[0])
             return
-        DROP_SOURCES.labels(folder=str(self.folder.path), outcome="taken").inc()
         log.info(
             "drop.archive_taken",
             file=path_digest(relative),
