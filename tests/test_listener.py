@@ -16,7 +16,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from ingestd.header import read_file_header
-from ingestd.receive.reactor import REACTOR_VERSIONS
+from ingestd.receive import dataphase
 from tests.conftest import Receiver, make_config, start_receiver
 from tests.dicom import make_instance, make_study, write_instances
 from tests.procs import DCMTK_ENV, wait_until
@@ -252,12 +252,12 @@ def test_read_file_header_matches_pydicom() -> None:
     )
 
 
-class TestPromptReactor:
-    """ingestd replaces pynetdicom's acceptor loop (see ingestd/receive/reactor.py); it must end associations
-    exactly as pynetdicom's does."""
+class TestDataPhase:
+    """ingestd serves the data phase of an association itself (see ingestd/receive/dataphase.py); it must end
+    associations as a DICOM peer expects."""
 
-    def test_this_pynetdicom_gets_the_prompt_reactor(self) -> None:
-        assert pynetdicom.__version__ in REACTOR_VERSIONS, "re-check reactor.py against this pynetdicom's loop"
+    def test_this_pynetdicom_gets_the_data_phase(self) -> None:
+        assert dataphase.available(), f"check dataphase.py against pynetdicom {pynetdicom.__version__}'s internals"
 
     def test_release_and_stores_on_one_association(self, receiver: Receiver) -> None:
         study = make_study(series=1, per_series=20)

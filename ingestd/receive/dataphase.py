@@ -1,0 +1,471 @@
+"""The data transfer phase of an accepted association, read and answered straight on the socket.
+
+pynetdicom negotiates every association: the A-ASSOCIATE request and response, presentation contexts and
+transfer syntaxes, the calling-AE allow-list, the association limit and TLS. Once it has accepted one,
+ingestd serves the rest of it here, in the association's own thread: it reads P-DATA-TF PDUs off the
+socket, puts command and data set fragments together (PS3.8 §9.3.5, Annex E), hands each complete C-STORE
+data set to the listener's store function and writes the response PDU itself. It answers C-ECHO, ignores
+C-CANCEL, answers any other request with "unrecognized operation" (0x0211), answers an A-RELEASE-RQ with
+an A-RELEASE-RP, and aborts on a protocol error or when the network timeout passes with nothing received.
+
+Why: in pynetdicom, every PDU passes through a second thread (the DUL), a state machine, three queues and
+per-PDU event dispatch; its socket reads come in 4 KiB pieces and each turn of its loops may sleep; each
+C-STORE becomes a pydicom Dataset for its response. That is ~3.2 ms of Python per instance, more than the
+~1.5 ms it takes to store and journal it, and the reason one association topped out at ~205 images/s. Here
+a data set is read into one growing buffer with `recv_into`, in as few system calls as the peer's segments
+allow, and one association needs one thread.
+
+The takeover relies on pynetdicom internals (the DUL thread, its state machine and queues, the
+association's reactor hook), so it is used only with the pynetdicom releases it was checked against
+(`DATA_PHASE_VERSIONS`); with any other release pynetdicom serves the association itself and the listener's
+pynetdicom event handlers do the storing, as they did before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pynetdicom
+from pynetdicom import evt
+
+__all__ = [
+    "DATA_PHASE_VERSIONS",
+    "Command",
+    "DataPhase",
+    "ProtocolError",
+    "available",
+    "encode_response",
+    "hold_transport",
+    "parse_command",
+]
+
+# pynetdicom releases whose DUL and association internals `hold_transport` and `DataPhase` were checked against.
+DATA_PHASE_VERSIONS = frozenset({"3.0.0", "3.0.1", "3.0.2", "3.0.3", "3.0.4"})
+
+# DIMSE command fields (PS3.7 §9.3, §E.1)
+C_STORE_RQ = 0x0001
+C_ECHO_RQ = 0x0030
+C_CANCEL_RQ = 0x0FFF
+RESPONSE_BIT = 0x8000
+NO_DATA_SET = 0x0101
+
+SUCCESS = 0x0000
+UNRECOGNIZED_OPERATION = 0x0211
+
+# A-ABORT sources and reasons (PS3.8 §9.3.8)
+_SERVICE_USER = 0x00
+_SERVICE_PROVIDER = 0x02
+_UNRECOGNIZED_PDU = 0x01
+_UNEXPECTED_PDU = 0x02
+_INVALID_PARAMETER = 0x06
+
+_MAX_COMMAND = 64 * 1024  # a command set is a few hundred bytes; more is not a DICOM peer
+_MAX_SHORT_PDU = 64 * 1024  # A-RELEASE and A-ABORT PDUs carry 4 bytes
+_READ_CHUNK = 256 * 1024  # the reader's buffer for PDU and item headers and small fragments
+_BUFFER_START = 1024 * 1024  # a data set buffer's first size; it doubles as needed
+_BUFFER_KEEP = 64 * 1024 * 1024  # a data set buffer grown beyond this is dropped after its instance
+_GROWTH_STEP = 16 * 1024 * 1024  # the most a buffer grows ahead of the bytes actually received
+
+_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+StoreFunction = Callable[[Any, str, memoryview], int]
+"""store(association, transfer syntax UID, data set as received) -> C-STORE status."""
+
+
+def available() -> bool:
+    """Whether this pynetdicom is one the data phase was checked against."""
+    return pynetdicom.__version__ in DATA_PHASE_VERSIONS
+
+
+class ProtocolError(Exception):
+    """The peer broke the upper layer protocol; the association is aborted with `reason` (PS3.8 Table 9-26)."""
+
+    def __init__(self, message: str, reason: int = _INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _ClosedError(Exception):
+    """The peer closed the connection (or it was shut down locally)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """The parts of a DIMSE command set the data phase acts on."""
+
+    field: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    has_data_set: bool
+
+
+def parse_command(raw: bytes | bytearray) -> Command:
+    """Read a command set (group 0000, always Implicit VR Little Endian, PS3.7 §6.3.1)."""
+    values: dict[int, bytes] = {}
+    offset, end = 0, len(raw)
+    while offset < end:
+        if end - offset < 8:
+            raise ProtocolError("the command set ends inside an element header")
+        group = int.from_bytes(raw[offset : offset + 2], "little")
+        element = int.from_bytes(raw[offset + 2 : offset + 4], "little")
+        length = int.from_bytes(raw[offset + 4 : offset + 8], "little")
+        offset += 8
+        if group != 0x0000 or length > end - offset:
+            raise ProtocolError(f"the command set has a malformed element ({group:04X},{element:04X})")
+        values[element] = bytes(raw[offset : offset + length])
+        offset += length
+    try:
+        field = int.from_bytes(values[0x0100], "little")
+        message_id = int.from_bytes(values.get(0x0110) or values[0x0120], "little")
+    except KeyError:
+        raise ProtocolError("the command set lacks its Command Field or Message ID") from None
+    data_set_type = values.get(0x0800)
+    return Command(
+        field=field,
+        message_id=message_id,
+        sop_class_uid=_uid_value(values.get(0x0002) or values.get(0x0003) or b""),
+        sop_instance_uid=_uid_value(values.get(0x1000) or values.get(0x1001) or b""),
+        has_data_set=data_set_type is not None and int.from_bytes(data_set_type, "little") != NO_DATA_SET,
+    )
+
+
+def _uid_value(raw: bytes) -> str:
+    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace")
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return b"\x00\x00" + element.to_bytes(2, "little") + len(value).to_bytes(4, "little") + value
+
+
+def _uid_bytes(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_response(field: int, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int) -> bytes:
+    """The command set of a response without a data set, Implicit VR Little Endian, elements in tag order."""
+    elements = []
+    if sop_class_uid:
+        elements.append(_element(0x0002, _uid_bytes(sop_class_uid)))
+    elements.append(_element(0x0100, field.to_bytes(2, "little")))
+    elements.append(_element(0x0120, message_id.to_bytes(2, "little")))
+    elements.append(_element(0x0800, NO_DATA_SET.to_bytes(2, "little")))
+    elements.append(_element(0x0900, status.to_bytes(2, "little")))
+    if sop_instance_uid:
+        elements.append(_element(0x1000, _uid_bytes(sop_instance_uid)))
+    body = b"".join(elements)
+    return _element(0x0000, len(body).to_bytes(4, "little")) + body
+
+
+def _p_data_tf(context_id: int, command: bytes) -> bytes:
+    """One P-DATA-TF PDU carrying a whole command set as its single, last fragment."""
+    item = (len(command) + 2).to_bytes(4, "big") + bytes((context_id, 0x03)) + command
+    return b"\x04\x00" + len(item).to_bytes(4, "big") + item
+
+
+def _abort_pdu(source: int, reason: int) -> bytes:
+    return b"\x07\x00\x00\x00\x00\x04\x00\x00" + bytes((source, reason))
+
+
+def hold_transport(assoc: Any) -> None:
+    """Stop this association's DUL thread from reading the socket from now on.
+
+    Called when pynetdicom is about to send the A-ASSOCIATE-AC, before the peer can send any P-DATA, so every
+    byte of the data phase reaches `DataPhase` and none is taken by the DUL. The DUL still sends what is
+    queued for it (the A-ASSOCIATE-AC itself).
+    """
+    assoc.dul._is_transport_event = _nothing_to_read
+
+
+def _nothing_to_read() -> bool:
+    return False
+
+
+class _Reader:
+    """Reads a socket through one buffer: headers from the buffer, large fragments straight into their target."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray(_READ_CHUNK)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+
+    def exact(self, size: int) -> bytes:
+        """The next `size` bytes (`size` at most the buffer's)."""
+        while self._end - self._start < size:
+            self._fill()
+        start = self._start
+        self._start += size
+        return bytes(self._view[start : start + size])
+
+    def into(self, target: memoryview) -> None:
+        """Fill `target` with the next len(target) bytes."""
+        have = min(self._end - self._start, len(target))
+        if have:
+            target[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        filled = have
+        while filled < len(target):
+            got = self._sock.recv_into(target[filled:])
+            if not got:
+                raise _ClosedError
+            filled += got
+
+    def _fill(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buffer):
+            pending = self._end - self._start
+            self._view[:pending] = self._view[self._start : self._end]
+            self._start, self._end = 0, pending
+        got = self._sock.recv_into(self._view[self._end :])
+        if not got:
+            raise _ClosedError
+        self._end += got
+
+
+class _DataSetBuffer:
+    """One message's data set, assembled in a buffer that is reused from instance to instance."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(_BUFFER_START)
+        self.size = 0
+
+    def append_from(self, reader: _Reader, length: int) -> None:
+        """Read the next `length` bytes onto the data set, growing the buffer only as the bytes arrive."""
+        while length:
+            step = min(length, _GROWTH_STEP)
+            end = self.size + step
+            if end > len(self._buffer):
+                self._buffer.extend(bytes(max(end - len(self._buffer), min(len(self._buffer), _GROWTH_STEP))))
+            with memoryview(self._buffer) as view:
+                reader.into(view[self.size : end])
+            self.size = end
+            length -= step
+
+    def view(self) -> memoryview:
+        return memoryview(self._buffer)[: self.size]
+
+    def reset(self) -> None:
+        self.size = 0
+        if len(self._buffer) > _BUFFER_KEEP:
+            self._buffer = bytearray(_BUFFER_START)
+
+
+class _Message:
+    """The DIMSE message being put together from presentation data value fragments (PS3.8 Annex E)."""
+
+    def __init__(self, accepted_contexts: dict[int, Any]) -> None:
+        self._accepted = accepted_contexts
+        self._command_bytes = bytearray()
+        self.command: Command | None = None
+        self.context_id: int | None = None
+        self.data = _DataSetBuffer()
+
+    def add_fragment(self, reader: _Reader, context_id: int, control: int, size: int) -> bool:
+        """Read one fragment of `size` bytes; True when it completes the message."""
+        if self.context_id is None:
+            if context_id not in self._accepted:
+                raise ProtocolError(f"P-DATA for presentation context {context_id}, which was not accepted")
+            self.context_id = context_id
+        elif context_id != self.context_id:
+            raise ProtocolError("one DIMSE message's fragments arrived on two presentation contexts")
+        last = bool(control & 0x02)
+        if control & 0x01:  # a command fragment
+            if self.command is not None or len(self._command_bytes) + size > _MAX_COMMAND:
+                raise ProtocolError("a command set arrived out of order or too large")
+            self._command_bytes += reader.exact(size)
+            if not last:
+                return False
+            self.command = parse_command(self._command_bytes)
+            return not self.command.has_data_set
+        if self.command is None or not self.command.has_data_set:
+            raise ProtocolError("a data set fragment arrived without its command")
+        self.data.append_from(reader, size)
+        return last
+
+    def reset(self) -> None:
+        self._command_bytes.clear()
+        self.command = None
+        self.context_id = None
+        self.data.reset()
+
+
+class DataPhase:
+    """Serves one accepted association from the A-ASSOCIATE-AC to its release or abort.
+
+    `run` replaces the association's reactor (it runs in the association's thread); `abort` may be called from
+    any thread to end the association (the listener stopping). `how` says how it ended.
+    """
+
+    def __init__(self, assoc: Any, store: StoreFunction, network_timeout: float) -> None:
+        self.assoc = assoc
+        self.store = store
+        self.network_timeout = network_timeout
+        self.how = "open"
+        self.protocol_error: str | None = None
+        self._send_lock = threading.Lock()
+        self._stopping = False
+        self._abort_sent = False
+        self._sock: socket.socket | None = None
+
+    def install(self) -> None:
+        """Have the association run this data phase instead of pynetdicom's reactor."""
+        self.assoc._run_reactor = self.run
+
+    def run(self) -> None:
+        assoc = self.assoc
+        released = False
+        try:
+            self._take_over_from_dul()
+            self._sock = assoc.dul.socket.socket
+            self._sock.settimeout(self.network_timeout)
+            released = self._serve(_Reader(self._sock))
+        except _ClosedError:
+            if self._stopping:
+                self.how = "stopped"
+                self._send_abort(_SERVICE_USER, 0x00)
+            else:
+                self.how = "closed by peer"
+        except TimeoutError:
+            self.how = "stopped" if self._stopping else "network timeout"
+            self._send_abort(_SERVICE_USER, 0x00)
+        except ProtocolError as exc:
+            self.how = "protocol error"
+            self.protocol_error = str(exc)
+            self._send_abort(_SERVICE_PROVIDER, exc.reason)
+        except OSError:
+            self.how = "stopped" if self._stopping else "connection lost"
+        finally:
+            self._finish(released)
+
+    def abort(self) -> None:
+        """End the association from another thread: A-ABORT to the peer, then shut the connection down.
+
+        A store already running finishes (it is durable); its response may not reach the peer.
+        """
+        self._stopping = True
+        self._send_abort(_SERVICE_USER, 0x00)
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _serve(self, reader: _Reader) -> bool:
+        """Serve PDUs until the peer releases (True) or aborts (False)."""
+        message = _Message(self.assoc._accepted_cx)
+        while True:
+            if self._stopping:
+                raise _ClosedError
+            header = reader.exact(6)
+            pdu_type = header[0]
+            length = int.from_bytes(header[2:6], "big")
+            if pdu_type == 0x04:
+                self._p_data(reader, length, message)
+            elif pdu_type == 0x05:  # A-RELEASE-RQ
+                self._skip(reader, length)
+                self._send(_RELEASE_RP)
+                return True
+            elif pdu_type == 0x07:  # A-ABORT
+                self._skip(reader, length)
+                self.how = "aborted by peer"
+                return False
+            elif pdu_type in (0x01, 0x02, 0x03, 0x06):
+                raise ProtocolError(f"an unexpected PDU (type 0x{pdu_type:02X}) during the data phase", _UNEXPECTED_PDU)
+            else:
+                raise ProtocolError(f"an unrecognized PDU (type 0x{pdu_type:02X})", _UNRECOGNIZED_PDU)
+
+    def _p_data(self, reader: _Reader, length: int, message: _Message) -> None:
+        """Read one P-DATA-TF PDU's presentation data value items, serving each message they complete."""
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise ProtocolError("a P-DATA-TF PDU ends inside a presentation data value item")
+            item = reader.exact(6)
+            item_length = int.from_bytes(item[0:4], "big")
+            if item_length < 2 or item_length + 4 > remaining:
+                raise ProtocolError("a presentation data value item's length does not fit its PDU")
+            remaining -= item_length + 4
+            if message.add_fragment(reader, item[4], item[5], item_length - 2):
+                self._dispatch(message)
+                message.reset()
+
+    def _dispatch(self, message: _Message) -> None:
+        command, context_id = message.command, message.context_id
+        if command is None or context_id is None:
+            raise ProtocolError("a message without its command")  # cannot happen: add_fragment reads it first
+        field = command.field
+        if field == C_STORE_RQ:
+            transfer_syntax = str(self.assoc._accepted_cx[context_id].transfer_syntax[0])
+            with message.data.view() as body:
+                status = self.store(self.assoc, transfer_syntax, body)
+            response_field = C_STORE_RQ | RESPONSE_BIT
+            instance = command.sop_instance_uid
+        elif field == C_CANCEL_RQ or field & RESPONSE_BIT:
+            return  # nothing to cancel (one operation at a time), and ingestd never sends requests
+        else:
+            status = SUCCESS if field == C_ECHO_RQ else UNRECOGNIZED_OPERATION
+            response_field = field | RESPONSE_BIT
+            instance = command.sop_instance_uid if field != C_ECHO_RQ else ""
+        response = encode_response(response_field, command.message_id, command.sop_class_uid, instance, status)
+        self._send(_p_data_tf(context_id, response))
+
+    @staticmethod
+    def _skip(reader: _Reader, length: int) -> None:
+        if length > _MAX_SHORT_PDU:
+            raise ProtocolError("a release or abort PDU is impossibly long")
+        reader.exact(length)
+
+    # -- sending and ending --------------------------------------------------------------------------
+
+    def _send(self, pdu: bytes) -> None:
+        with self._send_lock:
+            if self._stopping or self._sock is None:
+                raise _ClosedError
+            self._sock.sendall(pdu)
+
+    def _send_abort(self, source: int, reason: int) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        with self._send_lock:
+            if self._abort_sent:
+                return
+            self._abort_sent = True
+            with contextlib.suppress(OSError):
+                sock.sendall(_abort_pdu(source, reason))
+
+    def _take_over_from_dul(self) -> None:
+        """Wait until the DUL has sent the A-ASSOCIATE-AC, then stop its thread: the socket is ours alone."""
+        dul = self.assoc.dul
+        deadline = time.monotonic() + self.network_timeout
+        while not (dul.state_machine.current_state == "Sta6" and dul.to_provider_queue.empty()):
+            if not dul.is_alive() or time.monotonic() > deadline:
+                raise _ClosedError
+            time.sleep(0.0001)
+        dul.kill_dul()
+        dul.join()
+
+    def _finish(self, released: bool) -> None:
+        assoc = self.assoc
+        if released:
+            self.how = "released"
+        assoc.dul.state_machine.current_state = "Sta1"
+        assoc.is_established = False
+        if released:
+            assoc.is_released = True
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+        else:
+            assoc.is_aborted = True
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+        assoc.kill()
