@@ -57,7 +57,7 @@ class Listener(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: any free port (tests)
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
-    processes: Annotated[int, Field(ge=1, le=64)] = 2
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
     max_pdu_size: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     tls: Tls | None = None

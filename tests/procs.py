@@ -87,11 +87,13 @@ def echo_ok(port: int, ae_title: str = "INGESTD", timeout: float = 5.0) -> bool:
     return result.returncode == 0
 
 
-def write_daemon_config(path: Path, state_dir: Path, port: int, *, ae_title: str = "INGESTD", extra: str = "") -> Path:
+def write_daemon_config(
+    path: Path, state_dir: Path, port: int, *, ae_title: str = "INGESTD", processes: int = 1, extra: str = ""
+) -> Path:
     """Write a daemon configuration listening on 127.0.0.1:`port` with the spool under `state_dir`."""
     path.write_text(
         f"state_dir: {state_dir}\n"
-        f"listener: {{host: {HOST}, port: {port}, ae_title: {ae_title}}}\n"
+        f"listener: {{host: {HOST}, port: {port}, ae_title: {ae_title}, processes: {processes}}}\n"
         "study_idle_seconds: 3600\n"
         "spool: {min_free_mb: 10}\n"
         "logging: {level: info, format: json}\n"

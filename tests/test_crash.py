@@ -7,9 +7,10 @@ been stored without its acknowledgement getting through. After a restart (start-
 acknowledged instance must be in the journal and the spool with its bytes intact, and no temp file may
 remain. Sending the whole study again must then leave every instance in the journal exactly once.
 
-The daemon runs receiver processes beside its main process (listener.processes); a crash kills its
-whole process group, so that the process serving storescu's association dies whichever it is. One case
-kills the main process only: its receivers must then stop by themselves before the restart recovers.
+Most cases run the daemon as configured by default, one process. Two run it with a receiver process beside
+its main process (listener.processes: 2): a crash kills its whole process group, so that the process
+serving storescu's association dies whichever it is; the other kills the main process only, and its
+receiver must then stop by itself before the restart recovers.
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ class KillPoint:
     journal row perhaps not yet committed). `random`: a random number of acknowledgements (at least
     one), then a random delay within about the time one store takes.
 
-    The daemon's receiver processes are killed with it (a crash of the service), except with `group`
-    false: then only the main process is killed and the receivers must stop by themselves.
+    With `processes` 2 the daemon has a receiver process, killed with it (a crash of the service), except
+    with `group` false: then only the main process is killed and the receiver must stop by itself.
     """
 
     name: str
     mode: Literal["ack", "temp", "renamed", "random"]
     acknowledged: int = 1
     group: bool = True  # kill the daemon's whole process group (its receivers too), or its main process only
+    processes: int = 1  # listener.processes
 
     def __str__(self) -> str:
         return self.name
@@ -81,7 +83,8 @@ KILL_POINTS = [
     KillPoint("temp-file-written", "temp", INSTANCES * 4 // 10),
     KillPoint("spool-file-renamed", "renamed", INSTANCES * 3 // 4),
     KillPoint("random", "random"),
-    KillPoint("main-process-only", "ack", INSTANCES // 4, group=False),
+    KillPoint("two-processes", "ack", INSTANCES // 3, processes=2),
+    KillPoint("main-process-only", "ack", INSTANCES // 4, group=False, processes=2),
 ]
 
 
@@ -226,7 +229,7 @@ def test_kill9_mid_transfer_loses_no_acknowledged_instance(
 
     # 1. Run the daemon, send the study, and kill -9 the daemon in the middle of the transfer.
     port = free_port()
-    write_daemon_config(config, state_dir, port)
+    write_daemon_config(config, state_dir, port, processes=point.processes)
     first = stack.enter_context(DaemonProcess(config, log_path))
     first.wait_ready(port)
     first.wait_logged("daemon.started")  # its receiver processes are up too

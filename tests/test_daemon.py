@@ -54,13 +54,10 @@ def test_daemon_end_to_end(tmp_path: Path) -> None:
         tmp_path / "ingestd.yaml",
         tmp_path / "state",
         port,
+        processes=2,
         extra=(f"drop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\n"),
     )
-    config.write_text(
-        config.read_text()
-        .replace("study_idle_seconds: 3600", "study_idle_seconds: 2")
-        .replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2}")
-    )
+    config.write_text(config.read_text().replace("study_idle_seconds: 3600", "study_idle_seconds: 2"))
     scanned = make_study(series=2, per_series=15)
     dropped = make_study(series=1, per_series=5)
     files = write_instances(scanned, tmp_path / "scan")
@@ -137,8 +134,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 def test_concurrent_associations_spread_over_receiver_processes(tmp_path: Path) -> None:
     """With two processes, a second association opened while the first is busy goes to the other process."""
     port = free_port()
-    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
-    config.write_text(config.read_text().replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2}"))
+    config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port, processes=2)
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(port)
         daemon.wait_logged("receive.receiver_process")

@@ -101,6 +101,22 @@ class TestEncodings:
         command = dataphase.parse_command(_pynetdicom_command(message))
         assert command == dataphase.Command(0x0030, 7, Verification, "", has_data_set=False)
 
+    @given(command=st.binary(min_size=1, max_size=600), max_length=st.sampled_from([0, 7, 8, 50, 4096]))
+    def test_responses_fit_the_peers_maximum_pdu_length(self, command: bytes, max_length: int) -> None:
+        """Split into PDUs whose variable field is at most the peer's Maximum Length Received (0: no limit)."""
+        stream, offset, pieces, controls = dataphase.p_data_tf(5, command, max_length), 0, [], []
+        while offset < len(stream):
+            assert stream[offset] == 0x04
+            length = int.from_bytes(stream[offset + 2 : offset + 6], "big")
+            assert max_length == 0 or length <= max_length
+            item = stream[offset + 6 : offset + 6 + length]
+            assert int.from_bytes(item[:4], "big") == length - 4 and item[4] == 5
+            controls.append(item[5])
+            pieces.append(item[6:])
+            offset += 6 + length
+        assert b"".join(pieces) == command
+        assert controls == [0x01] * (len(controls) - 1) + [0x03]
+
     @pytest.mark.parametrize(
         "raw",
         [

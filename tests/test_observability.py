@@ -77,7 +77,7 @@ def _config(tmp_path: Path, port: int, drop: Path, url: str, metrics_port: int) 
         config.read_text()
         .replace("level: info", "level: debug")
         .replace("metrics: {port: 0}", f"metrics: {{port: {metrics_port}}}")
-        .replace("ae_title: INGESTD}", "ae_title: INGESTD, processes: 2, allowed_calling_aets: [STORESCU, ECHOSCU]}")
+        .replace("processes: 1}", "processes: 2, allowed_calling_aets: [STORESCU, ECHOSCU]}")
     )
     return config
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pynetdicom
+import structlog
 from pynetdicom import evt
 
 __all__ = [
@@ -42,8 +43,11 @@ __all__ = [
     "available",
     "encode_response",
     "hold_transport",
+    "p_data_tf",
     "parse_command",
 ]
+
+log = structlog.get_logger("ingestd.listener")
 
 # pynetdicom releases whose DUL and association internals `hold_transport` and `DataPhase` were checked against.
 DATA_PHASE_VERSIONS = frozenset({"3.0.0", "3.0.1", "3.0.2", "3.0.3", "3.0.4"})
@@ -137,7 +141,8 @@ def parse_command(raw: bytes | bytearray) -> Command:
 
 
 def _uid_value(raw: bytes) -> str:
-    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace")
+    # Latin-1 maps every byte to one character and back, so whatever the peer sent is echoed exactly.
+    return raw.rstrip(b"\x00 ").decode("latin-1")
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -145,7 +150,7 @@ def _element(element: int, value: bytes) -> bytes:
 
 
 def _uid_bytes(value: str) -> bytes:
-    raw = value.encode("ascii")
+    raw = value.encode("latin-1")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
@@ -164,10 +169,16 @@ def encode_response(field: int, message_id: int, sop_class_uid: str, sop_instanc
     return _element(0x0000, len(body).to_bytes(4, "little")) + body
 
 
-def _p_data_tf(context_id: int, command: bytes) -> bytes:
-    """One P-DATA-TF PDU carrying a whole command set as its single, last fragment."""
-    item = (len(command) + 2).to_bytes(4, "big") + bytes((context_id, 0x03)) + command
-    return b"\x04\x00" + len(item).to_bytes(4, "big") + item
+def p_data_tf(context_id: int, command: bytes, max_pdu_length: int = 0) -> bytes:
+    """P-DATA-TF PDUs carrying a command set: one PDU, unless the peer's maximum PDU length calls for more."""
+    fragment = len(command) if not max_pdu_length else max(1, max_pdu_length - 6)
+    pdus = []
+    for start in range(0, len(command), fragment):
+        piece = command[start : start + fragment]
+        control = 0x03 if start + fragment >= len(command) else 0x01
+        item = (len(piece) + 2).to_bytes(4, "big") + bytes((context_id, control)) + piece
+        pdus.append(b"\x04\x00" + len(item).to_bytes(4, "big") + item)
+    return b"".join(pdus)
 
 
 def _abort_pdu(source: int, reason: int) -> bytes:
@@ -316,6 +327,7 @@ class DataPhase:
         self._stopping = False
         self._abort_sent = False
         self._sock: socket.socket | None = None
+        self._peer_max_pdu = int(assoc.requestor.maximum_length or 0)  # 0: no limit
 
     def install(self) -> None:
         """Have the association run this data phase instead of pynetdicom's reactor."""
@@ -344,6 +356,10 @@ class DataPhase:
             self._send_abort(_SERVICE_PROVIDER, exc.reason)
         except OSError:
             self.how = "stopped" if self._stopping else "connection lost"
+        except Exception:
+            self.how = "failed"
+            log.exception("receive.association_failed", calling_aet=assoc.requestor.ae_title)
+            self._send_abort(_SERVICE_PROVIDER, 0x00)
         finally:
             self._finish(released)
 
@@ -418,7 +434,7 @@ class DataPhase:
             response_field = field | RESPONSE_BIT
             instance = command.sop_instance_uid if field != C_ECHO_RQ else ""
         response = encode_response(response_field, command.message_id, command.sop_class_uid, instance, status)
-        self._send(_p_data_tf(context_id, response))
+        self._send(p_data_tf(context_id, response, self._peer_max_pdu))
 
     @staticmethod
     def _skip(reader: _Reader, length: int) -> None:

@@ -1,7 +1,9 @@
 """Receiver processes that share the listener's port, so associations use more than one core.
 
-One Python process is bound by its interpreter lock: concurrent associations in one process queue behind
-each other. The daemon therefore starts `listener.processes - 1` extra receiver processes. Each gets a
+One Python process is bound by its interpreter lock: concurrent associations in one process share one core
+for their Python work. With `listener.processes` above 1 (the default is 1: since ingestd serves the data
+phase itself, storing costs little Python and one process kept up best on 2 cores) the daemon starts
+`listener.processes - 1` extra receiver processes. Each gets a
 duplicate of the main process's listening socket and accepts from it (whichever process is free first takes
 a new association), opens its own connection to the journal (SQLite serialises the writers) and writes into
 the same spool. They only receive: the watcher and the assembler run in the main process.
