@@ -1,8 +1,10 @@
-"""The DICOM listener: C-ECHO and C-STORE over pynetdicom, acknowledging only what is durable.
+"""The DICOM listener: C-ECHO and C-STORE, acknowledging only what is durable.
 
-The C-STORE handler reads the few header values the journal needs from the encoded data set (never
-decoding the rest, never touching pixel data), hands the bytes to the spool, and returns Success only
-once the spool has the file fsync'd and the journal row committed.
+pynetdicom accepts or rejects each association; ingestd then serves its data phase itself
+(`ingestd.receive.dataphase`), calling `DicomListener._store_guarded` for every C-STORE. The store reads the
+few header values the journal needs from the encoded data set (never decoding the rest, never touching pixel
+data), hands the bytes to the spool, and returns Success only once the spool has the file fsync'd and the
+journal row committed.
 """
 
 from __future__ import annotations
