@@ -229,6 +229,7 @@ class DicomListener:
             host=self.config.host,
             port=self.port,
             tls=self.config.tls is not None,
+            data_phase="ingestd" if dataphase.available() else "pynetdicom",
         )
 
     def alive(self) -> bool:
