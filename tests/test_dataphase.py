@@ -7,15 +7,17 @@ listener exactly as a scanner could send them.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import sqlite3
 import threading
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
@@ -372,6 +374,50 @@ class TestRawPeer:
             stopper.join(timeout=20)
             running.journal.close()
         assert not stopper.is_alive()
+
+
+@pytest.fixture(scope="module")
+def shared_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
+    running = start_receiver(make_config(tmp_path_factory.mktemp("fragments")))
+    try:
+        yield running
+    finally:
+        running.listener.stop(grace_seconds=2)
+        running.journal.close()
+
+
+def _fragment(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a] or [b""]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    command_cuts=st.lists(st.integers(0, 10**6), max_size=4),
+    data_cuts=st.lists(st.integers(0, 10**6), max_size=12),
+    per_pdu=st.integers(1, 6),
+    rows=st.integers(2, 64),
+)
+def test_any_fragmenting_stores_the_instance_byte_identical(
+    shared_receiver: Receiver, command_cuts: list[int], data_cuts: list[int], per_pdu: int, rows: int
+) -> None:
+    """However a peer cuts a C-STORE into fragments and PDUs, the instance is acknowledged and stored as sent."""
+    ds = make_instance(rows=rows, fill=rows)
+    data = encode_raw(ds)
+    command = _store_command(1, ds.SOPClassUID, ds.SOPInstanceUID)
+    command_parts, data_parts = _fragment(command, command_cuts), _fragment(data, data_cuts)
+    items = [_pdv(1, 0x03 if i == len(command_parts) - 1 else 0x01, p) for i, p in enumerate(command_parts)]
+    items += [_pdv(1, 0x02 if i == len(data_parts) - 1 else 0x00, p) for i, p in enumerate(data_parts)]
+    peer = RawPeer(shared_receiver.port)
+    try:
+        for start in range(0, len(items), per_pdu):
+            peer.send(_p_data(*items[start : start + per_pdu]))
+        assert peer.status_of_response() == (0x8001, 0x0000)
+        peer.release()
+    finally:
+        peer.sock.close()
+    (path,) = shared_receiver.config.spool_dir.rglob(f"*/{ds.SOPInstanceUID}.dcm")
+    assert path.read_bytes().endswith(data)
 
 
 class TestPynetdicomServes:
