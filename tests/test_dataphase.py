@@ -357,6 +357,14 @@ class TestRawPeer:
         assert _spooled(receiver) == []
         assert not list((receiver.config.spool_dir / ".tmp").iterdir())
 
+    def test_peer_gone_before_the_accept_is_sent_ends_the_association_at_once(self, receiver: Receiver) -> None:
+        """A peer that asks and hangs up without waiting: no thread waits out the 60 s network timeout."""
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", receiver.port), timeout=10)
+            sock.sendall(_associate_rq("RAWSCU", "INGESTD", {1: MRImageStorage}))
+            sock.close()
+        wait_until(lambda: receiver.listener.association_count() == 0, timeout=10)
+
     def test_stopping_aborts_an_association_mid_instance(self, tmp_path: Path) -> None:
         running = start_receiver(make_config(tmp_path))
         ds = make_instance()

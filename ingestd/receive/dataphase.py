@@ -452,21 +452,29 @@ class DataPhase:
 
     def _send_abort(self, source: int, reason: int) -> None:
         sock = self._sock
-        if sock is None:
+        # Another thread may be stuck sending to a peer that reads nothing: then the abort is not sent, and
+        # shutting the socket down (`abort`) ends that send.
+        if sock is None or not self._send_lock.acquire(timeout=1.0):
             return
-        with self._send_lock:
+        try:
             if self._abort_sent:
                 return
             self._abort_sent = True
             with contextlib.suppress(OSError):
                 sock.sendall(_abort_pdu(source, reason))
+        finally:
+            self._send_lock.release()
 
     def _take_over_from_dul(self) -> None:
         """Wait until the DUL has sent the A-ASSOCIATE-AC, then stop its thread: the socket is ours alone."""
         dul = self.assoc.dul
         deadline = time.monotonic() + self.network_timeout
-        while not (dul.state_machine.current_state == "Sta6" and dul.to_provider_queue.empty()):
-            if not dul.is_alive() or time.monotonic() > deadline:
+        while True:
+            state = dul.state_machine.current_state
+            if state == "Sta6" and dul.to_provider_queue.empty():
+                break
+            # Sta3: the A-ASSOCIATE-AC is still queued; anything else: the connection went meanwhile.
+            if state not in ("Sta3", "Sta6") or not dul.is_alive() or time.monotonic() > deadline:
                 raise _ClosedError
             time.sleep(0.0001)
         dul.kill_dul()
