@@ -34,6 +34,7 @@ from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.route import Router
 from ingestd.rules import RuleSet, load_rules
 from ingestd.spool import Quarantine, Spool
+from ingestd.wakeup import Wakeup
 from ingestd.worker import PeriodicWorker
 
 __all__ = ["Daemon", "StateDirLockedError", "load_rules_for", "lock_state_dir"]
@@ -96,7 +97,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path  # what SIGHUP reloads; None: reloading is not possible
         self.stopping = threading.Event()
-        self._wake = threading.Event()
+        self._wake = Wakeup()  # signal handlers wake the main loop through it (never an Event: ingestd/wakeup.py)
         self._reload_requested = False
         self._router: Router | None = None
         self._deliverer: Deliverer | None = None
@@ -324,17 +325,17 @@ class Daemon:
         loop, which cannot report itself.
         """
 
+        # The handlers take no lock (the stdlib logging handler's is reentrant): the main loop does the rest.
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("daemon.signal", signal=signal.Signals(signum).name)
             if self._stop_requested_at is None:
                 self._stop_requested_at = time.monotonic()  # the stop deadline counts from here
-            self.stopping.set()
-            self._wake.set()
+            self._wake.notify()
 
         def request_reload(signum: int, _frame: FrameType | None) -> None:
             log.info("daemon.signal", signal=signal.Signals(signum).name)
             self._reload_requested = True
-            self._wake.set()
+            self._wake.notify()
 
         notifier = SystemdNotifier()
         handlers = {signal.SIGTERM: request_stop, signal.SIGINT: request_stop, signal.SIGHUP: request_reload}
@@ -346,10 +347,9 @@ class Daemon:
                 self.journal.set_meta("heartbeat", f"{time.time():.3f}")
             notifier.ready(self._status_line())
             interval = min(5.0, notifier.watchdog_seconds / 2) if notifier.watchdog_seconds else 5.0
-            while not self.stopping.is_set():
+            while self._stop_requested_at is None:
                 self._wake.wait(interval)
-                self._wake.clear()
-                if self.stopping.is_set():
+                if self._stop_requested_at is not None:
                     break
                 if self._reload_requested:
                     self._reload_requested = False
@@ -369,6 +369,8 @@ class Daemon:
                 if notifier.enabled:
                     notifier.send("WATCHDOG=1", f"STATUS={self._status_line()}")
         finally:
+            if self._stop_requested_at is not None:
+                self.stopping.set()
             notifier.stopping()
             self.stop()
             for sig, handler in previous.items():

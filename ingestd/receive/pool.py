@@ -38,6 +38,7 @@ from ingestd.logs import configure_logging
 from ingestd.metrics import AssociationCounters, AssociationSlot
 from ingestd.receive.listener import DicomListener
 from ingestd.spool import Spool
+from ingestd.wakeup import Wakeup
 
 __all__ = ["ReceiverPool", "wait_for_receivers"]
 
@@ -87,10 +88,10 @@ def _receiver_main(
     associations: AssociationSlot | None = None,
 ) -> None:
     """Run one receiver process until SIGTERM or SIGINT (the target of a spawned process)."""
-    stopping = threading.Event()
+    stopping = Wakeup()  # not a threading.Event: its set() in a signal handler can deadlock (ingestd/wakeup.py)
 
     def request_stop(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
+        stopping.notify()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

@@ -86,6 +86,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydicom import dcmread
 
+from ingestd.wakeup import Wakeup
+
 __all__ = ["ExperimentRecord", "FakeXnat", "ScanRecord", "main"]
 
 LOG = logging.getLogger("ingestd.testing.fake_xnat")
@@ -3033,13 +3035,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         xnat.add_user(username, password)
     for project_id in args.project:
         xnat.add_project(project_id, owners=[u for u, _ in args.member], prearchive_code=args.prearchive_code)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = Wakeup()  # not a threading.Event: its set() in a signal handler can deadlock (ingestd/wakeup.py)
+    signal.signal(signal.SIGTERM, lambda *_: stop.notify())
     with xnat:
         LOG.info("fake XNAT %s listening on %s (Ctrl-C stops)", args.version, xnat.url)
         try:
-            while not stop.wait(0.5):
-                pass
+            stop.wait()
         except KeyboardInterrupt:
             LOG.info("stopping")
     return 0
