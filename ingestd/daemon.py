@@ -97,7 +97,6 @@ class Daemon:
         self.config = config
         self.config_path = config_path  # what SIGHUP reloads; None: reloading is not possible
         self.stopping = threading.Event()
-        self._wake = Wakeup()  # signal handlers wake the main loop through it (never an Event: ingestd/wakeup.py)
         self._reload_requested = False
         self._router: Router | None = None
         self._deliverer: Deliverer | None = None
@@ -325,17 +324,20 @@ class Daemon:
         loop, which cannot report itself.
         """
 
-        # The handlers take no lock (the stdlib logging handler's is reentrant): the main loop does the rest.
+        # The handlers take no lock (the stdlib logging handler's is reentrant; `wake` is a pipe, never an Event:
+        # see ingestd/wakeup.py): the main loop does the rest.
+        wake = Wakeup()
+
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("daemon.signal", signal=signal.Signals(signum).name)
             if self._stop_requested_at is None:
                 self._stop_requested_at = time.monotonic()  # the stop deadline counts from here
-            self._wake.notify()
+            wake.notify()
 
         def request_reload(signum: int, _frame: FrameType | None) -> None:
             log.info("daemon.signal", signal=signal.Signals(signum).name)
             self._reload_requested = True
-            self._wake.notify()
+            wake.notify()
 
         notifier = SystemdNotifier()
         handlers = {signal.SIGTERM: request_stop, signal.SIGINT: request_stop, signal.SIGHUP: request_reload}
@@ -348,7 +350,7 @@ class Daemon:
             notifier.ready(self._status_line())
             interval = min(5.0, notifier.watchdog_seconds / 2) if notifier.watchdog_seconds else 5.0
             while self._stop_requested_at is None:
-                self._wake.wait(interval)
+                wake.wait(interval)
                 if self._stop_requested_at is not None:
                     break
                 if self._reload_requested:
@@ -375,6 +377,7 @@ class Daemon:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            wake.close()
         return status
 
     def reload(self) -> bool:
