@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ __all__ = [
     "describe",
     "echo_ok",
     "free_port",
+    "journal_rows",
     "process_group",
     "tail",
     "wait_until",
@@ -59,6 +61,15 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {message}")
         time.sleep(interval)
+
+
+def journal_rows(journal: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a query on a journal, read through a read-only connection of its own."""
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-import sqlite3
 import threading
 from collections.abc import Iterator
 from io import BytesIO
@@ -27,7 +26,7 @@ from pynetdicom.sop_class import MRImageStorage, Verification
 from ingestd.receive import dataphase
 from tests.conftest import Receiver, make_config, start_receiver
 from tests.dicom import encode_raw, make_instance, make_study
-from tests.procs import wait_until
+from tests.procs import journal_rows, wait_until
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -250,11 +249,7 @@ class RawPeer:
 
 
 def _spooled(receiver: Receiver) -> list[str]:
-    db = sqlite3.connect(f"file:{receiver.config.journal_path}?mode=ro", uri=True)
-    try:
-        return [row[0] for row in db.execute("SELECT sop_uid FROM instances")]
-    finally:
-        db.close()
+    return [row[0] for row in journal_rows(receiver.config.journal_path, "SELECT sop_uid FROM instances")]
 
 
 class TestRawPeer:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import pty
-import sqlite3
 import subprocess
 import sys
 import zipfile
@@ -24,7 +23,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from ingestd.bulk import find_sources
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
-from tests.procs import DaemonProcess, wait_until
+from tests.procs import DaemonProcess, journal_rows, wait_until
 
 RULES = """
 profiles:
@@ -113,14 +112,6 @@ def logged(stderr: str, event: str) -> list[dict[str, Any]]:
     return records
 
 
-def journal_rows(state: Path, sql: str) -> list[tuple[Any, ...]]:
-    db = sqlite3.connect(f"file:{state / 'journal.sqlite'}?mode=ro", uri=True)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
-
-
 def tree_snapshot(tree: Path) -> dict[str, bytes]:
     return {path.relative_to(tree).as_posix(): path.read_bytes() for path in sorted(tree.rglob("*")) if path.is_file()}
 
@@ -174,7 +165,7 @@ def test_import_twice_delivers_each_study_once(tmp_path: Path, xnat: FakeXnat) -
     assert len(rows) == 3 and all(row[1:3] == ["already", "delivered"] for row in rows), second.stdout
     assert imports(xnat) == 3 and len(xnat.experiments("PROJ")) == 3
     state = tmp_path / "state"
-    assert journal_rows(state, "SELECT count(*), min(state), max(state) FROM batches") == [
+    assert journal_rows(state / "journal.sqlite", "SELECT count(*), min(state), max(state) FROM batches") == [
         (3, "delivered", "delivered")
     ]
     assert tree_snapshot(tree) == before
@@ -303,7 +294,10 @@ def test_import_finishes_the_work_itself_when_the_daemon_stops(tmp_path: Path, x
         ) as importing:
             state = tmp_path / "state"
             wait_until(
-                lambda: journal_rows(state, "SELECT count(*) FROM batches WHERE state = 'complete'") == [(3,)],
+                lambda: (
+                    journal_rows(state / "journal.sqlite", "SELECT count(*) FROM batches WHERE state = 'complete'")
+                    == [(3,)]
+                ),
                 30,
                 message="the import to spool and complete its three studies",
             )

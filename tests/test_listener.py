@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from ingestd.header import read_file_header
 from ingestd.receive import dataphase
 from tests.conftest import Receiver, make_config, start_receiver
 from tests.dicom import make_instance, make_study, write_instances
-from tests.procs import DCMTK_ENV, wait_until
+from tests.procs import DCMTK_ENV, journal_rows, wait_until
 
 
 def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,11 +27,7 @@ def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _rows(receiver: Receiver, sql: str) -> list[tuple[object, ...]]:
-    db = sqlite3.connect(f"file:{receiver.config.journal_path}?mode=ro", uri=True)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
+    return journal_rows(receiver.config.journal_path, sql)
 
 
 def _associate(port: int, calling: str = "SCANNER", contexts: list[str] | None = None) -> object:

@@ -72,7 +72,7 @@ _INVALID_PARAMETER = 0x06
 _MAX_COMMAND = 64 * 1024  # a command set is a few hundred bytes; more is not a DICOM peer
 _MAX_SHORT_PDU = 64 * 1024  # A-RELEASE and A-ABORT PDUs carry 4 bytes
 _READ_CHUNK = 256 * 1024  # the reader's buffer for PDU and item headers and small fragments
-_BUFFER_START = 1024 * 1024  # a data set buffer's first size; it doubles as needed
+_BUFFER_START = 1024 * 1024  # a data set buffer's first size; it doubles as needed, by at most _GROWTH_STEP
 _BUFFER_KEEP = 64 * 1024 * 1024  # a data set buffer grown beyond this is dropped after its instance
 _GROWTH_STEP = 16 * 1024 * 1024  # the most a buffer grows ahead of the bytes actually received
 
