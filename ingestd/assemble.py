@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from ingestd.journal import Journal, StudyState
+from ingestd.config import BatchFailures
+from ingestd.journal import BatchRow, Journal
 from ingestd.logs import uid_digest
-from ingestd.worker import PeriodicWorker
+from ingestd.states import StudyState
+from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
 
 __all__ = ["Assembler", "CompletionPolicy", "is_complete"]
 
@@ -37,28 +39,54 @@ class Assembler(PeriodicWorker):
 
     name = "assembler"
 
-    def __init__(self, journal: Journal, policy: CompletionPolicy, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        policy: CompletionPolicy,
+        interval: float = 1.0,
+        failures: BatchFailures | None = None,
+    ) -> None:
         super().__init__(interval)
         self.journal = journal
         self.policy = policy
+        self.failures = failures or BatchFailures()
 
     def check(self, now: float | None = None) -> int:
-        """Complete every batch that is due; return how many were completed."""
+        """Complete every batch that is due; return how many were completed. A batch that fails is on its own:
+        counted, tried again with back-off, held after `failures.max_attempts`; the others go on."""
         now = time.time() if now is None else now
         completed = 0
         for batch in self.journal.batches((StudyState.RECEIVING,)):
-            if is_complete(batch.first_received, batch.last_received, now, self.policy) and (
-                self.journal.complete_batch(batch.id, batch.last_received, now)
-            ):
-                completed += 1
-                forced = now - batch.last_received < self.policy.idle_seconds
-                log.info(
-                    "assemble.study_complete",
-                    batch_id=batch.id,
-                    study=uid_digest(batch.study_uid),
-                    batch_number=batch.batch,
-                    series=batch.series,
-                    instances=batch.instances,
-                    forced=forced,
-                )
+            if batch.retry_at > now or not is_complete(batch.first_received, batch.last_received, now, self.policy):
+                continue
+            try:
+                completed += self._complete(batch, now)
+            except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
+                self._failed(batch, exc)
         return completed
+
+    def _complete(self, batch: BatchRow, now: float) -> int:
+        if not self.journal.complete_batch(batch.id, batch.last_received, now):
+            return 0  # an instance arrived meanwhile
+        log.info(
+            "assemble.study_complete",
+            batch_id=batch.id,
+            study=uid_digest(batch.study_uid),
+            batch_number=batch.batch,
+            series=batch.series,
+            instances=batch.instances,
+            forced=now - batch.last_received < self.policy.idle_seconds,
+        )
+        return 1
+
+    def _failed(self, batch: BatchRow, exc: Exception) -> None:
+        failures = batch.failures + 1
+        held = failures >= self.failures.max_attempts
+        wait = 0.0 if held else failure_backoff(failures, self.failures)
+        record_stage_failure("assemble", exc, batch_id=batch.id, failures=failures, retry_seconds=wait)
+        self.journal.record_failure(batch.id, StudyState.RECEIVING, time.time() + wait)
+        reason = f"assemble: failed {failures} times, last: {failure_text(exc)}"
+        if held and self.journal.hold_batch(
+            batch.id, "assemble-failed", reason, time.time(), from_state=StudyState.RECEIVING
+        ):
+            log.warning("assemble.held", batch_id=batch.id, study=uid_digest(batch.study_uid), reason=reason)

@@ -13,7 +13,7 @@ from typing import Any
 from ingestd import __version__
 from ingestd.config import Config, load_config
 from ingestd.errors import ConfigError, IngestdError
-from ingestd.journal import Journal, held_reason_code
+from ingestd.journal import Journal
 
 __all__ = ["main"]
 
@@ -401,6 +401,7 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
                 "age_seconds": round(now - batch.first_received, 1),
                 "quiet_seconds": round(now - batch.last_received, 1),
                 "reason": batch.reason,
+                "hold_code": batch.hold_code,
                 "route": _route_data(routes.get(batch.id)),
                 "delivery": _delivery_data(deliveries.get(batch.id), now),
             }
@@ -416,7 +417,7 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
     held: dict[str, int] = {}
     for study in studies:
         if study["state"] == "held":
-            code = held_reason_code(study["reason"])
+            code = study["hold_code"] or "unknown"
             held[code] = held.get(code, 0) + 1
     stat = os.statvfs(config.state_dir)
     health: dict[str, Any] = {

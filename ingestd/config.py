@@ -15,7 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ingestd.errors import ConfigError
 
-__all__ = ["Config", "DropFolder", "Listener", "Spool", "Tls", "load_config", "parse_config", "validate_yaml"]
+__all__ = [
+    "BatchFailures",
+    "Config",
+    "DropFolder",
+    "Listener",
+    "Spool",
+    "Tls",
+    "load_config",
+    "parse_config",
+    "validate_yaml",
+]
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
@@ -171,6 +181,19 @@ class Delivery(_Model):
 
     compression: Literal["stored", "deflated"] = "stored"
     keep_after_delivery: bool = False  # keep spool, outbox and zip after a verified delivery
+    # XNAT may answer an import and still not hold every instance (a site anonymization script that rejects a
+    # file, a series import filter): what is missing is sent again this many times, then the study is held.
+    max_resends: Annotated[int, Field(ge=0, le=100)] = 3
+
+
+class BatchFailures(_Model):
+    """What happens when one batch fails in a stage for a reason no code expected (a corrupt spool file, a
+    missing outbox file, a bug): it is tried again with back-off, other batches go on, and after `max_attempts`
+    it is held with the reason."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    initial_seconds: Annotated[float, Field(gt=0)] = 10.0
+    max_seconds: Annotated[float, Field(gt=0)] = 600.0
 
 
 class Logging(_Model):
@@ -206,6 +229,7 @@ class Config(_Model):
     metrics: Metrics = Metrics()
     xnat: Xnat = Xnat()
     delivery: Delivery = Delivery()
+    batch_failures: BatchFailures = BatchFailures()
     rules: tuple[Path, ...] = ()  # rules files (relative: to the configuration file's folder); none: nothing is routed
 
     @model_validator(mode="after")

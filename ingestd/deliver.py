@@ -1,19 +1,32 @@
-"""Delivery: package each routed batch, import it into XNAT's prearchive, wait for XNAT, archive, verify.
+"""Delivery: package each routed batch, import it into XNAT's prearchive, wait, archive, and verify by identity.
 
-One row per batch in the journal's `deliveries` table says which step comes next, when, and what XNAT
-answered so far; every step commits before and after it talks to XNAT, so a restart resumes exactly where
-the last run stopped. The steps:
+One row per batch in the journal's `deliveries` table says which step comes next, when, and what XNAT answered
+so far; the steps and their allowed transitions are declared in `ingestd.states`. Every step commits before and
+after it talks to XNAT, so a restart resumes exactly where the last run stopped:
 
-    package -> preflight -> import -> wait -> archive -> verify -> done
-                              |(crash)   |                 |(crash)
-                           importing   (READY)          archiving
+    package -> preflight -> import -> importing -> wait -> verify -> done
+                                        |(crash)              |  ^
+                                        +--------> verify <---+  +-- archive -> archiving
+                                                     |
+                                                     +--> package (only what XNAT lacks) -> import
 
-`importing` and `archiving` are written *before* the request: finding one at start means the request may or
-may not have reached XNAT. Then the batch is looked for first (prearchive by project, StudyInstanceUID and
-session label; archive by project, subject and label) and adopted if XNAT has it, so a retry never creates a
-second session. A retryable failure (XNAT down, 5xx, timeouts, a refused login) schedules the same step again
-with exponential back-off and jitter, up to the server's attempt and age caps; a permanent one (XNAT's own
-refusal, a conflict, a missing project) holds the batch with XNAT's message.
+`verify` is the only place a batch is judged: it asks XNAT what it holds, file by file, and compares that with
+the batch's outgoing instances by SOP Instance UID (the archive's DICOM catalogs carry each file's SOP Instance
+UID; the prearchive exposes file names, which ingestd makes `<SOP Instance UID>.dcm` and XNAT keeps; see
+docs/delivery.md). Counts are never evidence: another batch of the same study can satisfy a count. From that one
+look it decides: every instance where the rule says (the archive when the rule archives; the archive or a READY
+prearchive session otherwise) -> done; a session of ours still receiving or building -> wait; instances XNAT
+holds nowhere -> package and import just those again, into the same session (`overwrite=append`); all held but
+some only in the prearchive while the rule archives -> archive that session. An interrupted import or archive
+(`importing`, `archiving` found at start, or a failed request) always goes to `verify`: nothing is adopted on
+less evidence, and nothing is sent again before looking. The spool is deleted only once the batch is done.
+
+Failures: a retryable XNAT error (XNAT down, 5xx, timeouts, a refused login) runs the same step again with
+exponential back-off and jitter, up to the server's attempt and age caps; XNAT's own refusal (a conflict, a
+missing project) holds the batch with XNAT's message; an error no code expected (a missing outbox file, a bug)
+is contained to its batch, retried with back-off and held after `batch_failures.max_attempts`; XNAT answering an
+import without keeping every file (a site anonymization script or import filter dropping some) is sent again
+`delivery.max_resends` times, then held.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +42,12 @@ from typing import Any
 import structlog
 
 from ingestd.config import Config, XnatServer
-from ingestd.journal import Journal, StudyState
+from ingestd.journal import Journal, Outgoing
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.package import write_package
-from ingestd.worker import PeriodicWorker
-from ingestd.xnat import XnatClient, XnatError, scan_counts
+from ingestd.states import Step, StudyState
+from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
+from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError
 
 __all__ = ["Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]
 
@@ -53,13 +67,22 @@ def wedge_limit(config: Config) -> float:
 
 
 class HoldError(Exception):
-    """The batch cannot go on without a person: held with this reason."""
+    """The batch cannot go on without a person: held with this code and reason."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 def backoff_seconds(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """The wait before attempt `attempt + 1`: doubling from `initial`, capped at `maximum`, jittered ±50 %."""
     base = min(maximum, initial * 2 ** max(0, attempt - 1))
     return float(base * rng.uniform(0.5, 1.5))
+
+
+_READY = "READY"
+_BROKEN = frozenset({"CONFLICT", "ERROR"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +111,27 @@ class _Job:
     def study_uid(self) -> str:
         return str(self.route["study_uid"])
 
+    @property
+    def archives(self) -> bool:
+        return bool(self.route["archive"])
+
+
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """One look at XNAT for a batch: its prearchive sessions (same project, Study Instance UID and label) with
+    the files of the READY ones, and what its archived experiment holds."""
+
+    rows: tuple[PrearchiveRow, ...]
+    ready: Mapping[str, Holdings]  # READY row url -> its files
+    archived: Holdings
+
+    def place(self, sop_uid: str) -> str | None:
+        if self.archived.holds(sop_uid):
+            return "archive"
+        if any(holdings.holds(sop_uid) for holdings in self.ready.values()):
+            return "prearchive"
+        return None
+
 
 class Deliverer(PeriodicWorker):
     """A thread that moves routed batches through the delivery steps, one batch at a time."""
@@ -105,6 +149,16 @@ class Deliverer(PeriodicWorker):
         self._pending: Config | None = None
         self._current: tuple[int, str] | None = None  # the batch and step being taken now
         self.wedged_after = wedge_limit(config)
+        self._steps: Mapping[Step, Callable[[_Job], None]] = {
+            Step.PACKAGE: self._step_package,
+            Step.PREFLIGHT: self._step_preflight,
+            Step.IMPORT: self._step_import,
+            Step.IMPORTING: self._step_importing,
+            Step.WAIT: self._step_wait,
+            Step.VERIFY: self._step_verify,
+            Step.ARCHIVE: self._step_archive,
+            Step.ARCHIVING: self._step_archiving,
+        }
 
     def start(self) -> None:
         self.packages.mkdir(parents=True, exist_ok=True)
@@ -144,7 +198,11 @@ class Deliverer(PeriodicWorker):
             self._clients.pop(name).close()  # its settings changed: log in again with the new ones
 
     def check(self) -> int:
-        """Advance every due batch through the steps that are due now; return how many steps were taken."""
+        """Advance every due batch through the steps that are due now; return how many steps were taken.
+
+        Each batch is on its own: whatever one step raises is contained to its batch (counted, retried with
+        back-off, held after `batch_failures.max_attempts`), and the other batches go on.
+        """
         self._apply_pending()
         advanced = 0
         routes = self.journal.routes()
@@ -159,7 +217,10 @@ class Deliverer(PeriodicWorker):
             for _ in range(_STEPS_PER_CHECK):
                 if delivery is None or delivery["next_attempt_at"] > time.time() or self.stopping:
                     break
-                self.step(batch.id, routes[batch.id], delivery)
+                try:
+                    self.step(batch.id, routes[batch.id], delivery)
+                except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
+                    self._fault(batch.id, delivery, exc)
                 advanced += 1
                 if self.journal.batch_state(batch.id) != StudyState.ROUTED:
                     break
@@ -171,19 +232,18 @@ class Deliverer(PeriodicWorker):
     def step(self, batch_id: int, route: Mapping[str, Any], delivery: Mapping[str, Any]) -> None:
         name = str(route["server"])
         server = self.config.xnat.servers.get(name)
-        step = str(delivery["step"])
+        step = Step(delivery["step"])
         self._current = (batch_id, step)
         self.beat()
         try:
             if server is None:
-                raise HoldError(f"no XNAT server named '{name}' in the configuration (xnat.servers)")
-            handler = getattr(self, f"_step_{step}")
-            handler(_Job(batch_id, route, delivery, server, self._client(name, server)))
+                raise HoldError("no-server", f"no XNAT server named '{name}' in the configuration (xnat.servers)")
+            self._steps[step](_Job(batch_id, route, delivery, server, self._client(name, server)))
         except HoldError as exc:
-            self._hold(batch_id, str(exc), step)
+            self._hold(batch_id, exc.code, exc.reason, step)
         except XnatError as exc:
             if not exc.retryable:
-                self._hold(batch_id, str(exc), step)
+                self._hold(batch_id, "xnat-refused", str(exc), step)
             else:
                 self._retry(batch_id, delivery, server, str(exc))
         finally:
@@ -195,7 +255,7 @@ class Deliverer(PeriodicWorker):
             client = self._clients[name] = XnatClient(name, server, progress=self.beat)
         return client
 
-    def _advance(self, batch_id: int, step: str, **fields: Any) -> None:
+    def _advance(self, batch_id: int, step: Step, **fields: Any) -> None:
         now = time.time()
         self.journal.update_delivery(
             batch_id, step=step, next_attempt_at=now, step_started_at=now, attempts=0, last_error=None, **fields
@@ -208,36 +268,56 @@ class Deliverer(PeriodicWorker):
         assert server is not None  # noqa: S101 - a missing server holds before any request
         attempts = int(delivery["attempts"]) + 1
         age_hours = (time.time() - float(delivery["started_at"])) / 3600
+        step = self.journal.delivery(batch_id) or delivery  # the step may have moved on (import -> importing)
         if attempts >= server.retry.max_attempts or age_hours >= server.retry.max_age_hours:
-            self._hold(batch_id, f"gave up after {attempts} attempts over {age_hours:.1f} h: {error}", delivery["step"])
+            reason = f"gave up after {attempts} attempts over {age_hours:.1f} h: {error}"
+            self._hold(batch_id, "xnat-unreachable", reason, step["step"])
             return
         wait = backoff_seconds(attempts, server.retry.initial_seconds, server.retry.max_seconds, self._rng)
         self.journal.update_delivery(batch_id, attempts=attempts, last_error=error, next_attempt_at=time.time() + wait)
-        RETRIES.labels(step=str(delivery["step"])).inc()
+        RETRIES.labels(step=str(step["step"])).inc()
         log.warning(
             "deliver.retry_scheduled",
             batch_id=batch_id,
-            step=delivery["step"],
+            step=step["step"],
             attempt=attempts,
             wait_seconds=round(wait, 1),
             error=error,
         )
 
-    def _hold(self, batch_id: int, reason: str, step: str) -> None:
+    def _fault(self, batch_id: int, delivery: Mapping[str, Any], exc: Exception) -> None:
+        """An error no step expected: count it against this batch, try again later, hold after the bound."""
+        policy = self.config.batch_failures
+        current = self.journal.delivery(batch_id) or delivery
+        faults = int(current["faults"]) + 1
+        held = faults >= policy.max_attempts
+        wait = 0.0 if held else failure_backoff(faults, policy)
+        stage = "package" if current["step"] == Step.PACKAGE else "deliver"
+        record_stage_failure(stage, exc, batch_id=batch_id, failures=faults, retry_seconds=wait)
+        error = failure_text(exc)
+        self.journal.update_delivery(batch_id, faults=faults, last_error=error, next_attempt_at=time.time() + wait)
+        if held:
+            reason = f"{current['step']} failed {faults} times, last: {error}"
+            self._hold(batch_id, f"{stage}-failed", reason, current["step"])
+
+    def _hold(self, batch_id: int, code: str, reason: str, step: str) -> None:
         self.journal.update_delivery(batch_id, last_error=reason)
-        if self.journal.hold_batch(batch_id, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
+        if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
             DELIVERIES.labels(outcome="held").inc()
-            log.warning("deliver.held", batch_id=batch_id, step=step, reason=reason)
+            log.warning("deliver.held", batch_id=batch_id, step=step, code=code, reason=reason)
 
     # -- the steps -------------------------------------------------------------------------------------------
 
     def _step_package(self, job: _Job) -> None:
+        """Zip what XNAT does not hold yet: every outgoing instance the first time, what `verify` found missing
+        after that."""
         outgoing = self.journal.outgoing(job.batch_id)
         if not outgoing:
-            raise HoldError("the batch has no outgoing instances")
+            raise HoldError("nothing-to-send", "the batch has no outgoing instances")
+        sending = [item for item in outgoing if item.verified is None] or outgoing
         started = time.monotonic()
         package = write_package(
-            outgoing,
+            sending,
             self.state_dir,
             self.packages / f"{job.batch_id}.zip",
             self.config.delivery.compression,
@@ -250,9 +330,10 @@ class Deliverer(PeriodicWorker):
             bytes=package.size,
             seconds=stage_seconds("package", started),
         )
+        first = job.delivery["zip_path"] is None  # a resend passed the pre-flight before
         self._advance(
             job.batch_id,
-            "preflight",
+            Step.PREFLIGHT if first else Step.IMPORT,
             zip_path=str(package.path.relative_to(self.state_dir)),
             zip_size=package.size,
             zip_sha256=package.sha256,
@@ -264,60 +345,57 @@ class Deliverer(PeriodicWorker):
         # With overwrite=append XNAT merges whatever is archived into an existing experiment of that label, even
         # another study; a label already taken by another study must stop here, before anything is sent.
         experiment = job.client.experiment(project, subject, session)
-        existing = str((experiment or {}).get("data_fields", {}).get("UID", ""))
+        if experiment is not None:
+            self._check_same_study(experiment, job)
+        self._advance(job.batch_id, Step.IMPORT)
+
+    def _check_same_study(self, experiment: Mapping[str, Any], job: _Job) -> None:
+        existing = str(experiment.get("data_fields", {}).get("UID", ""))
         if existing and existing != job.study_uid:
             raise HoldError(
-                f"XNAT already has {project}/{subject}/{session} for another study: "
-                "change the rule's session label template so that each study gets its own"
+                "label-taken",
+                f"XNAT already has {job.project}/{job.subject}/{job.session} for another study: "
+                "change the rule's session label template so that each study gets its own",
             )
-        self._advance(job.batch_id, "import")
 
     def _step_import(self, job: _Job) -> None:
+        """Upload the zip. `importing` is committed first: from then on, whatever happens, `verify` looks."""
         project, subject, session = job.project, job.subject, job.session
-        self.journal.update_delivery(job.batch_id, step="importing", step_started_at=time.time())
+        self._advance(job.batch_id, Step.IMPORTING, answered=0)
         started = time.monotonic()
         uris = job.client.import_zip(self.state_dir / str(job.delivery["zip_path"]), project, subject, session)
-        if len(uris) != 1:
-            raise HoldError(f"XNAT answered the import with {len(uris)} sessions (expected one): {' '.join(uris)}")
+        if len(uris) > 1:
+            raise HoldError(
+                "xnat-split", f"XNAT filed the upload as {len(uris)} sessions (expected one): {' '.join(uris)}"
+            )
+        if not uris:  # 200 with an empty body: XNAT kept none of the files (verify counts the shortfall)
+            log.info("deliver.imported", batch_id=job.batch_id, uri=None, seconds=stage_seconds("import", started))
+            self._advance(job.batch_id, Step.VERIFY, answered=1)
+            return
         uri = uris[0]
-        expected = f"/data/prearchive/projects/{project}/"
-        if not uri.startswith(expected):
-            raise HoldError(f"XNAT filed the upload under {uri}, not in the prearchive of project {project}")
+        if not uri.startswith(f"/data/prearchive/projects/{project}/"):
+            raise HoldError(
+                "xnat-misfiled", f"XNAT filed the upload under {uri}, not in the prearchive of project {project}"
+            )
         log.info("deliver.imported", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("import", started))
-        self._advance(job.batch_id, "wait", prearchive_url=uri.removeprefix("/data"))
+        self._advance(job.batch_id, Step.WAIT, prearchive_url=uri.removeprefix("/data"), answered=1)
 
     def _step_importing(self, job: _Job) -> None:
-        """An import that may have reached XNAT: adopt what XNAT has, else import again."""
-        project, subject, session = job.project, job.subject, job.session
-        study_uid = job.study_uid
-        for row in job.client.prearchive(project):
-            if row.study_uid == study_uid and row.name == session:
-                log.info("deliver.adopted", batch_id=job.batch_id, uri=f"/data{row.url}", where="prearchive")
-                self._advance(job.batch_id, "wait", prearchive_url=row.url)
-                return
-        experiment = job.client.experiment(project, subject, session)
-        if experiment is not None and self._holds_batch(experiment, job):
-            log.info("deliver.adopted", batch_id=job.batch_id, where="archive")
-            self._advance(job.batch_id, "verify")
-            return
-        self._step_import(job)
+        """An upload that may or may not have reached XNAT, wholly or in part: look before sending anything."""
+        self._advance(job.batch_id, Step.VERIFY)
 
     def _step_wait(self, job: _Job) -> None:
+        """Poll our prearchive session until XNAT has built it (or archived or dropped it), then verify."""
         url = str(job.delivery["prearchive_url"])
         row = job.client.prearchive_session(url)
         waited = time.time() - float(job.delivery["step_started_at"])
-        if row is None:  # gone: an auto-archive project may have archived it already
-            self._advance(job.batch_id, "verify")
+        if row is None or row.status == _READY or row.status in _BROKEN:
+            if row is not None and row.status == _READY:
+                STAGE_SECONDS.labels(stage="build_wait").observe(max(0.0, waited))
+            self._advance(job.batch_id, Step.VERIFY)
             return
-        if row.status == "READY":
-            STAGE_SECONDS.labels(stage="build_wait").observe(max(0.0, waited))
-            self._advance(job.batch_id, "archive" if job.route["archive"] else "verify")
-            return
-        if row.status in ("CONFLICT", "ERROR"):
-            said = job.client.prearchive_log(url)
-            raise HoldError(f"XNAT set the prearchive session {url} to {row.status}: {said or 'no log entry'}")
         if waited > job.server.ready_timeout_seconds:
-            raise HoldError(f"the prearchive session {url} is still {row.status} after {waited:.0f} s")
+            raise HoldError("not-ready", f"the prearchive session {url} is still {row.status} after {waited:.0f} s")
         if (
             row.status == "RECEIVING"
             and waited > job.server.build_wait_seconds
@@ -328,57 +406,103 @@ class Deliverer(PeriodicWorker):
             return
         self._wait(job.batch_id, job.server.poll_interval_seconds)
 
+    def _step_verify(self, job: _Job) -> None:
+        """Look at what XNAT holds, instance by instance, and decide the next step from that alone."""
+        outgoing = self.journal.outgoing(job.batch_id)
+        look = self._look(job, outgoing)
+        places = {item.sop_uid: look.place(item.sop_uid) for item in outgoing}
+        self.journal.set_verified(job.batch_id, places, time.time())
+        in_archive = sum(1 for place in places.values() if place == "archive")
+        missing = [sop_uid for sop_uid, place in places.items() if place is None]
+        log.info(
+            "deliver.verified",
+            batch_id=job.batch_id,
+            instances=len(places),
+            in_archive=in_archive,
+            in_prearchive=len(places) - in_archive - len(missing),
+            missing=len(missing),
+        )
+        if not missing and (in_archive == len(places) or not job.archives):
+            self._done(job, "archive" if in_archive == len(places) else "prearchive")
+            return
+        unsettled = [row for row in look.rows if row.status != _READY and row.status not in _BROKEN]
+        if unsettled:  # a session of ours is still receiving, building or archiving: what it holds shows later
+            self._advance(job.batch_id, Step.WAIT, prearchive_url=unsettled[0].url)
+            return
+        broken = [row for row in look.rows if row.status in _BROKEN]
+        if broken:
+            self._broken(job, broken[0])
+            return
+        if missing:
+            self._resend(job, len(missing), len(places))
+            return
+        # Everything is in XNAT, some of it only in a READY prearchive session, and the rule archives: archive it.
+        url = next(url for url, holdings in look.ready.items() if any(holdings.holds(uid) for uid in places))
+        self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=url)
+
+    def _look(self, job: _Job, outgoing: list[Outgoing]) -> _Look:
+        rows = tuple(
+            row
+            for row in job.client.prearchive(job.project)
+            if row.study_uid == job.study_uid and row.name == job.session
+        )
+        experiment = job.client.experiment(job.project, job.subject, job.session)
+        archived = Holdings()
+        if experiment is not None:
+            self._check_same_study(experiment, job)
+            archived = job.client.archive_holdings(experiment)
+        ready: dict[str, Holdings] = {}
+        if not all(archived.holds(item.sop_uid) for item in outgoing):  # the prearchive only matters then
+            for row in rows:
+                if row.status == _READY:
+                    holdings = job.client.prearchive_holdings(row.url)
+                    if holdings is not None:
+                        ready[row.url] = holdings
+        return _Look(rows, ready, archived)
+
+    def _broken(self, job: _Job, row: PrearchiveRow) -> None:
+        """A session of ours that XNAT set to CONFLICT or ERROR: held, with XNAT's own words; after `ingestd retry`
+        archived again (CONFLICT, rule archives) or rebuilt (anything else), once."""
+        if not job.delivery["retried_at"]:
+            said = job.client.prearchive_log(row.url)
+            raise HoldError(
+                "xnat-conflict", f"XNAT set the prearchive session {row.url} to {row.status}: {said or 'no log entry'}"
+            )
+        if row.status == "CONFLICT" and job.archives:
+            self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=row.url, retried_at=None)
+            return
+        job.client.build(row.url)
+        self._advance(job.batch_id, Step.WAIT, prearchive_url=row.url, retried_at=None, build_requested_at=time.time())
+
+    def _resend(self, job: _Job, missing: int, instances: int) -> None:
+        """Some instances are nowhere in XNAT: package and import just those again, into the same session."""
+        shortfalls = int(job.delivery["shortfalls"]) + int(bool(job.delivery["answered"]))
+        if shortfalls > self.config.delivery.max_resends:
+            raise HoldError(
+                "incomplete",
+                f"XNAT answered {shortfalls} imports but does not hold {missing} of the {instances} instances of "
+                "this batch: a site anonymization script or a series import filter may drop them (see XNAT's "
+                "prearchive log); the spool keeps them",
+            )
+        log.info("deliver.resend", batch_id=job.batch_id, missing=missing, instances=instances, shortfalls=shortfalls)
+        self._advance(job.batch_id, Step.PACKAGE, shortfalls=shortfalls, answered=0)
+
     def _step_archive(self, job: _Job) -> None:
+        """Archive our READY prearchive session. `archiving` is committed first: from then on, `verify` looks."""
         project, subject, session = job.project, job.subject, job.session
-        self.journal.update_delivery(job.batch_id, step="archiving", step_started_at=time.time())
+        self._advance(job.batch_id, Step.ARCHIVING)
         started = time.monotonic()
         uri = job.client.archive(str(job.delivery["prearchive_url"]), project, subject, session)
         log.info("deliver.archived", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("archive", started))
-        self._advance(job.batch_id, "verify", archive_uri=uri)
+        self._advance(job.batch_id, Step.VERIFY, archive_uri=uri)
 
     def _step_archiving(self, job: _Job) -> None:
         """An archive request that may have been carried out: look before asking again."""
-        row = job.client.prearchive_session(str(job.delivery["prearchive_url"]))
-        if row is None:
-            self._advance(job.batch_id, "verify")
-        elif row.status == "READY":
-            self._step_archive(job)
-        elif row.status in ("CONFLICT", "ERROR"):
-            said = job.client.prearchive_log(row.url)
-            raise HoldError(f"XNAT set {row.url} to {row.status} while archiving it: {said or 'no log entry'}")
-        else:
-            self._wait(job.batch_id, job.server.poll_interval_seconds)
-
-    def _step_verify(self, job: _Job) -> None:
-        project, subject, session = job.project, job.subject, job.session
-        if not job.route["archive"] and job.delivery["prearchive_url"]:
-            row = job.client.prearchive_session(str(job.delivery["prearchive_url"]))
-            if row is not None and row.status == "READY":
-                self._done(job, "prearchive")
-                return
-        experiment = job.client.experiment(project, subject, session)
-        if experiment is None:
-            raise HoldError(f"XNAT has no experiment {project}/{subject}/{session} after archiving")
-        uid = str(experiment.get("data_fields", {}).get("UID", ""))
-        if uid and uid != job.study_uid:
-            raise HoldError(f"the experiment {project}/{subject}/{session} belongs to another study")
-        if not self._holds_batch(experiment, job):
-            raise HoldError(f"the experiment {project}/{subject}/{session} lacks instances of this batch")
-        self._done(job, "archive")
-
-    def _holds_batch(self, experiment: Mapping[str, Any], job: _Job) -> bool:
-        """The experiment is this study and has at least as many files per series as this batch sends."""
-        fields = experiment.get("data_fields", {})
-        if fields.get("UID") and fields.get("UID") != job.study_uid:
-            return False
-        counts = scan_counts(experiment)
-        sent: dict[str, int] = {}
-        for item in self.journal.outgoing(job.batch_id):
-            sent[item.series_uid] = sent.get(item.series_uid, 0) + 1
-        return all(counts.get(series, 0) >= count for series, count in sent.items())
+        self._advance(job.batch_id, Step.VERIFY)
 
     def _done(self, job: _Job, where: str) -> None:
-        self.journal.finish_delivery(job.batch_id, time.time())
+        if not self.journal.finish_delivery(job.batch_id, time.time()):
+            return
         DELIVERIES.labels(outcome="delivered").inc()
         log.info(
             "deliver.delivered",
@@ -392,7 +516,9 @@ class Deliverer(PeriodicWorker):
             self._clean(job.batch_id)
 
     def _clean(self, batch_id: int) -> None:
-        """Remove what XNAT now holds: the zip, the outbox folder and the spooled files (the journal stays)."""
+        """Remove what XNAT now verifiably holds: the zip, the outbox folder and the spooled files (the journal
+        stays). Only a delivered batch is cleaned, and a batch is delivered only once every outgoing instance was
+        verified in XNAT by its SOP Instance UID."""
         (self.packages / f"{batch_id}.zip").unlink(missing_ok=True)
         shutil.rmtree(self.state_dir / "outbox" / str(batch_id), ignore_errors=True)
         spool = self.state_dir / "spool"

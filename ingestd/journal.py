@@ -14,25 +14,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from ingestd.header import InstanceHeader
+from ingestd.states import RETRY_STEP, Step, StudyState, check_batch_transition, check_step_transition
 
 __all__ = [
     "BatchInstance",
     "BatchRow",
     "InstanceRow",
     "Journal",
+    "JournalVersionError",
     "Outgoing",
     "RouteRecord",
     "Source",
     "StudyState",
-    "held_reason_code",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _LOCK_TIMEOUT = 30.0
 
 _SCHEMA = """
@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS batches (
     last_received REAL NOT NULL,
     state_changed REAL NOT NULL,
     reason TEXT,
+    hold_code TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    retry_at REAL NOT NULL DEFAULT 0,
     UNIQUE (study_uid, batch)
 );
 CREATE INDEX IF NOT EXISTS batches_state ON batches (state);
@@ -111,6 +114,8 @@ CREATE TABLE IF NOT EXISTS outgoing (
     sop_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
+    verified TEXT,
+    verified_at REAL,
     UNIQUE (batch_id, sop_uid)
 );
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -127,7 +132,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     prearchive_url TEXT,
     archive_uri TEXT,
     build_requested_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    answered INTEGER NOT NULL DEFAULT 0,
+    shortfalls INTEGER NOT NULL DEFAULT 0,
+    faults INTEGER NOT NULL DEFAULT 0,
+    retried_at REAL
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY,
@@ -140,20 +149,33 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 
-class StudyState(StrEnum):
-    """Where a batch of a study is. The values are stored in the journal: never rename them."""
+# Migrations from each earlier schema version to the next, in order. A journal is migrated when the daemon (or any
+# writer) opens it; a journal from a newer ingestd is refused rather than misread.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    3: (
+        # The hold's code gets its own column (it was the reason text's prefix, parsed back).
+        "ALTER TABLE batches ADD COLUMN hold_code TEXT",
+        "UPDATE batches SET hold_code = CASE WHEN instr(reason, ':') > 0"
+        " THEN substr(reason, 1, instr(reason, ':') - 1) ELSE 'unknown' END WHERE state = 'held'",
+        # Per-batch failures of a stage (an exception no code expected), retried with back-off, then held.
+        "ALTER TABLE batches ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE batches ADD COLUMN retry_at REAL NOT NULL DEFAULT 0",
+        # Where XNAT was seen to hold each outgoing instance (verified by SOP Instance UID, not by counts).
+        "ALTER TABLE outgoing ADD COLUMN verified TEXT",
+        "ALTER TABLE outgoing ADD COLUMN verified_at REAL",
+        "ALTER TABLE deliveries ADD COLUMN answered INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN shortfalls INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN faults INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN retried_at REAL",
+        # A delivery that an older ingestd adopted or verified by counts is looked at again, by identity.
+        "UPDATE deliveries SET step = 'verify' WHERE step IN ('importing', 'archiving')"
+        " AND batch_id IN (SELECT id FROM batches WHERE state = 'routed')",
+    ),
+}
 
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-    ROUTED = "routed"  # a rule decided the labels; the outgoing (de-identified) instances are written
-    DELIVERED = "delivered"  # XNAT has it (archived, or READY in the prearchive when the rule does not archive)
-    RELEASED = "released"  # a person took a held batch over (`ingestd release`); ingestd does nothing more with it
-    HELD = "held"
 
-
-def held_reason_code(reason: str | None) -> str:
-    """The short form of a hold's reason, for counting: the step that held it (`route`, `deliver`, ...)."""
-    return str(reason or "unknown").split(":", 1)[0]
+class JournalVersionError(Exception):
+    """The journal was written by a newer ingestd than this one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +210,9 @@ class BatchRow:
     last_received: float
     state_changed: float
     reason: str | None
+    hold_code: str | None  # why it is held, as a short code (`unrouted`, `xnat-refused`, ...); None unless held
+    failures: int  # unexpected failures of the stage it is in, since it entered that stage
+    retry_at: float  # after a failure: the stage tries it again from then on
     series: int
     instances: int
     size: int
@@ -233,6 +258,7 @@ class Outgoing:
     sop_uid: str
     path: str
     size: int
+    verified: str | None = None  # where XNAT was last seen holding it (`archive`, `prearchive`), or None
 
 
 class Journal:
@@ -257,11 +283,29 @@ class Journal:
             self._create_schema()
 
     def _create_schema(self) -> None:
+        """Create a new journal at the current schema, or migrate an older one step by step, in one transaction."""
         with self.transaction() as db:
+            existing = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone()
+            version = SCHEMA_VERSION
+            if existing is not None:
+                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                version = int(row[0]) if row else 1
+            if version > SCHEMA_VERSION:
+                raise JournalVersionError(
+                    f"the journal {self.path} is at schema version {version}, written by a newer ingestd than this "
+                    f"one (schema {SCHEMA_VERSION}): run that version, or restore a backup of the state directory"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS.get(step, ()):
+                    db.execute(statement)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def schema_version(self) -> int:
+        return int(self.meta("schema_version") or 0)
 
     def close(self) -> None:
         with self._lock:
@@ -430,7 +474,7 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT b.id, b.study_uid, b.batch, b.state, b.source_kind, b.source, b.first_received,"
-                " b.last_received, b.state_changed, b.reason,"
+                " b.last_received, b.state_changed, b.reason, b.hold_code, b.failures, b.retry_at,"
                 " count(DISTINCT i.series_uid), count(i.id), coalesce(sum(i.size), 0)"
                 " FROM batches b LEFT JOIN instances i ON i.batch_id = b.id"
                 " WHERE ?1 IS NULL OR b.state IN (SELECT value FROM json_each(?1))"
@@ -441,9 +485,11 @@ class Journal:
 
     def complete_batch(self, batch_id: int, last_received: float, now: float) -> bool:
         """Move a receiving batch to `complete` unless an instance arrived after `last_received`."""
+        check_batch_transition(batch_id, StudyState.RECEIVING, StudyState.COMPLETE)
         with self.transaction() as db:
             cursor = db.execute(
-                "UPDATE batches SET state = ?, state_changed = ? WHERE id = ? AND state = ? AND last_received = ?",
+                "UPDATE batches SET state = ?, state_changed = ?, failures = 0, retry_at = 0"
+                " WHERE id = ? AND state = ? AND last_received = ?",
                 (StudyState.COMPLETE, now, batch_id, StudyState.RECEIVING, last_received),
             )
             return cursor.rowcount == 1
@@ -457,20 +503,35 @@ class Journal:
             ).fetchall()
         return [BatchInstance(*row) for row in rows]
 
-    def hold_batch(self, batch_id: int, reason: str, now: float, *, from_state: str = StudyState.COMPLETE) -> bool:
-        """Move a batch to `held` with the reason (which must carry no patient data)."""
+    def hold_batch(
+        self, batch_id: int, code: str, reason: str, now: float, *, from_state: str = StudyState.COMPLETE
+    ) -> bool:
+        """Move a batch to `held` with a short code and the reason (neither may carry patient data)."""
+        check_batch_transition(batch_id, from_state, StudyState.HELD)
         with self.transaction() as db:
             cursor = db.execute(
-                "UPDATE batches SET state = ?, state_changed = ?, reason = ? WHERE id = ? AND state = ?",
-                (StudyState.HELD, now, reason, batch_id, from_state),
+                "UPDATE batches SET state = ?, state_changed = ?, reason = ?, hold_code = ? WHERE id = ? AND state = ?",
+                (StudyState.HELD, now, reason, code, batch_id, from_state),
             )
             return cursor.rowcount == 1
 
+    def record_failure(self, batch_id: int, state: str, retry_at: float) -> int:
+        """Count one unexpected failure of the stage a batch is in (`state`); return the failures so far."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE batches SET failures = failures + 1, retry_at = ? WHERE id = ? AND state = ?",
+                (retry_at, batch_id, state),
+            )
+            row = db.execute("SELECT failures FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            return int(row[0]) if row else 0
+
     def route_batch(self, batch_id: int, route: RouteRecord, outgoing: list[Outgoing], now: float) -> bool:
         """Record a complete batch's route and outgoing instances and move it to `routed`, in one transaction."""
+        check_batch_transition(batch_id, StudyState.COMPLETE, StudyState.ROUTED)
         with self.transaction() as db:
             cursor = db.execute(
-                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL WHERE id = ? AND state = ?",
+                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL, hold_code = NULL, failures = 0,"
+                " retry_at = 0 WHERE id = ? AND state = ?",
                 (StudyState.ROUTED, now, batch_id, StudyState.COMPLETE),
             )
             if cursor.rowcount != 1:
@@ -515,7 +576,8 @@ class Journal:
     def outgoing(self, batch_id: int) -> list[Outgoing]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT instance_id, series_uid, sop_uid, path, size FROM outgoing WHERE batch_id = ? ORDER BY id",
+                "SELECT instance_id, series_uid, sop_uid, path, size, verified FROM outgoing WHERE batch_id = ?"
+                " ORDER BY id",
                 (batch_id,),
             ).fetchall()
         return [Outgoing(*row) for row in rows]
@@ -552,22 +614,50 @@ class Journal:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO deliveries (batch_id, step, next_attempt_at, started_at, step_started_at)"
-                " VALUES (?, 'package', ?, ?, ?)",
-                (batch_id, now, now, now),
+                " VALUES (?, ?, ?, ?, ?)",
+                (batch_id, Step.PACKAGE, now, now, now),
             )
 
     def update_delivery(self, batch_id: int, **fields: Any) -> None:
-        """Set columns of a batch's delivery row in one transaction (column names are ours, never input)."""
+        """Set columns of a batch's delivery row in one transaction (column names are ours, never input).
+
+        A new `step` must be a declared transition from the current one (`ingestd.states.STEP_TRANSITIONS`).
+        """
         names = ", ".join(f"{name} = ?" for name in fields)
         with self.transaction() as db:
+            if "step" in fields:
+                row = db.execute("SELECT step FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
+                if row is not None:
+                    check_step_transition(batch_id, row[0], str(fields["step"]))
             db.execute(f"UPDATE deliveries SET {names} WHERE batch_id = ?", (*fields.values(), batch_id))  # noqa: S608
 
-    def finish_delivery(self, batch_id: int, now: float) -> None:
+    def finish_delivery(self, batch_id: int, now: float) -> bool:
+        """Record that XNAT holds every outgoing instance of a routed batch: step `done`, state `delivered`."""
+        check_batch_transition(batch_id, StudyState.ROUTED, StudyState.DELIVERED)
         with self.transaction() as db:
-            db.execute("UPDATE deliveries SET step = 'done', finished_at = ? WHERE batch_id = ?", (now, batch_id))
-            db.execute(
-                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL WHERE id = ? AND state = ?",
+            row = db.execute("SELECT step FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
+            if row is not None:
+                check_step_transition(batch_id, row[0], Step.DONE)
+            unverified = db.execute(
+                "SELECT count(*) FROM outgoing WHERE batch_id = ? AND verified IS NULL", (batch_id,)
+            ).fetchone()[0]
+            if unverified:  # the one promise this method exists for: never "delivered" on anything less
+                raise AssertionError(f"batch {batch_id}: {unverified} outgoing instances are not verified in XNAT")
+            db.execute("UPDATE deliveries SET step = ?, finished_at = ? WHERE batch_id = ?", (Step.DONE, now, batch_id))
+            cursor = db.execute(
+                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL, hold_code = NULL"
+                " WHERE id = ? AND state = ?",
                 (StudyState.DELIVERED, now, batch_id, StudyState.ROUTED),
+            )
+            return cursor.rowcount == 1
+
+    def set_verified(self, batch_id: int, places: dict[str, str | None], now: float) -> None:
+        """Record where XNAT holds each outgoing instance (by SOP Instance UID as it leaves): `archive`,
+        `prearchive`, or None (not found); in one transaction, as seen in one look at XNAT."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE outgoing SET verified = ?, verified_at = ? WHERE batch_id = ? AND sop_uid = ?",
+                [(place, now if place else None, batch_id, sop_uid) for sop_uid, place in places.items()],
             )
 
     def spool_files(self, batch_id: int) -> list[str]:
@@ -577,7 +667,8 @@ class Journal:
     # -- held batches: a person's decisions ------------------------------------------------------------
 
     def retry_batch(self, batch_id: int, now: float) -> str | None:
-        """Put a held batch back where it was held: routing again, or its delivery step with a fresh schedule.
+        """Put a held batch back to work: routing again, or its delivery from the step that can make progress
+        (`ingestd.states.RETRY_STEP`: `verify` once anything was sent), with a fresh schedule and budget.
 
         Returns the state it moved to, or None if it was not held.
         """
@@ -587,18 +678,25 @@ class Journal:
                 return None
             routed = db.execute("SELECT 1 FROM routes WHERE batch_id = ?", (batch_id,)).fetchone() is not None
             state = StudyState.ROUTED if routed else StudyState.COMPLETE
+            check_batch_transition(batch_id, StudyState.HELD, state)
             db.execute(
-                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL WHERE id = ?", (state, now, batch_id)
+                "UPDATE batches SET state = ?, state_changed = ?, reason = NULL, hold_code = NULL, failures = 0,"
+                " retry_at = 0 WHERE id = ?",
+                (state, now, batch_id),
             )
-            db.execute(
-                "UPDATE deliveries SET attempts = 0, next_attempt_at = ?, started_at = ?, step_started_at = ?,"
-                " last_error = NULL, build_requested_at = NULL WHERE batch_id = ?",
-                (now, now, now, batch_id),
-            )
+            delivery = db.execute("SELECT step FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
+            if delivery is not None:
+                db.execute(
+                    "UPDATE deliveries SET step = ?, attempts = 0, faults = 0, shortfalls = 0, answered = 0,"
+                    " next_attempt_at = ?, started_at = ?, step_started_at = ?, last_error = NULL,"
+                    " build_requested_at = NULL, retried_at = ? WHERE batch_id = ?",
+                    (RETRY_STEP[Step(delivery["step"])], now, now, now, now, batch_id),
+                )
             return str(state)
 
     def release_batch(self, batch_id: int, now: float) -> bool:
         """A person takes a held batch over: ingestd stops working on it and deletes nothing."""
+        check_batch_transition(batch_id, StudyState.HELD, StudyState.RELEASED)
         with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE batches SET state = ?, state_changed = ?, reason = 'released by a person: ' || reason"
@@ -640,7 +738,11 @@ class Journal:
             ],
             "states": [tuple(row) for row in db.execute("SELECT state, COUNT(*) FROM batches GROUP BY state")],
             "held_reasons": [
-                tuple(row) for row in db.execute("SELECT reason FROM batches WHERE state = ?", (StudyState.HELD,))
+                tuple(row)
+                for row in db.execute(
+                    "SELECT coalesce(hold_code, 'unknown'), COUNT(*) FROM batches WHERE state = ? GROUP BY 1",
+                    (StudyState.HELD,),
+                )
             ],
             "quarantine": [
                 tuple(row) for row in db.execute("SELECT source_kind, COUNT(*) FROM quarantine GROUP BY source_kind")

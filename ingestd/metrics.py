@@ -31,13 +31,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingestd.journal import Journal, StudyState, held_reason_code
+from ingestd.journal import Journal
+from ingestd.states import StudyState
 
 __all__ = [
     "DELIVERIES",
     "DROP_SOURCES",
     "REGISTRY",
     "RETRIES",
+    "STAGE_FAILURES",
     "STAGE_SECONDS",
     "AssociationCounters",
     "AssociationSlot",
@@ -66,6 +68,13 @@ RETRIES = Counter(
     "ingestd_delivery_retries",
     "Delivery steps scheduled again after a retryable failure (XNAT down, 5xx, timeout), by step",
     ["step"],
+    registry=REGISTRY,
+)
+STAGE_FAILURES = Counter(
+    "ingestd_stage_failures",
+    "Unexpected failures of one batch in a stage (assemble, route, package, deliver), by stage and kind of error;"
+    " the batch is tried again with back-off, then held",
+    ["stage", "kind"],
     registry=REGISTRY,
 )
 STAGE_SECONDS = Histogram(
@@ -185,13 +194,11 @@ class JournalCollector(Collector):
             studies.add_metric([state], counts.get(state, 0))
         yield studies
         held = GaugeMetricFamily(
-            "ingestd_held_studies", "Held study batches, by the step that held them", labels=["reason"]
+            "ingestd_held_studies",
+            "Held study batches, by the hold's code (unrouted, xnat-refused, ...)",
+            labels=["reason"],
         )
-        reasons: dict[str, int] = {}
-        for (reason,) in totals["held_reasons"]:
-            code = held_reason_code(reason)
-            reasons[code] = reasons.get(code, 0) + 1
-        for code, count in sorted(reasons.items()):
+        for code, count in sorted(totals["held_reasons"]):
             held.add_metric([code], count)
         yield held
         quarantined = CounterMetricFamily(

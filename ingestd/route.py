@@ -29,14 +29,16 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from ingestd.config import BatchFailures
 from ingestd.deid.engine import DeidError, Labels, anonymize, screen
 from ingestd.deid.profile import Profile
-from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord, StudyState
+from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
 from ingestd.logs import uid_digest
 from ingestd.metrics import stage_seconds
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide
 from ingestd.spool import fsync_dir, make_dirs_durably, write_durably
-from ingestd.worker import PeriodicWorker
+from ingestd.states import StudyState
+from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
 
 __all__ = ["Router", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
@@ -122,13 +124,21 @@ class Router(PeriodicWorker):
 
     name = "router"
 
-    def __init__(self, journal: Journal, rules: RuleSet, state_dir: Path, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        rules: RuleSet,
+        state_dir: Path,
+        interval: float = 1.0,
+        failures: BatchFailures | None = None,
+    ) -> None:
         super().__init__(interval)
         self.journal = journal
         self.rules = rules
         self.state_dir = state_dir
         self.spool_dir = state_dir / "spool"
         self.outbox = state_dir / "outbox"
+        self.failures = failures or BatchFailures()
 
     def start(self) -> None:
         self.recover()
@@ -145,15 +155,35 @@ class Router(PeriodicWorker):
         fsync_dir(self.outbox)
 
     def check(self) -> int:
-        """Route every complete batch; return how many were handled (routed or held)."""
+        """Route every complete batch that is due; return how many were handled (routed, held or failed).
+
+        Each batch is on its own: an error no code expected (a spool file pydicom cannot read, say) is counted
+        against that batch only, which is tried again with back-off and held after `failures.max_attempts`.
+        """
         handled = 0
+        now = time.time()
         for batch in sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id):
             if self.stopping:
                 break
+            if batch.retry_at > now:
+                continue
             self.beat()
-            self.route(batch)
+            try:
+                self.route(batch)
+            except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
+                shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
+                self._failed(batch, exc)
             handled += 1
         return handled
+
+    def _failed(self, batch: BatchRow, exc: Exception) -> None:
+        failures = batch.failures + 1
+        held = failures >= self.failures.max_attempts
+        wait = 0.0 if held else failure_backoff(failures, self.failures)
+        record_stage_failure("route", exc, batch_id=batch.id, failures=failures, retry_seconds=wait)
+        self.journal.record_failure(batch.id, StudyState.COMPLETE, time.time() + wait)
+        if held:
+            self._hold(batch, "route-failed", f"route: failed {failures} times, last: {failure_text(exc)}")
 
     # -- one batch -------------------------------------------------------------------------------------
 
@@ -163,12 +193,12 @@ class Router(PeriodicWorker):
         try:
             facts = study_facts(batch.study_uid, instances, self._headers(instances))
         except OSError as exc:
-            self._hold(batch, f"spool: a spooled instance cannot be read ({exc.strerror})")
+            self._hold(batch, "spool", f"spool: a spooled instance cannot be read ({exc.strerror})")
             return
         rules = self.rules  # one rules version for the whole batch, even if SIGHUP swaps them meanwhile
         decision = decide(rules, facts)
         if isinstance(decision, Held):
-            self._hold(batch, f"{decision.code}: {decision.reason}")
+            self._hold(batch, decision.code, f"{decision.code}: {decision.reason}")
             return
         profile = rules.profiles.get(decision.profile) if decision.profile else None
         kept = [i for i in instances if i.series_uid in set(decision.kept_series)]
@@ -179,11 +209,13 @@ class Router(PeriodicWorker):
                 else (batch.study_uid, [self._as_spooled(i) for i in kept])
             )
         except DeidError as exc:
-            self._hold(batch, f"{exc.code}: {exc.reason}", rule=decision.rule)
+            self._hold(batch, exc.code, f"{exc.code}: {exc.reason}", rule=decision.rule)
             return
         except OSError as exc:
             shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
-            self._hold(batch, f"outbox: cannot write the outgoing instances ({exc.strerror})", rule=decision.rule)
+            self._hold(
+                batch, "outbox", f"outbox: cannot write the outgoing instances ({exc.strerror})", rule=decision.rule
+            )
             return
         record = RouteRecord(
             rule=decision.rule,
@@ -266,6 +298,8 @@ class Router(PeriodicWorker):
             raise DeidError("engine", f"the batch's instances left with {len(study_uids)} Study Instance UIDs")
         return study_uids.pop(), outgoing
 
-    def _hold(self, batch: BatchRow, reason: str, rule: str | None = None) -> None:
-        if self.journal.hold_batch(batch.id, reason, time.time()):
-            log.warning("route.held", batch_id=batch.id, study=uid_digest(batch.study_uid), rule=rule, reason=reason)
+    def _hold(self, batch: BatchRow, code: str, reason: str, rule: str | None = None) -> None:
+        if self.journal.hold_batch(batch.id, code, reason, time.time()):
+            log.warning(
+                "route.held", batch_id=batch.id, study=uid_digest(batch.study_uid), rule=rule, code=code, reason=reason
+            )

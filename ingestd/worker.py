@@ -9,7 +9,11 @@ import traceback
 
 import structlog
 
-__all__ = ["PeriodicWorker"]
+from ingestd.config import BatchFailures
+from ingestd.logs import redact_value
+from ingestd.metrics import STAGE_FAILURES
+
+__all__ = ["BatchFailures", "PeriodicWorker", "failure_backoff", "failure_text", "record_stage_failure"]
 
 log = structlog.get_logger("ingestd.worker")
 
@@ -85,3 +89,36 @@ class PeriodicWorker:
             finally:
                 self.check_started = None
                 self.last_finished = time.monotonic()
+
+
+def failure_text(exc: BaseException) -> str:
+    """An unexpected error as a line for the journal, the log and `ingestd status`: its kind and message, with
+    UIDs as digests (a spool path is made of them) and an OSError by its description only (never a path)."""
+    kind = type(exc).__name__
+    if isinstance(exc, OSError):
+        return f"{kind}: {exc.strerror or 'I/O error'}"
+    message = " ".join(str(exc).split())[:300]
+    return str(redact_value(f"{kind}: {message}" if message else kind))
+
+
+def failure_backoff(failures: int, policy: BatchFailures) -> float:
+    """Seconds before a batch that failed `failures` times is tried again: doubling, capped."""
+    return float(min(policy.max_seconds, policy.initial_seconds * 2 ** max(0, failures - 1)))
+
+
+def record_stage_failure(stage: str, exc: BaseException, *, batch_id: int, failures: int, retry_seconds: float) -> None:
+    """Count and log one failure of a batch in a stage (call it inside the `except`): with the traceback the
+    first time, as one line after that; `retry_seconds` is when it is tried again (0: it is held now)."""
+    kind = type(exc).__name__
+    STAGE_FAILURES.labels(stage=stage, kind=kind).inc()
+    error, wait = failure_text(exc), round(retry_seconds, 1)
+    if failures == 1:
+        log.exception(
+            "worker.batch_failed", stage=stage, batch_id=batch_id, kind=kind, failures=failures, error=error,
+            wait_seconds=wait,
+        )  # fmt: skip
+    else:
+        log.warning(
+            "worker.batch_failed", stage=stage, batch_id=batch_id, kind=kind, failures=failures, error=error,
+            wait_seconds=wait,
+        )  # fmt: skip

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
+import defusedxml.ElementTree
 import requests
 import requests.adapters
 
@@ -30,7 +31,7 @@ from ingestd import __version__
 from ingestd.config import Credentials, XnatServer
 from ingestd.errors import IngestdError
 
-__all__ = ["PrearchiveRow", "XnatClient", "XnatError", "load_credentials"]
+__all__ = ["Holdings", "PrearchiveRow", "XnatClient", "XnatError", "load_credentials"]
 
 _H3 = re.compile(r"<h3>(.*?)</h3>", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]+>")
@@ -61,6 +62,23 @@ class PrearchiveRow:
     study_uid: str
     status: str
     url: str  # /prearchive/projects/P/TS/FOLDER (no /data)
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """What XNAT shows it holds in one place, per file: the SOP Instance UIDs of DICOM catalog entries (archive
+    only: XNAT's REST API exposes no catalog of a prearchive session) and the file names.
+
+    ingestd names every zip entry `<series UID>/<SOP Instance UID>.dcm`; XNAT keeps that name as the file's
+    (GradualDicomImporter.getSafeFile: the entry's last path component, valid as `[\\w.-]+`), so a file name is a
+    per-instance identity too: another batch's instances have other SOP Instance UIDs, and so other names.
+    """
+
+    uids: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
+
+    def holds(self, sop_uid: str) -> bool:
+        return sop_uid in self.uids or f"{sop_uid}.dcm" in self.names
 
 
 def _check_private(path: Path, what: str) -> None:
@@ -371,19 +389,117 @@ class XnatClient:
         )
         if response.status_code == 404:
             return None
-        items = response.json().get("items") or []
-        return items[0] if items else None
+        payload = _json(response)
+        items = payload.get("items") if isinstance(payload, dict) else None
+        item = items[0] if isinstance(items, list) and items else None
+        return item if isinstance(item, dict) else None
+
+    def archive_holdings(self, experiment: Mapping[str, Any]) -> Holdings:
+        """The DICOM files of an archived experiment (its JSON item, from `experiment`): one catalog per scan
+        resource, `GET /data/experiments/{ID}/scans/{scan}/resources/{label}` (xnat-web CatalogResource.represent:
+        the catalog bean as XML, whose `cat:dcmEntry` entries carry `UID` = SOP Instance UID and `URI` = the file)."""
+        experiment_id = str(experiment.get("data_fields", {}).get("ID", ""))
+        uids: set[str] = set()
+        names: set[str] = set()
+        for scan_id, label in _dicom_resources(experiment):
+            path = f"/data/experiments/{quote(experiment_id, safe='')}/scans/{quote(scan_id, safe='')}"
+            response = self.request(
+                "GET", f"{path}/resources/{quote(label, safe='')}", "read a scan's catalog", allow=(404,)
+            )
+            if response.status_code == 404:
+                raise XnatError(f"XNAT {self.name} lists scan {scan_id} but not its {label} catalog", retryable=True)
+            entries = _catalog_entries(response.content)
+            uids.update(uid for uid, _name in entries if uid)
+            names.update(name for _uid, name in entries if name)
+        return Holdings(frozenset(uids), frozenset(names))
+
+    def prearchive_holdings(self, url: str) -> Holdings | None:
+        """The file names of a built prearchive session, or None if it is not built (XNAT lists a session's
+        files only from its catalogs, written by the build: 404 "Unable to locate prearc resource." before).
+
+        xnat-web PrearcScansListResource, PrearcScanResourceList, PrearcSessionResourceFiles (`Name`, `Size`,
+        `URI`): one request for the scans, one per scan for its resources, one per resource for its files.
+        """
+        path = "/data" + url.removeprefix("/data")
+        scans = self.request("GET", f"{path}/scans", "list a prearchive session's scans", params=_JSON, allow=(404,))
+        if scans.status_code == 404:
+            return None
+        names: set[str] = set()
+        for scan in _rows(scans):
+            scan_path = f"{path}/scans/{quote(str(scan.get('ID', '')), safe='')}"
+            resources = self.request(
+                "GET", f"{scan_path}/resources", "list a prearchive scan's resources", params=_JSON
+            )
+            for resource in _rows(resources):
+                files = self.request(
+                    "GET",
+                    f"{scan_path}/resources/{quote(str(resource.get('label', '')), safe='')}/files",
+                    "list a prearchive scan's files",
+                    params=_JSON,
+                )
+                names.update(str(row.get("Name", "")) for row in _rows(files))
+        return Holdings(frozenset(), frozenset(names - {""}))
+
+
+_JSON = {"format": "json"}
+
+
+def _json(response: requests.Response) -> Any:
+    """The JSON body, or a retryable XnatError: a reply cut short by a proxy, or an error page, is not an answer."""
+    try:
+        return response.json()
+    except ValueError:
+        raise XnatError(
+            f"XNAT answered {response.request.method} {urlsplit(response.url).path} with something that is not JSON"
+            f" ({len(response.content)} bytes)",
+            retryable=True,
+        ) from None
 
 
 def _rows(response: requests.Response) -> list[dict[str, str]]:
     if "csv" in response.headers.get("Content-Type", ""):
         return list(csv.DictReader(io.StringIO(response.text)))
-    try:
-        payload = response.json()
-    except ValueError:
-        raise XnatError("XNAT answered something that is not JSON", retryable=True) from None
-    result = payload.get("ResultSet", {}).get("Result", []) if isinstance(payload, dict) else []
+    payload = _json(response)
+    result_set = payload.get("ResultSet") if isinstance(payload, dict) else None
+    result = result_set.get("Result") if isinstance(result_set, dict) else None
+    if not isinstance(result, list):
+        raise XnatError(
+            f"XNAT answered {urlsplit(response.url).path} with JSON that is not a ResultSet table", retryable=True
+        )
     return [row for row in result if isinstance(row, dict)]
+
+
+def _catalog_entries(body: bytes) -> list[tuple[str, str]]:
+    """(UID, file name) of every entry of a catalog document (`cat:entry`, in entry sets too); either may be ''.
+
+    Parsed with defusedxml: the document comes from a server, and entity expansion must not take the daemon down.
+    """
+    try:
+        root = defusedxml.ElementTree.fromstring(body)
+    except (defusedxml.ElementTree.ParseError, defusedxml.DefusedXmlException) as exc:
+        raise XnatError(f"XNAT answered a catalog that is not XML ({type(exc).__name__})", retryable=True) from None
+    entries = []
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] != "entry":
+            continue
+        uri = element.get("URI", "")
+        entries.append((element.get("UID", "").strip(), uri.replace("\\", "/").rsplit("/", 1)[-1]))
+    return entries
+
+
+def _dicom_resources(experiment: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(scan ID, resource label) of each DICOM resource of each scan in an experiment's JSON item. Real scans carry
+    more resources (NIFTI, SNAPSHOTS, BIDS): only those whose format is DICOM, or labelled DICOM or secondary."""
+    for child in experiment.get("children", []):
+        if child.get("field") != "scans/scan":
+            continue
+        for scan in child.get("items", []):
+            scan_id = str(scan.get("data_fields", {}).get("ID", ""))
+            for resource in _resources(scan):
+                fields = resource.get("data_fields", {})
+                label = str(fields.get("label", ""))
+                if str(fields.get("format", "")).upper() == "DICOM" or label.upper() in ("DICOM", "SECONDARY"):
+                    yield scan_id, label
 
 
 def _prearchive_row(row: Mapping[str, str]) -> PrearchiveRow:
@@ -397,21 +513,6 @@ def _prearchive_row(row: Mapping[str, str]) -> PrearchiveRow:
         status=row.get("status", ""),
         url=row.get("url", ""),
     )
-
-
-def scan_counts(experiment: Mapping[str, Any]) -> dict[str, int]:
-    """Series Instance UID -> DICOM file count, from an experiment's JSON item."""
-    counts: dict[str, int] = {}
-    for child in experiment.get("children", []):
-        if child.get("field") != "scans/scan":
-            continue
-        for scan in child.get("items", []):
-            uid = str(scan.get("data_fields", {}).get("UID", ""))
-            total = 0
-            for files in _resources(scan):
-                total += int(files.get("data_fields", {}).get("file_count", 0) or 0)
-            counts[uid] = total
-    return counts
 
 
 def _resources(scan: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:

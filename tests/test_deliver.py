@@ -2,126 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
 import pytest
 import requests
-from pydicom.uid import generate_uid
 
 from ingestd.cli import main
-from ingestd.config import Config, parse_config
-from ingestd.deliver import Deliverer
-from ingestd.header import read_file_header
-from ingestd.journal import Journal, Source, StudyState
-from ingestd.route import Router
-from ingestd.rules import load_rules
-from ingestd.spool import Spool
+from ingestd.states import StudyState
 from ingestd.testing.fake_xnat import FakeXnat
-from tests.dicom import encode, make_instance
+from tests.lab import Lab, lab_xnat, set_secrets, study
 from tests.procs import wait_until
-
-KEY = "d" * 40
-SCANNER = Source("dicom", "SCANNER", "INGESTD@127.0.0.1")
-
-RULES = """
-profiles:
-  research: {key: {env: INGESTD_TEST_KEY}}
-rules:
-  - name: research
-    when: {calling_aet: SCANNER}
-    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR', archive: ARCHIVE}
-    anonymize: research
-"""
-
-
-def study(series: int = 2, per_series: int = 3, study_uid: str | None = None, first: int = 1) -> list[pydicom.Dataset]:
-    """A study whose series have distinct SeriesNumbers (XNAT files scans by SeriesNumber)."""
-    study_uid = study_uid or generate_uid()
-    out = []
-    for number in range(first, first + series):
-        series_uid = generate_uid()
-        for index in range(per_series):
-            ds = make_instance(study_uid, series_uid, number=index + 1)
-            ds.SeriesNumber = number
-            ds.PatientName = "Deliver^Test"
-            ds.PatientID = "DELIVER1"
-            out.append(ds)
-    return out
-
-
-class Lab:
-    """A state directory with journal, spool, router and deliverer, and an XNAT stand-in to deliver to."""
-
-    def __init__(self, tmp_path: Path, xnat: FakeXnat, *, archive: bool = True, project: str = "PROJ") -> None:
-        self.xnat = xnat
-        self.state = tmp_path / "state"
-        self.state.mkdir()
-        rules = tmp_path / "lab.rules.yaml"
-        rules.write_text(RULES.replace("ARCHIVE", str(archive).lower()).replace("project: PROJ", f"project: {project}"))
-        self.config: Config = parse_config(
-            f"state_dir: {self.state}\n"
-            "xnat:\n"
-            "  servers:\n"
-            "    main:\n"
-            f"      url: {xnat.url}\n"
-            "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
-            "      poll_interval_seconds: 0.05\n"
-            "      build_wait_seconds: 0.3\n"
-            "      ready_timeout_seconds: 20\n"
-            "      retry: {initial_seconds: 0.05, max_seconds: 0.2, max_attempts: 6}\n"
-        )
-        self.journal = Journal(self.state / "journal.sqlite")
-        self.spool = Spool(self.state / "spool", self.journal)
-        self.router = Router(self.journal, load_rules([rules]), self.state)
-        self.router.recover()
-        self.deliverer = Deliverer(self.journal, self.config)
-        self.deliverer.packages.mkdir(parents=True, exist_ok=True)
-
-    def receive(self, datasets: list[pydicom.Dataset]) -> None:
-        for ds in datasets:
-            data = encode(ds)
-            self.spool.store(data[:0], data, read_file_header(data), SCANNER)
-        for batch in self.journal.batches((StudyState.RECEIVING,)):
-            assert self.journal.complete_batch(batch.id, batch.last_received, time.time())
-        self.router.check()
-
-    def deliver(self, timeout: float = 20.0) -> None:
-        """Run delivery steps until no batch is routed any more."""
-        deadline = time.monotonic() + timeout
-        while self.journal.batches((StudyState.ROUTED,)):
-            assert time.monotonic() < deadline, self.journal.deliveries()
-            self.deliverer.check()
-            time.sleep(0.02)
-
-    def batch(self, index: int = 0) -> tuple[object, dict[str, object]]:
-        batch = sorted(self.journal.batches(), key=lambda b: b.id)[index]
-        delivery = self.journal.delivery(batch.id)
-        assert delivery is not None
-        return batch, delivery
-
-    def imports(self) -> int:
-        return sum(
-            1 for method, path, _status in self.xnat.requests_log if method == "POST" and "services/import" in path
-        )
 
 
 @pytest.fixture
 def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The profile key and the XNAT credentials the lab's configuration reads from the environment."""
-    monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
-    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
-    monkeypatch.setenv("XNAT_TEST_PASSWORD", "s3cret-pw")
+    set_secrets(monkeypatch)
 
 
 @pytest.fixture
 def xnat(secrets_env: None) -> Iterator[FakeXnat]:
-    with FakeXnat(version="1.8.10", idle_build_seconds=0.3, rebuild_repeat_seconds=0.1) as server:
-        server.add_user("ingestd", "s3cret-pw")
-        server.add_project("PROJ", members=["ingestd"])
-        server.add_project("READONLY", collaborators=["ingestd"])
+    with lab_xnat() as server:
         yield server
 
 
@@ -130,11 +31,11 @@ def test_study_is_archived_verified_and_cleaned_up(tmp_path: Path, xnat: FakeXna
     lab.receive(study(series=2, per_series=3))
     lab.deliver()
     batch, delivery = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     assert delivery["step"] == "done" and str(delivery["archive_uri"]).startswith("/data/archive/projects/PROJ/")
     (experiment,) = xnat.experiments("PROJ")
     assert len(experiment.scans) == 2 and sum(len(scan.files) for scan in experiment.scans.values()) == 6
-    route = lab.journal.routes()[batch.id]  # type: ignore[attr-defined]
+    route = lab.journal.routes()[batch.id]
     assert (experiment.subject, experiment.label, experiment.study_uid) == (
         route["subject"],
         route["session"],
@@ -151,7 +52,7 @@ def test_rule_without_archive_leaves_it_ready_in_the_prearchive(tmp_path: Path, 
     lab.receive(study(series=1, per_series=2))
     lab.deliver()
     batch, delivery = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     (row,) = xnat.prearchive_rows("PROJ")
     assert row["status"] == "READY" and f"/data{row['url']}" == f"/data{delivery['prearchive_url']}"
     assert not xnat.experiments("PROJ")
@@ -159,9 +60,7 @@ def test_rule_without_archive_leaves_it_ready_in_the_prearchive(tmp_path: Path, 
 
 def test_older_xnat_is_asked_to_build_a_session_left_receiving(tmp_path: Path, xnat: FakeXnat) -> None:
     """XNAT up to 1.8.9 ignores dest for DICOM-zip and builds only after minutes of idleness."""
-    with FakeXnat(version="1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
-        old.add_user("ingestd", "s3cret-pw")
-        old.add_project("PROJ", members=["ingestd"])
+    with lab_xnat("1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
         lab = Lab(tmp_path, old)
         lab.receive(study(series=1, per_series=2))
         lab.deliver()
@@ -174,8 +73,8 @@ def test_unknown_project_is_held_not_sent_to_unassigned(tmp_path: Path, xnat: Fa
     lab.receive(study(series=1, per_series=1))
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
-    assert "has no project NOSUCH" in str(batch.reason)  # type: ignore[attr-defined]
+    assert batch.state == StudyState.HELD
+    assert "has no project NOSUCH" in str(batch.reason)
     assert lab.imports() == 0 and not xnat.prearchive_rows()
 
 
@@ -184,7 +83,7 @@ def test_read_only_project_is_held(tmp_path: Path, xnat: FakeXnat) -> None:
     lab.receive(study(series=1, per_series=1))
     lab.deliver()
     batch, _ = lab.batch()
-    assert "cannot write to project READONLY" in str(batch.reason)  # type: ignore[attr-defined]
+    assert "cannot write to project READONLY" in str(batch.reason)
     assert lab.imports() == 0
 
 
@@ -194,7 +93,7 @@ def test_outage_is_retried_with_backoff(tmp_path: Path, xnat: FakeXnat) -> None:
     xnat.fail_next("POST", "/data/services/import", status=503, times=2)
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     assert lab.imports() == 3 and len(xnat.experiments("PROJ")) == 1
 
 
@@ -205,7 +104,7 @@ def test_import_that_xnat_did_but_the_client_never_heard_of_is_adopted(tmp_path:
     xnat.fail_next("POST", "/data/services/import", status=504, after_processing=True)
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     assert lab.imports() == 1
     assert len(xnat.experiments("PROJ")) == 1 and not xnat.prearchive_rows()
 
@@ -216,7 +115,7 @@ def test_archive_that_xnat_did_but_the_client_never_heard_of_is_verified(tmp_pat
     xnat.fail_next("POST", "/data/services/archive", status=504, after_processing=True)
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     archives = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/archive" in path]
     assert len(archives) == 1 and len(xnat.experiments("PROJ")) == 1
 
@@ -229,7 +128,7 @@ def test_expired_session_logs_in_again(tmp_path: Path, xnat: FakeXnat) -> None:
     xnat.expire_sessions()
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
 
 
 def test_late_series_are_appended_to_the_same_session(tmp_path: Path, xnat: FakeXnat) -> None:
@@ -254,8 +153,8 @@ def test_session_label_of_another_study_is_held_before_sending(tmp_path: Path, x
     lab.receive(other)
     lab.deliver()
     batch, _ = lab.batch(1)
-    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
-    assert "already has" in str(batch.reason) and "for another study" in str(batch.reason)  # type: ignore[attr-defined]
+    assert batch.state == StudyState.HELD
+    assert "already has" in str(batch.reason) and "for another study" in str(batch.reason)
     assert lab.imports() == 1
     (experiment,) = xnat.experiments("PROJ")
     assert experiment.study_uid == lab.journal.routes()[1]["study_uid"]
@@ -270,8 +169,8 @@ def test_conflict_on_archive_holds_with_xnats_message(tmp_path: Path, xnat: Fake
     )
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
-    assert "FAILED: Unable to archive S: Operation Failed: Nope." in str(batch.reason)  # type: ignore[attr-defined]
+    assert batch.state == StudyState.HELD
+    assert "FAILED: Unable to archive S: Operation Failed: Nope." in str(batch.reason)
 
 
 def test_credentials_never_reach_the_journal(tmp_path: Path, xnat: FakeXnat, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,14 +189,14 @@ def test_held_study_is_retried_after_the_cause_is_fixed(tmp_path: Path, xnat: Fa
     lab.receive(study(series=1, per_series=2))
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
+    assert batch.state == StudyState.HELD
     xnat.add_project("LATER", members=["ingestd"])
     config = tmp_path / "ingestd.yaml"
     config.write_text(f"state_dir: {lab.state}\n")
     assert main(["retry", "--config", str(config), "--held"]) == 0
     lab.deliver()
     batch, delivery = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     assert len(xnat.experiments("LATER")) == 1 and delivery["attempts"] == 0
 
 
@@ -308,11 +207,11 @@ def test_released_study_is_left_alone(tmp_path: Path, xnat: FakeXnat) -> None:
     batch, _ = lab.batch()
     config = tmp_path / "ingestd.yaml"
     config.write_text(f"state_dir: {lab.state}\n")
-    assert main(["release", "--config", str(config), str(batch.id)]) == 0  # type: ignore[attr-defined]
-    assert main(["release", "--config", str(config), str(batch.id)]) == 1  # type: ignore[attr-defined]
+    assert main(["release", "--config", str(config), str(batch.id)]) == 0
+    assert main(["release", "--config", str(config), str(batch.id)]) == 1
     batch, _ = lab.batch()
-    assert batch.state == StudyState.RELEASED  # type: ignore[attr-defined]
-    assert str(batch.reason).startswith("released by a person: deliver: XNAT main has no project NOSUCH")  # type: ignore[attr-defined]
+    assert batch.state == StudyState.RELEASED
+    assert str(batch.reason).startswith("released by a person: deliver: XNAT main has no project NOSUCH")
     assert list((lab.state / "spool").rglob("*.dcm"))  # nothing deleted
 
 
@@ -332,7 +231,7 @@ def test_xnat_down_at_start_then_back(tmp_path: Path) -> None:
         lab.xnat = xnat
         lab.deliver()
         batch, _ = lab.batch()
-        assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+        assert batch.state == StudyState.DELIVERED
         assert len(xnat.experiments("PROJ")) == 1
 
 
@@ -342,7 +241,7 @@ def test_connection_reset_mid_upload_is_retried(tmp_path: Path, xnat: FakeXnat) 
     xnat.reset_next("POST", "/data/services/import")
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     assert [status for method, path, status in xnat.requests_log if "services/import" in path] == [0, 200]
     assert len(xnat.experiments("PROJ")) == 1
 
@@ -354,16 +253,14 @@ def test_throttling_and_slow_answers_are_waited_out(tmp_path: Path, xnat: FakeXn
     xnat.fail_next("POST", "/data/services/archive", status=502, delay=0.3)
     lab.deliver()
     batch, _ = lab.batch()
-    assert batch.state == StudyState.DELIVERED  # type: ignore[attr-defined]
+    assert batch.state == StudyState.DELIVERED
     assert len(xnat.experiments("PROJ")) == 1
 
 
 @pytest.mark.usefixtures("secrets_env")
 def test_conflict_found_while_waiting_holds_with_xnats_log(tmp_path: Path) -> None:
     """XNAT sets the waiting session to CONFLICT: held with XNAT's own log entry for it."""
-    with FakeXnat(version="1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
-        old.add_user("ingestd", "s3cret-pw")
-        old.add_project("PROJ", members=["ingestd"])
+    with lab_xnat("1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
         lab = Lab(tmp_path, old)
         lab.receive(study(series=1, per_series=2))
         lab.deliverer.check()  # package, preflight, import; then waiting: 1.8.9 leaves the session RECEIVING
@@ -377,5 +274,5 @@ def test_conflict_found_while_waiting_holds_with_xnats_log(tmp_path: Path) -> No
         ).raise_for_status()
         lab.deliver()
         batch, _ = lab.batch()
-        assert batch.state == StudyState.HELD  # type: ignore[attr-defined]
-        assert "to CONFLICT: " in str(batch.reason) and "no log entry" not in str(batch.reason)  # type: ignore[attr-defined]
+        assert batch.state == StudyState.HELD
+        assert "to CONFLICT: " in str(batch.reason) and "no log entry" not in str(batch.reason)

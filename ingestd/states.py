@@ -1,0 +1,108 @@
+"""The states of a batch and the steps of its delivery, declared as data: every module takes them from here.
+
+A batch (one delivery of a study: the instances that arrived before it went quiet) moves through `StudyState`;
+while it is `routed`, its delivery moves through `Step`. Each table below lists, for every state or step, the ones
+it may move to. The journal checks every change against them and raises `UndeclaredTransitionError` for any other: a
+change nobody declared is a bug, and fails loudly (in tests first) instead of leaving a batch somewhere no code
+expects it. As pynetdicom declares its association state machine, the tables are the reference; the code follows.
+
+    receiving -> complete -> routed -> delivered
+        |            |          |
+        +------------+----------+--> held --(retry)--> complete | routed
+                                       +--(release)--> released
+
+    package -> preflight -> import -> importing -> wait -> verify -> done
+       ^                       ^          |                  |  |
+       |                       |          +-----> verify     |  +--> archive -> archiving -> verify
+       +-----------------------+------------------(resend)---+
+
+`importing` and `archiving` are committed *before* their request goes out: finding one means the request may or
+may not have reached XNAT, so the next step looks (`verify`) instead of asking again blindly. `verify` is where
+every decision is made, from what XNAT holds: done, send what is missing again, archive, or wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+__all__ = [
+    "BATCH_TRANSITIONS",
+    "RETRY_STEP",
+    "STEP_TRANSITIONS",
+    "Step",
+    "StudyState",
+    "UndeclaredTransitionError",
+    "check_batch_transition",
+    "check_step_transition",
+]
+
+
+class StudyState(StrEnum):
+    """Where a batch of a study is. The values are stored in the journal: never rename them."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ROUTED = "routed"  # a rule decided the labels; the outgoing (de-identified) instances are written
+    DELIVERED = "delivered"  # XNAT verifiably holds every outgoing instance where the rule says
+    RELEASED = "released"  # a person took a held batch over (`ingestd release`); ingestd does nothing more with it
+    HELD = "held"
+
+
+class Step(StrEnum):
+    """Where a routed batch's delivery is. The values are stored in the journal: never rename them."""
+
+    PACKAGE = "package"  # zip the outgoing instances XNAT does not hold yet
+    PREFLIGHT = "preflight"  # the project is writable, the session label is not another study's
+    IMPORT = "import"  # send the zip to the import service
+    IMPORTING = "importing"  # committed before the upload: it may or may not have reached XNAT
+    WAIT = "wait"  # XNAT is building (or receiving into) a prearchive session of ours
+    VERIFY = "verify"  # compare what XNAT holds, by SOP Instance UID, with what the batch sends; decide
+    ARCHIVE = "archive"  # archive the READY prearchive session holding instances of ours
+    ARCHIVING = "archiving"  # committed before the archive request: it may or may not have been carried out
+    DONE = "done"
+
+
+BATCH_TRANSITIONS: Mapping[StudyState, frozenset[StudyState]] = {
+    StudyState.RECEIVING: frozenset({StudyState.COMPLETE, StudyState.HELD}),
+    StudyState.COMPLETE: frozenset({StudyState.ROUTED, StudyState.HELD}),
+    StudyState.ROUTED: frozenset({StudyState.DELIVERED, StudyState.HELD}),
+    StudyState.HELD: frozenset({StudyState.COMPLETE, StudyState.ROUTED, StudyState.RELEASED}),  # retry, release
+    StudyState.DELIVERED: frozenset(),
+    StudyState.RELEASED: frozenset(),
+}
+
+STEP_TRANSITIONS: Mapping[Step, frozenset[Step]] = {
+    Step.PACKAGE: frozenset({Step.PREFLIGHT, Step.IMPORT}),  # a resend skips the pre-flight it passed before
+    Step.PREFLIGHT: frozenset({Step.IMPORT}),
+    Step.IMPORT: frozenset({Step.IMPORTING}),
+    Step.IMPORTING: frozenset({Step.WAIT, Step.VERIFY}),  # answered | interrupted: look before sending again
+    Step.WAIT: frozenset({Step.VERIFY}),
+    Step.VERIFY: frozenset({Step.DONE, Step.PACKAGE, Step.ARCHIVE, Step.WAIT}),
+    Step.ARCHIVE: frozenset({Step.ARCHIVING}),
+    Step.ARCHIVING: frozenset({Step.VERIFY}),
+    Step.DONE: frozenset(),
+}
+
+# Where `ingestd retry` puts a held delivery: the step that can make progress from what XNAT holds now. Before
+# anything was sent the step itself runs again; after, `verify` looks at XNAT and decides.
+RETRY_STEP: Mapping[Step, Step] = {
+    Step.PACKAGE: Step.PACKAGE,
+    Step.PREFLIGHT: Step.PREFLIGHT,
+    **{step: Step.VERIFY for step in (Step.IMPORT, Step.IMPORTING, Step.WAIT, Step.VERIFY)},
+    **{step: Step.VERIFY for step in (Step.ARCHIVE, Step.ARCHIVING, Step.DONE)},
+}
+
+
+class UndeclaredTransitionError(AssertionError):
+    """A change of state or step that the tables above do not declare: a bug in ingestd, never an input error."""
+
+
+def check_batch_transition(batch_id: int, old: str, new: str) -> None:
+    if StudyState(new) not in BATCH_TRANSITIONS[StudyState(old)]:
+        raise UndeclaredTransitionError(f"batch {batch_id}: {old} -> {new} is not a declared transition")
+
+
+def check_step_transition(batch_id: int, old: str, new: str) -> None:
+    if old != new and Step(new) not in STEP_TRANSITIONS[Step(old)]:
+        raise UndeclaredTransitionError(f"batch {batch_id}: delivery step {old} -> {new} is not a declared transition")

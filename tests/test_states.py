@@ -1,0 +1,151 @@
+"""The states and steps of a batch are declared as data, and the journal holds every change to them.
+
+Also: a journal written by the previous schema is migrated in place when the daemon opens it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from ingestd.header import InstanceHeader
+from ingestd.journal import SCHEMA_VERSION, Journal, JournalVersionError, Outgoing, RouteRecord, Source
+from ingestd.states import (
+    BATCH_TRANSITIONS,
+    RETRY_STEP,
+    STEP_TRANSITIONS,
+    Step,
+    StudyState,
+    UndeclaredTransitionError,
+    check_batch_transition,
+    check_step_transition,
+)
+
+SCANNER = Source("dicom", "SCANNER", "INGESTD@127.0.0.1")
+V2_SCHEMA = Path(__file__).parent / "data" / "journal-schema-v2.sql"
+
+
+def test_every_state_and_step_is_in_its_table_and_every_target_is_known() -> None:
+    assert set(BATCH_TRANSITIONS) == set(StudyState)
+    assert set(STEP_TRANSITIONS) == set(Step)
+    assert set(RETRY_STEP) == set(Step)
+    for targets in [*BATCH_TRANSITIONS.values(), *STEP_TRANSITIONS.values()]:
+        assert targets <= set(StudyState) | set(Step)
+
+
+def test_every_step_can_reach_done_and_done_is_final() -> None:
+    """No step is a dead end: from each one some declared path leads to `done`."""
+    reaches = {Step.DONE}
+    while True:
+        more = {step for step, targets in STEP_TRANSITIONS.items() if targets & reaches} - reaches
+        if not more:
+            break
+        reaches |= more
+    assert reaches == set(Step)
+    assert STEP_TRANSITIONS[Step.DONE] == frozenset()
+
+
+def test_undeclared_transitions_fail_loudly() -> None:
+    with pytest.raises(UndeclaredTransitionError):
+        check_batch_transition(1, StudyState.DELIVERED, StudyState.ROUTED)
+    with pytest.raises(UndeclaredTransitionError):
+        check_step_transition(1, Step.IMPORTING, Step.IMPORT)  # never send again before looking
+    with pytest.raises(UndeclaredTransitionError):
+        check_step_transition(1, Step.PACKAGE, Step.DONE)
+    check_step_transition(1, Step.WAIT, Step.WAIT)  # re-scheduling a step is not a transition
+
+
+def _routed_batch(journal: Journal) -> int:
+    """A batch of one instance, routed (its outgoing SOP Instance UID is 1.2.3.4.5)."""
+    now = time.time()
+    header = InstanceHeader(
+        "1.2.3", "1.2.3.4", "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1", "MR", 1
+    )
+    with journal.transaction():
+        batch_id, _ = journal.receiving_batch("1.2.3", SCANNER, now)
+        journal.insert_instance(batch_id, header, 10, 0, SCANNER, now, "1.2.3/1/1.2.3.4/1.2.3.4.5.dcm")
+    instance_id = journal.batch_instances(batch_id)[0].id
+    assert journal.complete_batch(batch_id, now, now)
+    route = RouteRecord("r", "v", "main", "P", "S", "E", True, None, "1.2.3", ())
+    outgoing = [Outgoing(instance_id, "1.2.3.4", "1.2.3.4.5", "spool/x.dcm", 10)]
+    assert journal.route_batch(batch_id, route, outgoing, now)
+    journal.start_delivery(batch_id, now)
+    return batch_id
+
+
+def test_the_journal_refuses_an_undeclared_step_and_an_unverified_delivery(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    batch_id = _routed_batch(journal)
+    with pytest.raises(UndeclaredTransitionError):
+        journal.update_delivery(batch_id, step=Step.ARCHIVE)  # package -> archive
+    with pytest.raises(UndeclaredTransitionError):
+        journal.hold_batch(batch_id, "x", "x", time.time(), from_state=StudyState.DELIVERED)
+    for step in (Step.PREFLIGHT, Step.IMPORT, Step.IMPORTING, Step.VERIFY):
+        journal.update_delivery(batch_id, step=step)
+    with pytest.raises(AssertionError, match="not verified"):
+        journal.finish_delivery(batch_id, time.time())
+    journal.set_verified(batch_id, {"1.2.3.4.5": "archive"}, time.time())
+    assert journal.finish_delivery(batch_id, time.time())
+    assert journal.batch_state(batch_id) == StudyState.DELIVERED
+    journal.close()
+
+
+def test_retry_resumes_from_the_step_that_can_make_progress(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    batch_id = _routed_batch(journal)
+    for step in (Step.PREFLIGHT, Step.IMPORT, Step.IMPORTING, Step.WAIT):
+        journal.update_delivery(batch_id, step=step, attempts=3, faults=2)
+    assert journal.hold_batch(batch_id, "not-ready", "deliver: still RECEIVING", time.time(), from_state="routed")
+    held = next(b for b in journal.batches() if b.id == batch_id)
+    assert (held.state, held.hold_code) == (StudyState.HELD, "not-ready")
+    assert journal.retry_batch(batch_id, time.time()) == StudyState.ROUTED
+    delivery = journal.delivery(batch_id)
+    assert delivery is not None
+    assert (delivery["step"], delivery["attempts"], delivery["faults"]) == (Step.VERIFY, 0, 0)
+    assert delivery["retried_at"] is not None
+    journal.close()
+
+
+def test_a_journal_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(V2_SCHEMA.read_text())
+        db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+        for batch_id, state, reason in [
+            (1, "held", "deliver: XNAT main has no project P"),
+            (2, "routed", None),
+            (3, "held", "unrouted: no rule matched"),
+        ]:
+            db.execute(
+                "INSERT INTO batches (id, study_uid, batch, state, source_kind, source, first_received,"
+                " last_received, state_changed, reason) VALUES (?, ?, 1, ?, 'dicom', 'S', 0, 0, 0, ?)",
+                (batch_id, f"1.2.{batch_id}", state, reason),
+            )
+        db.execute(
+            "INSERT INTO deliveries (batch_id, step, next_attempt_at, started_at, step_started_at)"
+            " VALUES (2, 'importing', 0, 0, 0)"
+        )
+        db.commit()
+    journal = Journal(path)
+    assert journal.schema_version() == SCHEMA_VERSION
+    codes = {b.id: b.hold_code for b in journal.batches()}
+    assert codes == {1: "deliver", 2: None, 3: "unrouted"}
+    delivery = journal.delivery(2)
+    assert delivery is not None and delivery["step"] == Step.VERIFY  # adopted by counts before: looked at again
+    assert delivery["shortfalls"] == 0 and delivery["faults"] == 0
+    journal.close()
+    Journal(path).close()  # opening it again changes nothing
+
+
+def test_a_journal_of_a_newer_ingestd_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    Journal(path).close()
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+        db.commit()
+    with pytest.raises(JournalVersionError, match="newer ingestd"):
+        Journal(path)
