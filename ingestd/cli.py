@@ -14,6 +14,7 @@ from ingestd import __version__
 from ingestd.config import Config, load_config
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
+from ingestd.logs import uid_digest
 
 __all__ = ["main"]
 
@@ -167,8 +168,6 @@ def _cmd_import(args: argparse.Namespace, config: Config) -> int:
 
 def _held_batches(journal: Journal, reference: str | None) -> list[int]:
     """The held batches a person named: by batch id, by study digest, original or outgoing Study Instance UID."""
-    from ingestd.logs import uid_digest  # noqa: PLC0415
-
     routes = journal.routes()
     held = [batch for batch in journal.batches(("held",))]
     if reference is None:
@@ -359,12 +358,18 @@ def _route_data(route: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: route[key] for key in keys} | {"archive": bool(route["archive"])}
 
 
-def _delivery_data(delivery: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+def _delivery_data(
+    delivery: dict[str, Any] | None, counts: tuple[int, int] | None, now: float
+) -> dict[str, Any] | None:
     if delivery is None:
         return None
-    keys = ("step", "attempts", "last_error", "prearchive_url", "archive_uri", "zip_size")
+    keys = ("step", "attempts", "faults", "shortfalls", "last_error", "prearchive_url", "archive_uri", "zip_size")
     data = {key: delivery[key] for key in keys}
     data["next_attempt_in_seconds"] = max(0.0, round(delivery["next_attempt_at"] - now, 1))
+    instances, verified = counts or (0, 0)
+    data["instances"], data["verified"] = instances, verified
+    looked = delivery["step"] not in ("package", "preflight", "import", "importing") or delivery["shortfalls"]
+    data["missing"] = instances - verified if looked and delivery["step"] != "done" else 0
     return data
 
 
@@ -385,6 +390,7 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
         now = time.time()
         routes = journal.routes()
         deliveries = journal.deliveries()
+        verification = journal.verification()
         studies: list[dict[str, Any]] = [
             {
                 "batch_id": batch.id,
@@ -403,11 +409,25 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
                 "reason": batch.reason,
                 "hold_code": batch.hold_code,
                 "route": _route_data(routes.get(batch.id)),
-                "delivery": _delivery_data(deliveries.get(batch.id), now),
+                "delivery": _delivery_data(deliveries.get(batch.id), verification.get(batch.id), now),
             }
             for batch in journal.batches()
         ]
         quarantine = journal.quarantined()
+        superseded = [
+            {
+                "batch_id": item["batch_id"],
+                "study": _study_reference(item["study_uid"], routes.get(item["batch_id"]), show_uids),
+                "instance": item["sop_uid"] if show_uids else uid_digest(item["sop_uid"]),
+                "path": item["path"] if show_uids else "superseded/...",
+                "bytes": item["size"],
+                "source_kind": item["source_kind"],
+                "source": item["source"],
+                "received_at": item["received_at"],
+                "superseded_at": item["at"],
+            }
+            for item in journal.superseded()
+        ]
         if show_paths:
             for item in quarantine:
                 item["original_path"] = _original_path(config.quarantine_dir, item["path"])
@@ -431,6 +451,7 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
         "health": health,
         "studies": studies,
         "quarantine": quarantine,
+        "superseded": superseded,
         "journal": str(config.journal_path),
         "exists": True,
     }
@@ -440,9 +461,12 @@ def _delivery_text(delivery: dict[str, Any] | None) -> str:
     if delivery is None or delivery["step"] == "done":
         return ""
     text = f"delivery: {delivery['step']}"
-    if delivery["attempts"]:
-        text += f", attempt {delivery['attempts'] + 1} in {_age(delivery['next_attempt_in_seconds'])}"
+    if delivery["attempts"] or delivery.get("faults"):
+        tries = delivery["attempts"] + delivery.get("faults", 0)
+        text += f", attempt {tries + 1} in {_age(delivery['next_attempt_in_seconds'])}"
         text += f" ({delivery['last_error']})"
+    if delivery.get("missing"):
+        text += f", {delivery['missing']} of {delivery['instances']} instances not yet in XNAT"
     return text
 
 
@@ -495,6 +519,18 @@ def _print_status(data: dict[str, Any]) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["at"]))
         came = f" from {item['original_path']}" if item.get("original_path") else ""
         print(f"  {when}  {item['path']}  ({item['source_kind']}:{item['source']}{came}): {item['reason']}")
+    superseded = data.get("superseded", [])
+    if superseded:
+        print(
+            f"\n{len(superseded)} earlier cop{'y' if len(superseded) == 1 else 'ies'} of instances kept aside"
+            " (a copy with different content replaced each; the new one is delivered)"
+        )
+        for item in superseded:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["superseded_at"]))
+            print(
+                f"  {when}  {item['study']} batch {item['batch_id']} instance {item['instance']}"
+                f"  ({item['source_kind']}:{item['source']}, {_size(item['bytes'])})  {item['path']}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one branch and return per command

@@ -138,6 +138,19 @@ CREATE TABLE IF NOT EXISTS deliveries (
     faults INTEGER NOT NULL DEFAULT 0,
     retried_at REAL
 );
+CREATE TABLE IF NOT EXISTS superseded (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    instance_id INTEGER NOT NULL REFERENCES instances (id),
+    sop_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    source_kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    source_detail TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL,
@@ -167,6 +180,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE deliveries ADD COLUMN shortfalls INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE deliveries ADD COLUMN faults INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE deliveries ADD COLUMN retried_at REAL",
+        # Copies of an instance replaced by a different copy are kept aside (created by _SCHEMA below).
         # A delivery that an older ingestd adopted or verified by counts is looked at again, by identity.
         "UPDATE deliveries SET step = 'verify' WHERE step IN ('importing', 'archiving')"
         " AND batch_id IN (SELECT id FROM batches WHERE state = 'routed')",
@@ -452,6 +466,31 @@ class Journal:
             (now, instance_id),
         )
 
+    def add_superseded(self, instance_id: int, path: str, now: float) -> None:
+        """Record that the copy of an instance stored so far was kept aside at `path` (relative to the state
+        directory) because a copy with different content replaced it (inside a transaction), with a
+        `superseded` receipt in the name of the copy kept aside."""
+        self._db.execute(
+            "INSERT INTO superseded (batch_id, instance_id, sop_uid, path, size, source_kind, source, source_detail,"
+            " received_at, at) SELECT batch_id, id, sop_uid, ?, size, source_kind, source, source_detail,"
+            " received_at, ? FROM instances WHERE id = ?",
+            (path, now, instance_id),
+        )
+        self._db.execute(
+            "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
+            " SELECT batch_id, sop_uid, 'superseded', source_kind, source, size, ? FROM instances WHERE id = ?",
+            (now, instance_id),
+        )
+
+    def superseded(self) -> list[dict[str, Any]]:
+        """The copies kept aside because a different copy of the same instance replaced them, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.batch_id, b.study_uid, s.sop_uid, s.path, s.size, s.source_kind, s.source, s.received_at,"
+                " s.at FROM superseded s JOIN batches b ON b.id = s.batch_id ORDER BY s.at DESC"
+            ).fetchall()
+        return [dict(row) for row in rows]
+
     def add_receipt(self, batch_id: int, sop_uid: str, outcome: str, source: Source, size: int, now: float) -> None:
         self._db.execute(
             "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
@@ -650,6 +689,16 @@ class Journal:
                 (StudyState.DELIVERED, now, batch_id, StudyState.ROUTED),
             )
             return cursor.rowcount == 1
+
+    def verification(self) -> dict[int, tuple[int, int]]:
+        """Per routed batch: (outgoing instances, those XNAT was last seen to hold)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT batch_id, count(*), count(verified) FROM outgoing"
+                " WHERE batch_id IN (SELECT id FROM batches WHERE state = ?) GROUP BY batch_id",
+                (StudyState.ROUTED,),
+            ).fetchall()
+        return {int(row[0]): (int(row[1]), int(row[2])) for row in rows}
 
     def set_verified(self, batch_id: int, places: dict[str, str | None], now: float) -> None:
         """Record where XNAT holds each outgoing instance (by SOP Instance UID as it leaves): `archive`,

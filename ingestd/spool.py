@@ -1,9 +1,15 @@
 """The spool: every instance written durably to disk, then recorded in the journal.
 
-An instance is written to a temp file on the spool's file system, fsync'd, renamed into
+An instance is written to a temp file on the spool's file system, fsync'd, linked into
 `spool/<StudyInstanceUID>/<batch>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`, its directory fsync'd, and
 only then is its journal row committed. Paths are built from validated UIDs only. Nothing here decides
 anything about studies.
+
+A copy of an instance already stored is a no-op when its bytes are the same. When they differ, the new copy is
+delivered and the earlier one is never destroyed: while its batch is still receiving, it is kept aside in
+`superseded/<StudyInstanceUID>/<batch>/<SeriesInstanceUID>/<SOPInstanceUID>.<nanoseconds>.dcm` (a hard link made
+before the new copy takes its place), recorded with a `superseded` receipt and listed by `ingestd status`; once
+its batch has moved on, the new copy opens the study's next batch and both are delivered in turn.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ class Spool:
 
     def __init__(self, root: Path, journal: Journal, *, min_free_bytes: int = 0) -> None:
         self.root = root
+        self.superseded = root.parent / "superseded"  # on the same file system: kept aside by a hard link
         self.tmp = root / _TMP
         self.journal = journal
         self.min_free_bytes = min_free_bytes
@@ -150,21 +157,30 @@ class Spool:
         if self.journal.find_instance(header.study_uid, header.sop_uid) is not None:
             return self._commit_again(tmp, facts, body)
         number = self.journal.next_batch_number(header.study_uid)
-        relative = self._place(tmp, header, number)
+        try:
+            relative = self._place(tmp, header, number, exclusive=True)
+        except FileExistsError:  # another copy of the same instance got there first, just now
+            return self._commit_again(tmp, facts, body)
         with self.journal.transaction():
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
-            if existing is not None and existing.spool_path == relative:  # the same instance, concurrently
-                return self._record_replacement(existing, facts)
             batch_id, actual = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
             if actual != number:  # the batch completed meanwhile: the instance opens the next one
                 relative = self._place(self.root / relative, header, actual)
             return self._record_new(batch_id, relative, facts, replaces=existing is not None)
 
     def _commit_again(self, tmp: Path, facts: _Facts, body: bytes | memoryview) -> StoreOutcome:
-        """Store a copy of an instance already in the spool: a no-op if identical, else a replacement."""
+        """Store a copy of an instance already in the spool: a no-op if identical, else a replacement that keeps
+        the earlier copy aside."""
         header = facts.header
         with self.journal.transaction():
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
+            if (
+                existing is None
+                and (self.root / self._relative(header, self.journal.next_batch_number(header.study_uid))).exists()
+            ):
+                # Placed by a concurrent store of the same instance that has not committed yet: this one fails
+                # (the sender tries again) rather than guess which copy is the earlier.
+                raise SpoolError("another copy of this instance is being stored at this moment; send it again")
             if existing is not None and self._same_data(existing.spool_path, existing.data_offset, body):
                 tmp.unlink()
                 self.journal.add_receipt(
@@ -173,8 +189,11 @@ class Spool:
                 return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, facts.size)
             if existing is not None and existing.batch_state == "receiving":
                 final = self.root / existing.spool_path
+                kept = self._keep_aside(existing.spool_path)
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
+                self.journal.add_superseded(existing.id, kept, facts.now)
+                log.warning("spool.copy_superseded", batch_id=existing.batch_id, source_kind=facts.source.kind)
                 return self._record_replacement(existing, facts)
             # the earlier copy's batch has moved on: this copy goes with the study's next batch
             batch_id, number = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
@@ -196,20 +215,39 @@ class Spool:
         self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
         return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
 
-    def _place(self, current: Path, header: InstanceHeader, batch: int) -> str:
-        """Rename `current` to the instance's spool path in `batch`, durably; return the relative path."""
-        relative = f"{header.study_uid}/{batch}/{header.series_uid}/{header.sop_uid}.dcm"
+    @staticmethod
+    def _relative(header: InstanceHeader, batch: int) -> str:
+        return f"{header.study_uid}/{batch}/{header.series_uid}/{header.sop_uid}.dcm"
+
+    def _place(self, current: Path, header: InstanceHeader, batch: int, *, exclusive: bool = False) -> str:
+        """Move `current` to the instance's spool path in `batch`, durably; return the relative path.
+
+        `exclusive`: raise FileExistsError rather than replace a file already there (a hard link, then the temp
+        name is removed: a crash in between leaves only a temp file, which recovery removes).
+        """
+        relative = self._relative(header, batch)
         final = self.root / relative
         self._ensure_dir(final.parent)
+        move = _link_then_unlink if exclusive else os.replace
         try:
-            os.replace(current, final)
+            move(current, final)
         except FileNotFoundError:  # the folder was removed behind the cache's back (a cleaned-up study)
             with self._dirs_lock:
                 self._known_dirs.clear()
             self._ensure_dir(final.parent)
-            os.replace(current, final)
+            move(current, final)
         fsync_dir(final.parent)
         return relative
+
+    def _keep_aside(self, relative: str) -> str:
+        """Hard-link the spooled copy at `relative` into the superseded folder, durably; return its path relative
+        to the state directory. The spool's copy itself is replaced afterwards, by the caller."""
+        name = relative.removesuffix(".dcm") + f".{time.time_ns()}.dcm"
+        target = self.superseded / name
+        make_dirs_durably(target.parent)
+        os.link(self.root / relative, target)
+        fsync_dir(target.parent)
+        return f"{self.superseded.name}/{name}"
 
     def _same_data(self, relative: str, data_offset: int, body: bytes | memoryview) -> bool:
         try:
@@ -343,6 +381,12 @@ class Quarantine:
         shutil.copyfile(path, target)
         _fsync_tree(target)
         return self._record(target, reason, source)
+
+
+def _link_then_unlink(source: Path, target: Path) -> None:
+    """Give `source` the name `target` unless `target` exists (FileExistsError); then drop the name `source`."""
+    os.link(source, target)
+    source.unlink()
 
 
 def _fsync_tree(root: Path) -> None:

@@ -260,7 +260,7 @@ def _kill9_then_deliver(
 ) -> list[dict[str, Any]]:
     """Send a study, kill -9 the daemon once `dying_moment()` holds, restart it, wait until the study is delivered.
 
-    Returns the `deliver.adopted` log records of the restarted daemon.
+    Returns the `deliver.verified` log records of the restarted daemon (what it found XNAT holds, each look).
     """
     files = write_instances(_numbered_study(), tmp_path / "scan")
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
@@ -272,21 +272,21 @@ def _kill9_then_deliver(
         daemon.start()
         daemon.wait_ready(port)
         wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
-        records = daemon.logged("deliver.adopted")
+        records = daemon.logged("deliver.verified")
         assert daemon.terminate() == 0
     return records
 
 
 def test_kill9_during_import_delivers_exactly_once(tmp_path: Path, xnat: FakeXnat) -> None:
-    """The daemon dies while XNAT is still answering an import it has already stored: after the restart the
-    session is found and adopted, never imported a second time."""
+    """The daemon dies while XNAT is still answering an import it has already stored: after the restart it looks,
+    finds every instance in the prearchive session by identity, and never imports a second time."""
     port = free_port()
     config = _xnat_config(tmp_path, port, xnat.url)
     xnat.fail_next("POST", "/data/services/import", status=504, after_processing=True, delay=30)
     records = _kill9_then_deliver(
         tmp_path, config, port, lambda: xnat.prearchive_rows("PROJ") and _delivery_step(config) == "importing"
     )
-    assert records and records[0]["where"] == "prearchive"
+    assert records and (records[0]["in_prearchive"], records[0]["missing"]) == (6, 0)
     # The only import is the one the first daemon died waiting for (the stand-in logs a request when it has
     # answered it, and that answer never reached anyone): the restarted daemon imported nothing.
     imports = [path for method, path, _ in xnat.requests_log if method == "POST" and "services/import" in path]

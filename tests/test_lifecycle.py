@@ -6,7 +6,8 @@
 - SIGTERM in the middle of a storescu transfer to `ingestd run`: the process exits 0 within
   `stop_timeout_seconds`, and every instance storescu saw acknowledged is in the journal and the spool.
 - SIGTERM while XNAT takes longer than the deadline to answer an import: the process exits 0 in time, the
-  journal still says `importing`, and after a restart the study is adopted, not imported again: one experiment.
+  journal still says `importing`, and after a restart XNAT is found to hold every instance (by SOP Instance UID)
+  and the study is archived, not imported again: one experiment.
 """
 
 from __future__ import annotations
@@ -318,10 +319,10 @@ def test_sigterm_during_a_slow_import_exits_in_time_and_delivers_once(tmp_path: 
         wait_until(
             lambda: (_delivery(state_dir) or {}).get("state") == "delivered", 60, interval=0.2, message="delivery"
         )
-        adopted = daemon.logged("deliver.adopted")
+        verified = daemon.logged("deliver.verified")
         imported = daemon.logged("deliver.imported")
         assert daemon.terminate(timeout=deadline + _SLACK) == 0
-    assert adopted and adopted[0]["where"] == "prearchive" and not imported
+    assert verified and (verified[0]["in_prearchive"], verified[0]["missing"]) == (len(files), 0) and not imported
     (experiment,) = xnat.experiments("PROJ")
     assert sum(len(scan.files) for scan in experiment.scans.values()) == len(files)
     assert not xnat.prearchive_rows()

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from ingestd.cli import _status_data
+from ingestd.config import load_config
 from ingestd.header import read_file_header
 from ingestd.journal import Journal, Source
 from ingestd.spool import Quarantine, Spool
@@ -73,3 +75,32 @@ def test_store_after_the_study_folder_was_removed(tmp_path: Path) -> None:
     again = spool.store(data[:0], data, read_file_header(data), source)
     assert (spool.root / again.spool_path).read_bytes() == data
     journal.close()
+
+
+def test_a_different_copy_of_an_instance_never_destroys_the_first(tmp_path: Path) -> None:
+    """The same SOP Instance UID with other content while its batch receives: the new copy goes on, the first is
+    kept aside with a `superseded` receipt and listed by `ingestd status`; an identical copy is a no-op."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    spool = Spool(tmp_path / "spool", journal)
+    first = make_instance()
+    second = make_instance(first.StudyInstanceUID, first.SeriesInstanceUID)
+    second.SOPInstanceUID = first.SOPInstanceUID
+    second.PatientComments = "corrected by the technologist"
+    one, two = (file.read_bytes() for file in write_instances([first, second], tmp_path / "src"))
+    source = Source("folder", "/drop", "a.dcm")
+    stored = spool.store(one[:0], one, read_file_header(one), source)
+    assert spool.store(one[:0], one, read_file_header(one), source).outcome == "duplicate"
+    replaced = spool.store(two[:0], two, read_file_header(two), Source("dicom", "SCANNER", "INGESTD@127.0.0.1"))
+    assert (replaced.outcome, replaced.spool_path) == ("replaced", stored.spool_path)
+    assert (spool.root / stored.spool_path).read_bytes() == two  # the latest is the one delivered
+    (kept,) = journal.superseded()
+    assert (tmp_path / kept["path"]).read_bytes() == one  # the first copy, whole
+    assert (kept["source_kind"], kept["size"]) == ("folder", len(one))
+    outcomes = [row[0] for row in journal._db.execute("SELECT outcome FROM receipts ORDER BY id")]
+    assert outcomes == ["stored", "duplicate", "superseded", "replaced"]
+    journal.close()
+    config = tmp_path / "ingestd.yaml"
+    config.write_text(f"state_dir: {tmp_path}\n")
+    data = _status_data(load_config(config))
+    (listed,) = data["superseded"]
+    assert listed["batch_id"] == kept["batch_id"] and first.SOPInstanceUID not in json.dumps(data)
