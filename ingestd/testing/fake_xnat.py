@@ -3,7 +3,11 @@
 Behaviour follows `shared/reference/xnat-api.md` (cited below as §n), surprises included: unknown projects land in
 `Unassigned` with status 200, archive conflicts answer HTTP 500 (not 409), octet-stream zips are refused with
 `Unsupported format UNKNOWN`, a bad zip entry aborts the import *after* earlier entries were stored, and sessions
-sit in `RECEIVING` until an idle builder builds them. Standard library HTTP server + pydicom only.
+sit in `RECEIVING` until an idle builder builds them. Where it matters for clients, behaviour is checked against
+XNAT's own source (xnat-web, cited `file:line` or Class.method in comments): DICOM-zip uploads are read as a stream
+the way java.util.zip.ZipInputStream reads them, files are named as GradualDicomImporter.getSafeFile names them,
+and archiving merges catalogs by SOP Instance UID as MergeCatCatalog does. Standard library HTTP server + pydicom
+only.
 
 Usage::
 
@@ -19,10 +23,12 @@ Public API (`FakeXnat`):
 
 * ``FakeXnat(*, version="1.8.10", host="127.0.0.1", port=0, idle_build_seconds=300.0,
   rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
-  operation_seconds=0.0, site_id="XNAT")`` -- `version` switches the 1.8.9 / 1.8.10 behaviour (default import
-  handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested archives, `Ignore-Unparsable`
-  scope); the idle builder replaces XNAT's minutes by seconds (§5.3); `operation_seconds` makes every build and
-  archive take that long, so tests can observe `BUILDING`/`_ARCHIVING` and lock contention.
+  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True)`` -- `version` switches the 1.8.9 / 1.8.10
+  behaviour (default import handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested
+  archives, `Ignore-Unparsable` scope); the idle builder replaces XNAT's minutes by seconds (§5.3);
+  `operation_seconds` makes every build and archive take that long, so tests can observe `BUILDING`/`_ARCHIVING`
+  and lock contention; `use_sop_instance_uid` is the site preference `useSopInstanceUidToUniquelyIdentifyDicom`
+  (archived catalog entries matched by SOP Instance UID, else by file name).
 * ``start()`` (returns self), ``stop()``, context manager; ``url`` (``http://127.0.0.1:PORT``).
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
@@ -34,8 +40,21 @@ Public API (`FakeXnat`):
   answers the failure, like a proxy 504 after XNAT finished; `delay` sleeps before answering.
   ``html_error_with_200_next(method, path_prefix, message=...)`` answers 200 with an HTML error page (what
   `format=html` uploads do) without doing the work.
+  ``reset_next(method, path_prefix, *, times=1, after_bytes=None)`` resets the connection (TCP RST) part-way
+  through the body: for `POST /data/services/import` after `after_bytes` (default half the body), with every entry
+  of a raw DICOM-zip upload that lies wholly inside them stored as a complete upload would store it (the rows stay
+  RECEIVING; multipart and other uploads store nothing); elsewhere after at most 64 KiB, processing nothing;
+  logged with status 0.
+  ``truncate_next(method, path_prefix, *, times=1, keep_bytes=None)`` does the real work and answers with the real
+  status and headers but only the first `keep_bytes` of the body (default half; Content-Length to match).
+* Silent drops: ``drop_entries(predicate, *, stage="filter")`` -- `predicate(sop_instance_uid,
+  series_instance_uid, series_description) -> bool`; matching objects are accepted (200) and not stored, by a
+  series import filter (`stage="filter"`, before any row exists) or a site-wide DicomEdit reject
+  (`stage="anonymization"`: row created, file written and deleted, rows with `prevent_anon` spared);
+  ``drop_entries(None)`` removes every rule.
 * Inspection: ``prearchive_rows(project=None)`` (the §5.1 row dicts, `project` may be ``"Unassigned"``),
-  ``experiments(project=None)`` (`ExperimentRecord` snapshots), ``requests_log`` (a copy of every
+  ``experiments(project=None)`` (`ExperimentRecord` snapshots), ``archived_files(project, label)`` (the bytes of
+  an archived session's files by `<scan>/<name>`), ``requests_log`` (a copy of every
   ``(method, path+query, status)``), ``build_now()`` (one idle-builder pass ignoring the idle time, including the
   auto-archive that follows a build).
 
@@ -43,9 +62,15 @@ Command line (a lab can point ingestd at it)::
 
     python -m ingestd.testing.fake_xnat --port 8080 --user admin:admin --project PROJ
 
+Archived scans answer what a verifying client reads: ``.../scans/{id}/resources`` (CatalogResourceList columns),
+``.../scans/{id}/resources/{DICOM|resource id}`` (the catalog XML, one `cat:entry` with `UID` per file),
+``.../files``, under `/data/projects/P/subjects/S/experiments/E`, `/data/experiments/{ID}` and the `/archive`
+aliases. Prearchive scan/resource/file listings answer from what the last build catalogued.
+
 Deliberate simplifications (see each [INF] in the reference): files live in memory; a minimal xnat.xsd (the
-session types the stand-in files; enough for xnatpy to create its objects), no CSRF, no anonymisation scripts, no
-custom routing rules, no `Direct-Archive`, no concurrent-send detection, no PET/MR separation.
+session types the stand-in files; enough for xnatpy to create its objects), no CSRF, no anonymisation scripts
+beyond `drop_entries`' rejects, no custom routing rules, no `Direct-Archive`, no concurrent-send detection, no
+PET/MR separation, no file history in the archive.
 """
 
 from __future__ import annotations
@@ -775,20 +800,22 @@ def _local_entry(data: bytes, pos: int) -> _LocalEntry | None:
 def _inflate_entry(data: bytes, entry: _LocalEntry) -> tuple[bytes, int | None]:
     """A deflated entry's content and where the next header starts (None: its data descriptor is cut off); with a
     data descriptor the deflate stream's own end delimits the data (ZipInputStream inflates until it finishes)."""
-    window = (
-        memoryview(data)[entry.start :]
-        if entry.descriptor
-        else memoryview(data)[entry.start : entry.start + entry.compressed]
-    )
+    limit = len(data) if entry.descriptor else min(len(data), entry.start + entry.compressed)
+    view = memoryview(data)
     inflater = zlib.decompressobj(-15)
+    parts: list[bytes] = []
+    pos = entry.start
     try:
-        content = inflater.decompress(window)
+        while not inflater.eof and pos < limit:  # fed in slices: the end is unknown until the inflater finishes
+            chunk = view[pos : min(pos + 65536, limit)]
+            parts.append(inflater.decompress(chunk))
+            pos += len(chunk) - len(inflater.unused_data)
     except zlib.error as exc:
         raise _unreadable_archive() from exc
     if not inflater.eof:
         raise _unreadable_archive()  # "Unexpected end of ZLIB input stream": cut short or corrupt
-    read = len(window) - len(inflater.unused_data)
-    pos = entry.start + read
+    content = b"".join(parts)
+    read = pos - entry.start
     crc, compressed, size = entry.crc, entry.compressed, entry.size
     if entry.descriptor:
         # readEnd (Java 8): the descriptor has 8-byte sizes only when an inflated or deflated size exceeds
@@ -1497,13 +1524,17 @@ class _Store:
         """
         by_uid = self.config.use_sop_instance_uid
         entries = dict(existing)
+        first_with_uid: dict[str, str] = {}  # CatalogUtils.getDCMEntryByUID finds the first entry with the UID
+        for entry_name, entry in entries.items():
+            first_with_uid.setdefault(entry.dicom.sop_uid, entry_name)
         for name, item in incoming.items():
             uid = item.dicom.sop_uid
-            found = next((n for n, e in entries.items() if e.dicom.sop_uid == uid), None) if by_uid and uid else None
+            found = first_with_uid.get(uid) if by_uid and uid else None
             if found is None and name in entries:
                 found = name
             if found is None:
                 entries[name] = item
+                first_with_uid.setdefault(uid, name)
                 continue
             if by_uid and name in entries and entries[name].dicom.sop_uid != uid:
                 raise _ArchiveError(
@@ -1514,6 +1545,8 @@ class _Store:
             if found != name:
                 del entries[found]
             entries[name] = item
+            if by_uid:
+                first_with_uid[uid] = name
         return entries
 
     @staticmethod
