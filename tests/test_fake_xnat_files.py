@@ -323,3 +323,16 @@ def test_a_reject_of_the_first_object_still_leaves_its_new_row(xnat: FakeXnat, a
 def test_drop_entries_refuses_an_unknown_stage(xnat: FakeXnat) -> None:
     with pytest.raises(ValueError, match="unknown stage"):
         xnat.drop_entries(lambda *_: True, stage="later")
+
+
+def test_the_filter_runs_before_the_sop_uid_checks(xnat: FakeXnat, alice: requests.Session) -> None:
+    """GradualDicomImporter.call filters (:193) before it checks the SOP UIDs (:206-211): an object without a SOP
+    Instance UID that a filter drops is accepted, one that no filter drops fails the import."""
+    (broken,) = study(per_series=1, SeriesDescription="SCOUT")
+    del broken.SOPInstanceUID
+    refused = import_zip(xnat, alice, zipped([("IM0.dcm", broken)]))
+    assert (refused.status_code, h3(refused)) == (400, "object IM0.dcm contains no SOP Instance UID")
+    xnat.drop_entries(lambda sop_uid, series_uid, description: description == "SCOUT")
+    accepted = import_zip(xnat, alice, zipped([("IM0.dcm", broken)]))
+    assert (accepted.status_code, accepted.text) == (200, "")
+    assert xnat.prearchive_rows() == []

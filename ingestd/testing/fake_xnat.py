@@ -634,8 +634,12 @@ def _value(dataset: Any, keyword: str) -> str:
     return str(value).strip()
 
 
-def _parse_dicom(base: str, data: bytes) -> _Dicom:
-    """Read one object; `base` is the name XNAT's file writer gives it (used in the error messages)."""
+def _parse_dicom(base: str, data: bytes, *, require_uids: bool = True) -> _Dicom:
+    """Read one object; `base` is the name XNAT's file writer gives it (used in the error messages).
+
+    `require_uids=False` leaves the SOP Class/Instance UID checks to `_require_uids`: GradualDicomImporter.call
+    makes them only after the series import filters (archive/GradualDicomImporter.java:193-211).
+    """
     if not _looks_like_dicom(data):
         raise _EntryError(f"unable to read DICOM object {base}", unreadable=True)
     try:
@@ -645,11 +649,7 @@ def _parse_dicom(base: str, data: bytes) -> _Dicom:
             values = {keyword: _value(dataset, keyword) for keyword in _KEYWORDS}
     except Exception as exc:  # pydicom raises many types on garbage; all mean "unreadable"
         raise _EntryError(f"unable to read DICOM object {base}", unreadable=True) from exc
-    if not values["SOPClassUID"]:
-        raise _EntryError(f"object {base} contains no SOP Class UID", unreadable=False)
-    if not values["SOPInstanceUID"]:
-        raise _EntryError(f"object {base} contains no SOP Instance UID", unreadable=False)
-    return _Dicom(
+    dicom = _Dicom(
         sop_class=values["SOPClassUID"],
         sop_uid=values["SOPInstanceUID"],
         study_uid=values["StudyInstanceUID"],
@@ -666,6 +666,16 @@ def _parse_dicom(base: str, data: bytes) -> _Dicom:
         study_time=values["StudyTime"],
         instance_number=values["InstanceNumber"],
     )
+    if require_uids:
+        _require_uids(base, dicom)
+    return dicom
+
+
+def _require_uids(base: str, dicom: _Dicom) -> None:
+    if not dicom.sop_class:
+        raise _EntryError(f"object {base} contains no SOP Class UID", unreadable=False)
+    if not dicom.sop_uid:
+        raise _EntryError(f"object {base} contains no SOP Instance UID", unreadable=False)
 
 
 def _archive_kind(name: str) -> str | None:
@@ -1282,14 +1292,13 @@ class _Store:
         """§3.4 steps 2-8 for one parsed object (`GradualDicomImporter.call`): route, find-or-create the row, name
         and store the file. `name` is the file writer's name (an archive entry's last path component).
 
-        None when the object is dropped silently, the import still answering 200 (`returnEmptyList`): by a series
-        import filter before any row exists (archive/GradualDicomImporter.java:193-200), or by a site-wide DicomEdit
-        "reject" after the file was written, which deletes it again (:388-400; skipped when the row says
-        `prevent_anon`). The legacy SI importer (`new_rows_only`) takes another path and is not filtered here [INF].
+        None when a site-wide DicomEdit "reject" drops the object after the file was written, deleting it again
+        (archive/GradualDicomImporter.java:388-400; skipped when the row says `prevent_anon`): the import still
+        answers 200 (`returnEmptyList`). Series import filters drop objects earlier, before any row exists; the
+        caller asks `filtered` first, before the SOP UID checks, as XNAT does (:193-211). The legacy SI importer
+        (`new_rows_only`) takes another path and is not filtered [INF].
         """
         with self.lock:
-            if not ctx.new_rows_only and self._dropped(dicom, "filter"):
-                return None
             project, subject, label = self.route(ctx, dicom)
             row = self._find_or_create(ctx, project, subject, label, dicom)
             files = row.scans.setdefault(dicom.scan_id, {})
@@ -1302,6 +1311,11 @@ class _Store:
                     del row.scans[dicom.scan_id]
                 return None
             return row.key
+
+    def filtered(self, ctx: _ImportContext, dicom: _Dicom) -> bool:
+        """Whether a series import filter drops the object (GradualDicomImporter.java:193-200)."""
+        with self.lock:
+            return not ctx.new_rows_only and self._dropped(dicom, "filter")
 
     def _dropped(self, dicom: _Dicom, stage: str) -> bool:
         return any(
@@ -2546,7 +2560,10 @@ class _Api:
         last_error: _EntryError | None = None
         for name, data in entries:
             try:
-                dicom = _parse_dicom(name, data)
+                dicom = _parse_dicom(name, data, require_uids=False)
+                if self.store.filtered(ctx, dicom):  # a series import filter: 200, nothing stored, no row
+                    continue
+                _require_uids(name, dicom)
             except _EntryError as error:
                 # Ignore-Unparsable: ≤1.8.9 skips only DICOM coding errors, ≥1.8.10 any per-entry client error.
                 if ignore and (ignore_any or error.unreadable):
