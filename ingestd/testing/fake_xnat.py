@@ -3,7 +3,11 @@
 Behaviour follows `shared/reference/xnat-api.md` (cited below as §n), surprises included: unknown projects land in
 `Unassigned` with status 200, archive conflicts answer HTTP 500 (not 409), octet-stream zips are refused with
 `Unsupported format UNKNOWN`, a bad zip entry aborts the import *after* earlier entries were stored, and sessions
-sit in `RECEIVING` until an idle builder builds them. Standard library HTTP server + pydicom only.
+sit in `RECEIVING` until an idle builder builds them. Where it matters for clients, behaviour is checked against
+XNAT's own source (xnat-web, cited `file:line` or Class.method in comments): DICOM-zip uploads are read as a stream
+the way java.util.zip.ZipInputStream reads them, files are named as GradualDicomImporter.getSafeFile names them,
+and archiving merges catalogs by SOP Instance UID as MergeCatCatalog does. Standard library HTTP server + pydicom
+only.
 
 Usage::
 
@@ -19,10 +23,12 @@ Public API (`FakeXnat`):
 
 * ``FakeXnat(*, version="1.8.10", host="127.0.0.1", port=0, idle_build_seconds=300.0,
   rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
-  operation_seconds=0.0, site_id="XNAT")`` -- `version` switches the 1.8.9 / 1.8.10 behaviour (default import
-  handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested archives, `Ignore-Unparsable`
-  scope); the idle builder replaces XNAT's minutes by seconds (§5.3); `operation_seconds` makes every build and
-  archive take that long, so tests can observe `BUILDING`/`_ARCHIVING` and lock contention.
+  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True)`` -- `version` switches the 1.8.9 / 1.8.10
+  behaviour (default import handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested
+  archives, `Ignore-Unparsable` scope); the idle builder replaces XNAT's minutes by seconds (§5.3);
+  `operation_seconds` makes every build and archive take that long, so tests can observe `BUILDING`/`_ARCHIVING`
+  and lock contention; `use_sop_instance_uid` is the site preference `useSopInstanceUidToUniquelyIdentifyDicom`
+  (archived catalog entries matched by SOP Instance UID, else by file name).
 * ``start()`` (returns self), ``stop()``, context manager; ``url`` (``http://127.0.0.1:PORT``).
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
@@ -34,8 +40,21 @@ Public API (`FakeXnat`):
   answers the failure, like a proxy 504 after XNAT finished; `delay` sleeps before answering.
   ``html_error_with_200_next(method, path_prefix, message=...)`` answers 200 with an HTML error page (what
   `format=html` uploads do) without doing the work.
+  ``reset_next(method, path_prefix, *, times=1, after_bytes=None)`` resets the connection (TCP RST) part-way
+  through the body: for `POST /data/services/import` after `after_bytes` (default half the body), with every entry
+  of a raw DICOM-zip upload that lies wholly inside them stored as a complete upload would store it (the rows stay
+  RECEIVING; multipart and other uploads store nothing); elsewhere after at most 64 KiB, processing nothing;
+  logged with status 0.
+  ``truncate_next(method, path_prefix, *, times=1, keep_bytes=None)`` does the real work and answers with the real
+  status and headers but only the first `keep_bytes` of the body (default half; Content-Length to match).
+* Silent drops: ``drop_entries(predicate, *, stage="filter")`` -- `predicate(sop_instance_uid,
+  series_instance_uid, series_description) -> bool`; matching objects are accepted (200) and not stored, by a
+  series import filter (`stage="filter"`, before any row exists) or a site-wide DicomEdit reject
+  (`stage="anonymization"`: row created, file written and deleted, rows with `prevent_anon` spared);
+  ``drop_entries(None)`` removes every rule.
 * Inspection: ``prearchive_rows(project=None)`` (the §5.1 row dicts, `project` may be ``"Unassigned"``),
-  ``experiments(project=None)`` (`ExperimentRecord` snapshots), ``requests_log`` (a copy of every
+  ``experiments(project=None)`` (`ExperimentRecord` snapshots), ``archived_files(project, label)`` (the bytes of
+  an archived session's files by `<scan>/<name>`), ``requests_log`` (a copy of every
   ``(method, path+query, status)``), ``build_now()`` (one idle-builder pass ignoring the idle time, including the
   auto-archive that follows a build).
 
@@ -43,9 +62,15 @@ Command line (a lab can point ingestd at it)::
 
     python -m ingestd.testing.fake_xnat --port 8080 --user admin:admin --project PROJ
 
+Archived scans answer what a verifying client reads: ``.../scans/{id}/resources`` (CatalogResourceList columns),
+``.../scans/{id}/resources/{DICOM|resource id}`` (the catalog XML, one `cat:entry` with `UID` per file),
+``.../files``, under `/data/projects/P/subjects/S/experiments/E`, `/data/experiments/{ID}` and the `/archive`
+aliases. Prearchive scan/resource/file listings answer from what the last build catalogued.
+
 Deliberate simplifications (see each [INF] in the reference): files live in memory; a minimal xnat.xsd (the
-session types the stand-in files; enough for xnatpy to create its objects), no CSRF, no anonymisation scripts, no
-custom routing rules, no `Direct-Archive`, no concurrent-send detection, no PET/MR separation.
+session types the stand-in files; enough for xnatpy to create its objects), no CSRF, no anonymisation scripts
+beyond `drop_entries`' rejects, no custom routing rules, no `Direct-Archive`, no concurrent-send detection, no
+PET/MR separation, no file history in the archive.
 """
 
 from __future__ import annotations
@@ -54,6 +79,7 @@ import argparse
 import base64
 import binascii
 import functools
+import hashlib
 import html
 import io
 import json
@@ -154,7 +180,12 @@ _XML_ROOTS = {"MR": "xnat:MRSession", "CT": "xnat:CTSession", "PT": "xnat:PETSes
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _INTERACTIVE_RE = re.compile(r".*(MSIE|Mozilla|AppleWebKit|Opera).*")  # §2.2 interactiveAgentIds
-_SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+\-^ ()\[\]{}~!@#$%&=,']*")
+# org.nrg.xnat.Files (dicom-xnat): toFileNameChars replaces every char matching [^\w.-] with `_`; isValidFilename is
+# [\w.-]+. Java's \w is ASCII only ([A-Za-z0-9_]), so the classes are spelt out (Python's \w is Unicode).
+_FILE_NAME_CHAR = re.compile(r"[A-Za-z0-9_.-]")
+_VALID_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# Restlet's default description of a 404 set without a message (`setStatus(Status.CLIENT_ERROR_NOT_FOUND)`).
+_NOT_FOUND = "The server has not found anything matching the request URI"
 _PREARC_URI = re.compile(r"^(?:/data|/REST)?/prearchive/projects/([^/]+)/([^/]+)/([^/]+)/?$")
 
 Key = tuple[str, str, str]  # (project or "Unassigned", timestamp, folderName)
@@ -307,8 +338,50 @@ def _xml(value: str) -> str:
     return html.escape(value, quote=True)
 
 
-def _strip_path(name: str) -> str:
-    return name.replace("\\", "/").rsplit("/", 1)[-1]
+def _multipart_file_name(name: str) -> str:
+    """A multipart part's file name as XNAT keeps it: everything after the last backslash only.
+
+    xnat-web SecureResource.getFileWritersAndLoadParams (restlet/resources/SecureResource.java:1295-1298).
+    """
+    return name[name.rfind("\\") + 1 :]
+
+
+def _last_path_component(name: str) -> str:
+    """`ArchiveEntryFileWriterWrapper.getLastPathComponent` (helpers/ArchiveEntryFileWriterWrapper.java:31-34).
+
+    `s.split("[\\\\/]")`: that Java regex is a character class of a forward slash only, so a backslash is *not* a
+    separator, and `String.split` drops trailing empty strings ("a/b/" -> "b").
+    """
+    parts = name.split("/")
+    while parts and not parts[-1]:
+        parts.pop()
+    return parts[-1] if parts else ""
+
+
+def _to_file_name_chars(name: str) -> str:
+    """`org.nrg.xnat.Files.toFileNameChars`: every char outside [\\w.-] becomes `_`.
+
+    Java works on UTF-16 code units, so a character outside the BMP (a surrogate pair) becomes two underscores.
+    """
+    return "".join(c if _FILE_NAME_CHAR.fullmatch(c) else "__" if ord(c) > 0xFFFF else "_" for c in name)
+
+
+def _java_list_hash(values: Sequence[str]) -> int:
+    """`java.util.List.hashCode()` of strings: h = 31 * h + e.hashCode(), starting at 1, in 32-bit arithmetic."""
+    value = 1
+    for item in values:
+        value = (31 * value + _java_hash(item)) & 0xFFFFFFFF
+    return value
+
+
+def _base36(value: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        value, rest = divmod(value, 36)
+        out = digits[rest] + out
+        if value == 0:
+            return out
 
 
 def _param_of(header_value: str, name: str, header: str = "content-type") -> str | None:
@@ -450,8 +523,14 @@ def _uri_list(uris: Sequence[str], fmt: str | None = None) -> _Response:
     return _Response(200, "".join(uri + "\r\n" for uri in uris).encode(), "text/uri-list")
 
 
-def _table(columns: Sequence[str], rows: Sequence[dict[str, str]], fmt: str) -> _Response:
-    """A ResultSet table (§1.3) as JSON (every value a string), CSV, XML (XFTTable shape) or HTML."""
+def _table(
+    columns: Sequence[str], rows: Sequence[dict[str, str]], fmt: str, *, meta: Sequence[tuple[str, str]] = ()
+) -> _Response:
+    """A ResultSet table (§1.3) as JSON (every value a string), CSV, XML (XFTTable shape) or HTML.
+
+    `meta`: table properties that JSONTableRepresentation.write appends after `Result` (restlet/representations/
+    JSONTableRepresentation.java), in the Hashtable's enumeration order the caller gives.
+    """
     cells = [[str(row.get(column, "")) for column in columns] for row in rows]
     if fmt == "csv":
         lines = [",".join(_csv_cell(c) for c in columns)] + [",".join(_csv_cell(c) for c in line) for line in cells]
@@ -468,7 +547,11 @@ def _table(columns: Sequence[str], rows: Sequence[dict[str, str]], fmt: str) -> 
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells)
         return _text(f"<html><body><table><tr>{head}</tr>{body}</table></body></html>", content_type="text/html")
     result = [dict(zip(columns, line, strict=True)) for line in cells]
-    return _json({"ResultSet": {"Result": result}})
+    if not meta:
+        return _json({"ResultSet": {"Result": result}})
+    extra = ",".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in meta)
+    text = '{"ResultSet":{"Result":' + json.dumps(result, separators=(",", ":")) + ", " + extra + "}}"
+    return _Response(200, text.encode(), "application/json;charset=UTF-8")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -501,6 +584,27 @@ class _Dicom:
         """§3.4 step 6: scan = SeriesNumber, else a hash of the series UID."""
         return self.series_number or str(abs(_java_hash(self.series_uid)))
 
+    def template_file_name(self) -> str:
+        """The site's DICOM file namer with its default template (what XNAT falls back to for a file's name).
+
+        xnat-web `TemplatizedDicomFileNamer.makeFileName` (org/nrg/dcm/id/TemplatizedDicomFileNamer.java) with
+        libs/xdat SiteConfigPreferences `dicomFileNameTemplate` default
+        `${StudyInstanceUID}-${SeriesNumber}-${InstanceNumber}-${HashSOPClassUIDWithSOPInstanceUID}` (no extension,
+        so `.dcm` is appended); a blank value is `no-value-for-<keyword>`; the hash is the Java `List.hashCode()` of
+        the two values, unsigned, in base 36. `GradualDicomImporter.getSafeFile` strips leading dots.
+        """
+        values = {
+            "StudyInstanceUID": self.study_uid,
+            "SeriesNumber": self.series_number,
+            "InstanceNumber": self.instance_number,
+            "SOPClassUID": self.sop_class,
+            "SOPInstanceUID": self.sop_uid,
+        }
+        values = {key: value or f"no-value-for-{key}" for key, value in values.items()}
+        digest = _base36(_java_list_hash([values["SOPClassUID"], values["SOPInstanceUID"]]))
+        name = f"{values['StudyInstanceUID']}-{values['SeriesNumber']}-{values['InstanceNumber']}-{digest}.dcm"
+        return name.lstrip(".")
+
 
 _KEYWORDS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
@@ -530,8 +634,12 @@ def _value(dataset: Any, keyword: str) -> str:
     return str(value).strip()
 
 
-def _parse_dicom(entry_name: str, data: bytes) -> _Dicom:
-    base = _strip_path(entry_name)
+def _parse_dicom(base: str, data: bytes, *, require_uids: bool = True) -> _Dicom:
+    """Read one object; `base` is the name XNAT's file writer gives it (used in the error messages).
+
+    `require_uids=False` leaves the SOP Class/Instance UID checks to `_require_uids`: GradualDicomImporter.call
+    makes them only after the series import filters (archive/GradualDicomImporter.java:193-211).
+    """
     if not _looks_like_dicom(data):
         raise _EntryError(f"unable to read DICOM object {base}", unreadable=True)
     try:
@@ -541,11 +649,7 @@ def _parse_dicom(entry_name: str, data: bytes) -> _Dicom:
             values = {keyword: _value(dataset, keyword) for keyword in _KEYWORDS}
     except Exception as exc:  # pydicom raises many types on garbage; all mean "unreadable"
         raise _EntryError(f"unable to read DICOM object {base}", unreadable=True) from exc
-    if not values["SOPClassUID"]:
-        raise _EntryError(f"object {base} contains no SOP Class UID", unreadable=False)
-    if not values["SOPInstanceUID"]:
-        raise _EntryError(f"object {base} contains no SOP Instance UID", unreadable=False)
-    return _Dicom(
+    dicom = _Dicom(
         sop_class=values["SOPClassUID"],
         sop_uid=values["SOPInstanceUID"],
         study_uid=values["StudyInstanceUID"],
@@ -562,6 +666,16 @@ def _parse_dicom(entry_name: str, data: bytes) -> _Dicom:
         study_time=values["StudyTime"],
         instance_number=values["InstanceNumber"],
     )
+    if require_uids:
+        _require_uids(base, dicom)
+    return dicom
+
+
+def _require_uids(base: str, dicom: _Dicom) -> None:
+    if not dicom.sop_class:
+        raise _EntryError(f"object {base} contains no SOP Class UID", unreadable=False)
+    if not dicom.sop_uid:
+        raise _EntryError(f"object {base} contains no SOP Instance UID", unreadable=False)
 
 
 def _archive_kind(name: str) -> str | None:
@@ -575,39 +689,174 @@ def _archive_kind(name: str) -> str | None:
     return None
 
 
-def _iter_entries(name: str, data: bytes, *, nested: bool) -> Iterator[tuple[str, bytes]]:
-    """The file entries of a zip/tar/tgz, lazily (so a later failure comes after earlier entries were stored)."""
+def _iter_entries(name: str, data: bytes, *, nested: bool, cut: bool = False) -> Iterator[tuple[str, bytes]]:
+    """The file entries of a zip/tar/tgz, lazily (so a later failure comes after earlier entries were stored).
+
+    `cut`: `data` is what arrived before the connection was reset, so needing more than that fails.
+    """
     kind = _archive_kind(name)
     if kind == "zip":
-        yield from _zip_entries(data, nested=nested)
+        yield from _zip_entries(data, nested=nested, cut=cut)
     elif kind is not None:
         yield from _tar_entries(data, gzip=kind == "tgz", nested=nested)
+        if cut:  # TarArchiveInputStream reads on to the end-of-archive blocks [INF: a cut in the padding is rare]
+            raise _unreadable_archive()
 
 
 def _expand(entry_name: str, data: bytes, *, nested: bool) -> Iterator[tuple[str, bytes]]:
+    """One archive entry: a nested archive's entries, or (the entry's file writer name, its bytes); that name is the
+    entry name's last path component (helpers/ArchiveEntryFileWriterWrapper.java:25-34)."""
     if nested and _archive_kind(entry_name) is not None:  # ≥1.8.10 unpacks nested archives (§3.2)
         yield from _iter_entries(entry_name, data, nested=nested)
     else:
-        yield entry_name, data
+        yield _last_path_component(entry_name), data
 
 
-def _zip_entries(data: bytes, *, nested: bool) -> Iterator[tuple[str, bytes]]:
-    # java.util.zip.ZipInputStream sees no entry at all when the stream does not start with a local header (§3.6).
-    if not data.startswith(b"PK\x03\x04"):
-        return
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # PK\x03\x04 local file header, 30 bytes
+_ZIP64_MAGIC = 0xFFFFFFFF
+
+
+def _unreadable_archive() -> _HttpError:
+    """DicomZipImporter.importCompressedFile: any IOException of the archive stream (java.util.zip.ZipException,
+    EOFException, a reset connection) -> ClientException "unable to read data from file" (archive/DicomZipImporter.java
+    importCompressedFile)."""
+    return _HttpError(400, "unable to read data from file")
+
+
+def _zip_entries(data: bytes, *, nested: bool, cut: bool = False) -> Iterator[tuple[str, bytes]]:
+    """The entries of a zip as `java.util.zip.ZipInputStream` reads it (DicomZipImporter.importZipFile): local file
+    headers in stream order, the central directory never consulted; directories (names ending in `/`) skipped.
+
+    Reading stops cleanly where ZipInputStream.getNextEntry returns null: fewer than 30 bytes left (its EOFException
+    on the header is caught) or a signature other than PK\x03\x04 (the central directory, or a body that is no zip at
+    all, §3.6). Anything else that cannot be read raises "unable to read data from file" *after* the earlier entries
+    were yielded (and stored). A body cut by a reset (`cut`) fails wherever more bytes are needed: a reset stream
+    throws an IOException, not the EOF that ends the entries quietly (see `_Api.process_cut`).
+    """
+    for name, content in _zip_stream(data, cut=cut):
+        if not name.endswith("/"):
+            yield from _expand(name, content, nested=nested)
+
+
+@dataclass(frozen=True)
+class _LocalEntry:
+    """One local file header as ZipInputStream.readLOC takes it; `start` is where the entry's data begin."""
+
+    name: str
+    method: int
+    descriptor: bool  # general purpose flag bit 3: CRC and sizes follow the data
+    crc: int
+    compressed: int
+    size: int
+    start: int
+
+
+def _zip_stream(data: bytes, *, cut: bool) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each local entry, following Java 8's ZipInputStream.readLOC / read / readEnd."""
+    pos = 0
+    while True:
+        if len(data) - pos < _LOCAL_HEADER.size:
+            if cut:
+                raise _unreadable_archive()
+            return  # readLOC's EOFException is caught: getNextEntry returns null
+        entry = _local_entry(data, pos)
+        if entry is None:
+            return
+        if entry.method == zipfile.ZIP_STORED:  # ZipInputStream reads `size` bytes (remaining = entry.size)
+            content = data[entry.start : entry.start + entry.size]
+            if len(content) < entry.size:
+                raise _unreadable_archive()
+            pos = entry.start + entry.size
+            if zlib.crc32(content) != entry.crc:
+                raise _unreadable_archive()  # "invalid entry CRC"
+            yield entry.name, content
+            continue
+        content, end = _inflate_entry(data, entry)
+        # The importer has the whole content (and the file written) before the read that hits the entry's end
+        # checks the data descriptor, so an entry whose descriptor is cut off is stored before reading fails.
+        yield entry.name, content
+        if end is None:
+            raise _unreadable_archive()
+        pos = end
+
+
+def _local_entry(data: bytes, pos: int) -> _LocalEntry | None:
+    """The local header at `pos`, or None where there is none (the central directory, or no zip at all)."""
+    signature, _, flags, method, _, _, crc, compressed, size, name_length, extra_length = _LOCAL_HEADER.unpack_from(
+        data, pos
+    )
+    if signature != b"PK\x03\x04":
+        return None
+    start = pos + _LOCAL_HEADER.size + name_length + extra_length
+    if len(data) < start:
+        raise _unreadable_archive()  # readFully of the name/extra: EOFException, not caught there
+    try:  # ZipInputStream(InputStream) decodes names as UTF-8
+        name = data[pos + _LOCAL_HEADER.size : pos + _LOCAL_HEADER.size + name_length].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _unreadable_archive() from exc
+    if flags & 0x1:
+        raise _unreadable_archive()  # "encrypted ZIP entry not supported"
+    descriptor = bool(flags & 0x8)
+    if descriptor and method != zipfile.ZIP_DEFLATED:
+        raise _unreadable_archive()  # "only DEFLATED entries can have EXT descriptor": its end cannot be found
+    if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _unreadable_archive()  # "invalid compression method"
+    if not descriptor and _ZIP64_MAGIC in (compressed, size):
+        extra = data[start - extra_length : start]
+        compressed, size = _zip64_sizes(extra, compressed, size)
+    return _LocalEntry(name, method, descriptor, crc, compressed, size, start)
+
+
+def _inflate_entry(data: bytes, entry: _LocalEntry) -> tuple[bytes, int | None]:
+    """A deflated entry's content and where the next header starts (None: its data descriptor is cut off); with a
+    data descriptor the deflate stream's own end delimits the data (ZipInputStream inflates until it finishes)."""
+    limit = len(data) if entry.descriptor else min(len(data), entry.start + entry.compressed)
+    view = memoryview(data)
+    inflater = zlib.decompressobj(-15)
+    parts: list[bytes] = []
+    pos = entry.start
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _HttpError(400, "unable to read data from file") from exc
-    with archive:
-        for info in archive.infolist():
-            if info.is_dir():
-                continue
-            try:
-                content = archive.read(info)
-            except (zipfile.BadZipFile, zlib.error, OSError, ValueError, NotImplementedError) as exc:
-                raise _HttpError(400, "unable to read data from file") from exc
-            yield from _expand(info.filename, content, nested=nested)
+        while not inflater.eof and pos < limit:  # fed in slices: the end is unknown until the inflater finishes
+            chunk = view[pos : min(pos + 65536, limit)]
+            parts.append(inflater.decompress(chunk))
+            pos += len(chunk) - len(inflater.unused_data)
+    except zlib.error as exc:
+        raise _unreadable_archive() from exc
+    if not inflater.eof:
+        raise _unreadable_archive()  # "Unexpected end of ZLIB input stream": cut short or corrupt
+    content = b"".join(parts)
+    read = pos - entry.start
+    crc, compressed, size = entry.crc, entry.compressed, entry.size
+    if entry.descriptor:
+        # readEnd (Java 8): the descriptor has 8-byte sizes only when an inflated or deflated size exceeds
+        # 0xFFFFFFFF, and its PK\x07\x08 signature is optional. (So Java 8 misreads the small zip64 descriptors
+        # that Python's zipfile writes to an unseekable stream with force_zip64, and refuses the entry.)
+        width = 8 if len(content) > _ZIP64_MAGIC or read > _ZIP64_MAGIC else 4
+        if data[pos : pos + 4] == b"PK\x07\x08":
+            pos += 4
+        if len(data) - pos < 4 + 2 * width:
+            return content, None
+        crc = int.from_bytes(data[pos : pos + 4], "little")
+        compressed = int.from_bytes(data[pos + 4 : pos + 4 + width], "little")
+        size = int.from_bytes(data[pos + 4 + width : pos + 4 + 2 * width], "little")
+        pos += 4 + 2 * width
+    if size != len(content) or compressed != read or zlib.crc32(content) != crc:
+        # "invalid entry size / compressed size / CRC". XNAT's message then depends on where the importer was
+        # reading (a small object's header read -> "unable to read DICOM object ..."; later -> 507) [INF].
+        raise _unreadable_archive()
+    return content, pos
+
+
+def _zip64_sizes(extra: bytes, compressed: int, size: int) -> tuple[int, int]:
+    """ZipEntry.setExtra0 for a local header: the zip64 block (0x0001) holds the original size, then the compressed
+    size (both must be there)."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 0x0001 and length >= 16:
+            return struct.unpack_from("<Q", extra, pos + 12)[0], struct.unpack_from("<Q", extra, pos + 4)[0]
+        pos += 4 + length
+    return compressed, size
 
 
 def _tar_entries(data: bytes, *, gzip: bool, nested: bool) -> Iterator[tuple[str, bytes]]:
@@ -668,6 +917,15 @@ class _File:
     dicom: _Dicom
 
 
+@dataclass(frozen=True)
+class _BuiltScan:
+    """One scan of a built prearchive session: its session XML values and its catalog's file names."""
+
+    series_description: str
+    xsi_type: str
+    names: tuple[str, ...]
+
+
 @dataclass
 class _Row:
     """One prearchive session (§5.1); `scans` maps scan id -> file name -> file."""
@@ -694,6 +952,10 @@ class _Row:
     scan_time: str = ""
     built: bool = False
     scans: dict[str, dict[str, _File]] = field(default_factory=dict)
+    # What the last build wrote: scan id -> (series description, the file names its catalog lists). XNAT's prearchive
+    # scan/resource/file listings and the archiver read the session XML and catalogs, not the folder, so files that
+    # arrive after a build (the row set back to RECEIVING) stay invisible there until the next build.
+    catalog: dict[str, _BuiltScan] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
 
     @property
@@ -710,10 +972,20 @@ class _Row:
 
     @property
     def modality(self) -> str:
-        for files in self.scans.values():
+        for files in (self.catalogued() if self.built else self.scans).values():
             for item in files.values():
                 return item.dicom.modality
         return ""
+
+    def catalogued(self) -> dict[str, dict[str, _File]]:
+        """The files the last build catalogued that are still on disk (CatalogUtils.getFile skips missing ones)."""
+        found: dict[str, dict[str, _File]] = {}
+        for scan_id, built in self.catalog.items():
+            files = self.scans.get(scan_id, {})
+            present = {name: files[name] for name in built.names if name in files}
+            if present:
+                found[scan_id] = present
+        return found
 
     def note(self, message: str) -> None:
         self.log.append(f"{_java_timestamp(_now())} {message}")
@@ -772,7 +1044,8 @@ class _Scan:
     series_uid: str
     type: str
     xsi_type: str
-    files: dict[str, _File] = field(default_factory=dict)
+    resource_id: int  # the DICOM resource's xnat_abstractresource_id
+    files: dict[str, _File] = field(default_factory=dict)  # the DICOM catalog's entries: URI (file name) -> file
 
 
 @dataclass
@@ -802,6 +1075,14 @@ class _Experiment:
         return ExperimentRecord(self.project, self.subject, self.label, self.id, self.study_uid, self.xsi_type, scans)
 
 
+@dataclass(frozen=True)
+class _Drop:
+    """A rule that drops objects silently: `predicate(sop_instance_uid, series_instance_uid, series_description)`."""
+
+    predicate: Callable[[str, str, str], bool]
+    stage: str  # "filter" (series import filter) or "anonymization" (site-wide DicomEdit reject)
+
+
 @dataclass
 class _Subject:
     id: str
@@ -820,7 +1101,6 @@ class _ImportContext:
     timestamp: str | None = None
     folder: str | None = None
     rename: bool = False
-    synthetic_name: bool = False
     prevent_anon: bool = False
     prevent_auto_commit: bool = False
     source: str = ""
@@ -853,6 +1133,7 @@ class _Config:
     session_timeout_seconds: float
     archive_timeout_seconds: float
     operation_seconds: float
+    use_sop_instance_uid: bool = True
     token_lifetime_seconds: float = 2 * 24 * 3600.0
 
     @property
@@ -875,6 +1156,7 @@ class _Store:
         self.rows: dict[Key, _Row] = {}
         self.subjects: dict[tuple[str, str], _Subject] = {}
         self.experiments: dict[tuple[str, str], _Experiment] = {}
+        self.drops: list[_Drop] = []
         self._serial = 0
         self._last_timestamp: datetime | None = None
 
@@ -1006,15 +1288,40 @@ class _Store:
         label = label or _label_chars(dicom.patient_id) or "dicom_upload"
         return project, subject, label
 
-    def receive(self, ctx: _ImportContext, entry_name: str, data: bytes, dicom: _Dicom) -> Key:
-        """§3.4 steps 2-8 for one parsed object: route, find-or-create the row, store the file."""
+    def receive(self, ctx: _ImportContext, name: str, data: bytes, dicom: _Dicom) -> Key | None:
+        """§3.4 steps 2-8 for one parsed object (`GradualDicomImporter.call`): route, find-or-create the row, name
+        and store the file. `name` is the file writer's name (an archive entry's last path component).
+
+        None when a site-wide DicomEdit "reject" drops the object after the file was written, deleting it again
+        (archive/GradualDicomImporter.java:388-400; skipped when the row says `prevent_anon`): the import still
+        answers 200 (`returnEmptyList`). Series import filters drop objects earlier, before any row exists; the
+        caller asks `filtered` first, before the SOP UID checks, as XNAT does (:193-211). The legacy SI importer
+        (`new_rows_only`) takes another path and is not filtered [INF].
+        """
         with self.lock:
             project, subject, label = self.route(ctx, dicom)
             row = self._find_or_create(ctx, project, subject, label, dicom)
-            name = self._file_name(ctx, entry_name, dicom)
-            row.scans.setdefault(dicom.scan_id, {})[name] = _File(name, data, dicom)
+            files = row.scans.setdefault(dicom.scan_id, {})
+            name = self._file_name(ctx, name, dicom, files)
+            files[name] = _File(name, data, dicom)
             row.lastmod = _now()  # XNAT refreshes at most every 15 s; seconds-scale idle times need every file
+            if not ctx.new_rows_only and row.prevent_anon != "true" and self._dropped(dicom, "anonymization"):
+                del files[name]  # FileUtils.deleteQuietly(outputFile): an earlier copy it overwrote is gone too
+                if not files:
+                    del row.scans[dicom.scan_id]
+                return None
             return row.key
+
+    def filtered(self, ctx: _ImportContext, dicom: _Dicom) -> bool:
+        """Whether a series import filter drops the object (GradualDicomImporter.java:193-200)."""
+        with self.lock:
+            return not ctx.new_rows_only and self._dropped(dicom, "filter")
+
+    def _dropped(self, dicom: _Dicom, stage: str) -> bool:
+        return any(
+            drop.stage == stage and drop.predicate(dicom.sop_uid, dicom.series_uid, dicom.series_description)
+            for drop in self.drops
+        )
 
     def _find_or_create(
         self, ctx: _ImportContext, project: _Project | None, subject: str, label: str, dicom: _Dicom
@@ -1087,13 +1394,25 @@ class _Store:
         return row
 
     @staticmethod
-    def _file_name(ctx: _ImportContext, entry_name: str, dicom: _Dicom) -> str:
-        """The original entry name when valid, else the site template namer (§3.4 step 6) [INF template]."""
-        base = _strip_path(entry_name)
-        if not (ctx.rename or ctx.synthetic_name) and _SAFE_FILE_NAME.fullmatch(base):
-            return base
-        digest = format(_java_hash(dicom.sop_class + dicom.sop_uid) & 0xFFFFFFFF, "x")
-        return f"{dicom.study_uid}-{dicom.series_number}-{dicom.instance_number}-{digest}.dcm"
+    def _file_name(ctx: _ImportContext, name: str, dicom: _Dicom, files: dict[str, _File]) -> str:
+        """`GradualDicomImporter.getSafeFile` (archive/GradualDicomImporter.java:630-659).
+
+        The template namer's name with `rename=true` or when `Files.toFileNameChars(name)` is not a valid file name;
+        otherwise that name, unless a file of that name in the scan holds another SOP Instance UID or SOP Class UID
+        (then the namer's name; the same pair is overwritten in place). The namer's name itself is never checked,
+        so a file already there under it is overwritten.
+        """
+        safe = dicom.template_file_name()
+        if ctx.rename:
+            return safe
+        requested = _to_file_name_chars(name)
+        if not _VALID_FILE_NAME.fullmatch(requested):
+            return safe
+        existing = files.get(requested)
+        if existing is None:
+            return requested
+        same = existing.dicom.sop_uid == dicom.sop_uid and existing.dicom.sop_class == dicom.sop_class
+        return requested if same else safe
 
     # -- prearchive: operations ----------------------------------------------------------------------------------
 
@@ -1120,11 +1439,20 @@ class _Store:
                 return None
             interrupted = row.status == RECEIVING_INTERRUPT
             row.lastmod = _now()
-            if not row.scans:
+            if not any(row.scans.values()):
                 row.status = ERROR
                 row.note("build failed: no files")
                 return row
             row.built = True
+            row.catalog = {
+                scan_id: _BuiltScan(
+                    next(iter(files.values())).dicom.series_description,
+                    _SCAN_TYPES.get(next(iter(files.values())).dicom.modality, "xnat:otherDicomScanData"),
+                    tuple(files),
+                )
+                for scan_id, files in row.scans.items()
+                if files
+            }
             row.uploaded = _timestamp_datetime(row.timestamp)
             row.scan_time = row.scan_datetime.strftime("%H:%M:%S") if row.scan_datetime and row.has_study_time else ""
             row.status = RECEIVING if interrupted else READY
@@ -1169,26 +1497,71 @@ class _Store:
                 f"{self.config.site_id}_E{self.next_serial():05d}", project_id, subject, label, row.tag, xsi_type,
                 row.modality, row.scan_datetime.strftime("%Y-%m-%d") if row.scan_datetime else "", _now(),
             )  # fmt: skip
-            plan = [(scan_id, files) for scan_id, files in row.scans.items()]
+            plan = [(scan_id, files) for scan_id, files in row.catalogued().items()]
         else:
             self._check_session(existing, row, subject, xsi_type, options)
             plan = self._plan_scans(existing, row, options)
+        # Every catalog is merged before anything moves (MergeSessionsA.call: mergeSessions, then the directories),
+        # so a conflict leaves the archive as it was.
+        merged = [
+            (scan_id, files, self._merge_catalog(existing.scans[scan_id].files, files) if scan_id in existing.scans
+             else dict(files))
+            for scan_id, files in plan
+        ]  # fmt: skip
         self._ensure_subject(project_id, subject)
         self.experiments[(project_id, label)] = existing
-        for scan_id, files in plan:
+        for scan_id, files, entries in merged:
             first = next(iter(files.values())).dicom
-            modality = first.modality
-            scan = existing.scans.setdefault(
-                scan_id,
-                _Scan(
+            scan = existing.scans.get(scan_id)
+            if scan is None:
+                scan = _Scan(
                     scan_id,
                     first.series_uid,
                     first.series_description,
-                    _SCAN_TYPES.get(modality, "xnat:otherDicomScanData"),
-                ),
-            )
-            scan.files.update(files)
+                    _SCAN_TYPES.get(first.modality, "xnat:otherDicomScanData"),
+                    self.next_serial(),
+                )
+                existing.scans[scan_id] = scan
+            scan.files = entries
         return existing.uri
+
+    def _merge_catalog(self, existing: dict[str, _File], incoming: dict[str, _File]) -> dict[str, _File]:
+        """`MergeCatCatalog.merge` of an incoming DICOM catalog into an existing one; the new entries (name -> file).
+
+        helpers/merge/MergeCatCatalog.java: each incoming entry is matched by SOP Instance UID when the site
+        preference `useSopInstanceUidToUniquelyIdentifyDicom` is on (libs/xdat SiteConfigPreferences: default true),
+        else (or when no UID matches) by URI, i.e. file name (`locateExistingEntry`). No match: added. A match is
+        overwritten (the archiver passes overwrite = allowSessionMerge, true once it got here); when it was found
+        under another name, that older file is removed (`handleFilenameChange`). With the UID preference on, an
+        incoming file whose name is taken by an entry with another UID is a conflict (`throwForDicomUidConflict`),
+        which MergePrearcToArchiveSession turns into a 409 ClientException (row CONFLICT).
+        """
+        by_uid = self.config.use_sop_instance_uid
+        entries = dict(existing)
+        first_with_uid: dict[str, str] = {}  # CatalogUtils.getDCMEntryByUID finds the first entry with the UID
+        for entry_name, entry in entries.items():
+            first_with_uid.setdefault(entry.dicom.sop_uid, entry_name)
+        for name, item in incoming.items():
+            uid = item.dicom.sop_uid
+            found = first_with_uid.get(uid) if by_uid and uid else None
+            if found is None and name in entries:
+                found = name
+            if found is None:
+                entries[name] = item
+                first_with_uid.setdefault(uid, name)
+                continue
+            if by_uid and name in entries and entries[name].dicom.sop_uid != uid:
+                raise _ArchiveError(
+                    "A DICOM file with the same name but different UID already exists. "
+                    "There is no way to override this conflict, you will need to fix your data.",
+                    conflict=True,
+                )
+            if found != name:
+                del entries[found]
+            entries[name] = item
+            if by_uid:
+                first_with_uid[uid] = name
+        return entries
 
     @staticmethod
     def _check_session(existing: _Experiment, row: _Row, subject: str, xsi_type: str, options: _ArchiveOptions) -> None:
@@ -1211,11 +1584,18 @@ class _Store:
 
     @staticmethod
     def _plan_scans(existing: _Experiment, row: _Row, options: _ArchiveOptions) -> list[tuple[str, dict[str, _File]]]:
-        """The scan-level rows of the §6.3 matrix: where each incoming scan goes, or the conflict."""
+        """The scan-level rows of the §6.3 matrix: where each incoming scan goes, or the conflict.
+
+        Without overwriteFiles, MergeSessionsA.checkForConflict (helpers/merge/MergeSessionsA.java:80-110) refuses
+        any overlap with the existing session: a file path that exists already -> "Session already exists with
+        matching files."; else an incoming entry whose UID or URI a matching scan's catalog has already
+        (SessionOverwriteCheck.detectOverwrite) -> "Session already exists with the same resources.".
+        """
         by_uid = {scan.series_uid: scan.id for scan in existing.scans.values()}
         taken = set(existing.scans)
         plan: list[tuple[str, dict[str, _File]]] = []
-        for scan_id, files in row.scans.items():
+        same_files = same_entries = False
+        for scan_id, files in row.catalogued().items():
             series_uid = next(iter(files.values())).dicom.series_uid
             target = scan_id
             other = by_uid.get(series_uid)
@@ -1230,10 +1610,16 @@ class _Store:
                 # "scan IDs corrected, merged" (§6.3); the corrected ID's form is [INF].
                 target = next(f"{scan_id}-{n}" for n in range(1, 10_000) if f"{scan_id}-{n}" not in taken)
             taken.add(target)
-            clash = target in existing.scans and set(files) & set(existing.scans[target].files)
-            if clash and not options.overwrite_files:
-                raise _ArchiveError("Session already exists with matching files.", conflict=True)
+            if target in existing.scans:
+                there = existing.scans[target].files
+                same_files = same_files or bool(set(files) & set(there))
+                uids = {item.dicom.sop_uid for item in there.values()}
+                same_entries = same_entries or any(item.dicom.sop_uid in uids for item in files.values())
             plan.append((target, files))
+        if not options.overwrite_files and same_files:
+            raise _ArchiveError("Session already exists with matching files.", conflict=True)
+        if not options.overwrite_files and same_entries:
+            raise _ArchiveError("Session already exists with the same resources.", conflict=True)
         return plan
 
     def subject_id(self, project_id: str, label: str) -> str:
@@ -1362,6 +1748,7 @@ class _Request:
     session: _HttpSession | None = None
     new_session: bool = False
     groups: dict[str, str] = field(default_factory=dict)
+    cut: bool = False  # the body is what was read before the connection was reset (`reset_next`)
 
     @property
     def content_type(self) -> str:
@@ -1408,12 +1795,30 @@ class _Fault:
         return _Response(self.status, message.encode(), "text/plain;charset=UTF-8")
 
 
+@dataclass
+class _Reset:
+    method: str
+    prefix: str
+    remaining: int
+    after_bytes: int | None
+
+
+@dataclass
+class _Truncation:
+    method: str
+    prefix: str
+    remaining: int
+    keep_bytes: int | None
+
+
 def _normalise(path: str) -> str:
-    """`/REST` is `/data`; `/data/archive/projects/...` is `/data/projects/...` (§1.1)."""
+    """`/REST` is `/data`; `/data/archive/X` is `/data/X` for every archive URI (§1.1; XNATApplication.attachArchiveURI
+    attaches `/projects...`, `/experiments...` and `/subjects...` a second time under `/archive`)."""
     if path == "/REST" or path.startswith("/REST/"):
         path = "/data" + path[5:]
-    if path.startswith("/data/archive/projects"):
-        path = "/data" + path[len("/data/archive") :]
+    for alias in ("/data/archive/projects", "/data/archive/experiments", "/data/archive/subjects"):
+        if path == alias or path.startswith(alias + "/"):
+            path = "/data" + path[len("/data/archive") :]
     return path.rstrip("/") or "/"
 
 
@@ -1456,7 +1861,7 @@ def _prearc_key(src: str) -> Key | None:
 
 _PA = r"/data/prearchive/projects/(?P<project>[^/]+)/(?P<timestamp>[^/]+)/(?P<folder>[^/]+)"
 _EXP = r"/data/projects/(?P<project>[^/]+)(?:/subjects/(?P<subject>[^/]+))?/experiments/(?P<experiment>[^/]+)"
-_SCAN = _EXP + r"/scans/(?P<scan>[^/]+)"
+_EXP_BY_ID = r"/data/experiments/(?P<experiment_id>[^/]+)"  # XNATApplication: /experiments/{EXPT_ID|ASSESSED_ID}/...
 
 
 class _Api:
@@ -1468,7 +1873,8 @@ class _Api:
         self.jobs = jobs
         self.site_url = site_url
         self.faults: list[_Fault] = []
-        self.resets: list[list[Any]] = []  # [method, path prefix, remaining]: connections cut mid-upload
+        self.resets: list[_Reset] = []  # connections cut mid-upload
+        self.truncations: list[_Truncation] = []  # answers cut short by a proxy
         self.log: list[tuple[str, str, int]] = []
         self._log_lock = threading.Lock()
         get, post, put, delete = "GET", "POST", "PUT", "DELETE"
@@ -1494,12 +1900,20 @@ class _Api:
             (get, r"/data/projects/(?P<project>[^/]+)/subjects", self.subjects),
             (get, r"/data/projects/(?P<project>[^/]+)/subjects/(?P<subject>[^/]+)", self.subject),
             (get, r"/data/projects/(?P<project>[^/]+)(?:/subjects/(?P<subject>[^/]+))?/experiments", self.experiments),
-            (get, _EXP, self.experiment),
-            (get, _EXP + r"/scans", self.scans),
-            (get, _SCAN, self.scan),
-            (get, _SCAN + r"/resources", self.scan_resources),
-            (get, _SCAN + r"/resources/(?P<resource>[^/]+)/files", self.scan_files),
-            (get, _SCAN + r"/resources/(?P<resource>[^/]+)/files/(?P<name>.+)", self.scan_file),
+            *[
+                route
+                for experiment in (_EXP, _EXP_BY_ID)
+                for scan in [experiment + r"/scans/(?P<scan>[^/]+)"]
+                for route in (
+                    (get, experiment, self.experiment),
+                    (get, experiment + r"/scans", self.scans),
+                    (get, scan, self.scan),
+                    (get, scan + r"/resources", self.scan_resources),
+                    (get, scan + r"/resources/(?P<resource>[^/]+)", self.scan_catalog),
+                    (get, scan + r"/resources/(?P<resource>[^/]+)/files", self.scan_files),
+                    (get, scan + r"/resources/(?P<resource>[^/]+)/files/(?P<name>.+)", self.scan_file),
+                )
+            ],
             (post, r"/data/services/import", self.import_),
             (post, r"/data/services/archive", self.archive),
             (post, r"/data/services/prearchive/(?P<action>delete|rebuild|move)", self.batch),
@@ -1534,18 +1948,54 @@ class _Api:
             if fault is not None:
                 time.sleep(fault.delay)
                 response = fault.response()
+        truncation = self._take_truncation(method, path)
+        if truncation is not None:  # the real status and headers, the body cut (Content-Length follows the body)
+            keep = len(response.body) // 2 if truncation.keep_bytes is None else truncation.keep_bytes
+            response.body = response.body[: max(keep, 0)]
         with self._log_lock:
             self.log.append((method, target, response.status))
         return response
 
-    def take_reset(self, method: str, path: str) -> bool:
+    def take_reset(self, method: str, target: str) -> _Reset | None:
+        """The reset that applies to this request, if any (counted and logged with status 0)."""
+        path = urlsplit(target).path
         with self._log_lock:
             for reset in self.resets:
-                if reset[2] > 0 and reset[0] == method.upper() and path.startswith(reset[1]):
-                    reset[2] -= 1
-                    self.log.append((method, path, 0))
-                    return True
-        return False
+                if reset.remaining > 0 and reset.method == method.upper() and path.startswith(reset.prefix):
+                    reset.remaining -= 1
+                    self.log.append((method, target, 0))
+                    return reset
+        return None
+
+    @staticmethod
+    def streams_body(method: str, target: str) -> bool:
+        """Whether XNAT consumes this request's body as it arrives: only the import service's in-body uploads."""
+        return method.upper() == "POST" and _normalise(urlsplit(target).path) == "/data/services/import"
+
+    def process_cut(self, method: str, target: str, headers: Message, body: bytes) -> None:
+        """What XNAT did with a request whose connection was reset after `body` arrived (no answer reaches anyone).
+
+        Only a raw DICOM-zip upload is processed as it streams (archive/DicomZipImporter.java importZipFile: a
+        ZipInputStream over the request entity, each entry handed to GradualDicomImporter.call, which stores it at
+        once): the entries read whole before the cut are stored exactly as in a complete upload, then reading fails
+        ("unable to read data from file"), so the request ends before the >=1.8.10 synchronous build and the rows stay
+        RECEIVING for the idle builder. Everything else stores nothing: multipart bodies are parsed whole by
+        commons-fileupload before the importer runs (restlet/resources/SecureResource.java:1273-1277), and SI and
+        gradual-DICOM fail on the cut before a row is written [INF].
+        """
+        self._process(method, target, headers, body, cut=True)
+
+    def _take_truncation(self, method: str, path: str) -> _Truncation | None:
+        with self._log_lock:
+            for truncation in self.truncations:
+                if (
+                    truncation.remaining > 0
+                    and truncation.method == method.upper()
+                    and path.startswith(truncation.prefix)
+                ):
+                    truncation.remaining -= 1
+                    return truncation
+        return None
 
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._log_lock:
@@ -1555,7 +2005,7 @@ class _Api:
                     return fault
         return None
 
-    def _process(self, method: str, target: str, headers: Message, body: bytes) -> _Response:
+    def _process(self, method: str, target: str, headers: Message, body: bytes, *, cut: bool = False) -> _Response:
         split = urlsplit(target)
         request = _Request(
             method,
@@ -1564,6 +2014,7 @@ class _Api:
             _Params(parse_qs(split.query, keep_blank_values=True)),
             headers,
             body,
+            cut=cut,
         )
         self._read_form(request)
         try:
@@ -1867,6 +2318,16 @@ class _Api:
         return _table(columns, rows, request.fmt())
 
     def _experiment(self, request: _Request) -> _Experiment:
+        if "experiment_id" in request.groups:  # /data/experiments/{ID}: the accession ID only
+            wanted = request.group("experiment_id")
+            with self.store.lock:
+                found = next((e for e in self.store.experiments.values() if e.id == wanted), None)
+                project = self.store.project(found.project) if found else None
+            if found is None or project is None:
+                raise _HttpError(404, f"Unable to find experiment {wanted}")
+            if not self.store.can_read(request.agent, project):
+                raise _HttpError(403, f"The current user does not have access to the requested project: {project.id}")
+            return found
         project = self._project(request)
         name = request.group("experiment")
         subject = request.group("subject") if "subject" in request.groups else None
@@ -1919,20 +2380,63 @@ class _Api:
         )
 
     def scan_resources(self, request: _Request) -> _Response:
+        """A scan's resources (restlet/resources/files/CatalogResourceList.java `represent`): the columns of
+        XNATTemplate.loadCatalogs (`xnat_abstractresource_id`, `label`, `element_name`, `category`, `cat_id`,
+        `cat_desc`) as CatalogUtils.populateTable extends them (`file_count`, `file_size`, `tags`, `content`,
+        `format`), with the table metadata `title` and `totalRecords` in the JSON."""
         _, scan = self._scan(request)
-        size = sum(len(f.data) for f in scan.files.values())
+        columns = [
+            "xnat_abstractresource_id", "label", "element_name", "category", "cat_id", "cat_desc", "file_count",
+            "file_size", "tags", "content", "format",
+        ]  # fmt: skip
         row = {
+            "xnat_abstractresource_id": str(scan.resource_id),
             "label": "DICOM",
-            "format": "DICOM",
-            "content": "RAW",
+            "element_name": "xnat:resourceCatalog",
+            "category": "scans",
+            "cat_id": scan.id,
+            "cat_desc": scan.type,
             "file_count": str(len(scan.files)),
-            "file_size": str(size),
+            "file_size": str(sum(len(f.data) for f in scan.files.values())),
+            "tags": "",
+            "content": "RAW",
+            "format": "DICOM",
         }
-        return _table(["label", "format", "content", "file_count", "file_size"], [row], request.fmt())
+        return _table(columns, [row], request.fmt(), meta=(("totalRecords", "1"), ("title", "Resources")))
+
+    def scan_catalog(self, request: _Request) -> _Response:
+        """`GET .../scans/{SCAN_ID}/resources/{RESOURCE_ID}`: the resource's catalog document, always XML.
+
+        XNATApplication.attachArchiveURI (restlet/XNATApplication.java:223,229) -> CatalogResource.represent
+        (restlet/resources/files/CatalogResource.java:87-128): `BeanRepresentation(catalogData.catBean, TEXT_XML)`.
+        The resource is named by label or by its xnat_abstractresource_id; anything not found (experiment, scan,
+        resource) is 404 "Unable to find the specified catalog." (an unknown project or subject fails earlier, in
+        XNATTemplate's constructor).
+        """
+        missing = _HttpError(404, "Unable to find the specified catalog.")
+        if "project" in request.groups:
+            project = self.store.project(request.group("project"))
+            if project is None:
+                raise _HttpError(404, "Unable to identify project")
+            if "subject" in request.groups:
+                name = request.group("subject")
+                with self.store.lock:
+                    known = any(
+                        s.project == project.id and name in (s.label, s.id) for s in self.store.subjects.values()
+                    )
+                if not known:
+                    raise _HttpError(404, "Unable to identify subject")
+        try:
+            _, scan = self._scan(request)
+        except _HttpError as error:
+            raise missing from error
+        if request.group("resource") not in ("DICOM", str(scan.resource_id)):
+            raise missing
+        return _text(_catalog_xml(scan), content_type="text/xml;charset=UTF-8")
 
     def _scan_files(self, request: _Request) -> tuple[str, dict[str, _File]]:
         experiment, scan = self._scan(request)
-        if request.group("resource") != "DICOM":
+        if request.group("resource") not in ("DICOM", str(scan.resource_id)):
             raise _HttpError(404, f"Unable to find resource {request.group('resource')}")
         return f"{experiment.uri}/scans/{scan.id}/resources/DICOM/files", scan.files
 
@@ -1973,6 +2477,8 @@ class _Api:
             status = 400 if params.get("import-handler") else 500
             raise _HttpError(status, "Unable to identify upload format.")
         ctx, dest = self._import_context(request, handler)
+        if request.cut and (handler != "DICOM-zip" or _archive_kind(upload[0]) is None):
+            raise _HttpError(400, "The connection was reset before the upload was read.")  # nothing stored [INF]
         if handler == "gradual-DICOM":
             return self._import_gradual(request, ctx, upload)
         if handler == "SI":
@@ -1985,6 +2491,8 @@ class _Api:
         if request.content_type == "multipart/form-data":
             if inbody:  # 406 is attempted, then the code fails [INF]
                 raise _HttpError(500, "In-body uploads cannot be multipart/form-data.")
+            if request.cut:  # commons-fileupload parseRequest reads the whole body first: it fails, nothing imported
+                raise _HttpError(400, "Processing of multipart/form-data request failed. Stream ended unexpectedly")
             files: list[tuple[str, bytes]] = []
             for name, filename, payload in _multipart(request):
                 if name == "reference":
@@ -1992,7 +2500,7 @@ class _Api:
                 if filename is None:
                     request.params.add(name, payload.decode("utf-8", "replace"))
                 else:
-                    files.append((_strip_path(filename), payload))
+                    files.append((_multipart_file_name(filename), payload))
             if len(files) > 1:
                 raise _HttpError(400, "Importer is limited to one uploaded resource at a time.")
             return files[0] if files else None
@@ -2050,23 +2558,29 @@ class _Api:
         """Feed entries one by one (§3.4); a failing entry aborts after the earlier ones were stored."""
         keys: dict[Key, None] = {}
         last_error: _EntryError | None = None
-        for entry_name, data in entries:
+        for name, data in entries:
             try:
-                dicom = _parse_dicom(entry_name, data)
+                dicom = _parse_dicom(name, data, require_uids=False)
+                if self.store.filtered(ctx, dicom):  # a series import filter: 200, nothing stored, no row
+                    continue
+                _require_uids(name, dicom)
             except _EntryError as error:
                 # Ignore-Unparsable: ≤1.8.9 skips only DICOM coding errors, ≥1.8.10 any per-entry client error.
                 if ignore and (ignore_any or error.unreadable):
                     last_error = error
                     continue
                 raise
-            keys[self.store.receive(ctx, entry_name, data, dicom)] = None
+            key = self.store.receive(ctx, name, data, dicom)
+            if key is not None:
+                keys[key] = None
         if not keys and last_error is not None:
             raise last_error
         return list(keys)
 
     def _import_gradual(self, request: _Request, ctx: _ImportContext, upload: tuple[str, bytes]) -> _Response:
+        # An in-body upload's file writer is named from its Content-Type (`upload.dcm`, RequestUtil.deriveFileName), and
+        # getSafeFile uses that name like any other: the first object of a scan is stored as upload.dcm.
         name, data = upload
-        ctx.synthetic_name = name.startswith("upload.")  # in-body uploads have no real name -> template namer
         keys = self._receive_all(ctx, [(name, data)], ignore=False, ignore_any=False)
         return _uri_list(
             [f"/data/prearchive/projects/{k[0]}/{k[1]}/{k[2]}" for k in keys], request.params.get("format")
@@ -2084,7 +2598,7 @@ class _Api:
         commit = modern and (params.get("dest") is not None or action_commit)
         raw_ignore = params.get("Ignore-Unparsable")
         ignore = raw_ignore.strip().lower() == "true" if raw_ignore is not None else action_commit
-        entries = _iter_entries(name, data, nested=modern)
+        entries = _iter_entries(name, data, nested=modern, cut=request.cut)
         keys = self._receive_all(ctx, entries, ignore=ignore, ignore_any=modern)
         if not commit:
             return _uri_list([_data_url(k) for k in keys], params.get("format"))
@@ -2135,7 +2649,8 @@ class _Api:
         if len(sessions) > 1 and not (dest is not None and dest.kind == "prearchive"):
             raise _HttpError(400, "Upload included files for multiple imaging sessions.")
         ctx.new_rows_only = True
-        keys = list(dict.fromkeys(self.store.receive(ctx, n, c, d) for n, c, d in parsed))
+        received = (self.store.receive(ctx, n, c, d) for n, c, d in parsed)
+        keys = list(dict.fromkeys(key for key in received if key is not None))
         uris: list[str] = []
         for key in keys:
             row = self.store.build(key)
@@ -2435,30 +2950,33 @@ class _Api:
         return _Response(200)
 
     def _built_row(self, request: _Request) -> _Row:
+        """The row of a prearchive session path whose session XML exists (a build has run, even if the row went
+        back to RECEIVING since); else 404 "Unable to locate prearc resource." (PrearcSessionResourceA
+        .retrieveSessionBean, restlet/resources/prearchive/PrearcSessionResourceA.java)."""
         row = self.store.row(self._session_key(request))
         if row is None or not row.built:  # §5.6
             raise _HttpError(404, "Unable to locate prearc resource.")
         return row
 
     def session_scans(self, request: _Request) -> _Response:
+        """PrearcScansListResource: `ID`, `xsiType`, `series_description` of the session XML's scans."""
         row = self._built_row(request)
         with self.store.lock:
             rows = [
-                {
-                    "ID": scan_id,
-                    "xsiType": _SCAN_TYPES.get(next(iter(f.values())).dicom.modality, "xnat:otherDicomScanData"),
-                    "series_description": next(iter(f.values())).dicom.series_description,
-                }
-                for scan_id, f in row.scans.items()
+                {"ID": scan_id, "xsiType": built.xsi_type, "series_description": built.series_description}
+                for scan_id, built in row.catalog.items()
             ]
         return _table(["ID", "xsiType", "series_description"], rows, request.fmt())
 
     def _session_scan(self, request: _Request) -> dict[str, _File]:
+        """The catalogued files of a built session's scan; an unknown scan (PrearcScanResourceList) or resource label
+        (PrearcSessionResourceFiles) is a bare 404 (`setStatus(CLIENT_ERROR_NOT_FOUND)`, no message)."""
         row = self._built_row(request)
-        files = row.scans.get(request.group("scan"))
-        if files is None or ("resource" in request.groups and request.group("resource") != "DICOM"):
-            raise _HttpError(404, "Unable to locate prearc resource.")
-        return files
+        with self.store.lock:
+            scan_id = request.group("scan")
+            if scan_id not in row.catalog or ("resource" in request.groups and request.group("resource") != "DICOM"):
+                raise _HttpError(404, _NOT_FOUND)
+            return dict(row.catalogued().get(scan_id, {}))
 
     def session_resources(self, request: _Request) -> _Response:
         files = self._session_scan(request)
@@ -2470,8 +2988,10 @@ class _Api:
         return _table(["label", "file_count", "file_size"], [row], request.fmt())
 
     def session_files(self, request: _Request) -> _Response:
+        """PrearcSessionResourceFiles: exactly `Name`, `Size`, `URI`; URI = servlet path + path info (the path as
+        requested) + "/" + the entry's URI (PrearcSessionResourceFiles.constructURI)."""
         files = self._session_scan(request)
-        base = request.path
+        base = unquote(urlsplit(request.target).path)
         rows = [{"Name": n, "Size": str(len(f.data)), "URI": f"{base}/{n}"} for n, f in files.items()]
         return _table(["Name", "Size", "URI"], rows, request.fmt())
 
@@ -2617,7 +3137,10 @@ def _experiment_item(experiment: _Experiment, subject_id: str) -> dict[str, Any]
                         {
                             "meta": {"xsi:type": "xnat:resourceCatalog", "isHistory": False},
                             "data_fields": {
-                                "label": "DICOM", "file_count": len(scan.files), "format": "DICOM", "content": "RAW",
+                                "xnat_abstractresource_id": scan.resource_id, "label": "DICOM",
+                                "file_count": len(scan.files),
+                                "file_size": sum(len(f.data) for f in scan.files.values()),
+                                "format": "DICOM", "content": "RAW",
                             },
                             "children": [],
                         }
@@ -2652,15 +3175,45 @@ def _experiment_xml(experiment: _Experiment, subject_id: str) -> str:
     )
 
 
+_CATALOG_NAMESPACES = (
+    'xmlns:arc="http://nrg.wustl.edu/arc" xmlns:cat="http://nrg.wustl.edu/catalog" '
+    'xmlns:pipe="http://nrg.wustl.edu/pipe" xmlns:prov="http://www.nbirn.net/prov" '
+    'xmlns:scr="http://nrg.wustl.edu/scr" '
+    'xmlns:val="http://nrg.wustl.edu/val" xmlns:wrk="http://nrg.wustl.edu/workflow" '
+    'xmlns:xdat="http://nrg.wustl.edu/security" xmlns:xnat="http://nrg.wustl.edu/xnat" '
+    'xmlns:xnat_a="http://nrg.wustl.edu/xnat_assessments" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+)
+
+
+def _catalog_xml(scan: _Scan) -> str:
+    """A scan's DICOM catalog as the catalog bean serialises it: root `cat:DCMCatalog` (UID = the series UID), one
+    `cat:entry` (xsi:type `cat:dcmEntry`) per file with its name as `URI` and `ID`, its SOP Instance UID as `UID`,
+    attributes in alphabetical order, as in the catalogs XNAT writes (web/src/test/resources/catalogs/
+    scan_4_catalog.xml, dicom/duplicates/scan_5_catalog.xml). The audit attributes (createdBy, createdTime, ...)
+    and metaFields are left out."""
+    entries = []
+    for name, item in scan.files.items():
+        number = f" instanceNumber={_xml_attr(item.dicom.instance_number)}" if item.dicom.instance_number else ""
+        digest = hashlib.md5(item.data, usedforsecurity=False).hexdigest()
+        entries.append(
+            f"\t<cat:entry ID={_xml_attr(name)} UID={_xml_attr(item.dicom.sop_uid)} URI={_xml_attr(name)} "
+            f'digest="{digest}" format="DICOM"{number} xsi:type="cat:dcmEntry"/>\n'
+        )
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<cat:DCMCatalog UID={_xml_attr(scan.series_uid)} '
+        f"{_CATALOG_NAMESPACES}>\n<cat:entries>\n{''.join(entries)}</cat:entries>\n</cat:DCMCatalog>\n"
+    )
+
+
 def _session_xml(row: _Row) -> str:
     """The prearchive session document (a minimal form of what the session builder writes)."""
     root = _XML_ROOTS.get(row.modality, "xnat:OtherDicomSession")
     scans = []
-    for scan_id, files in row.scans.items():
+    for scan_id, files in row.catalogued().items():
         first = next(iter(files.values())).dicom
-        scan_type = _SCAN_TYPES.get(first.modality, "xnat:otherDicomScanData")
+        scan_type = row.catalog[scan_id].xsi_type
         scans.append(
-            f"<xnat:scan ID={_xml_attr(scan_id)} type={_xml_attr(first.series_description)} "
+            f"<xnat:scan ID={_xml_attr(scan_id)} type={_xml_attr(row.catalog[scan_id].series_description)} "
             f'UID={_xml_attr(first.series_uid)} xsi:type="{scan_type}"><xnat:file label="DICOM" format="DICOM" '
             f'content="RAW" xsi:type="xnat:resourceCatalog" '
             f'URI="SCANS/{_xml(scan_id)}/DICOM/scan_{_xml(scan_id)}_catalog.xml"/>'
@@ -2686,6 +3239,13 @@ def _zip_row(row: _Row) -> bytes:
 # --------------------------------------------------------------------------------------------------------------
 # HTTP server
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _content_length(headers: Message) -> int:
+    try:
+        return max(int(headers.get("Content-Length") or 0), 0)
+    except ValueError:
+        return 0
 
 
 class _Server(ThreadingHTTPServer):
@@ -2761,14 +3321,52 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
+    def _read_some(self, limit: int | None) -> bytes:
+        """Up to `limit` bytes of the (de-chunked) body; all of it when `limit` is None."""
+        if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+            length = _content_length(self.headers)
+            return self.rfile.read(length if limit is None else min(limit, length))
+        chunks: list[bytes] = []
+        got = 0
+        while limit is None or got < limit:
+            size = int(self.rfile.readline(65537).split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                break
+            want = size if limit is None else min(size, limit - got)
+            chunks.append(self.rfile.read(want))
+            got += want
+            if want == size:
+                self.rfile.readline(65537)
+        return b"".join(chunks)
+
+    def _cut(self, api: _Api, reset: _Reset) -> None:
+        """A connection reset mid-upload (`reset_next`): read part of the body, let XNAT do what it does with that
+        part, then reset the connection (RST, not a clean close)."""
+        try:
+            if api.streams_body(self.command, self.path):
+                length = _content_length(self.headers)
+                chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+                if reset.after_bytes is not None:
+                    body = self._read_some(reset.after_bytes)
+                elif chunked:
+                    whole = self._read_some(None)
+                    body = whole[: len(whole) // 2]
+                else:
+                    body = self._read_some(length // 2)
+                api.process_cut(self.command, self.path, self.headers, body)
+            else:
+                self._read_some(65536 if reset.after_bytes is None else reset.after_bytes)
+        except (OSError, ValueError):
+            LOG.debug("reading the body of a request to be reset failed", exc_info=True)
+        self.connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
+
     def _serve(self, *, head: bool = False) -> None:
         server = cast(_Server, self.server)
-        if server.api.take_reset(self.command, urlsplit(self.path).path):
-            # A connection cut mid-upload: read a little of the body, then reset (RST, not a clean close).
-            self.rfile.read(min(65536, int(self.headers.get("Content-Length") or 0)))
-            self.connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
-            self.close_connection = True
-            self.connection.close()
+        reset = server.api.take_reset(self.command, self.path)
+        if reset is not None:
+            self._cut(server.api, reset)
             return
         try:
             body = self._read_body()
@@ -2807,6 +3405,7 @@ class FakeXnat:
         archive_timeout_seconds: float = 600.0,
         operation_seconds: float = 0.0,
         site_id: str = "XNAT",
+        use_sop_instance_uid: bool = True,
     ) -> None:
         self._config = _Config(
             version=version,
@@ -2816,6 +3415,7 @@ class FakeXnat:
             session_timeout_seconds=session_timeout_seconds,
             archive_timeout_seconds=archive_timeout_seconds,
             operation_seconds=operation_seconds,
+            use_sop_instance_uid=use_sop_instance_uid,
         )
         self._host = host
         self._port = port
@@ -2941,13 +3541,42 @@ class FakeXnat:
         with self._api._log_lock:
             self._api.faults.append(fault)
 
-    def reset_next(self, method: str, path_prefix: str, *, times: int = 1) -> None:
-        """Cut the connection of the next `times` matching requests after 64 KiB of their body (a TCP reset).
+    def reset_next(self, method: str, path_prefix: str, *, times: int = 1, after_bytes: int | None = None) -> None:
+        """Cut the connection of the next `times` matching requests part-way through their body (a TCP reset).
 
-        Nothing of the request is processed; `requests_log` records it with status 0.
+        `POST /data/services/import`: `after_bytes` of the body (default: half of it) are read, and what XNAT does
+        with them happens: a raw DICOM-zip upload has every entry that lies wholly inside them stored, as a complete
+        upload would (rows stay RECEIVING; see `_Api.process_cut`); other uploads store nothing. Other paths: up to
+        `after_bytes` (default 64 KiB) are read and nothing is processed. `requests_log` records each with status 0.
         """
         with self._api._log_lock:
-            self._api.resets.append([method.upper(), path_prefix, times])
+            self._api.resets.append(_Reset(method.upper(), path_prefix, times, after_bytes))
+
+    def truncate_next(self, method: str, path_prefix: str, *, times: int = 1, keep_bytes: int | None = None) -> None:
+        """A reply cut short by a proxy: the next `times` matching requests are processed as usual and answered with
+        the real status and headers but only the first `keep_bytes` of the body (default: half), Content-Length
+        matching what is sent (so a JSON listing arrives as invalid JSON)."""
+        with self._api._log_lock:
+            self._api.truncations.append(_Truncation(method.upper(), path_prefix, times, keep_bytes))
+
+    def drop_entries(self, predicate: Callable[[str, str, str], bool] | None, *, stage: str = "filter") -> None:
+        """Make XNAT accept and silently drop objects: `predicate(sop_instance_uid, series_instance_uid,
+        series_description)` returns True for those to drop; None removes every rule.
+
+        The import still answers 200 and stores nothing for such an object (DICOM-zip entries and gradual-DICOM
+        uploads). `stage="filter"` is a series import filter: dropped before any prearchive row exists
+        (archive/GradualDicomImporter.java:193-200). `stage="anonymization"` is a site-wide DicomEdit script that
+        rejects the file (:388-400): the row is found or created first, the file written and deleted again (an earlier
+        copy it overwrote included), and rows whose `prevent_anon` is true are not affected.
+        """
+        if predicate is None:
+            with self._store.lock:
+                self._store.drops.clear()
+            return
+        if stage not in ("filter", "anonymization"):
+            raise ValueError(f"unknown stage {stage!r}: expected 'filter' or 'anonymization'")
+        with self._store.lock:
+            self._store.drops.append(_Drop(predicate, stage))
 
     def html_error_with_200_next(
         self, method: str, path_prefix: str, message: str = "The upload failed: the session could not be imported."
