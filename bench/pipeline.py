@@ -2,9 +2,10 @@
 
 Starts the XNAT stand-in (in this process) and `ingestd run` (a subprocess, JSON logs), sends a generated study
 with DCMTK `storescu`, waits until `ingestd status` says delivered, and reads the stages from the daemon's log:
-route + de-identify, zip, upload (import), build wait, archive, verify. The idle time that makes a study
-complete (`study_idle_seconds`) is reported but excluded from the total. Then posts the same zip with `curl` to
-the same stand-in (the upload limit) and reads the daemon's peak RSS. See bench/README.md.
+route + de-identify, zip, upload (import), build wait and the look before archiving, archive, verify. It counts
+the requests the daemon made to XNAT for the study (the stand-in's log, before the curl upload). The idle time
+that makes a study complete (`study_idle_seconds`) is reported but excluded from the total. Then posts the same
+zip with `curl` to the same stand-in (the upload limit) and reads the daemon's peak RSS. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def run_once(work: Path, files: list[Path], compression: str, idle: float) -> di
                 time.sleep(0.2)
             delivered = time.time()
             rss = _peak_rss_mib(daemon.pid)
+            calls = [(method, path.split("?", 1)[0]) for method, path, _status in xnat.requests_log]
             if studies[0]["state"] == "held":
                 raise RuntimeError(f"held: {studies[0]['reason']}")
         finally:
@@ -179,13 +181,15 @@ def run_once(work: Path, files: list[Path], compression: str, idle: float) -> di
         "route + de-identify": routed["seconds"],
         "zip": packaged["seconds"],
         "upload (import)": imported["seconds"],
-        "build wait": archived["at"] - archived["seconds"] - imported["at"],
+        "build wait + verify": archived["at"] - archived["seconds"] - imported["at"],
         "archive": archived["seconds"],
         "verify + cleanup": done["at"] - archived["at"],
     }
     stages["total after idle"] = delivered - complete
     return {
         "stages": stages,
+        "xnat_requests": len(calls),
+        "xnat_gets": sum(1 for method, _path in calls if method == "GET"),
         "zip_mb": zip_mb,
         "upload_mb_s": zip_mb / imported["seconds"],
         "curl_mb_s": zip_mb / curl_seconds,
@@ -223,7 +227,8 @@ def main() -> None:
         values = sorted(run["stages"][stage] for run in runs)
         print(f"{stage:<24}{values[len(values) // 2]:>10.2f}{values[0]:>8.2f}{values[-1]:>8.2f}")
     for key, label in (("upload_mb_s", "upload MB/s (ingestd)"), ("curl_mb_s", "upload MB/s (curl)"),
-                       ("peak_rss_mib", "daemon peak RSS MiB")):  # fmt: skip
+                       ("peak_rss_mib", "daemon peak RSS MiB"), ("xnat_requests", "XNAT requests"),
+                       ("xnat_gets", "XNAT GET requests")):  # fmt: skip
         values = sorted(run[key] for run in runs)
         print(f"{label:<24}{values[len(values) // 2]:>10.1f}{values[0]:>8.1f}{values[-1]:>8.1f}")
     if args.json:

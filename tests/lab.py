@@ -145,11 +145,22 @@ class Lab:
             self.deliverer.check()
             time.sleep(0.02)
 
+    def advance_to(self, step: str, index: int = 0) -> dict[str, Any]:
+        """Take one delivery step after the other for one batch until its next step is `step`; its delivery row."""
+        batch = sorted(self.journal.batches(), key=lambda b: b.id)[index]
+        if self.journal.delivery(batch.id) is None:
+            self.journal.start_delivery(batch.id, time.time())
+        for _ in range(20):
+            delivery = self.journal.delivery(batch.id)
+            assert delivery is not None
+            if delivery["step"] == step:
+                return delivery
+            self.deliverer.step(batch.id, self.journal.routes()[batch.id], delivery)
+        raise AssertionError(f"batch {batch.id} did not reach step {step}: {self.journal.delivery(batch.id)}")
+
     def batch(self, index: int = 0) -> tuple[BatchRow, dict[str, Any]]:
         batch = sorted(self.journal.batches(), key=lambda b: b.id)[index]
-        delivery = self.journal.delivery(batch.id)
-        assert delivery is not None
-        return batch, delivery
+        return batch, self.journal.delivery(batch.id) or {}
 
     def states(self) -> list[str]:
         return [b.state for b in sorted(self.journal.batches(), key=lambda b: b.id)]

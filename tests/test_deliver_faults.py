@@ -39,8 +39,7 @@ def test_reset_mid_upload_sends_what_xnat_lacks(tmp_path: Path, xnat: FakeXnat, 
     """XNAT stores the entries it read before the reset; the retry must not take that partial session as whole."""
     lab = Lab(tmp_path, xnat, archive=archive)
     lab.receive(study(series=3, per_series=8))
-    lab.deliverer.check()  # package, preflight
-    size = (lab.state / str(lab.batch()[1]["zip_path"])).stat().st_size
+    size = (lab.state / str(lab.advance_to(Step.IMPORT)["zip_path"])).stat().st_size
     xnat.reset_next("POST", "/data/services/import", after_bytes=int(size * fraction))
     lab.deliver()
     assert lab.states() == [StudyState.DELIVERED]
@@ -54,10 +53,9 @@ def test_partial_upload_archived_by_xnat_itself_is_completed(tmp_path: Path, xna
     xnat.add_project("AUTO", members=["ingestd"], prearchive_code=4)
     lab = Lab(tmp_path, xnat, project="AUTO")
     lab.receive(study(series=2, per_series=12))
-    lab.deliverer.check()
-    size = (lab.state / str(lab.batch()[1]["zip_path"])).stat().st_size
+    size = (lab.state / str(lab.advance_to(Step.IMPORT)["zip_path"])).stat().st_size
     xnat.reset_next("POST", "/data/services/import", after_bytes=size // 2)
-    lab.deliverer.check()  # the import is cut
+    lab.advance_to(Step.IMPORTING)  # the import is cut
     xnat.build_now()  # XNAT's idle builder builds the partial session and auto-archives it
     assert xnat.experiments("AUTO") and not xnat.prearchive_rows("AUTO")
     lab.deliver()
@@ -117,17 +115,17 @@ def test_files_xnat_keeps_dropping_hold_the_batch_then_retry_delivers(tmp_path: 
     """A site script rejects some files (200, nothing stored): sent again `max_resends` times, then held with the
     reason, spool intact; once XNAT takes them, `ingestd retry --held` sends just those and delivers."""
     lab = Lab(tmp_path, xnat)
-    datasets = study(series=2, per_series=4)
-    lab.receive(datasets)
-    dropping = {"on": True}
-    xnat.drop_entries(lambda sop_uid, series_uid, description: dropping["on"] and sop_uid.endswith(("1", "3", "5")))
+    lab.receive(study(series=2, per_series=4))
+    rejected = {item.sop_uid for item in lab.journal.outgoing(lab.batch()[0].id)[1::3]}
+    xnat.drop_entries(lambda sop_uid, _series_uid, _description: sop_uid in rejected, stage="anonymization")
     lab.deliver()
     batch, delivery = lab.batch()
     assert batch.state == StudyState.HELD and batch.hold_code == "incomplete"
-    assert "does not hold" in str(batch.reason)
-    assert delivery["shortfalls"] == lab.config.delivery.max_resends + 1
+    assert f"does not hold {len(rejected)} of the 8 instances" in str(batch.reason)
+    assert delivery["shortfalls"] == lab.config.delivery.max_resends
+    assert lab.imports() == 1 + lab.config.delivery.max_resends
     assert end_state(lab.state, xnat) == {"held, in the spool": 8}
-    dropping["on"] = False
+    xnat.drop_entries(None)
     config = tmp_path / "ingestd.yaml"
     config.write_text(f"state_dir: {lab.state}\n")
     assert main(["retry", "--config", str(config), "--held"]) == 0

@@ -52,7 +52,10 @@ Public API (`FakeXnat`):
   series import filter (`stage="filter"`, before any row exists) or a site-wide DicomEdit reject
   (`stage="anonymization"`: row created, file written and deleted, rows with `prevent_anon` spared);
   ``drop_entries(None)`` removes every rule.
+* ``clear_faults()`` forgets every pending fault, reset, truncation and drop rule. A client that hangs up part-way
+  through an upload body is treated like a reset there (a streamed DICOM-zip keeps the entries read whole).
 * Inspection: ``prearchive_rows(project=None)`` (the §5.1 row dicts, `project` may be ``"Unassigned"``),
+  ``prearchive_files(project=None)`` (row url -> file name -> SOP Instance UID, built or not),
   ``experiments(project=None)`` (`ExperimentRecord` snapshots), ``archived_files(project, label)`` (the bytes of
   an archived session's files by `<scan>/<name>`), ``requests_log`` (a copy of every
   ``(method, path+query, status)``), ``build_now()`` (one idle-builder pass ignoring the idle time, including the
@@ -3373,6 +3376,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.send_error(400, "Bad request body")
             return
+        if len(body) < _content_length(self.headers):
+            # The client went away part-way through the body: XNAT does with what arrived what it does after a
+            # reset (a streamed DICOM-zip keeps the entries read whole), and nobody is there to answer.
+            if server.api.streams_body(self.command, self.path):
+                server.api.process_cut(self.command, self.path, self.headers, body)
+            self.close_connection = True
+            return
         response = server.api.handle("GET" if head else self.command, self.path, self.headers, body)
         self.send_response(response.status)
         if response.content_type is not None:
@@ -3578,6 +3588,14 @@ class FakeXnat:
         with self._store.lock:
             self._store.drops.append(_Drop(predicate, stage))
 
+    def clear_faults(self) -> None:
+        """Forget every pending fault, reset, truncation and drop rule: XNAT behaves again."""
+        with self._api._log_lock:
+            self._api.faults.clear()
+            self._api.resets.clear()
+            self._api.truncations.clear()
+        self.drop_entries(None)
+
     def html_error_with_200_next(
         self, method: str, path_prefix: str, message: str = "The upload failed: the session could not be imported."
     ) -> None:
@@ -3590,6 +3608,15 @@ class FakeXnat:
         """The prearchive rows (§5.1 dicts), optionally of one project (or "Unassigned")."""
         with self._store.lock:
             return [r.as_dict() for r in self._store.rows.values() if project is None or r.project_label == project]
+
+    def prearchive_files(self, project: str | None = None) -> dict[str, dict[str, str]]:
+        """The files every prearchive row holds now, built or not: row url -> file name -> SOP Instance UID."""
+        with self._store.lock:
+            return {
+                row.url: {name: file.dicom.sop_uid for files in row.scans.values() for name, file in files.items()}
+                for row in self._store.rows.values()
+                if project is None or row.project_label == project
+            }
 
     def experiments(self, project: str | None = None) -> list[ExperimentRecord]:
         """Snapshots of the archived imaging sessions, optionally of one project."""
