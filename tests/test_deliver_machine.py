@@ -13,13 +13,14 @@ session and place, and nothing held.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -48,14 +49,16 @@ class DeliveryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="ingestd-machine-"))
-        self.server = lab_xnat().__enter__()
+        self.context = lab_xnat()  # kept: the stand-in stops when its context is closed
+        self.server = self.context.__enter__()
         self.lab: Lab | None = None
         self.studies: list[tuple[str, str, int]] = []  # (Study Instance UID, Patient ID, next series number)
         self.crash_at: int | None = None
 
-    @initialize(archive=st.booleans())
-    def start(self, archive: bool) -> None:
+    @initialize(archive=st.booleans(), series=st.integers(1, 2), per_series=st.integers(1, 4))
+    def start(self, archive: bool, series: int, per_series: int) -> None:
         self.lab = Lab(self.tmp, self.server, archive=archive)
+        self.send_study(series, per_series)
 
     @property
     def xnat(self) -> FakeXnat:
@@ -68,7 +71,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         finally:
             if self.lab is not None:
                 self.lab.journal.close()
-            self.server.__exit__(None, None, None)
+            self.context.__exit__(None, None, None)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- the rules -----------------------------------------------------------------------------------------------
@@ -125,6 +128,7 @@ class DeliveryMachine(RuleBasedStateMachine):
                     break
                 time.sleep(0.01)
         except Crash:
+            event("crashed mid-delivery")
             lab.restart()
 
     def _arm_crash(self, n: int) -> None:
@@ -163,11 +167,14 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.xnat.clear_faults()
         lab.restart()
         for batch in lab.journal.batches((StudyState.HELD,)):
+            event(f"held before the retry: {batch.hold_code}")
             lab.journal.retry_batch(batch.id, time.time())
         lab.deliver(timeout=60)
         held = [(b.id, b.hold_code, b.reason) for b in lab.journal.batches((StudyState.HELD,))]
         assert held == [], held
-        end_state(lab.state, self.xnat)
+        outcome = end_state(lab.state, self.xnat)
+        event(f"instances delivered: {'some' if outcome['in XNAT'] else 'none'}")
+        event(f"batches: {min(len(lab.journal.batches()), 4)}+")
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +183,7 @@ def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 DeliveryMachine.TestCase.settings = settings(
-    max_examples=25,
+    max_examples=int(os.environ.get("INGESTD_MACHINE_EXAMPLES", "15")),  # CI: 15; the trials: hundreds
     stateful_step_count=14,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
