@@ -379,7 +379,9 @@ class _Importer(_Taker):
             self.lock = None
 
     def _start_workers(self, rules: RuleSet) -> list[PeriodicWorker]:
-        router = Router(self.journal, rules, self.config.state_dir, interval=_WORKER_SECONDS)
+        router = Router(
+            self.journal, rules, self.config.state_dir, interval=_WORKER_SECONDS, failures=self.config.batch_failures
+        )
         deliverer = Deliverer(self.journal, self.config, interval=_WORKER_SECONDS)
         router.start()
         deliverer.start()

@@ -126,13 +126,17 @@ class Daemon:
             spool.recover(quarantine)
         associations = AssociationCounters(config.listener.processes) if config.listener.enabled else None
         self._start_metrics(associations)
-        assembler = Assembler(self.journal, CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds))
+        assembler = Assembler(
+            self.journal,
+            CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds),
+            failures=config.batch_failures,
+        )
         assembler.wedged_after = config.wedged_worker_seconds
         assembler.start()
         self._services.append(assembler)
         self._assembler = assembler
         if rules is not None:
-            router = Router(self.journal, rules, config.state_dir)
+            router = Router(self.journal, rules, config.state_dir, failures=config.batch_failures)
             router.wedged_after = config.wedged_worker_seconds
             router.start()
             self._services.append(router)
@@ -384,9 +388,9 @@ class Daemon:
         """Load the configuration file and its rules again; apply what can change live. False if refused.
 
         The new files are validated first; on any error the running ones stay in force and the errors are
-        logged. Rules, XNAT servers, delivery settings and the completion times change live; batches already
-        routed keep the rule they were routed with (the journal holds their route). The listener, drop folders,
-        state directory and spool need a restart, which is logged.
+        logged. Rules, XNAT servers, delivery settings, batch failure limits and the completion times change live;
+        batches already routed keep the rule they were routed with (the journal holds their route). The listener,
+        drop folders, state directory and spool need a restart, which is logged.
         """
         if self.config_path is None:
             log.warning("daemon.reload", outcome="unavailable", detail="the daemon was not started from a file")
@@ -407,10 +411,12 @@ class Daemon:
         for worker in (self._assembler, self._router):
             if worker is not None:
                 worker.wedged_after = new.wedged_worker_seconds
+                worker.failures = new.batch_failures
         live = {
             "rules",
             "xnat",
             "delivery",
+            "batch_failures",
             "study_idle_seconds",
             "study_max_wait_seconds",
             "stop_timeout_seconds",

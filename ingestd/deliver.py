@@ -255,11 +255,14 @@ class Deliverer(PeriodicWorker):
             client = self._clients[name] = XnatClient(name, server, progress=self.beat)
         return client
 
-    def _advance(self, batch_id: int, step: Step, **fields: Any) -> None:
+    def _advance(self, batch_id: int, step: Step, *, progress: bool = False, **fields: Any) -> None:
+        """Move to `step`, due now. `progress`: XNAT answered a request that moves the delivery on (pre-flight
+        passed, an import or an archive answered), which ends a run of failed attempts. Other moves keep the count,
+        so that a loop of interrupted uploads (import, reset, verify, resend) still ends at the attempt cap."""
         now = time.time()
-        self.journal.update_delivery(
-            batch_id, step=step, next_attempt_at=now, step_started_at=now, attempts=0, last_error=None, **fields
-        )
+        if progress:
+            fields.update(attempts=0, last_error=None)
+        self.journal.update_delivery(batch_id, step=step, next_attempt_at=now, step_started_at=now, **fields)
 
     def _wait(self, batch_id: int, seconds: float, **fields: Any) -> None:
         self.journal.update_delivery(batch_id, next_attempt_at=time.time() + seconds, **fields)
@@ -347,7 +350,7 @@ class Deliverer(PeriodicWorker):
         experiment = job.client.experiment(project, subject, session)
         if experiment is not None:
             self._check_same_study(experiment, job)
-        self._advance(job.batch_id, Step.IMPORT)
+        self._advance(job.batch_id, Step.IMPORT, progress=True)
 
     def _check_same_study(self, experiment: Mapping[str, Any], job: _Job) -> None:
         existing = str(experiment.get("data_fields", {}).get("UID", ""))
@@ -361,7 +364,7 @@ class Deliverer(PeriodicWorker):
     def _step_import(self, job: _Job) -> None:
         """Upload the zip. `importing` is committed first: from then on, whatever happens, `verify` looks."""
         project, subject, session = job.project, job.subject, job.session
-        self._advance(job.batch_id, Step.IMPORTING, answered=0)
+        self._advance(job.batch_id, Step.IMPORTING, answered=0, build_requested_at=None)
         started = time.monotonic()
         uris = job.client.import_zip(self.state_dir / str(job.delivery["zip_path"]), project, subject, session)
         if len(uris) > 1:
@@ -370,7 +373,7 @@ class Deliverer(PeriodicWorker):
             )
         if not uris:  # 200 with an empty body: XNAT kept none of the files (verify counts the shortfall)
             log.info("deliver.imported", batch_id=job.batch_id, uri=None, seconds=stage_seconds("import", started))
-            self._advance(job.batch_id, Step.VERIFY, answered=1)
+            self._advance(job.batch_id, Step.VERIFY, progress=True, answered=1)
             return
         uri = uris[0]
         if not uri.startswith(f"/data/prearchive/projects/{project}/"):
@@ -378,7 +381,7 @@ class Deliverer(PeriodicWorker):
                 "xnat-misfiled", f"XNAT filed the upload under {uri}, not in the prearchive of project {project}"
             )
         log.info("deliver.imported", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("import", started))
-        self._advance(job.batch_id, Step.WAIT, prearchive_url=uri.removeprefix("/data"), answered=1)
+        self._advance(job.batch_id, Step.WAIT, progress=True, prearchive_url=uri.removeprefix("/data"), answered=1)
 
     def _step_importing(self, job: _Job) -> None:
         """An upload that may or may not have reached XNAT, wholly or in part: look before sending anything."""
@@ -427,7 +430,7 @@ class Deliverer(PeriodicWorker):
             return
         unsettled = [row for row in look.rows if row.status != _READY and row.status not in _BROKEN]
         if unsettled:  # a session of ours is still receiving, building or archiving: what it holds shows later
-            self._advance(job.batch_id, Step.WAIT, prearchive_url=unsettled[0].url)
+            self._advance(job.batch_id, Step.WAIT, prearchive_url=unsettled[0].url, build_requested_at=None)
             return
         broken = [row for row in look.rows if row.status in _BROKEN]
         if broken:
@@ -494,7 +497,7 @@ class Deliverer(PeriodicWorker):
         started = time.monotonic()
         uri = job.client.archive(str(job.delivery["prearchive_url"]), project, subject, session)
         log.info("deliver.archived", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("archive", started))
-        self._advance(job.batch_id, Step.VERIFY, archive_uri=uri)
+        self._advance(job.batch_id, Step.VERIFY, progress=True, archive_uri=uri)
 
     def _step_archiving(self, job: _Job) -> None:
         """An archive request that may have been carried out: look before asking again."""

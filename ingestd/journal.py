@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ingestd.errors import IngestdError
 from ingestd.header import InstanceHeader
 from ingestd.states import RETRY_STEP, Step, StudyState, check_batch_transition, check_step_transition
 
@@ -188,8 +189,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
-class JournalVersionError(Exception):
-    """The journal was written by a newer ingestd than this one."""
+class JournalVersionError(IngestdError):
+    """The journal's schema is not this ingestd's: newer (refused), or older and opened by a reader (not migrated)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +290,9 @@ class Journal:
         self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=0)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        if not read_only:
+        if read_only:
+            self._check_readable()
+        else:
             self._db.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed row survives power loss and reboot, not only a killed process.
             self._db.execute("PRAGMA synchronous = FULL")
@@ -317,6 +320,22 @@ class Journal:
                 if statement.strip():
                     db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _check_readable(self) -> None:
+        """A reader cannot migrate: it refuses a journal of another schema, saying what to do."""
+        with self._lock:
+            has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
+        version = self.schema_version() if has_meta else 0
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise JournalVersionError(
+                f"the journal {self.path} is at schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
+                + (
+                    "start the daemon (`ingestd run`) once, which migrates it"
+                    if version < SCHEMA_VERSION
+                    else "it was written by a newer ingestd; run that version"
+                )
+            )
 
     def schema_version(self) -> int:
         return int(self.meta("schema_version") or 0)

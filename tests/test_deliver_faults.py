@@ -48,6 +48,20 @@ def test_reset_mid_upload_sends_what_xnat_lacks(tmp_path: Path, xnat: FakeXnat, 
     assert statuses == [0, 200]  # one resend, of what XNAT lacked
 
 
+def test_uploads_cut_every_time_end_at_the_attempt_cap(tmp_path: Path, xnat: FakeXnat) -> None:
+    """A proxy that resets every upload part-way: each round sends what XNAT still lacks, and the rounds stop at the
+    server's attempt cap with the batch held, its spool intact (a loop that looks like progress is not progress)."""
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=2, per_series=6))
+    xnat.reset_next("POST", "/data/services/import", times=1000, after_bytes=3000)
+    lab.deliver()
+    batch, delivery = lab.batch()
+    assert batch.state == StudyState.HELD and batch.hold_code == "xnat-unreachable"
+    assert lab.imports() == lab.config.xnat.servers["main"].retry.max_attempts
+    assert end_state(lab.state, xnat) == {"held, in the spool": 12}
+    assert delivery["step"] == Step.IMPORTING
+
+
 def test_partial_upload_archived_by_xnat_itself_is_completed(tmp_path: Path, xnat: FakeXnat) -> None:
     """An auto-archive project: XNAT builds and archives the half it kept; the rest is sent and merged into it."""
     xnat.add_project("AUTO", members=["ingestd"], prearchive_code=4)

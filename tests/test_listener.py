@@ -143,8 +143,9 @@ class TestPynetdicomPeer:
         assert not list(receiver.config.spool_dir.rglob("*.dcm"))
 
     def test_same_instance_twice(self, receiver: Receiver) -> None:
-        """Identical bytes are a no-op, different bytes replace the earlier copy; both are recorded."""
+        """Identical bytes are a no-op; different bytes replace the earlier copy, which is kept aside; all recorded."""
         ds = make_instance(fill=1)
+        first_pixels = ds.PixelData
         assoc = _associate(receiver.port)
         assert assoc.send_c_store(ds).Status == 0
         assert assoc.send_c_store(ds).Status == 0
@@ -152,9 +153,11 @@ class TestPynetdicomPeer:
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
         outcomes = [row[0] for row in _rows(receiver, "SELECT outcome FROM receipts ORDER BY id")]
-        assert outcomes == ["stored", "duplicate", "replaced"]
+        assert outcomes == ["stored", "duplicate", "superseded", "replaced"]
         (spool_path,) = _rows(receiver, "SELECT spool_path FROM instances")[0]
         assert pydicom.dcmread(receiver.config.spool_dir / str(spool_path)).PixelData == ds.PixelData
+        (kept,) = _rows(receiver, "SELECT path FROM superseded")[0]
+        assert pydicom.dcmread(receiver.config.state_dir / str(kept)).PixelData == first_pixels
 
     def test_concurrent_associations(self, receiver: Receiver) -> None:
         """Four associations storing at once all succeed and all land."""

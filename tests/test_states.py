@@ -149,3 +149,15 @@ def test_a_journal_of_a_newer_ingestd_is_refused(tmp_path: Path) -> None:
         db.commit()
     with pytest.raises(JournalVersionError, match="newer ingestd"):
         Journal(path)
+
+
+def test_a_reader_refuses_a_journal_it_cannot_read_and_says_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(V2_SCHEMA.read_text())
+        db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+        db.commit()
+    with pytest.raises(JournalVersionError, match="start the daemon"):
+        Journal(path, read_only=True)
+    Journal(path).close()  # a writer migrates it
+    Journal(path, read_only=True).close()
