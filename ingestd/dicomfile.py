@@ -182,6 +182,8 @@ def _walk_data_set(body: memoryview, transfer_syntax: str) -> _Walked | None:
     except (EOFError, OSError, struct.error):  # a value, sequence or length field with no end
         raise _truncated() from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed data
+        if stream.tell() >= size:  # it failed on the last value, read short: cut short, not malformed
+            raise _truncated() from None  # (a Specific Character Set cut short warns; an error where warnings are)
         raise InvalidInstanceError(f"corrupt DICOM file: {type(exc).__name__}") from None
     padding = transfer_syntax != ExplicitVRBigEndian and not any(body[end:])  # trailing zeros: seen, harmless
     if 0 < size - end < 8 and not padding:  # the file ends inside an element's tag and length
@@ -250,7 +252,10 @@ _BARE_STARTS = (b"\x08\x00", b"\x00\x08")  # group 0008, little and big endian
 
 def _may_grow_into_dicom(data: bytes) -> bool:
     """Say whether bytes too short to be a DICOM file could be the start of one: nothing yet, a preamble as
-    writers fill it (zeros, a TIFF header), the `DICM` prefix, or the first bytes of a bare data set."""
+    writers fill it (zeros, a TIFF header) and the beginning of `DICM`, the `DICM` prefix, or the first
+    bytes of a bare data set."""
+    if len(data) > 128:  # a preamble whole: what follows must be the beginning of DICM
+        return b"DICM".startswith(data[128:])
     if not data.strip(b"\x00"):
         return True
     return any(start.startswith(data[:4]) or data.startswith(start) for start in (*_TIFF, *_BARE_STARTS, b"DICM"))
