@@ -48,7 +48,7 @@ from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
 from ingestd.journal import BatchInstance, Journal, Source, StudyState
 from ingestd.logs import hide_member_names, path_digest, uid_digest
-from ingestd.receive.intake import SourceRejected, is_ignored, take_source
+from ingestd.receive.intake import SourceRejected, is_ignored, source_name, take_source
 from ingestd.receive.pool import wait_for_receivers
 from ingestd.route import Router, header_facts, study_facts
 from ingestd.rules import Held, RuleSet, decide
@@ -244,7 +244,7 @@ class _Taker:
         self.problems: list[_Problem] = []
 
     def take(self, file: SourceFile) -> None:
-        root = str(file.root)
+        root = source_name(str(file.root))
         try:
             take_source(
                 file.path,
@@ -257,7 +257,7 @@ class _Taker:
                 ),
             )
         except SourceRejected as exc:
-            self._reject(Source("folder", root, file.relative), exc.reason, file.path.name, file.path)
+            self._reject(Source("folder", root, source_name(file.relative)), exc.reason, file.path.name, file.path)
         except OSError as exc:
             self.unreadable(file.relative, f"cannot be read: {exc.strerror or exc}")
         self.counts.scanned += 1
@@ -271,6 +271,7 @@ class _Taker:
             show(self.counts)
 
     def unreadable(self, detail: str, reason: str) -> None:
+        detail = source_name(detail)
         self.problems.append(_Problem(detail, reason, unreadable=True))
         self.counts.unreadable += 1
         log.error("import.file_unreadable", file=path_digest(detail), reason=reason)

@@ -92,6 +92,12 @@ class DropFolder(_Model):
     done_folder: Path | None = None
     polling: bool = False
     poll_interval_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # A settled file that is not whole yet (a DICOM file or archive cut short) waits for the rest this long,
+    # unchanged, before it goes to quarantine: a copy that stalls must not be taken cut short, nor wait for ever.
+    incomplete_seconds: Annotated[float, Field(ge=0)] = 600.0
+    # Attempts at a file that fails (cannot be read, removed or moved) before it goes to quarantine (or is left
+    # in place with a note in quarantine when even that fails); a spool refusal (full) is retried without limit.
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
 
     @model_validator(mode="after")
     def _done_folder_for_move(self) -> DropFolder:

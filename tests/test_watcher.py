@@ -322,11 +322,14 @@ def test_non_dicom_file_is_quarantined_with_its_reason(env: Env) -> None:
     assert env.spooled() == {}
 
 
-def test_truncated_dicom_file_is_quarantined(env: Env) -> None:
+def test_truncated_dicom_file_is_quarantined_once_it_stays_incomplete(env: Env) -> None:
+    """A file cut short may still be being written: it waits `incomplete_seconds`, unchanged, then is quarantined."""
     (env.drop / "IM.dcm").write_bytes(truncated(make_instance()))
-    env.watcher()
+    env.watcher(incomplete_seconds=0.5)
     wait_until(env.quarantined, what="the file to be quarantined")
-    assert list(env.quarantined().values()) == ["corrupt DICOM file: truncated"]
+    assert list(env.quarantined().values()) == [
+        "corrupt DICOM file: truncated (unchanged and incomplete for 0.5 s: drop_folders[].incomplete_seconds)"
+    ]
     assert env.spooled() == {}
 
 
@@ -376,7 +379,13 @@ HOSTILE: list[tuple[str, Callable[[Path], Path], Archives, str]] = [
         "archives.max_total_mb",
     ),
     ("garbage.zip", lambda p: (p.write_bytes(b"not a zip at all" * 10), p)[1], Archives(), "cannot be read"),
-    ("cut.tar.gz", lambda p: (p.write_bytes(make_tar(p, _good()).read_bytes()[:-200]), p)[1], Archives(), "cannot"),
+    ("garbage.tar", lambda p: (p.write_bytes(b"not a tar at all" * 40), p)[1], Archives(), "cannot be read"),
+    (
+        "cut.tar.gz",  # cut short, then left unchanged for incomplete_seconds (0 here)
+        lambda p: (p.write_bytes(make_tar(p, _good()).read_bytes()[:-200]), p)[1],
+        Archives(),
+        "is cut short",
+    ),
 ]
 
 
@@ -385,7 +394,7 @@ def test_hostile_or_unreadable_archive_is_quarantined_whole(
     env: Env, name: str, build: Callable[[Path], Path], limits: Archives, reason: str
 ) -> None:
     build(env.drop / name)
-    watcher = env.watcher(start=False, settle_seconds=0, limits=limits)
+    watcher = env.watcher(start=False, settle_seconds=0, limits=limits, incomplete_seconds=0)
     assert watcher.scan_once() == 1
     [(item, why)] = env.quarantined().items()
     assert reason in why

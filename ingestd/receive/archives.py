@@ -4,11 +4,21 @@ An archive is checked as a whole before anything is read out of it: every member
 declared size, the member count, the total size and the expansion ratio, against the `archives` limits.
 A hostile or absurd archive raises UnsafeArchiveError naming the problem, and nothing of it is used.
 Members are then read one at a time, each into memory on its own, with the limits enforced again on the
-bytes actually produced. Nothing is ever extracted to disk.
+bytes actually produced. Nothing is ever extracted to disk. Everything reads one open file, never a path
+again: what is checked is what is read.
+
+An archive is whole only when its end is there: a zip's end of central directory record, a tar's
+end-of-archive marker (a zero block) and, for a compressed tar, the end of its compressed stream.
+An archive that stops short of that (still being written, or cut short for good) raises
+IncompleteArchiveError, a kind of UnsafeArchiveError: the drop-folder watcher waits for more bytes.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import lzma
 import os
 import stat
 import tarfile
@@ -16,13 +26,20 @@ import zipfile
 import zlib
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, Protocol, Self
 
 from ingestd.config import Archives
 from ingestd.errors import UnsafeArchiveError
 
-__all__ = ["ArchiveKind", "Member", "archive_kind", "check_archive", "is_archive_name", "read_members"]
+__all__ = [
+    "ArchiveKind",
+    "IncompleteArchiveError",
+    "Member",
+    "archive_kind",
+    "check_archive",
+    "is_archive_name",
+    "read_members",
+]
 
 ArchiveKind = Literal["zip", "tar"]
 
@@ -33,6 +50,22 @@ _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zip
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 # What reading a damaged archive raises, by layer: zipfile, tarfile, gzip/zlib, bz2/lzma, and the OS.
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, ValueError, NotImplementedError)
+_ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; the end record of an empty zip
+_ZIP_END = b"PK\x05\x06"
+_ZIP_END_SIZE = 22
+# Compressed tars, by their first bytes: what decompresses them (raising EOFError when the stream is cut short).
+_TAR_COMPRESSIONS: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+# What tarfile says when the data runs out (the file ends) in a member's data or before a header.
+_TAR_RAN_OUT = ("unexpected end of data", "empty file", "truncated header")
+_TAR_HEADER_RAN_OUT = ("EmptyHeaderError", "TruncatedHeaderError")
+
+
+class IncompleteArchiveError(UnsafeArchiveError):
+    """The archive stops short of its end: still being written, or cut short. More bytes could complete it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,23 +156,31 @@ class _Budget:
 # -- checking ----------------------------------------------------------------------------------------
 
 
-def check_archive(path: Path, kind: ArchiveKind, limits: Archives) -> list[Member]:
+def _size(stream: IO[bytes]) -> int:
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    return size
+
+
+def check_archive(stream: IO[bytes], kind: ArchiveKind, limits: Archives) -> list[Member]:
     """Check every member's metadata against `limits`, keeping no member's data; return the regular files.
 
-    A compressed tar is decompressed once to reach its headers (data skipped, stopping at the first limit).
+    `stream` is the archive, open for reading (seekable). A compressed tar is decompressed once to reach its
+    headers (data skipped, stopping at the first limit) and its end.
 
-    Raises UnsafeArchiveError, naming the problem, for a hostile, absurd, encrypted or unreadable archive.
+    Raises UnsafeArchiveError, naming the problem, for a hostile, absurd, encrypted or unreadable archive, and
+    IncompleteArchiveError for one that stops short of its end.
     """
     label = f"{kind} archive"
     try:
-        size = path.stat().st_size
+        size = _size(stream)
         if kind == "zip":
-            return _check_zip(path, _Budget(label, limits, size))
-        return _check_tar(path, _Budget(label, limits, size))
+            return _check_zip(stream, _Budget(label, limits, size))
+        return _check_tar(stream, _Budget(label, limits, size))
     except UnsafeArchiveError:
         raise
     except _READ_ERRORS as exc:
-        raise UnsafeArchiveError(f"{label} cannot be read: {_describe(exc)}") from None
+        raise _read_error(label, exc) from None
 
 
 def _zip_member_type(info: zipfile.ZipInfo) -> str | None:
@@ -150,24 +191,39 @@ def _zip_member_type(info: zipfile.ZipInfo) -> str | None:
     return "symbolic link" if stat.S_ISLNK(mode) else "special file"
 
 
-def _zip_declared_entries(path: Path) -> int | None:
-    """The entry count in a zip's end-of-central-directory record (zip64 too), or None if not found."""
-    with path.open("rb") as stream:
-        size = stream.seek(0, os.SEEK_END)
-        stream.seek(max(0, size - (0xFFFF + 22)))  # the record is 22 bytes and a comment of up to 64 KiB
-        tail = stream.read()
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or at + 22 > len(tail):
-            return None
-        entries = int.from_bytes(tail[at + 10 : at + 12], "little")
-        locator = at - 20
-        if entries != 0xFFFF or locator < 0 or tail[locator : locator + 4] != b"PK\x06\x07":
-            return entries
-        stream.seek(int.from_bytes(tail[locator + 8 : locator + 16], "little"))
-        record = stream.read(56)
+@dataclass(frozen=True, slots=True)
+class _ZipEnd:
+    """A zip's end-of-central-directory record: the entry count it declares, and whether it ends the file."""
+
+    entries: int
+    at_end: bool
+
+
+def _zip_end(stream: IO[bytes]) -> _ZipEnd | None:
+    """The end-of-central-directory record of a zip (zip64 too), or None if there is none."""
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(max(0, size - (0xFFFF + _ZIP_END_SIZE)))  # the record is 22 bytes and a comment of up to 64 KiB
+    tail = stream.read()
+    at = tail.rfind(_ZIP_END)
+    if at < 0 or at + _ZIP_END_SIZE > len(tail):
+        return None
+    at_end = at + _ZIP_END_SIZE + int.from_bytes(tail[at + 20 : at + 22], "little") == len(tail)
+    entries = int.from_bytes(tail[at + 10 : at + 12], "little")
+    locator = at - 20
+    if entries != 0xFFFF or locator < 0 or tail[locator : locator + 4] != b"PK\x06\x07":
+        return _ZipEnd(entries, at_end)
+    stream.seek(int.from_bytes(tail[locator + 8 : locator + 16], "little"))
+    record = stream.read(56)
     if record[:4] != b"PK\x06\x06" or len(record) < 40:
         return None
-    return int.from_bytes(record[32:40], "little")
+    return _ZipEnd(int.from_bytes(record[32:40], "little"), at_end)
+
+
+def _starts_like_zip(stream: IO[bytes]) -> bool:
+    """Say whether the file's first bytes are (the beginning of) a zip's first record; an empty file counts."""
+    stream.seek(0)
+    head = stream.read(4)
+    return any(start.startswith(head) for start in _ZIP_STARTS)
 
 
 def _check_member_count(count: int, budget: _Budget) -> None:
@@ -177,13 +233,20 @@ def _check_member_count(count: int, budget: _Budget) -> None:
         )
 
 
-def _check_zip(path: Path, budget: _Budget) -> list[Member]:
-    # The count from the end record first: a central directory of millions of entries is never parsed.
-    declared = _zip_declared_entries(path)
-    if declared is not None:
-        _check_member_count(declared, budget)
-    with zipfile.ZipFile(path) as archive:
+def _check_zip(stream: IO[bytes], budget: _Budget) -> list[Member]:
+    # A zip is written front to back, its end record last: a zip still being written has none (or, from a
+    # stored member, one that is not its own). Its first bytes tell it from a file that is no zip at all.
+    end = _zip_end(stream)
+    if end is None or not end.at_end:
+        if _starts_like_zip(stream):
+            raise IncompleteArchiveError(f"{budget.label} is cut short: it has no end of central directory yet")
+    else:  # the count from the end record first: a central directory of millions of entries is never parsed
+        _check_member_count(end.entries, budget)
+    with zipfile.ZipFile(stream) as archive:
         infos = archive.infolist()
+    if _starts_like_zip(stream) and infos and min(info.header_offset for info in infos) != 0:
+        # Its first record is not one of its members: the end read is that of a zip stored in a zip cut short.
+        raise IncompleteArchiveError(f"{budget.label} is cut short: its end record is not its own")
     _check_member_count(len(infos), budget)
     members = []
     for info in infos:
@@ -232,39 +295,136 @@ def _check_tar_member(info: tarfile.TarInfo, budget: _Budget) -> Member | None:
     return Member(info.name, info.size)
 
 
-def _check_tar(path: Path, budget: _Budget) -> list[Member]:
+def _check_tar(stream: IO[bytes], budget: _Budget) -> list[Member]:
     members = []
-    # Stream mode: headers are read in order, data skipped by reading through it, nothing kept.
-    with tarfile.open(path, "r|*") as archive:
-        for info in archive:
-            member = _check_tar_member(info, budget)
-            if member is not None:
-                members.append(member)
+    for _archive, info in _tar_entries(stream, budget):
+        member = _check_tar_member(info, budget)
+        if member is not None:
+            members.append(member)
     return members
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _Counting:
+    """A binary stream read front to back (as tarfile's stream mode reads it), counting the bytes read."""
+
+    def __init__(self, stream: _Readable) -> None:
+        self.stream = stream
+        self.count = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        return data
+
+    def write(self, data: bytes, /) -> int:
+        raise OSError("read only")
+
+    def tell(self) -> int:
+        return self.count
+
+    def seek(self, position: int, /) -> int:
+        raise OSError("not seekable")
+
+    def close(self) -> None:
+        return None
+
+
+def _ending_tarinfo(ends: list[str]) -> type[tarfile.TarInfo]:
+    """A TarInfo class that notes in `ends` why reading a header failed: tarfile ends the archive on most."""
+
+    class _TarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
+            try:
+                return super().fromtarfile(archive)
+            except tarfile.HeaderError as exc:
+                ends.append(type(exc).__name__)  # EOFHeaderError: the end-of-archive marker
+                raise
+
+    return _TarInfo
+
+
+@contextlib.contextmanager
+def _decompressed(stream: IO[bytes]) -> Iterator[tuple[_Readable, str | None]]:
+    """The tar stream inside `stream` (decompressed if it is compressed), and the compression's name.
+
+    gzip, bz2 and lzma raise EOFError when the compressed stream stops before its end (tarfile's own
+    decompression just stops reading there).
+    """
+    stream.seek(0)
+    head = stream.read(6)
+    stream.seek(0)
+    compression = next((name for magic, name in _TAR_COMPRESSIONS if head.startswith(magic)), None)
+    if compression is None:
+        yield stream, None
+    elif compression == "gzip":
+        with gzip.GzipFile(fileobj=stream, mode="rb") as unzipped:
+            yield unzipped, compression
+    elif compression == "bzip2":
+        with bz2.BZ2File(stream) as unzipped_bz2:
+            yield unzipped_bz2, compression
+    else:
+        with lzma.LZMAFile(stream) as unzipped_xz:
+            yield unzipped_xz, compression
+
+
+def _tar_entries(stream: IO[bytes], budget: _Budget) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Yield each entry of a tar in order, then check that it is whole: its end-of-archive marker, and the end
+    of its compressed stream. Raises IncompleteArchiveError where the file ends first."""
+    ends: list[str] = []
+    try:
+        with _decompressed(stream) as (plain, compression):
+            counted = _Counting(plain)
+            # Stream mode: headers are read in order, data skipped by reading through it, nothing kept.
+            with tarfile.open(fileobj=counted, mode="r|", tarinfo=_ending_tarinfo(ends)) as archive:
+                yield from ((archive, info) for info in archive)
+            _check_tar_end(ends[-1] if ends else "", compression, budget)
+            if compression is not None:  # read on to the end of the compressed stream: it says it is whole
+                while counted.read(_CHUNK):
+                    budget.check_expansion(counted.count)
+    except _READ_ERRORS as exc:
+        raise _read_error(budget.label, exc) from None
+
+
+def _check_tar_end(last: str, compression: str | None, budget: _Budget) -> None:
+    """Raise unless the header read last was the end-of-archive marker (tarfile ends on any bad header)."""
+    if last == "EOFHeaderError":
+        return
+    if last not in _TAR_HEADER_RAN_OUT:
+        raise UnsafeArchiveError(f"{budget.label} cannot be read: a damaged header after its last member")
+    if compression is None:  # the file ends where a header should be
+        raise IncompleteArchiveError(f"{budget.label} is cut short: it has no end-of-archive marker yet")
+    # the compressed stream ended as it should, but what it holds stops short: no more bytes will come
+    raise UnsafeArchiveError(f"{budget.label} cannot be read: the tar in it has no end-of-archive marker")
 
 
 # -- reading -----------------------------------------------------------------------------------------
 
 
 def read_members(
-    path: Path, kind: ArchiveKind, limits: Archives, names: Container[str] | None = None
+    stream: IO[bytes], kind: ArchiveKind, limits: Archives, names: Container[str] | None = None
 ) -> Iterator[tuple[str, bytes]]:
     """Yield (name, data) for each regular file of a checked archive, one at a time, in archive order.
 
     Only members whose name is in `names` when it is given. The limits are enforced again on the bytes
-    actually read; UnsafeArchiveError is raised if they are passed or the archive turns out unreadable.
+    actually read; UnsafeArchiveError is raised if they are passed or the archive turns out unreadable
+    (IncompleteArchiveError if it turns out cut short).
     """
     label = f"{kind} archive"
     try:
-        budget = _Budget(label, limits, path.stat().st_size)
+        budget = _Budget(label, limits, _size(stream))
         if kind == "zip":
-            yield from _read_zip(path, budget, names)
+            yield from _read_zip(stream, budget, names)
         else:
-            yield from _read_tar(path, budget, names)
+            yield from _read_tar(stream, budget, names)
     except UnsafeArchiveError:
         raise
     except _READ_ERRORS as exc:
-        raise UnsafeArchiveError(f"{label} cannot be read: {_describe(exc)}") from None
+        raise _read_error(label, exc) from None
 
 
 def _read_limited(stream: IO[bytes], name: str, declared: int, budget: _Budget) -> bytes:
@@ -279,33 +439,41 @@ def _read_limited(stream: IO[bytes], name: str, declared: int, budget: _Budget) 
     return b"".join(chunks)
 
 
-def _read_zip(path: Path, budget: _Budget, names: Container[str] | None) -> Iterator[tuple[str, bytes]]:
-    with zipfile.ZipFile(path) as archive:
+def _read_zip(stream: IO[bytes], budget: _Budget, names: Container[str] | None) -> Iterator[tuple[str, bytes]]:
+    with zipfile.ZipFile(stream) as archive:
         for info in archive.infolist():
             if info.is_dir() or (names is not None and info.filename not in names):
                 continue
             budget.check_name(info.filename)
             budget.add_member(info.filename, info.file_size)
-            with archive.open(info) as stream:
-                data = _read_limited(stream, info.filename, info.file_size, budget)
+            with archive.open(info) as member:
+                data = _read_limited(member, info.filename, info.file_size, budget)
             yield info.filename, data
 
 
-def _read_tar(path: Path, budget: _Budget, names: Container[str] | None) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(path, "r|*") as archive:
-        for info in archive:
-            if _check_tar_member(info, budget) is None:
-                continue
-            if names is not None and info.name not in names:
-                continue
-            stream = archive.extractfile(info)
-            if stream is None:
-                raise UnsafeArchiveError(f"{budget.label}: member {info.name!r} has no data")
-            with stream:
-                data = _read_limited(stream, info.name, info.size, budget)
-            if len(data) != info.size:
-                raise UnsafeArchiveError(f"{budget.label} cannot be read: member {info.name!r} is cut short")
-            yield info.name, data
+def _read_tar(stream: IO[bytes], budget: _Budget, names: Container[str] | None) -> Iterator[tuple[str, bytes]]:
+    for archive, info in _tar_entries(stream, budget):
+        if _check_tar_member(info, budget) is None:
+            continue
+        if names is not None and info.name not in names:
+            continue
+        member = archive.extractfile(info)
+        if member is None:
+            raise UnsafeArchiveError(f"{budget.label}: member {info.name!r} has no data")
+        with member:
+            data = _read_limited(member, info.name, info.size, budget)
+        if len(data) != info.size:
+            raise IncompleteArchiveError(f"{budget.label} is cut short: member {info.name!r} is cut short")
+        yield info.name, data
+
+
+def _read_error(label: str, exc: BaseException) -> UnsafeArchiveError:
+    """The error to raise for what reading an archive raised: IncompleteArchiveError where its bytes ran out."""
+    if isinstance(exc, EOFError):  # a compressed stream stops before its end
+        return IncompleteArchiveError(f"{label} is cut short: its compressed stream stops before its end")
+    if isinstance(exc, tarfile.ReadError) and str(exc) in _TAR_RAN_OUT:
+        return IncompleteArchiveError(f"{label} is cut short: {exc}")
+    return UnsafeArchiveError(f"{label} cannot be read: {_describe(exc)}")
 
 
 def _describe(exc: BaseException) -> str:

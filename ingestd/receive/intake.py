@@ -6,24 +6,55 @@ caller's `store` as it is read; the bad members (not DICOM, corrupt, nested arch
 every good one is stored they are read again and handed to `reject_member` with their reason, so that a refusal
 by the spool midway leaves nothing half-kept. A source that is not taken at all (not DICOM, too large, a hostile
 or unreadable archive) raises SourceRejected with the reason: the caller moves it to quarantine (the watcher) or
-copies it there (`ingestd import`, which never touches the user's files).
+copies it there (`ingestd import`, which never touches the user's files). A source that is not whole yet (a file
+or archive cut short: still being written?) raises SourceIncomplete, a kind of SourceRejected: the watcher waits
+for it to be completed, `ingestd import` keeps it in quarantine like any other.
+
+The file is opened once, without following a symbolic link and without blocking (a named pipe would block an
+open), and must be the regular file the caller chose: everything is read from that one open file.
+
+Sources are named by their path within the folder, as `source_name` escapes it: a name that is not UTF-8 (a
+Linux file name is any bytes) has its stray bytes written as `\\xNN`, so that the journal, the quarantine
+sidecar and `ingestd status` can hold and show it.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from ingestd.config import Archives
-from ingestd.dicomfile import PreparedInstance, prepare_instance
+from ingestd.dicomfile import IncompleteInstanceError, PreparedInstance, prepare_instance
 from ingestd.errors import InvalidInstanceError, UnsafeArchiveError
-from ingestd.receive.archives import ArchiveKind, archive_kind, check_archive, is_archive_name, read_members
+from ingestd.receive.archives import (
+    ArchiveKind,
+    IncompleteArchiveError,
+    archive_kind,
+    check_archive,
+    is_archive_name,
+    read_members,
+)
 
-__all__ = ["RejectMember", "SourceRejected", "Store", "Taken", "is_ignored", "take_source"]
+__all__ = [
+    "NotTheFileError",
+    "RejectMember",
+    "SourceIncomplete",
+    "SourceRejected",
+    "Store",
+    "Taken",
+    "is_ignored",
+    "source_name",
+    "take_source",
+]
 
 _MB = 1024 * 1024
 _PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".filepart")
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
 Store = Callable[[PreparedInstance, str], object]
 """Called with each good instance and its source detail (`a/b.dcm`, or `a/b.zip!c/d.dcm` for a member)."""
@@ -38,6 +69,14 @@ class SourceRejected(Exception):  # noqa: N818 - an outcome (the source goes to 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SourceIncomplete(SourceRejected):
+    """The file or archive stops short of its end: more bytes could still complete it (it may be being written)."""
+
+
+class NotTheFileError(OSError):
+    """The path no longer names the regular file that was chosen: replaced, or not a regular file at all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +96,46 @@ def is_ignored(relative: PurePosixPath | Path) -> bool:
     return relative.name.lower().endswith(_PARTIAL_SUFFIXES)
 
 
+def source_name(name: str) -> str:
+    """A file or member name as sources, logs and the quarantine record it: valid UTF-8 whatever the name's bytes.
+
+    Python holds the bytes of a name that are not UTF-8 as lone surrogates, which SQLite cannot store; they are
+    written as `\\xNN` instead (`os.fsencode(name).decode("utf-8", "backslashreplace")`). A UTF-8 name is kept.
+    """
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no byte stands for
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _nothing() -> None:
     return None
+
+
+def _open_regular(path: Path, identity: tuple[int, int] | None) -> IO[bytes]:
+    """Open the regular file at `path` for reading, never waiting on a pipe.
+
+    `identity` is the (device, inode) the caller saw there (with `lstat`), if any: then a symbolic link is not
+    followed either. Without it (`ingestd import`, whose user named the files) a link is followed. Raises
+    NotTheFileError, or the OSError of the open (PermissionError, FileNotFoundError, ...).
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS | (os.O_NOFOLLOW if identity is not None else 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotTheFileError(errno.ELOOP, "a symbolic link, not a file", str(path)) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotTheFileError(errno.EINVAL, "not a regular file", str(path))
+        if identity is not None and (info.st_dev, info.st_ino) != identity:
+            raise NotTheFileError(errno.ESTALE, "replaced by another file", str(path))
+        os.set_blocking(fd, True)
+        return open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def take_source(
@@ -70,50 +147,62 @@ def take_source(
     store: Store,
     reject_member: RejectMember,
     check: Callable[[], object] = _nothing,
+    identity: tuple[int, int] | None = None,
 ) -> Taken:
     """Hand every instance of the file or archive at `path` to `store`, and its bad members to `reject_member`.
 
-    `relative` is the path the sources are named by, `size` the file's size as seen when it was chosen. `check`
-    runs once the bytes of a file, or the list of an archive's members, have been read (the watcher checks there
-    that the file did not change meanwhile). Raises SourceRejected; whatever `store`, `reject_member` and `check`
-    raise goes through.
+    `relative` is the path the sources are named by (escaped here by `source_name`), `size` the file's size as
+    seen when it was chosen, `identity` its (device, inode) then, if known. `check` runs once the bytes of a
+    file, or the list of an archive's members, have been read (the watcher checks there that the file did not
+    change meanwhile). Raises SourceIncomplete, SourceRejected, NotTheFileError or the OSError of reading;
+    whatever `store`, `reject_member` and `check` raise goes through.
     """
-    with path.open("rb") as stream:
+    detail = source_name(relative)
+    with _open_regular(path, identity) as stream:
         head = stream.read(512)
-    kind = archive_kind(path.name, head)
-    if kind is None:
-        store(_read_file(path, limits, size, check), relative)
-        return Taken(None, 1, 0)
-    bad: dict[str, str] = {}
-    taken = 0
-    try:
-        check_archive(path, kind, limits)
-        check()
-        for name, data in read_members(path, kind, limits):
-            prepared, reason = _member_instance(name, data)
-            if prepared is None:
-                bad[name] = reason
-                continue
-            store(prepared, f"{relative}!{name}")
-            taken += 1
-        if bad:
-            for name, data in read_members(path, kind, limits, names=bad):
-                reject_member(f"{relative}!{name}", PurePosixPath(name).name, data, bad[name])
-    except UnsafeArchiveError as exc:
-        raise SourceRejected(str(exc)) from None
+        kind = archive_kind(path.name, head)
+        if kind is None:
+            store(_read_file(stream, limits, size, check), detail)
+            return Taken(None, 1, 0)
+        bad: dict[str, str] = {}
+        taken = 0
+        try:
+            check_archive(stream, kind, limits)
+            check()
+            for name, data in read_members(stream, kind, limits):
+                prepared, reason = _member_instance(name, data)
+                if prepared is None:
+                    bad[name] = reason
+                    continue
+                store(prepared, f"{detail}!{source_name(name)}")
+                taken += 1
+            if bad:
+                for name, data in read_members(stream, kind, limits, names=bad):
+                    reject_member(f"{detail}!{source_name(name)}", PurePosixPath(name).name, data, bad[name])
+        except IncompleteArchiveError as exc:
+            raise SourceIncomplete(str(exc)) from None
+        except UnsafeArchiveError as exc:
+            raise SourceRejected(str(exc)) from None
     return Taken(kind, taken, len(bad))
 
 
-def _read_file(path: Path, limits: Archives, size: int, check: Callable[[], object]) -> PreparedInstance:
+def _read_file(stream: IO[bytes], limits: Archives, size: int, check: Callable[[], object]) -> PreparedInstance:
     if size > limits.max_member_mb * _MB:
         raise SourceRejected(
             f"file is {size // _MB} MB, over archives.max_member_mb ({limits.max_member_mb}), "
             "the largest instance ingestd takes"
         )
-    data = path.read_bytes()
+    stream.seek(0)
+    data = stream.read(limits.max_member_mb * _MB + 1)
     check()
+    if len(data) > limits.max_member_mb * _MB:  # it grew since it was chosen (without a check to notice)
+        raise SourceRejected(
+            f"file is over archives.max_member_mb ({limits.max_member_mb}), the largest instance ingestd takes"
+        )
     try:
         return prepare_instance(data)
+    except IncompleteInstanceError as exc:
+        raise SourceIncomplete(str(exc)) from None
     except InvalidInstanceError as exc:
         raise SourceRejected(str(exc)) from None
 

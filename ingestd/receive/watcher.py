@@ -2,13 +2,21 @@
 
 One watcher per configured folder. A watchdog observer (inotify, or polling for network shares) only
 tells the watcher which paths to look at; a single worker thread does the rest. A file is taken once it
-has settled (unchanged in size, times and inode for `settle_seconds`); hidden and partial files
-(`.name`, `*.part`, `*.tmp`, ...) are left alone until renamed. A source file or archive is deleted or
-moved to the done folder only after every instance in it is in the spool and the journal, so a crash at
-any point loses nothing: taking the same bytes again is a duplicate, a no-op in the spool.
+has settled (unchanged in size, times and inode for `settle_seconds`) and is whole: a DICOM file that
+parses to its end with its Pixel Data if it is an image, an archive with its end (`ingestd.dicomfile`,
+`ingestd.receive.archives`). A settled file that is not whole yet waits (a writer may have paused), and
+goes to quarantine only once it has stayed unchanged and incomplete for `incomplete_seconds`. Hidden and
+partial files (`.name`, `*.part`, `*.tmp`, ...) are left alone until renamed. A source file or archive is
+deleted or moved to the done folder only after every instance in it is in the spool and the journal, so a
+crash at any point loses nothing: taking the same bytes again is a duplicate, a no-op in the spool. A file
+that changes while it is taken is left where it is and taken again once it settles.
 
 What is not DICOM, is corrupt or is a hostile archive goes to quarantine with its reason. A refusal by
-the spool (full, unwritable) leaves the file where it is, to be tried again later.
+the spool (full, unwritable) leaves the file where it is, to be tried again later. Any other failure (the
+file cannot be read, or removed, or moved) is tried again `max_attempts` times in all, then the file goes to
+quarantine with the reason; if it cannot be moved either, it is left in place, a note with the reason goes
+to quarantine instead, and it is not tried again until it changes. Symbolic links, named pipes, sockets and
+device files are never opened, followed or removed: each is logged once as skipped.
 """
 
 from __future__ import annotations
@@ -33,7 +41,14 @@ from ingestd.errors import IngestdError, SpoolError
 from ingestd.journal import Source
 from ingestd.logs import hide_member_names, path_digest
 from ingestd.metrics import DROP_SOURCES
-from ingestd.receive.intake import SourceRejected, is_ignored, take_source
+from ingestd.receive.intake import (
+    NotTheFileError,
+    SourceIncomplete,
+    SourceRejected,
+    is_ignored,
+    source_name,
+    take_source,
+)
 from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir, make_dirs_durably, move_durably
 
 __all__ = [
@@ -69,6 +84,32 @@ class _Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
     """The watcher is stopping: leave the source where it is for the next start."""
 
 
+class _Failed(Exception):  # noqa: N818 - a control-flow signal: one failed attempt at a source
+    """Taking the source failed in a way that may pass (or not): `reason` says which step, and why."""
+
+    def __init__(self, reason: str, *, readable: bool = True, unexpected: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.readable = readable  # False: the file itself could not be read (copying it would fail too)
+        self.unexpected = unexpected  # not an OSError: logged with its traceback
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, as `drop.item_skipped` names it."""
+    kinds = (
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "named pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "unknown")
+
+
 # -- paths -------------------------------------------------------------------------------------------
 
 
@@ -88,10 +129,15 @@ def _signature(info: os.stat_result) -> _Signature:
 
 @dataclass(slots=True)
 class _Pending:
-    """A path waiting to be taken (or a folder to be removed): how it looked, and when to look again."""
+    """A path waiting to be taken (or a folder to be removed): how it looked, and when to look again.
+
+    What was learnt about it holds for that look only: a file that changes gets a new entry.
+    """
 
     signature: _Signature
     due: float
+    attempts: int = 0  # failed attempts (not spool refusals): at `max_attempts`, the watcher gives up
+    incomplete_since: float | None = None  # when it was first found settled but not whole
 
 
 def _numbered(target: Path) -> Path:
@@ -162,6 +208,11 @@ class DropFolderWatcher:
         self._paths: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._pending: dict[Path, _Pending] = {}
         self._emptied: dict[Path, _Pending] = {}
+        self._skipped: dict[Path, tuple[str, int, int]] = {}  # logged once each: (kind, device, inode)
+        self._left: dict[Path, _Signature] = {}  # given up on and left in place: not taken again unless changed
+        self._scan_errors: set[tuple[str, str]] = set()  # (path, reason) logged once, while they last
+        self._seen: set[Path] | None = None  # what a scan of the whole folder met (None: no such scan runs)
+        self._errors_seen: set[tuple[str, str]] = set()  # the scan errors that scan met
         self._lock = threading.Lock()  # one pass at a time: the worker's or scan_once's
         self._stopping = threading.Event()
         self._observer: Any = None
@@ -283,35 +334,103 @@ class DropFolderWatcher:
         return None if is_ignored(relative) else relative
 
     def _scan_tree(self, top: Path) -> None:
+        """Note every file below `top`; a scan of the whole folder also forgets what is gone from it."""
+        whole = top == self.root and self._seen is None
+        if whole:
+            self._seen = set()
+            self._errors_seen = set()
+
         def report(error: OSError) -> None:
-            where = Path(os.fsdecode(error.filename or ""))
-            shown = where.relative_to(self.root).as_posix() if where.is_relative_to(self.root) else str(where)
-            log.warning("drop.scan_error", file=path_digest(shown), reason=error.strerror)
+            self._scan_error(Path(os.fsdecode(error.filename or "")), error)
 
-        for directory, subdirectories, files in os.walk(top, onerror=report):
-            here = Path(directory)
-            subdirectories[:] = [name for name in subdirectories if self._relative(here / name) is not None]
-            for name in files:
-                self._note(here / name)
+        try:
+            for directory, subdirectories, files in os.walk(top, onerror=report):
+                here = Path(directory)
+                for name in subdirectories:  # a link to a folder: os.walk lists it there, never enters it
+                    if (here / name).is_symlink():
+                        self._note(here / name, walked=True)
+                subdirectories[:] = [
+                    name
+                    for name in subdirectories
+                    if self._relative(here / name) is not None and not (here / name).is_symlink()
+                ]
+                for name in files:
+                    self._note(here / name, walked=True)
+        finally:
+            if whole and self._seen is not None:
+                self._forget_unseen(self._seen)
+                self._seen = None
+                self._scan_errors = self._errors_seen
 
-    def _note(self, path: Path) -> None:
-        """Start (or restart) the settle clock of a file; walk a folder; forget what is gone."""
-        if self._relative(path) is None:
+    def _forget_unseen(self, seen: set[Path]) -> None:
+        """After a scan of the whole folder: forget the skipped and left items that are no longer there."""
+        self._skipped = {path: key for path, key in self._skipped.items() if path in seen}
+        self._left = {path: signature for path, signature in self._left.items() if path in seen}
+
+    def _inside(self, path: Path) -> bool:
+        """Say whether every folder between the drop folder and `path` is a folder, not a link to one."""
+        parent = path.parent
+        while parent != self.root:
+            try:
+                if not stat.S_ISDIR(parent.lstat().st_mode):
+                    return False
+            except OSError:
+                return False
+            parent = parent.parent
+        return True
+
+    def _note(self, path: Path, *, walked: bool = False) -> None:
+        """Start (or restart) the settle clock of a file; walk a folder; log what is skipped; forget what is gone.
+
+        `walked`: the path comes from walking the folder, which never goes through a link.
+        """
+        if self._relative(path) is None or not (walked or self._inside(path)):
             return
         try:
             info = path.lstat()
         except FileNotFoundError:
             self._pending.pop(path, None)
             return
+        except OSError as exc:
+            self._scan_error(path, exc)
+            return
+        if self._seen is not None:
+            self._seen.add(path)
         if stat.S_ISDIR(info.st_mode):
             self._scan_tree(path)
             return
-        if not stat.S_ISREG(info.st_mode):  # symbolic links, pipes, sockets: never followed or read
+        if not stat.S_ISREG(info.st_mode):  # symbolic links, pipes, sockets, devices: never followed or read
+            self._skip(path, info)
             return
+        self._skipped.pop(path, None)
         signature = _signature(info)
+        left = self._left.get(path)
+        if left is not None:
+            if left == signature:
+                return
+            del self._left[path]  # changed since it was left: try it afresh
         entry = self._pending.get(path)
         if entry is None or entry.signature != signature:
             self._pending[path] = _Pending(signature, time.monotonic() + self._settle)
+
+    def _scan_error(self, where: Path, error: OSError) -> None:
+        """Log a path that cannot be looked at, once while the error lasts (scans of the whole folder tell)."""
+        shown = where.relative_to(self.root).as_posix() if where.is_relative_to(self.root) else str(where)
+        key = (source_name(shown), _why(error))
+        self._errors_seen.add(key)
+        if key not in self._scan_errors:
+            self._scan_errors.add(key)
+            log.warning("drop.scan_error", file=path_digest(key[0]), reason=key[1])
+
+    def _skip(self, path: Path, info: os.stat_result) -> None:
+        """Log, once, that something that is not a regular file or folder is left alone."""
+        self._pending.pop(path, None)
+        key = (_kind(info.st_mode), info.st_dev, info.st_ino)
+        if self._skipped.get(path) == key:
+            return
+        self._skipped[path] = key
+        detail = source_name(path.relative_to(self.root).as_posix())
+        log.warning("drop.item_skipped", file=path_digest(detail), kind=key[0])
 
     # -- taking what has settled -------------------------------------------------------------------
 
@@ -320,55 +439,120 @@ class DropFolderWatcher:
         for path, entry in sorted(self._pending.items()):
             if self._stopping.is_set():
                 break
-            if entry.due <= time.monotonic() and self._settled(path, entry):
-                finished += self._take(path, entry)
+            if entry.due <= time.monotonic():
+                current = self._settled(path, entry)
+                if current is not None:
+                    finished += self._take(path, current)
         self._remove_emptied_folders()
         return finished
 
-    def _settled(self, path: Path, entry: _Pending) -> bool:
+    def _settled(self, path: Path, entry: _Pending) -> _Pending | None:
+        """The entry of a file that has not changed since it was last looked at; None if it changed or went."""
         try:
-            signature = _signature(path.lstat())
+            info = path.lstat()
         except FileNotFoundError:
             self._pending.pop(path, None)
-            return False
+            return None
+        if not stat.S_ISREG(info.st_mode):  # replaced by a link, a pipe, ...
+            self._skip(path, info)
+            return None
+        signature = _signature(info)
         if signature != entry.signature:
-            entry.signature = signature
-            entry.due = time.monotonic() + self._settle
-            return False
-        return True
+            self._pending[path] = _Pending(signature, time.monotonic() + self._settle)
+            return None
+        return entry
 
     def _take(self, path: Path, entry: _Pending) -> int:
-        """Take one settled source; return 1 if it is finished (taken or quarantined), else 0."""
-        relative = path.relative_to(self.root).as_posix()
+        """Take one settled source; return 1 if it is finished (taken, quarantined or left), else 0."""
+        detail = source_name(path.relative_to(self.root).as_posix())
+        finished = False
         try:
-            self._take_source(path, relative, entry.signature)
+            finished = self._take_source(path, detail, entry)
         except _Retry as exc:
             entry.due = time.monotonic() + exc.delay
             log.warning(
                 "drop.file_retry",
-                file=path_digest(relative),
+                file=path_digest(detail),
                 reason=hide_member_names(str(exc)),
                 retry_in=exc.delay,
             )
-            return 0
         except _Stopped:
-            return 0
+            pass
+        except FileNotFoundError:  # gone (moved away by someone) before it was finished: nothing to do
+            self._pending.pop(path, None)
+        except _Failed as exc:
+            finished = self._failed(path, detail, entry, exc)
         except OSError as exc:
-            entry.due = time.monotonic() + self.retry_seconds
-            log.error(
-                "drop.file_failed",
-                file=path_digest(relative),
-                reason=exc.strerror or type(exc).__name__,
-                retry_in=self.retry_seconds,
-            )
-            return 0
-        except Exception:  # a journal error, a bug: this source waits, the others go on
-            entry.due = time.monotonic() + self.retry_seconds
-            log.exception("drop.file_failed", file=path_digest(relative), retry_in=self.retry_seconds)
+            finished = self._failed(path, detail, entry, _Failed(f"cannot be taken: {_why(exc)}"))
+        except Exception as exc:  # noqa: BLE001 - a journal error, a bug: logged with its traceback, the others go on
+            failure = _Failed(f"cannot be taken: {type(exc).__name__}", unexpected=True)
+            finished = self._failed(path, detail, entry, failure)
+        if not finished:
             return 0
         self._pending.pop(path, None)
         self._note_emptied(path.parent)
         return 1
+
+    def _failed(self, path: Path, detail: str, entry: _Pending, failure: _Failed) -> bool:
+        """Count a failed attempt; give up on the file at `max_attempts`. Say whether it is finished."""
+        entry.attempts += 1
+        again = entry.attempts < self.folder.max_attempts
+        retry_in = self.retry_seconds if again else None
+        if failure.unexpected:  # with the traceback (this runs in the except clause)
+            log.exception(
+                "drop.file_failed",
+                file=path_digest(detail),
+                reason=hide_member_names(failure.reason),
+                attempt=entry.attempts,
+                retry_in=retry_in,
+            )
+        else:
+            log.error(
+                "drop.file_failed",
+                file=path_digest(detail),
+                reason=hide_member_names(failure.reason),
+                attempt=entry.attempts,
+                retry_in=retry_in,
+            )
+        if again:
+            entry.due = time.monotonic() + self.retry_seconds
+            return False
+        reason = f"{failure.reason} (failed {entry.attempts} times: drop_folders[].max_attempts)"
+        self._give_up(path, detail, entry, reason, readable=failure.readable)
+        return True
+
+    def _give_up(self, path: Path, detail: str, entry: _Pending, reason: str, *, readable: bool) -> None:
+        """Move the file to quarantine with `reason`; if that fails too, leave it and keep a note in quarantine."""
+        try:
+            if not (readable or self._same_device(path)):
+                raise _Failed("moving it to another file system means reading it, and it cannot be read")
+            self._quarantine_source(path, detail, reason)
+            return
+        except FileNotFoundError:
+            return  # gone meanwhile: nothing is left to keep
+        except _Failed as exc:
+            why = exc.reason
+        except OSError as exc:
+            why = _why(exc)
+        except Exception as exc:  # noqa: BLE001 - the journal, say: the file is left in place all the same
+            why = type(exc).__name__
+        self._left[path] = entry.signature
+        note_reason = f"{reason}; left in the drop folder, as it cannot be moved to quarantine ({why})"
+        item = ""
+        try:
+            note = f"{note_reason}\nThe file is still in the drop folder: see `detail` in the .reason.json.\n"
+            item = self.quarantine.put_bytes(
+                "left-in-drop-folder.txt", note.encode(), note_reason, self._source(detail)
+            ).name
+        except Exception:  # noqa: BLE001 - the log line below is then the only record
+            item = ""
+        log.error("drop.file_left", file=path_digest(detail), item=item, reason=hide_member_names(note_reason))
+
+    def _same_device(self, path: Path) -> bool:
+        try:
+            return path.lstat().st_dev == self.quarantine.root.stat().st_dev
+        except OSError:
+            return False
 
     def _source(self, detail: str) -> Source:
         return Source("folder", str(self.folder.path), detail)
@@ -389,66 +573,110 @@ class DropFolderWatcher:
         except SpoolError as exc:
             raise _Retry(f"the spool refused the instance: {exc}", self.retry_seconds) from None
 
-    def _take_source(self, path: Path, relative: str, signature: _Signature) -> None:
-        """Spool the file, or every good member of the archive, keep what is bad in quarantine, then finish it."""
+    def _take_source(self, path: Path, detail: str, entry: _Pending) -> bool:
+        """Spool the file, or every good member of the archive, keep what is bad in quarantine, then finish it.
+
+        Returns False when the file is not whole yet and waits; True when it is finished.
+        """
+        signature = entry.signature
         outcomes: list[str] = []
 
-        def store(prepared: PreparedInstance, detail: str) -> None:
-            outcomes.append(self._store(prepared, detail).outcome)
+        def store(prepared: PreparedInstance, member: str) -> None:
+            outcomes.append(self._store(prepared, member).outcome)
 
         try:
             taken = take_source(
                 path,
-                relative,
+                detail,
                 self.limits,
                 size=signature.size,
                 store=store,
                 reject_member=self._quarantine_member,
                 check=lambda: self._check_unchanged(path, signature),
+                identity=(signature.device, signature.inode),
             )
+        except SourceIncomplete as exc:
+            self._check_unchanged(path, signature)
+            return self._incomplete(path, detail, entry, exc.reason)
         except SourceRejected as exc:
             self._check_unchanged(path, signature)
-            self._quarantine_source(path, relative, exc.reason, self._source(relative))
-            return
+            self._quarantine_source(path, detail, exc.reason)
+            return True
+        except NotTheFileError:
+            raise _Retry("the file changed while it was being read", 0.0) from None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _Failed(f"cannot be read: {_why(exc)}", readable=False) from None
         self._check_unchanged(path, signature)
         self._finish(path)
         DROP_SOURCES.labels(folder=str(self.folder.path), outcome="taken").inc()
         if taken.archive is None:
-            log.info("drop.file_taken", file=path_digest(relative), instances=1, spool=outcomes[0])
-            return
+            log.info("drop.file_taken", file=path_digest(detail), instances=1, spool=outcomes[0])
+            return True
         log.info(
             "drop.archive_taken",
-            file=path_digest(relative),
+            file=path_digest(detail),
             members=taken.instances + taken.rejected,
             instances=taken.instances,
             quarantined=taken.rejected,
         )
+        return True
+
+    def _incomplete(self, path: Path, detail: str, entry: _Pending, reason: str) -> bool:
+        """A settled file that is not whole: wait for the rest, up to `incomplete_seconds`, then quarantine it."""
+        now = time.monotonic()
+        bound = self.folder.incomplete_seconds
+        if entry.incomplete_since is None:
+            entry.incomplete_since = now
+            log.warning(
+                "drop.file_incomplete", file=path_digest(detail), reason=hide_member_names(reason), wait_seconds=bound
+            )
+        deadline = entry.incomplete_since + bound
+        if now < deadline:
+            entry.due = deadline  # unchanged, it stays as it is; a change starts it afresh
+            return False
+        reason = f"{reason} (unchanged and incomplete for {bound:g} s: drop_folders[].incomplete_seconds)"
+        self._quarantine_source(path, detail, reason)
+        return True
 
     def _quarantine_member(self, detail: str, name: str, data: bytes, reason: str) -> None:
         """Keep a bad member of an archive in quarantine (once its good ones are all spooled)."""
-        item = self.quarantine.put_bytes(name, data, reason, self._source(detail))
+        try:
+            item = self.quarantine.put_bytes(name, data, reason, self._source(detail))
+        except OSError as exc:
+            raise _Failed(f"cannot keep a bad member in quarantine: {_why(exc)}") from None
         log.warning(
             "drop.member_quarantined", file=path_digest(detail), item=item.name, reason=hide_member_names(reason)
         )
 
-    def _quarantine_source(self, path: Path, relative: str, reason: str, source: Source) -> None:
-        item = self.quarantine.put_file(path, reason, source)
+    def _quarantine_source(self, path: Path, detail: str, reason: str) -> None:
+        try:
+            item = self.quarantine.put_file(path, reason, self._source(detail))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _Failed(f"cannot be moved to quarantine ({reason}): {_why(exc)}") from None
         DROP_SOURCES.labels(folder=str(self.folder.path), outcome="quarantined").inc()
-        log.warning(
-            "drop.file_quarantined", file=path_digest(relative), item=item.name, reason=hide_member_names(reason)
-        )
+        log.warning("drop.file_quarantined", file=path_digest(detail), item=item.name, reason=hide_member_names(reason))
 
     # -- after taking ------------------------------------------------------------------------------
 
     def _finish(self, path: Path) -> None:
         """Delete the taken source, or move it to the done folder under its relative path."""
-        if self.done_folder is None:
-            path.unlink()
-            fsync_dir(path.parent)
-            return
-        target = _numbered(self.done_folder / path.relative_to(self.root))
-        make_dirs_durably(target.parent)
-        move_durably(path, target)
+        what = "removed" if self.done_folder is None else "moved to the done folder"
+        try:
+            if self.done_folder is None:
+                path.unlink()
+                fsync_dir(path.parent)
+                return
+            target = _numbered(self.done_folder / path.relative_to(self.root))
+            make_dirs_durably(target.parent)
+            move_durably(path, target)
+        except FileNotFoundError:
+            return  # gone already: its instances are spooled, nothing is lost
+        except OSError as exc:
+            raise _Failed(f"its instances are spooled, but it cannot be {what}: {_why(exc)}") from None
 
     def _note_emptied(self, directory: Path) -> None:
         """Remember a folder a source was taken out of, to remove it once it stays empty."""
