@@ -361,10 +361,19 @@ class Quarantine:
         return target
 
     def put_file(self, path: Path, reason: str, source: Source) -> Path:
-        """Move the file (or folder) at `path` into quarantine with `reason`."""
+        """Move the file (or folder) at `path` into quarantine with `reason`. If the move fails, nothing of it is
+        left in quarantine (neither the sidecar nor a copy, while the original is still where it was) and the
+        OSError goes to the caller, who leaves the item in place."""
         target = self._target(path.name)
         self._write_reason(target, reason, source)
-        move_durably(path, target)
+        try:
+            move_durably(path, target)
+        except OSError:
+            if path.exists() or path.is_symlink():  # still in place: no half-kept copy beside it
+                _remove_quietly(target)
+                _remove_quietly(target.with_name(f".{target.name}.ingestd-copy"))
+            target.with_name(target.name + ".reason.json").unlink(missing_ok=True)
+            raise
         return self._record(target, reason, source)
 
     def put_bytes(self, name: str, data: bytes, reason: str, source: Source) -> Path:
@@ -381,6 +390,14 @@ class Quarantine:
         shutil.copyfile(path, target)
         _fsync_tree(target)
         return self._record(target, reason, source)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _link_then_unlink(source: Path, target: Path) -> None:

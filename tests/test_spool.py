@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from ingestd.cli import _status_data
 from ingestd.config import load_config
 from ingestd.header import read_file_header
@@ -104,3 +106,13 @@ def test_a_different_copy_of_an_instance_never_destroys_the_first(tmp_path: Path
     data = _status_data(load_config(config))
     (listed,) = data["superseded"]
     assert listed["batch_id"] == kept["batch_id"] and first.SOPInstanceUID not in json.dumps(data)
+
+
+def test_a_failed_move_into_quarantine_leaves_nothing_there(tmp_path: Path) -> None:
+    """The sidecar is written first; when the move then fails, it goes, and no journal row claims the item."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    quarantine = Quarantine(tmp_path / "quarantine", journal)
+    with pytest.raises(FileNotFoundError):
+        quarantine.put_file(tmp_path / "vanished.dcm", "not DICOM", Source("folder", "/drop", "vanished.dcm"))
+    assert list(quarantine.root.iterdir()) == [] and journal.quarantined() == []
+    journal.close()
