@@ -1,4 +1,4 @@
-"""The spool's start-up recovery: leftovers removed, orphans adopted, nothing acknowledged lost."""
+"""The spool: durable stores, copies of an instance (duplicate, superseded), start-up recovery, quarantine."""
 
 from __future__ import annotations
 
