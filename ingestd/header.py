@@ -254,10 +254,12 @@ def read_stream_header(dataset: bytes | memoryview, transfer_syntax: str) -> Ins
 # top level must end exactly at its end (up to 7 zero bytes of padding, as `dicomfile.check_data_set` allows).
 # Values are skipped by their length, never copied; only the few header values are read. A cut leaves a
 # prefix of a whole data set, which the walk follows exactly as it would the whole one until it runs out of
-# data, so a cut anywhere but between two top-level elements is always found; a cut between two elements of
-# an image is found by the missing Pixel Data. What pydicom reads more leniently than this walk (an explicit
-# VR element with an unknown VR, encapsulated pixel data that is not a run of items, an item or sequence
-# delimiter where no item is open, nesting deeper than 32) is left to pydicom (`LeftToPydicomError`).
+# data, so a cut anywhere but between two top-level elements (or in zero bytes right after one) is always
+# found; a cut between two elements of an image before its pixel data is found by the missing Pixel Data (one
+# between two elements of a non-image, an SR say, leaves a smaller whole data set: nothing shows it). What
+# pydicom reads more leniently than this walk (an explicit VR element with an unknown VR, encapsulated pixel
+# data that is not a run of items, an item or sequence delimiter where no item is open, nesting deeper than
+# 32) is left to pydicom (`LeftToPydicomError`).
 
 _HEADER_STRUCTS = {
     True: (Struct("<HH2sH"), Struct("<HHL"), Struct("<L")),
