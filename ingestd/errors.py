@@ -28,6 +28,10 @@ class InvalidInstanceError(IngestdError):
     """The data is not a DICOM instance ingestd can file (unparsable, or UIDs missing or malformed)."""
 
 
+class IncompleteDataSetError(InvalidInstanceError):
+    """A data set is cut short or does not parse to its end (an element runs past it, a sequence has no end)."""
+
+
 class UnsafeArchiveError(IngestdError):
     """An archive in a drop folder is hostile or absurd (escaping paths, bomb ratios, too many members)."""
 

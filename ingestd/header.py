@@ -9,10 +9,12 @@ import re
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from struct import Struct
 from typing import Any
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_partial
+from pydicom.filereader import data_element_generator, read_dataset, read_partial
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -20,11 +22,23 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import VR
 
 from ingestd import __version__
-from ingestd.errors import InvalidInstanceError
+from ingestd.errors import IncompleteDataSetError, InvalidInstanceError
 
-__all__ = ["InstanceHeader", "file_meta_prefix", "is_valid_uid", "read_file_header", "read_stream_header"]
+__all__ = [
+    "IMAGE_STORAGE_CLASSES",
+    "InstanceHeader",
+    "LeftToPydicomError",
+    "file_meta_prefix",
+    "is_valid_uid",
+    "read_file_header",
+    "read_stream_header",
+    "read_whole_stream",
+    "require_pixel_data",
+    "stream_has_pixel_data",
+]
 
 # A UID as a path component must be digits and dots only, at most 64 characters (PS3.5 §9.1).
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -230,6 +244,240 @@ def read_stream_header(dataset: bytes | memoryview, transfer_syntax: str) -> Ins
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed data
         raise InvalidInstanceError(f"cannot parse the data set: {type(exc).__name__}") from None
+
+
+# -- the whole data set: is it all there? ------------------------------------------------------------
+#
+# pydicom reads a data set cut short without complaint (the last value is just shorter than its length). Before
+# a C-STORE is answered, its data set is walked to its end: every element's value, every item and every value
+# of undefined length (a sequence, encapsulated pixel data) must end within the data, and the elements of the
+# top level must end exactly at its end (up to 7 zero bytes of padding, as `dicomfile.check_data_set` allows).
+# Values are skipped by their length, never copied; only the few header values are read. A cut leaves a
+# prefix of a whole data set, which the walk follows exactly as it would the whole one until it runs out of
+# data, so a cut anywhere but between two top-level elements (or in zero bytes right after one) is always
+# found; a cut between two elements of an image before its pixel data is found by the missing Pixel Data (one
+# between two elements of a non-image, an SR say, leaves a smaller whole data set: nothing shows it). What
+# pydicom reads more leniently than this walk (an explicit VR element with an unknown VR, encapsulated pixel
+# data that is not a run of items, an item or sequence delimiter where no item is open, nesting deeper than
+# 32) is left to pydicom (`LeftToPydicomError`).
+
+_HEADER_STRUCTS = {
+    True: (Struct("<HH2sH"), Struct("<HHL"), Struct("<L")),
+    False: (Struct(">HH2sH"), Struct(">HHL"), Struct(">L")),
+}
+_KNOWN_VRS = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
+_SEQUENCE_END = 0xFFFEE0DD
+# Pixel Data, Float and Double Float Pixel Data, or a Pixel Data Provider URL in their stead (JPIP)
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x00287FE0})
+_LOOKED_AT = _PIXEL_TAGS | _WANTED.keys()
+_MAX_DEPTH = 32
+_MAX_INFLATED = 256 * 1024 * 1024  # a deflated data set inflating to more is left to pydicom's check
+
+IMAGE_STORAGE_CLASSES = frozenset(
+    {uid for uid, entry in UID_dictionary.items() if "Image Storage" in entry[0]}
+    | {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.30"}  # Segmentation, Parametric Map Storage
+)
+"""SOP classes whose instances carry pixel data: every "... Image Storage" class, Segmentation and Parametric Map."""
+
+
+class LeftToPydicomError(Exception):
+    """The data set uses an encoding `read_whole_stream` leaves to pydicom's reading."""
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class _Walker:
+    """Walks an encoded data set (Little or Big Endian) by its lengths; raises IncompleteDataSetError."""
+
+    def __init__(self, data: bytes | memoryview, little: bool) -> None:
+        self.data = data
+        self.end = len(data)
+        self.little = little
+        self.explicit, self.implicit, self.u32 = _HEADER_STRUCTS[little]
+
+    def header(self, pos: int, implicit: bool, owner: int) -> tuple[int, int, int]:
+        """(tag, value length, value offset) of the element at `pos`."""
+        end = self.end
+        if end - pos < 8:
+            raise self.cut(owner)
+        if implicit:
+            group, element, length = self.implicit.unpack_from(self.data, pos)
+            return group << 16 | element, length, pos + 8
+        group, element, vr, length = self.explicit.unpack_from(self.data, pos)
+        tag = group << 16 | element
+        if group == 0xFFFE:  # items and delimiters have no VR, in any transfer syntax
+            return tag, self.u32.unpack_from(self.data, pos + 4)[0], pos + 8
+        if vr in _LONG_VRS:
+            if end - pos < 12:
+                raise self.cut(owner or tag)
+            return tag, self.u32.unpack_from(self.data, pos + 8)[0], pos + 12
+        if vr in _KNOWN_VRS:
+            return tag, length, pos + 8
+        raise LeftToPydicomError  # pydicom reads it as implicit VR, or as an unknown VR with a 2-byte length
+
+    def cut(self, owner: int) -> IncompleteDataSetError:
+        where = f"inside {_tag_text(owner)}" if owner else "inside an element's tag and length"
+        return IncompleteDataSetError(f"the data set is cut short {where}")
+
+    def top_level(self, implicit: bool) -> tuple[dict[int, bytes], bool]:
+        """Walk the data set; return the raw values of the wanted header elements and whether pixel data is there."""
+        data, end, little = self.data, self.end, self.little
+        unpack, u32 = self.explicit.unpack_from, self.u32.unpack_from
+        wanted: dict[int, bytes] = {}
+        pixels = False
+        pos = 0
+        while pos < end:
+            if implicit or end - pos < 12:
+                if end - pos < 8 and little and not any(data[pos:end]):
+                    break  # trailing zero padding: seen, harmless
+                tag, length, pos = self.header(pos, implicit, 0)
+            else:  # the common case inline: an Explicit VR element with a standard VR
+                group, element, vr, length = unpack(data, pos)
+                tag = group << 16 | element
+                if group == 0xFFFE or vr not in _KNOWN_VRS:
+                    tag, length, pos = self.header(pos, implicit, 0)
+                elif vr in _LONG_VRS:
+                    length = u32(data, pos + 8)[0]
+                    pos += 12
+                else:
+                    pos += 8
+            if length == _UNDEFINED or tag >= 0xFFFE0000:
+                pixels = pixels or tag in _PIXEL_TAGS
+                pos = self.undefined_length(tag, pos, implicit)
+                continue
+            value_end = pos + length
+            if value_end > end:
+                raise IncompleteDataSetError(
+                    f"the data set is cut short: {_tag_text(tag)} declares {length} bytes, {end - pos} remain"
+                )
+            if tag in _LOOKED_AT:
+                if tag in _PIXEL_TAGS:
+                    pixels = True
+                else:
+                    wanted[tag] = bytes(data[pos:value_end])
+            pos = value_end
+        return wanted, pixels
+
+    def undefined_length(self, tag: int, pos: int, implicit: bool) -> int:
+        """Walk a top-level value of undefined length; return the offset after it."""
+        if tag >> 16 == 0xFFFE:
+            if tag == _ITEM_END:
+                raise IncompleteDataSetError("an item delimiter outside any item: the data set does not parse")
+            raise LeftToPydicomError  # an item or a sequence delimiter where no sequence is open
+        return self.items(pos, implicit, 1, tag)
+
+    def items(self, pos: int, implicit: bool, depth: int, owner: int) -> int:
+        """Walk the items of a value of undefined length to its sequence delimiter; return the offset after it."""
+        if depth > _MAX_DEPTH:
+            raise LeftToPydicomError
+        data, end, unpack = self.data, self.end, self.implicit.unpack_from
+        while True:
+            if end - pos < 8:
+                raise self.cut(owner)
+            group, element, length = unpack(data, pos)
+            tag = group << 16 | element
+            pos += 8
+            if tag == _SEQUENCE_END:
+                return pos
+            if tag != _ITEM:
+                raise LeftToPydicomError  # not a run of items: pydicom searches for the delimiter instead
+            if length == _UNDEFINED:
+                pos = self.item(pos, implicit or self.looks_implicit(pos), depth + 1, owner)
+                continue
+            pos += length
+            if pos > end:
+                raise self.cut(owner)
+
+    def item(self, pos: int, implicit: bool, depth: int, owner: int) -> int:
+        """Walk the elements of an item of undefined length to its item delimiter; return the offset after it."""
+        end = self.end
+        while True:
+            tag, length, pos = self.header(pos, implicit, owner)
+            if tag == _ITEM_END:
+                return pos
+            if tag >> 16 == 0xFFFE:
+                raise LeftToPydicomError
+            if length == _UNDEFINED:
+                pos = self.items(pos, implicit, depth + 1, owner)
+                continue
+            pos += length
+            if pos > end:
+                raise self.cut(owner)
+
+    def looks_implicit(self, pos: int) -> bool:
+        """Whether an item in an Explicit VR data set is encoded in Implicit VR (PS3.5 §6.2.2), as pydicom judges."""
+        if self.end - pos < 6:
+            return False
+        first, second = self.data[pos + 4], self.data[pos + 5]
+        return not (0x40 < first < 0x5B and 0x40 < second < 0x5B)
+
+
+def _inflated(dataset: bytes | memoryview) -> bytes:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(dataset, _MAX_INFLATED + 1)
+    except zlib.error:
+        raise IncompleteDataSetError("the deflated data set cannot be inflated") from None
+    if len(data) > _MAX_INFLATED:
+        raise LeftToPydicomError
+    if not inflater.eof:
+        raise IncompleteDataSetError("the deflated data set is cut short")
+    return data
+
+
+def require_pixel_data(header: InstanceHeader, pixels: bool) -> None:
+    """An image without pixel data was cut short (at an element boundary, before its Pixel Data)."""
+    if not pixels and header.sop_class_uid in IMAGE_STORAGE_CLASSES:
+        raise IncompleteDataSetError("an image without Pixel Data: the data set is cut short")
+
+
+def read_whole_stream(dataset: bytes | memoryview, transfer_syntax: str) -> InstanceHeader:
+    """Check that a data set received by C-STORE is all there, then read its header.
+
+    Raises IncompleteDataSetError when it is cut short or does not parse to its end (an instance of an image
+    SOP class without pixel data counts as cut short), InvalidInstanceError when its UIDs are missing or
+    malformed, and LeftToPydicomError when it uses an encoding this walk leaves to pydicom (then check it with
+    `dicomfile.check_data_set`).
+    """
+    if not len(dataset):
+        raise IncompleteDataSetError("the data set is empty")
+    data = _inflated(dataset) if transfer_syntax == DeflatedExplicitVRLittleEndian else dataset
+    walker = _Walker(data, little=transfer_syntax != ExplicitVRBigEndian)
+    wanted, pixels = walker.top_level(implicit=transfer_syntax == ImplicitVRLittleEndian)
+    try:
+        values = {
+            keyword: wanted[tag].decode("ascii").strip(" \x00") for tag, keyword in _WANTED.items() if tag in wanted
+        }
+    except UnicodeDecodeError:  # pydicom decodes them in the data set's character set
+        header = read_stream_header(dataset, transfer_syntax)
+    else:
+        uids = {keyword: values.get(keyword, "") for keyword in _UID_KEYWORDS}
+        header = _validated(uids, values.get("Modality", ""), values.get("SeriesNumber", ""), transfer_syntax)
+    require_pixel_data(header, pixels)
+    return header
+
+
+def stream_has_pixel_data(dataset: bytes | memoryview, transfer_syntax: str) -> bool:
+    """Whether pydicom finds pixel data at the top level of a data set (which `check_data_set` found whole).
+
+    A deflated data set is not inflated for this: True.
+    """
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return True
+    try:
+        for element in data_element_generator(
+            BytesIO(dataset),
+            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+            defer_size=1024,
+        ):
+            if element.tag in _PIXEL_TAGS:
+                return True
+    except Exception:  # noqa: BLE001 - pydicom raises many types on malformed data
+        return False
+    return False
 
 
 def read_file_header(data: bytes) -> InstanceHeader:

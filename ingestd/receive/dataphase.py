@@ -40,6 +40,7 @@ __all__ = [
     "Command",
     "DataPhase",
     "ProtocolError",
+    "StoreRequest",
     "available",
     "encode_response",
     "hold_transport",
@@ -78,8 +79,8 @@ _GROWTH_STEP = 16 * 1024 * 1024  # the most a buffer grows ahead of the bytes ac
 
 _RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
-StoreFunction = Callable[[Any, str, memoryview], int]
-"""store(association, transfer syntax UID, data set as received) -> C-STORE status."""
+StoreFunction = Callable[[Any, "StoreRequest", memoryview], int]
+"""store(association, what the C-STORE request says, data set as received) -> C-STORE status."""
 
 
 def available() -> bool:
@@ -97,6 +98,16 @@ class ProtocolError(Exception):
 
 class _ClosedError(Exception):
     """The peer closed the connection (or it was shut down locally)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """What a C-STORE request says about its data set: the command's UIDs and its presentation context."""
+
+    sop_class_uid: str  # (0000,0002) Affected SOP Class UID
+    sop_instance_uid: str  # (0000,1000) Affected SOP Instance UID
+    abstract_syntax: str  # the presentation context's
+    transfer_syntax: str  # the presentation context's
 
 
 @dataclass(frozen=True)
@@ -422,9 +433,15 @@ class DataPhase:
             raise ProtocolError("a message without its command")  # cannot happen: add_fragment reads it first
         field = command.field
         if field == C_STORE_RQ:
-            transfer_syntax = str(self.assoc._accepted_cx[context_id].transfer_syntax[0])
+            context = self.assoc._accepted_cx[context_id]
+            request = StoreRequest(
+                command.sop_class_uid,
+                command.sop_instance_uid,
+                str(context.abstract_syntax),
+                str(context.transfer_syntax[0]),
+            )
             with message.data.view() as body:
-                status = self.store(self.assoc, transfer_syntax, body)
+                status = self.store(self.assoc, request, body)
             response_field = C_STORE_RQ | RESPONSE_BIT
             instance = command.sop_instance_uid
         elif field == C_CANCEL_RQ or field & RESPONSE_BIT:

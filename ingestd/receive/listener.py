@@ -1,10 +1,12 @@
 """The DICOM listener: C-ECHO and C-STORE, acknowledging only what is durable.
 
 pynetdicom accepts or rejects each association; ingestd then serves its data phase itself
-(`ingestd.receive.dataphase`), calling `DicomListener._store_guarded` for every C-STORE. The store reads the
-few header values the journal needs from the encoded data set (never decoding the rest, never touching pixel
-data), hands the bytes to the spool, and returns Success only once the spool has the file fsync'd and the
-journal row committed.
+(`ingestd.receive.dataphase`), calling `DicomListener._store_guarded` for every C-STORE. The store walks the
+encoded data set to its end by its lengths (never decoding values, never touching pixel data) to see that it is
+whole, reads the few header values the journal needs, checks that they agree with the C-STORE request, hands
+the bytes to the spool, and returns Success only once the spool has the file fsync'd and the journal row
+committed. A data set that is cut short, unreadable or not the one the request names is refused and nothing
+of it is stored.
 """
 
 from __future__ import annotations
@@ -22,8 +24,17 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ingestd.config import Listener as ListenerConfig
-from ingestd.errors import InvalidInstanceError, ListenerError, SpoolError, SpoolFullError
-from ingestd.header import file_meta_prefix, read_stream_header
+from ingestd.dicomfile import check_data_set
+from ingestd.errors import IncompleteDataSetError, InvalidInstanceError, ListenerError, SpoolError, SpoolFullError
+from ingestd.header import (
+    InstanceHeader,
+    LeftToPydicomError,
+    file_meta_prefix,
+    read_stream_header,
+    read_whole_stream,
+    require_pixel_data,
+    stream_has_pixel_data,
+)
 from ingestd.journal import Source
 from ingestd.metrics import AssociationSlot
 from ingestd.receive import dataphase
@@ -31,7 +42,7 @@ from ingestd.spool import Spool
 
 VERIFICATION = dicom_uid.UID("1.2.840.10008.1.1")
 
-__all__ = ["TRANSFER_SYNTAXES", "DicomListener", "Status"]
+__all__ = ["TRANSFER_SYNTAXES", "DicomListener", "Status", "read_received"]
 
 log = structlog.get_logger("ingestd.listener")
 
@@ -59,11 +70,50 @@ _DEFER_PER_ASSOCIATION = 0.003  # seconds a receiver process waits per open asso
 
 
 class Status:
-    """The C-STORE statuses ingestd answers with (PS3.4 Annex B.2.3)."""
+    """The C-STORE statuses ingestd answers with (PS3.4 Annex B.2.3). Nothing is stored for a failure."""
 
     SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (spool full or unwritable)
-    CANNOT_UNDERSTAND = 0xC210  # Error: cannot understand (unparsable, or UIDs missing or malformed)
+    OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (spool full; 0xA701: the spool or journal failed)
+    DATA_SET_MISMATCH = 0xA900  # Error: data set does not match SOP class (its UIDs are not the request's)
+    CANNOT_UNDERSTAND = 0xC210  # Error: cannot understand: the header (UIDs missing or malformed, unparsable)
+    INCOMPLETE = 0xC211  # Error: cannot understand: the data set is cut short or does not parse to its end
+
+
+def read_received(body: memoryview, transfer_syntax: str) -> InstanceHeader:
+    """The header of a data set received by C-STORE, once it is known to be whole.
+
+    Raises IncompleteDataSetError (answered 0xC211) when it is cut short or does not parse to its end,
+    InvalidInstanceError (0xC210) when its UIDs are missing or malformed. The walk in `read_whole_stream` decides
+    unless the data set uses an encoding it leaves to pydicom; then pydicom's reading decides, as for a dropped
+    file (`check_data_set`).
+    """
+    try:
+        return read_whole_stream(body, transfer_syntax)
+    except LeftToPydicomError:
+        pass
+    try:
+        check_data_set(body, transfer_syntax)
+    except InvalidInstanceError as exc:
+        reason = str(exc).removeprefix("corrupt DICOM file: ")
+        raise IncompleteDataSetError(f"the data set does not parse to its end ({reason})") from None
+    header = read_stream_header(body, transfer_syntax)
+    require_pixel_data(header, stream_has_pixel_data(body, transfer_syntax))
+    return header
+
+
+def _mismatch(request: dataphase.StoreRequest, header: InstanceHeader) -> str | None:
+    """Why the data set is not the one the C-STORE request names (as DCMTK's storescp checks), or None."""
+    if header.sop_class_uid != request.sop_class_uid:
+        return "the data set's SOP Class UID is not the request's Affected SOP Class UID"
+    if header.sop_class_uid != request.abstract_syntax:
+        return "the data set's SOP Class UID is not the presentation context's abstract syntax"
+    if header.sop_uid != request.sop_instance_uid:
+        return "the data set's SOP Instance UID is not the request's Affected SOP Instance UID"
+    return None
+
+
+def _command_uid(value: object) -> str:
+    return str(value or "").rstrip("\x00 ")
 
 
 class _SharedSocketServer(ThreadedAssociationServer):
@@ -314,14 +364,26 @@ class DicomListener:
         return Status.SUCCESS
 
     def _on_store(self, event: Any) -> int:
-        # Only when pynetdicom serves the association itself (see `dataphase.available`).
-        return self._store_guarded(event.assoc, event.context.transfer_syntax, event.request.DataSet.getbuffer())
+        # Only when pynetdicom serves the association itself (see `dataphase.available`). It must not raise:
+        # pynetdicom would answer 0xC211, which ingestd answers for a data set cut short.
+        try:
+            request = dataphase.StoreRequest(
+                _command_uid(event.request.AffectedSOPClassUID),
+                _command_uid(event.request.AffectedSOPInstanceUID),
+                str(event.context.abstract_syntax),
+                str(event.context.transfer_syntax),
+            )
+            body = event.request.DataSet.getbuffer()
+        except Exception:
+            log.exception("receive.store_failed", calling_aet=event.assoc.requestor.ae_title)
+            return Status.OUT_OF_RESOURCES
+        return self._store_guarded(event.assoc, request, body)
 
-    def _store_guarded(self, assoc: Any, transfer_syntax: str, body: memoryview) -> int:
+    def _store_guarded(self, assoc: Any, request: dataphase.StoreRequest, body: memoryview) -> int:
         with self._idle:
             self._inflight += 1
         try:
-            return self._store(assoc, transfer_syntax, body)
+            return self._store(assoc, request, body)
         except Exception:
             log.exception("receive.store_failed", calling_aet=assoc.requestor.ae_title)
             return Status.OUT_OF_RESOURCES
@@ -330,14 +392,22 @@ class DicomListener:
                 self._inflight -= 1
                 self._idle.notify_all()
 
-    def _store(self, assoc: Any, transfer_syntax: str, body: memoryview) -> int:
+    def _store(self, assoc: Any, request: dataphase.StoreRequest, body: memoryview) -> int:
         requestor = assoc.requestor
         calling = requestor.ae_title
+        transfer_syntax = request.transfer_syntax
         try:
-            header = read_stream_header(body, transfer_syntax)
+            header = read_received(body, transfer_syntax)
+        except IncompleteDataSetError as exc:
+            log.warning("receive.store_refused", calling_aet=calling, status="0xC211", reason=str(exc))
+            return Status.INCOMPLETE
         except InvalidInstanceError as exc:
             log.warning("receive.store_refused", calling_aet=calling, status="0xC210", reason=str(exc))
             return Status.CANNOT_UNDERSTAND
+        mismatch = _mismatch(request, header)
+        if mismatch is not None:
+            log.warning("receive.store_refused", calling_aet=calling, status="0xA900", reason=mismatch)
+            return Status.DATA_SET_MISMATCH
         prefix = file_meta_prefix(header.sop_class_uid, header.sop_uid, transfer_syntax, calling)
         source = Source("dicom", calling, f"{assoc.acceptor.ae_title}@{requestor.address}")
         try:
