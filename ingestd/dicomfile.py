@@ -15,7 +15,6 @@ to come, while one whose tag lies before it never will.
 
 from __future__ import annotations
 
-import functools
 import struct
 import zlib
 from dataclasses import dataclass, replace
@@ -24,18 +23,15 @@ from typing import Any
 
 from pydicom.filereader import data_element_generator
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MediaStorageDirectoryStorage,
-    ParametricMapStorage,
-    SegmentationStorage,
 )
 
 from ingestd.errors import InvalidInstanceError
-from ingestd.header import InstanceHeader, file_meta_prefix, read_file_header
+from ingestd.header import IMAGE_STORAGE_CLASSES, InstanceHeader, file_meta_prefix, read_file_header
 
 __all__ = [
     "IncompleteInstanceError",
@@ -55,9 +51,9 @@ _REQUIRED = {
     0x0020000D: "Study Instance UID",
     0x0020000E: "Series Instance UID",
 }
-_PIXEL_DATA = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
+# Float, Double Float, Pixel Data, or a Pixel Data Provider URL in their stead (JPIP): as C-STORE's check counts them
+_PIXEL_DATA = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010, 0x00287FE0})
 _NOTED = frozenset(_REQUIRED) | _PIXEL_DATA
-_IMAGE_CLASSES_BEYOND_NAME = frozenset({SegmentationStorage, ParametricMapStorage})
 
 
 class IncompleteInstanceError(InvalidInstanceError):
@@ -67,10 +63,10 @@ class IncompleteInstanceError(InvalidInstanceError):
     """
 
 
-@functools.lru_cache(maxsize=256)
 def needs_pixel_data(sop_class_uid: str) -> bool:
-    """Say whether instances of a SOP class hold an image: Pixel Data, Float or Double Float Pixel Data."""
-    return sop_class_uid in _IMAGE_CLASSES_BEYOND_NAME or "Image Storage" in UID(sop_class_uid).name
+    """Say whether instances of a SOP class hold an image: Pixel Data, Float or Double Float Pixel Data (the same
+    classes C-STORE's check holds to, `ingestd.header.IMAGE_STORAGE_CLASSES`)."""
+    return sop_class_uid in IMAGE_STORAGE_CLASSES
 
 
 @dataclass(frozen=True, slots=True)
