@@ -16,7 +16,7 @@ from ingestd.config import BatchFailures
 from ingestd.journal import BatchRow, Journal
 from ingestd.logs import uid_digest
 from ingestd.states import StudyState
-from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
+from ingestd.worker import PeriodicWorker, count_batch_failure
 
 __all__ = ["Assembler", "CompletionPolicy", "is_complete"]
 
@@ -80,13 +80,8 @@ class Assembler(PeriodicWorker):
         return 1
 
     def _failed(self, batch: BatchRow, exc: Exception) -> None:
-        failures = batch.failures + 1
-        held = failures >= self.failures.max_attempts
-        wait = 0.0 if held else failure_backoff(failures, self.failures)
-        record_stage_failure("assemble", exc, batch_id=batch.id, failures=failures, retry_seconds=wait)
-        self.journal.record_failure(batch.id, StudyState.RECEIVING, time.time() + wait)
-        reason = f"assemble: failed {failures} times, last: {failure_text(exc)}"
-        if held and self.journal.hold_batch(
+        reason = count_batch_failure(self.journal, "assemble", batch, exc, self.failures)
+        if reason is not None and self.journal.hold_batch(
             batch.id, "assemble-failed", reason, time.time(), from_state=StudyState.RECEIVING
         ):
             log.warning("assemble.held", batch_id=batch.id, study=uid_digest(batch.study_uid), reason=reason)

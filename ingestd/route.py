@@ -38,7 +38,7 @@ from ingestd.metrics import stage_seconds
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide
 from ingestd.spool import fsync_dir, make_dirs_durably, write_durably
 from ingestd.states import StudyState
-from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
+from ingestd.worker import PeriodicWorker, count_batch_failure
 
 __all__ = ["Router", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
@@ -177,13 +177,9 @@ class Router(PeriodicWorker):
         return handled
 
     def _failed(self, batch: BatchRow, exc: Exception) -> None:
-        failures = batch.failures + 1
-        held = failures >= self.failures.max_attempts
-        wait = 0.0 if held else failure_backoff(failures, self.failures)
-        record_stage_failure("route", exc, batch_id=batch.id, failures=failures, retry_seconds=wait)
-        self.journal.record_failure(batch.id, StudyState.COMPLETE, time.time() + wait)
-        if held:
-            self._hold(batch, "route-failed", f"route: failed {failures} times, last: {failure_text(exc)}")
+        reason = count_batch_failure(self.journal, "route", batch, exc, self.failures)
+        if reason is not None:
+            self._hold(batch, "route-failed", reason)
 
     # -- one batch -------------------------------------------------------------------------------------
 

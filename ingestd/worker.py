@@ -10,10 +10,18 @@ import traceback
 import structlog
 
 from ingestd.config import BatchFailures
+from ingestd.journal import BatchRow, Journal
 from ingestd.logs import redact_value
 from ingestd.metrics import STAGE_FAILURES
 
-__all__ = ["BatchFailures", "PeriodicWorker", "failure_backoff", "failure_text", "record_stage_failure"]
+__all__ = [
+    "BatchFailures",
+    "PeriodicWorker",
+    "count_batch_failure",
+    "failure_backoff",
+    "failure_text",
+    "record_stage_failure",
+]
 
 log = structlog.get_logger("ingestd.worker")
 
@@ -104,6 +112,20 @@ def failure_text(exc: BaseException) -> str:
 def failure_backoff(failures: int, policy: BatchFailures) -> float:
     """Seconds before a batch that failed `failures` times is tried again: doubling, capped."""
     return float(min(policy.max_seconds, policy.initial_seconds * 2 ** max(0, failures - 1)))
+
+
+def count_batch_failure(
+    journal: Journal, stage: str, batch: BatchRow, exc: BaseException, policy: BatchFailures
+) -> str | None:
+    """One unexpected failure of `batch` in `stage` (call it inside the `except`): counted in the journal and the
+    metrics, logged, and the batch due again after a back-off. Returns the reason to hold it with once
+    `policy.max_attempts` is reached, else None."""
+    failures = batch.failures + 1
+    held = failures >= policy.max_attempts
+    wait = 0.0 if held else failure_backoff(failures, policy)
+    record_stage_failure(stage, exc, batch_id=batch.id, failures=failures, retry_seconds=wait)
+    journal.record_failure(batch.id, batch.state, time.time() + wait)
+    return f"{stage}: failed {failures} times, last: {failure_text(exc)}" if held else None
 
 
 def record_stage_failure(stage: str, exc: BaseException, *, batch_id: int, failures: int, retry_seconds: float) -> None:

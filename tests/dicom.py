@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tarfile
+import zipfile
 from copy import deepcopy
 from io import BytesIO
 from pathlib import Path
@@ -100,3 +102,23 @@ __all__ = [
     "make_study",
     "write_instances",
 ]
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A deflated zip of `members` (name -> bytes), in memory."""
+    buffer = BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes], mode: str) -> bytes:
+    """A tar of `members` (name -> bytes) in `mode` (`w`, `w:gz`, `w:bz2`), in memory."""
+    buffer = BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, BytesIO(data))
+    return buffer.getvalue()

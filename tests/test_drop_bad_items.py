@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import stat
 import tarfile
 import tempfile
@@ -69,11 +68,7 @@ class Drop:
         return watcher
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        db = sqlite3.connect(f"file:{self.journal.path}?mode=ro", uri=True)
-        try:
-            return db.execute(sql).fetchall()
-        finally:
-            db.close()
+        return journal_rows(self.journal.path, sql)
 
     def spooled(self) -> dict[str, str]:
         """Source detail -> SOP Instance UID."""
@@ -464,8 +459,14 @@ def test_a_file_that_changes_while_it_is_taken_is_left_and_taken_again(tmp_path:
             _scan_until(watcher, lambda: not path.exists())
         retry = events(logged, "drop.file_retry", "IM.dcm")
         assert [event["reason"] for event in retry] == ["the file changed while it was being read"]
-        assert sorted(row[0] for row in state.rows("SELECT outcome FROM receipts")) == ["replaced", "stored"]
+        assert sorted(row[0] for row in state.rows("SELECT outcome FROM receipts")) == [
+            "replaced",
+            "stored",
+            "superseded",
+        ]
         [(spool_path,)] = state.rows("SELECT spool_path FROM instances")
         assert (state.spool.root / spool_path).read_bytes() == final
+        [(kept,)] = state.rows("SELECT path FROM superseded")  # the first read is kept aside, not destroyed
+        assert (state.spool.root.parent / kept).read_bytes() == first
     finally:
         state.close()

@@ -7,7 +7,6 @@ whole accepted, and what more bytes cannot mend refused as corrupt (the drop fol
 from __future__ import annotations
 
 import io
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ingestd.config import Archives
 from ingestd.dicomfile import IncompleteInstanceError, needs_pixel_data, prepare_instance
 from ingestd.errors import InvalidInstanceError, UnsafeArchiveError
 from ingestd.receive.archives import IncompleteArchiveError, check_archive, read_members
-from tests.dicom import encode, encode_raw, make_instance
+from tests.dicom import encode, encode_raw, make_instance, tar_bytes, zip_bytes
 
 
 def _testdata(name: str) -> bytes:
@@ -136,24 +135,6 @@ def _members() -> dict[str, bytes]:
     return {f"d/IM{i}.dcm": encode(make_instance(study_uid, rows=4, number=i)) for i in range(3)}
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def _tar(members: dict[str, bytes], mode: str) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _read(data: bytes, kind: str) -> dict[str, bytes]:
     stream = io.BytesIO(data)
     check_archive(stream, kind, Archives())  # type: ignore[arg-type]
@@ -166,7 +147,7 @@ ARCHIVES = {"zip": ("zip", None), "tar": ("tar", "w"), "tar.gz": ("tar", "w:gz")
 @pytest.mark.parametrize(("kind", "mode"), ARCHIVES.values(), ids=ARCHIVES.keys())
 def test_every_prefix_of_an_archive_is_incomplete_up_to_its_end(kind: str, mode: str | None) -> None:
     members = _members()
-    data = _zip(members) if mode is None else _tar(members, mode)
+    data = zip_bytes(members) if mode is None else tar_bytes(members, mode)
     assert _read(data, kind) == members
     # A plain tar is whole once its end-of-archive marker (a zero block) is there: the rest is padding.
     end = sum(512 + (len(value) + 511) // 512 * 512 for value in members.values()) + 512 if mode == "w" else len(data)
@@ -180,14 +161,14 @@ def test_every_prefix_of_an_archive_is_incomplete_up_to_its_end(kind: str, mode:
 def test_a_tar_cut_at_a_member_boundary_is_incomplete_not_a_smaller_archive() -> None:
     """tarfile's stream mode reads such a prefix without complaint, as an archive of fewer members."""
     members = _members()
-    data = _tar(members, "w")
+    data = tar_bytes(members, "w")
     first_member_end = 512 + (len(members["d/IM0.dcm"]) + 511) // 512 * 512
     with pytest.raises(IncompleteArchiveError, match="no end-of-archive marker"):
         _read(data[:first_member_end], "tar")
 
 
 def test_a_zip_stored_in_a_zip_being_written_is_not_taken_for_it() -> None:
-    inner = _zip(_members())
+    inner = zip_bytes(_members())
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("first.dcm", encode(make_instance()))
@@ -217,7 +198,7 @@ def test_a_compressed_tar_whose_stream_ends_before_the_tar_does_is_corrupt() -> 
     """The compressed stream is whole: no more bytes will come, so the tar inside is cut short for good."""
     import gzip  # noqa: PLC0415 - only here
 
-    plain = _tar(_members(), "w")
+    plain = tar_bytes(_members(), "w")
     data = gzip.compress(plain[:1536])  # a header and part of the first member, in a whole gzip stream
     with pytest.raises(UnsafeArchiveError) as caught:
         _read(data, "tar")
@@ -226,7 +207,7 @@ def test_a_compressed_tar_whose_stream_ends_before_the_tar_does_is_corrupt() -> 
 
 def test_datasets_read_back_from_a_whole_archive_are_the_members() -> None:
     members = _members()
-    for kind, data in (("zip", _zip(members)), ("tar", _tar(members, "w:xz"))):
+    for kind, data in (("zip", zip_bytes(members)), ("tar", tar_bytes(members, "w:xz"))):
         read = _read(data, kind)
         assert {name: pydicom.dcmread(io.BytesIO(value)).SOPInstanceUID for name, value in read.items()} == {
             name: pydicom.dcmread(io.BytesIO(value)).SOPInstanceUID for name, value in members.items()

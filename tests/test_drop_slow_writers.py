@@ -8,9 +8,6 @@ for a fixed time.
 
 from __future__ import annotations
 
-import io
-import sqlite3
-import tarfile
 import zipfile
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -24,8 +21,8 @@ from ingestd.journal import Journal
 from ingestd.logs import path_digest
 from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.spool import Quarantine, Spool
-from tests.dicom import encode, make_instance, make_study
-from tests.procs import wait_until
+from tests.dicom import encode, make_instance, make_study, tar_bytes, zip_bytes
+from tests.procs import journal_rows, wait_until
 
 SETTLE = 0.2
 
@@ -51,11 +48,7 @@ class Drop:
         return watcher
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        db = sqlite3.connect(f"file:{self.journal.path}?mode=ro", uri=True)
-        try:
-            return db.execute(sql).fetchall()
-        finally:
-            db.close()
+        return journal_rows(self.journal.path, sql)
 
     def spooled_bytes(self) -> dict[str, bytes]:
         """Source detail -> the bytes of the spooled file."""
@@ -220,33 +213,15 @@ def test_a_zip_written_slowly_by_zipfile_is_taken_only_once_whole(drop: Drop) ->
     assert drop.quarantined() == {}
 
 
-def _zip_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def _tar_bytes(members: dict[str, bytes], mode: str) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _marker_end(members: dict[str, bytes]) -> int:
     """Where a plain tar of `members` becomes whole: after its end-of-archive marker (the rest is padding)."""
     return sum(512 + (len(data) + 511) // 512 * 512 for data in members.values()) + 512
 
 
 ARCHIVES: dict[str, tuple[Callable[[dict[str, bytes]], bytes], Callable[[dict[str, bytes], bytes], int]]] = {
-    "copy.zip": (_zip_bytes, lambda _members, data: len(data)),
-    "copy.tar": (lambda members: _tar_bytes(members, "w"), lambda members, _data: _marker_end(members)),
-    "copy.tar.gz": (lambda members: _tar_bytes(members, "w:gz"), lambda _members, data: len(data)),
+    "copy.zip": (zip_bytes, lambda _members, data: len(data)),
+    "copy.tar": (lambda members: tar_bytes(members, "w"), lambda members, _data: _marker_end(members)),
+    "copy.tar.gz": (lambda members: tar_bytes(members, "w:gz"), lambda _members, data: len(data)),
 }
 
 
@@ -269,7 +244,7 @@ def test_an_archive_copied_slowly_is_taken_only_once_whole(drop: Drop, name: str
 
 def test_an_archive_left_cut_short_goes_to_quarantine_after_the_bound(drop: Drop) -> None:
     members = _members()
-    data = _tar_bytes(members, "w:gz")
+    data = tar_bytes(members, "w:gz")
     drop.watch(incomplete_seconds=0.5)
     (drop.folder / "cut.tgz").write_bytes(data[: len(data) // 2])
     wait_until(drop.quarantined, 20, message="the archive to be quarantined")

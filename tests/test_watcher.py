@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 import tarfile
 import time
 import zipfile
@@ -24,6 +23,7 @@ from ingestd.journal import Journal
 from ingestd.receive.watcher import DropFolderError, DropFolderWatcher, _EventHandler
 from ingestd.spool import Quarantine, Spool
 from tests.dicom import encode, encode_raw, make_instance, make_study, write_instances
+from tests.procs import journal_rows
 
 SETTLE = 0.2
 
@@ -59,11 +59,7 @@ class Env:
         return watcher
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        db = sqlite3.connect(f"file:{self.journal.path}?mode=ro", uri=True)
-        try:
-            return db.execute(sql).fetchall()
-        finally:
-            db.close()
+        return journal_rows(self.journal.path, sql)
 
     def spooled(self) -> dict[str, str]:
         """SOP Instance UID -> source detail (the path within the drop folder) of every spooled instance."""

@@ -7,7 +7,7 @@ import io
 import json
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -19,36 +19,6 @@ from tests.dicom import encode, make_study
 
 TIMEOUT = 10
 ZIP = {"Content-Type": "application/zip"}
-Factory = Callable[..., FakeXnat]
-
-
-@pytest.fixture
-def make_xnat() -> Iterator[Factory]:
-    """Fake servers whose idle builder never fires on its own, with user alice owning project PROJ."""
-    started: list[FakeXnat] = []
-
-    def make(**kwargs: Any) -> FakeXnat:
-        xnat = FakeXnat(**kwargs).start()
-        started.append(xnat)
-        xnat.add_user("alice", "alice-pw")
-        xnat.add_project("PROJ", owners=["alice"])
-        return xnat
-
-    yield make
-    for xnat in started:
-        xnat.stop()
-
-
-@pytest.fixture
-def xnat(make_xnat: Factory) -> FakeXnat:
-    return make_xnat()
-
-
-@pytest.fixture
-def alice() -> Iterator[requests.Session]:
-    with requests.Session() as session:
-        session.auth = ("alice", "alice-pw")
-        yield session
 
 
 class _Unseekable(io.RawIOBase):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 import requests
@@ -14,38 +13,10 @@ from pydicom.dataset import Dataset
 
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import encode, make_study
+from tests.fake_xnat.conftest import Factory
 
 TIMEOUT = 10
 ZIP = {"Content-Type": "application/zip"}
-Factory = Callable[..., FakeXnat]
-
-
-@pytest.fixture
-def make_xnat() -> Iterator[Factory]:
-    started: list[FakeXnat] = []
-
-    def make(**kwargs: Any) -> FakeXnat:
-        xnat = FakeXnat(**kwargs).start()
-        started.append(xnat)
-        xnat.add_user("alice", "alice-pw")
-        xnat.add_project("PROJ", owners=["alice"])
-        return xnat
-
-    yield make
-    for xnat in started:
-        xnat.stop()
-
-
-@pytest.fixture
-def xnat(make_xnat: Factory) -> FakeXnat:
-    return make_xnat()
-
-
-@pytest.fixture
-def alice() -> Iterator[requests.Session]:
-    with requests.Session() as session:
-        session.auth = ("alice", "alice-pw")
-        yield session
 
 
 def study(series: int = 1, per_series: int = 3, **attributes: str) -> list[Dataset]:

@@ -9,8 +9,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import pytest
 import requests
@@ -18,38 +17,10 @@ from pydicom.dataset import Dataset
 
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import encode, make_study
+from tests.fake_xnat.conftest import Factory
 
 TIMEOUT = 10
 ZIP = {"Content-Type": "application/zip"}
-
-Factory = Callable[..., FakeXnat]
-
-
-@pytest.fixture
-def make_xnat() -> Iterator[Factory]:
-    """Start fake servers with users admin (site admin), alice (owns PROJ), bob (owns OTHER), carol (reads PROJ)."""
-    started: list[FakeXnat] = []
-
-    def make(**kwargs: Any) -> FakeXnat:
-        xnat = FakeXnat(**kwargs).start()
-        started.append(xnat)
-        xnat.add_user("admin", "admin-pw", admin=True)
-        xnat.add_user("alice", "alice-pw")
-        xnat.add_user("bob", "bob-pw")
-        xnat.add_user("carol", "carol-pw")
-        xnat.add_project("PROJ", owners=["alice"], collaborators=["carol"], aliases=["PROJ_ALIAS"])
-        xnat.add_project("OTHER", owners=["bob"])
-        return xnat
-
-    yield make
-    for xnat in started:
-        xnat.stop()
-
-
-@pytest.fixture
-def xnat(make_xnat: Factory) -> FakeXnat:
-    """XNAT 1.8.10 whose idle builder never fires on its own."""
-    return make_xnat()
 
 
 def client(user: str) -> requests.Session:
