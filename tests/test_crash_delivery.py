@@ -98,8 +98,11 @@ def test_kill9_at_each_delivery_step_loses_nothing(tmp_path: Path, xnat: FakeXna
             wait_until(lambda: _steps(state) == [(1, "delivered", "done")], 60, interval=0.2, message="batch 1")
         xnat.fail_next(point.method, point.path, **point.fault)
         _send(port, late if point.late else study, tmp_path / "sent")
-        wait_until(
-            lambda: (victim, "routed", point.step) in _steps(state), 60, interval=0.05, message=f"step {point.step}"
+        wait_until(  # in the step, and inside the slow request
+            lambda: (victim, "routed", point.step) in _steps(state) and not xnat.faults_pending(),
+            60,
+            interval=0.05,
+            message=f"step {point.step}",
         )
         assert daemon.kill9() == -9
         daemon.start()

@@ -183,7 +183,7 @@ def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 DeliveryMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("INGESTD_MACHINE_EXAMPLES", "15")),  # CI: 15; the trials: hundreds
+    max_examples=int(os.environ.get("INGESTD_MACHINE_EXAMPLES", "12")),  # CI: 12; the trials: hundreds
     stateful_step_count=14,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

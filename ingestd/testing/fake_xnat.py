@@ -52,7 +52,8 @@ Public API (`FakeXnat`):
   series import filter (`stage="filter"`, before any row exists) or a site-wide DicomEdit reject
   (`stage="anonymization"`: row created, file written and deleted, rows with `prevent_anon` spared);
   ``drop_entries(None)`` removes every rule.
-* ``clear_faults()`` forgets every pending fault, reset, truncation and drop rule. A client that hangs up part-way
+* ``faults_pending()`` counts the injected faults not yet met; ``clear_faults()`` forgets every pending fault,
+  reset, truncation and drop rule. A client that hangs up part-way
   through an upload body is treated like a reset there (a streamed DICOM-zip keeps the entries read whole).
 * Inspection: ``prearchive_rows(project=None)`` (the §5.1 row dicts, `project` may be ``"Unassigned"``),
   ``prearchive_files(project=None)`` (row url -> file name -> SOP Instance UID, built or not),
@@ -3587,6 +3588,11 @@ class FakeXnat:
             raise ValueError(f"unknown stage {stage!r}: expected 'filter' or 'anonymization'")
         with self._store.lock:
             self._store.drops.append(_Drop(predicate, stage))
+
+    def faults_pending(self) -> int:
+        """How many injected faults (fail_next, reset_next, truncate_next) have not met their request yet."""
+        with self._api._log_lock:
+            return sum(f.remaining for f in [*self._api.faults, *self._api.resets, *self._api.truncations])
 
     def clear_faults(self) -> None:
         """Forget every pending fault, reset, truncation and drop rule: XNAT behaves again."""
