@@ -119,18 +119,20 @@ class _Job:
 @dataclass(frozen=True, slots=True)
 class _Look:
     """One look at XNAT for a batch: its prearchive sessions (same project, Study Instance UID and label) with
-    the files of the READY ones, and what its archived experiment holds."""
+    the files of the built ones (READY, CONFLICT, ERROR), and what its archived experiment holds."""
 
     rows: tuple[PrearchiveRow, ...]
-    ready: Mapping[str, Holdings]  # READY row url -> its files
+    built: Mapping[str, Holdings]  # row url -> its files
     archived: Holdings
 
     def place(self, sop_uid: str) -> str | None:
+        """`archive`, `prearchive` (a READY session of ours), `broken` (one XNAT set to CONFLICT or ERROR), None."""
         if self.archived.holds(sop_uid):
             return "archive"
-        if any(holdings.holds(sop_uid) for holdings in self.ready.values()):
+        found = {row.status for row in self.rows if self.built.get(row.url, Holdings()).holds(sop_uid)}
+        if _READY in found:
             return "prearchive"
-        return None
+        return "broken" if found else None
 
 
 class Deliverer(PeriodicWorker):
@@ -392,9 +394,14 @@ class Deliverer(PeriodicWorker):
         url = str(job.delivery["prearchive_url"])
         row = job.client.prearchive_session(url)
         waited = time.time() - float(job.delivery["step_started_at"])
+        if row is not None and row.status == _READY:
+            STAGE_SECONDS.labels(stage="build_wait").observe(max(0.0, waited))
+            if job.archives and job.delivery["answered"]:
+                # XNAT answered the import, so it read every entry: archive now, and verify in the archive (what is
+                # missing there, whatever the reason, is sent again). Saves a look at the prearchive per study.
+                self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=row.url)
+                return
         if row is None or row.status == _READY or row.status in _BROKEN:
-            if row is not None and row.status == _READY:
-                STAGE_SECONDS.labels(stage="build_wait").observe(max(0.0, waited))
             self._advance(job.batch_id, Step.VERIFY)
             return
         if waited > job.server.ready_timeout_seconds:
@@ -415,32 +422,36 @@ class Deliverer(PeriodicWorker):
         look = self._look(job, outgoing)
         places = {item.sop_uid: look.place(item.sop_uid) for item in outgoing}
         self.journal.set_verified(job.batch_id, places, time.time())
-        in_archive = sum(1 for place in places.values() if place == "archive")
+        counts = {place: sum(1 for found in places.values() if found == place) for place in ("archive", "prearchive")}
         missing = [sop_uid for sop_uid, place in places.items() if place is None]
         log.info(
             "deliver.verified",
             batch_id=job.batch_id,
             instances=len(places),
-            in_archive=in_archive,
-            in_prearchive=len(places) - in_archive - len(missing),
+            in_archive=counts["archive"],
+            in_prearchive=counts["prearchive"],
             missing=len(missing),
         )
-        if not missing and (in_archive == len(places) or not job.archives):
-            self._done(job, "archive" if in_archive == len(places) else "prearchive")
+        if counts["archive"] == len(places) or (not job.archives and sum(counts.values()) == len(places)):
+            self._done(job, "archive" if counts["archive"] == len(places) else "prearchive")
             return
         unsettled = [row for row in look.rows if row.status != _READY and row.status not in _BROKEN]
         if unsettled:  # a session of ours is still receiving, building or archiving: what it holds shows later
             self._advance(job.batch_id, Step.WAIT, prearchive_url=unsettled[0].url, build_requested_at=None)
             return
-        broken = [row for row in look.rows if row.status in _BROKEN]
-        if broken:
-            self._broken(job, broken[0])
-            return
-        if missing:
+        if missing:  # into our session even when XNAT set it to CONFLICT or ERROR: new files reopen it
             self._resend(job, len(missing), len(places))
             return
+        broken = [row for row in look.rows if row.status in _BROKEN]
+        if broken and any(place == "broken" for place in places.values()):
+            self._broken(job, broken[0])
+            return
         # Everything is in XNAT, some of it only in a READY prearchive session, and the rule archives: archive it.
-        url = next(url for url, holdings in look.ready.items() if any(holdings.holds(uid) for uid in places))
+        url = next(
+            row.url
+            for row in look.rows
+            if row.status == _READY and any(look.built.get(row.url, Holdings()).holds(uid) for uid in places)
+        )
         self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=url)
 
     def _look(self, job: _Job, outgoing: list[Outgoing]) -> _Look:
@@ -454,14 +465,14 @@ class Deliverer(PeriodicWorker):
         if experiment is not None:
             self._check_same_study(experiment, job)
             archived = job.client.archive_holdings(experiment)
-        ready: dict[str, Holdings] = {}
+        built: dict[str, Holdings] = {}
         if not all(archived.holds(item.sop_uid) for item in outgoing):  # the prearchive only matters then
             for row in rows:
-                if row.status == _READY:
-                    holdings = job.client.prearchive_holdings(row.url)
+                if row.status == _READY or row.status in _BROKEN:
+                    holdings = job.client.prearchive_holdings(row.url)  # None: never built (an ERROR row, say)
                     if holdings is not None:
-                        ready[row.url] = holdings
-        return _Look(rows, ready, archived)
+                        built[row.url] = holdings
+        return _Look(rows, built, archived)
 
     def _broken(self, job: _Job, row: PrearchiveRow) -> None:
         """A session of ours that XNAT set to CONFLICT or ERROR: held, with XNAT's own words; after `ingestd retry`

@@ -12,8 +12,9 @@ expects it. As pynetdicom declares its association state machine, the tables are
                                        +--(release)--> released
 
     package -> preflight -> import -> importing -> wait -> verify -> done
-       ^                       ^          |                  |  |
-       |                       |          +-----> verify     |  +--> archive -> archiving -> verify
+       ^                       ^          |         |        |  |
+       |                       |          |         +--------|--+--> archive -> archiving -> verify
+       |                       |          +-----> verify     |
        +-----------------------+------------------(resend)---+
 
 `importing` and `archiving` are committed *before* their request goes out: finding one means the request may or
@@ -77,7 +78,7 @@ STEP_TRANSITIONS: Mapping[Step, frozenset[Step]] = {
     Step.PREFLIGHT: frozenset({Step.IMPORT}),
     Step.IMPORT: frozenset({Step.IMPORTING}),
     Step.IMPORTING: frozenset({Step.WAIT, Step.VERIFY}),  # answered | interrupted: look before sending again
-    Step.WAIT: frozenset({Step.VERIFY}),
+    Step.WAIT: frozenset({Step.VERIFY, Step.ARCHIVE}),  # archive at once: XNAT answered the import, the rule archives
     Step.VERIFY: frozenset({Step.DONE, Step.PACKAGE, Step.ARCHIVE, Step.WAIT}),
     Step.ARCHIVE: frozenset({Step.ARCHIVING}),
     Step.ARCHIVING: frozenset({Step.VERIFY}),

@@ -259,20 +259,29 @@ def test_throttling_and_slow_answers_are_waited_out(tmp_path: Path, xnat: FakeXn
 
 @pytest.mark.usefixtures("secrets_env")
 def test_conflict_found_while_waiting_holds_with_xnats_log(tmp_path: Path) -> None:
-    """XNAT sets the waiting session to CONFLICT: held with XNAT's own log entry for it."""
+    """XNAT builds the waiting session and sets it to CONFLICT (as a failed auto-archive does): the files are there,
+    nothing is sent again, and the batch is held with XNAT's own log entry for it."""
     with lab_xnat("1.8.9", idle_build_seconds=3600, rebuild_repeat_seconds=3600) as old:
         lab = Lab(tmp_path, old)
         lab.receive(study(series=1, per_series=2))
         lab.deliverer.check()  # package, preflight, import; then waiting: 1.8.9 leaves the session RECEIVING
         assert lab.batch()[1]["step"] == "wait"
         (row,) = old.prearchive_rows("PROJ")
-        requests.post(
-            f"{old.url}/data/prearchive/projects/PROJ/{row['timestamp']}/{row['folderName']}",
-            params={"action": "set-status", "status": "CONFLICT"},
-            auth=("ingestd", "s3cret-pw"),
-            timeout=10,
-        ).raise_for_status()
+        for action in ({"action": "build"}, {"action": "set-status", "status": "CONFLICT"}):
+            requests.post(
+                f"{old.url}/data/prearchive/projects/PROJ/{row['timestamp']}/{row['folderName']}",
+                params=action,
+                auth=("ingestd", "s3cret-pw"),
+                timeout=10,
+            ).raise_for_status()
         lab.deliver()
         batch, _ = lab.batch()
-        assert batch.state == StudyState.HELD
+        assert batch.state == StudyState.HELD and batch.hold_code == "xnat-conflict"
         assert "to CONFLICT: " in str(batch.reason) and "no log entry" not in str(batch.reason)
+        assert lab.imports() == 1
+        config = tmp_path / "ingestd.yaml"
+        config.write_text(f"state_dir: {lab.state}\n")
+        assert main(["retry", "--config", str(config), "--held"]) == 0  # a person looked: archive it again
+        lab.deliver()
+        assert lab.states() == [StudyState.DELIVERED] and lab.imports() == 1
+        assert len(old.experiments("PROJ")) == 1 and not old.prearchive_rows("PROJ")

@@ -3592,7 +3592,11 @@ class FakeXnat:
     def faults_pending(self) -> int:
         """How many injected faults (fail_next, reset_next, truncate_next) have not met their request yet."""
         with self._api._log_lock:
-            return sum(f.remaining for f in [*self._api.faults, *self._api.resets, *self._api.truncations])
+            return (
+                sum(f.remaining for f in self._api.faults)
+                + sum(r.remaining for r in self._api.resets)
+                + sum(t.remaining for t in self._api.truncations)
+            )
 
     def clear_faults(self) -> None:
         """Forget every pending fault, reset, truncation and drop rule: XNAT behaves again."""
