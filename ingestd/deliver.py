@@ -306,7 +306,7 @@ class Deliverer(PeriodicWorker):
             self._hold(batch_id, f"{stage}-failed", reason, current["step"])
 
     def _hold(self, batch_id: int, code: str, reason: str, step: str) -> None:
-        self.journal.update_delivery(batch_id, last_error=reason)
+        self.journal.update_delivery(batch_id, last_error=reason, retried_at=None)  # a retry is spent by a new hold
         if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
             DELIVERIES.labels(outcome="held").inc()
             log.warning("deliver.held", batch_id=batch_id, step=step, code=code, reason=reason)

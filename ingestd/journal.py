@@ -696,10 +696,15 @@ class Journal:
             row = db.execute("SELECT step FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
             if row is not None:
                 check_step_transition(batch_id, row[0], Step.DONE)
+            # The one promise this method exists for: never "delivered" on anything less than every outgoing instance
+            # seen where the route says (the archive when it archives; else the archive or a READY session).
             unverified = db.execute(
-                "SELECT count(*) FROM outgoing WHERE batch_id = ? AND verified IS NULL", (batch_id,)
+                "SELECT count(*) FROM outgoing o JOIN routes r ON r.batch_id = o.batch_id WHERE o.batch_id = ?"
+                " AND (o.verified IS NULL OR o.verified NOT IN ('archive', 'prearchive')"
+                " OR (r.archive AND o.verified != 'archive'))",
+                (batch_id,),
             ).fetchone()[0]
-            if unverified:  # the one promise this method exists for: never "delivered" on anything less
+            if unverified:
                 raise AssertionError(f"batch {batch_id}: {unverified} outgoing instances are not verified in XNAT")
             db.execute("UPDATE deliveries SET step = ?, finished_at = ? WHERE batch_id = ?", (Step.DONE, now, batch_id))
             cursor = db.execute(
@@ -710,7 +715,7 @@ class Journal:
             return cursor.rowcount == 1
 
     def verification(self) -> dict[int, tuple[int, int]]:
-        """Per routed batch: (outgoing instances, those XNAT was last seen to hold)."""
+        """Per routed batch: (outgoing instances, those XNAT was last seen to hold, anywhere)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT batch_id, count(*), count(verified) FROM outgoing"
@@ -721,7 +726,8 @@ class Journal:
 
     def set_verified(self, batch_id: int, places: dict[str, str | None], now: float) -> None:
         """Record where XNAT holds each outgoing instance (by SOP Instance UID as it leaves): `archive`,
-        `prearchive`, or None (not found); in one transaction, as seen in one look at XNAT."""
+        `prearchive` (a READY session), `broken` (a session in CONFLICT or ERROR), or None (not found); in one
+        transaction, as seen in one look at XNAT."""
         with self.transaction() as db:
             db.executemany(
                 "UPDATE outgoing SET verified = ?, verified_at = ? WHERE batch_id = ? AND sop_uid = ?",

@@ -88,6 +88,9 @@ def test_the_journal_refuses_an_undeclared_step_and_an_unverified_delivery(tmp_p
         journal.update_delivery(batch_id, step=step)
     with pytest.raises(AssertionError, match="not verified"):
         journal.finish_delivery(batch_id, time.time())
+    journal.set_verified(batch_id, {"1.2.3.4.5": "prearchive"}, time.time())
+    with pytest.raises(AssertionError, match="not verified"):  # the route archives: the prearchive is not enough
+        journal.finish_delivery(batch_id, time.time())
     journal.set_verified(batch_id, {"1.2.3.4.5": "archive"}, time.time())
     assert journal.finish_delivery(batch_id, time.time())
     assert journal.batch_state(batch_id) == StudyState.DELIVERED
