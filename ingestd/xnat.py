@@ -327,7 +327,7 @@ class XnatClient:
                 data=body,
                 headers={"Content-Type": "application/zip"},
             )
-        return [line.strip() for line in response.text.splitlines() if line.strip()]
+        return _uri_list(response)
 
     def prearchive(self, project: str) -> list[PrearchiveRow]:
         response = self.request(
@@ -374,7 +374,8 @@ class XnatClient:
         )
         if response.status_code in (301, 302, 303):
             return urlsplit(response.headers.get("Location", "")).path
-        return response.text.strip().splitlines()[0] if response.text.strip() else ""
+        uris = _uri_list(response)
+        return uris[0] if uris else ""
 
     # -- archive ---------------------------------------------------------------------------------------
 
@@ -442,6 +443,19 @@ class XnatClient:
 
 
 _JSON = {"format": "json"}
+
+
+def _uri_list(response: requests.Response) -> list[str]:
+    """The URIs of a `text/uri-list` answer (import, archive). XNAT ends every line with CRLF (Importer.represent,
+    SecureResource.returnDefaultRepresentation): a non-empty body without its final line end was cut short on the
+    way (a proxy), and a cut URI must not be taken for where XNAT filed the data: a retryable XnatError."""
+    text = response.text
+    if text.strip() and not text.endswith("\n"):
+        raise XnatError(
+            f"XNAT answered {urlsplit(response.url).path} cut short ({len(response.content)} bytes, no line end)",
+            retryable=True,
+        )
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _json(response: requests.Response) -> Any:

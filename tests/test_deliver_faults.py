@@ -209,3 +209,16 @@ def test_reply_cut_short_holds_only_its_batch(tmp_path: Path, xnat: FakeXnat) ->
     batch, _ = lab.batch(1)
     assert batch.hold_code == "xnat-unreachable" and "not JSON" in str(batch.reason)
     assert end_state(lab.state, xnat) == {"in XNAT": 4, "held, in the spool": 2}
+
+
+@pytest.mark.parametrize("call", ["/data/services/import", "/data/services/archive"])
+def test_a_uri_list_cut_short_is_retried_not_taken_for_a_place(tmp_path: Path, xnat: FakeXnat, call: str) -> None:
+    """An import or archive answer cut by a proxy ("/data/prearchive/projects" without its line end) is not where
+    XNAT filed the study: the step is looked at again, and the study delivered once."""
+    lab = Lab(tmp_path, xnat)
+    lab.receive(study(series=1, per_series=3))
+    xnat.truncate_next("POST", call, keep_bytes=25)
+    lab.deliver()
+    assert lab.states() == [StudyState.DELIVERED]
+    assert end_state(lab.state, xnat) == {"in XNAT": 3}
+    assert lab.imports() == 1 and len(xnat.experiments("PROJ")) == 1
