@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,15 +53,22 @@ def start_receiver(config: Config) -> Receiver:
     return Receiver(config, journal, spool, quarantine, listener)
 
 
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    """A listener on a free port writing into a spool and journal under tmp_path."""
-    running = start_receiver(make_config(tmp_path))
+@contextmanager
+def running_receiver(config: Config) -> Iterator[Receiver]:
+    """A started receiver for `config`, stopped (and its journal closed) at the end."""
+    running = start_receiver(config)
     try:
         yield running
     finally:
         running.listener.stop(grace_seconds=2)
         running.journal.close()
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A listener on a free port writing into a spool and journal under tmp_path."""
+    with running_receiver(make_config(tmp_path)) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

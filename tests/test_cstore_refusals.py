@@ -53,7 +53,7 @@ from ingestd.errors import IncompleteDataSetError, InvalidInstanceError
 from ingestd.header import IMAGE_STORAGE_CLASSES, file_meta_prefix
 from ingestd.receive import dataphase
 from ingestd.receive.listener import read_received
-from tests.conftest import Receiver, make_config, start_receiver
+from tests.conftest import Receiver, make_config, running_receiver
 from tests.dicom import encode_raw, make_instance, write_instances
 from tests.procs import DCMTK_ENV, journal_rows
 from tests.test_dataphase import RawPeer, _item, _p_data, _pdv, _store_command
@@ -274,12 +274,8 @@ def phase_receiver(
     """A listener serving the data phase itself ("ingestd") or leaving it to pynetdicom ("pynetdicom")."""
     if request.param == "pynetdicom":
         monkeypatch.setattr(dataphase, "available", lambda: False)
-    running = start_receiver(make_config(tmp_path))
-    try:
+    with running_receiver(make_config(tmp_path)) as running:
         yield running
-    finally:
-        running.listener.stop(grace_seconds=2)
-        running.journal.close()
 
 
 def _receipts(receiver: Receiver) -> list[tuple[str, str]]:
@@ -506,7 +502,7 @@ def test_any_cut_of_an_instance_is_refused_and_the_whole_one_is_stored(
     instance on the same association is Success and stored byte-identical, as its first copy ("stored")."""
     if phase == "pynetdicom":
         monkeypatch.setattr(dataphase, "available", lambda: False)
-    running = start_receiver(make_config(tmp_path))
+    running = running_receiver(make_config(tmp_path))
     contexts = {1: (MRImageStorage, ExplicitVRLittleEndian), 3: (MRImageStorage, ImplicitVRLittleEndian)}
     numbers = itertools.count()
 
