@@ -502,7 +502,6 @@ def test_any_cut_of_an_instance_is_refused_and_the_whole_one_is_stored(
     instance on the same association is Success and stored byte-identical, as its first copy ("stored")."""
     if phase == "pynetdicom":
         monkeypatch.setattr(dataphase, "available", lambda: False)
-    running = running_receiver(make_config(tmp_path))
     contexts = {1: (MRImageStorage, ExplicitVRLittleEndian), 3: (MRImageStorage, ImplicitVRLittleEndian)}
     numbers = itertools.count()
 
@@ -541,8 +540,5 @@ def test_any_cut_of_an_instance_is_refused_and_the_whole_one_is_stored(
         (path,) = running.config.spool_dir.rglob(f"*/{ds.SOPInstanceUID}.dcm")
         assert path.read_bytes().endswith(data)
 
-    try:
+    with running_receiver(make_config(tmp_path)) as running:
         check()
-    finally:
-        running.listener.stop(grace_seconds=2)
-        running.journal.close()
