@@ -153,6 +153,15 @@ class Retry(_Model):
     max_age_hours: Annotated[float, Field(gt=0)] = 72.0
 
 
+class LoginPause(_Model):
+    """How long deliveries to a server pause after it refused a login, before one login is tried again: doubling
+    from `initial_seconds` up to `max_seconds`. XNAT locks an account after 20 failed logins (default
+    maxFailedLogins): the defaults try at most 7 times in the first hour, then once an hour."""
+
+    initial_seconds: Annotated[float, Field(gt=0)] = 60.0
+    max_seconds: Annotated[float, Field(gt=0)] = 3600.0
+
+
 class XnatServer(_Model):
     """One XNAT server that rules route studies to (by its name)."""
 
@@ -165,8 +174,15 @@ class XnatServer(_Model):
     archive_timeout_seconds: Annotated[float, Field(gt=0)] = 900.0
     poll_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
     build_wait_seconds: Annotated[float, Field(gt=0)] = 60.0  # RECEIVING this long: ask XNAT to build
+    # A session XNAT still writes to is never built or judged: its `lastmod` must stay the same this long first.
+    # XNAT refreshes lastmod at most every 15 s while an import goes on (docs/xnat.md), so keep this above 15.
+    settle_seconds: Annotated[float, Field(ge=0)] = 30.0
     ready_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
     retry: Retry = Retry()
+    login_pause: LoginPause = LoginPause()
+    # Alias tokens expire (2 days after issue by default): one read from `credentials.file` is replaced by a new
+    # one this long before it expires. Tokens from .netrc or the environment are only warned about.
+    token_renew_seconds: Annotated[float, Field(gt=0)] = 12 * 3600.0
 
     @field_validator("url")
     @classmethod

@@ -21,9 +21,10 @@ some only in the prearchive while the rule archives -> archive that session. An 
 (`importing`, `archiving` found at start, or a failed request) always goes to `verify`: nothing is adopted on
 less evidence, and nothing is sent again before looking. The spool is deleted only once the batch is done.
 
-Failures: a retryable XNAT error (XNAT down, 5xx, timeouts, a refused login) runs the same step again with
-exponential back-off and jitter, up to the server's attempt and age caps; XNAT's own refusal (a conflict, a
-missing project) holds the batch with XNAT's message; an error no code expected (a missing outbox file, a bug)
+Failures: a retryable XNAT error (XNAT down, 5xx, timeouts) runs the same step again with exponential back-off
+and jitter, up to the server's attempt and age caps; a refused login pauses every delivery to that server (see
+ingestd.breaker) without charging any batch; XNAT's own refusal (a conflict, a missing project) holds the batch
+with XNAT's message; an error no code expected (a missing outbox file, a bug)
 is contained to its batch, retried with back-off and held after `batch_failures.max_attempts`; XNAT answering an
 import without keeping every file (a site anonymization script or import filter dropping some) is sent again
 `delivery.max_resends` times, then held.
@@ -41,13 +42,14 @@ from typing import Any
 
 import structlog
 
+from ingestd.breaker import Breaker
 from ingestd.config import Config, XnatServer
 from ingestd.journal import Journal, Outgoing
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.package import write_package
 from ingestd.states import Step, StudyState
 from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
-from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError
+from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError, save_credentials_file
 
 __all__ = ["Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]
 
@@ -151,6 +153,9 @@ class Deliverer(PeriodicWorker):
         self._pending: Config | None = None
         self._current: tuple[int, str] | None = None  # the batch and step being taken now
         self.wedged_after = wedge_limit(config)
+        self.breaker = Breaker(journal)
+        self._settling: dict[int, tuple[str, float]] = {}  # batch -> (lastmod seen, since when it has not moved)
+        self._token_due: dict[str, float] = {}  # server -> when to look at its alias token again
         self._steps: Mapping[Step, Callable[[_Job], None]] = {
             Step.PACKAGE: self._step_package,
             Step.PREFLIGHT: self._step_preflight,
@@ -198,6 +203,8 @@ class Deliverer(PeriodicWorker):
         self.wedged_after = wedge_limit(config)
         for name in [name for name, client in self._clients.items() if config.xnat.servers.get(name) != old.get(name)]:
             self._clients.pop(name).close()  # its settings changed: log in again with the new ones
+        self.breaker.wake()  # a reload is what an admin does after fixing credentials: try paused servers now
+        self._token_due.clear()
 
     def check(self) -> int:
         """Advance every due batch through the steps that are due now; return how many steps were taken.
@@ -208,9 +215,15 @@ class Deliverer(PeriodicWorker):
         self._apply_pending()
         advanced = 0
         routes = self.journal.routes()
+        admitted: dict[str, bool] = {}
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
             if self.stopping:
                 break
+            name = str(routes[batch.id]["server"])
+            if name not in admitted:
+                admitted[name] = self._admit(name)
+            if not admitted[name]:
+                continue  # paused after a refused login: the batch keeps its place and its attempts
             delivery = self.journal.delivery(batch.id)
             if delivery is None:
                 self.journal.start_delivery(batch.id, time.time())
@@ -218,6 +231,9 @@ class Deliverer(PeriodicWorker):
             # One step after the other while the batch is due: the next check is a poll interval away.
             for _ in range(_STEPS_PER_CHECK):
                 if delivery is None or delivery["next_attempt_at"] > time.time() or self.stopping:
+                    break
+                if not self.breaker.admits(name, time.time()):
+                    admitted[name] = False  # a login was refused just now: the server's other batches wait too
                     break
                 try:
                     self.step(batch.id, routes[batch.id], delivery)
@@ -228,6 +244,71 @@ class Deliverer(PeriodicWorker):
                     break
                 delivery = self.journal.delivery(batch.id)
         return advanced
+
+    # -- servers -------------------------------------------------------------------------------------------
+
+    def _admit(self, name: str) -> bool:
+        """Whether batches of server `name` may take steps in this check: it is not paused, or the one login tried
+        now (when its pause is due to end) went through. Also looks after its alias token, if it logs in with one."""
+        server = self.config.xnat.servers.get(name)
+        if server is None:
+            return True  # the step holds the batch: no such server
+        now = time.time()
+        if self.breaker.probe_due(name, now):
+            client = self._client(name, server)
+            try:
+                client.close()
+                client.login()
+            except XnatLoginError as exc:
+                self.breaker.refused(name, server, str(exc), now)
+                return False
+            except XnatError as exc:  # XNAT down or slow: try the login again later, no refusal counted
+                self.breaker.postpone(name, server.poll_interval_seconds * 6, now)
+                log.warning("xnat.login_probe_failed", server=name, error=str(exc))
+                return False
+            self.breaker.accepted(name, now)
+        if not self.breaker.admits(name, now):
+            return False
+        if now >= self._token_due.get(name, 0.0):
+            self._tend_token(name, server)
+        return self.breaker.admits(name, now)
+
+    def _tend_token(self, name: str, server: XnatServer) -> None:
+        """Renew the alias token the server's credentials file holds before XNAT lets it expire (2 days after it was
+        issued by default: aliasTokenTimeout); warn when the token comes from .netrc or the environment."""
+        now = time.time()
+        self._token_due[name] = now + 3600.0
+        client = self._client(name, server)
+        try:
+            info = client.token_info()
+            if info is None or info.expires_at is None:
+                return
+            left = info.expires_at - now
+            if left > server.token_renew_seconds:
+                self._token_due[name] = min(now + 3600.0, info.expires_at - server.token_renew_seconds)
+                return
+            if server.credentials.file is None:
+                log.warning(
+                    "xnat.token_expiring",
+                    server=name,
+                    expires_in_seconds=round(left),
+                    detail="issue a new alias token in XNAT and update the credentials, or use a credentials file,"
+                    " which ingestd renews by itself",
+                )
+                return
+            alias, secret, expires_at = client.issue_token()
+            save_credentials_file(server.credentials.file, alias, secret)
+            client.close()  # the next request logs in with the new token
+            log.info(
+                "xnat.token_renewed",
+                server=name,
+                expires_in_seconds=None if expires_at is None else round(expires_at - now),
+            )
+        except XnatLoginError as exc:
+            self.breaker.refused(name, server, str(exc), now)
+        except (XnatError, OSError) as exc:
+            self._token_due[name] = now + 600.0
+            log.warning("xnat.token_check_failed", server=name, error=str(exc))
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -243,9 +324,12 @@ class Deliverer(PeriodicWorker):
             self._steps[step](_Job(batch_id, route, delivery, server, self._client(name, server)))
         except HoldError as exc:
             self._hold(batch_id, exc.code, exc.reason, step)
+        except XnatLoginError as exc:
+            assert server is not None  # noqa: S101 - a missing server holds before any request
+            self.breaker.refused(name, server, str(exc), time.time())
         except XnatError as exc:
             if not exc.retryable:
-                self._hold(batch_id, "xnat-refused", str(exc), step)
+                self._hold(batch_id, exc.code, str(exc), step)
             else:
                 self._retry(batch_id, delivery, server, str(exc))
         finally:
@@ -348,10 +432,18 @@ class Deliverer(PeriodicWorker):
         project, subject, session = job.project, job.subject, job.session
         job.client.check_project(project)
         # With overwrite=append XNAT merges whatever is archived into an existing experiment of that label, even
-        # another study; a label already taken by another study must stop here, before anything is sent.
-        experiment = job.client.experiment(project, subject, session)
+        # another study; a label already taken by another study must stop here, before anything is sent. A label is
+        # unique in the project, not in the subject: XNAT refuses at archive a session whose label another
+        # subject's experiment holds, so the look-up is project-wide.
+        experiment = job.client.project_experiment(project, session)
         if experiment is not None:
             self._check_same_study(experiment, job)
+            if job.client.experiment(project, subject, session) is None:
+                raise HoldError(
+                    "label-taken",
+                    f"XNAT already has a session labelled {session} in project {project} under another subject than"
+                    f" {subject}: change the rule's session label template so that each study gets its own",
+                )
         self._advance(job.batch_id, Step.IMPORT, progress=True)
 
     def _check_same_study(self, experiment: Mapping[str, Any], job: _Job) -> None:
@@ -410,11 +502,25 @@ class Deliverer(PeriodicWorker):
             row.status == "RECEIVING"
             and waited > job.server.build_wait_seconds
             and not job.delivery["build_requested_at"]
+            and self._settled(job.batch_id, row, job.server.settle_seconds)
+            # XNAT up to 1.8.9 builds only after minutes of idleness. Never while an import still writes to the
+            # session (an upload whose answer a proxy cut off goes on inside XNAT): built then, it would be judged
+            # on part of its files. False (409): the session is locked (another build, an archive): wait.
+            and job.client.build(url)
         ):
-            job.client.build(url)  # XNAT up to 1.8.9 builds only after minutes of idleness
             self._wait(job.batch_id, job.server.poll_interval_seconds, build_requested_at=time.time())
             return
         self._wait(job.batch_id, job.server.poll_interval_seconds)
+
+    def _settled(self, batch_id: int, row: PrearchiveRow, settle_seconds: float) -> bool:
+        """Whether the session's `lastmod` has stayed the same for `settle_seconds` (looked at on each poll;
+        counted from the first look after a restart, which errs on the side of waiting)."""
+        now = time.monotonic()
+        seen = self._settling.get(batch_id)
+        if seen is None or seen[0] != row.lastmod:
+            self._settling[batch_id] = (row.lastmod, now)
+            return settle_seconds <= 0
+        return now - seen[1] >= settle_seconds
 
     def _step_verify(self, job: _Job) -> None:
         """Look at what XNAT holds, instance by instance, and decide the next step from that alone."""
@@ -458,7 +564,8 @@ class Deliverer(PeriodicWorker):
         rows = tuple(
             row
             for row in job.client.prearchive(job.project)
-            if row.study_uid == job.study_uid and row.name == job.session
+            # A site admin's listing of a project also shows Unassigned sessions (docs/xnat.md): only the project's.
+            if row.project == job.project and row.study_uid == job.study_uid and row.name == job.session
         )
         experiment = job.client.experiment(job.project, job.subject, job.session)
         archived = Holdings()
@@ -485,7 +592,9 @@ class Deliverer(PeriodicWorker):
         if row.status == "CONFLICT" and job.archives:
             self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=row.url, retried_at=None)
             return
-        job.client.build(row.url)
+        if not job.client.build(row.url):  # locked: XNAT is doing something with it; look again later
+            self._wait(job.batch_id, job.server.poll_interval_seconds)
+            return
         self._advance(job.batch_id, Step.WAIT, prearchive_url=row.url, retried_at=None, build_requested_at=time.time())
 
     def _resend(self, job: _Job, missing: int, instances: int) -> None:

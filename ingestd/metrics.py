@@ -27,7 +27,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -68,6 +68,18 @@ RETRIES = Counter(
     "ingestd_delivery_retries",
     "Delivery steps scheduled again after a retryable failure (XNAT down, 5xx, timeout), by step",
     ["step"],
+    registry=REGISTRY,
+)
+LOGIN_REFUSALS = Counter(
+    "ingestd_xnat_login_refusals",
+    "Logins an XNAT server refused (credentials, expired password or token, locked or disabled account), by server",
+    ["server"],
+    registry=REGISTRY,
+)
+SERVER_PAUSED = Gauge(
+    "ingestd_xnat_server_paused",
+    "1 while deliveries to an XNAT server are paused after a refused login, else 0, by server",
+    ["server"],
     registry=REGISTRY,
 )
 STAGE_FAILURES = Counter(

@@ -4,8 +4,13 @@ XNAT answers errors as HTML status pages (sometimes with status 200), uses 500 f
 silently routes an unknown project to `Unassigned` (see ../shared/reference/xnat-api.md). So every response
 is checked here: an HTML body is an error whatever the status; each failure becomes an `XnatError` that says
 whether trying again later can help (`retryable`: connection errors, timeouts, 5xx, 429) or not (other 4xx,
-XNAT's own messages such as a conflict on archive). Credentials are read once, kept out of every message and
-`repr`, and the session cookie is reused; a 401 logs in again once.
+XNAT's own messages such as a conflict on archive, the 500s XNAT answers for permanent problems). A refused login
+(bad credentials, a locked account, an expired password or alias token, a disabled account) is an
+`XnatLoginError`: no batch can do anything about it, so the deliverer pauses the whole server instead (see
+ingestd.breaker). Credentials are read again at every login (a rotated password or a renewed alias token is taken
+up without a restart), kept out of every message and `repr`; the session cookie is reused; a 401, or a 403 on a
+site open to guests, logs in again once. An unexpected redirect is an error that names where it pointed. How each
+of these follows xnat-web's source: docs/xnat.md.
 """
 
 from __future__ import annotations
@@ -31,19 +36,80 @@ from ingestd import __version__
 from ingestd.config import Credentials, XnatServer
 from ingestd.errors import IngestdError
 
-__all__ = ["Holdings", "PrearchiveRow", "XnatClient", "XnatError", "load_credentials"]
+__all__ = [
+    "Holdings",
+    "PrearchiveRow",
+    "TokenInfo",
+    "XnatClient",
+    "XnatError",
+    "XnatLoginError",
+    "is_alias_token",
+    "load_credentials",
+    "save_credentials_file",
+]
 
 _H3 = re.compile(r"<h3>(.*?)</h3>", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]+>")
 
 
 class XnatError(IngestdError):
-    """A failed XNAT request. `retryable`: the same request may succeed later; otherwise a person must act."""
+    """A failed XNAT request. `retryable`: the same request may succeed later; otherwise a person must act, and
+    `code` names the hold (docs/xnat.md says what to do for each)."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None, code: str = "xnat-refused") -> None:
         self.retryable = retryable
         self.status = status
+        self.code = code
         super().__init__(message)
+
+
+class XnatLoginError(XnatError):
+    """XNAT refused this account: wrong credentials, a locked account, an expired password or alias token, a
+    disabled account. Trying again cannot help until a person fixes the account or the credentials, and trying
+    too often locks the account (`security.max_failed_logins`): the deliverer pauses the server instead."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message, retryable=False, status=status, code="xnat-login-refused")
+
+
+# XNAT locks an account after `maxFailedLogins` failed logins (20 by default) for `failedLoginLockoutDuration`
+# (1 hour): xdat XDATUserDetails / XnatProviderManager count them. Where XNAT's answers say which refusal it is:
+# web XnatExpiredPasswordFilter (SecurityConfig.java:195-200 sets the pages): with Basic credentials an expired
+# password answers 403 "Your password has expired...", an unknown or expired alias token 403 "Your security token
+# has expired or is invalid..."; with a session, an expired password redirects to XDATScreen_UpdateUser.vm and a
+# disabled (or not yet verified) account to InactiveAccount.vm.
+_LOGIN_PAGES = (
+    (
+        "XDATScreen_UpdateUser.vm",
+        "the account's password has expired: change it in XNAT (My Account), then update "
+        "the credentials ingestd reads; a service account should have the non_expiring role",
+    ),
+    ("InactiveAccount.vm", "the account is disabled or not verified: an XNAT admin must enable it"),
+    ("ChangePassword", "the account's password has expired: change it in XNAT, then update the credentials"),
+)
+_LOGIN_403 = (
+    (
+        "password has expired",
+        "the account's password has expired: change it in XNAT (My Account), then update "
+        "the credentials ingestd reads; a service account should have the non_expiring role",
+    ),
+    (
+        "security token has expired",
+        "the alias token has expired or was revoked: issue a new one in XNAT "
+        "(My Account > Manage alias tokens) and update the credentials ingestd reads",
+    ),
+)
+
+# The 500s XNAT answers for problems no retry can fix (xnat-web, see docs/xnat.md): retried for days they would
+# only hide the problem. Matched against XNAT's message (the status page's text).
+_PERMANENT_500 = re.compile(r"No project named|anonymi[sz]ation script|DicomEdit", re.IGNORECASE)
+
+_ALIAS = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+
+
+def is_alias_token(username: str) -> bool:
+    """Whether a login name is an XNAT alias token (a UUID: xdat AliasToken.isAliasFormat)."""
+    return bool(_ALIAS.match(username))
 
 
 @dataclass(frozen=True)
@@ -62,6 +128,15 @@ class PrearchiveRow:
     study_uid: str
     status: str
     url: str  # /prearchive/projects/P/TS/FOLDER (no /data)
+    lastmod: str = ""  # when XNAT last wrote to the session (refreshed at most every 15 s while it receives)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """An alias token as XNAT describes it: when it expires (epoch seconds; None if XNAT did not say)."""
+
+    alias: str
+    expires_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +247,7 @@ class XnatClient:
         self.progress = progress
         self._secret: _Secret | None = None
         self._session: requests.Session | None = None
+        self._fresh = False  # the session was opened by the request under way: a 401/403 is not an old cookie
         self._timeout = (server.connect_timeout_seconds, server.read_timeout_seconds)
 
     @staticmethod
@@ -197,9 +273,11 @@ class XnatClient:
         return session
 
     def login(self) -> None:
-        """Open a JSESSION with the configured credentials (HTTP Basic once), then use only the cookie."""
-        if self._secret is None:
-            self._secret = load_credentials(self.server.credentials, self.base)
+        """Open a JSESSION with the configured credentials (HTTP Basic once), then use only the cookie.
+
+        The credentials are read again each time: a password rotated or an alias token renewed in the file, .netrc
+        or environment is used from the next login on. A refusal raises XnatLoginError (never the secret)."""
+        self._secret = load_credentials(self.server.credentials, self.base)
         session = self._session or self._new_session()
         session.cookies.clear()
         self._report()
@@ -208,15 +286,56 @@ class XnatClient:
                 f"{self.base}/data/JSESSION",
                 auth=(self._secret.username, self._secret.password),
                 timeout=self._timeout,
+                allow_redirects=False,
             )
         except requests.RequestException as exc:
             raise self._connection_error(exc) from None
-        if response.status_code == 401:
-            raise XnatError(f"XNAT {self.name} refused the login (401): check the credentials", retryable=True)
+        self._check_login(response)
         self._raise_for(response, "log in")
         if "JSESSIONID" not in session.cookies:
             session.cookies.set("JSESSIONID", response.text.strip(), domain=urlsplit(self.base).hostname or "")
         self._session = session
+        self._fresh = True
+
+    def _check_login(self, response: requests.Response) -> None:
+        """Raise XnatLoginError if XNAT refused the account (see _LOGIN_PAGES and _LOGIN_403 for the sources)."""
+        status = response.status_code
+        if status == 401:
+            locked = "lock" in (response.text or "").lower()
+            raise XnatLoginError(
+                f"XNAT {self.name} refused the login (401): "
+                + (
+                    "the account is locked after too many failed logins; it unlocks by itself (1 h by default)"
+                    if locked
+                    else "check the credentials (user name and password, or alias token)"
+                ),
+                status=401,
+            )
+        if status == 403:
+            message = _message(response)
+            for words, advice in _LOGIN_403:
+                if words in message.lower():
+                    raise XnatLoginError(f"XNAT {self.name} refused the login (403): {advice}", status=403)
+        if 300 <= status < 400:
+            self._raise_redirect(response, "log in")
+
+    def _raise_redirect(self, response: requests.Response, doing: str) -> None:
+        location = response.headers.get("Location", "")
+        where = urlsplit(location).path or "(no Location)"
+        for page, advice in _LOGIN_PAGES:
+            if page.lower() in where.lower():
+                raise XnatLoginError(
+                    f"XNAT {self.name} sent {doing} to {where} ({response.status_code}): {advice}",
+                    status=response.status_code,
+                )
+        raise XnatError(
+            f"XNAT {self.name} answered {doing} with a redirect ({response.status_code}) to {location or 'nowhere'}:"
+            " check the server url in the configuration (http or https, the context path such as /xnat) and any"
+            " proxy or single sign-on in front of XNAT",
+            retryable=False,
+            status=response.status_code,
+            code="xnat-redirect",
+        )
 
     def close(self) -> None:
         """Log out (DELETE /data/JSESSION) and drop the session; errors are ignored."""
@@ -233,14 +352,16 @@ class XnatClient:
 
     def _raise_for(self, response: requests.Response, doing: str) -> None:
         status = response.status_code
+        if 300 <= status < 400:
+            self._raise_redirect(response, doing)  # asked for: passed in `allow`; anything else is not an answer
         if status < 400 and not _is_html(response):
             return
         message = _message(response)
         retryable = status >= 500 or status == 429 or status in (401, 408)
-        if status < 400:  # an HTML page with a 2xx/3xx status: XNAT's way of reporting some errors
+        if status < 400:  # an HTML page with a 2xx status: XNAT's way of reporting some errors
             retryable = False
-        if status == 500 and message.startswith("FAILED:"):
-            retryable = False  # the archive step failed for a reason XNAT states (conflict, permissions)
+        if status == 500 and (message.startswith("FAILED:") or _PERMANENT_500.search(message)):
+            retryable = False  # XNAT states a reason no retry changes (a conflict, a missing project, a script)
         raise XnatError(f"XNAT {self.name} could not {doing}: {status} {message}", retryable=retryable, status=status)
 
     def request(
@@ -258,6 +379,7 @@ class XnatClient:
         """One request with the session cookie; on 401 log in again once and repeat. Raises XnatError."""
         for attempt in (1, 2):
             self._report()
+            self._fresh = False
             if self._session is None:
                 self.login()
             assert self._session is not None  # noqa: S101 - login() set it
@@ -275,7 +397,9 @@ class XnatClient:
                 )
             except requests.RequestException as exc:
                 raise self._connection_error(exc) from None
-            if response.status_code == 401 and attempt == 1:
+            # An expired session answers 401; on a site open to guests (requireLogin=false) it is served as the
+            # guest, and what the guest may not do answers 403: log in again once for either, then believe it.
+            if response.status_code in (401, 403) and attempt == 1 and not self._fresh:
                 self._session.cookies.clear()
                 self.login()
                 continue
@@ -288,23 +412,82 @@ class XnatClient:
     # -- projects --------------------------------------------------------------------------------------
 
     def check_project(self, project: str) -> None:
-        """Pre-flight: the project exists and this account may write to it; else a permanent XnatError."""
-        response = self.request(
-            "GET", "/data/projects", f"list projects for {project}", params={"format": "json", "permissions": "edit"}
-        )
-        # XNAT's PermissionsProjectHandler: projects where this account may edit imaging sessions, as `id` and
-        # `secondary_id` columns (ProjectListResource in xnat-web).
-        writable = {row.get("id") or row.get("ID") for row in _rows(response)}
-        if project in writable:
+        """Pre-flight: the project exists and this account may write to it; else a permanent XnatError.
+
+        `GET /data/projects?permissions=edit&dataType=xnat:subjectData`: the projects where this account may edit
+        subjects, as lower-case `id`/`secondary_id` columns (xnat-web ProjectListResource.PermissionsProjectHandler).
+        `dataType` is required from 1.8.9 on: without it the handler asks the permissions cache for a null element
+        and XNAT answers a bare 500 (SchemaElement.GetElement(null) throws ElementNotFoundException "NULL",
+        XNAT-7845, b30a31bc9). Should the listing still fail with a 5xx, the project is looked up on its own and the
+        import tells whether the account may write to it.
+        """
+        try:
+            response = self.request(
+                "GET",
+                "/data/projects",
+                f"list projects for {project}",
+                params={"format": "json", "permissions": "edit", "dataType": "xnat:subjectData"},
+            )
+            writable: set[str] | None = {row.get("id") or row.get("ID") or "" for row in _rows(response)}
+        except XnatError as exc:
+            if not (exc.status or 0) >= 500:
+                raise
+            writable = None
+        if writable is not None and project in writable:
             return
         check = self.request(
             "GET", f"/data/projects/{project}", f"look up {project}", params={"format": "json"}, allow=(403, 404)
         )
         if check.status_code == 404:
             raise XnatError(f"XNAT {self.name} has no project {project}", retryable=False, status=404)
+        if writable is None and check.status_code == 200:
+            return  # the listing failed: the project exists and is readable; the import will say more
         raise XnatError(
-            f"the XNAT account on {self.name} cannot write to project {project}", retryable=False, status=403
+            f"the XNAT account on {self.name} cannot write to project {project}: make it a member or owner",
+            retryable=False,
+            status=403,
         )
+
+    def version(self) -> str:
+        """XNAT's version as it states it (`GET /xapi/siteConfig/buildInfo`: `version`); '' if it does not say."""
+        response = self.request("GET", "/xapi/siteConfig/buildInfo", "read XNAT's version", allow=(404,))
+        if response.status_code == 404:
+            return ""
+        payload = _json(response)
+        return str(payload.get("version", "")) if isinstance(payload, dict) else ""
+
+    def token_info(self) -> TokenInfo | None:
+        """When the alias token this client logs in with expires; None if the credential is not a token.
+
+        `GET /data/services/tokens/show`: the account's tokens as serialized AliasToken beans, each with `alias` and
+        `estimatedExpirationTime` (epoch ms; xnat-web AliasTokenRestlet OP_SHOW, xdat AliasToken). `validate`
+        answers only the owner's name, so it cannot say when a token expires."""
+        secret = load_credentials(self.server.credentials, self.base)
+        if not is_alias_token(secret.username):
+            return None
+        response = self.request("GET", "/data/services/tokens/show", "list the account's alias tokens")
+        payload = _json(response)
+        for token in payload if isinstance(payload, list) else []:
+            if isinstance(token, dict) and str(token.get("alias", "")).lower() == secret.username.lower():
+                return TokenInfo(secret.username, _epoch(token.get("estimatedExpirationTime")))
+        return TokenInfo(secret.username, None)
+
+    def issue_token(self) -> tuple[str, str, float | None]:
+        """A new alias token for this account (`GET /data/services/tokens/issue`): (alias, secret, expires_at)."""
+        response = self.request("GET", "/data/services/tokens/issue", "issue a new alias token")
+        payload = _json(response)
+        if not isinstance(payload, dict) or not payload.get("alias") or not payload.get("secret"):
+            raise XnatError(f"XNAT {self.name} answered a token request without alias and secret", retryable=True)
+        return str(payload["alias"]), str(payload["secret"]), _epoch(payload.get("estimatedExpirationTime"))
+
+    def site_path(self, uri: str) -> str:
+        """A path XNAT answered, as a path under the site root (`/data/...`): without scheme and host, and
+        without the context path the configured url carries (`https://host/xnat`) should XNAT include it."""
+        path = urlsplit(uri).path if "://" in uri else uri
+        context = urlsplit(self.base).path.rstrip("/")
+        if context and (path == context or path.startswith(f"{context}/")):
+            path = path[len(context) :]
+        return path
 
     # -- import and prearchive -------------------------------------------------------------------------
 
@@ -327,13 +510,13 @@ class XnatClient:
                 data=body,
                 headers={"Content-Type": "application/zip"},
             )
-        return _uri_list(response)
+        return [self.site_path(uri) for uri in _uri_list(response)]
 
     def prearchive(self, project: str) -> list[PrearchiveRow]:
         response = self.request(
             "GET", f"/data/prearchive/projects/{project}", f"list prearchive {project}", params={"format": "json"}
         )
-        return [_prearchive_row(row) for row in _rows(response)]
+        return [self._prearchive_row(row) for row in _rows(response)]
 
     def prearchive_session(self, url: str) -> PrearchiveRow | None:
         """One prearchive session by its URL (with or without /data); None if XNAT no longer has it."""
@@ -342,7 +525,7 @@ class XnatClient:
         if response.status_code == 404:
             return None
         rows = _rows(response)
-        return _prearchive_row(rows[0]) if rows else None
+        return self._prearchive_row(rows[0]) if rows else None
 
     def prearchive_log(self, url: str) -> str:
         """The last entry of a prearchive session's log (XNAT writes why a build or archive failed there)."""
@@ -350,9 +533,12 @@ class XnatClient:
         response = self.request("GET", path, "read a prearchive session's log", allow=(404,))
         return "" if response.status_code == 404 else " ".join(response.text.split())[:500]
 
-    def build(self, url: str) -> None:
+    def build(self, url: str) -> bool:
+        """Ask XNAT to build a prearchive session; False if the session is locked (409 "session document locked":
+        another build, an archive or a move holds it; xnat-web PrearcSessionResource), which waits."""
         path = "/data" + url.removeprefix("/data")
-        self.request("POST", path, "build a prearchive session", params={"action": "build"})
+        response = self.request("POST", path, "build a prearchive session", params={"action": "build"}, allow=(409,))
+        return response.status_code != 409
 
     def archive(self, url: str, project: str, subject: str, session: str) -> str:
         """Archive a prearchive session (blocks until XNAT is done); return the archive URI."""
@@ -373,9 +559,22 @@ class XnatClient:
             allow=(301, 302, 303),
         )
         if response.status_code in (301, 302, 303):
-            return urlsplit(response.headers.get("Location", "")).path
+            return self.site_path(response.headers.get("Location", ""))
         uris = _uri_list(response)
-        return uris[0] if uris else ""
+        return self.site_path(uris[0]) if uris else ""
+
+    def _prearchive_row(self, row: Mapping[str, str]) -> PrearchiveRow:
+        return PrearchiveRow(
+            project=row.get("project", ""),
+            timestamp=row.get("timestamp", ""),
+            folder=row.get("folderName", ""),
+            name=row.get("name", ""),
+            subject=row.get("subject", ""),
+            study_uid=row.get("tag", ""),
+            status=row.get("status", ""),
+            url=self.site_path(row.get("url", "")).removeprefix("/data"),
+            lastmod=row.get("lastmod", ""),
+        )
 
     # -- archive ---------------------------------------------------------------------------------------
 
@@ -385,6 +584,24 @@ class XnatClient:
             "GET",
             f"/data/projects/{project}/subjects/{subject}/experiments/{session}",
             f"read experiment {session}",
+            params={"format": "json"},
+            allow=(404,),
+        )
+        if response.status_code == 404:
+            return None
+        payload = _json(response)
+        items = payload.get("items") if isinstance(payload, dict) else None
+        item = items[0] if isinstance(items, list) and items else None
+        return item if isinstance(item, dict) else None
+
+    def project_experiment(self, project: str, label: str) -> dict[str, Any] | None:
+        """The experiment labelled `label` anywhere in `project`, under any subject (`GET
+        /data/projects/P/experiments/LABEL`, by label or ID), or None: a label is unique in a project, not in a
+        subject, and XNAT refuses to archive a session under a label another subject's experiment holds."""
+        response = self.request(
+            "GET",
+            f"/data/projects/{project}/experiments/{label}",
+            f"look up experiment {label}",
             params={"format": "json"},
             allow=(404,),
         )
@@ -445,6 +662,27 @@ class XnatClient:
 _JSON = {"format": "json"}
 
 
+def save_credentials_file(path: Path, username: str, password: str) -> None:
+    """Replace a credentials file (`username:password`, mode 0600) atomically: written beside it, synced, renamed
+    over it, so that a crash leaves the old or the new credentials, never half of either."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(f"{username}:{password}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def _uri_list(response: requests.Response) -> list[str]:
     """The URIs of a `text/uri-list` answer (import, archive). XNAT ends every line with CRLF (Importer.represent,
     SecureResource.returnDefaultRepresentation): a non-empty body without its final line end was cut short on the
@@ -456,6 +694,16 @@ def _uri_list(response: requests.Response) -> list[str]:
             retryable=True,
         )
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _epoch(value: Any) -> float | None:
+    """Epoch seconds from a Java Date as XNAT's serializer writes it (epoch milliseconds); None if absent."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value) / 1000
+    except ValueError:
+        return None
 
 
 def _json(response: requests.Response) -> Any:
@@ -514,19 +762,6 @@ def _dicom_resources(experiment: Mapping[str, Any]) -> Iterator[tuple[str, str]]
                 label = str(fields.get("label", ""))
                 if str(fields.get("format", "")).upper() == "DICOM" or label.upper() in ("DICOM", "SECONDARY"):
                     yield scan_id, label
-
-
-def _prearchive_row(row: Mapping[str, str]) -> PrearchiveRow:
-    return PrearchiveRow(
-        project=row.get("project", ""),
-        timestamp=row.get("timestamp", ""),
-        folder=row.get("folderName", ""),
-        name=row.get("name", ""),
-        subject=row.get("subject", ""),
-        study_uid=row.get("tag", ""),
-        status=row.get("status", ""),
-        url=row.get("url", ""),
-    )
 
 
 def _resources(scan: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:

@@ -101,6 +101,7 @@ class Lab:
             "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
             "      poll_interval_seconds: 0.05\n"
             "      build_wait_seconds: 0.3\n"
+            "      settle_seconds: 0.2\n"
             "      ready_timeout_seconds: 20\n"
             "      retry: {initial_seconds: 0.05, max_seconds: 0.2, max_attempts: 6}\n"
             "batch_failures: {max_attempts: 3, initial_seconds: 0.05, max_seconds: 0.1}\n" + extra

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from ingestd.breaker import server_states
 from ingestd.cli import main
 from ingestd.states import StudyState
 from ingestd.testing.fake_xnat import FakeXnat
@@ -177,9 +178,9 @@ def test_credentials_never_reach_the_journal(tmp_path: Path, xnat: FakeXnat, mon
     monkeypatch.setenv("XNAT_TEST_PASSWORD", "wrong-password-123")
     lab = Lab(tmp_path, xnat)
     lab.receive(study(series=1, per_series=1))
-    wait_until(lambda: lab.deliverer.check() is not None and lab.batch()[1]["last_error"], 10, interval=0.02)
-    _, delivery = lab.batch()
-    assert "refused the login" in str(delivery["last_error"])
+    wait_until(lambda: lab.deliverer.check() is not None and lab.deliverer.breaker.paused(), 10, interval=0.02)
+    (state,) = server_states(lab.journal)
+    assert state.paused and "refused the login" in state.reason
     assert b"wrong-password-123" not in (lab.state / "journal.sqlite").read_bytes()
 
 

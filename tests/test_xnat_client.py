@@ -10,7 +10,7 @@ import pytest
 
 from ingestd.config import Credentials, XnatServer
 from ingestd.testing.fake_xnat import FakeXnat
-from ingestd.xnat import XnatClient, XnatError, load_credentials
+from ingestd.xnat import XnatClient, XnatError, XnatLoginError, load_credentials
 
 
 @pytest.fixture
@@ -50,11 +50,12 @@ def test_expired_session_is_renewed_once(xnat: FakeXnat, tmp_path: Path) -> None
     assert len(logins) == 2
 
 
-def test_wrong_password_is_retryable_and_never_shown(xnat: FakeXnat, tmp_path: Path) -> None:
+def test_wrong_password_is_a_login_refusal_and_never_shown(xnat: FakeXnat, tmp_path: Path) -> None:
     client = _client(xnat, tmp_path, "ingestd:not-the-password")
-    with pytest.raises(XnatError) as caught:
+    with pytest.raises(XnatLoginError) as caught:
         client.check_project("PROJ")
-    assert caught.value.retryable and "refused the login" in str(caught.value)
+    assert not caught.value.retryable and "refused the login" in str(caught.value)
+    assert caught.value.code == "xnat-login-refused"
     assert "not-the-password" not in str(caught.value) and "not-the-password" not in repr(client.__dict__)
 
 
@@ -72,7 +73,8 @@ def test_failures_are_classified_where_they_are_born(
 ) -> None:
     client = _client(xnat, tmp_path)
     client.check_project("PROJ")
-    xnat.fail_next("GET", "/data/prearchive/projects/PROJ", status=status, body="the message")
+    # A 403 is asked again once after a new login (a site open to guests answers an expired session so)
+    xnat.fail_next("GET", "/data/prearchive/projects/PROJ", status=status, body="the message", times=2)
     with pytest.raises(XnatError) as caught:
         client.prearchive("PROJ")
     assert caught.value.retryable is retryable and caught.value.status == status
