@@ -385,6 +385,8 @@ def _original_path(quarantine_dir: Path, item: str) -> str | None:
 def _status_data(config: Config, show_uids: bool = False, show_paths: bool = False) -> dict[str, Any]:
     if not config.journal_path.exists():
         return {"studies": [], "quarantine": [], "journal": str(config.journal_path), "exists": False}
+    from ingestd.breaker import server_states  # noqa: PLC0415 - keeps `status` light
+
     journal = Journal(config.journal_path, read_only=True)
     try:
         now = time.time()
@@ -432,6 +434,7 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
             for item in quarantine:
                 item["original_path"] = _original_path(config.quarantine_dir, item["path"])
         heartbeat = journal.meta("heartbeat")
+        servers = [state.as_dict(now) for state in server_states(journal)]
     finally:
         journal.close()
     held: dict[str, int] = {}
@@ -446,9 +449,11 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
         "spool_bytes": sum(s["bytes"] for s in studies if s["state"] not in ("delivered", "released")),
         "disk_free_bytes": stat.f_bavail * stat.f_frsize,
         "held_by_reason": held,
+        "paused_servers": [server["server"] for server in servers if server["state"] == "paused"],
     }
     return {
         "health": health,
+        "xnat_servers": servers,
         "studies": studies,
         "quarantine": quarantine,
         "superseded": superseded,
@@ -493,6 +498,14 @@ def _print_status(data: dict[str, Any]) -> None:
             else ""
         )
     )
+    for server in data.get("xnat_servers", []):
+        if server["state"] == "paused":
+            print(
+                f"XNAT server {server['server']} PAUSED for {_age(server['paused_seconds'])}"
+                f" ({server['refused_logins']} refused logins; next login in {_age(server['next_login_in_seconds'])}):"
+                f" {server['reason']}\n  fix the account or the credentials, then reload (systemctl reload ingestd)"
+                " to try at once; its studies wait in the spool"
+            )
     header = ("STATE", "SERIES", "INST", "SIZE", "SOURCE", "AGE", "QUIET", "STUDY", "ROUTE", "REASON")
     rows = [
         (

@@ -216,13 +216,25 @@ class Daemon:
         )
         live = all(services.values()) and not wedged
         ready = self._ready and not self.stopping.is_set()
-        if live and ready:
+        xnat = self._deliverer.breaker.states() if self._deliverer is not None else {}
+        paused = sorted(name for name, state in xnat.items() if state["state"] == "paused")
+        if live and ready and paused:
+            status = "degraded"  # alive and receiving, but deliveries to these servers wait for a person
+        elif live and ready:
             status = "ok"
         elif self.stopping.is_set():
             status = "stopping"
         else:
             status = "starting" if live else "failing"
-        return {"status": status, "live": live, "ready": ready, "services": services, "wedged": wedged}
+        return {
+            "status": status,
+            "live": live,
+            "ready": ready,
+            "services": services,
+            "wedged": wedged,
+            "xnat": xnat,
+            "paused_servers": paused,
+        }
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop every service within `timeout` s, then close the journal.

@@ -10,7 +10,9 @@ Three sources feed one registry:
   deliveries by outcome, retries, stage durations.
 
 `/healthz` answers 200 with a JSON body while the daemon is live (every worker running, none wedged) and
-ready (started, not stopping), 503 otherwise, with the same body saying why.
+ready (started, not stopping), 503 otherwise, with the same body saying why. An XNAT server paused after a refused
+login does not make the daemon unhealthy (it still receives and spools): the body's `status` is then `degraded`,
+and `xnat` / `paused_servers` say which server and why.
 """
 
 from __future__ import annotations
