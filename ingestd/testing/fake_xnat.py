@@ -23,9 +23,17 @@ Public API (`FakeXnat`):
 
 * ``FakeXnat(*, version="1.8.10", host="127.0.0.1", port=0, idle_build_seconds=300.0,
   rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
-  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True)`` -- `version` switches the 1.8.9 / 1.8.10
-  behaviour (default import handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested
-  archives, `Ignore-Unparsable` scope); the idle builder replaces XNAT's minutes by seconds (§5.3);
+  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True, token_lifetime_seconds=172800.0,
+  max_failed_logins=20, lockout_seconds=3600.0, password_expiration_seconds=None, require_login=True,
+  context_path="")`` -- `version` switches the 1.8.8 / 1.8.9 / 1.8.10 behaviour (≥1.8.9: `projects?permissions=`
+  without a known `dataType` is a bare 500; ≥1.8.10: default import handler, DICOM-zip
+  `project`/`subject`/`session`/`dest`/`action=commit`, nested archives, `Ignore-Unparsable` scope) and is what
+  `/xapi/siteConfig/buildInfo` (open, no login) and `.../buildInfo/version` report; `token_lifetime_seconds` is
+  `aliasTokenTimeout`; `max_failed_logins`/`lockout_seconds` lock an account after that many failures (0 = never);
+  `password_expiration_seconds` is `passwordExpirationInterval` (None = no expiry); `require_login=False` serves
+  anonymous requests as `guest` (403, not 401); `context_path` (e.g. ``"/xnat"``) serves everything under it only
+  (`url` includes it; body URIs stay `/data/...`, redirects to XNAT pages include it); the idle builder
+  replaces XNAT's minutes by seconds (§5.3);
   `operation_seconds` makes every build and archive take that long, so tests can observe `BUILDING`/`_ARCHIVING`
   and lock contention; `use_sop_instance_uid` is the site preference `useSopInstanceUidToUniquelyIdentifyDicom`
   (archived catalog entries matched by SOP Instance UID, else by file name).
@@ -33,6 +41,12 @@ Public API (`FakeXnat`):
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
   read, site admins do everything; ``issue_token(username) -> (alias, secret)``; ``expire_sessions()``.
+* Accounts and tokens: ``expire_tokens(username=None) -> int`` (the alias-token sweep, for one user or all; returns
+  how many went); ``failed_logins(username) -> int``; ``is_locked(username) -> bool``; ``expire_password(username)``
+  (authenticated requests then answer 302 to `{url}/app/template/XDATScreen_UpdateUser.vm`);
+  ``set_password(username, password)``; ``disable_user(username, *, inactivity=False)`` (by an admin: every login
+  401; for inactivity: the password logs in, then 302 to `{url}/app/template/InactiveAccount.vm`);
+  ``unverify_user(username)`` (logins 401); ``enable_user(username)`` (undoes those and any lockout).
 * Fault injection, each for the next `times` requests whose method matches and whose path starts with
   `path_prefix`: ``fail_next(method, path_prefix, *, status=503, times=1, body=None, html=True,
   after_processing=False, delay=0.0)`` -- `body` is the message (inside a Restlet status page when `html`,
