@@ -23,9 +23,17 @@ Public API (`FakeXnat`):
 
 * ``FakeXnat(*, version="1.8.10", host="127.0.0.1", port=0, idle_build_seconds=300.0,
   rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
-  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True)`` -- `version` switches the 1.8.9 / 1.8.10
-  behaviour (default import handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested
-  archives, `Ignore-Unparsable` scope); the idle builder replaces XNAT's minutes by seconds (§5.3);
+  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True, token_lifetime_seconds=172800.0,
+  max_failed_logins=20, lockout_seconds=3600.0, password_expiration_seconds=None, require_login=True,
+  context_path="")`` -- `version` switches the 1.8.8 / 1.8.9 / 1.8.10 behaviour (≥1.8.9: `projects?permissions=`
+  without a known `dataType` is a bare 500; ≥1.8.10: default import handler, DICOM-zip
+  `project`/`subject`/`session`/`dest`/`action=commit`, nested archives, `Ignore-Unparsable` scope) and is what
+  `/xapi/siteConfig/buildInfo` (open, no login) and `.../buildInfo/version` report; `token_lifetime_seconds` is
+  `aliasTokenTimeout`; `max_failed_logins`/`lockout_seconds` lock an account after that many failures (0 = never);
+  `password_expiration_seconds` is `passwordExpirationInterval` (None = no expiry); `require_login=False` serves
+  anonymous requests as `guest` (403, not 401); `context_path` (e.g. ``"/xnat"``) serves everything under it only
+  (`url` includes it; body URIs stay `/data/...`, redirects to XNAT pages include it); the idle builder
+  replaces XNAT's minutes by seconds (§5.3);
   `operation_seconds` makes every build and archive take that long, so tests can observe `BUILDING`/`_ARCHIVING`
   and lock contention; `use_sop_instance_uid` is the site preference `useSopInstanceUidToUniquelyIdentifyDicom`
   (archived catalog entries matched by SOP Instance UID, else by file name).
@@ -33,6 +41,12 @@ Public API (`FakeXnat`):
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
   read, site admins do everything; ``issue_token(username) -> (alias, secret)``; ``expire_sessions()``.
+* Accounts and tokens: ``expire_tokens(username=None) -> int`` (the alias-token sweep, for one user or all; returns
+  how many went); ``failed_logins(username) -> int``; ``is_locked(username) -> bool``; ``expire_password(username)``
+  (authenticated requests then answer 302 to `{url}/app/template/XDATScreen_UpdateUser.vm`);
+  ``set_password(username, password)``; ``disable_user(username, *, inactivity=False)`` (by an admin: every login
+  401; for inactivity: the password logs in, then 302 to `{url}/app/template/InactiveAccount.vm`);
+  ``unverify_user(username)`` (logins 401); ``enable_user(username)`` (undoes those and any lockout).
 * Fault injection, each for the next `times` requests whose method matches and whose path starts with
   `path_prefix`: ``fail_next(method, path_prefix, *, status=503, times=1, body=None, html=True,
   after_processing=False, delay=0.0)`` -- `body` is the message (inside a Restlet status page when `html`,
@@ -190,6 +204,17 @@ _FILE_NAME_CHAR = re.compile(r"[A-Za-z0-9_.-]")
 _VALID_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # Restlet's default description of a 404 set without a message (`setStatus(Status.CLIENT_ERROR_NOT_FOUND)`).
 _NOT_FOUND = "The server has not found anything matching the request URI"
+# Restlet's default description of a 500 set without a message (`setStatus(Status.SERVER_ERROR_INTERNAL)`).
+_SERVER_ERROR = "The server encountered an unexpected condition which prevented it from fulfilling the request"
+# Data types `SchemaElement.GetElement` knows in the stand-in's site (xnat.xsd element names; `dataType=` of the
+# projects-by-permission list).
+_KNOWN_DATA_TYPES = frozenset(
+    {
+        "xnat:projectData", "xnat:subjectData", "xnat:experimentData", "xnat:imageSessionData", "xnat:mrSessionData",
+        "xnat:ctSessionData", "xnat:petSessionData", "xnat:imageScanData", "xnat:mrScanData", "xnat:ctScanData",
+        "xnat:petScanData",
+    }
+)  # fmt: skip
 _PREARC_URI = re.compile(r"^(?:/data|/REST)?/prearchive/projects/([^/]+)/([^/]+)/([^/]+)/?$")
 
 Key = tuple[str, str, str]  # (project or "Unassigned", timestamp, folderName)
@@ -453,6 +478,20 @@ def _status_page(status: int, message: str) -> bytes:
         f'<a href="http://www.w3.org/Protocols/rfc2616/rfc2616-sec10.html{anchor}">here</a>.<br>\n'
         'Please continue your visit at our <a href="/">home page</a>.\n</p>\n</body>\n</html>\n'
     ).encode()
+
+
+def _login_failure_message(max_failed_logins: int) -> str:
+    """libs/xdat AdminUtils.GetLoginFailureMessage: the `uiLoginFailureMessage` preference (its default below, from
+    SiteConfigPreferences.getUiLoginFailureMessage) with `%d` = maxFailedLogins, or DEFAULT_LOGIN_FAILURE_MESSAGE
+    when maxFailedLogins is not positive."""
+    if max_failed_logins <= 0:
+        return "Login attempt failed. Please try again."
+    return (
+        "Your login attempt failed because the username and password combination you provided was invalid or your "
+        f"user already has the maximum number of user sessions open. After {max_failed_logins} failed login attempts, "
+        "your user account will be locked. If you believe your account is currently locked, you can:<ul><li>Unlock it "
+        "by resetting your password</li><li>Wait one hour for it to unlock automatically</li></ul>"
+    )
 
 
 def _tomcat_page(status: int, message: str) -> bytes:
@@ -884,6 +923,17 @@ class _User:
     username: str
     password: str
     admin: bool = False
+    # Account state (xhbm_xdat_user_auth / xdat_user): failed-login count and lockout time (HibernateXdatUserAuthService
+    # .addFailedLoginAttempt), when the password was last set (XnatExpiredPasswordFilter QUERY_BY_INTERVAL), enabled,
+    # disabled-for-inactivity (XnatDatabaseAuthenticationProvider.PreAuthenticationChecks.disabledDueToInactivity),
+    # email-verified.
+    failed_logins: int = 0
+    locked_at: float | None = None
+    password_updated: float = field(default_factory=time.time)
+    password_expired: bool = False
+    enabled: bool = True
+    inactive: bool = False
+    verified: bool = True
 
 
 @dataclass
@@ -912,6 +962,9 @@ class _HttpSession:
     id: str
     username: str
     last_access: float
+    # XnatExpiredPasswordFilter caches its verdict in the HTTP session attribute "expired" (lines 71-73, 248-266): once
+    # a session was found not expired it is never checked again.
+    password_not_expired: bool = False
 
 
 @dataclass
@@ -1139,12 +1192,28 @@ class _Config:
     operation_seconds: float
     use_sop_instance_uid: bool = True
     token_lifetime_seconds: float = 2 * 24 * 3600.0
+    # Site preferences (libs/xdat/.../preferences/SiteConfigPreferences.java): maxFailedLogins 20,
+    # maxFailedLoginsLockoutDuration "1 hour", passwordExpirationInterval "1 year" (None = expiry disabled here),
+    # requireLogin true; `context_path` is the servlet context the webapp is deployed under ("" = ROOT).
+    max_failed_logins: int = 20
+    lockout_seconds: float = 3600.0
+    password_expiration_seconds: float | None = None
+    require_login: bool = True
+    context_path: str = ""
+
+    @property
+    def version_numbers(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", self.version)[:3])
 
     @property
     def modern(self) -> bool:
         """≥1.8.10: DICOM-zip default, `project`/`dest`/`action=commit` in DICOM-zip, nested archives (§0)."""
-        numbers = tuple(int(part) for part in re.findall(r"\d+", self.version)[:3])
-        return numbers >= (1, 8, 10)
+        return self.version_numbers >= (1, 8, 10)
+
+    @property
+    def editable_projects_cached(self) -> bool:
+        """≥1.8.9: `permissions=` project lists come from DefaultGroupsAndPermissionsCache (XNAT-7845, b30a31bc9)."""
+        return self.version_numbers >= (1, 8, 9)
 
 
 class _Store:
@@ -1157,6 +1226,9 @@ class _Store:
         self.projects: dict[str, _Project] = {}
         self.tokens: dict[str, _Token] = {}
         self.sessions: dict[str, _HttpSession] = {}
+        # requireLogin=false: anonymous requests run as XNAT's `guest` user, who has no project rights here (Spring's
+        # anonymous principal, SecurityConfig.configure: `.anonymous().principal(DEFAULT_GUEST_USERNAME)`).
+        self.guest = _User("guest", "")
         self.rows: dict[Key, _Row] = {}
         self.subjects: dict[tuple[str, str], _Subject] = {}
         self.experiments: dict[tuple[str, str], _Experiment] = {}
@@ -1204,15 +1276,87 @@ class _Store:
     # -- authentication -----------------------------------------------------------------------------------------
 
     def check_password(self, username: str, password: str, *, tokens: bool = True) -> _User | None:
+        """One login attempt through Spring's provider chain (xnat-web security/XnatProviderManager.authenticate).
+
+        XnatProviderManager.retrieveAuthMethod (lines 130-161) sends a known username to the localdb provider and an
+        unknown UUID-shaped one to the alias-token provider. A localdb failure of any kind (bad password, locked,
+        disabled, unverified) is published as a failed attempt (XnatAuthenticationEventPublisher.FailedAttemptsManager
+        .addFailedLoginAttempt): the count goes up even while locked, and reaching exactly `maxFailedLogins` sets the
+        lockout time (libs/xdat HibernateXdatUserAuthService.addFailedLoginAttempt:110-126). While locked
+        (XDATUser.isAccountNonLocked: lockout time set) even the right password fails
+        (XnatDatabaseAuthenticationProvider PreAuthenticationChecks: LockedException). A success clears the count
+        (FailedAttemptsManager.clearCount).
+        ResetFailedLogins (hourly, `0 0 * * * *`) unlocks accounts whose lockout is older than
+        `maxFailedLoginsLockoutDuration`; the stand-in unlocks exactly `lockout_seconds` after the lockout (real XNAT:
+        up to an hour later). Failed token logins count nowhere (no xhbm_xdat_user_auth row for an alias).
+        """
         with self.lock:
             user = self.users.get(username)
-            if user is not None and _same_secret(user.password, password):
+            if user is None:
+                token_login = tokens and _UUID_RE.fullmatch(username) is not None
+                return self._token_login(username, password) if token_login else None
+            self._unlock_if_due(user)
+            ok = (
+                user.locked_at is None
+                # PreAuthenticationChecks: disabled accounts fail unless disabled for inactivity (then the expired
+                # password filter answers 302 InactiveAccount.vm instead, see `_Api._password_filter`).
+                and (user.enabled or user.inactive)
+                # additionalAuthenticationChecks:178 (emailVerification defaults to true): unverified accounts fail.
+                and (user.verified or not user.enabled)
+                and _same_secret(user.password, password)
+            )
+            if ok:
+                if self.config.max_failed_logins > 0:
+                    user.failed_logins = 0
                 return user
-            # §2.1: a failed password for a UUID-shaped name is tried as an alias token.
-            token = self.tokens.get(username) if tokens and _UUID_RE.fullmatch(username) else None
-            if token is not None and time.time() < token.expires and _same_secret(token.secret, password):
-                return self.users.get(token.username)
+            if self.config.max_failed_logins > 0:
+                user.failed_logins += 1
+                if user.failed_logins == self.config.max_failed_logins:
+                    user.locked_at = time.time()
         return None
+
+    def _token_login(self, alias: str, secret: str) -> _User | None:
+        """security/alias/AliasTokenAuthenticationProvider: the token must still exist (the hourly sweep
+        ClearExpiredAliasTokens deletes tokens created more than `aliasTokenTimeout` ago, libs/xdat
+        AliasTokenDAO.findByExpired; nothing else checks the expiry), the secret must match, and its user must pass
+        Users.validateUserLogin (enabled, verified, not locked: AliasTokenAuthenticationProvider
+        .additionalAuthenticationChecks)."""
+        token = self.live_token(alias)
+        if token is None or not _same_secret(token.secret, secret):
+            return None
+        user = self.users.get(token.username)
+        if user is None:
+            return None
+        self._unlock_if_due(user)
+        if not user.enabled or not user.verified or user.locked_at is not None:
+            return None
+        return user
+
+    def live_token(self, alias: str) -> _Token | None:
+        """A token the sweep has not removed; the stand-in sweeps continuously (XNAT: hourly, so a real token may
+        outlive its `estimatedExpirationTime` by up to an hour, never less)."""
+        with self.lock:
+            token = self.tokens.get(alias)
+            if token is not None and time.time() >= token.expires:
+                del self.tokens[alias]
+                return None
+            return token
+
+    def _unlock_if_due(self, user: _User) -> None:
+        """security/ResetFailedLogins.java QUERY: count >= max and lockout_time < now - duration -> 0, unlocked."""
+        if (
+            user.locked_at is not None
+            and user.failed_logins >= self.config.max_failed_logins
+            and time.time() - user.locked_at >= self.config.lockout_seconds
+        ):
+            user.failed_logins, user.locked_at = 0, None
+
+    def password_expired(self, user: _User) -> bool:
+        """XnatExpiredPasswordFilter.isPasswordExpired: `now() - password_updated > passwordExpirationInterval`."""
+        if user.password_expired:
+            return True
+        limit = self.config.password_expiration_seconds
+        return limit is not None and time.time() - user.password_updated > limit
 
     def live_session(self, session_id: str | None) -> _HttpSession | None:
         if not session_id:
@@ -1236,10 +1380,22 @@ class _Store:
     def authenticate(
         self, authorization: str | None, session_id: str | None
     ) -> tuple[_User, _HttpSession, bool] | None:
-        """(user, HTTP session, session is new) or None; bad Basic credentials fail even with a valid cookie."""
+        """(user, HTTP session, session is new) or None (bad Basic credentials, or no live session).
+
+        security/XnatBasicAuthenticationFilter.authenticationIsRequired (lines 104-129): Basic credentials are not
+        checked at all when the session is already authenticated as that user (or as the user of that alias token), so
+        a wrong password next to a live cookie of the same user passes; for another user they are checked.
+        """
         session = self.live_session(session_id)
         if authorization:
             credentials = _basic_credentials(authorization)
+            if credentials is not None and session is not None:
+                username = credentials[0]
+                with self.lock:
+                    token = self.tokens.get(username) if username not in self.users else None
+                    user = self.users.get(session.username)
+                if user is not None and session.username in (username, token.username if token else None):
+                    return user, session, False
             user = self.check_password(*credentials) if credentials else None
             if user is None:
                 return None
@@ -1894,6 +2050,7 @@ class _Api:
             (get, r"/data/services/tokens/validate/(?P<alias>[^/]+)/(?P<secret>[^/]+)", self.token_validate),
             (get, r"/data/services/tokens/invalidate/(?P<alias>[^/]+)", self.token_invalidate),
             (get, r"/xapi/siteConfig/buildInfo", self.build_info),
+            (get, r"/xapi/siteConfig/buildInfo/(?P<property>[^/]+)", self.build_property),
             (get, r"/xapi/schemas", self.schemas),
             (get, r"/xapi/schemas/(?P<schema>[A-Za-z0-9_/-]+)", self.schema),
             (get, r"/data/search/elements(?:/(?P<element>[^/]+))?", self.search_elements),
@@ -1957,8 +2114,20 @@ class _Api:
             keep = len(response.body) // 2 if truncation.keep_bytes is None else truncation.keep_bytes
             response.body = response.body[: max(keep, 0)]
         with self._log_lock:
-            self.log.append((method, target, response.status))
+            self.log.append((method, self.config.context_path + target, response.status))
         return response
+
+    def below_context(self, target: str) -> str | None:
+        """The request target below the context path (`context_path`), or None when it lies outside it. Every route,
+        fault prefix and `_normalise`d path is relative to the context path; `requests_log` keeps the target as
+        sent."""
+        context = self.config.context_path
+        if not context:
+            return target
+        if target == context or target.startswith((context + "/", context + "?")):
+            rest = target[len(context) :]
+            return rest if rest.startswith("/") else "/" + rest
+        return None
 
     def take_reset(self, method: str, target: str) -> _Reset | None:
         """The reset that applies to this request, if any (counted and logged with status 0)."""
@@ -1967,7 +2136,7 @@ class _Api:
             for reset in self.resets:
                 if reset.remaining > 0 and reset.method == method.upper() and path.startswith(reset.prefix):
                     reset.remaining -= 1
-                    self.log.append((method, target, 0))
+                    self.log.append((method, self.config.context_path + target, 0))
                     return reset
         return None
 
@@ -2036,11 +2205,16 @@ class _Api:
             LOG.exception("fake XNAT failed on %s %s", method, target)
             response = _HttpError(500, "Internal Server Error").response()
         if request.session is not None:
+            # Tomcat scopes JSESSIONID to the context path ("/" for ROOT); XnatExpiredPasswordFilter:35-36 sets
+            # SESSION_EXPIRATION_TIME on contextPath + "/".
+            context = self.config.context_path
             if request.new_session:
-                response.headers.append(("Set-Cookie", f"JSESSIONID={request.session.id}; Path=/; HttpOnly"))
+                response.headers.append(
+                    ("Set-Cookie", f"JSESSIONID={request.session.id}; Path={context or '/'}; HttpOnly")
+                )
             timeout_ms = int(self.config.session_timeout_seconds * 1000)
             response.headers.append(
-                ("Set-Cookie", f'SESSION_EXPIRATION_TIME="{int(time.time() * 1000)},{timeout_ms}"; Path=/')
+                ("Set-Cookie", f'SESSION_EXPIRATION_TIME="{int(time.time() * 1000)},{timeout_ms}"; Path={context}/')
             )
         return response
 
@@ -2061,20 +2235,60 @@ class _Api:
 
     def _authenticate(self, request: _Request) -> None:
         """§2: Basic (password or alias token) or JSESSIONID; data paths need it (401, or 302 for browsers)."""
-        result = self.store.authenticate(request.headers.get("Authorization"), _cookie(request.headers, "JSESSIONID"))
+        authorization = request.headers.get("Authorization")
+        result = self.store.authenticate(authorization, _cookie(request.headers, "JSESSIONID"))
         if result is not None:
             request.user, request.session, request.new_session = result
+            self._password_filter(request)
             return
+        credentials = _basic_credentials(authorization) if authorization else None
+        if credentials is not None and credentials[0]:
+            # security/XnatBasicAuthenticationFilter.doFilterInternal:75-84: failed Basic credentials end every request
+            # (open URLs and guest sites included) with sendError(401, AdminUtils.GetLoginFailureMessage()): Tomcat's
+            # page, no WWW-Authenticate header.
+            raise _HttpError(401, _login_failure_message(self.config.max_failed_logins), tomcat=True)
         if not _is_data_path(request.path) or request.path == "/data/services/auth":
             return
+        if request.path == "/xapi/siteConfig/buildInfo" and request.method == "GET":
+            # An open URL (web/src/main/resources/META-INF/xnat/security/configured-urls.yaml `openUrls`;
+            # XapiRequestMappingAspect.evaluate lets GETs of open URLs through): no login needed.
+            return
+        if not self.config.require_login:
+            # requireLogin=false: UpdateSecurityFilterHandlerMethod.updateSecurityFilter maps `/**` to permitAll and
+            # restlet/guard/XnatSecureGuard.authenticate:89 lets credential-less requests in, so no credentials or a
+            # dead JSESSIONID are served as guest (protected resources then answer 403/empty lists, not 401).
+            request.user = self.store.guest
+            return
         if _INTERACTIVE_RE.fullmatch(request.headers.get("User-Agent") or ""):
-            raise _HttpError(302, headers=[("Location", "/app/template/Login.vm")])
+            raise _HttpError(302, headers=[("Location", self.config.context_path + "/app/template/Login.vm")])
         raise _HttpError(
             401,
             "Full authentication is required to access this resource",
             headers=[("WWW-Authenticate", 'Basic realm="XNAT Protected Area"')],
             tomcat=True,
         )
+
+    def _password_filter(self, request: _Request) -> None:
+        """security/XnatExpiredPasswordFilter.doFilterInternal:126-166 (added right after the Basic filter,
+        initialization/SecurityConfig.java:318), for every authenticated request, REST and Basic included: an account
+        disabled for inactivity (it can still log in, see `_Store.check_password`) gets 302 to
+        `{siteUrl}/app/template/InactiveAccount.vm`; an expired password 302 to
+        `{siteUrl}/app/template/XDATScreen_UpdateUser.vm` (paths from SecurityConfig.expiredPasswordFilter:195-203;
+        TurbineUtils.GetFullServerPath = the siteUrl preference, which includes any context path). A session once
+        found not expired is never checked again (session attribute "expired"). The login/logout pages it exempts are
+        /app pages this stand-in does not guard."""
+        user, session = request.user, request.session
+        if user is None or session is None or user is self.store.guest:
+            return
+        if not user.enabled:
+            raise _HttpError(302, headers=[("Location", self.site_url() + "/app/template/InactiveAccount.vm")])
+        if session.password_not_expired:
+            return
+        with self.store.lock:
+            expired = self.store.password_expired(user)
+        if expired:
+            raise _HttpError(302, headers=[("Location", self.site_url() + "/app/template/XDATScreen_UpdateUser.vm")])
+        session.password_not_expired = True
 
     def _match(self, request: _Request) -> tuple[_Route, dict[str, str]]:
         allowed: set[str] = set()
@@ -2105,7 +2319,7 @@ class _Api:
     # -- auth and bootstrap (§2, §8.1) ----------------------------------------------------------------------------
 
     def root(self, request: _Request) -> _Response:
-        return _Response(302, headers=[("Location", "/app/template/Login.vm")])
+        return _Response(302, headers=[("Location", self.config.context_path + "/app/template/Login.vm")])
 
     def login_page(self, request: _Request) -> _Response:
         page = "<!DOCTYPE html><html><head><title>XNAT</title></head><body><form>Login</form></body></html>"
@@ -2117,7 +2331,10 @@ class _Api:
             raise _HttpError(405, "Method Not Allowed", headers=[("Allow", "POST, PUT")])
         username = request.params.get("username") or request.params.get("j_username") or ""
         password = request.params.get("password") or request.params.get("j_password") or ""
-        user = self.store.check_password(username, password, tokens=False)
+        # restlet/extensions/AuthenticationRestlet: XnatProviderManager.retrieveAuthMethod picks the alias-token
+        # provider for an unknown UUID-shaped username, so a token logs in here too; any AuthenticationException (bad
+        # password, locked, disabled, unverified) is fail(): 401 "Authentication failed.", counted as a failed login.
+        user = self.store.check_password(username, password)
         if user is None:
             raise _HttpError(401, "Authentication failed.")
         request.user, request.session, request.new_session = user, self.store.new_session(user), True
@@ -2141,15 +2358,45 @@ class _Api:
     def whoami(self, request: _Request) -> _Response:
         return _text(f"User '{request.agent.username}' is logged in")
 
+    def _token_agent(self, request: _Request) -> _User:
+        """restlet/services/AliasTokenRestlet constructor:88-98: the guest may not use tokens, non-admins only their
+        own. Whoever is logged in may use it, however they logged in (Basic with an alias token included)."""
+        user = request.agent
+        username = request.group("user") if "user" in request.groups else user.username
+        if user is self.store.guest or username.lower() == "guest":
+            raise _HttpError(403, "The guest user can't request alias tokens")
+        if username.lower() != user.username.lower() and not user.admin:
+            raise _HttpError(403, "Non-admin users can only request operations on alias tokens for their own account")
+        return user
+
+    def _path_token(self, request: _Request) -> _Token:
+        """AliasTokenRestlet constructor:63-86: `{TOKEN}` is an alias (UUID) or a numeric id; unknown -> 404."""
+        name = request.group("alias")
+        with self.store.lock:
+            if _UUID_RE.fullmatch(name):
+                token = self.store.live_token(name)
+                if token is None:
+                    raise _HttpError(404, f"Can't find an alias token with the alias {name}")
+            else:
+                token = next((t for t in self.store.tokens.values() if name.isdigit() and t.serial == int(name)), None)
+                if token is None:
+                    raise _HttpError(404, f"Can't find an alias token with the ID {name}")
+        user = self._token_agent(request)
+        if token.username.lower() != user.username.lower() and not user.admin:
+            raise _HttpError(403, "Non-admin users can only request operations on alias tokens for their own account")
+        return token
+
     def token_issue(self, request: _Request) -> _Response:
-        username = request.agent.username
-        if "user" in request.groups:
-            if not request.agent.admin:
-                raise _HttpError(403, "Only administrators can issue tokens for other users.")
-            username = request.group("user")
-            with self.store.lock:
-                if username not in self.store.users:
-                    raise _HttpError(404, f"The user {username} does not exist.")
+        """`GET /data/services/tokens/issue[/user/{USERNAME}]`: the AliasToken entity as JSON (libs/xdat
+        entities/AliasToken.java getters + AbstractHibernateEntity id/enabled/created/timestamp/disabled, Dates as
+        epoch ms). `estimatedExpirationTime` = issue time + `aliasTokenTimeout` (HibernateAliasTokenService
+        .issueTokenForUser:93-110); `expired` is the @Transient isExpired() getter, serialized too; `validIPAddresses`
+        is null for a token issued here (no addresses given) [INF: that Jackson writes nulls]."""
+        self._token_agent(request)
+        username = request.group("user") if "user" in request.groups else request.agent.username
+        with self.store.lock:
+            if username not in self.store.users:  # AliasTokenRestlet.represent:118-121: the user lookup fails -> 400
+                raise _HttpError(400, f"An error occurred retrieving the user: {username}")
         token = self.store.issue_token(username)
         return _json(
             {
@@ -2158,7 +2405,8 @@ class _Api:
                 "singleUse": False,
                 "estimatedExpirationTime": int(token.expires * 1000),
                 "xdatUserId": token.username,
-                "validIPAddresses": [],
+                "validIPAddresses": None,
+                "expired": False,
                 "id": token.serial,
                 "enabled": True,
                 "created": int(token.created * 1000),
@@ -2168,29 +2416,46 @@ class _Api:
         )
 
     def token_validate(self, request: _Request) -> _Response:
-        with self.store.lock:
-            token = self.store.tokens.get(request.group("alias"))
-        valid = (
-            token is not None and time.time() < token.expires and _same_secret(token.secret, request.group("secret"))
-        )
-        return _json({"valid": token.username if valid and token else False})
+        """`{"valid": <username>}` or `{"valid": null}` (HibernateAliasTokenService.validateToken returns the user or
+        null; AliasTokenRestlet.represent:137-149 puts it in a map as is)."""
+        token = self._path_token(request)
+        valid = _same_secret(token.secret, request.group("secret"))
+        return _json({"valid": token.username if valid else None})
 
     def token_invalidate(self, request: _Request) -> _Response:
+        token = self._path_token(request)
         with self.store.lock:
-            self.store.tokens.pop(request.group("alias"), None)
+            self.store.tokens.pop(token.alias, None)
         return _json({"result": "OK"})
 
+    def _build_properties(self) -> dict[str, str]:
+        """xapi/rest/settings/SiteConfigApi.getBuildInfo -> XnatAppInfo.getSystemProperties: the MANIFEST.MF
+        attributes, `version` = Implementation-Version (the release number, e.g. "1.8.10"), every value a string."""
+        return {
+            "version": self.config.version,
+            "buildNumber": "fake",
+            "buildDate": "Thu Jan 01 00:00:00 UTC 1970",
+            "commit": "fake",
+            "sha": "fake",
+            "branch": "fake",
+            "isDirty": "false",
+            "timestamp": "0",
+        }
+
     def build_info(self, request: _Request) -> _Response:
-        return _json(
-            {
-                "version": self.config.version,
-                "buildNumber": "fake",
-                "buildDate": "Thu Jan 01 00:00:00 UTC 1970",
-                "commit": "fake",
-                "sha": "fake",
-                "branch": "fake",
-            }
-        )
+        """`GET /xapi/siteConfig/buildInfo` (open URL). `/data/version` does not exist in 1.8 (no such route in
+        restlet/XNATApplication.java): it answers 404 and clients fall back to this."""
+        return _json(self._build_properties())
+
+    def build_property(self, request: _Request) -> _Response:
+        """`GET /xapi/siteConfig/buildInfo/{property}` (SiteConfigApi.getBuildProperty): the bare string (a String
+        return value goes through Spring's StringHttpMessageConverter: `1.8.10`, not `"1.8.10"`); not an open URL,
+        so it needs a login [INF: the guest is refused like an anonymous request]; an unknown property is null: an
+        empty 200 [INF]."""
+        if request.user is None or request.user is self.store.guest:
+            raise _HttpError(401, headers=[("WWW-Authenticate", 'Basic realm="XNAT Protected Area"')], tomcat=True)
+        value = self._build_properties().get(request.group("property"), "")
+        return _text(value, content_type="application/json")
 
     def schemas(self, request: _Request) -> _Response:
         return _json(["xnat"])  # one minimal schema: enough for xnatpy to build its session classes
@@ -2210,18 +2475,7 @@ class _Api:
     def projects(self, request: _Request) -> _Response:
         permissions = request.params.get("permissions")
         if permissions is not None:
-            # xnat-web ProjectListResource.PermissionsProjectHandler: without dataType, the projects where the user
-            # may edit imaging sessions, as lower-case `id` and `secondary_id` columns.
-            if permissions not in ("read", "edit", "create", "delete", "active"):
-                raise _HttpError(500, "You must specify one of the following values for the permissions parameter")
-            with self.store.lock:
-                allowed = [
-                    p
-                    for p in self.store.projects.values()
-                    if (self.store.can_read if permissions == "read" else self.store.can_edit)(request.agent, p)
-                ]
-            rows = [{"id": p.id, "secondary_id": p.id} for p in sorted(allowed, key=lambda p: p.id)]
-            return _table(["id", "secondary_id"], rows, request.fmt())
+            return self._projects_by_permission(request, permissions)
         with self.store.lock:
             visible = [p for p in self.store.projects.values() if self.store.can_read(request.agent, p)]
         rows = [
@@ -2234,6 +2488,42 @@ class _Api:
         return _table(
             ["ID", "secondary_ID", "name", "description", "pi_firstname", "pi_lastname", "URI"], rows, request.fmt()
         )
+
+    def _projects_by_permission(self, request: _Request, permissions: str) -> _Response:
+        """`GET /data/projects?permissions=read|edit|create|delete|active[&dataType=T]`: restlet/resources/
+        ProjectListResource.PermissionsProjectHandler (chosen whenever `permissions` is present). Columns `id`,
+        `secondary_id` (lower case), rows sorted by secondary_id. Every exception in the handler ends in
+        ProjectListResource.represent's catch: a bare `setStatus(SERVER_ERROR_INTERNAL)`, i.e. Restlet's default 500
+        page, no message (a blank or unknown `permissions` value included, on every version).
+
+        ≤1.8.8 (ProjectListResource before XNAT-7845 b30a31bc9): without dataType a project is listed when
+        UserHelperServiceI.hasEditAccessToSessionDataByTag (XDATUser.hasAccessTo: site admin or an editable project),
+        whatever `permissions` says; with dataType, Permissions.can(user, dataType + "/project", id, permissions).
+        ≥1.8.9 (d3a896206 has b30a31bc9): services/cache/DefaultGroupsAndPermissionsCache.getProjectsForDatatypeAction
+        calls SchemaElement.GetElement(dataType) first, which throws ElementNotFoundException("NULL") for a missing
+        dataType (GenericWrapperElement.GetElement) and ElementNotFoundException for an unknown one, neither caught:
+        a bare 500. With a known type: data admins get every project (`SELECT ID,secondary_ID FROM xnat_projectData`,
+        PostgreSQL folds the names to lower case), others the projects where their groups (or guest's) hold
+        `{permissions}_element` on `{dataType}/project`. The reference (xnat-api.md §12) agrees.
+        """
+        if permissions not in ("read", "edit", "create", "delete", "active"):
+            raise _HttpError(500, _SERVER_ERROR)
+        data_type = request.params.get("dataType")
+        if self.config.editable_projects_cached and data_type not in _KNOWN_DATA_TYPES:
+            raise _HttpError(500, _SERVER_ERROR)
+        agent = request.agent
+        with self.store.lock:
+            if not data_type:  # ≤1.8.8 only: edit access to session data, whatever `permissions` says
+                allowed = [p for p in self.store.projects.values() if self.store.can_edit(agent, p)]
+            elif data_type not in _KNOWN_DATA_TYPES:  # ≤1.8.8: no permission on an unknown type [INF]
+                allowed = []
+            else:
+                check = self.store.can_read if permissions in ("read", "active") else self.store.can_edit
+                if permissions == "delete":  # owners only (XDATUser.getOwnedProjects: delete = owner)
+                    check = lambda user, project: user.admin or user.username in project.owners  # noqa: E731
+                allowed = [p for p in self.store.projects.values() if check(agent, p)]
+        rows = [{"id": p.id, "secondary_id": p.id} for p in sorted(allowed, key=lambda p: p.id)]
+        return _table(["id", "secondary_id"], rows, request.fmt())
 
     def project(self, request: _Request) -> _Response:
         project = self._project(request)
@@ -3343,11 +3633,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline(65537)
         return b"".join(chunks)
 
-    def _cut(self, api: _Api, reset: _Reset) -> None:
+    def _cut(self, api: _Api, reset: _Reset, target: str) -> None:
         """A connection reset mid-upload (`reset_next`): read part of the body, let XNAT do what it does with that
         part, then reset the connection (RST, not a clean close)."""
         try:
-            if api.streams_body(self.command, self.path):
+            if api.streams_body(self.command, target):
                 length = _content_length(self.headers)
                 chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
                 if reset.after_bytes is not None:
@@ -3357,7 +3647,7 @@ class _Handler(BaseHTTPRequestHandler):
                     body = whole[: len(whole) // 2]
                 else:
                     body = self._read_some(length // 2)
-                api.process_cut(self.command, self.path, self.headers, body)
+                api.process_cut(self.command, target, self.headers, body)
             else:
                 self._read_some(65536 if reset.after_bytes is None else reset.after_bytes)
         except (OSError, ValueError):
@@ -3368,9 +3658,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, *, head: bool = False) -> None:
         server = cast(_Server, self.server)
-        reset = server.api.take_reset(self.command, self.path)
+        target = server.api.below_context(self.path)
+        if target is None:  # outside the webapp's context path: Tomcat's own 404
+            self.close_connection = True
+            self._send(
+                _HttpError(404, f"The requested resource [{self.path}] is not available", tomcat=True).response()
+            )
+            return
+        reset = server.api.take_reset(self.command, target)
         if reset is not None:
-            self._cut(server.api, reset)
+            self._cut(server.api, reset, target)
             return
         try:
             body = self._read_body()
@@ -3380,11 +3677,14 @@ class _Handler(BaseHTTPRequestHandler):
         if len(body) < _content_length(self.headers):
             # The client went away part-way through the body: XNAT does with what arrived what it does after a
             # reset (a streamed DICOM-zip keeps the entries read whole), and nobody is there to answer.
-            if server.api.streams_body(self.command, self.path):
-                server.api.process_cut(self.command, self.path, self.headers, body)
+            if server.api.streams_body(self.command, target):
+                server.api.process_cut(self.command, target, self.headers, body)
             self.close_connection = True
             return
-        response = server.api.handle("GET" if head else self.command, self.path, self.headers, body)
+        response = server.api.handle("GET" if head else self.command, target, self.headers, body)
+        self._send(response, head=head)
+
+    def _send(self, response: _Response, *, head: bool = False) -> None:
         self.send_response(response.status)
         if response.content_type is not None:
             self.send_header("Content-Type", response.content_type)
@@ -3417,7 +3717,16 @@ class FakeXnat:
         operation_seconds: float = 0.0,
         site_id: str = "XNAT",
         use_sop_instance_uid: bool = True,
+        token_lifetime_seconds: float = 2 * 24 * 3600.0,
+        max_failed_logins: int = 20,
+        lockout_seconds: float = 3600.0,
+        password_expiration_seconds: float | None = None,
+        require_login: bool = True,
+        context_path: str = "",
     ) -> None:
+        context_path = context_path.rstrip("/")
+        if context_path and not context_path.startswith("/"):
+            raise ValueError(f"context_path must be empty or start with '/': {context_path!r}")
         self._config = _Config(
             version=version,
             site_id=site_id,
@@ -3427,6 +3736,12 @@ class FakeXnat:
             archive_timeout_seconds=archive_timeout_seconds,
             operation_seconds=operation_seconds,
             use_sop_instance_uid=use_sop_instance_uid,
+            token_lifetime_seconds=token_lifetime_seconds,
+            max_failed_logins=max_failed_logins,
+            lockout_seconds=lockout_seconds,
+            password_expiration_seconds=password_expiration_seconds,
+            require_login=require_login,
+            context_path=context_path,
         )
         self._host = host
         self._port = port
@@ -3444,7 +3759,7 @@ class FakeXnat:
         if self._server is None:
             raise RuntimeError("FakeXnat is not started")
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"http://{host!s}:{port}{self._config.context_path}"
 
     @property
     def version(self) -> str:
@@ -3532,6 +3847,74 @@ class FakeXnat:
         """Invalidate every JSESSIONID (clients must log in again)."""
         with self._store.lock:
             self._store.sessions.clear()
+
+    # -- accounts and tokens ------------------------------------------------------------------------------------
+
+    def _user(self, username: str) -> _User:
+        user = self._store.users.get(username)
+        if user is None:
+            raise KeyError(f"no user {username!r}")
+        return user
+
+    def expire_tokens(self, username: str | None = None) -> int:
+        """What XNAT's alias-token sweep does to tokens past `aliasTokenTimeout` (ClearExpiredAliasTokens ->
+        HibernateAliasTokenService.invalidateExpiredTokens deletes them), for every token of `username` (or of
+        everyone) now; returns how many were removed."""
+        with self._store.lock:
+            doomed = [a for a, t in self._store.tokens.items() if username is None or t.username == username]
+            for alias in doomed:
+                del self._store.tokens[alias]
+        return len(doomed)
+
+    def failed_logins(self, username: str) -> int:
+        """The account's failed-login count (xhbm_xdat_user_auth.failed_login_attempts; it keeps counting while
+        locked and drops to 0 on a success or when the lockout ends)."""
+        with self._store.lock:
+            user = self._user(username)
+            self._store._unlock_if_due(user)
+            return user.failed_logins
+
+    def is_locked(self, username: str) -> bool:
+        """Whether the account is locked out after `max_failed_logins` failures (until `lockout_seconds` pass)."""
+        with self._store.lock:
+            user = self._user(username)
+            self._store._unlock_if_due(user)
+            return user.locked_at is not None
+
+    def expire_password(self, username: str) -> None:
+        """Make the account's password expired (as if last set longer ago than the site's passwordExpirationInterval):
+        its authenticated requests then answer 302 to the change-password page (sessions already found not expired
+        keep working)."""
+        with self._store.lock:
+            self._user(username).password_expired = True
+
+    def set_password(self, username: str, password: str) -> None:
+        """Change the account's password (clears an expired password; password_updated = now)."""
+        with self._store.lock:
+            user = self._user(username)
+            user.password, user.password_expired, user.password_updated = password, False, time.time()
+
+    def disable_user(self, username: str, *, inactivity: bool = False) -> None:
+        """Disable the account. By an admin (`inactivity=False`): every login (password, token, form) fails with 401
+        and counts as a failed login. For inactivity (`inactivity=True`, what XNAT's DisableInactiveUsers job does):
+        the password still logs in, then every authenticated request answers 302 to the inactive-account page; tokens
+        fail (Users.validateUserLogin). Existing sessions are left alone [INF]."""
+        with self._store.lock:
+            user = self._user(username)
+            user.enabled, user.inactive = False, inactivity
+
+    def unverify_user(self, username: str) -> None:
+        """Mark the account's email as unverified (site preference emailVerification, default on): logins fail with
+        401 (XnatDatabaseAuthenticationProvider.additionalAuthenticationChecks: CredentialsExpiredException)."""
+        with self._store.lock:
+            self._user(username).verified = False
+
+    def enable_user(self, username: str) -> None:
+        """Undo `disable_user` / `unverify_user` / a lockout (as an admin enabling and verifying the account)."""
+        with self._store.lock:
+            user = self._user(username)
+            user.enabled, user.inactive, user.verified = True, False, True
+            user.failed_logins, user.locked_at = 0, None
 
     # -- fault injection ----------------------------------------------------------------------------------------
 

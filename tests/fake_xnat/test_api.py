@@ -169,7 +169,9 @@ def test_basic_auth_and_alias_tokens(xnat: FakeXnat) -> None:
 
 def test_401_403_404_and_bootstrap_routes(xnat: FakeXnat) -> None:
     assert requests.get(f"{xnat.url}/data/projects", timeout=TIMEOUT).status_code == 401
-    assert requests.get(f"{xnat.url}/xapi/siteConfig/buildInfo", timeout=TIMEOUT).status_code == 401
+    # an open URL in XNAT (configured-urls.yaml openUrls), unlike the rest of /xapi
+    assert requests.get(f"{xnat.url}/xapi/siteConfig/buildInfo", timeout=TIMEOUT).status_code == 200
+    assert requests.get(f"{xnat.url}/xapi/siteConfig/buildInfo/version", timeout=TIMEOUT).status_code == 401
     browser = requests.get(
         f"{xnat.url}/data/projects", headers={"User-Agent": "Mozilla/5.0"}, allow_redirects=False, timeout=TIMEOUT
     )
