@@ -23,12 +23,18 @@ Public API (`FakeXnat`):
 
 * ``FakeXnat(*, version="1.8.10", host="127.0.0.1", port=0, idle_build_seconds=300.0,
   rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
-  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True)`` -- `version` switches the 1.8.9 / 1.8.10
+  operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True, lastmod_refresh_seconds=None,
+  extra_scan_resources=())`` -- `version` switches the 1.8.9 / 1.8.10
   behaviour (default import handler, DICOM-zip `project`/`subject`/`session`/`dest`/`action=commit`, nested
   archives, `Ignore-Unparsable` scope); the idle builder replaces XNAT's minutes by seconds (§5.3);
   `operation_seconds` makes every build and archive take that long, so tests can observe `BUILDING`/`_ARCHIVING`
   and lock contention; `use_sop_instance_uid` is the site preference `useSopInstanceUidToUniquelyIdentifyDicom`
-  (archived catalog entries matched by SOP Instance UID, else by file name).
+  (archived catalog entries matched by SOP Instance UID, else by file name); `lastmod_refresh_seconds` is
+  GradualDicomImporter.updateSessionLastMod's 15 s (a row's lastmod is refreshed by new files at most that often;
+  default: 15 s scaled like the idle time, ``min(15, idle_build_seconds / 20)``); `extra_scan_resources` (e.g.
+  ``("NIFTI", "SNAPSHOTS", "BIDS")``) gives every newly archived scan those resources too, with a few files each,
+  in the experiment JSON/XML, the scan's resource listing, catalogs and file listings (``archived_files`` stays
+  DICOM only).
 * ``start()`` (returns self), ``stop()``, context manager; ``url`` (``http://127.0.0.1:PORT``).
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
@@ -47,13 +53,24 @@ Public API (`FakeXnat`):
   logged with status 0.
   ``truncate_next(method, path_prefix, *, times=1, keep_bytes=None)`` does the real work and answers with the real
   status and headers but only the first `keep_bytes` of the body (default half; Content-Length to match).
+  ``proxy_timeout_next(path_prefix="/data/services/import", *, after_seconds, import_seconds, method="POST",
+  times=1)`` -- nginx's 504 page after `after_seconds` while XNAT goes on in the background: an import's entries
+  are stored one by one over `import_seconds` (row RECEIVING, lastmod throttled, no idle build while it writes);
+  `stop()` ends it. ``hold_row_lock(project, timestamp, folder, seconds, *, status="_BUILDING")`` -- the row
+  locked as XNAT's LockAndSync locks it, so `?action=build|commit` answer 409 "session document locked".
+* Anonymisation: ``set_anon_script(script, *, project=None, enabled=True, fails=False)`` -- the site-wide or a
+  project's DicomEdit script (None removes it; scripts are never run). A failing enabled site script makes each
+  import entry answer 400 "unable to read DICOM object NAME" (new row deleted; `prevent_anon` spares it); a failing
+  project script fails the archive (row ERROR). Read back via ``GET /xapi/anonymize/site``, ``.../site/enabled``,
+  ``/xapi/anonymize/projects/P``, ``.../projects/P/enabled``, ``/data/config/anon/script`` and
+  ``/data/projects/P/config/anon/projects/P``.
 * Silent drops: ``drop_entries(predicate, *, stage="filter")`` -- `predicate(sop_instance_uid,
   series_instance_uid, series_description) -> bool`; matching objects are accepted (200) and not stored, by a
   series import filter (`stage="filter"`, before any row exists) or a site-wide DicomEdit reject
   (`stage="anonymization"`: row created, file written and deleted, rows with `prevent_anon` spared);
   ``drop_entries(None)`` removes every rule.
 * ``faults_pending()`` counts the injected faults not yet met; ``clear_faults()`` forgets every pending fault,
-  reset, truncation and drop rule. A client that hangs up part-way
+  reset, truncation, proxy timeout and drop rule. A client that hangs up part-way
   through an upload body is treated like a reset there (a streamed DICOM-zip keeps the entries read whole).
 * Inspection: ``prearchive_rows(project=None)`` (the §5.1 row dicts, `project` may be ``"Unassigned"``),
   ``prearchive_files(project=None)`` (row url -> file name -> SOP Instance UID, built or not),
@@ -72,8 +89,9 @@ Archived scans answer what a verifying client reads: ``.../scans/{id}/resources`
 aliases. Prearchive scan/resource/file listings answer from what the last build catalogued.
 
 Deliberate simplifications (see each [INF] in the reference): files live in memory; a minimal xnat.xsd (the
-session types the stand-in files; enough for xnatpy to create its objects), no CSRF, no anonymisation scripts
-beyond `drop_entries`' rejects, no custom routing rules, no `Direct-Archive`, no concurrent-send detection, no
+session types the stand-in files, their scans and resources; enough for xnatpy to walk projects, subjects,
+experiments, scans and resources), no CSRF, anonymisation scripts only as `set_anon_script` failures and
+`drop_entries`' rejects, no custom routing rules, no `Direct-Archive`, no concurrent-send detection, no
 PET/MR separation, no file history in the archive.
 """
 
@@ -218,6 +236,15 @@ _XNAT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
     <xs:attribute name="ID" type="xs:string" use="required"/>
   </xs:complexType>
   <xs:complexType name="subjectData">
+    <xs:sequence>
+      <xs:element name="experiments" minOccurs="0">
+        <xs:complexType>
+          <xs:sequence>
+            <xs:element name="experiment" type="xnat:subjectAssessorData" minOccurs="0" maxOccurs="unbounded"/>
+          </xs:sequence>
+        </xs:complexType>
+      </xs:element>
+    </xs:sequence>
     <xs:attribute name="ID" type="xs:string"/>
     <xs:attribute name="project" type="xs:string"/>
     <xs:attribute name="label" type="xs:string"/>
@@ -245,9 +272,54 @@ _XNAT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
         <xs:sequence>
           <xs:element name="UID" type="xs:string" minOccurs="0"/>
           <xs:element name="modality" type="xs:string" minOccurs="0"/>
+          <xs:element name="scans" minOccurs="0">
+            <xs:complexType>
+              <xs:sequence>
+                <xs:element name="scan" type="xnat:imageScanData" minOccurs="0" maxOccurs="unbounded"/>
+              </xs:sequence>
+            </xs:complexType>
+          </xs:element>
         </xs:sequence>
       </xs:extension>
     </xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="abstractResource">
+    <xs:attribute name="label" type="xs:string"/>
+    <xs:attribute name="file_count" type="xs:integer"/>
+    <xs:attribute name="file_size" type="xs:integer"/>
+  </xs:complexType>
+  <xs:complexType name="resource">
+    <xs:complexContent>
+      <xs:extension base="xnat:abstractResource">
+        <xs:attribute name="URI" type="xs:string"/>
+        <xs:attribute name="format" type="xs:string"/>
+        <xs:attribute name="content" type="xs:string"/>
+      </xs:extension>
+    </xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="resourceCatalog">
+    <xs:complexContent><xs:extension base="xnat:resource"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="imageScanData">
+    <xs:sequence>
+      <xs:element name="file" type="xnat:abstractResource" minOccurs="0" maxOccurs="unbounded"/>
+    </xs:sequence>
+    <xs:attribute name="ID" type="xs:string" use="required"/>
+    <xs:attribute name="type" type="xs:string"/>
+    <xs:attribute name="UID" type="xs:string"/>
+    <xs:attribute name="project" type="xs:string"/>
+  </xs:complexType>
+  <xs:complexType name="mrScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="ctScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="petScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="otherDicomScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
   </xs:complexType>
   <xs:complexType name="mrSessionData">
     <xs:complexContent><xs:extension base="xnat:imageSessionData"/></xs:complexContent>
