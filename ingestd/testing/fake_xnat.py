@@ -25,7 +25,8 @@ Public API (`FakeXnat`):
   rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
   operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True, token_lifetime_seconds=172800.0,
   max_failed_logins=20, lockout_seconds=3600.0, password_expiration_seconds=None, require_login=True,
-  context_path="")`` -- `version` switches the 1.8.8 / 1.8.9 / 1.8.10 behaviour (≥1.8.9: `projects?permissions=`
+  context_path="", lastmod_refresh_seconds=None, extra_scan_resources=())`` -- `version` switches the
+  1.8.8 / 1.8.9 / 1.8.10 behaviour (≥1.8.9: `projects?permissions=`
   without a known `dataType` is a bare 500; ≥1.8.10: default import handler, DICOM-zip
   `project`/`subject`/`session`/`dest`/`action=commit`, nested archives, `Ignore-Unparsable` scope) and is what
   `/xapi/siteConfig/buildInfo` (open, no login) and `.../buildInfo/version` report; `token_lifetime_seconds` is
@@ -36,7 +37,12 @@ Public API (`FakeXnat`):
   replaces XNAT's minutes by seconds (§5.3);
   `operation_seconds` makes every build and archive take that long, so tests can observe `BUILDING`/`_ARCHIVING`
   and lock contention; `use_sop_instance_uid` is the site preference `useSopInstanceUidToUniquelyIdentifyDicom`
-  (archived catalog entries matched by SOP Instance UID, else by file name).
+  (archived catalog entries matched by SOP Instance UID, else by file name); `lastmod_refresh_seconds` is
+  GradualDicomImporter.updateSessionLastMod's 15 s (a row's lastmod is refreshed by new files at most that often;
+  default: 15 s scaled like the idle time, ``min(15, idle_build_seconds / 20)``); `extra_scan_resources` (e.g.
+  ``("NIFTI", "SNAPSHOTS", "BIDS")``) gives every newly archived scan those resources too, with a few files each,
+  in the experiment JSON/XML, the scan's resource listing, catalogs and file listings (``archived_files`` stays
+  DICOM only).
 * ``start()`` (returns self), ``stop()``, context manager; ``url`` (``http://127.0.0.1:PORT``).
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
@@ -61,13 +67,24 @@ Public API (`FakeXnat`):
   logged with status 0.
   ``truncate_next(method, path_prefix, *, times=1, keep_bytes=None)`` does the real work and answers with the real
   status and headers but only the first `keep_bytes` of the body (default half; Content-Length to match).
+  ``proxy_timeout_next(path_prefix="/data/services/import", *, after_seconds, import_seconds, method="POST",
+  times=1)`` -- nginx's 504 page after `after_seconds` while XNAT goes on in the background: an import's entries
+  are stored one by one over `import_seconds` (row RECEIVING, lastmod throttled, no idle build while it writes);
+  `stop()` ends it. ``hold_row_lock(project, timestamp, folder, seconds, *, status="_BUILDING")`` -- the row
+  locked as XNAT's LockAndSync locks it, so `?action=build|commit` answer 409 "session document locked".
+* Anonymisation: ``set_anon_script(script, *, project=None, enabled=True, fails=False)`` -- the site-wide or a
+  project's DicomEdit script (None removes it; scripts are never run). A failing enabled site script makes each
+  import entry answer 400 "unable to read DICOM object NAME" (new row deleted; `prevent_anon` spares it); a failing
+  project script fails the archive (row ERROR). Read back via ``GET /xapi/anonymize/site``, ``.../site/enabled``,
+  ``/xapi/anonymize/projects/P``, ``.../projects/P/enabled``, ``/data/config/anon/script`` and
+  ``/data/projects/P/config/anon/projects/P``.
 * Silent drops: ``drop_entries(predicate, *, stage="filter")`` -- `predicate(sop_instance_uid,
   series_instance_uid, series_description) -> bool`; matching objects are accepted (200) and not stored, by a
   series import filter (`stage="filter"`, before any row exists) or a site-wide DicomEdit reject
   (`stage="anonymization"`: row created, file written and deleted, rows with `prevent_anon` spared);
   ``drop_entries(None)`` removes every rule.
 * ``faults_pending()`` counts the injected faults not yet met; ``clear_faults()`` forgets every pending fault,
-  reset, truncation and drop rule. A client that hangs up part-way
+  reset, truncation, proxy timeout and drop rule. A client that hangs up part-way
   through an upload body is treated like a reset there (a streamed DICOM-zip keeps the entries read whole).
 * Inspection: ``prearchive_rows(project=None)`` (the §5.1 row dicts, `project` may be ``"Unassigned"``),
   ``prearchive_files(project=None)`` (row url -> file name -> SOP Instance UID, built or not),
@@ -86,8 +103,9 @@ Archived scans answer what a verifying client reads: ``.../scans/{id}/resources`
 aliases. Prearchive scan/resource/file listings answer from what the last build catalogued.
 
 Deliberate simplifications (see each [INF] in the reference): files live in memory; a minimal xnat.xsd (the
-session types the stand-in files; enough for xnatpy to create its objects), no CSRF, no anonymisation scripts
-beyond `drop_entries`' rejects, no custom routing rules, no `Direct-Archive`, no concurrent-send detection, no
+session types the stand-in files, their scans and resources; enough for xnatpy to walk projects, subjects,
+experiments, scans and resources), no CSRF, anonymisation scripts only as `set_anon_script` failures and
+`drop_entries`' rejects, no custom routing rules, no `Direct-Archive`, no concurrent-send detection, no
 PET/MR separation, no file history in the archive.
 """
 
@@ -243,6 +261,15 @@ _XNAT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
     <xs:attribute name="ID" type="xs:string" use="required"/>
   </xs:complexType>
   <xs:complexType name="subjectData">
+    <xs:sequence>
+      <xs:element name="experiments" minOccurs="0">
+        <xs:complexType>
+          <xs:sequence>
+            <xs:element name="experiment" type="xnat:subjectAssessorData" minOccurs="0" maxOccurs="unbounded"/>
+          </xs:sequence>
+        </xs:complexType>
+      </xs:element>
+    </xs:sequence>
     <xs:attribute name="ID" type="xs:string"/>
     <xs:attribute name="project" type="xs:string"/>
     <xs:attribute name="label" type="xs:string"/>
@@ -270,9 +297,54 @@ _XNAT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
         <xs:sequence>
           <xs:element name="UID" type="xs:string" minOccurs="0"/>
           <xs:element name="modality" type="xs:string" minOccurs="0"/>
+          <xs:element name="scans" minOccurs="0">
+            <xs:complexType>
+              <xs:sequence>
+                <xs:element name="scan" type="xnat:imageScanData" minOccurs="0" maxOccurs="unbounded"/>
+              </xs:sequence>
+            </xs:complexType>
+          </xs:element>
         </xs:sequence>
       </xs:extension>
     </xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="abstractResource">
+    <xs:attribute name="label" type="xs:string"/>
+    <xs:attribute name="file_count" type="xs:integer"/>
+    <xs:attribute name="file_size" type="xs:integer"/>
+  </xs:complexType>
+  <xs:complexType name="resource">
+    <xs:complexContent>
+      <xs:extension base="xnat:abstractResource">
+        <xs:attribute name="URI" type="xs:string"/>
+        <xs:attribute name="format" type="xs:string"/>
+        <xs:attribute name="content" type="xs:string"/>
+      </xs:extension>
+    </xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="resourceCatalog">
+    <xs:complexContent><xs:extension base="xnat:resource"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="imageScanData">
+    <xs:sequence>
+      <xs:element name="file" type="xnat:abstractResource" minOccurs="0" maxOccurs="unbounded"/>
+    </xs:sequence>
+    <xs:attribute name="ID" type="xs:string" use="required"/>
+    <xs:attribute name="type" type="xs:string"/>
+    <xs:attribute name="UID" type="xs:string"/>
+    <xs:attribute name="project" type="xs:string"/>
+  </xs:complexType>
+  <xs:complexType name="mrScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="ctScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="petScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
+  </xs:complexType>
+  <xs:complexType name="otherDicomScanData">
+    <xs:complexContent><xs:extension base="xnat:imageScanData"/></xs:complexContent>
   </xs:complexType>
   <xs:complexType name="mrSessionData">
     <xs:complexContent><xs:extension base="xnat:imageSessionData"/></xs:complexContent>
@@ -1014,6 +1086,9 @@ class _Row:
     # arrive after a build (the row set back to RECEIVING) stay invisible there until the next build.
     catalog: dict[str, _BuiltScan] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    # Imports writing to the row now: PrearcUtils.lockFile's per-file locks (CACHE_DIR/prearc_locks/P/TS/FOLDER), which
+    # SessionXMLRebuilder checks through PrearcUtils.isSessionReceiving before an idle build.
+    receiving: int = 0
 
     @property
     def project_label(self) -> str:
@@ -1103,6 +1178,18 @@ class _Scan:
     xsi_type: str
     resource_id: int  # the DICOM resource's xnat_abstractresource_id
     files: dict[str, _File] = field(default_factory=dict)  # the DICOM catalog's entries: URI (file name) -> file
+    extras: dict[str, _ExtraResource] = field(default_factory=dict)  # `extra_scan_resources`: label -> resource
+
+
+@dataclass
+class _ExtraResource:
+    """A non-DICOM scan resource (NIFTI, SNAPSHOTS, BIDS...), as pipelines and container services add them."""
+
+    label: str
+    resource_id: int
+    format: str
+    content: str
+    files: dict[str, bytes]
 
 
 @dataclass
@@ -1130,6 +1217,16 @@ class _Experiment:
             for scan_id, scan in self.scans.items()
         }
         return ExperimentRecord(self.project, self.subject, self.label, self.id, self.study_uid, self.xsi_type, scans)
+
+
+@dataclass
+class _AnonScript:
+    """A DicomEdit anonymisation script (config tool `anon`): site-wide (path `script`) or a project's."""
+
+    script: str
+    enabled: bool
+    fails: bool
+    version: int
 
 
 @dataclass(frozen=True)
@@ -1167,6 +1264,8 @@ class _ImportContext:
     overwrite_files: bool = False
     new_rows_only: bool = False  # SI: every upload is a new prearchive folder
     created: dict[tuple[str | None, str, str], Key] = field(default_factory=dict)
+    pace: float = 0.0  # `proxy_timeout_next`: seconds each stored entry takes to arrive (its file lock held)
+    locked: list[_Row] = field(default_factory=list)  # rows whose `receiving` this import holds
 
 
 @dataclass(frozen=True)
@@ -1200,6 +1299,8 @@ class _Config:
     password_expiration_seconds: float | None = None
     require_login: bool = True
     context_path: str = ""
+    lastmod_refresh_seconds: float = 15.0
+    extra_scan_resources: tuple[str, ...] = ()
 
     @property
     def version_numbers(self) -> tuple[int, ...]:
@@ -1233,6 +1334,8 @@ class _Store:
         self.subjects: dict[tuple[str, str], _Subject] = {}
         self.experiments: dict[tuple[str, str], _Experiment] = {}
         self.drops: list[_Drop] = []
+        self.site_anon: _AnonScript | None = None
+        self.project_anon: dict[str, _AnonScript] = {}
         self._serial = 0
         self._last_timestamp: datetime | None = None
 
@@ -1460,11 +1563,34 @@ class _Store:
         """
         with self.lock:
             project, subject, label = self.route(ctx, dicom)
+            known = set(self.rows)
             row = self._find_or_create(ctx, project, subject, label, dicom)
-            files = row.scans.setdefault(dicom.scan_id, {})
+            is_new = row.key not in known
+            incoming, files = name, row.scans.setdefault(dicom.scan_id, {})
             name = self._file_name(ctx, name, dicom, files)
             files[name] = _File(name, data, dicom)
-            row.lastmod = _now()  # XNAT refreshes at most every 15 s; seconds-scale idle times need every file
+            # GradualDicomImporter.updateSessionLastMod (archive/GradualDicomImporter.java:472-487 at 4fb6bc14, :384-399
+            # at d3a896206), called from eitherGetOrCreateSession for an existing row only: lastmod is refreshed when it
+            # is more than 15 s old (`lastmod_refresh_seconds`); a new row's lastmod is its creation time.
+            now = _now()
+            if not is_new and (now - row.lastmod).total_seconds() >= self.config.lastmod_refresh_seconds:
+                row.lastmod = now
+            if ctx.pace > 0 and row not in ctx.locked:  # PrearcUtils.lockFile while the entry streams in
+                row.receiving += 1
+                ctx.locked.append(row)
+            anon = self.site_anon
+            if not ctx.new_rows_only and row.prevent_anon != "true" and anon and anon.enabled and anon.fails:
+                # A failing site-wide script (GradualDicomImporter.java:389-417 at 4fb6bc14, :320-349 at d3a896206):
+                # handleAnonymizationError deletes the row if this file created it, else the file, and throws a
+                # ServerException(500) -- which call()'s own `catch (Throwable t)` (:431-435; :368-372) turns into
+                # ClientException(400, "unable to read DICOM object " + name). So 400, not the 500 of §3.6.
+                if is_new:
+                    self.rows.pop(row.key, None)
+                else:
+                    del files[name]
+                    if not files:
+                        del row.scans[dicom.scan_id]
+                raise _EntryError(f"unable to read DICOM object {incoming}", unreadable=False)
             if not ctx.new_rows_only and row.prevent_anon != "true" and self._dropped(dicom, "anonymization"):
                 del files[name]  # FileUtils.deleteQuietly(outputFile): an earlier copy it overwrote is gone too
                 if not files:
@@ -1590,7 +1716,13 @@ class _Store:
             row = self.rows.get(key)
             if row is None or (only_from is not None and row.status not in only_from):
                 return None
-            if row.status not in _BUILDABLE:
+            if row.status.startswith("_") or row.status == BUILDING:
+                # PrearcSessionResource.postActionBuild/postActionCommit (restlet/resources/prearchive/
+                # PrearcSessionResource.java:333-339, 403-437, same at d3a896206 and 4fb6bc14): 409 "session document
+                # locked" when PrearcDatabase.setStatus(..., BUILDING) refuses, i.e. isLocked: the status is one of
+                # PrearcUtils.inProcessStatusMap's `_` values, set by LockAndSync.run/lockSession while a build
+                # (_BUILDING, here BUILDING), archive (_ARCHIVING), move or delete runs. An import only takes per-file
+                # locks (the row stays RECEIVING), so it never makes a build answer 409; nor do ARCHIVING/QUEUED_*.
                 raise _HttpError(409, "session document locked")
             row.status = BUILDING
         self.pause()
@@ -1651,6 +1783,12 @@ class _Store:
         if not subject:
             raise _ArchiveError("Unable to identify the subject of the session.", conflict=False)
         xsi_type = _SESSION_TYPES.get(row.modality, "xnat:otherDicomSessionData")
+        anon = self.project_anon.get(project_id)
+        if anon is not None and anon.enabled and anon.fails and row.prevent_anon != "true":
+            # The project script runs at archive (MergePrearcToArchiveSession.java:55 -> PrearcSessionAnonymizer ->
+            # ProjectAnonymizer); its failure fails the archive (row ERROR). The message is [INF].
+            raise _ArchiveError(f"Anonymization failed for project {project_id}: the DicomEdit script failed.",
+                                conflict=False)  # fmt: skip
         existing = self.experiments.get((project_id, label))
         if existing is None:
             existing = _Experiment(
@@ -1681,6 +1819,10 @@ class _Store:
                     _SCAN_TYPES.get(first.modality, "xnat:otherDicomScanData"),
                     self.next_serial(),
                 )
+                scan.extras = {
+                    extra: _extra_resource(extra, self.next_serial(), scan_id, first.series_description)
+                    for extra in self.config.extra_scan_resources
+                }
                 existing.scans[scan_id] = scan
             scan.files = entries
         return existing.uri
@@ -1725,20 +1867,24 @@ class _Store:
 
     @staticmethod
     def _check_session(existing: _Experiment, row: _Row, subject: str, xsi_type: str, options: _ArchiveOptions) -> None:
-        """The session-level rows of the §6.3 merge matrix."""
+        """The session-level rows of the §6.3 merge matrix, in PrearcSessionArchiver.checkForConflicts' order
+        (archive/PrearcSessionArchiver.java:358-392 at 4fb6bc14, :353-387 at d3a896206): PRE_EXISTS, modality,
+        subject, UID. The existing session is found by label across the whole project (GetExptByProjectIdentifier,
+        :178), so a label another subject's session uses fails here, at archive, with 409 (CONFLICT row); MODALITY_MOD
+        has two spaces after "process." in the source."""
+        if not options.allow_merge:
+            raise _ArchiveError("Session already exists, retry with overwrite enabled", conflict=True)
+        if existing.xsi_type != xsi_type:
+            raise _ArchiveError(
+                "Invalid modification of session modality via archive process.  Data may require a manual merge.",
+                conflict=True,
+            )
         if existing.subject != subject:
             raise _ArchiveError(
                 "Invalid modification of session subject via archive process.: "
                 f"{existing.label} Already Exists for another Subject",
                 conflict=True,
             )
-        if existing.xsi_type != xsi_type:
-            raise _ArchiveError(
-                "Invalid modification of session modality via archive process. Data may require a manual merge.",
-                conflict=True,
-            )
-        if not options.allow_merge:
-            raise _ArchiveError("Session already exists, retry with overwrite enabled", conflict=True)
         if existing.study_uid != row.tag and not options.override_exceptions:
             raise _ArchiveError("Invalid modification of session UID via archive process.", conflict=True)
 
@@ -1844,6 +1990,7 @@ class _Store:
                 if row.status == RECEIVING
                 and row.prevent_auto_commit != "true"
                 and row.source != "uploader"
+                and row.receiving == 0  # SessionXMLRebuilder.java:99 `!PrearcUtils.isSessionReceiving(triple)`
                 and (ignore_idle or (now - row.lastmod).total_seconds() >= self.config.idle_build_seconds)
             ]
             for row in due:
@@ -1909,6 +2056,7 @@ class _Request:
     new_session: bool = False
     groups: dict[str, str] = field(default_factory=dict)
     cut: bool = False  # the body is what was read before the connection was reset (`reset_next`)
+    import_seconds: float = 0.0  # `proxy_timeout_next`: how long the upload takes to arrive
 
     @property
     def content_type(self) -> str:
@@ -1969,6 +2117,22 @@ class _Truncation:
     prefix: str
     remaining: int
     keep_bytes: int | None
+
+
+@dataclass
+class _ProxyTimeout:
+    method: str
+    prefix: str
+    remaining: int
+    after_seconds: float
+    import_seconds: float
+
+
+# nginx's own 504 page (ngx_http_special_response.c: ngx_http_error_504_page + ngx_http_error_tail).
+_NGINX_504 = (
+    b"<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+    b"<center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
 
 
 def _normalise(path: str) -> str:
@@ -2035,6 +2199,9 @@ class _Api:
         self.faults: list[_Fault] = []
         self.resets: list[_Reset] = []  # connections cut mid-upload
         self.truncations: list[_Truncation] = []  # answers cut short by a proxy
+        self.proxy_timeouts: list[_ProxyTimeout] = []  # a proxy's 504 while XNAT goes on importing
+        self.background: list[threading.Thread] = []  # imports still running after their 504
+        self.stopping = threading.Event()
         self.log: list[tuple[str, str, int]] = []
         self._log_lock = threading.Lock()
         get, post, put, delete = "GET", "POST", "PUT", "DELETE"
@@ -2089,6 +2256,12 @@ class _Api:
             (get, _PA + r"/scans/(?P<scan>[^/]+)/resources/(?P<resource>[^/]+)/files", self.session_files),
             (get, _PA + r"/scans/(?P<scan>[^/]+)/resources/(?P<resource>[^/]+)/files/(?P<name>.+)", self.session_file),
             (get, _PA + r"/logs(?:/(?P<last>last))?", self.session_logs),
+            (get, r"/xapi/anonymize/site", self.anon_site),
+            (get, r"/xapi/anonymize/site/enabled", self.anon_site_enabled),
+            (get, r"/xapi/anonymize/projects/(?P<project>[^/]+)", self.anon_project),
+            (get, r"/xapi/anonymize/projects/(?P<project>[^/]+)/enabled", self.anon_project_enabled),
+            (get, r"/data/config/anon/script", self.anon_config),
+            (get, r"/data/projects/(?P<project>[^/]+)/config/anon/projects/(?P<target>[^/]+)", self.anon_config),
         ]
         self.routes = [
             _Route(frozenset(methods.split()), re.compile(f"^{pattern}$"), handler)
@@ -2100,6 +2273,12 @@ class _Api:
     def handle(self, method: str, target: str, headers: Message, body: bytes) -> _Response:
         """Answer one request: faults first (§10 proxies), then authentication, routing and the handler."""
         path = urlsplit(target).path
+        proxy = self._take_proxy_timeout(method, path)
+        if proxy is not None:
+            response = self._proxy_timeout(proxy, method, target, headers, body)
+            with self._log_lock:
+                self.log.append((method, target, response.status))
+            return response
         fault = self._take_fault(method, path)
         if fault is not None and not fault.after_processing:
             time.sleep(fault.delay)
@@ -2170,6 +2349,36 @@ class _Api:
                     return truncation
         return None
 
+    def _take_proxy_timeout(self, method: str, path: str) -> _ProxyTimeout | None:
+        with self._log_lock:
+            for proxy in self.proxy_timeouts:
+                if proxy.remaining > 0 and proxy.method == method.upper() and path.startswith(proxy.prefix):
+                    proxy.remaining -= 1
+                    return proxy
+        return None
+
+    def _proxy_timeout(
+        self, proxy: _ProxyTimeout, method: str, target: str, headers: Message, body: bytes
+    ) -> _Response:
+        """nginx's `proxy_read_timeout` while XNAT goes on: the request is processed in the background, its entries
+        stored one by one over `import_seconds` (DicomZipImporter.importZipFile reads the request as a ZipInputStream
+        and GradualDicomImporter.call stores each entry as it arrives), and the client gets nginx's 504 page after
+        `after_seconds`, whatever XNAT does later."""
+
+        def work() -> None:
+            try:
+                response = self._process(method, target, headers, body, import_seconds=proxy.import_seconds)
+                LOG.info("import behind a proxy timeout ended with %s", response.status)
+            except Exception:
+                LOG.exception("import behind a proxy timeout failed")
+
+        thread = threading.Thread(target=work, name="fake-xnat-slow-import", daemon=True)
+        with self._log_lock:
+            self.background = [t for t in self.background if t.is_alive()] + [thread]
+        thread.start()
+        self.stopping.wait(proxy.after_seconds)
+        return _Response(504, _NGINX_504, "text/html")
+
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._log_lock:
             for fault in self.faults:
@@ -2178,7 +2387,9 @@ class _Api:
                     return fault
         return None
 
-    def _process(self, method: str, target: str, headers: Message, body: bytes, *, cut: bool = False) -> _Response:
+    def _process(
+        self, method: str, target: str, headers: Message, body: bytes, *, cut: bool = False, import_seconds: float = 0.0
+    ) -> _Response:
         split = urlsplit(target)
         request = _Request(
             method,
@@ -2188,6 +2399,7 @@ class _Api:
             headers,
             body,
             cut=cut,
+            import_seconds=import_seconds,
         )
         self._read_form(request)
         try:
@@ -2683,20 +2895,24 @@ class _Api:
             "xnat_abstractresource_id", "label", "element_name", "category", "cat_id", "cat_desc", "file_count",
             "file_size", "tags", "content", "format",
         ]  # fmt: skip
-        row = {
-            "xnat_abstractresource_id": str(scan.resource_id),
-            "label": "DICOM",
-            "element_name": "xnat:resourceCatalog",
-            "category": "scans",
-            "cat_id": scan.id,
-            "cat_desc": scan.type,
-            "file_count": str(len(scan.files)),
-            "file_size": str(sum(len(f.data) for f in scan.files.values())),
-            "tags": "",
-            "content": "RAW",
-            "format": "DICOM",
-        }
-        return _table(columns, [row], request.fmt(), meta=(("totalRecords", "1"), ("title", "Resources")))
+        rows = [
+            {
+                "xnat_abstractresource_id": str(resource_id),
+                "label": label,
+                "element_name": "xnat:resourceCatalog",
+                "category": "scans",
+                "cat_id": scan.id,
+                "cat_desc": scan.type,
+                "file_count": str(len(files)),
+                "file_size": str(sum(len(data) for data in files.values())),
+                "tags": "",
+                "content": content,
+                "format": fmt,
+            }
+            for label, resource_id, fmt, content, files in _scan_resources(scan)
+        ]
+        meta = (("totalRecords", str(len(rows))), ("title", "Resources"))
+        return _table(columns, rows, request.fmt(), meta=meta)
 
     def scan_catalog(self, request: _Request) -> _Response:
         """`GET .../scans/{SCAN_ID}/resources/{RESOURCE_ID}`: the resource's catalog document, always XML.
@@ -2724,30 +2940,85 @@ class _Api:
             _, scan = self._scan(request)
         except _HttpError as error:
             raise missing from error
-        if request.group("resource") not in ("DICOM", str(scan.resource_id)):
+        if request.group("resource") in ("DICOM", str(scan.resource_id)):
+            return _text(_catalog_xml(scan), content_type="text/xml;charset=UTF-8")
+        extra = _find_extra(scan, request.group("resource"))
+        if extra is None:
             raise missing
-        return _text(_catalog_xml(scan), content_type="text/xml;charset=UTF-8")
+        return _text(_extra_catalog_xml(extra), content_type="text/xml;charset=UTF-8")
 
-    def _scan_files(self, request: _Request) -> tuple[str, dict[str, _File]]:
+    def _scan_files(self, request: _Request) -> tuple[str, str, str, dict[str, bytes]]:
+        """(files URI, resource label, format, file name -> bytes) of a scan resource named by label or ID."""
         experiment, scan = self._scan(request)
-        if request.group("resource") not in ("DICOM", str(scan.resource_id)):
-            raise _HttpError(404, f"Unable to find resource {request.group('resource')}")
-        return f"{experiment.uri}/scans/{scan.id}/resources/DICOM/files", scan.files
+        wanted = request.group("resource")
+        for label, resource_id, fmt, _, files in _scan_resources(scan):
+            if wanted in (label, str(resource_id)):
+                return f"{experiment.uri}/scans/{scan.id}/resources/{label}/files", label, fmt, files
+        raise _HttpError(404, f"Unable to find resource {wanted}")
 
     def scan_files(self, request: _Request) -> _Response:
-        base, files = self._scan_files(request)
+        base, label, fmt, files = self._scan_files(request)
         rows = [
-            {"Name": n, "Size": str(len(f.data)), "URI": f"{base}/{n}", "collection": "DICOM", "file_format": "DICOM"}
-            for n, f in files.items()
+            {"Name": n, "Size": str(len(data)), "URI": f"{base}/{n}", "collection": label, "file_format": fmt}
+            for n, data in files.items()
         ]
         return _table(["Name", "Size", "URI", "collection", "file_format"], rows, request.fmt())
 
     def scan_file(self, request: _Request) -> _Response:
-        _, files = self._scan_files(request)
+        _, label, _, files = self._scan_files(request)
         found = files.get(request.group("name"))
         if found is None:
             raise _HttpError(404, f"Unable to find file {request.group('name')}")
-        return _Response(200, found.data, "application/dicom")
+        return _Response(200, found, "application/dicom" if label == "DICOM" else "application/octet-stream")
+
+    # -- anonymisation scripts (config tool `anon`) --------------------------------------------------------------
+
+    def anon_site(self, request: _Request) -> _Response:
+        """`GET /xapi/anonymize/site` (xapi/rest/dicom/AnonymizeApi.java:72-84, d3a896206 and 4fb6bc14): the script."""
+        with self.store.lock:
+            script = self.store.site_anon.script if self.store.site_anon else ""
+        return _text(script)
+
+    def anon_site_enabled(self, request: _Request) -> _Response:
+        """`GET /xapi/anonymize/site/enabled` (AnonymizeApi.java:95-98): the preference
+        enableSitewideAnonymizationScript as JSON `true`/`false`."""
+        with self.store.lock:
+            enabled = self.store.site_anon is not None and self.store.site_anon.enabled
+        return _json(enabled)
+
+    def anon_project(self, request: _Request) -> _Response:
+        """`GET /xapi/anonymize/projects/{P}` (AnonymizeApi.java:115-125): the script, or 204 (NoContentException)
+        when the project has none."""
+        project = self._project(request)
+        with self.store.lock:
+            anon = self.store.project_anon.get(project.id)
+        return _text(anon.script) if anon is not None else _Response(204)
+
+    def anon_project_enabled(self, request: _Request) -> _Response:
+        """`GET /xapi/anonymize/projects/{P}/enabled` (AnonymizeApi.java:149-152): isProjectScriptEnabled."""
+        project = self._project(request)
+        with self.store.lock:
+            anon = self.store.project_anon.get(project.id)
+        return _json(anon is not None and anon.enabled)
+
+    def anon_config(self, request: _Request) -> _Response:
+        """The config service's view (§9: `/data/config/anon/script`, `/data/projects/P/config/anon/projects/P`):
+        the configuration row with its `status` (enabled/disabled) and `contents`; `contents=true` answers the script
+        alone; 404 without one. Column set as the config service lists them [INF]."""
+        project = self._project(request) if "project" in request.groups else None
+        with self.store.lock:
+            anon = self.store.project_anon.get(project.id) if project else self.store.site_anon
+        if anon is None or (project is not None and request.group("target") != project.id):
+            raise _HttpError(404, _NOT_FOUND)
+        if request.params.flag("contents"):
+            return _text(anon.script)
+        row = {
+            "tool": "anon", "path": f"projects/{project.id}" if project else "script",
+            "project": project.id if project else "", "status": "enabled" if anon.enabled else "disabled",
+            "contents": anon.script, "version": str(anon.version), "unversioned": "false", "reason": "",
+            "xnatUser": "admin", "create_date": "",
+        }  # fmt: skip
+        return _table(list(row), [row], request.fmt())
 
     # -- import (§3) -------------------------------------------------------------------------------------------
 
@@ -2850,9 +3121,22 @@ class _Api:
         self, ctx: _ImportContext, entries: Iterable[tuple[str, bytes]], *, ignore: bool, ignore_any: bool
     ) -> list[Key]:
         """Feed entries one by one (§3.4); a failing entry aborts after the earlier ones were stored."""
+        try:
+            return self._receive_entries(ctx, entries, ignore=ignore, ignore_any=ignore_any)
+        finally:
+            with self.store.lock:
+                for row in ctx.locked:
+                    row.receiving -= 1
+                ctx.locked.clear()
+
+    def _receive_entries(
+        self, ctx: _ImportContext, entries: Iterable[tuple[str, bytes]], *, ignore: bool, ignore_any: bool
+    ) -> list[Key]:
         keys: dict[Key, None] = {}
         last_error: _EntryError | None = None
         for name, data in entries:
+            if ctx.pace > 0 and self.stopping.wait(ctx.pace):  # the entry streams in; the server is stopping
+                break
             try:
                 dicom = _parse_dicom(name, data, require_uids=False)
                 if self.store.filtered(ctx, dicom):  # a series import filter: 200, nothing stored, no row
@@ -2875,6 +3159,7 @@ class _Api:
         # An in-body upload's file writer is named from its Content-Type (`upload.dcm`, RequestUtil.deriveFileName), and
         # getSafeFile uses that name like any other: the first object of a scan is stored as upload.dcm.
         name, data = upload
+        ctx.pace = request.import_seconds
         keys = self._receive_all(ctx, [(name, data)], ignore=False, ignore_any=False)
         return _uri_list(
             [f"/data/prearchive/projects/{k[0]}/{k[1]}/{k[2]}" for k in keys], request.params.get("format")
@@ -2893,6 +3178,12 @@ class _Api:
         raw_ignore = params.get("Ignore-Unparsable")
         ignore = raw_ignore.strip().lower() == "true" if raw_ignore is not None else action_commit
         entries = _iter_entries(name, data, nested=modern, cut=request.cut)
+        if request.import_seconds > 0:
+            try:
+                count = sum(1 for _ in _iter_entries(name, data, nested=modern, cut=True))
+            except _HttpError:
+                count = 1
+            ctx.pace = request.import_seconds / max(count, 1)
         keys = self._receive_all(ctx, entries, ignore=ignore, ignore_any=modern)
         if not commit:
             return _uri_list([_data_url(k) for k in keys], params.get("format"))
@@ -3123,6 +3414,12 @@ class _Api:
             if project is None or not self.store.can_read(request.agent, project):
                 raise _HttpError(403, f"The current user does not have access to the requested project: {name}")
             wanted.add(project.id)
+        if request.agent.admin:
+            # PrearcSessionListResource.represent (restlet/resources/prearchive/PrearcSessionListResource.java:115-118,
+            # same at d3a896206 and 4fb6bc14): the requested projects, plus `null` (Unassigned) whenever the user has
+            # all-data access (site admins): an admin's `GET /data/prearchive/projects/P` lists P's rows *and* every
+            # Unassigned row; never another project's.
+            wanted.add(UNASSIGNED)
         return self._listing(request, wanted)
 
     def _listing(self, request: _Request, projects: set[str] | None) -> _Response:
@@ -3431,13 +3728,13 @@ def _experiment_item(experiment: _Experiment, subject_id: str) -> dict[str, Any]
                         {
                             "meta": {"xsi:type": "xnat:resourceCatalog", "isHistory": False},
                             "data_fields": {
-                                "xnat_abstractresource_id": scan.resource_id, "label": "DICOM",
-                                "file_count": len(scan.files),
-                                "file_size": sum(len(f.data) for f in scan.files.values()),
-                                "format": "DICOM", "content": "RAW",
+                                "xnat_abstractresource_id": resource_id, "label": label, "file_count": len(files),
+                                "file_size": sum(len(data) for data in files.values()), "format": fmt,
+                                "content": content,
                             },
                             "children": [],
                         }
+                        for label, resource_id, fmt, content, files in _scan_resources(scan)
                     ],
                 }
             ],
@@ -3457,7 +3754,12 @@ def _experiment_xml(experiment: _Experiment, subject_id: str) -> str:
     scans = "".join(
         f"<xnat:scan ID={_xml_attr(s.id)} type={_xml_attr(s.type)} UID={_xml_attr(s.series_uid)} "
         f'xsi:type="{s.xsi_type}">'
-        f'<xnat:file label="DICOM" format="DICOM" content="RAW" xsi:type="xnat:resourceCatalog"/></xnat:scan>'
+        + "".join(
+            f"<xnat:file label={_xml_attr(label)} format={_xml_attr(fmt)} content={_xml_attr(content)} "
+            'xsi:type="xnat:resourceCatalog"/>'
+            for label, _, fmt, content, _ in _scan_resources(s)
+        )
+        + "</xnat:scan>"
         for s in experiment.scans.values()
     )
     return (
@@ -3477,6 +3779,46 @@ _CATALOG_NAMESPACES = (
     'xmlns:xdat="http://nrg.wustl.edu/security" xmlns:xnat="http://nrg.wustl.edu/xnat" '
     'xmlns:xnat_a="http://nrg.wustl.edu/xnat_assessments" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
 )
+
+
+# `extra_scan_resources`: (format, content, file names by scan id and series description) of the usual labels.
+_EXTRA_RESOURCES: dict[str, tuple[str, str, Callable[[str, str], list[str]]]] = {
+    "NIFTI": ("NIFTI", "NIFTI_RAW", lambda scan, desc: [f"{desc}_{scan}.nii.gz", f"{desc}_{scan}.json"]),
+    "SNAPSHOTS": ("GIF", "SNAPSHOTS", lambda scan, desc: [f"{scan}_qc.gif", f"{scan}_qc_t.gif"]),
+    "BIDS": ("BIDS", "BIDS", lambda scan, desc: [f"sub-01_run-{scan}_{desc}.nii.gz", f"sub-01_run-{scan}_{desc}.json"]),
+}
+
+
+def _extra_resource(label: str, resource_id: int, scan_id: str, description: str) -> _ExtraResource:
+    """A pipeline's resource for an archived scan, with a few small files."""
+    desc = _to_file_name_chars(description or "scan")
+    fmt, content, names = _EXTRA_RESOURCES.get(label, (label, label, lambda scan, _: [f"{label.lower()}_{scan}.dat"]))
+    files = {name: f"{label} {scan_id} {name}\n".encode() for name in names(scan_id, desc)}
+    return _ExtraResource(label, resource_id, fmt, content, files)
+
+
+def _scan_resources(scan: _Scan) -> list[tuple[str, int, str, str, dict[str, bytes]]]:
+    """(label, xnat_abstractresource_id, format, content, name -> bytes) of every resource of a scan, DICOM first."""
+    found = [("DICOM", scan.resource_id, "DICOM", "RAW", {n: f.data for n, f in scan.files.items()})]
+    found += [(x.label, x.resource_id, x.format, x.content, x.files) for x in scan.extras.values()]
+    return found
+
+
+def _find_extra(scan: _Scan, name: str) -> _ExtraResource | None:
+    return next((x for x in scan.extras.values() if name in (x.label, str(x.resource_id))), None)
+
+
+def _extra_catalog_xml(extra: _ExtraResource) -> str:
+    """A non-DICOM resource's catalog: `cat:Catalog`, one `cat:entry` per file, no UID."""
+    entries = "".join(
+        f"\t<cat:entry ID={_xml_attr(name)} URI={_xml_attr(name)} "
+        f'digest="{hashlib.md5(data, usedforsecurity=False).hexdigest()}" format={_xml_attr(extra.format)}/>\n'
+        for name, data in extra.files.items()
+    )
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<cat:Catalog {_CATALOG_NAMESPACES}>\n<cat:entries>\n{entries}'
+        "</cat:entries>\n</cat:Catalog>\n"
+    )
 
 
 def _catalog_xml(scan: _Scan) -> str:
@@ -3723,10 +4065,14 @@ class FakeXnat:
         password_expiration_seconds: float | None = None,
         require_login: bool = True,
         context_path: str = "",
+        lastmod_refresh_seconds: float | None = None,
+        extra_scan_resources: Sequence[str] = (),
     ) -> None:
         context_path = context_path.rstrip("/")
         if context_path and not context_path.startswith("/"):
             raise ValueError(f"context_path must be empty or start with '/': {context_path!r}")
+        if lastmod_refresh_seconds is None:  # XNAT's 15 s against its 5-minute idle build, scaled like the idle time
+            lastmod_refresh_seconds = min(15.0, idle_build_seconds / 20)
         self._config = _Config(
             version=version,
             site_id=site_id,
@@ -3742,7 +4088,10 @@ class FakeXnat:
             password_expiration_seconds=password_expiration_seconds,
             require_login=require_login,
             context_path=context_path,
+            lastmod_refresh_seconds=lastmod_refresh_seconds,
+            extra_scan_resources=tuple(extra_scan_resources),
         )
+        self._timers: list[tuple[threading.Timer, Callable[[], None]]] = []
         self._host = host
         self._port = port
         self._store = _Store(self._config)
@@ -3769,6 +4118,7 @@ class FakeXnat:
         if self._server is not None:
             return self
         self._stopping.clear()
+        self._api.stopping.clear()
         self._server = _Server((self._host, self._port), self._api)
         server_thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-xnat-http", daemon=True
@@ -3783,11 +4133,18 @@ class FakeXnat:
         """Stop the HTTP server, the idle builder and the job pool, and wait for them."""
         server, self._server = self._server, None
         self._stopping.set()
+        self._api.stopping.set()
+        for timer, release in self._timers:
+            timer.cancel()
+            release()
+        self._timers = []
         if server is not None:
             server.shutdown()
             server.close_connections()
             server.server_close()
-        for thread in self._threads:
+        with self._api._log_lock:
+            background, self._api.background = self._api.background, []
+        for thread in [*self._threads, *background]:
             thread.join(timeout=10)
         self._threads = []
         self._jobs.shutdown(wait=True)
@@ -3972,6 +4329,65 @@ class FakeXnat:
         with self._store.lock:
             self._store.drops.append(_Drop(predicate, stage))
 
+    def proxy_timeout_next(
+        self,
+        path_prefix: str = "/data/services/import",
+        *,
+        after_seconds: float,
+        import_seconds: float,
+        method: str = "POST",
+        times: int = 1,
+    ) -> None:
+        """A proxy in front of XNAT (nginx `proxy_read_timeout`) gives up on the next `times` matching requests: the
+        client gets nginx's 504 page after `after_seconds` while XNAT goes on. For an import, the upload's entries are
+        stored one by one over `import_seconds` in the background (rows RECEIVING, lastmod refreshed at most every
+        `lastmod_refresh_seconds`, and the idle builder leaves a row alone while its import still writes to it);
+        other requests are processed in the background at once. `stop()` ends the background work."""
+        proxy = _ProxyTimeout(method.upper(), path_prefix, times, after_seconds, import_seconds)
+        with self._api._log_lock:
+            self._api.proxy_timeouts.append(proxy)
+
+    def hold_row_lock(
+        self, project: str, timestamp: str, folder: str, seconds: float, *, status: str = "_BUILDING"
+    ) -> None:
+        """Lock a prearchive row for `seconds` as XNAT's LockAndSync does (status `status`, one of the `_` ones), then
+        give it back its status: meanwhile `?action=build` and `?action=commit` answer 409 "session document locked"."""
+        if not status.startswith("_") or status not in ALL_STATUSES:
+            raise ValueError(f"not a lock status: {status!r}")
+        with self._store.lock:
+            row = self._store.rows.get((project, timestamp, folder))
+            if row is None:
+                raise KeyError((project, timestamp, folder))
+            previous, row.status = row.status, status
+
+        def release() -> None:
+            with self._store.lock:
+                if row.status == status:
+                    row.status = previous
+
+        timer = threading.Timer(seconds, release)
+        timer.daemon = True
+        self._timers.append((timer, release))
+        timer.start()
+
+    def set_anon_script(
+        self, script: str | None, *, project: str | None = None, enabled: bool = True, fails: bool = False
+    ) -> None:
+        """Set (None: remove) the site-wide (`project=None`) or a project's DicomEdit anonymisation script. The scripts
+        are not run; `fails=True` makes an enabled one fail: the site script during import (each entry answers 400
+        "unable to read DICOM object NAME", its new row deleted), a project script at archive (row ERROR). Served by
+        `/xapi/anonymize/...` and the config service paths."""
+        with self._store.lock:
+            current = self._store.site_anon if project is None else self._store.project_anon.get(project)
+            version = (current.version if current else 0) + 1
+            anon = None if script is None else _AnonScript(script, enabled, fails, version)
+            if project is None:
+                self._store.site_anon = anon
+            elif anon is None:
+                self._store.project_anon.pop(project, None)
+            else:
+                self._store.project_anon[project] = anon
+
     def faults_pending(self) -> int:
         """How many injected faults (fail_next, reset_next, truncate_next) have not met their request yet."""
         with self._api._log_lock:
@@ -3979,6 +4395,7 @@ class FakeXnat:
                 sum(f.remaining for f in self._api.faults)
                 + sum(r.remaining for r in self._api.resets)
                 + sum(t.remaining for t in self._api.truncations)
+                + sum(p.remaining for p in self._api.proxy_timeouts)
             )
 
     def clear_faults(self) -> None:
@@ -3987,6 +4404,7 @@ class FakeXnat:
             self._api.faults.clear()
             self._api.resets.clear()
             self._api.truncations.clear()
+            self._api.proxy_timeouts.clear()
         self.drop_entries(None)
 
     def html_error_with_200_next(
