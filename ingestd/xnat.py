@@ -301,14 +301,12 @@ class XnatClient:
         """Raise XnatLoginError if XNAT refused the account (see _LOGIN_PAGES and _LOGIN_403 for the sources)."""
         status = response.status_code
         if status == 401:
-            locked = "lock" in (response.text or "").lower()
+            # XNAT's answer does not tell these apart (its default login-failure message mentions locking whatever
+            # the cause, SiteConfigPreferences.java:1455): name them all.
             raise XnatLoginError(
-                f"XNAT {self.name} refused the login (401): "
-                + (
-                    "the account is locked after too many failed logins; it unlocks by itself (1 h by default)"
-                    if locked
-                    else "check the credentials (user name and password, or alias token)"
-                ),
+                f"XNAT {self.name} refused the login (401): check the credentials (user name and password, or alias"
+                " token); XNAT also answers so for an account that is locked after too many failed logins (it"
+                " unlocks by itself after 1 h by default), disabled by an admin or not yet verified",
                 status=401,
             )
         if status == 403:
@@ -375,8 +373,13 @@ class XnatClient:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         allow: tuple[int, ...] = (),
+        basic: bool = False,
     ) -> requests.Response:
-        """One request with the session cookie; on 401 log in again once and repeat. Raises XnatError."""
+        """One request with the session cookie; on 401 log in again once and repeat. Raises XnatError.
+
+        `basic`: send the credentials too. For the requests that file data (import, archive): on a site open to
+        guests an expired session is served as the guest, and a guest's import lands in Unassigned (xnat-web
+        Importer has no guest check); with the credentials on the request XNAT takes it as this account."""
         for attempt in (1, 2):
             self._report()
             self._fresh = False
@@ -386,10 +389,12 @@ class XnatClient:
             if hasattr(data, "seek"):
                 data.seek(0)  # type: ignore[union-attr]
             try:
+                secret = self._secret
                 response = self._session.request(
                     method,
                     f"{self.base}{path}",
                     params=params,
+                    auth=(secret.username, secret.password) if basic and secret is not None else None,
                     data=data,
                     headers=dict(headers or {}),
                     timeout=(self.server.connect_timeout_seconds, timeout or self.server.read_timeout_seconds),
@@ -434,6 +439,11 @@ class XnatClient:
                 raise
             writable = None
         if writable is not None and project in writable:
+            return
+        if writable is not None and not self._fresh:
+            # An expired session on a site open to guests lists the guest's projects (none): ask once more afresh.
+            self.close()
+            self.check_project(project)
             return
         check = self.request(
             "GET", f"/data/projects/{project}", f"look up {project}", params={"format": "json"}, allow=(403, 404)
@@ -509,6 +519,7 @@ class XnatClient:
                 params=params,
                 data=body,
                 headers={"Content-Type": "application/zip"},
+                basic=True,
             )
         return [self.site_path(uri) for uri in _uri_list(response)]
 
@@ -557,6 +568,7 @@ class XnatClient:
             },
             timeout=self.server.archive_timeout_seconds,
             allow=(301, 302, 303),
+            basic=True,
         )
         if response.status_code in (301, 302, 303):
             return self.site_path(response.headers.get("Location", ""))
