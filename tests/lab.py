@@ -83,7 +83,15 @@ class Lab:
     """A state directory with journal, spool, router and deliverer, and an XNAT stand-in to deliver to."""
 
     def __init__(
-        self, tmp_path: Path, xnat: FakeXnat, *, archive: bool = True, project: str = "PROJ", extra: str = ""
+        self,
+        tmp_path: Path,
+        xnat: FakeXnat,
+        *,
+        archive: bool = True,
+        project: str = "PROJ",
+        extra: str = "",
+        credentials: str = "{env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}",
+        server_extra: str = "",
     ) -> None:
         self.xnat = xnat
         self.state = tmp_path / "state"
@@ -98,13 +106,15 @@ class Lab:
             "  servers:\n"
             "    main:\n"
             f"      url: {xnat.url}\n"
-            "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
+            f"      credentials: {credentials}\n"
             "      poll_interval_seconds: 0.05\n"
             "      build_wait_seconds: 0.3\n"
             "      settle_seconds: 0.2\n"
             "      ready_timeout_seconds: 20\n"
             "      retry: {initial_seconds: 0.05, max_seconds: 0.2, max_attempts: 6}\n"
-            "batch_failures: {max_attempts: 3, initial_seconds: 0.05, max_seconds: 0.1}\n" + extra
+            + server_extra
+            + "batch_failures: {max_attempts: 3, initial_seconds: 0.05, max_seconds: 0.1}\n"
+            + extra
         )
         self.journal = Journal(self.state / "journal.sqlite")
         self.spool = Spool(self.state / "spool", self.journal)

@@ -2214,6 +2214,8 @@ class _Api:
             (get, r"/data/auth", self.whoami),
             (get, r"/data/services/tokens/issue", self.token_issue),
             (get, r"/data/services/tokens/issue/user/(?P<user>[^/]+)", self.token_issue),
+            (get, r"/data/services/tokens/show", self.token_show),
+            (get, r"/data/services/tokens/show/user/(?P<user>[^/]+)", self.token_show),
             (get, r"/data/services/tokens/validate/(?P<alias>[^/]+)/(?P<secret>[^/]+)", self.token_validate),
             (get, r"/data/services/tokens/invalidate/(?P<alias>[^/]+)", self.token_invalidate),
             (get, r"/xapi/siteConfig/buildInfo", self.build_info),
@@ -2609,23 +2611,17 @@ class _Api:
         with self.store.lock:
             if username not in self.store.users:  # AliasTokenRestlet.represent:118-121: the user lookup fails -> 400
                 raise _HttpError(400, f"An error occurred retrieving the user: {username}")
-        token = self.store.issue_token(username)
-        return _json(
-            {
-                "alias": token.alias,
-                "secret": token.secret,
-                "singleUse": False,
-                "estimatedExpirationTime": int(token.expires * 1000),
-                "xdatUserId": token.username,
-                "validIPAddresses": None,
-                "expired": False,
-                "id": token.serial,
-                "enabled": True,
-                "created": int(token.created * 1000),
-                "timestamp": int(token.created * 1000),
-                "disabled": 0,
-            }
-        )
+        return _json(_token_json(self.store.issue_token(username)))
+
+    def token_show(self, request: _Request) -> _Response:
+        """`GET /data/services/tokens/show[/user/{USERNAME}]`: the user's live tokens, each serialized as `issue`
+        answers it (AliasTokenRestlet.represent OP_SHOW: findTokensForUser, an empty list when none; restlet
+        XNATApplication.java:333 attaches /services/tokens/{OPERATION})."""
+        self._token_agent(request)
+        username = request.group("user") if "user" in request.groups else request.agent.username
+        with self.store.lock:
+            tokens = [t for t in self.store.tokens.values() if t.username.lower() == username.lower()]
+        return _json([_token_json(token) for token in sorted(tokens, key=lambda t: t.serial)])
 
     def token_validate(self, request: _Request) -> _Response:
         """`{"valid": <username>}` or `{"valid": null}` (HibernateAliasTokenService.validateToken returns the user or
@@ -3682,6 +3678,25 @@ class _Api:
 # --------------------------------------------------------------------------------------------------------------
 # Representations
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _token_json(token: _Token) -> dict[str, Any]:
+    """An AliasToken entity as XNAT's serializer writes it (libs/xdat entities/AliasToken.java getters plus
+    AbstractHibernateEntity id/enabled/created/timestamp/disabled, Dates as epoch ms)."""
+    return {
+        "alias": token.alias,
+        "secret": token.secret,
+        "singleUse": False,
+        "estimatedExpirationTime": int(token.expires * 1000),
+        "xdatUserId": token.username,
+        "validIPAddresses": None,
+        "expired": time.time() > token.expires,
+        "id": token.serial,
+        "enabled": True,
+        "created": int(token.created * 1000),
+        "timestamp": int(token.created * 1000),
+        "disabled": 0,
+    }
 
 
 def _data_url(key: Key) -> str:
