@@ -97,7 +97,8 @@ class Breaker:
         SERVER_PAUSED.labels(server=server).set(1)
         self._save(snapshot)
         log.error(
-            "xnat.server_paused" if first else "xnat.login_refused",
+            "xnat.server_paused",
+            first=first,
             server=server,
             reason=reason,
             refused_logins=snapshot.refusals,

@@ -160,39 +160,37 @@ def _check_private(path: Path, what: str) -> None:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise XnatError(f"cannot read the {what} {path}: {exc.strerror}", retryable=False) from None
+        raise XnatLoginError(f"cannot read the {what} {path}: {exc.strerror}") from None
     if stat.S_IMODE(mode) & 0o077:
-        raise XnatError(f"the {what} {path} is readable by others: chmod 600 {path}", retryable=False)
+        raise XnatLoginError(f"the {what} {path} is readable by others: chmod 600 {path}")
 
 
 def load_credentials(credentials: Credentials, url: str) -> _Secret:
-    """Read the credentials for `url` from where the configuration says; raise XnatError (never the secret)."""
+    """Read the credentials for `url` from where the configuration says; raise XnatLoginError (never the secret):
+    like a refused login, credentials ingestd cannot read hold up every delivery to the server until fixed."""
     if credentials.netrc is not None:
         _check_private(credentials.netrc, ".netrc file")
         host = urlsplit(url).hostname or ""
         try:
             entry = netrc.netrc(str(credentials.netrc)).authenticators(host)
         except (netrc.NetrcParseError, OSError) as exc:
-            raise XnatError(f"cannot parse {credentials.netrc}: {type(exc).__name__}", retryable=False) from None
+            raise XnatLoginError(f"cannot parse {credentials.netrc}: {type(exc).__name__}") from None
         if entry is None or not entry[0] or entry[2] is None:
-            raise XnatError(f"{credentials.netrc} has no login and password for machine {host}", retryable=False)
+            raise XnatLoginError(f"{credentials.netrc} has no login and password for machine {host}")
         return _Secret(entry[0], entry[2])
     if credentials.file is not None:
         _check_private(credentials.file, "credentials file")
         text = credentials.file.read_text(encoding="utf-8").strip()
         username, sep, password = text.partition(":")
         if not sep or not username or not password or "\n" in text:
-            raise XnatError(
-                f"{credentials.file} must hold one line username:password (or alias:secret)", retryable=False
-            )
+            raise XnatLoginError(f"{credentials.file} must hold one line username:password (or alias:secret)")
         return _Secret(username, password)
     assert credentials.env_username is not None and credentials.env_password is not None  # noqa: S101 - validated
     username = os.environ.get(credentials.env_username, "")
     password = os.environ.get(credentials.env_password, "")
     if not username or not password:
-        raise XnatError(
-            f"environment variables {credentials.env_username} and {credentials.env_password} must be set",
-            retryable=False,
+        raise XnatLoginError(
+            f"environment variables {credentials.env_username} and {credentials.env_password} must be set"
         )
     return _Secret(username, password)
 
