@@ -562,6 +562,10 @@ def _write_test(client: XnatClient, name: str, server: XnatServer, project: str)
     """Import one generated instance into `project`'s prearchive, see it built and held, delete it whatever
     happened; an error names anything that could not be deleted."""
     subject = f"{name}/{project}"
+    try:  # as a delivery does: an import into a project the account cannot write lands elsewhere (Unassigned)
+        client.check_project(project)
+    except XnatError as exc:
+        return [Finding("error", subject, f"write test not run: {exc}", "fix the project or the account's role in it")]
     label = f"ingestd_check_{secrets.token_hex(4)}"
     data, study_uid, series_uid, sop_uid = _test_instance(label)
     findings: list[Finding] = []

@@ -46,7 +46,8 @@ Public API (`FakeXnat`):
 * ``start()`` (returns self), ``stop()``, context manager; ``url`` (``http://127.0.0.1:PORT``).
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
-  read, site admins do everything; ``issue_token(username) -> (alias, secret)``; ``expire_sessions()``.
+  read, site admins do everything; ``issue_token(username) -> (alias, secret)``; ``expire_sessions()``;
+  ``GET /data/services/tokens/show`` lists the account's live tokens with `estimatedExpirationTime`.
 * Accounts and tokens: ``expire_tokens(username=None) -> int`` (the alias-token sweep, for one user or all; returns
   how many went); ``failed_logins(username) -> int``; ``is_locked(username) -> bool``; ``expire_password(username)``
   (authenticated requests then answer 302 to `{url}/app/template/XDATScreen_UpdateUser.vm`);
@@ -621,6 +622,28 @@ class _ArchiveError(Exception):
 
 def _text(text: str, *, status: int = 200, content_type: str = "text/plain;charset=UTF-8") -> _Response:
     return _Response(status, text.encode(), content_type)
+
+
+def _token_json(token: _Token) -> dict[str, Any]:
+    """An AliasToken entity as XNAT serializes it (libs/xdat entities/AliasToken.java getters + AbstractHibernateEntity
+    id/enabled/created/timestamp/disabled, Dates as epoch ms). `estimatedExpirationTime` = issue time +
+    `aliasTokenTimeout` (HibernateAliasTokenService.issueTokenForUser:93-110); `expired` is the @Transient
+    isExpired() getter, serialized too; `validIPAddresses` is null for a token issued here [INF: that Jackson writes
+    nulls]."""
+    return {
+        "alias": token.alias,
+        "secret": token.secret,
+        "singleUse": False,
+        "estimatedExpirationTime": int(token.expires * 1000),
+        "xdatUserId": token.username,
+        "validIPAddresses": None,
+        "expired": False,
+        "id": token.serial,
+        "enabled": True,
+        "created": int(token.created * 1000),
+        "timestamp": int(token.created * 1000),
+        "disabled": 0,
+    }
 
 
 def _json(value: Any, *, status: int = 200) -> _Response:
@@ -2214,6 +2237,8 @@ class _Api:
             (get, r"/data/auth", self.whoami),
             (get, r"/data/services/tokens/issue", self.token_issue),
             (get, r"/data/services/tokens/issue/user/(?P<user>[^/]+)", self.token_issue),
+            (get, r"/data/services/tokens/show", self.token_show),
+            (get, r"/data/services/tokens/show/user/(?P<user>[^/]+)", self.token_show),
             (get, r"/data/services/tokens/validate/(?P<alias>[^/]+)/(?P<secret>[^/]+)", self.token_validate),
             (get, r"/data/services/tokens/invalidate/(?P<alias>[^/]+)", self.token_invalidate),
             (get, r"/xapi/siteConfig/buildInfo", self.build_info),
@@ -2610,22 +2635,19 @@ class _Api:
             if username not in self.store.users:  # AliasTokenRestlet.represent:118-121: the user lookup fails -> 400
                 raise _HttpError(400, f"An error occurred retrieving the user: {username}")
         token = self.store.issue_token(username)
-        return _json(
-            {
-                "alias": token.alias,
-                "secret": token.secret,
-                "singleUse": False,
-                "estimatedExpirationTime": int(token.expires * 1000),
-                "xdatUserId": token.username,
-                "validIPAddresses": None,
-                "expired": False,
-                "id": token.serial,
-                "enabled": True,
-                "created": int(token.created * 1000),
-                "timestamp": int(token.created * 1000),
-                "disabled": 0,
-            }
-        )
+        return _json(_token_json(token))
+
+    def token_show(self, request: _Request) -> _Response:
+        """`GET /data/services/tokens/show[/user/{USERNAME}]` (AliasTokenRestlet OP_SHOW, represent:114-131): the
+        account's live tokens, each serialized as `issue` answers it (a JSON list; empty when it has none)."""
+        self._token_agent(request)
+        username = request.group("user") if "user" in request.groups else request.agent.username
+        with self.store.lock:
+            if username not in self.store.users:
+                raise _HttpError(400, f"An error occurred retrieving the user: {username}")
+            tokens = [t for t in self.store.tokens.values() if t.username == username]
+        live = [token for token in tokens if self.store.live_token(token.alias) is not None]
+        return _json([_token_json(token) for token in sorted(live, key=lambda t: t.serial)])
 
     def token_validate(self, request: _Request) -> _Response:
         """`{"valid": <username>}` or `{"valid": null}` (HibernateAliasTokenService.validateToken returns the user or
