@@ -23,6 +23,7 @@ from typing import Literal, NamedTuple
 
 from ingestd.config import Config, XnatServer
 from ingestd.errors import ConfigError
+from ingestd.rules import RuleSet
 from ingestd.xnat import PrearchiveRow, XnatClient, XnatError, XnatLoginError, is_alias_token, load_credentials
 
 __all__ = ["Finding", "check_xnat", "exit_status", "iter_lines", "parse_version"]
@@ -84,12 +85,9 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def _routed_projects(config: Config, server: str) -> tuple[dict[str, list[bool]], list[str], Finding | None]:
+def _routed_projects(rules: RuleSet | None, server: str) -> tuple[dict[str, list[bool]], list[str], Finding | None]:
     """The projects the rules route to `server`, each with the `archive:` setting of every rule that does; the
     rules whose project is a template (decided per study); or a finding that there is nothing to look at."""
-    from ingestd.daemon import load_rules_for  # noqa: PLC0415 - the rules compiler is only needed here
-
-    rules = load_rules_for(config)
     if rules is None:
         return (
             {},
@@ -130,14 +128,17 @@ def check_xnat(
         raise ConfigError("xnat", [f"no XNAT server named {server} under xnat.servers (configured: {known})"])
     if not servers:
         return [Finding("error", "xnat", "no XNAT server is configured", "add one under xnat.servers")]
+    from ingestd.daemon import load_rules_for  # noqa: PLC0415 - the rules compiler is only needed here
+
+    rules = load_rules_for(config)  # before any request: rules that do not load are a configuration error
     findings: list[Finding] = []
     for name in [server] if server is not None else sorted(servers):
-        findings += _check_server(config, name, servers[name], write_test, now)
+        findings += _check_server(rules, name, servers[name], write_test, now)
     return findings
 
 
 def _check_server(
-    config: Config, name: str, server: XnatServer, write_test: str | None, now: Callable[[], float]
+    rules: RuleSet | None, name: str, server: XnatServer, write_test: str | None, now: Callable[[], float]
 ) -> list[Finding]:
     findings: list[Finding] = []
     try:
@@ -166,7 +167,7 @@ def _check_server(
         version = _check_version(client, name, server, findings)
         findings += _check_credential(client, name, server, is_alias_token(secret.username), now)
         findings += _check_site_anon(client, name)
-        projects, templated, nothing = _routed_projects(config, name)
+        projects, templated, nothing = _routed_projects(rules, name)
         if nothing is not None:
             findings.append(nothing)
         if templated:

@@ -311,3 +311,13 @@ def test_parse_version() -> None:
     assert parse_version("1.9") == (1, 9, 0)
     assert parse_version("unknown") is None
     assert exit_status([Finding("ok", "a", "b")]) == 0
+
+
+def test_rules_that_do_not_load_are_a_usage_error(
+    tmp_path: Path, xnat: FakeXnat, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, xnat, RULES.replace("server: main", "server: elsewhere"))
+    status, output = run(capsys, "--config", str(config))
+    assert status == 2
+    assert "elsewhere" in output and "not defined under xnat.servers" in output
+    assert not xnat.requests_log  # nothing was asked of XNAT
