@@ -21,7 +21,7 @@ __all__ = ["main"]
 DEFAULT_CONFIG = Path("/etc/ingestd/ingestd.yaml")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per command
     parser = argparse.ArgumentParser(prog="ingestd", description="DICOM ingestion daemon for research labs.")
     parser.add_argument("--version", action="version", version=f"ingestd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +91,21 @@ def _parser() -> argparse.ArgumentParser:
         "--show-paths", action="store_true", help="name quarantined files by their path (default: a digest)"
     )
     bulk.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files, folders, zip or tar archives")
+
+    check_xnat = commands.add_parser(
+        "check-xnat",
+        help="log in to each XNAT server as the daemon would and check the account, projects and settings",
+    )
+    check_xnat.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})"
+    )
+    check_xnat.add_argument("server", nargs="?", metavar="SERVER", help="only this server (default: every server)")
+    check_xnat.add_argument(
+        "--write-test",
+        metavar="PROJECT",
+        help="also import a tiny generated study into PROJECT's prearchive, check it and delete it",
+    )
+    check_xnat.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     status = commands.add_parser("status", help="list studies and quarantined items from the journal")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
@@ -310,6 +325,27 @@ def _cmd_check_rules(files: list[Path]) -> int:
             f" rule set {rules.version})"
         )
     return 0
+
+
+def _cmd_check_xnat(args: argparse.Namespace, config: Config) -> int:
+    """Exit 0 when every check is ok, 1 with a warning, 2 with an error (or a configuration error)."""
+    from ingestd.check_xnat import check_xnat, exit_status, iter_lines  # noqa: PLC0415 - pulls in requests, rules
+
+    try:
+        findings = check_xnat(config, args.server, write_test=args.write_test)
+    except ConfigError:
+        raise
+    except IngestdError as exc:  # the rules do not load, say: not a finding, but a refusal to check
+        print(f"ingestd: {exc}", file=sys.stderr)
+        return 2
+    status = exit_status(findings)
+    if args.json:
+        json.dump({"status": status, "findings": [finding.as_dict() for finding in findings]}, sys.stdout, indent=2)
+        print()
+    else:
+        for line in iter_lines(findings):
+            print(line)
+    return status
 
 
 def _cmd_new_key(file: Path) -> int:
@@ -573,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return _cmd_retry_release(args, config)
         if args.command == "import":
             return _cmd_import(args, config)
+        if args.command == "check-xnat":
+            return _cmd_check_xnat(args, config)
         data = _status_data(config, show_uids=args.show_uids, show_paths=args.show_paths)
         if args.json:
             json.dump(data, sys.stdout, indent=2)
