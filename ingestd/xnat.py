@@ -590,31 +590,17 @@ class XnatClient:
 
     def experiment(self, project: str, subject: str, session: str) -> dict[str, Any] | None:
         """The archived experiment's JSON item (data_fields and children), or None if XNAT has none."""
-        response = self.request(
-            "GET",
-            f"/data/projects/{project}/subjects/{subject}/experiments/{session}",
-            f"read experiment {session}",
-            params={"format": "json"},
-            allow=(404,),
-        )
-        if response.status_code == 404:
-            return None
-        payload = _json(response)
-        items = payload.get("items") if isinstance(payload, dict) else None
-        item = items[0] if isinstance(items, list) and items else None
-        return item if isinstance(item, dict) else None
+        return self._item(f"/data/projects/{project}/subjects/{subject}/experiments/{session}", session)
 
     def project_experiment(self, project: str, label: str) -> dict[str, Any] | None:
         """The experiment labelled `label` anywhere in `project`, under any subject (`GET
         /data/projects/P/experiments/LABEL`, by label or ID), or None: a label is unique in a project, not in a
         subject, and XNAT refuses to archive a session under a label another subject's experiment holds."""
-        response = self.request(
-            "GET",
-            f"/data/projects/{project}/experiments/{label}",
-            f"look up experiment {label}",
-            params={"format": "json"},
-            allow=(404,),
-        )
+        return self._item(f"/data/projects/{project}/experiments/{label}", label)
+
+    def _item(self, path: str, label: str) -> dict[str, Any] | None:
+        """The first JSON item of an experiment resource, or None on 404."""
+        response = self.request("GET", path, f"read experiment {label}", params={"format": "json"}, allow=(404,))
         if response.status_code == 404:
             return None
         payload = _json(response)
