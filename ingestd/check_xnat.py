@@ -522,38 +522,31 @@ def _auto_archive_without_archive(
 
 def _test_instance(label: str) -> tuple[bytes, str, str, str]:
     """One small MR instance with new UIDs: (bytes, study UID, series UID, SOP Instance UID)."""
-    from pydicom.dataset import Dataset, FileMetaDataset  # noqa: PLC0415 - only the write test needs pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: PLC0415
+    from pydicom.uid import generate_uid  # noqa: PLC0415 - only the write test needs pydicom
 
-    study_uid, series_uid, sop_uid = generate_uid(), generate_uid(), generate_uid()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientName = label
-    ds.PatientID = label
-    ds.StudyID = "1"
-    ds.AccessionNumber = ""
-    ds.StudyDate = ds.SeriesDate = time.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = time.strftime("%H%M%S")
-    ds.StudyDescription = "ingestd check-xnat write test"
-    ds.SeriesDescription = "ingestd check"
-    ds.Modality = "MR"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = 8
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(8 * 8 * 2)
+    from ingestd.synthetic import mr_instance  # noqa: PLC0415
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    ds = mr_instance(
+        study_uid,
+        series_uid,
+        size=8,
+        pixel_data=bytes(8 * 8 * 2),
+        PatientName=label,
+        PatientID=label,
+        StudyID="1",
+        AccessionNumber="",
+        StudyDate=time.strftime("%Y%m%d"),
+        SeriesDate=time.strftime("%Y%m%d"),
+        StudyTime=time.strftime("%H%M%S"),
+        SeriesTime=time.strftime("%H%M%S"),
+        StudyDescription="ingestd check-xnat write test",
+        SeriesDescription="ingestd check",
+        SeriesNumber=1,
+        InstanceNumber=1,
+    )
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid = ds.SOPInstanceUID
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue(), study_uid, series_uid, sop_uid

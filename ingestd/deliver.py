@@ -390,6 +390,7 @@ class Deliverer(PeriodicWorker):
             self._hold(batch_id, f"{stage}-failed", reason, current["step"])
 
     def _hold(self, batch_id: int, code: str, reason: str, step: str) -> None:
+        self._settling.pop(batch_id, None)
         self.journal.update_delivery(batch_id, last_error=reason, retried_at=None)  # a retry is spent by a new hold
         if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
             DELIVERIES.labels(outcome="held").inc()
@@ -624,6 +625,7 @@ class Deliverer(PeriodicWorker):
         self._advance(job.batch_id, Step.VERIFY)
 
     def _done(self, job: _Job, where: str) -> None:
+        self._settling.pop(job.batch_id, None)
         if not self.journal.finish_delivery(job.batch_id, time.time()):
             return
         DELIVERIES.labels(outcome="delivered").inc()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 
@@ -27,6 +27,7 @@ from ingestd.config import load_config
 from ingestd.daemon import Daemon
 from ingestd.journal import Journal, StudyState
 from ingestd.logs import configure_logging
+from ingestd.synthetic import mr_instance
 from ingestd.testing.fake_xnat import FakeXnat
 
 __all__ = ["run_demo"]
@@ -74,22 +75,20 @@ def _study() -> list[Dataset]:
     for number, description in enumerate(("Localizer", "T1 MPRAGE MRN-0042-DEMO", "T2 FLAIR"), start=1):
         series_uid = generate_uid()
         for index in range(5):
-            ds = Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.SOPClassUID = MRImageStorage
-            ds.SOPInstanceUID = generate_uid()
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds = mr_instance(
+                study_uid,
+                series_uid,
+                size=32,
+                pixel_data=bytes(range(256)) * 8,
+                SeriesNumber=number,
+                InstanceNumber=index + 1,
+                SeriesDescription=description,
+            )
             ds.PatientName, ds.PatientID, ds.PatientBirthDate = _PATIENT
             ds.PatientSex, ds.PatientAge = "F", "056Y"
             ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20261120", "101500", "ACC-DEMO-7"
             ds.InstitutionName, ds.ReferringPhysicianName = "Demo Imaging Centre", "WHO^DOCTOR"
-            ds.StudyDescription, ds.SeriesDescription = "RESEARCH^DEMO", description
-            ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", number, index + 1
-            ds.Rows = ds.Columns = 32
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            ds.PixelData = bytes(range(256)) * 8
+            ds.StudyDescription = "RESEARCH^DEMO"
             out.append(ds)
     return out
 
