@@ -32,6 +32,9 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character rep
 
 M = TypeVar("M", bound=BaseModel)
 
+MIN_PDU_SIZE = 4096  # the smallest maximum PDU length ingestd announces (DCMTK's and dcm4che's lower bound too)
+MAX_PDU_SIZE = 64 * 1024 * 1024  # the largest
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -70,12 +73,39 @@ class Listener(_Model):
     processes: Annotated[int, Field(ge=1, le=64)] = 1
     max_pdu_size: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Before an association exists (ingestd/receive/gate.py): connections open at once in this process, accepted
+    # or waiting to be, and per peer address; an A-ASSOCIATE-RQ must have arrived whole this long after the
+    # accept (the ARTIM timer, PS3.8 §9.1.5); a TLS handshake must be done this long after the accept.
+    max_connections: Annotated[int, Field(ge=1, le=10000)] = 128
+    max_connections_per_peer: Annotated[int, Field(ge=1, le=10000)] = 16
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    tls_handshake_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # The slowest a PDU may arrive, in kilobits per second (1000 bit/s), beyond network_timeout_seconds: each PDU
+    # must be whole within network_timeout_seconds + its length / this rate (0: network_timeout_seconds alone).
+    min_receive_rate_kbps: Annotated[float, Field(ge=0)] = 256.0
     tls: Tls | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _max_pdu(cls, value: int) -> int:
+        # 0 announces "no limit" (PS3.8 §D.1): a peer could then send PDUs of any size, so it is refused.
+        if not MIN_PDU_SIZE <= value <= MAX_PDU_SIZE:
+            raise ValueError(
+                f"max_pdu_size is the largest PDU ingestd accepts: {MIN_PDU_SIZE} to {MAX_PDU_SIZE} bytes "
+                "(0, no limit, would let a peer make ingestd buffer any amount)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _connections(self) -> Listener:
+        if self.max_connections < self.max_associations:
+            raise ValueError("max_connections counts associations too: it must be at least max_associations")
+        return self
 
     @field_validator("allowed_calling_aets")
     @classmethod

@@ -100,6 +100,10 @@ class _ClosedError(Exception):
     """The peer closed the connection (or it was shut down locally)."""
 
 
+class _TooSlowError(TimeoutError):
+    """A PDU did not arrive whole by its deadline (network_timeout + its length at the floor rate)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoreRequest:
     """What a C-STORE request says about its data set: the command's UIDs and its presentation context."""
@@ -211,14 +215,38 @@ def _nothing_to_read() -> bool:
 
 
 class _Reader:
-    """Reads a socket through one buffer: headers from the buffer, large fragments straight into their target."""
+    """Reads a socket through one buffer: headers from the buffer, large fragments straight into their target.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Every read must be done by `deadline` (a monotonic time; the data phase sets one per PDU), and waits at most
+    `idle` seconds for a byte; either raises TimeoutError (`_TooSlowError` for the deadline).
+    """
+
+    def __init__(self, sock: socket.socket, idle: float | None = None) -> None:
         self._sock = sock
         self._buffer = bytearray(_READ_CHUNK)
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        self.idle = idle
+        self.deadline = float("inf")
+        self._timeout = sock.gettimeout()
+
+    def _recv_into(self, target: memoryview) -> int:
+        timeout, by_deadline = self.idle, False
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _TooSlowError
+        if timeout is None or left < timeout:
+            timeout, by_deadline = left, True
+        if timeout != self._timeout:  # a system call: only when it changes (close to a deadline)
+            self._sock.settimeout(timeout)
+            self._timeout = timeout
+        try:
+            return self._sock.recv_into(target)
+        except TimeoutError:
+            if by_deadline:
+                raise _TooSlowError from None
+            raise
 
     def exact(self, size: int) -> bytes:
         """The next `size` bytes (`size` at most the buffer's)."""
@@ -236,7 +264,7 @@ class _Reader:
             self._start += have
         filled = have
         while filled < len(target):
-            got = self._sock.recv_into(target[filled:])
+            got = self._recv_into(target[filled:])
             if not got:
                 raise _ClosedError
             filled += got
@@ -248,7 +276,7 @@ class _Reader:
             pending = self._end - self._start
             self._view[:pending] = self._view[self._start : self._end]
             self._start, self._end = 0, pending
-        got = self._sock.recv_into(self._view[self._end :])
+        got = self._recv_into(self._view[self._end :])
         if not got:
             raise _ClosedError
         self._end += got
@@ -328,10 +356,24 @@ class DataPhase:
     any thread to end the association (the listener stopping). `how` says how it ended.
     """
 
-    def __init__(self, assoc: Any, store: StoreFunction, network_timeout: float) -> None:
+    def __init__(
+        self,
+        assoc: Any,
+        store: StoreFunction,
+        network_timeout: float,
+        *,
+        max_pdu_length: int = 0,
+        min_rate: float = 0.0,
+    ) -> None:
         self.assoc = assoc
         self.store = store
         self.network_timeout = network_timeout
+        # The longest P-DATA-TF PDU accepted: the maximum length we announced in the A-ASSOCIATE-AC (0: none).
+        self.max_pdu_length = max_pdu_length
+        # The floor, in bytes per second: a PDU must be whole within network_timeout + its length / min_rate of
+        # the end of the one before (0: within network_timeout, however long it is).
+        self.min_rate = min_rate
+        self.slow: tuple[int, float] | None = None  # (the PDU's length, seconds it was given) when too slow
         self.how = "open"
         self.protocol_error: str | None = None
         self._send_lock = threading.Lock()
@@ -351,13 +393,16 @@ class DataPhase:
             self._take_over_from_dul()
             self._sock = assoc.dul.socket.socket
             self._sock.settimeout(self.network_timeout)
-            released = self._serve(_Reader(self._sock))
+            released = self._serve(_Reader(self._sock, self.network_timeout))
         except _ClosedError:
             if self._stopping:
                 self.how = "stopped"
                 self._send_abort(_SERVICE_USER, 0x00)
             else:
                 self.how = "closed by peer"
+        except _TooSlowError:
+            self.how = "stopped" if self._stopping else "too slow"
+            self._send_abort(_SERVICE_USER, 0x00)
         except TimeoutError:
             self.how = "stopped" if self._stopping else "network timeout"
             self._send_abort(_SERVICE_USER, 0x00)
@@ -394,10 +439,25 @@ class DataPhase:
         while True:
             if self._stopping:
                 raise _ClosedError
+            # No progress (a whole PDU) for network_timeout ends the association; a long PDU gets its length at
+            # the floor rate on top, so that a peer trickling it cannot hold its association for ever.
+            started = time.monotonic()
+            reader.deadline = started + self.network_timeout
             header = reader.exact(6)
             pdu_type = header[0]
             length = int.from_bytes(header[2:6], "big")
+            if self.min_rate > 0:
+                reader.deadline += length / self.min_rate
+            self.slow = (length, reader.deadline - started)
             if pdu_type == 0x04:
+                if self.max_pdu_length and length > self.max_pdu_length:
+                    # Refused before a byte of it is read. PS3.8 Table 9-26 has no "PDU length" reason: the A-ABORT
+                    # is from the service provider (2) with reason 6, invalid PDU parameter value, as dcm4che's
+                    # PDUDecoder answers a PDU longer than it accepts (AAbort.INVALID_PDU_PARAMETER_VALUE).
+                    raise ProtocolError(
+                        f"a P-DATA-TF PDU of {length} bytes, longer than the {self.max_pdu_length} announced",
+                        _INVALID_PARAMETER,
+                    )
                 self._p_data(reader, length, message)
             elif pdu_type == 0x05:  # A-RELEASE-RQ
                 self._skip(reader, length)
@@ -424,8 +484,10 @@ class DataPhase:
                 raise ProtocolError("a presentation data value item's length does not fit its PDU")
             remaining -= item_length + 4
             if message.add_fragment(reader, item[4], item[5], item_length - 2):
+                started = time.monotonic()
                 self._dispatch(message)
                 message.reset()
+                reader.deadline += time.monotonic() - started  # the peer waits for our answer meanwhile
 
     def _dispatch(self, message: _Message) -> None:
         command, context_id = message.command, message.context_id

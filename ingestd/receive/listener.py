@@ -15,13 +15,17 @@ import socket
 import ssl
 import threading
 import time
+from copy import deepcopy
+from datetime import datetime
 from typing import Any, cast
 
 import structlog
 from pydicom import uid as dicom_uid
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ingestd.config import Listener as ListenerConfig
 from ingestd.dicomfile import check_data_set
@@ -38,6 +42,7 @@ from ingestd.header import (
 from ingestd.journal import Source
 from ingestd.metrics import AssociationSlot
 from ingestd.receive import dataphase
+from ingestd.receive.gate import Gate
 from ingestd.spool import Spool
 
 VERIFICATION = dicom_uid.UID("1.2.840.10008.1.1")
@@ -116,7 +121,107 @@ def _command_uid(value: object) -> str:
     return str(value or "").rstrip("\x00 ")
 
 
-class _SharedSocketServer(ThreadedAssociationServer):
+class _ReplaySocket(AssociationSocket):
+    """An association's socket that first gives back the A-ASSOCIATE-RQ the gate read off it."""
+
+    def __init__(self, assoc: Any, client_socket: socket.socket, replay: bytes) -> None:
+        self._replay = bytearray(replay)
+        super().__init__(assoc, client_socket=client_socket)
+
+    @property
+    def ready(self) -> bool:
+        if self._replay and self.socket is not None:
+            return True
+        return bool(super().ready)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self._replay:
+            return super().recv(nr_bytes)
+        taken = self._replay[:nr_bytes]
+        del self._replay[:nr_bytes]
+        if len(taken) < nr_bytes:
+            taken += super().recv(nr_bytes - len(taken))
+        return taken
+
+
+class _GatedRequestHandler(RequestHandler):
+    """pynetdicom's handler, for a connection that comes through the gate with its request read already."""
+
+    server: _GatedServer
+
+    def _create_association(self) -> Any:
+        # pynetdicom 3.0's RequestHandler._create_association, with the replaying socket.
+        server = self.server
+        ae = server.ae
+        assoc = Association(ae, MODE_ACCEPTOR)
+        assoc._server = server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        request = cast(socket.socket, self.request)
+        assoc.set_socket(_ReplaySocket(assoc, request, server.take_replay(request)))
+        assoc.acceptor.maximum_length = ae.maximum_pdu_size
+        assoc.acceptor.ae_title = server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in cast(list[tuple[Any, Any]], handlers):
+                    assoc.bind(event, handler[0], handler[1])
+        return assoc
+
+
+class _GatedServer(ThreadedAssociationServer):
+    """An association server whose accept loop only accepts: the gate (`ingestd.receive.gate`) does the rest.
+
+    A connection reaches pynetdicom (`admit`) once its TLS handshake is done and its A-ASSOCIATE-RQ is whole.
+    """
+
+    ae: _ListenerAE
+    gate: Gate
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", _GatedRequestHandler)
+        self._replays: dict[int, bytes] = {}
+        self._replays_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+        config = cast(ListenerConfig, self.ae.listener_config)
+        self.gate = Gate(
+            self.admit,
+            max_connections=config.max_connections,
+            max_per_peer=config.max_connections_per_peer,
+            acse_timeout=config.acse_timeout_seconds,
+            tls_handshake_timeout=config.tls_handshake_timeout_seconds,
+            network_timeout=config.network_timeout_seconds,
+            ssl_context=self.ssl_context,
+        )
+        self.gate.start()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return cast(socket.socket, self.socket).accept()  # no TLS handshake here: the gate does it
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.gate.add(request, client_address)
+
+    def admit(self, sock: socket.socket, address: Any, replay: bytes) -> None:
+        """Called by the gate: serve the connection in a thread of its own, as pynetdicom does."""
+        with self._replays_lock:
+            self._replays[sock.fileno()] = replay
+        super().process_request(sock, address)
+
+    def take_replay(self, sock: socket.socket) -> bytes:
+        with self._replays_lock:
+            return self._replays.pop(sock.fileno(), b"")
+
+    def shutdown(self) -> None:
+        self.gate.stop()
+        super().shutdown()
+
+
+class _SharedSocketServer(_GatedServer):
     """An association server whose listening socket several receiver processes accept from.
 
     The daemon binds it (`bind_listening_socket`) and every receiver process gets a duplicate. Each
@@ -124,8 +229,6 @@ class _SharedSocketServer(ThreadedAssociationServer):
     associations waits a moment first, so new ones go to an idle process. The socket is non-blocking, so
     the processes that lose the race go back to waiting.
     """
-
-    ae: _ListenerAE
 
     def server_bind(self) -> None:
         shared = cast(socket.socket, self.ae.listening_socket)
@@ -147,12 +250,13 @@ class _SharedSocketServer(ThreadedAssociationServer):
 
 class _ListenerAE(AE):
     listening_socket: socket.socket | None = None
+    listener_config: ListenerConfig | None = None
 
     def make_server(  # type: ignore[override]
         self, address: Any, server_class: Any = None, **kwargs: Any
     ) -> Any:
-        if self.listening_socket is not None and server_class is ThreadedAssociationServer:
-            server_class = _SharedSocketServer
+        if server_class is ThreadedAssociationServer:
+            server_class = _SharedSocketServer if self.listening_socket is not None else _GatedServer
         return super().make_server(address, server_class=server_class, **kwargs)
 
 
@@ -216,10 +320,11 @@ class DicomListener:
         _config.LOG_HANDLER_LEVEL = "none"
         ae = _ListenerAE(ae_title=self.config.ae_title)
         ae.listening_socket = self.listening_socket
+        ae.listener_config = self.config
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu_size
         ae.network_timeout = self.config.network_timeout_seconds
-        ae.acse_timeout = self.config.network_timeout_seconds
+        ae.acse_timeout = self.config.acse_timeout_seconds
         ae.dimse_timeout = self.config.network_timeout_seconds
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
@@ -295,6 +400,7 @@ class DicomListener:
         if self._server is None:
             return
         self._accepting = False
+        self._server.gate.stop()  # connections not associated yet are closed at once
         deadline = time.monotonic() + grace_seconds
         # Let open associations end by themselves for a while (a scanner mid-study finishes its series).
         while self._server.active_associations and time.monotonic() < deadline:
@@ -322,7 +428,11 @@ class DicomListener:
         if accepting and dataphase.available():
             dataphase.hold_transport(event.assoc)
             self._phases[id(event.assoc)] = dataphase.DataPhase(
-                event.assoc, self._store_guarded, self.config.network_timeout_seconds
+                event.assoc,
+                self._store_guarded,
+                self.config.network_timeout_seconds,
+                max_pdu_length=self.config.max_pdu_size,
+                min_rate=self.config.min_receive_rate_kbps * 1000 / 8,
             )
 
     def _on_established(self, event: Any) -> None:
@@ -351,6 +461,15 @@ class DicomListener:
         calling = event.assoc.requestor.ae_title
         if phase is not None and phase.protocol_error is not None:
             log.warning("receive.protocol_error", calling_aet=calling, reason=phase.protocol_error)
+        if phase is not None and phase.how == "too slow" and phase.slow is not None:
+            log.warning(
+                "receive.peer_too_slow",
+                calling_aet=calling,
+                peer=event.assoc.requestor.address,
+                pdu_length=phase.slow[0],
+                seconds=round(phase.slow[1], 1),
+                min_receive_rate_kbps=self.config.min_receive_rate_kbps,
+            )
         how = phase.how if phase is not None else "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info("receive.association_closed", how=how, instances=stored, calling_aet=calling)
 
