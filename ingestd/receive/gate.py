@@ -72,7 +72,7 @@ def abort_pdu(source: int, reason: int) -> bytes:
 
 
 class RefusalLog:
-    """Logs an event at most once a minute for each (event, peer address, reason), counting the ones it held back."""
+    """Says when to log an event: at most once a minute for each (event, peer address, reason)."""
 
     def __init__(self, every: float = _LOG_EVERY, clock: Callable[[], float] = time.monotonic) -> None:
         self.every = every
@@ -80,20 +80,20 @@ class RefusalLog:
         self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def note(self, event: str, peer: str, reason: str, **fields: Any) -> bool:
-        """Log `event` unless it was logged for this peer and reason within the last minute; True if logged."""
+    def due(self, event: str, peer: str, reason: str) -> int:
+        """How many times this happened since it was last logged, this one included, if it is to be logged now
+        (not within the last minute for this peer and reason); 0 if not."""
         now = self.clock()
         key = (event, peer, reason)
         with self._lock:
             last, held = self._last.get(key, (float("-inf"), 0))
             if now - last < self.every:
                 self._last[key] = (last, held + 1)
-                return False
+                return 0
             self._last[key] = (now, 0)
             if len(self._last) > 4096:  # forget peers not seen for a minute
                 self._last = {k: v for k, v in self._last.items() if now - v[0] < self.every}
-        log.warning(event, peer=peer, reason=reason, times=held + 1, **fields)
-        return True
+        return held + 1
 
 
 @dataclass(eq=False)
@@ -188,11 +188,13 @@ class Gate:
                 self._inbox.append(_Pending(sock, address, peer, now, stage, now + min(first, self.acse_timeout)))
         if refused:
             _close(sock, reset=True)
-            if refused != "stopping":
-                self.refusals.note(
+            times = self.refusals.due("receive.connection_refused", peer, refused) if refused != "stopping" else 0
+            if times:
+                log.warning(
                     "receive.connection_refused",
-                    peer,
-                    refused,
+                    peer=peer,
+                    reason=refused,
+                    times=times,
                     connections=total,
                     peer_connections=from_peer,
                     max_connections=self.max_connections,
@@ -296,9 +298,9 @@ class Gate:
         except (BlockingIOError, InterruptedError):
             self._wait_for(pending, write=False)
         except ssl.SSLError as exc:
-            self._close(pending, "tls_failed", detail=_ssl_reason(exc))
+            self._close(pending, "tls_failed", _ssl_reason(exc))
         except _RefusedError as refusal:
-            self._abort(pending, refusal.reason, refusal.abort_reason, **refusal.fields)
+            self._abort(pending, refusal.reason, refusal.abort_reason, refusal.detail)
         except _PeerClosedError:
             self._close(pending, "", quiet=True)
         except OSError as exc:
@@ -316,11 +318,13 @@ class Gate:
                     raise _RefusedError(
                         "not_an_association_request",
                         _UNEXPECTED_PDU if known else _UNRECOGNIZED_PDU,
-                        pdu_type=f"0x{pdu_type:02X}",
+                        f"a PDU of type 0x{pdu_type:02X}",
                     )
                 if not _MIN_ASSOCIATE_RQ <= length <= MAX_ASSOCIATE_RQ:
                     raise _RefusedError(
-                        "request_length", _INVALID_PARAMETER_VALUE, length=length, limit=MAX_ASSOCIATE_RQ
+                        "request_length",
+                        _INVALID_PARAMETER_VALUE,
+                        f"an A-ASSOCIATE-RQ of {length} bytes (at most {MAX_ASSOCIATE_RQ} are accepted)",
                     )
                 want = 6 + length - len(buffer)
                 if want == 0:
@@ -359,19 +363,14 @@ class Gate:
         if pending.stage == "closing":
             self._drop(pending)
         elif pending.stage == "tls" and time.monotonic() - pending.accepted < self.acse_timeout:
-            self._close(pending, "tls_handshake_timeout", seconds=round(time.monotonic() - pending.accepted, 1))
+            self._close(pending, "tls_handshake_timeout", "the TLS handshake was not done in time")
         else:
             # ARTIM expired in Sta2 (AA-2): close the connection, no PDU.
-            self._close(
-                pending,
-                "acse_timeout",
-                seconds=round(time.monotonic() - pending.accepted, 1),
-                received=len(pending.buffer),
-            )
+            self._close(pending, "acse_timeout", f"{len(pending.buffer)} bytes of an A-ASSOCIATE-RQ received")
 
-    def _abort(self, pending: _Pending, reason: str, abort_reason: int, **fields: Any) -> None:
+    def _abort(self, pending: _Pending, reason: str, abort_reason: int, detail: str) -> None:
         """AA-1: send an A-ABORT, then wait (Sta13) a moment for the peer to close before closing."""
-        self.refusals.note("receive.connection_closed", pending.peer, reason, **fields)
+        self._log_closed(pending, reason, detail)
         sock = pending.sock
         with contextlib.suppress(OSError, ssl.SSLError):
             sock.send(abort_pdu(_PROVIDER, abort_reason))
@@ -382,10 +381,22 @@ class Gate:
         pending.buffer = bytearray()
         self._wait_for(pending, write=False)
 
-    def _close(self, pending: _Pending, reason: str, *, quiet: bool = False, **fields: Any) -> None:
+    def _close(self, pending: _Pending, reason: str, detail: str = "", *, quiet: bool = False) -> None:
         if not quiet:
-            self.refusals.note("receive.connection_closed", pending.peer, reason, **fields)
+            self._log_closed(pending, reason, detail)
         self._drop(pending)
+
+    def _log_closed(self, pending: _Pending, reason: str, detail: str) -> None:
+        times = self.refusals.due("receive.connection_closed", pending.peer, reason)
+        if times:
+            log.warning(
+                "receive.connection_closed",
+                peer=pending.peer,
+                reason=reason,
+                detail=detail,
+                times=times,
+                seconds=round(time.monotonic() - pending.accepted, 1),
+            )
 
     def _drop(self, pending: _Pending) -> None:
         self._unregister(pending)
@@ -415,11 +426,11 @@ class Gate:
 
 
 class _RefusedError(Exception):
-    def __init__(self, reason: str, abort_reason: int, **fields: Any) -> None:
+    def __init__(self, reason: str, abort_reason: int, detail: str) -> None:
         super().__init__(reason)
         self.reason = reason
         self.abort_reason = abort_reason
-        self.fields = fields
+        self.detail = detail
 
 
 class _PeerClosedError(Exception):

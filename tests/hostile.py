@@ -1,0 +1,201 @@
+"""Hostile and legitimate DICOM clients for the listener's starvation tests and bench/hostile.py.
+
+Hostile clients speak raw TCP: an A-ASSOCIATE-RQ built by hand, sent whole, in part or a byte at a time.
+The legitimate client is pynetdicom, as a scanner would be, retrying while it is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
+
+HOST = "127.0.0.1"
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+EXPLICIT_LE = b"1.2.840.10008.1.2.1"
+VERIFICATION = b"1.2.840.10008.1.1"
+
+
+def _item(kind: int, value: bytes) -> bytes:
+    return bytes((kind, 0)) + len(value).to_bytes(2, "big") + value
+
+
+def associate_rq(called: str = "INGESTD", calling: str = "HOSTILE", max_pdu: int = 16384) -> bytes:
+    """A valid A-ASSOCIATE-RQ PDU proposing Verification (context 1), Explicit VR Little Endian."""
+    context = bytes((1, 0, 0, 0)) + _item(0x30, VERIFICATION) + _item(0x40, EXPLICIT_LE)
+    user = _item(0x51, max_pdu.to_bytes(4, "big")) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1")
+    body = (
+        b"\x00\x01\x00\x00"
+        + called.encode().ljust(16)
+        + calling.encode().ljust(16)
+        + bytes(32)
+        + _item(0x10, APPLICATION_CONTEXT)
+        + _item(0x20, context)
+        + _item(0x50, user)
+    )
+    return b"\x01\x00" + len(body).to_bytes(4, "big") + body
+
+
+def connect(port: int, timeout: float = 5.0) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_pdu(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
+    """The next PDU's type and body; raises ConnectionError when the connection ends first."""
+    sock.settimeout(timeout)
+    header = _exact(sock, 6)
+    return header[0], _exact(sock, int.from_bytes(header[2:6], "big"))
+
+
+def _exact(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        got = sock.recv(size - len(data))
+        if not got:
+            raise ConnectionError("closed")
+        data += got
+    return bytes(data)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """Whether the other end closes (EOF or reset) within `timeout` s; data it sends first is read and dropped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select([sock], [], [], left)
+        if not ready:
+            return False
+        try:
+            if not sock.recv(65536):
+                return True
+        except (ConnectionError, OSError):
+            return True
+
+
+class Trickler:
+    """Many connections, each sending `payload` `step` bytes at a time every `interval` s, in one thread.
+
+    `open_count()` says how many are still open (not closed by the other end); `stop()` closes them all.
+    """
+
+    def __init__(self, port: int, count: int, payload: bytes, *, step: int = 1, interval: float = 0.5) -> None:
+        self.port = port
+        self.payload = payload
+        self.step = step
+        self.interval = interval
+        self.sockets: list[socket.socket] = []
+        self.sent: dict[int, int] = {}
+        self.closed: set[int] = set()
+        self.opened_at = 0.0
+        self.closed_at: list[float] = []
+        for _ in range(count):
+            sock = connect(port)
+            sock.setblocking(False)
+            self.sockets.append(sock)
+            self.sent[sock.fileno()] = 0
+        self.opened_at = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="trickler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for sock in self.sockets:
+                fd = sock.fileno()
+                if fd in self.closed:
+                    continue
+                with contextlib.suppress(BlockingIOError):
+                    try:
+                        if sock.recv(65536) == b"":
+                            self._mark(fd)
+                            continue
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self._mark(fd)
+                        continue
+                    at = self.sent[fd]
+                    if at < len(self.payload):
+                        try:
+                            self.sent[fd] = at + sock.send(self.payload[at : at + self.step])
+                        except OSError:
+                            self._mark(fd)
+            self._stop.wait(self.interval)
+
+    def _mark(self, fd: int) -> None:
+        with self._lock:
+            if fd not in self.closed:
+                self.closed.add(fd)
+                self.closed_at.append(time.monotonic() - self.opened_at)
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self.sockets) - len(self.closed)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sock in self.sockets:
+            sock.close()
+
+
+def legitimate(
+    port: int,
+    *,
+    store: Dataset | None = None,
+    tls: ssl.SSLContext | None = None,
+    within: float = 40.0,
+    calling: str = "SCANNER",
+) -> float:
+    """A C-ECHO (and a C-STORE of `store`) as a scanner does it, retrying while refused, all within `within` s.
+
+    Returns the seconds from the first attempt to the answer; raises AssertionError if it did not succeed.
+    """
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(MRImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 10
+    start = time.monotonic()
+    last = "not tried"
+    while time.monotonic() - start < within:
+        tls_args = (tls, HOST) if tls is not None else None
+        assoc = ae.associate(HOST, port, ae_title="INGESTD", tls_args=tls_args)
+        if not assoc.is_established:
+            last = "association refused or failed"
+            time.sleep(0.2)
+            continue
+        try:
+            status = assoc.send_c_echo()
+            ok = bool(status) and status.Status == 0
+            if ok and store is not None:
+                stored = assoc.send_c_store(store)
+                ok = bool(stored) and stored.Status == 0
+            if ok:
+                return time.monotonic() - start
+            last = "echo or store failed"
+        finally:
+            assoc.release()
+            if assoc.is_established:
+                assoc.abort()
+    raise AssertionError(f"no legitimate C-ECHO within {within} s: {last}")
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A number from /proc/PID/status (Threads, or VmRSS in kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
