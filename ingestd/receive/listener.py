@@ -182,6 +182,10 @@ class _GatedServer(ThreadedAssociationServer):
 
     ae: _ListenerAE
     gate: Gate
+    # socketserver's default backlog is 5: a burst of connections (a flood, or a scanner opening several
+    # associations at once while this process waits for a core) overflows it, and each SYN dropped costs its
+    # sender a 1 s retransmission. `bind_listening_socket` listens with 128 too.
+    request_queue_size = 128
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", _GatedRequestHandler)
