@@ -28,9 +28,11 @@ def _item(kind: int, value: bytes) -> bytes:
     return bytes((kind, 0)) + len(value).to_bytes(2, "big") + value
 
 
-def associate_rq(called: str = "INGESTD", calling: str = "HOSTILE", max_pdu: int = 16384) -> bytes:
-    """A valid A-ASSOCIATE-RQ PDU proposing Verification (context 1), Explicit VR Little Endian."""
-    context = bytes((1, 0, 0, 0)) + _item(0x30, VERIFICATION) + _item(0x40, EXPLICIT_LE)
+def associate_rq(
+    called: str = "INGESTD", calling: str = "HOSTILE", max_pdu: int = 16384, abstract: bytes = VERIFICATION
+) -> bytes:
+    """A valid A-ASSOCIATE-RQ PDU proposing `abstract` (context 1), Explicit VR Little Endian."""
+    context = bytes((1, 0, 0, 0)) + _item(0x30, abstract) + _item(0x40, EXPLICIT_LE)
     user = _item(0x51, max_pdu.to_bytes(4, "big")) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1")
     body = (
         b"\x00\x01\x00\x00"
@@ -199,3 +201,42 @@ def proc_status(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return b"\x00\x00" + element.to_bytes(2, "little") + len(value).to_bytes(4, "little") + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode()
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def c_store_p_data(sop_class: str, sop_instance: str, data_set: bytes, message_id: int = 1) -> bytes:
+    """One P-DATA-TF PDU (context 1) carrying a C-STORE-RQ command and its whole data set."""
+    body = (
+        _element(0x0002, _uid(sop_class))
+        + _element(0x0100, (0x0001).to_bytes(2, "little"))
+        + _element(0x0110, message_id.to_bytes(2, "little"))
+        + _element(0x0700, b"\x00\x00")
+        + _element(0x0800, b"\x00\x00")
+        + _element(0x1000, _uid(sop_instance))
+    )
+    command = _element(0x0000, len(body).to_bytes(4, "little")) + body
+    items = b""
+    for control, value in ((0x03, command), (0x02, data_set)):
+        items += (len(value) + 2).to_bytes(4, "big") + bytes((1, control)) + value
+    return b"\x04\x00" + len(items).to_bytes(4, "big") + items
+
+
+def status_of(p_data_body: bytes) -> int:
+    """The (0000,0900) Status of a response command carried whole in one P-DATA-TF PDU's body."""
+    command = p_data_body[6:]
+    offset = 0
+    while offset + 8 <= len(command):
+        element = int.from_bytes(command[offset + 2 : offset + 4], "little")
+        length = int.from_bytes(command[offset + 4 : offset + 8], "little")
+        if element == 0x0900:
+            return int.from_bytes(command[offset + 8 : offset + 8 + length], "little")
+        offset += 8 + length
+    raise ValueError("no status in the response")

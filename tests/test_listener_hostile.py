@@ -19,15 +19,17 @@ from pathlib import Path
 import pytest
 
 from ingestd.receive.gate import RefusalLog
-from tests.dicom import make_instance
+from tests.dicom import encode_raw, make_instance
 from tests.hostile import (
     Trickler,
     associate_rq,
+    c_store_p_data,
     closed_by_peer,
     connect,
     legitimate,
     proc_status,
     read_pdu,
+    status_of,
 )
 from tests.procs import HOST, DaemonProcess, free_port, wait_until
 from tests.test_tls import _certificates, _client_context
@@ -163,6 +165,30 @@ def test_trickling_associations_are_aborted(daemon_factory: Start) -> None:
         for sock in hostile:
             sock.close()
     assert _served_meanwhile(port, rounds=2)
+
+
+def test_slow_sender_above_the_floor_is_served(daemon_factory: Start) -> None:
+    """A PDU that takes longer than network_timeout, arriving faster than the floor rate, is stored."""
+    _daemon, port = daemon_factory(", min_receive_rate_kbps: 8")  # 1000 bytes/s
+    instance = make_instance(rows=100)  # a 20 KB data set
+    pdu = c_store_p_data(instance.SOPClassUID, instance.SOPInstanceUID, encode_raw(instance))
+    assert len(pdu) > 20000
+    sock = connect(port)
+    try:
+        sock.sendall(associate_rq(calling="SLOWLINK", abstract=str(instance.SOPClassUID).encode()))
+        kind, _ = read_pdu(sock)
+        assert kind == 0x02
+        started = time.monotonic()
+        for at in range(0, len(pdu), 1000):  # 4000 bytes/s: 5 s for the PDU, network_timeout is 4 s
+            sock.sendall(pdu[at : at + 1000])
+            time.sleep(0.25)
+        assert time.monotonic() - started > NETWORK_TIMEOUT
+        kind, body = read_pdu(sock)
+        assert kind == 0x04 and status_of(body) == 0x0000
+        sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+        assert read_pdu(sock)[0] == 0x06
+    finally:
+        sock.close()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")

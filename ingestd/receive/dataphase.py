@@ -6,7 +6,10 @@ ingestd serves the rest of it here, in the association's own thread: it reads P-
 socket, puts command and data set fragments together (PS3.8 §9.3.5, Annex E), hands each complete C-STORE
 data set to the listener's store function and writes the response PDU itself. It answers C-ECHO, ignores
 C-CANCEL, answers any other request with "unrecognized operation" (0x0211), answers an A-RELEASE-RQ with
-an A-RELEASE-RP, and aborts on a protocol error or when the network timeout passes with nothing received.
+an A-RELEASE-RP, and aborts on a protocol error or when a PDU is not whole by its deadline: the network timeout
+after the previous one, plus its length at the floor rate (`listener.min_receive_rate_kbps`), so that a peer
+trickling a byte now and then cannot hold its association for ever. A P-DATA-TF PDU longer than the maximum
+length we announced is aborted on its header, before any of it is read.
 
 Why: in pynetdicom, every PDU passes through a second thread (the DUL), a state machine, three queues and
 per-PDU event dispatch; its socket reads come in 4 KiB pieces and each turn of its loops may sleep; each

@@ -167,6 +167,7 @@ class Gate:
         """Take an accepted connection, or close it at once when a cap is reached or the gate is stopping."""
         peer = str(address[0]) if isinstance(address, tuple) else str(address)
         now = time.monotonic()
+        total = from_peer = 0
         with self._lock:
             if self._stopping:
                 refused = "stopping"
