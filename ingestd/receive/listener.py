@@ -485,7 +485,7 @@ class DicomListener:
         if isinstance(exc, SpoolError):
             log.error("receive.store_refused", calling_aet=calling, status="0xA701", reason=str(exc))
             return Status.OUT_OF_RESOURCES + 1
-        log.error("receive.store_failed", calling_aet=calling, exc_info=exc)
+        log.exception("receive.store_failed", calling_aet=calling)  # called in the handler of `exc`
         return Status.OUT_OF_RESOURCES
 
     def _store_guarded(self, assoc: Any, request: dataphase.StoreRequest, body: memoryview | PartFile) -> int:
