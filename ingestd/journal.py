@@ -188,9 +188,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " AND batch_id IN (SELECT id FROM batches WHERE state = 'routed')",
     ),
     4: (
-        # The SHA-256 of each instance's data set, computed as it is written: a copy received again is compared
-        # by digest, never by reading both into memory. Rows from before have none: the spool hashes their file
-        # (read in pieces) the first time a copy of theirs arrives, and records it.
+        # The SHA-256 of an instance's data set, computed as it is streamed to disk: a copy received again is
+        # compared by digest, never by reading both into memory. Rows without one (from before, or a small instance
+        # stored from memory) have their file hashed (read in pieces) when a copy arrives, and recorded then.
         "ALTER TABLE instances ADD COLUMN data_sha256 TEXT",
     ),
 }
@@ -218,7 +218,7 @@ class InstanceRow:
     size: int
     data_offset: int
     spool_path: str
-    data_sha256: str | None  # SHA-256 of the data set (hex); None for a row journaled before digests were kept
+    data_sha256: str | None  # SHA-256 of the data set (hex); None until computed (see Spool._same_data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,13 @@ anything about studies.
 
 An instance received over the network may be written as it arrives (`PartFile`): into a `.part` file in the
 spool's temp folder, its data set hashed (SHA-256) on the way; the file is then fsync'd and linked into place
-like any other. The journal keeps each instance's data set digest.
+like any other, and the journal keeps its data set's digest. An instance stored from memory (a small one) is not
+hashed unless a copy of it arrives: hashing every one would cost ~10 % of the CPU an instance takes.
 
-A copy of an instance already stored is a no-op when its data set is the same (the same SHA-256 digest, computed
-as it was written; an instance journaled before digests were kept has its spooled file hashed, read in pieces,
-and its digest recorded). When they differ, the new copy is
+A copy of an instance already stored is a no-op when its data set is the same: the same SHA-256 digest. A
+journal row without a digest (a small instance, or one journaled before digests were kept) has its spooled file
+hashed, read a piece at a time, and the digest recorded; nothing is ever compared by holding both copies in
+memory. When they differ, the new copy is
 delivered and the earlier one is never destroyed: while its batch is still receiving, it is kept aside in
 `superseded/<StudyInstanceUID>/<batch>/<SeriesInstanceUID>/<SOPInstanceUID>.<nanoseconds>.dcm` (a hard link made
 before the new copy takes its place), recorded with a `superseded` receipt and listed by `ingestd status`; once
@@ -32,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -120,7 +122,8 @@ class _Facts:
     size: int
     data_offset: int  # where the data set starts in the file, after preamble and file meta
     now: float
-    digest: str  # SHA-256 of the data set (the file from `data_offset` on), hex
+    digest: str | None  # SHA-256 of the data set (the file from `data_offset` on), hex; None: not computed
+    body: bytes | memoryview | None = None  # the data set, when it is in memory (its digest is computed if needed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +277,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        digest = hashlib.sha256(body).hexdigest()
-        return self._commit_guarded(tmp, _Facts(header, source, size, len(prefix), time.time(), digest))
+        return self._commit_guarded(tmp, _Facts(header, source, size, len(prefix), time.time(), None, body))
 
     def open_part(self, prefix: bytes) -> PartFile:
         """A part file for an instance whose data set will be written as it arrives, starting with `prefix`."""
@@ -340,6 +342,8 @@ class Spool:
         """Store a copy of an instance already in the spool: a no-op if identical, else a replacement that keeps
         the earlier copy aside."""
         header = facts.header
+        if facts.digest is None and facts.body is not None:
+            facts = replace(facts, digest=hashlib.sha256(facts.body).hexdigest())
         with self.journal.transaction():
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
             if (
@@ -417,14 +421,16 @@ class Spool:
         fsync_dir(target.parent)
         return f"{self.superseded.name}/{name}"
 
-    def _same_data(self, existing: InstanceRow, digest: str) -> bool:
+    def _same_data(self, existing: InstanceRow, digest: str | None) -> bool:
         """Whether the spooled copy of `existing` is still there with the data set whose digest is `digest`.
 
-        A row journaled before digests were kept has its file hashed (read a piece at a time), and the digest
+        A row without a digest has its file hashed (read a piece at a time), and the digest
         recorded (inside the caller's transaction). A copy no longer in the spool (delivered and cleaned up) is
         not the same: the new one is stored and delivered again, as before digests were kept.
         """
         path = self.root / existing.spool_path
+        if digest is None:
+            return False
         try:
             if existing.data_sha256 is None:
                 known = file_digest(path, existing.data_offset)

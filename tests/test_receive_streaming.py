@@ -28,7 +28,8 @@ from ingestd.errors import ConfigError
 from ingestd.header import read_file_header
 from ingestd.journal import SCHEMA_VERSION, Journal, Source
 from ingestd.receive import dataphase
-from ingestd.spool import PartFile, Quarantine, Spool
+from ingestd.dicomfile import data_set_offset
+from ingestd.spool import PartFile, Quarantine, Spool, file_digest
 from ingestd.synthetic import write_multiframe
 from tests.conftest import Receiver, make_config, running_receiver
 from tests.dicom import encode_raw, make_instance
@@ -128,7 +129,9 @@ def test_a_large_instance_is_received_in_bounded_memory_and_its_copy_is_a_duplic
     size = write_multiframe(path, 2100, seed=7)  # 1.1 GB, written a piece at a time
     assert size > 1_100_000_000
     try:
-        sop_uid = read_file_header(path.read_bytes()[:4096]).sop_uid
+        with path.open("rb") as stream:
+            head = stream.read(4096)
+        sop_uid = read_file_header(head).sop_uid
 
         idle, peak = _send(daemon, port, path)
         assert peak - idle < RISE_BOUND, f"RSS rose by {(peak - idle) / MIB:.0f} MiB receiving {size / MIB:.0f} MiB"
@@ -136,11 +139,8 @@ def test_a_large_instance_is_received_in_bounded_memory_and_its_copy_is_a_duplic
             journal, "SELECT spool_path, data_sha256, data_offset FROM instances"
         )
         stored = tmp / "state" / "spool" / spool_path
-        assert stored.stat().st_size == size  # the file meta ingestd writes has the same length as pydicom's here
-        with path.open("rb") as original:
-            original.seek(data_offset)
-            digest = hashlib.file_digest(original, "sha256").hexdigest()
-        assert data_sha256 == digest
+        sent = file_digest(path, data_set_offset(head))  # the data set as sent, hashed a piece at a time
+        assert data_sha256 == sent == file_digest(stored, data_offset)
         assert not list((tmp / "state" / "spool" / ".tmp").iterdir())
 
         idle, peak = _send(daemon, port, path)  # the same instance again: compared by digest, never read back
@@ -463,3 +463,23 @@ def test_max_instance_mb_defaults_to_4_gib_and_must_be_positive(tmp_path: Path) 
     assert _config(tmp_path, max_instance_mb=1).listener.max_instance_mb == 1
     with pytest.raises(ConfigError, match="max_instance_mb"):
         _config(tmp_path, max_instance_mb=0)
+
+
+def test_a_small_instance_is_hashed_only_when_a_copy_arrives(tmp_path: Path) -> None:
+    """Stored from memory, an instance is not hashed (it would cost throughput); its copy is compared by digest,
+    the spooled file hashed then, and both digests are kept from then on."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    spool = Spool(tmp_path / "spool", journal)
+    ds = make_instance(rows=16, fill=12)
+    body = encode_raw(ds)
+    prefix = b"\x00" * 128 + b"DICM"
+    header = read_file_header(prefix + body)
+    source = Source("dicom", "S")
+    assert spool.store(prefix, body, header, source).outcome == "stored"
+    assert journal_rows(journal.path, "SELECT data_sha256 FROM instances") == [(None,)]
+    assert spool.store(prefix, body, header, source).outcome == "duplicate"
+    assert journal_rows(journal.path, "SELECT data_sha256 FROM instances") == [(hashlib.sha256(body).hexdigest(),)]
+    assert spool.store(prefix, body + b"\x00\x00", header, source).outcome == "replaced"
+    digest = hashlib.sha256(body + b"\x00\x00").hexdigest()
+    assert journal_rows(journal.path, "SELECT data_sha256 FROM instances") == [(digest,)]
+    journal.close()
