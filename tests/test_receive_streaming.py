@@ -24,11 +24,11 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from structlog.testing import capture_logs
 
 from ingestd.config import Config, parse_config
+from ingestd.dicomfile import data_set_offset
 from ingestd.errors import ConfigError
 from ingestd.header import read_file_header
 from ingestd.journal import SCHEMA_VERSION, Journal, Source
 from ingestd.receive import dataphase
-from ingestd.dicomfile import data_set_offset
 from ingestd.spool import PartFile, Quarantine, Spool, file_digest
 from ingestd.synthetic import write_multiframe
 from tests.conftest import Receiver, make_config, running_receiver
