@@ -71,6 +71,9 @@ class _BufferReader(io.RawIOBase):
         super().__init__()
         self._view = memoryview(data).cast("B")
         self._pos = 0
+        self.name = (
+            "<buffer>"  # pydicom's FileDataset reads `name` (a BytesIO's is absent and it copes; this one's is not)
+        )
 
     def readable(self) -> bool:
         return True

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from structlog.testing import capture_logs
 
 from ingestd.config import Config, parse_config
-from ingestd.dicomfile import data_set_offset
+from ingestd.dicomfile import data_set_offset, prepare_instance
 from ingestd.errors import ConfigError
 from ingestd.header import read_file_header
 from ingestd.journal import SCHEMA_VERSION, Journal, Source
@@ -483,3 +483,11 @@ def test_a_small_instance_is_hashed_only_when_a_copy_arrives(tmp_path: Path) -> 
     digest = hashlib.sha256(body + b"\x00\x00").hexdigest()
     assert journal_rows(journal.path, "SELECT data_sha256 FROM instances") == [(digest,)]
     journal.close()
+
+
+def test_a_dropped_file_larger_than_the_copy_limit_is_read_in_place(tmp_path: Path) -> None:
+    """Above 16 MiB pydicom reads a buffer in place (no BytesIO copy): the header and the walk still work."""
+    path = tmp_path / "large.dcm"
+    write_multiframe(path, 40, seed=13)  # 21 MB
+    prepared = prepare_instance(path.read_bytes())
+    assert prepared.header.modality == "CT" and len(prepared.body) > 16 * MIB
