@@ -72,6 +72,9 @@ class Listener(_Model):
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
     processes: Annotated[int, Field(ge=1, le=64)] = 1
     max_pdu_size: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
+    # The largest instance (data set) taken by C-STORE, in MiB; a larger one is refused with 0xA700, its bytes
+    # discarded as they arrive. Instances are streamed to disk, so this bounds disk use, not memory.
+    max_instance_mb: Annotated[int, Field(ge=1)] = 4096
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     # Before an association exists (ingestd/receive/gate.py): connections open at once in this process, accepted
     # or waiting to be, and per peer address; an A-ASSOCIATE-RQ must have arrived whole this long after the

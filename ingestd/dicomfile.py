@@ -15,11 +15,11 @@ to come, while one whose tag lies before it never will.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 from dataclasses import dataclass, replace
-from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.filereader import data_element_generator
 from pydicom.uid import (
@@ -31,7 +31,7 @@ from pydicom.uid import (
 )
 
 from ingestd.errors import InvalidInstanceError
-from ingestd.header import IMAGE_STORAGE_CLASSES, InstanceHeader, file_meta_prefix, read_file_header
+from ingestd.header import IMAGE_STORAGE_CLASSES, InstanceHeader, binary_stream, file_meta_prefix, read_file_header
 
 __all__ = [
     "IncompleteInstanceError",
@@ -90,7 +90,7 @@ def _truncated() -> IncompleteInstanceError:
     return IncompleteInstanceError("corrupt DICOM file: truncated")
 
 
-def _file_meta_end(data: bytes) -> tuple[int, dict[bytes, str]]:
+def _file_meta_end(data: bytes | mmap.mmap) -> tuple[int, dict[bytes, str]]:
     """Walk the file meta group after `DICM` at 128: where the data set starts, and the meta's UIDs.
 
     The UIDs are keyed by element number: b"\x02\x00" Media Storage SOP Class, b"\x10\x00" Transfer Syntax.
@@ -152,7 +152,11 @@ def _walk_data_set(body: memoryview, transfer_syntax: str) -> _Walked | None:
         _check_deflated(body)
         return None
     size = len(body)
-    stream = BytesIO(body)
+    with binary_stream(body) as stream:
+        return _walk_elements(stream, size, body, transfer_syntax)
+
+
+def _walk_elements(stream: BinaryIO, size: int, body: memoryview, transfer_syntax: str) -> _Walked:
     end = 0
     last_tag = 0
     noted: set[int] = set()
@@ -181,9 +185,10 @@ def _walk_data_set(body: memoryview, transfer_syntax: str) -> _Walked | None:
         if stream.tell() >= size:  # it failed on the last value, read short: cut short, not malformed
             raise _truncated() from None  # (a Specific Character Set cut short warns; an error where warnings are)
         raise InvalidInstanceError(f"corrupt DICOM file: {type(exc).__name__}") from None
-    padding = transfer_syntax != ExplicitVRBigEndian and not any(body[end:])  # trailing zeros: seen, harmless
-    if 0 < size - end < 8 and not padding:  # the file ends inside an element's tag and length
-        raise _truncated()
+    if 0 < size - end < 8:  # the file ends inside an element's tag and length, or in trailing zeros (harmless)
+        padding = transfer_syntax != ExplicitVRBigEndian and not any(body[end:])
+        if not padding:
+            raise _truncated()
     if size - end >= 8:
         raise InvalidInstanceError("corrupt DICOM file: stray item delimiter in the data set")
     return _Walked(last_tag, frozenset(noted))
@@ -288,7 +293,7 @@ def _prepare(data: bytes) -> PreparedInstance:
     return PreparedInstance(prefix, view, header)
 
 
-def data_set_offset(data: bytes) -> int:
+def data_set_offset(data: bytes | mmap.mmap) -> int:
     """Where the data set starts in a Part 10 file (after preamble and file meta); 0 without them."""
     if data[128:132] != b"DICM":
         return 0

@@ -5,12 +5,13 @@ Pure functions over bytes: no file or socket is touched here.
 
 from __future__ import annotations
 
+import io
 import re
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from struct import Struct
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
@@ -31,6 +32,7 @@ __all__ = [
     "IMAGE_STORAGE_CLASSES",
     "InstanceHeader",
     "LeftToPydicomError",
+    "binary_stream",
     "file_meta_prefix",
     "is_valid_uid",
     "read_file_header",
@@ -55,6 +57,59 @@ _TAGS: list[BaseTag | int] = [
     _LAST_TAG,
 ]
 _IMPLEMENTATION_VERSION = f"INGESTD_{__version__}"[:16]
+
+
+# Up to this size a buffer pydicom reads is copied into a BytesIO (the fastest to read); a larger one (a data set
+# streamed to a part file and mapped, say) is read in place, so that reading never holds a copy of it.
+_COPY_AT_MOST = 16 * 1024 * 1024
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable binary stream over a buffer (bytes, memoryview, mmap), reading from it without copying it whole."""
+
+    def __init__(self, data: bytes | memoryview | Any) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+        self.name = (
+            "<buffer>"  # pydicom's FileDataset reads `name` (a BytesIO's is absent and it copes; this one's is not)
+        )
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        start = min(self._pos, len(self._view))
+        count = min(len(target), len(self._view) - start)
+        with memoryview(target).cast("B") as out:
+            out[:count] = self._view[start : start + count]
+        self._pos = start + count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset  # past the end, as BytesIO allows: reads there return nothing
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            self._view.release()
+        super().close()
+
+
+def binary_stream(data: bytes | memoryview | Any) -> BinaryIO:
+    """A seekable binary stream over `data` for pydicom to read: a copy when small, the buffer itself when large."""
+    if len(data) <= _COPY_AT_MOST:
+        return BytesIO(data)
+    return cast(BinaryIO, io.BufferedReader(_BufferReader(data)))
 
 
 def is_valid_uid(value: object) -> bool:
@@ -232,13 +287,14 @@ def read_stream_header(dataset: bytes | memoryview, transfer_syntax: str) -> Ins
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             data = inflater.decompress(dataset, 1 << 20)
-        ds = read_dataset(
-            BytesIO(data),
-            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
-            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
-            stop_when=_stop_after_last,
-            specific_tags=_TAGS,
-        )
+        with binary_stream(data) as stream:
+            ds = read_dataset(
+                stream,
+                is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+                is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+                stop_when=_stop_after_last,
+                specific_tags=_TAGS,
+            )
         return _header_from(ds, transfer_syntax)
     except InvalidInstanceError:
         raise
@@ -271,7 +327,7 @@ _SEQUENCE_END = 0xFFFEE0DD
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x00287FE0})
 _LOOKED_AT = _PIXEL_TAGS | _WANTED.keys()
 _MAX_DEPTH = 32
-_MAX_INFLATED = 256 * 1024 * 1024  # a deflated data set inflating to more is left to pydicom's check
+_MAX_INFLATED = 64 * 1024 * 1024  # a deflated data set inflating to more is left to pydicom's check (it streams)
 
 IMAGE_STORAGE_CLASSES = frozenset(
     {uid for uid, entry in UID_dictionary.items() if "Image Storage" in entry[0]}
@@ -467,26 +523,28 @@ def stream_has_pixel_data(dataset: bytes | memoryview, transfer_syntax: str) -> 
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         return True
     try:
-        for element in data_element_generator(
-            BytesIO(dataset),
-            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
-            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
-            defer_size=1024,
-        ):
-            if element.tag in _PIXEL_TAGS:
-                return True
+        with binary_stream(dataset) as stream:
+            for element in data_element_generator(
+                stream,
+                is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+                is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+                defer_size=1024,
+            ):
+                if element.tag in _PIXEL_TAGS:
+                    return True
     except Exception:  # noqa: BLE001 - pydicom raises many types on malformed data
         return False
     return False
 
 
-def read_file_header(data: bytes) -> InstanceHeader:
-    """Read the header of a DICOM file's bytes, with or without preamble and file meta."""
+def read_file_header(data: bytes | Any) -> InstanceHeader:
+    """Read the header of a DICOM file's bytes (or a mapping of the file), with or without preamble and file meta."""
     if data[:4] == b"DICM":  # the DICM prefix without its preamble
-        data = b"\x00" * 128 + data
+        data = b"\x00" * 128 + bytes(data)
     has_magic = data[128:132] == b"DICM" or data[:4] == b"DICM"
     try:
-        ds = read_partial(BytesIO(data), stop_when=_stop_after_last, force=not has_magic, specific_tags=_TAGS)
+        with binary_stream(data) as stream:
+            ds = read_partial(stream, stop_when=_stop_after_last, force=not has_magic, specific_tags=_TAGS)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed data
         if not has_magic:
             raise InvalidInstanceError("not a DICOM file") from None

@@ -33,7 +33,7 @@ __all__ = [
     "StudyState",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _LOCK_TIMEOUT = 30.0
 
 _SCHEMA = """
@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS instances (
     source_detail TEXT NOT NULL,
     received_at REAL NOT NULL,
     spool_path TEXT NOT NULL UNIQUE,
+    data_sha256 TEXT,
     UNIQUE (batch_id, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS instances_sop ON instances (study_uid, sop_uid);
@@ -186,6 +187,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE deliveries SET step = 'verify' WHERE step IN ('importing', 'archiving')"
         " AND batch_id IN (SELECT id FROM batches WHERE state = 'routed')",
     ),
+    4: (
+        # The SHA-256 of an instance's data set, computed as it is streamed to disk: a copy received again is
+        # compared by digest, never by reading both into memory. Rows without one (from before, or a small instance
+        # stored from memory) have their file hashed (read in pieces) when a copy arrives, and recorded then.
+        "ALTER TABLE instances ADD COLUMN data_sha256 TEXT",
+    ),
 }
 
 
@@ -211,6 +218,7 @@ class InstanceRow:
     size: int
     data_offset: int
     spool_path: str
+    data_sha256: str | None  # SHA-256 of the data set (hex); None until computed (see Spool._same_data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +387,7 @@ class Journal:
         """The newest stored copy of an instance in any batch of its study."""
         with self._lock:
             row = self._db.execute(
-                "SELECT i.id, i.batch_id, b.state, i.sop_uid, i.size, i.data_offset, i.spool_path "
+                "SELECT i.id, i.batch_id, b.state, i.sop_uid, i.size, i.data_offset, i.spool_path, i.data_sha256 "
                 "FROM instances i JOIN batches b ON b.id = i.batch_id "
                 "WHERE i.study_uid = ? AND i.sop_uid = ? ORDER BY b.batch DESC LIMIT 1",
                 (study_uid, sop_uid),
@@ -433,11 +441,12 @@ class Journal:
         source: Source,
         now: float,
         spool_path: str,
+        data_sha256: str | None = None,
     ) -> None:
         self._db.execute(
             "INSERT INTO instances (batch_id, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax,"
             " modality, series_number, size, data_offset, source_kind, source, source_detail, received_at,"
-            " spool_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " spool_path, data_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 batch_id,
                 header.study_uid,
@@ -454,17 +463,25 @@ class Journal:
                 source.detail,
                 now,
                 spool_path,
+                data_sha256,
             ),
         )
         self._db.execute("UPDATE batches SET last_received = ? WHERE id = ?", (now, batch_id))
 
     def update_instance(
-        self, instance_id: int, header: InstanceHeader, size: int, data_offset: int, source: Source, now: float
+        self,
+        instance_id: int,
+        header: InstanceHeader,
+        size: int,
+        data_offset: int,
+        source: Source,
+        now: float,
+        data_sha256: str | None = None,
     ) -> None:
         self._db.execute(
             "UPDATE instances SET series_uid = ?, sop_class_uid = ?, transfer_syntax = ?, modality = ?,"
             " series_number = ?, size = ?, data_offset = ?, source_kind = ?, source = ?, source_detail = ?,"
-            " received_at = ? WHERE id = ?",
+            " received_at = ?, data_sha256 = ? WHERE id = ?",
             (
                 header.series_uid,
                 header.sop_class_uid,
@@ -477,6 +494,7 @@ class Journal:
                 source.name,
                 source.detail,
                 now,
+                data_sha256,
                 instance_id,
             ),
         )
@@ -484,6 +502,11 @@ class Journal:
             "UPDATE batches SET last_received = ? WHERE id = (SELECT batch_id FROM instances WHERE id = ?)",
             (now, instance_id),
         )
+
+    def set_instance_digest(self, instance_id: int, data_sha256: str) -> None:
+        """Record the data set digest of an instance journaled before digests were kept."""
+        with self._lock:
+            self._db.execute("UPDATE instances SET data_sha256 = ? WHERE id = ?", (data_sha256, instance_id))
 
     def add_superseded(self, instance_id: int, path: str, now: float) -> None:
         """Record that the copy of an instance stored so far was kept aside at `path` (relative to the state

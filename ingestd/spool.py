@@ -5,7 +5,15 @@ An instance is written to a temp file on the spool's file system, fsync'd, linke
 only then is its journal row committed. Paths are built from validated UIDs only. Nothing here decides
 anything about studies.
 
-A copy of an instance already stored is a no-op when its bytes are the same. When they differ, the new copy is
+An instance received over the network may be written as it arrives (`PartFile`): into a `.part` file in the
+spool's temp folder, its data set hashed (SHA-256) on the way; the file is then fsync'd and linked into place
+like any other, and the journal keeps its data set's digest. An instance stored from memory (a small one) is not
+hashed unless a copy of it arrives: hashing every one would cost ~10 % of the CPU an instance takes.
+
+A copy of an instance already stored is a no-op when its data set is the same: the same SHA-256 digest. A
+journal row without a digest (a small instance, or one journaled before digests were kept) has its spooled file
+hashed, read a piece at a time, and the digest recorded; nothing is ever compared by holding both copies in
+memory. When they differ, the new copy is
 delivered and the earlier one is never destroyed: while its batch is still receiving, it is kept aside in
 `superseded/<StudyInstanceUID>/<batch>/<SeriesInstanceUID>/<SOPInstanceUID>.<nanoseconds>.dcm` (a hard link made
 before the new copy takes its place), recorded with a `superseded` receipt and listed by `ingestd status`; once
@@ -16,15 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import mmap
 import os
 import secrets
 import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -35,11 +45,24 @@ from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
 from ingestd.journal import InstanceRow, Journal, Source
 from ingestd.logs import hide_member_names
 
-__all__ = ["Quarantine", "Spool", "StoreOutcome", "fsync_dir", "make_dirs_durably", "move_durably", "write_durably"]
+__all__ = [
+    "PartFile",
+    "Quarantine",
+    "Spool",
+    "StoreOutcome",
+    "file_digest",
+    "fsync_dir",
+    "make_dirs_durably",
+    "move_durably",
+    "write_durably",
+]
 
 log = structlog.get_logger("ingestd.spool")
 
 _TMP = ".tmp"
+_PART = ".part"
+_READ_PIECE = 1024 * 1024  # a spooled file is hashed and read this much at a time
+_SPACE_CHECK_EVERY = 64 * 1024 * 1024  # a part file being written checks the free-space floor this often
 # Extensions kept on a quarantined item's name (any other part of the name may be a patient's name).
 _KEPT_EXTENSIONS = (".tar.gz", ".tar.bz2", ".tar.xz", ".dcm", ".dicom", ".ima", ".zip", ".tar", ".tgz", ".txt", ".pdf")
 
@@ -53,9 +76,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def file_digest(path: Path, offset: int = 0) -> str:
+    """The SHA-256 of a file's bytes from `offset` on (hex), read a piece at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as stream:
+        stream.seek(offset)
+        piece = bytearray(_READ_PIECE)
+        with memoryview(piece) as view:
+            while got := stream.readinto(view):
+                digest.update(view[:got])
+    return digest.hexdigest()
+
+
 def write_durably(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
-    """Write `chunks` to a new file at `path` and fsync it; return the number of bytes written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    """Write `chunks` to a new file at `path` (0640) and fsync it; return the number of bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         total = sum(len(chunk) for chunk in chunks)
         written = os.writev(fd, chunks)
@@ -81,6 +122,8 @@ class _Facts:
     size: int
     data_offset: int  # where the data set starts in the file, after preamble and file meta
     now: float
+    digest: str | None  # SHA-256 of the data set (the file from `data_offset` on), hex; None: not computed
+    body: bytes | memoryview | None = None  # the data set, when it is in memory (its digest is computed if needed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +135,102 @@ class StoreOutcome:
     batch_id: int
     spool_path: str
     size: int
+
+
+class PartFile:
+    """An instance written into the spool's temp folder as it arrives: preamble and file meta, then its data set
+    a piece at a time, hashed on the way. `Spool.commit_part` makes it durable and puts it in place; `discard`
+    removes it. The file is 0640 whatever the umask.
+    """
+
+    def __init__(self, spool: Spool, prefix: bytes) -> None:
+        self.spool = spool
+        self.path = spool.tmp / f"{secrets.token_hex(12)}{_PART}"
+        self.data_offset = len(prefix)
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._space_checked = 0
+        self._fd: int | None = None
+        try:
+            spool.check_space(len(prefix))
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            os.fchmod(self._fd, 0o640)
+            _write_all(self._fd, prefix)
+        except OSError as exc:
+            self.discard()
+            raise _spool_error(exc) from None
+        except BaseException:
+            self.discard()
+            raise
+        self.size = len(prefix)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append the next bytes of the data set. Raises SpoolFullError (below the floor, or the disk full) or
+        SpoolError; the part file is removed then."""
+        if self._fd is None:
+            raise SpoolError("the instance's part file was discarded")
+        try:
+            _write_all(self._fd, data)
+            self._digest.update(data)
+            self.size += len(data)
+            if self.size - self._space_checked >= _SPACE_CHECK_EVERY:
+                self._space_checked = self.size
+                self.spool.check_space()
+        except OSError as exc:
+            self.discard()
+            raise _spool_error(exc) from None
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def data_size(self) -> int:
+        return self.size - self.data_offset
+
+    def hexdigest(self) -> str:
+        """The SHA-256 of the data set written so far."""
+        return self._digest.hexdigest()
+
+    @contextlib.contextmanager
+    def data_set(self) -> Iterator[memoryview]:
+        """The data set written so far, mapped read-only: reading it pages in only what is read."""
+        if self._fd is None:
+            raise SpoolError("the instance's part file was discarded")
+        mapped = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
+        whole = memoryview(mapped)
+        view = whole[self.data_offset :]
+        try:
+            yield view
+        finally:
+            view.release()
+            whole.release()
+            with contextlib.suppress(BufferError):  # a view still held elsewhere: unmapped once it is dropped
+                mapped.close()
+
+    def sync(self) -> None:
+        """fsync and close the file (it is complete)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise SpoolError("the instance's part file was discarded")
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and remove the part file (nothing of it is kept)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _spool_error(exc: OSError) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError("spool file system is full; refusing new instances")
+    return SpoolError(f"cannot write to the spool ({exc.strerror or exc})")
 
 
 class Spool:
@@ -127,16 +266,47 @@ class Spool:
         """
         size = len(prefix) + len(body)
         self.check_space(size)
-        tmp = self.tmp / f"{secrets.token_hex(12)}.part"
+        tmp = self.tmp / f"{secrets.token_hex(12)}{_PART}"
         try:
             write_durably(tmp, (prefix, body))
-            return self._commit(tmp, _Facts(header, source, size, len(prefix), time.time()), body)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError("spool file system is full; refusing new instances") from None
-            raise SpoolError(f"cannot write to the spool ({exc.strerror or exc})") from None
+            raise _spool_error(exc) from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return self._commit_guarded(tmp, _Facts(header, source, size, len(prefix), time.time(), None, body))
+
+    def open_part(self, prefix: bytes) -> PartFile:
+        """A part file for an instance whose data set will be written as it arrives, starting with `prefix`."""
+        return PartFile(self, prefix)
+
+    def commit_part(self, part: PartFile, header: InstanceHeader, source: Source) -> StoreOutcome:
+        """Store the instance written to `part` (whole, checked): fsync it, put it in place, journal it.
+
+        As `store`: durable when it returns; SpoolFullError or SpoolError, and the part file is removed.
+        """
+        try:
+            part.sync()
+        except OSError as exc:
+            part.discard()
+            raise _spool_error(exc) from None
+        except BaseException:
+            part.discard()
+            raise
+        facts = _Facts(header, source, part.size, part.data_offset, time.time(), part.hexdigest())
+        return self._commit_guarded(part.path, facts)
+
+    def _commit_guarded(self, tmp: Path, facts: _Facts) -> StoreOutcome:
+        """`_commit`, with the temp file removed and the error translated when it fails."""
+        try:
+            return self._commit(tmp, facts)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _spool_error(exc) from None
         except sqlite3.Error as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -146,7 +316,7 @@ class Spool:
                 tmp.unlink()
             raise
 
-    def _commit(self, tmp: Path, facts: _Facts, body: bytes | memoryview) -> StoreOutcome:
+    def _commit(self, tmp: Path, facts: _Facts) -> StoreOutcome:
         """Rename the durable temp file into place, then commit its journal row.
 
         The common case (an instance not seen before) renames and fsyncs the directory outside the
@@ -155,12 +325,12 @@ class Spool:
         """
         header = facts.header
         if self.journal.find_instance(header.study_uid, header.sop_uid) is not None:
-            return self._commit_again(tmp, facts, body)
+            return self._commit_again(tmp, facts)
         number = self.journal.next_batch_number(header.study_uid)
         try:
             relative = self._place(tmp, header, number, exclusive=True)
         except FileExistsError:  # another copy of the same instance got there first, just now
-            return self._commit_again(tmp, facts, body)
+            return self._commit_again(tmp, facts)
         with self.journal.transaction():
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
             batch_id, actual = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
@@ -168,10 +338,12 @@ class Spool:
                 relative = self._place(self.root / relative, header, actual)
             return self._record_new(batch_id, relative, facts, replaces=existing is not None)
 
-    def _commit_again(self, tmp: Path, facts: _Facts, body: bytes | memoryview) -> StoreOutcome:
+    def _commit_again(self, tmp: Path, facts: _Facts) -> StoreOutcome:
         """Store a copy of an instance already in the spool: a no-op if identical, else a replacement that keeps
         the earlier copy aside."""
         header = facts.header
+        if facts.digest is None and facts.body is not None:
+            facts = replace(facts, digest=hashlib.sha256(facts.body).hexdigest())
         with self.journal.transaction():
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
             if (
@@ -181,7 +353,7 @@ class Spool:
                 # Placed by a concurrent store of the same instance that has not committed yet: this one fails
                 # (the sender tries again) rather than guess which copy is the earlier.
                 raise SpoolError("another copy of this instance is being stored at this moment; send it again")
-            if existing is not None and self._same_data(existing.spool_path, existing.data_offset, body):
+            if existing is not None and self._same_data(existing, facts.digest):
                 tmp.unlink()
                 self.journal.add_receipt(
                     existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now
@@ -203,7 +375,7 @@ class Spool:
     def _record_new(self, batch_id: int, relative: str, facts: _Facts, *, replaces: bool) -> StoreOutcome:
         """Journal an instance placed at `relative` in batch `batch_id` (inside a transaction)."""
         header, source, size, now = facts.header, facts.source, facts.size, facts.now
-        self.journal.insert_instance(batch_id, header, size, facts.data_offset, source, now, relative)
+        self.journal.insert_instance(batch_id, header, size, facts.data_offset, source, now, relative, facts.digest)
         outcome = "replaced" if replaces else "stored"
         self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
         return StoreOutcome(outcome, header, batch_id, relative, size)
@@ -211,7 +383,7 @@ class Spool:
     def _record_replacement(self, existing: InstanceRow, facts: _Facts) -> StoreOutcome:
         """Journal new data for an instance whose file was replaced in place (inside a transaction)."""
         header, source, size, now = facts.header, facts.source, facts.size, facts.now
-        self.journal.update_instance(existing.id, header, size, facts.data_offset, source, now)
+        self.journal.update_instance(existing.id, header, size, facts.data_offset, source, now, facts.digest)
         self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
         return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
 
@@ -249,11 +421,22 @@ class Spool:
         fsync_dir(target.parent)
         return f"{self.superseded.name}/{name}"
 
-    def _same_data(self, relative: str, data_offset: int, body: bytes | memoryview) -> bool:
+    def _same_data(self, existing: InstanceRow, digest: str | None) -> bool:
+        """Whether the spooled copy of `existing` is still there with the data set whose digest is `digest`.
+
+        A row without a digest has its file hashed (read a piece at a time), and the digest
+        recorded (inside the caller's transaction). A copy no longer in the spool (delivered and cleaned up) is
+        not the same: the new one is stored and delivered again, as before digests were kept.
+        """
+        path = self.root / existing.spool_path
+        if digest is None:
+            return False
         try:
-            with (self.root / relative).open("rb") as existing:
-                existing.seek(data_offset)
-                return existing.read() == body
+            if existing.data_sha256 is None:
+                known = file_digest(path, existing.data_offset)
+                self.journal.set_instance_digest(existing.id, known)
+                return known == digest
+            return path.is_file() and existing.data_sha256 == digest
         except OSError:
             return False
 
@@ -297,22 +480,32 @@ class Spool:
             try:
                 if not (is_valid_uid(study_uid) and is_valid_uid(series_uid) and is_valid_uid(name[:-4])):
                     raise InvalidInstanceError("its path is not made of UIDs")
-                data = path.read_bytes()
-                header = read_file_header(data)
+                header, size, offset = _read_spooled(path)
                 if header.study_uid != study_uid or not number.isdigit():
                     raise InvalidInstanceError("its header does not match its place in the spool")
-                offset = data_set_offset(data)
+                digest = file_digest(path, offset)
             except (OSError, InvalidInstanceError) as exc:
                 quarantine.put_file(path, f"spool file could not be adopted: {exc}", source)
                 continue
             now = time.time()
             with self.journal.transaction():
                 batch_id = self.journal.batch_for(study_uid, int(number), source, now)
-                self.journal.insert_instance(batch_id, header, len(data), offset, source, now, relative)
-                self.journal.add_receipt(batch_id, header.sop_uid, "adopted", source, len(data), now)
+                self.journal.insert_instance(batch_id, header, size, offset, source, now, relative, digest)
+                self.journal.add_receipt(batch_id, header.sop_uid, "adopted", source, size, now)
             adopted += 1
         log.info("spool.recovered", temp_files_removed=removed, instances_adopted=adopted)
         return {"temp_files_removed": removed, "instances_adopted": adopted}
+
+
+def _read_spooled(path: Path) -> tuple[InstanceHeader, int, int]:
+    """The header, size and data set offset of a spooled file, read through a read-only mapping (only the pages
+    of its file meta and header are read, whatever its size)."""
+    with path.open("rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        if size == 0:
+            raise InvalidInstanceError("an empty file")
+        with mmap.mmap(stream.fileno(), size, prot=mmap.PROT_READ) as mapped:
+            return read_file_header(mapped), size, data_set_offset(mapped)
 
 
 class Quarantine:

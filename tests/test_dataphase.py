@@ -274,10 +274,10 @@ class TestRawPeer:
     def test_instances_larger_than_the_buffer_arrive_whole(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Large, small, large, with a tiny buffer that grows in steps and is dropped: all arrive whole."""
+        """Large, small, large, with a tiny buffer that grows in steps and spills to a part file: all arrive whole."""
         monkeypatch.setattr(dataphase, "_BUFFER_START", 1024)
         monkeypatch.setattr(dataphase, "_GROWTH_STEP", 4096)
-        monkeypatch.setattr(dataphase, "_BUFFER_KEEP", 16384)
+        monkeypatch.setattr(dataphase, "_SPILL", 16384)
         running = start_receiver(make_config(tmp_path))
         try:
             study = [make_instance(rows=rows, fill=rows) for rows in (200, 8, 150)]
@@ -294,6 +294,7 @@ class TestRawPeer:
             for ds in study:
                 (path,) = running.config.spool_dir.rglob(f"*{ds.SOPInstanceUID}*")
                 assert path.read_bytes().endswith(encode_raw(ds))
+            assert not list((running.config.spool_dir / ".tmp").iterdir())
         finally:
             running.listener.stop(grace_seconds=2)
             running.journal.close()

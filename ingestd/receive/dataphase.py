@@ -15,8 +15,13 @@ Why: in pynetdicom, every PDU passes through a second thread (the DUL), a state 
 per-PDU event dispatch; its socket reads come in 4 KiB pieces and each turn of its loops may sleep; each
 C-STORE becomes a pydicom Dataset for its response. That is ~3.2 ms of Python per instance, more than the
 ~1.5 ms it takes to store and journal it, and the reason one association topped out at ~205 images/s. Here
-a data set is read into one growing buffer with `recv_into`, in as few system calls as the peer's segments
-allow, and one association needs one thread.
+a data set is read with `recv_into` into one buffer, in as few system calls as the peer's segments allow, and
+one association needs one thread.
+
+Memory is bounded by configuration, not by what the peer sends: a data set is received into a buffer of at most
+`_SPILL` bytes. One that fits is handed whole to the store (`DataSetSink.finish`), which writes it in one go;
+a larger one is handed over a buffer at a time as it arrives (`DataSetSink.write`, which streams it to a part
+file in the spool), and the buffer is reused. A peer that goes away mid-instance has its sink abandoned.
 
 The takeover relies on pynetdicom internals (the DUL thread, its state machine and queues, the
 association's reactor hook), so it is used only with the pynetdicom releases it was checked against
@@ -32,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pynetdicom
 import structlog
@@ -42,7 +47,9 @@ __all__ = [
     "DATA_PHASE_VERSIONS",
     "Command",
     "DataPhase",
+    "DataSetSink",
     "ProtocolError",
+    "StoreFunction",
     "StoreRequest",
     "available",
     "encode_response",
@@ -77,13 +84,47 @@ _MAX_COMMAND = 64 * 1024  # a command set is a few hundred bytes; more is not a 
 _MAX_SHORT_PDU = 64 * 1024  # A-RELEASE and A-ABORT PDUs carry 4 bytes
 _READ_CHUNK = 256 * 1024  # the reader's buffer for PDU and item headers and small fragments
 _BUFFER_START = 1024 * 1024  # a data set buffer's first size; it doubles as needed, by at most _GROWTH_STEP
-_BUFFER_KEEP = 64 * 1024 * 1024  # a data set buffer grown beyond this is dropped after its instance
 _GROWTH_STEP = 16 * 1024 * 1024  # the most a buffer grows ahead of the bytes actually received
+# The most of one data set held in memory: a larger one goes to its sink a buffer at a time as it arrives.
+_SPILL = 4 * 1024 * 1024
 
 _RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
-StoreFunction = Callable[[Any, "StoreRequest", memoryview], int]
-"""store(association, what the C-STORE request says, data set as received) -> C-STORE status."""
+
+class DataSetSink(Protocol):
+    """Where one message's data set goes as it arrives, in order: `write` (none for a data set that fits the
+    buffer), then `finish` with the last bytes; or `abandon`, when the association ends before the data set does.
+
+    The views are the data phase's buffer, reused once the call returns. A sink never raises for what it is given
+    (a refusal is the status `finish` returns); an exception ends the association.
+    """
+
+    def write(self, chunk: memoryview) -> None: ...
+
+    def finish(self, tail: memoryview) -> int: ...
+
+    def abandon(self) -> None: ...
+
+
+StoreFunction = Callable[[Any, "StoreRequest"], DataSetSink]
+"""open_store(association, what the C-STORE request says) -> the sink its data set is received into; its `finish`
+returns the C-STORE status."""
+
+
+class _Discard:
+    """The sink of a data set no operation here uses (a C-FIND identifier, say): its bytes are dropped."""
+
+    def write(self, chunk: memoryview) -> None:
+        pass
+
+    def finish(self, tail: memoryview) -> int:
+        return UNRECOGNIZED_OPERATION
+
+    def abandon(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
 
 
 def available() -> bool:
@@ -286,19 +327,25 @@ class _Reader:
 
 
 class _DataSetBuffer:
-    """One message's data set, assembled in a buffer that is reused from instance to instance."""
+    """One message's data set, received into a buffer of at most `_SPILL` bytes that is reused from instance to
+    instance; a data set larger than that is handed to its sink a full buffer at a time."""
 
     def __init__(self) -> None:
         self._buffer = bytearray(_BUFFER_START)
         self.size = 0
 
-    def append_from(self, reader: _Reader, length: int) -> None:
+    def append_from(self, reader: _Reader, length: int, sink: DataSetSink) -> None:
         """Read the next `length` bytes onto the data set, growing the buffer only as the bytes arrive."""
         while length:
-            step = min(length, _GROWTH_STEP)
+            if self.size == _SPILL:
+                with memoryview(self._buffer) as view, view[: self.size] as full:
+                    sink.write(full)
+                self.size = 0
+            step = min(length, _GROWTH_STEP, _SPILL - self.size)
             end = self.size + step
             if end > len(self._buffer):
-                self._buffer.extend(bytes(max(end - len(self._buffer), min(len(self._buffer), _GROWTH_STEP))))
+                grown = max(end, len(self._buffer) + min(len(self._buffer), _GROWTH_STEP))
+                self._buffer.extend(bytes(min(grown, _SPILL) - len(self._buffer)))
             with memoryview(self._buffer) as view:
                 reader.into(view[self.size : end])
             self.size = end
@@ -309,19 +356,19 @@ class _DataSetBuffer:
 
     def reset(self) -> None:
         self.size = 0
-        if len(self._buffer) > _BUFFER_KEEP:
-            self._buffer = bytearray(_BUFFER_START)
 
 
 class _Message:
     """The DIMSE message being put together from presentation data value fragments (PS3.8 Annex E)."""
 
-    def __init__(self, accepted_contexts: dict[int, Any]) -> None:
+    def __init__(self, accepted_contexts: dict[int, Any], open_sink: Callable[[Command, int], DataSetSink]) -> None:
         self._accepted = accepted_contexts
+        self._open_sink = open_sink
         self._command_bytes = bytearray()
         self.command: Command | None = None
         self.context_id: int | None = None
         self.data = _DataSetBuffer()
+        self.sink: DataSetSink | None = None
 
     def add_fragment(self, reader: _Reader, context_id: int, control: int, size: int) -> bool:
         """Read one fragment of `size` bytes; True when it completes the message."""
@@ -342,10 +389,28 @@ class _Message:
             return not self.command.has_data_set
         if self.command is None or not self.command.has_data_set:
             raise ProtocolError("a data set fragment arrived without its command")
-        self.data.append_from(reader, size)
+        if self.sink is None:
+            self.sink = self._open_sink(self.command, context_id)
+        self.data.append_from(reader, size, self.sink)
         return last
 
+    def finish(self) -> int:
+        """Hand the rest of the data set to its sink (an empty one if the command said there is none)."""
+        if self.command is None or self.context_id is None:
+            raise ProtocolError("a message without its command")  # cannot happen: add_fragment reads it first
+        sink = self.sink if self.sink is not None else self._open_sink(self.command, self.context_id)
+        self.sink = None
+        with self.data.view() as tail:
+            return sink.finish(tail)
+
+    def abandon(self) -> None:
+        """The association ended mid-message: the sink keeps nothing."""
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.abandon()
+
     def reset(self) -> None:
+        self.abandon()
         self._command_bytes.clear()
         self.command = None
         self.context_id = None
@@ -384,6 +449,7 @@ class DataPhase:
         self._abort_sent = False
         self._sock: socket.socket | None = None
         self._peer_max_pdu = int(assoc.requestor.maximum_length or 0)  # 0: no limit
+        self._message: _Message | None = None
 
     def install(self) -> None:
         """Have the association run this data phase instead of pynetdicom's reactor."""
@@ -438,7 +504,7 @@ class DataPhase:
 
     def _serve(self, reader: _Reader) -> bool:
         """Serve PDUs until the peer releases (True) or aborts (False)."""
-        message = _Message(self.assoc._accepted_cx)
+        message = self._message = _Message(self.assoc._accepted_cx, self._open_sink)
         while True:
             if self._stopping:
                 raise _ClosedError
@@ -498,15 +564,7 @@ class DataPhase:
             raise ProtocolError("a message without its command")  # cannot happen: add_fragment reads it first
         field = command.field
         if field == C_STORE_RQ:
-            context = self.assoc._accepted_cx[context_id]
-            request = StoreRequest(
-                command.sop_class_uid,
-                command.sop_instance_uid,
-                str(context.abstract_syntax),
-                str(context.transfer_syntax[0]),
-            )
-            with message.data.view() as body:
-                status = self.store(self.assoc, request, body)
+            status = message.finish()
             response_field = C_STORE_RQ | RESPONSE_BIT
             instance = command.sop_instance_uid
         elif field == C_CANCEL_RQ or field & RESPONSE_BIT:
@@ -517,6 +575,19 @@ class DataPhase:
             instance = command.sop_instance_uid if field != C_ECHO_RQ else ""
         response = encode_response(response_field, command.message_id, command.sop_class_uid, instance, status)
         self._send(p_data_tf(context_id, response, self._peer_max_pdu))
+
+    def _open_sink(self, command: Command, context_id: int) -> DataSetSink:
+        """Where a message's data set goes: the store's sink for a C-STORE, nowhere for any other."""
+        if command.field != C_STORE_RQ:
+            return _DISCARD
+        context = self.assoc._accepted_cx[context_id]
+        request = StoreRequest(
+            command.sop_class_uid,
+            command.sop_instance_uid,
+            str(context.abstract_syntax),
+            str(context.transfer_syntax[0]),
+        )
+        return self.store(self.assoc, request)
 
     @staticmethod
     def _skip(reader: _Reader, length: int) -> None:
@@ -564,6 +635,11 @@ class DataPhase:
 
     def _finish(self, released: bool) -> None:
         assoc = self.assoc
+        if self._message is not None:  # an instance cut off by the association's end: nothing of it is kept
+            try:
+                self._message.abandon()
+            except Exception:
+                log.exception("receive.association_failed", calling_aet=assoc.requestor.ae_title)
         if released:
             self.how = "released"
         assoc.dul.state_machine.current_state = "Sta1"

@@ -1,12 +1,16 @@
 """The DICOM listener: C-ECHO and C-STORE, acknowledging only what is durable.
 
 pynetdicom accepts or rejects each association; ingestd then serves its data phase itself
-(`ingestd.receive.dataphase`), calling `DicomListener._store_guarded` for every C-STORE. The store walks the
-encoded data set to its end by its lengths (never decoding values, never touching pixel data) to see that it is
-whole, reads the few header values the journal needs, checks that they agree with the C-STORE request, hands
-the bytes to the spool, and returns Success only once the spool has the file fsync'd and the journal row
-committed. A data set that is cut short, unreadable or not the one the request names is refused and nothing
-of it is stored.
+(`ingestd.receive.dataphase`), which receives every C-STORE's data set into an `_Incoming` sink. A data set that
+fits the data phase's buffer (a few MiB) arrives whole; a larger one is written to a part file in the spool as it
+arrives (hashed on the way), so that memory never depends on an instance's size; past `listener.max_instance_mb`
+the rest is discarded as it arrives and the request refused with 0xA700. At the data set's end the store
+(`DicomListener._store_guarded`) walks the encoded data set by its lengths (never decoding values, never touching
+pixel data; a part file is read through a read-only mapping, so only the pages of element headers are read) to
+see that it is whole, reads the few header values the journal needs, checks that they agree with the C-STORE
+request, hands it to the spool, and returns Success only once the spool has the file fsync'd and the journal row
+committed. A data set that is cut short, unreadable or not the one the request names is refused and nothing of
+it is stored; nor is anything of one whose association ends before it does.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from ingestd.journal import Source
 from ingestd.metrics import AssociationSlot
 from ingestd.receive import dataphase
 from ingestd.receive.gate import Gate
-from ingestd.spool import Spool
+from ingestd.spool import PartFile, Spool
 
 VERIFICATION = dicom_uid.UID("1.2.840.10008.1.1")
 
@@ -72,6 +76,7 @@ TRANSFER_SYNTAXES = [
 ]
 
 _DEFER_PER_ASSOCIATION = 0.003  # seconds a receiver process waits per open association before it accepts
+_MB = 1024 * 1024
 
 
 class Status:
@@ -223,6 +228,80 @@ class _GatedServer(ThreadedAssociationServer):
     def shutdown(self) -> None:
         self.gate.stop()
         super().shutdown()
+
+
+def _ascii(value: str) -> str:
+    # For the file meta of a part file, written before the data set is checked: a request whose UIDs are not ASCII
+    # is refused at the end anyway (its data set's UIDs, which are valid, cannot be the same).
+    return value.encode("ascii", "replace").decode("ascii")
+
+
+class _Incoming:
+    """One C-STORE data set on its way into the spool: the `dataphase.DataSetSink` of a C-STORE request.
+
+    A data set that fits the data phase's buffer arrives whole in `finish` and is stored in one write. A larger one
+    is written to a part file in the spool as it arrives; past `listener.max_instance_mb` (or when the spool
+    refuses) the part file is removed, the rest is discarded as it arrives, and `finish` answers the refusal.
+    """
+
+    def __init__(self, listener: DicomListener, assoc: Any, request: dataphase.StoreRequest) -> None:
+        self.listener = listener
+        self.assoc = assoc
+        self.request = request
+        self.limit = listener.config.max_instance_mb * _MB
+        self.size = 0
+        self.part: PartFile | None = None
+        self.status: int | None = None  # a refusal decided before the data set's end
+
+    def write(self, chunk: memoryview) -> None:
+        self.size += len(chunk)
+        if self.status is not None:
+            return
+        if self.size > self.limit:
+            self._too_large()
+            return
+        try:
+            if self.part is None:
+                request = self.request
+                prefix = file_meta_prefix(
+                    _ascii(request.sop_class_uid),
+                    _ascii(request.sop_instance_uid),
+                    request.transfer_syntax,
+                    self.assoc.requestor.ae_title,
+                )
+                self.part = self.listener.spool.open_part(prefix)
+            self.part.write(chunk)
+        except Exception as exc:  # noqa: BLE001 - a refusal for the peer, never an exception into the data phase
+            self.status = self.listener._refusal(self.assoc, exc)
+            self._discard()
+
+    def finish(self, tail: memoryview) -> int:
+        if len(tail) and (self.part is not None or self.status is not None or self.size + len(tail) > self.limit):
+            self.write(tail)
+        else:
+            self.size += len(tail)
+        if self.status is not None:
+            return self.status
+        part, self.part = self.part, None
+        if part is None:
+            return self.listener._store_guarded(self.assoc, self.request, tail)
+        try:
+            return self.listener._store_guarded(self.assoc, self.request, part)
+        finally:
+            part.discard()  # nothing left once it is stored; refused, it is removed
+
+    def abandon(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        part, self.part = self.part, None
+        if part is not None:
+            part.discard()
+
+    def _too_large(self) -> None:
+        self.status = Status.OUT_OF_RESOURCES
+        self._discard()
+        self.listener._log_too_large(self.assoc)
 
 
 class _SharedSocketServer(_GatedServer):
@@ -433,7 +512,7 @@ class DicomListener:
             dataphase.hold_transport(event.assoc)
             self._phases[id(event.assoc)] = dataphase.DataPhase(
                 event.assoc,
-                self._store_guarded,
+                self._open_store,
                 self.config.network_timeout_seconds,
                 max_pdu_length=self.config.max_pdu_size,
                 min_rate=self.config.min_receive_rate_kbps * 1000 / 8,
@@ -487,8 +566,9 @@ class DicomListener:
         return Status.SUCCESS
 
     def _on_store(self, event: Any) -> int:
-        # Only when pynetdicom serves the association itself (see `dataphase.available`). It must not raise:
-        # pynetdicom would answer 0xC211, which ingestd answers for a data set cut short.
+        # Only when pynetdicom serves the association itself (see `dataphase.available`): it has received the whole
+        # data set into memory. It must not raise: pynetdicom would answer 0xC211, which ingestd answers for a data
+        # set cut short.
         try:
             request = dataphase.StoreRequest(
                 _command_uid(event.request.AffectedSOPClassUID),
@@ -500,9 +580,38 @@ class DicomListener:
         except Exception:
             log.exception("receive.store_failed", calling_aet=event.assoc.requestor.ae_title)
             return Status.OUT_OF_RESOURCES
+        if len(body) > self.config.max_instance_mb * _MB:
+            self._log_too_large(event.assoc)
+            return Status.OUT_OF_RESOURCES
         return self._store_guarded(event.assoc, request, body)
 
-    def _store_guarded(self, assoc: Any, request: dataphase.StoreRequest, body: memoryview) -> int:
+    def _open_store(self, assoc: Any, request: dataphase.StoreRequest) -> dataphase.DataSetSink:
+        """The sink a C-STORE's data set is received into (the data phase's `StoreFunction`)."""
+        return _Incoming(self, assoc, request)
+
+    def _log_too_large(self, assoc: Any) -> None:
+        log.warning(
+            "receive.store_refused",
+            calling_aet=assoc.requestor.ae_title,
+            status="0xA700",
+            reason=f"the data set is larger than listener.max_instance_mb ({self.config.max_instance_mb} MiB); "
+            "the rest of it is discarded as it arrives",
+            max_instance_mb=self.config.max_instance_mb,
+        )
+
+    def _refusal(self, assoc: Any, exc: Exception) -> int:
+        """Log why the spool could not take an instance; return the status that says so."""
+        calling = assoc.requestor.ae_title
+        if isinstance(exc, SpoolFullError):
+            log.error("receive.store_refused", calling_aet=calling, status="0xA700", reason=str(exc))
+            return Status.OUT_OF_RESOURCES
+        if isinstance(exc, SpoolError):
+            log.error("receive.store_refused", calling_aet=calling, status="0xA701", reason=str(exc))
+            return Status.OUT_OF_RESOURCES + 1
+        log.exception("receive.store_failed", calling_aet=calling)  # called in the handler of `exc`
+        return Status.OUT_OF_RESOURCES
+
+    def _store_guarded(self, assoc: Any, request: dataphase.StoreRequest, body: memoryview | PartFile) -> int:
         with self._idle:
             self._inflight += 1
         try:
@@ -515,32 +624,27 @@ class DicomListener:
                 self._inflight -= 1
                 self._idle.notify_all()
 
-    def _store(self, assoc: Any, request: dataphase.StoreRequest, body: memoryview) -> int:
+    def _store(self, assoc: Any, request: dataphase.StoreRequest, body: memoryview | PartFile) -> int:
+        """Check the data set (in memory, or written to a part file) and store it; return the C-STORE status."""
         requestor = assoc.requestor
         calling = requestor.ae_title
-        transfer_syntax = request.transfer_syntax
-        try:
-            header = read_received(body, transfer_syntax)
-        except IncompleteDataSetError as exc:
-            log.warning("receive.store_refused", calling_aet=calling, status="0xC211", reason=str(exc))
-            return Status.INCOMPLETE
-        except InvalidInstanceError as exc:
-            log.warning("receive.store_refused", calling_aet=calling, status="0xC210", reason=str(exc))
-            return Status.CANNOT_UNDERSTAND
-        mismatch = _mismatch(request, header)
-        if mismatch is not None:
-            log.warning("receive.store_refused", calling_aet=calling, status="0xA900", reason=mismatch)
-            return Status.DATA_SET_MISMATCH
-        prefix = file_meta_prefix(header.sop_class_uid, header.sop_uid, transfer_syntax, calling)
+        if isinstance(body, PartFile):
+            with body.data_set() as data:
+                checked = self._check(calling, request, data)
+        else:
+            checked = self._check(calling, request, body)
+        if isinstance(checked, int):
+            return checked
+        header = checked
         source = Source("dicom", calling, f"{assoc.acceptor.ae_title}@{requestor.address}")
         try:
-            outcome = self.spool.store(prefix, body, header, source)
-        except SpoolFullError as exc:
-            log.error("receive.store_refused", calling_aet=calling, status="0xA700", reason=str(exc))
-            return Status.OUT_OF_RESOURCES
+            if isinstance(body, PartFile):
+                outcome = self.spool.commit_part(body, header, source)
+            else:
+                prefix = file_meta_prefix(header.sop_class_uid, header.sop_uid, request.transfer_syntax, calling)
+                outcome = self.spool.store(prefix, body, header, source)
         except SpoolError as exc:
-            log.error("receive.store_refused", calling_aet=calling, status="0xA701", reason=str(exc))
-            return Status.OUT_OF_RESOURCES + 1
+            return self._refusal(assoc, exc)
         stored = self._stored.get(id(assoc))
         if stored is not None:
             self._stored[id(assoc)] = stored + 1  # only this association's thread writes its entry
@@ -552,3 +656,20 @@ class DicomListener:
             size=outcome.size,
         )
         return Status.SUCCESS
+
+    @staticmethod
+    def _check(calling: str, request: dataphase.StoreRequest, body: memoryview) -> InstanceHeader | int:
+        """The data set's header if it is whole and the one the request names, else the status refusing it."""
+        try:
+            header = read_received(body, request.transfer_syntax)
+        except IncompleteDataSetError as exc:
+            log.warning("receive.store_refused", calling_aet=calling, status="0xC211", reason=str(exc))
+            return Status.INCOMPLETE
+        except InvalidInstanceError as exc:
+            log.warning("receive.store_refused", calling_aet=calling, status="0xC210", reason=str(exc))
+            return Status.CANNOT_UNDERSTAND
+        mismatch = _mismatch(request, header)
+        if mismatch is not None:
+            log.warning("receive.store_refused", calling_aet=calling, status="0xA900", reason=mismatch)
+            return Status.DATA_SET_MISMATCH
+        return header
