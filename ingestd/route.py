@@ -23,8 +23,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import pydicom
-import pydicom.errors
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -32,7 +30,7 @@ from pydicom.multival import MultiValue
 from ingestd.config import BatchFailures
 from ingestd.deid.engine import DeidError, Labels, anonymize, screen
 from ingestd.deid.profile import Profile
-from ingestd.deid.stream import open_instance, write_instance
+from ingestd.deid.stream import PIXEL_TAGS, open_instance, write_instance
 from ingestd.header import is_valid_uid
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
 from ingestd.logs import uid_digest
@@ -54,6 +52,8 @@ def header_facts(ds: Dataset) -> dict[str, str | tuple[str, ...]]:
     facts: dict[str, str | tuple[str, ...]] = {}
     for elem in ds:
         if elem.tag.group % 2 or elem.tag.group == 0x0002 or elem.VR in _SKIPPED_VRS or not elem.keyword:
+            continue
+        if elem.tag in PIXEL_TAGS:  # left on disk (ingestd.deid.stream), and not a fact
             continue
         value = elem.value
         if isinstance(value, MultiValue | list):
@@ -256,8 +256,9 @@ class Router(PeriodicWorker):
         headers: dict[str, dict[str, str | tuple[str, ...]]] = {}
         for instance in instances:
             if instance.series_uid not in headers:
-                ds = pydicom.dcmread(self.spool_dir / instance.spool_path, stop_before_pixels=True)
-                headers[instance.series_uid] = header_facts(ds)
+                # Pixel Data stays on disk; a deflated instance is inflated to disk, never into memory.
+                with open_instance(self.spool_dir / instance.spool_path, self.outbox) as opened:
+                    headers[instance.series_uid] = header_facts(opened.dataset)
         return headers
 
     def _as_spooled(self, instance: BatchInstance) -> Outgoing:

@@ -257,7 +257,7 @@ def _run_bench(args: list[str], timeout: float) -> dict[str, object]:
 def test_a_1_gb_instance_is_deidentified_and_zipped_in_bounded_memory(tmp_path: Path) -> None:
     """One 1.1 GB multi-frame instance de-identified and packaged in a fresh process, as the daemon does it:
     peak RSS (VmHWM) stays under 150 MB, the output parses, and its Pixel Data equals the input's."""
-    report = _run_bench(["--sizes-mb", "1100", "--work", str(tmp_path), "--keep", "--check"], timeout=240)
+    report = _run_bench(["--sizes-mb", "1100", "--work", str(tmp_path), "--check"], timeout=240)
     (run,) = report["runs"]  # type: ignore[misc]
     assert run["ok"], run
     assert run["peak_rss_mb"] < 150, run

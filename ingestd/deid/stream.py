@@ -51,7 +51,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ingestd.deid.engine import DeidError
 
-__all__ = ["Instance", "open_instance", "write_instance"]
+__all__ = ["PIXEL_TAGS", "Instance", "open_instance", "write_instance"]
 
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _ITEM = 0xFFFEE000
