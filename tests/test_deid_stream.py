@@ -328,6 +328,7 @@ def test_odd_pixel_elements_stream_as_pydicom_reads_them(name: str, syntax: str,
         got: bytes | str = streamed(path, tmp_path / "out")
     except DeidError as exc:
         got = "ValueError" if exc.code == "encode" else exc.code
+        assert not list((tmp_path / "out").iterdir()), "a file that failed to encode is removed"
     assert got == expected
 
 
