@@ -8,6 +8,8 @@ Files and folders are read, grouped into studies, and given the same facts the r
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import pydicom
 import pydicom.errors
 
 from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
+from ingestd.deid.stream import open_instance
 from ingestd.journal import BatchInstance
 from ingestd.route import deidentify_file, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, decide, explain_match
@@ -139,14 +142,14 @@ def _explain_route(rules: RuleSet, study: Study, decision: Routed, all_instances
             continue
         shown.add(item.series_uid)
         yield f"  instance {item.relative} (series {item.series_uid}):"
-        ds = pydicom.dcmread(item.path)
-        try:
-            screen(ds, profile)
-        except DeidError as exc:
-            yield f"    held ({exc.code}): {exc.reason}"
         changes: list[Change] = []
         try:
-            anonymize(ds, profile, labels, changes)
+            with open_instance(item.path, Path(tempfile.gettempdir())) as instance:
+                try:
+                    screen(instance.dataset, profile)
+                except DeidError as exc:
+                    yield f"    held ({exc.code}): {exc.reason}"
+                anonymize(instance.dataset, profile, labels, changes)
         except DeidError as exc:
             yield f"    held ({exc.code}): {exc.reason}"
         for change in changes:
@@ -171,20 +174,27 @@ def anonymize_studies(
             continue
         profile = rules.profiles[decision.profile]
         labels = Labels(decision.project, decision.subject, decision.session)
-        written: list[tuple[Path, bytes]] = []
+        output.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".ingestd-anonymize-", dir=output))  # same disk: moves are renames
+        written: list[tuple[Path, Path]] = []
         try:
             for item in study.files:
                 if item.series_uid not in decision.kept_series:
                     continue
-                out, encoded = deidentify_file(item.path, profile, labels)
-                target = output / str(out.StudyInstanceUID) / str(out.SeriesInstanceUID) / f"{out.SOPInstanceUID}.dcm"
-                written.append((target, encoded))
+                done = deidentify_file(item.path, profile, labels, staging)
+                target = output / done.study_uid / done.series_uid / f"{done.sop_uid}.dcm"
+                written.append((staging / f"{done.sop_uid}.dcm", target))
         except DeidError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
             yield f"study {study.uid}: held ({exc.code}): {exc.reason}", False
             continue
-        for target, encoded in written:
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for staged, target in written:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(encoded)
+            staged.replace(target)
+        shutil.rmtree(staging, ignore_errors=True)
         new_study = written[0][0].parent.parent.name if written else "-"
         yield (
             f"study {study.uid}: rule {decision.rule}, profile {profile.name}: {len(written)} instance(s) -> "

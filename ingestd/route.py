@@ -16,15 +16,13 @@ leftovers and does the same work again, with the same result (the de-identificat
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import pydicom
-import pydicom.errors
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -32,15 +30,17 @@ from pydicom.multival import MultiValue
 from ingestd.config import BatchFailures
 from ingestd.deid.engine import DeidError, Labels, anonymize, screen
 from ingestd.deid.profile import Profile
+from ingestd.deid.stream import PIXEL_TAGS, open_instance, write_instance
+from ingestd.header import is_valid_uid
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
 from ingestd.logs import uid_digest
 from ingestd.metrics import stage_seconds
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide
-from ingestd.spool import fsync_dir, make_dirs_durably, write_durably
+from ingestd.spool import fsync_dir, make_dirs_durably
 from ingestd.states import StudyState
 from ingestd.worker import PeriodicWorker, count_batch_failure
 
-__all__ = ["Router", "deidentify_file", "header_facts", "path_parts", "study_facts"]
+__all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
 log = structlog.get_logger("ingestd.route")
 
@@ -52,6 +52,8 @@ def header_facts(ds: Dataset) -> dict[str, str | tuple[str, ...]]:
     facts: dict[str, str | tuple[str, ...]] = {}
     for elem in ds:
         if elem.tag.group % 2 or elem.tag.group == 0x0002 or elem.VR in _SKIPPED_VRS or not elem.keyword:
+            continue
+        if elem.tag in PIXEL_TAGS:  # left on disk (ingestd.deid.stream), and not a fact
             continue
         value = elem.value
         if isinstance(value, MultiValue | list):
@@ -100,23 +102,31 @@ def study_facts(
     )
 
 
-def deidentify_file(path: Path, profile: Profile, labels: Labels) -> tuple[Dataset, bytes]:
-    """Read one instance, screen and de-identify it; return the new data set and its Part 10 file bytes.
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One de-identified instance on disk: its new UIDs and its size in bytes."""
 
-    The daemon and `ingestd anonymize` both go through here. Raises DeidError (held) or OSError.
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    size: int
+
+
+def deidentify_file(path: Path, profile: Profile, labels: Labels, folder: Path) -> Written:
+    """Read one instance, screen and de-identify it into `folder/<new SOP Instance UID>.dcm`, fsync'd.
+
+    Pixel Data is never read into memory: it is copied from `path` into the new file in chunks
+    (`ingestd.deid.stream`), so memory stays flat on any instance size. The daemon and `ingestd anonymize` both
+    go through here. Raises DeidError (held) or OSError; nothing is left in `folder` when it raises.
     """
-    try:
-        ds = pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
-        raise DeidError("unreadable", f"a spooled instance cannot be parsed ({type(exc).__name__})") from None
-    screen(ds, profile)
-    out = anonymize(ds, profile, labels)
-    buffer = io.BytesIO()
-    try:
-        pydicom.dcmwrite(buffer, out, enforce_file_format=True)
-    except Exception as exc:  # noqa: BLE001 - an encoding failure holds the study, whatever pydicom raised
-        raise DeidError("encode", f"the de-identified instance cannot be encoded ({type(exc).__name__})") from None
-    return out, buffer.getvalue()
+    with open_instance(path, folder) as instance:
+        screen(instance.dataset, profile)
+        out = anonymize(instance.dataset, profile, labels)
+        uids = [str(out.get(keyword, "")) for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        if not all(is_valid_uid(uid) for uid in uids):
+            raise DeidError("engine", "the de-identified instance has no valid Study, Series or SOP Instance UID")
+        size = write_instance(out, folder / f"{uids[2]}.dcm")
+    return Written(uids[0], uids[1], uids[2], size)
 
 
 class Router(PeriodicWorker):
@@ -246,8 +256,9 @@ class Router(PeriodicWorker):
         headers: dict[str, dict[str, str | tuple[str, ...]]] = {}
         for instance in instances:
             if instance.series_uid not in headers:
-                ds = pydicom.dcmread(self.spool_dir / instance.spool_path, stop_before_pixels=True)
-                headers[instance.series_uid] = header_facts(ds)
+                # Pixel Data stays on disk; a deflated instance is inflated to disk, never into memory.
+                with open_instance(self.spool_dir / instance.spool_path, self.outbox) as opened:
+                    headers[instance.series_uid] = header_facts(opened.dataset)
         return headers
 
     def _as_spooled(self, instance: BatchInstance) -> Outgoing:
@@ -271,14 +282,15 @@ class Router(PeriodicWorker):
         try:
             for instance in kept:
                 self.beat()  # a study of thousands of instances takes minutes, and is not wedged
-                out, encoded = deidentify_file(self.spool_dir / instance.spool_path, profile, labels)
-                series_uid, sop_uid = str(out.SeriesInstanceUID), str(out.SOPInstanceUID)
-                study_uids.add(str(out.StudyInstanceUID))
+                written = deidentify_file(self.spool_dir / instance.spool_path, profile, labels, temp)
+                series_uid, sop_uid = written.series_uid, written.sop_uid
+                study_uids.add(written.study_uid)
                 folder = temp / series_uid
                 if folder not in folders:
                     folder.mkdir()
                     folders.add(folder)
-                size = write_durably(folder / f"{sop_uid}.dcm", [encoded])
+                (temp / f"{sop_uid}.dcm").rename(folder / f"{sop_uid}.dcm")
+                size = written.size
                 relative = f"outbox/{batch.id}/{series_uid}/{sop_uid}.dcm"
                 outgoing.append(Outgoing(instance.id, series_uid, sop_uid, relative, size))
             for folder in folders:

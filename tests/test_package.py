@@ -57,3 +57,28 @@ def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
     waits = [backoff_seconds(attempt, 10, 300, rng) for attempt in range(1, 10)]
     assert 5 <= waits[0] <= 15 and 10 <= waits[1] <= 30
     assert all(150 <= wait <= 450 for wait in waits[6:])
+
+
+def test_an_entry_over_4_gib_is_zip64_and_reads_back(tmp_path: Path) -> None:
+    """An outgoing file over 4 GiB (an encapsulated instance can be; native Pixel Data stops at 4 GiB - 2 by its
+    32-bit length) is zipped as ZIP64 and reads back whole. The source is sparse and the zip deflated, so the
+    test writes about 20 MB to disk; it takes about 30 s of CPU (zeros through zlib twice)."""
+    relative = "outbox/9/2.25.1/2.25.2.dcm"
+    path = tmp_path / relative
+    path.parent.mkdir(parents=True)
+    size = (4 << 30) + 12345
+    with path.open("wb") as sparse:
+        sparse.truncate(size)
+        sparse.seek(size - 5)
+        sparse.write(b"TAIL!")
+    package = write_package(
+        [Outgoing(1, "2.25.1", "2.25.2", relative, size)], tmp_path, tmp_path / "9.zip", compression="deflated"
+    )
+    with zipfile.ZipFile(package.path) as archive:
+        info = archive.getinfo("2.25.1/2.25.2.dcm")
+        assert info.file_size == size
+        read, tail = 0, b""
+        with archive.open(info) as entry:  # the CRC-32 is checked at the end of the entry
+            while chunk := entry.read(1 << 22):
+                read, tail = read + len(chunk), (tail + chunk)[-5:]
+    assert (read, tail) == (size, b"TAIL!")

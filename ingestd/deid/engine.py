@@ -275,6 +275,12 @@ def _note(run: _Run, where: str, elem: DataElement, action: str, why: str, new: 
 def _show(elem: DataElement) -> str:
     if elem.VR == "SQ":
         return f"<{len(elem.value)} item(s)>"
+    if elem.is_buffered:  # Pixel Data left on disk (ingestd.deid.stream): its length, without reading it
+        value = elem.value
+        here = value.tell()
+        size = value.seek(0, 2)
+        value.seek(here)
+        return f"<{size} bytes>"
     if elem.VR in _BINARY or elem.VR == "UN":
         return f"<{len(elem.value or b'')} bytes>"
     text = str(elem.value)
