@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ingestd.errors import ConfigError
+from ingestd.walk import DEFAULT_MAX_DEPTH
 
 __all__ = [
     "BatchFailures",
@@ -98,6 +99,9 @@ class DropFolder(_Model):
     # Attempts at a file that fails (cannot be read, removed or moved) before it goes to quarantine (or is left
     # in place with a note in quarantine when even that fails); a spool refusal (full) is retried without limit.
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    # Folder levels below the drop folder that are searched: a deeper folder is logged once and left alone
+    # (`drop.folder_too_deep`), so that a hostile or absurd tree cannot break the scans of the rest.
+    max_depth: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_MAX_DEPTH
 
     @model_validator(mode="after")
     def _done_folder_for_move(self) -> DropFolder:

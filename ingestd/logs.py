@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Any, Literal
 
 import pydicom.config
@@ -125,7 +126,19 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
     logging.getLogger("watchdog").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("urllib3").setLevel(max(numeric, logging.INFO))
     logging.captureWarnings(True)
+    threading.excepthook = _log_thread_failure
     quiet_pydicom()
+
+
+def _log_thread_failure(args: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception (a library's thread, watchdog's say) as a log line, not raw text on stderr."""
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    log = structlog.get_logger("ingestd.daemon")
+    try:
+        raise args.exc_value  # log.exception takes the exception being handled, with its traceback
+    except BaseException:
+        log.exception("daemon.thread_failed", thread=args.thread.name if args.thread is not None else None)
 
 
 def uid_digest(uid: str) -> str:

@@ -7,7 +7,6 @@ Files and folders are read, grouped into studies, and given the same facts the r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
 from ingestd.journal import BatchInstance
 from ingestd.route import deidentify_file, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, decide, explain_match
+from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 
 __all__ = ["InputFile", "Study", "anonymize_studies", "explain_studies", "read_studies"]
 
@@ -41,13 +41,21 @@ class Study:
     facts: StudyFacts
 
 
-def _walk(paths: Sequence[Path]) -> Iterator[tuple[Path, Path]]:
-    """(file, the folder it counts as dropped into) for every file under `paths`, sorted."""
+def _walk(paths: Sequence[Path], skipped: list[tuple[Path, str]]) -> Iterator[tuple[Path, Path]]:
+    """(file, the folder it counts as dropped into) for every file under `paths`, sorted.
+
+    A folder nested deeper than `DEFAULT_MAX_DEPTH` levels is not read: it goes to `skipped` with the reason.
+    """
+
+    def too_deep(folder: Path, depth: int) -> None:
+        skipped.append((folder, f"a folder {depth} levels down, deeper than {DEFAULT_MAX_DEPTH}: not read"))
+
     for path in paths:
         if path.is_dir():
-            for folder, _dirs, names in sorted(os.walk(path)):
+            for folder, dirs, names in walk(path, too_deep=too_deep):
+                dirs.sort()
                 for name in sorted(names):
-                    yield Path(folder) / name, path
+                    yield folder / name, path
         else:
             yield path, path.parent
 
@@ -60,7 +68,7 @@ def read_studies(
     skipped: list[tuple[Path, str]] = []
     headers: dict[str, dict[str, str | tuple[str, ...]]] = {}
     roots: dict[str, Path] = {}
-    for path, root in _walk(paths):
+    for path, root in _walk(paths, skipped):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
