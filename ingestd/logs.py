@@ -33,6 +33,8 @@ _UID = re.compile(r"(?<![\w.])(?:[0-2](?:\.(?:0|[1-9][0-9]*)){3,}|2\.25\.[0-9]{6
 _STANDARD_UID_ROOT = "1.2.840.10008."  # SOP classes, transfer syntaxes: the standard's own, no PHI
 # A DICOM person name has components separated by carets: DOE^JOHN, ^JOHN^^DR.
 _PERSON_NAME = re.compile(r"[^\s\^=\\\"',;:()\[\]{}<>|]*\^[^\s\"',;:()\[\]{}<>|]*")
+_SOP_CLASS_KEYS = frozenset({"sop_class_uid"})
+_BARE_UID = re.compile(r"[0-9.]{1,64}")
 _EXTRA_PHI_KEYS = frozenset(
     {"patient", "patientname", "patientid", "birthdate", "accession", "dataset", "header", "headers", "value"}
 )
@@ -75,6 +77,8 @@ def redact_value(value: Any) -> Any:
 
 
 def _redact_item(key: Any, value: Any) -> Any:
+    if key in _SOP_CLASS_KEYS and isinstance(value, str) and _BARE_UID.fullmatch(value):
+        return value  # a SOP class, private ones included, is not PHI: it names what a lab must configure
     if isinstance(key, str) and key.replace("_", "").lower() in _phi_keys() and value is not None:
         return REDACTED
     return redact_value(value)
