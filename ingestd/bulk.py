@@ -389,6 +389,7 @@ class _Importer(_Taker):
             self.journal, rules, self.config.state_dir, interval=_WORKER_SECONDS, failures=self.config.batch_failures
         )
         deliverer = Deliverer(self.journal, self.config, interval=_WORKER_SECONDS)
+        deliverer.rules = lambda: rules
         router.start()
         deliverer.start()
         return [router, deliverer]

@@ -15,17 +15,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import logging
 import os
 import re
+import secrets
 import sys
 import threading
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import pydicom.config
 import structlog
 
-__all__ = ["configure_logging", "hide_member_names", "path_digest", "redact", "redact_value", "uid_digest"]
+__all__ = [
+    "configure_logging",
+    "hide_labels",
+    "hide_member_names",
+    "path_digest",
+    "redact",
+    "redact_value",
+    "uid_digest",
+    "use_digest_key",
+]
 
 REDACTED = "[redacted]"
 # A UID of four components or more, or a 2.25 UUID-derived one; standalone (not part of a longer dotted word).
@@ -150,13 +162,40 @@ def uid_digest(uid: str) -> str:
     return "sha256:" + hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:16]
 
 
+_digest_key = secrets.token_bytes(32)  # until `use_digest_key`: digests that match nothing outside this process
+
+
+def use_digest_key(key: bytes) -> None:
+    """Key `path_digest` (and the member names `hide_member_names` digests) with the installation's key.
+
+    The daemon, `ingestd import` and `ingestd status` load it from the state directory (`ingestd.digestkey`).
+    """
+    global _digest_key  # noqa: PLW0603 - one key per process, set once the state directory is known
+    _digest_key = key
+
+
 def path_digest(path: str) -> str:
     """How logs name a dropped file: its path may hold a patient's name (`DOE^JOHN/IM0001`), so a digest.
 
-    The quarantine sidecar and `ingestd status --show-paths` show the path itself to whoever may read the
-    state directory; the digest lets a log line be matched to them.
+    An HMAC-SHA-256 under the installation's secret (`digest.key` in the state directory), not a bare hash: a
+    bare hash of `DOE^JOHN_MRN123` is recovered by hashing guesses. The quarantine sidecar and `ingestd status
+    --show-paths` show the path itself to whoever may read the state directory; the digest lets a log line be
+    matched to them (`ingestd status` uses the same key).
     """
-    return "sha256:" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    digest = hmac.new(_digest_key, path.encode("utf-8", "surrogateescape"), hashlib.sha256)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def hide_labels(text: str, labels: Iterable[str]) -> str:
+    """`text` (a URI, a reason) with each of `labels` (XNAT labels: letters, digits, `_`, `-`) as its digest.
+
+    For the labels a rule without `anonymize` builds from raw identifying values (`{PatientID}`): XNAT gets them
+    as they are, the logs a keyed digest of each.
+    """
+    for label in sorted({label for label in labels if label}, key=len, reverse=True):
+        pattern = rf"(?<![A-Za-z0-9_-]){re.escape(label)}(?![A-Za-z0-9_-])"
+        text = re.sub(pattern, path_digest(label), text)
+    return text
 
 
 _QUOTED_MEMBER = re.compile(r"member ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")

@@ -16,6 +16,7 @@ import pydicom.errors
 
 from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
 from ingestd.journal import BatchInstance
+from ingestd.logs import uid_digest
 from ingestd.route import deidentify_file, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, decide, explain_match
 from ingestd.walk import DEFAULT_MAX_DEPTH, walk
@@ -172,10 +173,10 @@ def anonymize_studies(
     for study in studies:
         decision = decide(rules, study.facts, rule=rule)
         if isinstance(decision, Held):
-            yield f"study {study.uid}: held ({decision.code}): {decision.reason}", False
+            yield f"study {uid_digest(study.uid)}: held ({decision.code}): {decision.reason}", False
             continue
         if decision.profile is None:
-            yield f"study {study.uid}: rule {decision.rule} does not de-identify; nothing written", False
+            yield f"study {uid_digest(study.uid)}: rule {decision.rule} does not de-identify; nothing written", False
             continue
         profile = rules.profiles[decision.profile]
         labels = Labels(decision.project, decision.subject, decision.session)
@@ -188,14 +189,15 @@ def anonymize_studies(
                 target = output / str(out.StudyInstanceUID) / str(out.SeriesInstanceUID) / f"{out.SOPInstanceUID}.dcm"
                 written.append((target, encoded))
         except DeidError as exc:
-            yield f"study {study.uid}: held ({exc.code}): {exc.reason}", False
+            yield f"study {uid_digest(study.uid)}: held ({exc.code}): {exc.reason}", False
             continue
         for target, encoded in written:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(encoded)
         new_study = written[0][0].parent.parent.name if written else "-"
+        named = new_study if written else uid_digest(study.uid)  # as `ingestd status` names it: never the original
         yield (
-            f"study {study.uid}: rule {decision.rule}, profile {profile.name}: {len(written)} instance(s) -> "
+            f"study {named}: rule {decision.rule}, profile {profile.name}: {len(written)} instance(s) -> "
             f"{output / new_study} ({decision.project}/{decision.subject}/{decision.session})",
             True,
         )
