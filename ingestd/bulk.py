@@ -53,6 +53,7 @@ from ingestd.receive.pool import wait_for_receivers
 from ingestd.route import Router, header_facts, study_facts
 from ingestd.rules import Held, RuleSet, decide
 from ingestd.spool import Quarantine, Spool
+from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 from ingestd.worker import PeriodicWorker
 
 __all__ = ["Counts", "SourceFile", "Sources", "find_sources", "run_import"]
@@ -104,8 +105,12 @@ def find_sources(paths: Sequence[Path]) -> Sources:
             relative = where.relative_to(root).as_posix() if where.is_relative_to(root) else where.name
             found.unreadable.append((relative, f"cannot be read: {error.strerror or error}"))
 
-        for directory, subdirectories, names in os.walk(root, onerror=unreadable):
-            here = Path(directory)
+        def too_deep(folder: Path, depth: int, root: Path = root) -> None:
+            relative = folder.relative_to(root).as_posix()
+            reason = f"a folder {depth} levels down, deeper than {DEFAULT_MAX_DEPTH}: not searched"
+            found.unreadable.append((relative, reason))
+
+        for here, subdirectories, names in walk(root, onerror=unreadable, too_deep=too_deep):
             kinds = {name: _kind(here / name, root, unreadable) for name in sorted(subdirectories)}
             subdirectories[:] = [name for name, kind in kinds.items() if kind == "take"]  # os.walk goes into these
             found.passed_over += sum(kind == "pass" for kind in kinds.values())
@@ -384,6 +389,7 @@ class _Importer(_Taker):
             self.journal, rules, self.config.state_dir, interval=_WORKER_SECONDS, failures=self.config.batch_failures
         )
         deliverer = Deliverer(self.journal, self.config, interval=_WORKER_SECONDS)
+        deliverer.rules = lambda: rules
         router.start()
         deliverer.start()
         return [router, deliverer]

@@ -324,6 +324,16 @@ def _cmd_check_rules(files: list[Path]) -> int:
             f"{file}: OK ({count} rule{'' if count == 1 else 's'}, {profiles} profile{'' if profiles == 1 else 's'};"
             f" rule set {rules.version})"
         )
+    for rule in rules.rules:
+        for label, field in rule.identifying_labels:
+            if field in ("project", "subject"):
+                continue  # the label it repeats is warned about
+            print(
+                f"{rule.origin}: warning: rule '{rule.name}' does not anonymize, and its route.{label} holds "
+                f"{{{field}}} as it is: XNAT gets the original value, the logs a digest of it; use "
+                f"{{{field.split('[')[0]}:hash8}} with route.key (or anonymize) to keep it out of XNAT",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -418,6 +428,18 @@ def _original_path(quarantine_dir: Path, item: str) -> str | None:
     return str(sidecar.get("detail") or "") or None
 
 
+def _hide_member_names(config: Config, quarantine: list[dict[str, Any]]) -> None:
+    """Archive member names in quarantine reasons as the logs name them: by digests under the installation's key."""
+    from ingestd.digestkey import read_digest_key  # noqa: PLC0415 - keeps `status` light
+    from ingestd.logs import hide_member_names, use_digest_key  # noqa: PLC0415
+
+    key = read_digest_key(config.state_dir)
+    if key is not None:  # else (another user's key): digests that match no log line, the names hidden all the same
+        use_digest_key(key)
+    for item in quarantine:
+        item["reason"] = hide_member_names(str(item["reason"]))
+
+
 def _status_data(config: Config, show_uids: bool = False, show_paths: bool = False) -> dict[str, Any]:
     if not config.journal_path.exists():
         return {"studies": [], "quarantine": [], "journal": str(config.journal_path), "exists": False}
@@ -469,6 +491,8 @@ def _status_data(config: Config, show_uids: bool = False, show_paths: bool = Fal
         if show_paths:
             for item in quarantine:
                 item["original_path"] = _original_path(config.quarantine_dir, item["path"])
+        else:
+            _hide_member_names(config, quarantine)
         heartbeat = journal.meta("heartbeat")
         servers = [state.as_dict(now) for state in server_states(journal)]
     finally:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ingestd.errors import ConfigError
+from ingestd.walk import DEFAULT_MAX_DEPTH
 
 __all__ = [
     "BatchFailures",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+_UID = re.compile(r"(?=.{1,64}$)(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))+")  # PS3.5 9.1: digits and dots
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -61,6 +63,20 @@ class Tls(_Model):
         return self
 
 
+class ExtraSopClass(_Model):
+    """A private storage SOP class the listener accepts besides the standard ones (a scanner's own, say)."""
+
+    uid: str
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+
+    @field_validator("uid")
+    @classmethod
+    def _uid(cls, value: str) -> str:
+        if not _UID.fullmatch(value):
+            raise ValueError(f"'{value}' is not a UID: digits and dots, at most 64 characters (1.3.12.2.1107.5.9.1)")
+        return value
+
+
 class Listener(_Model):
     """The DICOM C-STORE/C-ECHO listener."""
 
@@ -69,6 +85,8 @@ class Listener(_Model):
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM listener serves the scanners on the lab network
     port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: any free port (tests)
     allowed_calling_aets: tuple[str, ...] = ()
+    # Private storage SOP classes accepted besides every standard one (retired included): {uid, name} each.
+    extra_sop_classes: tuple[ExtraSopClass, ...] = ()
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
     processes: Annotated[int, Field(ge=1, le=64)] = 1
     max_pdu_size: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
@@ -115,6 +133,15 @@ class Listener(_Model):
     def _aets(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_ae_title(v) for v in values)
 
+    @field_validator("extra_sop_classes")
+    @classmethod
+    def _extra_once(cls, values: tuple[ExtraSopClass, ...]) -> tuple[ExtraSopClass, ...]:
+        uids = [value.uid for value in values]
+        twice = sorted({uid for uid in uids if uids.count(uid) > 1})
+        if twice:
+            raise ValueError(f"SOP class {', '.join(twice)} is listed more than once")
+        return values
+
 
 class DropFolder(_Model):
     """A folder people drop DICOM files, folders or archives into."""
@@ -131,6 +158,9 @@ class DropFolder(_Model):
     # Attempts at a file that fails (cannot be read, removed or moved) before it goes to quarantine (or is left
     # in place with a note in quarantine when even that fails); a spool refusal (full) is retried without limit.
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    # Folder levels below the drop folder that are searched: a deeper folder is logged once and left alone
+    # (`drop.folder_too_deep`), so that a hostile or absurd tree cannot break the scans of the rest.
+    max_depth: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_MAX_DEPTH
 
     @model_validator(mode="after")
     def _done_folder_for_move(self) -> DropFolder:

@@ -24,8 +24,11 @@ from ingestd import __version__
 from ingestd.assemble import Assembler, CompletionPolicy
 from ingestd.config import Config, load_config
 from ingestd.deliver import Deliverer
+from ingestd.digestkey import load_digest_key
 from ingestd.errors import ConfigError, IngestdError
+from ingestd.fsmodes import restrict_tree, restrict_umask
 from ingestd.journal import Journal
+from ingestd.logs import use_digest_key
 from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer
 from ingestd.notify import SystemdNotifier
 from ingestd.receive.listener import DicomListener, bind_listening_socket
@@ -73,7 +76,12 @@ def lock_state_dir(state: Path) -> IO[str]:
 
     Held for as long as the returned file stays open: by the daemon while it runs, by `ingestd import` while it
     works without one. Raises StateDirLockedError when another process holds it.
+
+    Whoever holds the lock writes into the state directory: from here on this process creates files 0640 and
+    folders 0750 whatever its umask was, what an earlier run left looser is tightened, and the installation's
+    digest key (made on first use) keys the path digests in its logs.
     """
+    restrict_umask()
     state.mkdir(parents=True, exist_ok=True, mode=0o750)
     lock = (state / "ingestd.lock").open("a+")
     try:
@@ -87,6 +95,12 @@ def lock_state_dir(state: Path) -> IO[str]:
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    try:
+        restrict_tree(state)
+        use_digest_key(load_digest_key(state))
+    except BaseException:
+        lock.close()
+        raise
     return lock
 
 
@@ -144,6 +158,7 @@ class Daemon:
             log.info("daemon.rules_loaded", files=[str(path) for path in rules.sources], version=rules.version)
             if config.xnat.servers:
                 deliverer = Deliverer(self.journal, config)
+                deliverer.rules = lambda: None if self._router is None else self._router.rules  # live, across reloads
                 deliverer.start()
                 self._services.append(deliverer)
                 self._deliverer = deliverer

@@ -45,8 +45,10 @@ import structlog
 from ingestd.breaker import Breaker
 from ingestd.config import Config, XnatServer
 from ingestd.journal import Journal, Outgoing
+from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.package import write_package
+from ingestd.rules import RuleSet, identifying_labels
 from ingestd.states import Step, StudyState
 from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError, save_credentials_file
@@ -156,6 +158,8 @@ class Deliverer(PeriodicWorker):
         self.breaker = Breaker(journal)
         self._settling: dict[int, tuple[str, float]] = {}  # batch -> (lastmod seen, since when it has not moved)
         self._token_due: dict[str, float] = {}  # server -> when to look at its alias token again
+        # The rules in force (the daemon's router's, live across reloads): which labels logs name by digests.
+        self.rules: Callable[[], RuleSet | None] = lambda: None
         self._steps: Mapping[Step, Callable[[_Job], None]] = {
             Step.PACKAGE: self._step_package,
             Step.PREFLIGHT: self._step_preflight,
@@ -371,8 +375,16 @@ class Deliverer(PeriodicWorker):
             step=step["step"],
             attempt=attempts,
             wait_seconds=round(wait, 1),
-            error=error,
+            error=self._hide_labels(self.journal.routes().get(batch_id), error),
         )
+
+    def _hide_labels(self, route: Mapping[str, Any] | None, text: str) -> str:
+        """`text` for a log line: the labels a rule without `anonymize` built from raw identifying values, as
+        digests (a route the journal no longer has: all its labels)."""
+        if route is None:
+            return text
+        hidden = identifying_labels(self.rules(), route)
+        return hide_labels(text, [str(route[name]) for name in hidden])
 
     def _fault(self, batch_id: int, delivery: Mapping[str, Any], exc: Exception) -> None:
         """An error no step expected: count it against this batch, try again later, hold after the bound."""
@@ -394,7 +406,8 @@ class Deliverer(PeriodicWorker):
         self.journal.update_delivery(batch_id, last_error=reason, retried_at=None)  # a retry is spent by a new hold
         if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
             DELIVERIES.labels(outcome="held").inc()
-            log.warning("deliver.held", batch_id=batch_id, step=step, code=code, reason=reason)
+            shown = self._hide_labels(self.journal.routes().get(batch_id), reason)
+            log.warning("deliver.held", batch_id=batch_id, step=step, code=code, reason=shown)
 
     # -- the steps -------------------------------------------------------------------------------------------
 
@@ -475,7 +488,8 @@ class Deliverer(PeriodicWorker):
             raise HoldError(
                 "xnat-misfiled", f"XNAT filed the upload under {uri}, not in the prearchive of project {project}"
             )
-        log.info("deliver.imported", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("import", started))
+        shown = self._hide_labels(job.route, uri)
+        log.info("deliver.imported", batch_id=job.batch_id, uri=shown, seconds=stage_seconds("import", started))
         self._advance(job.batch_id, Step.WAIT, progress=True, prearchive_url=uri.removeprefix("/data"), answered=1)
 
     def _step_importing(self, job: _Job) -> None:
@@ -617,7 +631,8 @@ class Deliverer(PeriodicWorker):
         self._advance(job.batch_id, Step.ARCHIVING)
         started = time.monotonic()
         uri = job.client.archive(str(job.delivery["prearchive_url"]), project, subject, session)
-        log.info("deliver.archived", batch_id=job.batch_id, uri=uri, seconds=stage_seconds("archive", started))
+        shown = self._hide_labels(job.route, uri)
+        log.info("deliver.archived", batch_id=job.batch_id, uri=shown, seconds=stage_seconds("archive", started))
         self._advance(job.batch_id, Step.VERIFY, progress=True, archive_uri=uri)
 
     def _step_archiving(self, job: _Job) -> None:
@@ -629,13 +644,14 @@ class Deliverer(PeriodicWorker):
         if not self.journal.finish_delivery(job.batch_id, time.time()):
             return
         DELIVERIES.labels(outcome="delivered").inc()
+        hidden = identifying_labels(self.rules(), job.route)
         log.info(
             "deliver.delivered",
             batch_id=job.batch_id,
             where=where,
-            project=job.project,
-            subject=job.subject,
-            session=job.session,
+            project=path_digest(job.project) if "project" in hidden else job.project,
+            subject=path_digest(job.subject) if "subject" in hidden else job.subject,
+            session=path_digest(job.session) if "session" in hidden else job.session,
         )
         if not self.config.delivery.keep_after_delivery:
             self._clean(job.batch_id)

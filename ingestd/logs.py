@@ -15,16 +15,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import logging
 import os
 import re
+import secrets
 import sys
+import threading
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import pydicom.config
 import structlog
 
-__all__ = ["configure_logging", "hide_member_names", "path_digest", "redact", "redact_value", "uid_digest"]
+__all__ = [
+    "configure_logging",
+    "hide_labels",
+    "hide_member_names",
+    "path_digest",
+    "redact",
+    "redact_value",
+    "uid_digest",
+    "use_digest_key",
+]
 
 REDACTED = "[redacted]"
 # A UID of four components or more, or a 2.25 UUID-derived one; standalone (not part of a longer dotted word).
@@ -32,6 +45,8 @@ _UID = re.compile(r"(?<![\w.])(?:[0-2](?:\.(?:0|[1-9][0-9]*)){3,}|2\.25\.[0-9]{6
 _STANDARD_UID_ROOT = "1.2.840.10008."  # SOP classes, transfer syntaxes: the standard's own, no PHI
 # A DICOM person name has components separated by carets: DOE^JOHN, ^JOHN^^DR.
 _PERSON_NAME = re.compile(r"[^\s\^=\\\"',;:()\[\]{}<>|]*\^[^\s\"',;:()\[\]{}<>|]*")
+_SOP_CLASS_KEYS = frozenset({"sop_class_uid"})
+_BARE_UID = re.compile(r"[0-9.]{1,64}")
 _EXTRA_PHI_KEYS = frozenset(
     {"patient", "patientname", "patientid", "birthdate", "accession", "dataset", "header", "headers", "value"}
 )
@@ -74,6 +89,8 @@ def redact_value(value: Any) -> Any:
 
 
 def _redact_item(key: Any, value: Any) -> Any:
+    if key in _SOP_CLASS_KEYS and isinstance(value, str) and _BARE_UID.fullmatch(value):
+        return value  # a SOP class, private ones included, is not PHI: it names what a lab must configure
     if isinstance(key, str) and key.replace("_", "").lower() in _phi_keys() and value is not None:
         return REDACTED
     return redact_value(value)
@@ -125,7 +142,19 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
     logging.getLogger("watchdog").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("urllib3").setLevel(max(numeric, logging.INFO))
     logging.captureWarnings(True)
+    threading.excepthook = _log_thread_failure
     quiet_pydicom()
+
+
+def _log_thread_failure(args: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception (a library's thread, watchdog's say) as a log line, not raw text on stderr."""
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    log = structlog.get_logger("ingestd.daemon")
+    try:
+        raise args.exc_value  # log.exception takes the exception being handled, with its traceback
+    except BaseException:
+        log.exception("daemon.thread_failed", thread=args.thread.name if args.thread is not None else None)
 
 
 def uid_digest(uid: str) -> str:
@@ -133,13 +162,40 @@ def uid_digest(uid: str) -> str:
     return "sha256:" + hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:16]
 
 
+_digest_key = secrets.token_bytes(32)  # until `use_digest_key`: digests that match nothing outside this process
+
+
+def use_digest_key(key: bytes) -> None:
+    """Key `path_digest` (and the member names `hide_member_names` digests) with the installation's key.
+
+    The daemon, `ingestd import` and `ingestd status` load it from the state directory (`ingestd.digestkey`).
+    """
+    global _digest_key  # noqa: PLW0603 - one key per process, set once the state directory is known
+    _digest_key = key
+
+
 def path_digest(path: str) -> str:
     """How logs name a dropped file: its path may hold a patient's name (`DOE^JOHN/IM0001`), so a digest.
 
-    The quarantine sidecar and `ingestd status --show-paths` show the path itself to whoever may read the
-    state directory; the digest lets a log line be matched to them.
+    An HMAC-SHA-256 under the installation's secret (`digest.key` in the state directory), not a bare hash: a
+    bare hash of `DOE^JOHN_MRN123` is recovered by hashing guesses. The quarantine sidecar and `ingestd status
+    --show-paths` show the path itself to whoever may read the state directory; the digest lets a log line be
+    matched to them (`ingestd status` uses the same key).
     """
-    return "sha256:" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    digest = hmac.new(_digest_key, path.encode("utf-8", "surrogateescape"), hashlib.sha256)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def hide_labels(text: str, labels: Iterable[str]) -> str:
+    """`text` (a URI, a reason) with each of `labels` (XNAT labels: letters, digits, `_`, `-`) as its digest.
+
+    For the labels a rule without `anonymize` builds from raw identifying values (`{PatientID}`): XNAT gets them
+    as they are, the logs a keyed digest of each.
+    """
+    for label in sorted({label for label in labels if label}, key=len, reverse=True):
+        pattern = rf"(?<![A-Za-z0-9_-]){re.escape(label)}(?![A-Za-z0-9_-])"
+        text = re.sub(pattern, path_digest(label), text)
+    return text
 
 
 _QUOTED_MEMBER = re.compile(r"member ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")

@@ -7,7 +7,6 @@ Files and folders are read, grouped into studies, and given the same facts the r
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -20,8 +19,10 @@ import pydicom.errors
 from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
 from ingestd.deid.stream import open_instance
 from ingestd.journal import BatchInstance
+from ingestd.logs import uid_digest
 from ingestd.route import deidentify_file, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, decide, explain_match
+from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 
 __all__ = ["InputFile", "Study", "anonymize_studies", "explain_studies", "read_studies"]
 
@@ -44,13 +45,21 @@ class Study:
     facts: StudyFacts
 
 
-def _walk(paths: Sequence[Path]) -> Iterator[tuple[Path, Path]]:
-    """(file, the folder it counts as dropped into) for every file under `paths`, sorted."""
+def _walk(paths: Sequence[Path], skipped: list[tuple[Path, str]]) -> Iterator[tuple[Path, Path]]:
+    """(file, the folder it counts as dropped into) for every file under `paths`, sorted.
+
+    A folder nested deeper than `DEFAULT_MAX_DEPTH` levels is not read: it goes to `skipped` with the reason.
+    """
+
+    def too_deep(folder: Path, depth: int) -> None:
+        skipped.append((folder, f"a folder {depth} levels down, deeper than {DEFAULT_MAX_DEPTH}: not read"))
+
     for path in paths:
         if path.is_dir():
-            for folder, _dirs, names in sorted(os.walk(path)):
+            for folder, dirs, names in walk(path, too_deep=too_deep):
+                dirs.sort()
                 for name in sorted(names):
-                    yield Path(folder) / name, path
+                    yield folder / name, path
         else:
             yield path, path.parent
 
@@ -63,7 +72,7 @@ def read_studies(
     skipped: list[tuple[Path, str]] = []
     headers: dict[str, dict[str, str | tuple[str, ...]]] = {}
     roots: dict[str, Path] = {}
-    for path, root in _walk(paths):
+    for path, root in _walk(paths, skipped):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
@@ -167,10 +176,10 @@ def anonymize_studies(
     for study in studies:
         decision = decide(rules, study.facts, rule=rule)
         if isinstance(decision, Held):
-            yield f"study {study.uid}: held ({decision.code}): {decision.reason}", False
+            yield f"study {uid_digest(study.uid)}: held ({decision.code}): {decision.reason}", False
             continue
         if decision.profile is None:
-            yield f"study {study.uid}: rule {decision.rule} does not de-identify; nothing written", False
+            yield f"study {uid_digest(study.uid)}: rule {decision.rule} does not de-identify; nothing written", False
             continue
         profile = rules.profiles[decision.profile]
         labels = Labels(decision.project, decision.subject, decision.session)
@@ -186,7 +195,7 @@ def anonymize_studies(
                 written.append((staging / f"{done.sop_uid}.dcm", target))
         except DeidError as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            yield f"study {study.uid}: held ({exc.code}): {exc.reason}", False
+            yield f"study {uid_digest(study.uid)}: held ({exc.code}): {exc.reason}", False
             continue
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -196,8 +205,9 @@ def anonymize_studies(
             staged.replace(target)
         shutil.rmtree(staging, ignore_errors=True)
         new_study = written[0][0].parent.parent.name if written else "-"
+        named = new_study if written else uid_digest(study.uid)  # as `ingestd status` names it: never the original
         yield (
-            f"study {study.uid}: rule {decision.rule}, profile {profile.name}: {len(written)} instance(s) -> "
+            f"study {named}: rule {decision.rule}, profile {profile.name}: {len(written)} instance(s) -> "
             f"{output / new_study} ({decision.project}/{decision.subject}/{decision.session})",
             True,
         )

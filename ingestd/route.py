@@ -33,9 +33,9 @@ from ingestd.deid.profile import Profile
 from ingestd.deid.stream import PIXEL_TAGS, open_instance, write_instance
 from ingestd.header import is_valid_uid
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
-from ingestd.logs import uid_digest
+from ingestd.logs import path_digest, uid_digest
 from ingestd.metrics import stage_seconds
-from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide
+from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide, identifying_labels
 from ingestd.spool import fsync_dir, make_dirs_durably
 from ingestd.states import StudyState
 from ingestd.worker import PeriodicWorker, count_batch_failure
@@ -237,15 +237,19 @@ class Router(PeriodicWorker):
         )
         if not self.journal.route_batch(batch.id, record, outgoing, time.time()):
             return  # the batch changed state meanwhile (it cannot today; a later `retry` might)
+        routed = {"rule": decision.rule, "rules_version": rules.version, "profile": decision.profile}
+        hidden = identifying_labels(rules, routed)  # labels from raw identifying values, without anonymize
+        labels = {"project": decision.project, "subject": decision.subject, "session": decision.session}
+        shown = {name: path_digest(value) if name in hidden else value for name, value in labels.items()}
         log.info(
             "route.routed",
             batch_id=batch.id,
             study=uid_digest(batch.study_uid),
             rule=decision.rule,
             rules_version=rules.version,
-            project=decision.project,
-            subject=decision.subject,
-            session=decision.session,
+            project=shown["project"],
+            subject=shown["subject"],
+            session=shown["session"],
             profile=decision.profile,
             instances=len(outgoing),
             dropped_instances=sum(count for _uid, count, _reason in decision.dropped_series),

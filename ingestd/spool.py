@@ -41,6 +41,7 @@ import structlog
 
 from ingestd.dicomfile import data_set_offset
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
+from ingestd.fsmodes import restrict_tree
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
 from ingestd.journal import InstanceRow, Journal, Source
 from ingestd.logs import hide_member_names
@@ -561,6 +562,7 @@ class Quarantine:
         self._write_reason(target, reason, source)
         try:
             move_durably(path, target)
+            restrict_tree(target)  # a dropped file keeps the dropper's mode (0644) through the rename
         except OSError:
             if path.exists() or path.is_symlink():  # still in place: no half-kept copy beside it
                 _remove_quietly(target)

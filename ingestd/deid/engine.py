@@ -118,6 +118,8 @@ _BURNED_IN_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.77.",  # Visible Light (photographs, endoscopy, video)
     "1.2.840.10008.5.1.4.1.1.104.",  # Encapsulated documents (PDF, CDA, STL, ...)
 )
+# The retired ultrasound classes, which no prefix above covers: Ultrasound Image and Multi-frame Image Storage.
+_BURNED_IN_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"})
 _BURNED_IN_MODALITIES = frozenset({"US", "IVUS", "XC", "ES", "GM", "SM", "OT", "DOC", "SC", "VL"})
 
 
@@ -135,7 +137,11 @@ def screen(ds: Dataset, profile: Profile) -> None:
             f"SOP class {sop_class or '(none)'} carries free-text content; drop the series with a "
             "drop_series filter or enable clean-structured-content",
         )
-    risky = sop_class.startswith(_BURNED_IN_PREFIXES) or modality in _BURNED_IN_MODALITIES
+    risky = (
+        sop_class.startswith(_BURNED_IN_PREFIXES)
+        or sop_class in _BURNED_IN_CLASSES
+        or modality in _BURNED_IN_MODALITIES
+    )
     if not structured and risky and (profile.burned_in == "hold" or burned_in != "NO"):
         raise DeidError(
             "burned-in",

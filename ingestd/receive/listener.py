@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import structlog
 from pydicom import uid as dicom_uid
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -47,6 +47,7 @@ from ingestd.journal import Source
 from ingestd.metrics import AssociationSlot
 from ingestd.receive import dataphase
 from ingestd.receive.gate import Gate
+from ingestd.receive.sopclasses import sop_class_name, storage_sop_classes
 from ingestd.spool import PartFile, Spool
 
 VERIFICATION = dicom_uid.UID("1.2.840.10008.1.1")
@@ -74,6 +75,15 @@ TRANSFER_SYNTAXES = [
     dicom_uid.HTJ2K,
     dicom_uid.RLELossless,
 ]
+
+# A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2) other than acceptance.
+_CONTEXT_RESULTS = {
+    0x01: "user rejection",
+    0x02: "no reason",
+    0x03: "abstract syntax not supported (listener.extra_sop_classes adds private SOP classes)",
+    0x04: "none of its transfer syntaxes is supported",
+}
+_MAX_REJECTED_LOGGED = 32  # distinct abstract syntaxes named per association; `count` has them all
 
 _DEFER_PER_ASSOCIATION = 0.003  # seconds a receiver process waits per open association before it accepts
 _MB = 1024 * 1024
@@ -394,6 +404,7 @@ class DicomListener:
         self._inflight = 0
         self._idle = threading.Condition()
         self._accepting = True
+        self._extra_sop_classes = {extra.uid: extra.name for extra in config.extra_sop_classes}
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -412,8 +423,8 @@ class DicomListener:
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.add_supported_context(VERIFICATION)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+        for uid in storage_sop_classes(self._extra_sop_classes.items()):
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -533,6 +544,35 @@ class DicomListener:
             self.associations.add("accepted")
             self.associations.add("active")
         log.info("receive.association_accepted", calling_aet=requestor.ae_title, peer=requestor.address)
+        self._log_rejected_contexts(event.assoc)
+
+    def _log_rejected_contexts(self, assoc: Any) -> None:
+        """One line per association naming the SOP classes (and other abstract syntaxes) it proposed in vain.
+
+        A class accepted in another context (with another transfer syntax) is not named: SCUs propose one class
+        in several contexts as a matter of course.
+
+        A SOP class is not PHI: its name and UID say what to add to `listener.extra_sop_classes`.
+        """
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+        refused = [context for context in assoc.rejected_contexts if str(context.abstract_syntax) not in accepted]
+        rejected: dict[str, dict[str, str]] = {}
+        for context in refused:
+            uid = str(context.abstract_syntax)
+            if uid not in rejected and len(rejected) < _MAX_REJECTED_LOGGED:
+                rejected[uid] = {
+                    "sop_class": sop_class_name(uid, self._extra_sop_classes),
+                    "sop_class_uid": uid,
+                    "reason": _CONTEXT_RESULTS.get(context.result, f"result {context.result}"),
+                }
+        if rejected:
+            distinct = len({str(context.abstract_syntax) for context in refused})
+            log.warning(
+                "receive.context_rejected",
+                calling_aet=assoc.requestor.ae_title,
+                contexts=list(rejected.values()),
+                count=distinct,
+            )
 
     def _on_closed(self, event: Any) -> None:
         phase = self._phases.pop(id(event.assoc), None)

@@ -17,10 +17,15 @@ file cannot be read, or removed, or moved) is tried again `max_attempts` times i
 quarantine with the reason; if it cannot be moved either, it is left in place, a note with the reason goes
 to quarantine instead, and it is not tried again until it changes. Symbolic links, named pipes, sockets and
 device files are never opened, followed or removed: each is logged once as skipped.
+
+Whatever the tree looks like, a scan goes on with the rest of it: folders are walked iteratively, a folder more
+than `max_depth` levels down is logged once and left alone, and a watcher whose file-system observer cannot
+follow the tree (watchdog walks it recursively) or whose observer stops falls back to its own periodic scans.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import stat
@@ -50,6 +55,7 @@ from ingestd.receive.intake import (
     take_source,
 )
 from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir, make_dirs_durably, move_durably
+from ingestd.walk import walk
 
 __all__ = [
     "RETRY_SECONDS",
@@ -175,6 +181,24 @@ class _EventHandler(FileSystemEventHandler):
             log.exception("drop.event_error", fs_event=type(event).__name__)
 
 
+def _observer_running(observer: Any) -> bool:
+    """Whether a watchdog observer and its emitters (and the inotify reader they share) still run."""
+    if not observer.is_alive():
+        return False
+    for emitter in list(observer.emitters):
+        reader = getattr(emitter, "_inotify_fd", None)  # watchdog's process-wide inotify reader thread
+        if not emitter.is_alive() or (isinstance(reader, threading.Thread) and not reader.is_alive()):
+            return False
+    return True
+
+
+def _stop_observer(observer: Any, timeout: float) -> None:
+    with contextlib.suppress(Exception):  # an observer that failed to start may fail to stop: nothing to keep
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout)
+
+
 # -- the watcher -------------------------------------------------------------------------------------
 
 
@@ -232,7 +256,10 @@ class DropFolderWatcher:
         self._stopping.clear()
         self._observer = self._start_observer()
         with self._lock:
-            self._scan_tree(self.root)  # what was dropped while ingestd was down
+            try:
+                self._scan_tree(self.root)  # what was dropped while ingestd was down
+            except Exception:  # a bug, say: the worker's scans try again, the rest of the daemon starts
+                log.exception("drop.watcher_error", folder=str(self.root))
         self._thread = threading.Thread(target=self._run, name=f"ingestd-drop-{self.root.name}", daemon=True)
         self._thread.start()
         log.info(
@@ -251,8 +278,7 @@ class DropFolderWatcher:
         self._stopping.set()
         self._paths.put(None)
         if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout)
+            _stop_observer(self._observer, timeout)
             self._observer = None
         if self._thread is not None:
             self._thread.join(timeout)
@@ -271,17 +297,50 @@ class DropFolderWatcher:
             return self._process_due()
 
     def _start_observer(self) -> Any:
+        """A started watchdog observer (inotify, else polling), or None: the worker's own scans then suffice.
+
+        Both of watchdog's observers walk the tree recursively: a tree too deep for them (RecursionError), like
+        inotify's watch or instance limits (OSError), makes them fail; the next one is tried, with a log line.
+        """
         interval = self.folder.poll_interval_seconds
-        observer: Any = PollingObserver(timeout=interval) if self.folder.polling else Observer()
-        observer.schedule(_EventHandler(self._paths), str(self.root), recursive=True)
-        try:
-            observer.start()
-        except OSError as exc:  # inotify watch or instance limit reached: polling still works
-            log.warning("drop.watcher_polling_fallback", folder=str(self.root), reason=str(exc))
-            observer = PollingObserver(timeout=interval)
-            observer.schedule(_EventHandler(self._paths), str(self.root), recursive=True)
-            observer.start()
-        return observer
+        kinds: list[Any] = [PollingObserver] if self.folder.polling else [Observer, PollingObserver]
+        for kind in kinds:
+            observer: Any = kind(timeout=interval) if kind is PollingObserver else kind()
+            try:
+                observer.schedule(_EventHandler(self._paths), str(self.root), recursive=True)
+                observer.start()
+            except Exception as exc:  # noqa: BLE001 - any failure of the observer leaves the scans
+                _stop_observer(observer, 1.0)
+                self._observer_fallback(kind, exc)
+                continue
+            return observer
+        return None
+
+    def _observer_fallback(self, kind: Any, exc: BaseException | None) -> None:
+        if exc is None:
+            reason = "it stopped"
+        elif isinstance(exc, RecursionError):
+            reason = "it cannot follow a folder nested this deep"
+        elif isinstance(exc, OSError):
+            reason = _why(exc)
+        else:
+            reason = type(exc).__name__
+        log.warning(
+            "drop.watcher_polling_fallback",
+            folder=str(self.root),
+            observer="polling" if kind is PollingObserver else "inotify",
+            reason=reason,
+            rescan_seconds=self.rescan_seconds,
+        )
+
+    def _check_observer(self) -> None:
+        """Let an observer whose thread died (watchdog walks a moved-in tree recursively) go: scans go on."""
+        observer = self._observer
+        if observer is None or _observer_running(observer):
+            return
+        self._observer = None
+        _stop_observer(observer, 1.0)
+        self._observer_fallback(type(observer), None)
 
     # -- the worker --------------------------------------------------------------------------------
 
@@ -299,6 +358,7 @@ class DropFolderWatcher:
                         self._scan_tree(self.root)
                         next_scan = time.monotonic() + self.rescan_seconds
                     self._process_due()
+                self._check_observer()
             except Exception:
                 log.exception("drop.watcher_error", folder=str(self.root))
                 self._stopping.wait(_ERROR_PAUSE_SECONDS)
@@ -343,10 +403,15 @@ class DropFolderWatcher:
         def report(error: OSError) -> None:
             self._scan_error(Path(os.fsdecode(error.filename or "")), error)
 
+        depth = 0 if top == self.root else len(top.relative_to(self.root).parts)
         try:
-            for directory, subdirectories, files in os.walk(top, onerror=report):
-                here = Path(directory)
-                for name in subdirectories:  # a link to a folder: os.walk lists it there, never enters it
+            if depth > self.folder.max_depth:
+                self._too_deep(top, depth)
+                return
+            for here, subdirectories, files in walk(
+                top, max_depth=self.folder.max_depth, depth=depth, onerror=report, too_deep=self._too_deep
+            ):
+                for name in subdirectories:  # a link to a folder: the walk lists it there, never enters it
                     if (here / name).is_symlink():
                         self._note(here / name, walked=True)
                 subdirectories[:] = [
@@ -361,6 +426,17 @@ class DropFolderWatcher:
                 self._forget_unseen(self._seen)
                 self._seen = None
                 self._scan_errors = self._errors_seen
+
+    def _too_deep(self, folder: Path, depth: int) -> None:
+        """Log, once while it lasts, a folder below `max_depth` levels: it is left alone, the scan goes on."""
+        shown = source_name(folder.relative_to(self.root).as_posix())
+        key = (shown, "deeper than drop_folders[].max_depth")
+        self._errors_seen.add(key)
+        if key not in self._scan_errors:
+            self._scan_errors.add(key)
+            log.warning(
+                "drop.folder_too_deep", subfolder=path_digest(shown), depth=depth, max_depth=self.folder.max_depth
+            )
 
     def _forget_unseen(self, seen: set[Path]) -> None:
         """After a scan of the whole folder: forget the skipped and left items that are no longer there."""
@@ -384,7 +460,9 @@ class DropFolderWatcher:
 
         `walked`: the path comes from walking the folder, which never goes through a link.
         """
-        if self._relative(path) is None or not (walked or self._inside(path)):
+        relative = self._relative(path)
+        too_deep = relative is None or len(relative.parts) - 1 > self.folder.max_depth  # the scans log the folder
+        if too_deep or not (walked or self._inside(path)):
             return
         try:
             info = path.lstat()

@@ -19,6 +19,7 @@ from ingestd.rules.match import (
     StudyFacts,
     decide,
     explain_match,
+    identifying_labels,
 )
 from ingestd.rules.sources import NewKeyError, write_new_key
 
@@ -37,6 +38,7 @@ __all__ = [
     "TemplateError",
     "decide",
     "explain_match",
+    "identifying_labels",
     "label_hash",
     "load_rules",
     "parse_template",

@@ -22,8 +22,8 @@ from ingestd.config import _key_lines, _line_of, validate_yaml
 from ingestd.deid.profile import Override, PrivateKeep, Profile
 from ingestd.deid.table import load_table
 from ingestd.errors import ConfigError
-from ingestd.rules.labels import TemplateError
-from ingestd.rules.match import Condition, Route, Rule, RuleSet, glob_pattern
+from ingestd.rules.labels import Template, TemplateError
+from ingestd.rules.match import LABEL_NAMES, Condition, Route, Rule, RuleSet, glob_pattern
 from ingestd.rules.model import ConditionModel, ProfileModel, RuleModel, RulesFile, route_template
 from ingestd.rules.names import did_you_mean, sop_class_uid
 
@@ -281,20 +281,37 @@ def _profile(model: ProfileModel, path: Path, version: str) -> Profile:
     )
 
 
+def _identifying(templates: dict[str, Template]) -> tuple[tuple[str, str], ...]:
+    """(label, field) for each label field holding a raw identifying value: an attribute Table E.1-1 lists, a
+    part of a dropped file's path, or an earlier label that holds one; a keyed hash (`:hashN`) is not raw."""
+    table = load_table()
+    found: list[tuple[str, str]] = []
+    for name in LABEL_NAMES:
+        for field in templates[name].fields:
+            if field.format == "hash":
+                continue
+            tag = tag_for_keyword(field.name)
+            earlier = any(label == field.name for label, _field in found)
+            if earlier or field.name == "path" or (tag is not None and table.lookup(tag) is not None):
+                found.append((name, field.label))
+    return tuple(found)
+
+
 def _rule(file: _File, index: int, model: RuleModel, profiles: dict[str, Profile]) -> Rule:
     route = model.route
     if model.anonymize is not None:
         key: bytes | None = profiles[model.anonymize].key
     else:
         key = route.key.material if route.key is not None else None
+    templates = {name: route_template(name, getattr(route, name)) for name in LABEL_NAMES}
     return Rule(
         name=model.name,
         when=tuple(_condition(condition) for condition in model.when.values()),
         route=Route(
             server=route.server,
-            project=route_template("project", route.project),
-            subject=route_template("subject", route.subject),
-            session=route_template("session", route.session),
+            project=templates["project"],
+            subject=templates["subject"],
+            session=templates["session"],
             archive=route.archive,
         ),
         drop_series=tuple(tuple(_condition(condition) for condition in entry.values()) for entry in model.drop_series),
@@ -302,6 +319,7 @@ def _rule(file: _File, index: int, model: RuleModel, profiles: dict[str, Profile
         source=file.path,
         line=file.line("rules", index),
         label_key=key,
+        identifying_labels=_identifying(templates) if model.anonymize is None else (),
     )
 
 

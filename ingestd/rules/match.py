@@ -202,6 +202,9 @@ class Rule:
     source: Path = Path()
     line: int = 0
     label_key: bytes | None = field(default=None, repr=False)  # the profile's key, or route.key
+    # Without `anonymize`: (label, field) for each label built from a raw identifying value ({PatientID}, path[1]):
+    # sent to XNAT as it is (the lab's choice), but named by a digest in logs.
+    identifying_labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def origin(self) -> str:
@@ -476,3 +479,24 @@ def explain_match(rules: RuleSet, study: StudyFacts) -> list[str]:
     else:
         lines.append(f"decision: held ({decision.code}): {decision.reason}")
     return lines
+
+
+LABEL_NAMES = ("project", "subject", "session")
+
+
+def identifying_labels(rules: RuleSet | None, route: Mapping[str, object]) -> frozenset[str]:
+    """Which of a routed batch's labels (`project`, `subject`, `session`) logs must name by a digest.
+
+    `route` is the journal's route (`rule`, `rules_version`, `profile`). A de-identified route's labels are safe
+    (loading refuses raw identifying values in them); otherwise the labels its rule builds from raw identifying
+    values. When the rules the batch was routed with are not the ones at hand (a reload since, `rules` None),
+    every label of a route without a profile is taken as identifying: fail closed.
+    """
+    if route.get("profile"):
+        return frozenset()
+    if rules is None or route.get("rules_version") != rules.version:
+        return frozenset(LABEL_NAMES)
+    rule = next((rule for rule in rules.rules if rule.name == route.get("rule")), None)
+    if rule is None:
+        return frozenset(LABEL_NAMES)
+    return frozenset(label for label, _field in rule.identifying_labels)
