@@ -100,8 +100,7 @@ def test_every_problem_reported_at_once_with_lines(tmp_path: Path) -> None:
         f"{path}:7: profiles.research.attributes.0: action: keep needs justification "
         "(say why keeping this element is safe)",
         f"{path}:11: rules.0.when.Modalty: unknown DICOM keyword 'Modalty' (did you mean 'Modality'?)",
-        f"{path}:12: rules.0.when.StudyDescription.matches: not a valid regular expression: "
-        "missing ), unterminated subpattern at position 4",
+        f"{path}:12: rules.0.when.StudyDescription.matches: not a valid regular expression: missing ): ^RES(",
         f"{path}:15: rules.0.route.project: an XNAT project ID is 1 to 64 letters, digits, '_' or '-'",
         f"{path}:16: rules.0.route.subject: {{PatientId:hash8}}: unknown DICOM keyword 'PatientId' "
         "(did you mean 'PatientID'?)",

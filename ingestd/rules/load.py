@@ -22,6 +22,7 @@ from ingestd.config import _key_lines, _line_of, validate_yaml
 from ingestd.deid.profile import Override, PrivateKeep, Profile
 from ingestd.deid.table import load_table
 from ingestd.errors import ConfigError
+from ingestd.patterns import compile_regex
 from ingestd.rules.labels import TemplateError
 from ingestd.rules.match import Condition, Route, Rule, RuleSet, glob_pattern
 from ingestd.rules.model import ConditionModel, ProfileModel, RuleModel, RulesFile, route_template
@@ -241,7 +242,7 @@ def _condition(model: ConditionModel) -> Condition:
         text=_describe(model),
         equals=equals,
         one_of=one_of,
-        pattern=re.compile(model.matches) if model.matches is not None else None,
+        pattern=compile_regex(model.matches) if model.matches is not None else None,
         glob=glob_pattern(model.glob) if model.glob is not None else None,
         present=bool(model.present),
         missing=bool(model.missing),
@@ -258,7 +259,7 @@ def _profile(model: ProfileModel, path: Path, version: str) -> Profile:
             tag=attribute.tag_number,
             action=attribute.action,
             value=attribute.value,
-            pattern=re.compile(attribute.pattern) if attribute.pattern is not None else None,
+            pattern=compile_regex(attribute.pattern) if attribute.pattern is not None else None,
             replacement=attribute.replacement or "",
             table=MappingProxyType(attribute.table_content) if attribute.table_content is not None else None,
             table_name=str(attribute.table_path) if attribute.table_path is not None else None,
