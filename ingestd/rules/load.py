@@ -1,8 +1,8 @@
 """Load rules files: YAML -> validated models -> a compiled `RuleSet`, with every problem of every file at once.
 
-Each file is validated on its own (`ingestd.config.validate_yaml`, which also reads the keys and lookup tables
-it refers to); then the checks that span files run: duplicate profile and rule names, `anonymize:` naming a
-profile, and label hashes that need a key.
+Each file is read within the limits of `ingestd.config.read_yaml` (size, nesting, aliases) and validated on its
+own (`validate_document`, which also reads the keys and lookup tables it refers to); then the checks that span
+files run: duplicate profile and rule names, `anonymize:` naming a profile, and label hashes that need a key.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydicom.datadict import tag_for_keyword
 
-from ingestd.config import _key_lines, _line_of, validate_yaml
+from ingestd.config import _line_of, read_yaml, read_yaml_file, validate_document
 from ingestd.deid.profile import Override, PrivateKeep, Profile
 from ingestd.deid.table import load_table
 from ingestd.errors import ConfigError
@@ -100,26 +100,19 @@ def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...], file: _File, 
 def _read(index: int, path: Path, problems: _Problems) -> _File:
     empty = _File(index, path, b"", {}, {}, None)
     try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
-    except OSError as exc:
-        problems.add_line(index, 0, f"{path}: cannot read the rules file: {exc.strerror}")
+        text = read_yaml_file(path, "rules file")
+        document = read_yaml(text, str(path), what="rules file")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            match = _LINE.match(problem.removeprefix(str(path) + ":"))
+            problems.add_line(index, int(match.group(1)) if match else 0, problem)
         return empty
-    except UnicodeDecodeError:
-        problems.add_line(index, 0, f"{path}: the rules file is not UTF-8 text")
-        return empty
-    file = _File(index, path, data, {}, {}, None)
+    file = _File(index, path, text.encode("utf-8"), document.lines, {}, None)
+    if document.node is not None:
+        _duplicate_keys(document.node, (), file, problems)
+    file.raw = document.data if isinstance(document.data, dict) else {}
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError:
-        node, raw = None, None  # validate_yaml reports it
-    if node is not None:
-        _key_lines(node, (), file.lines)
-        _duplicate_keys(node, (), file, problems)
-    file.raw = raw if isinstance(raw, dict) else {}
-    try:
-        file.model = validate_yaml(text, file.source, RulesFile, what="rules file")
+        file.model = validate_document(document, file.source, RulesFile, what="rules file")
     except ConfigError as exc:
         for problem in exc.problems:
             match = _LINE.match(problem.removeprefix(file.source + ":"))
