@@ -7,6 +7,7 @@ The models are frozen: nothing downstream re-validates or sees a dict from YAML.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -411,8 +412,14 @@ def read_yaml_file(path: Path, what: str = "configuration") -> str:
         raise ConfigError(str(path), [f"{path}: the {what} is not UTF-8 text"]) from None
 
 
-def read_yaml(text: str, source: str, *, what: str = "configuration") -> YamlDocument:
-    """Safe-load YAML text within the limits above; raise ConfigError with `source:line` on any problem."""
+def read_yaml(
+    text: str, source: str, *, what: str = "configuration", inspect: Callable[[yaml.Node], None] | None = None
+) -> YamlDocument:
+    """Safe-load YAML text within the limits above; raise ConfigError with `source:line` on any problem.
+
+    `inspect` is given the composed node before the data is constructed from it (which flattens `<<` merges
+    into the node), as the file wrote it.
+    """
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(source, [f"{source}: the {what} is larger than {MAX_YAML_BYTES // 1024} KiB"])
     loader = _LineLoader(text)
@@ -421,6 +428,8 @@ def read_yaml(text: str, source: str, *, what: str = "configuration") -> YamlDoc
         node = loader.get_single_node()
         if node is not None:
             _key_lines(node, (), lines)  # before constructing, which flattens `<<` merges into the node
+            if inspect is not None:
+                inspect(node)
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -517,3 +517,65 @@ def test_deidentified_labels_never_carry_raw_identifying_values(tmp_path: Path) 
     # Without de-identification the same labels are the lab's choice.
     plain = raw.replace("    anonymize: research\n", "")
     assert load_rules([_write(tmp_path, PROFILE + plain, "plain.rules.yaml")]).rules[0].anonymize is None
+
+
+def test_check_rules_refuses_what_re2_cannot_run_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A backreference, a lookahead, a possessive quantifier: each refused at its line, naming the construct;
+    the backtracking pattern of issue 13 is accepted (on RE2 it is harmless)."""
+    text = (
+        "profiles:\n"  # 1
+        "  research:\n"  # 2
+        "    key: {env: KEY_A}\n"  # 3
+        "    attributes:\n"  # 4
+        "      - {tag: StudyComments, action: regex, pattern: '(?<=Dr )\\w+'}\n"  # 5
+        "      - {tag: ImageComments, action: regex, pattern: '(\\w+)', replacement: '\\2'}\n"  # 6
+        "rules:\n"  # 7
+        "  - name: doubled\n"  # 8
+        "    when:\n"  # 9
+        "      SeriesDescription: {matches: '(T1)_\\1'}\n"  # 10
+        "      StudyDescription: {matches: '^(a+)+$'}\n"  # 11
+        "      ProtocolName: {matches: 'a*+b'}\n"  # 12
+        "      path: {glob: '[z-a]*.dcm'}\n"  # 13
+        "    route: {server: main, project: P, subject: '{PatientID:hash8}', session: s}\n"  # 14
+        "    anonymize: research\n"  # 15
+    )
+    path = _write(tmp_path, text)
+    assert main(["check-rules", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.err.splitlines() == [
+        f"{path}:5: profiles.research.attributes.0.pattern: a lookbehind (?<=...) is not supported: patterns run "
+        "on RE2, which takes time linear in the value and so cannot backtrack (docs/rules.md, Patterns)",
+        f"{path}:6: profiles.research.attributes.1: replacement: the replacement refers to group 2; the pattern has 1",
+        f"{path}:10: rules.0.when.SeriesDescription.matches: a backreference (\\1) is not supported: patterns run "
+        "on RE2, which takes time linear in the value and so cannot backtrack (docs/rules.md, Patterns)",
+        f"{path}:12: rules.0.when.ProtocolName.matches: a possessive quantifier (*+) is not supported: patterns "
+        "run on RE2, which takes time linear in the value and so cannot backtrack (docs/rules.md, Patterns)",
+        f"{path}:13: rules.0.when.path.glob: not a valid path glob: not a valid regular expression: invalid "
+        "character class range: z-a",
+    ]
+
+
+def test_anchors_and_merge_keys_share_blocks(tmp_path: Path) -> None:
+    """Anchors, aliases and `<<` merges stay allowed: a lab may share a route or a list of conditions."""
+    text = PROFILE + (
+        "rules:\n"
+        "  - name: mr\n"
+        "    when: &mr {Modality: MR}\n"
+        "    route: &route {server: main, project: PROJA, subject: '{PatientID:hash8}', session: s}\n"
+        "    drop_series: &scouts\n"
+        "      - {SeriesDescription: {matches: '(?i)scout|localizer'}}\n"
+        "    anonymize: research\n"
+        "  - name: mr-b\n"
+        "    when: *mr\n"
+        "    route: {<<: *route, project: PROJB}\n"
+        "    drop_series: *scouts\n"
+        "    anonymize: research\n"
+    )
+    rules = _load(tmp_path, text)
+    first, second = rules.rules
+    assert second.when == first.when and second.drop_series == first.drop_series
+    assert second.route.project.is_literal and second.route.server == "main"
+    assert second.route.project.parts == ("PROJB",) and first.route.project.parts == ("PROJA",)

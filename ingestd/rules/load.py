@@ -98,18 +98,19 @@ def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...], file: _File, 
 
 
 def _read(index: int, path: Path, problems: _Problems) -> _File:
-    empty = _File(index, path, b"", {}, {}, None)
+    file = _File(index, path, b"", {}, {}, None)
     try:
         text = read_yaml_file(path, "rules file")
-        document = read_yaml(text, str(path), what="rules file")
+        file.data = text.encode("utf-8")
+        document = read_yaml(
+            text, file.source, what="rules file", inspect=lambda node: _duplicate_keys(node, (), file, problems)
+        )
     except ConfigError as exc:
         for problem in exc.problems:
-            match = _LINE.match(problem.removeprefix(str(path) + ":"))
+            match = _LINE.match(problem.removeprefix(file.source + ":"))
             problems.add_line(index, int(match.group(1)) if match else 0, problem)
-        return empty
-    file = _File(index, path, text.encode("utf-8"), document.lines, {}, None)
-    if document.node is not None:
-        _duplicate_keys(document.node, (), file, problems)
+        return file
+    file.lines = document.lines
     file.raw = document.data if isinstance(document.data, dict) else {}
     try:
         file.model = validate_document(document, file.source, RulesFile, what="rules file")
