@@ -201,3 +201,26 @@ def test_person_name_redaction_takes_linear_time() -> None:
     from ingestd.logs import redact_value  # noqa: PLC0415
 
     assert redact_value("a" * 1_000_000 + " ^x") == "a" * 1_000_000 + " [redacted]"
+
+
+def test_patterns_too_complex_to_run_cheaply_are_refused() -> None:
+    """Every character of a value may cost a step per instruction of the pattern: past 5,000 instructions the
+    pattern is refused at load (a list of 60 protocol names compiles to about 1,000)."""
+    with pytest.raises(PatternError, match=r"too complex: RE2 compiles it to 10004 instructions, at most 5000"):
+        compile_regex(r"(.*){1000}")
+    names = "|".join(f"protocol_name_{index:03d}" for index in range(60))
+    assert compile_regex(f"(?i)^({names})$").search("PROTOCOL_NAME_042")
+
+
+def test_conditions_look_at_the_first_16384_characters_of_a_value() -> None:
+    """More than any header value with a VR maximum (LT: 10,240) needs; a 10 MB value costs no more than that."""
+    from ingestd.rules.match import MATCHED_CHARACTERS, Condition, glob_pattern  # noqa: PLC0415
+
+    assert MATCHED_CHARACTERS == 16_384
+    tail = Condition(field="ImageComments", text="", pattern=compile_regex("SECRET"))
+    assert tail.holds(("x" * 16_378 + "SECRET",))
+    assert not tail.holds(("x" * 16_379 + "SECRET",))
+    assert not tail.holds(("x" * 10_000_000 + "SECRET",))
+    deep = Condition(field="path", text="", glob=glob_pattern("**/*.dcm"))
+    assert deep.holds(("a/" * 8000 + "x.dcm",))
+    assert not deep.holds(("a/" * 9000 + "x.dcm",))

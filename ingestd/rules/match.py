@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from ingestd.deid.profile import Profile
@@ -31,6 +32,10 @@ __all__ = [
     "glob_pattern",
 ]
 
+# A pattern or glob looks at the first this many characters of a value: more than any header value whose VR has a
+# maximum length (LT: 10,240), so that only UT, UC and UR values, and values longer than their VR allows (a file
+# may say anything), are cut. It bounds the time one hostile value can cost the router (see ingestd.patterns).
+MATCHED_CHARACTERS = 16_384
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _STRIP = " \t\r\n\x00"
 
@@ -115,9 +120,9 @@ class Condition:
         if self.one_of is not None:
             tests.append(self.one_of.__contains__)
         if self.pattern is not None:
-            tests.append(self.pattern.search)
+            tests.append(partial(_search, self.pattern))
         if self.glob is not None:
-            tests.append(self.glob.fullmatch)
+            tests.append(partial(_fullmatch, self.glob))
         for bound, compare in (
             (self.lt, float.__lt__),
             (self.le, float.__le__),
@@ -127,6 +132,14 @@ class Condition:
             if bound is not None:
                 tests.append(_numeric(compare, bound))
         return all(any(test(value) for value in values) for test in tests)
+
+
+def _search(pattern: Regex, value: str) -> bool:
+    return pattern.search(value[:MATCHED_CHARACTERS])
+
+
+def _fullmatch(pattern: Regex, value: str) -> bool:
+    return len(value) <= MATCHED_CHARACTERS and pattern.fullmatch(value)
 
 
 def _numeric(compare: Callable[[float, float], bool], bound: float) -> Callable[[str], bool]:
