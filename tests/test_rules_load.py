@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -579,3 +580,25 @@ def test_anchors_and_merge_keys_share_blocks(tmp_path: Path) -> None:
     assert second.when == first.when and second.drop_series == first.drop_series
     assert second.route.project.is_literal and second.route.server == "main"
     assert second.route.project.parts == ("PROJB",) and first.route.project.parts == ("PROJA",)
+
+
+def test_keys_and_tables_are_read_within_bounds(tmp_path: Path) -> None:
+    """What a rules file points at is read in bounded memory, and never waits: a FIFO or a device is refused
+    unread (a reload runs inside the daemon), an oversized table or key file is refused by its size."""
+    fifo = tmp_path / "table.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="cannot be read: not a regular file"):
+        read_table(fifo)
+    with pytest.raises(ValueError, match="cannot be read: not a regular file"):
+        read_table(Path("/dev/zero"))
+    huge = tmp_path / "huge.csv"
+    with huge.open("wb") as file:
+        file.truncate(33 * 2**20)  # sparse: no disk used
+    with pytest.raises(ValueError, match=r"lookup table .*huge.csv is larger than 32 MiB"):
+        read_table(huge)
+    key = tmp_path / "big.key"
+    with key.open("wb") as file:
+        file.truncate(2**20)
+    key.chmod(0o600)
+    rules = _write(tmp_path, f"profiles:\n  p:\n    key: {{file: {key}}}\n")
+    assert _problems(rules) == [f"{rules}:3: profiles.p.key: key file {key} is larger than 64 KiB: not a key"]
