@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -126,6 +127,9 @@ def _cmd_run(config: Config, path: Path) -> int:
     from ingestd.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(config.logging.level, config.logging.format)
+    # A fatal signal (systemd's watchdog sends SIGABRT to a daemon whose main loop hangs) writes every thread's
+    # stack to stderr first: where it hung, in the journal.
+    faulthandler.enable(all_threads=True)
     daemon = Daemon(config, path)
     status = daemon.run()
     if daemon.abandoned:

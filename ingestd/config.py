@@ -7,6 +7,8 @@ The models are frozen: nothing downstream re-validates or sees a dict from YAML.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -25,6 +27,9 @@ __all__ = [
     "Tls",
     "load_config",
     "parse_config",
+    "read_yaml",
+    "read_yaml_file",
+    "validate_document",
     "validate_yaml",
 ]
 
@@ -342,8 +347,87 @@ class Config(_Model):
         return min(10.0, self.stop_timeout_seconds / 3)
 
 
+# What a configuration or rules file may be. Real ones are a few kB, a few thousand nodes and under ten levels deep;
+# the limits are far above that and far below what would hurt the daemon (a reload runs inside it).
+MAX_YAML_BYTES = 1024 * 1024
+MAX_YAML_NODES = 100_000  # nodes of the document with every alias expanded: what the validation walks
+MAX_ALIAS_NODES = 10_000  # nodes reached through aliases (*name), summed over the document
+MAX_YAML_DEPTH = 64  # nesting, aliases expanded
+
+
+class YamlLimitError(yaml.MarkedYAMLError):
+    """A document past one of the limits above, or a value that cannot be read; `problem_mark` is where."""
+
+
 class _LineLoader(yaml.SafeLoader):
-    """A safe loader that remembers the line of every key, keyed by its path in the document."""
+    """A safe loader that composes within the limits above, counting every alias as the nodes it stands for.
+
+    Anchors and aliases stay allowed, since a rules file may share a block between rules with `&name`/`*name`
+    or `<<: *name`. But an alias is not a copy for PyYAML, only for everything that walks the document after it
+    (line numbers, duplicate keys, validation), so nine aliases of nine aliases... (a "billion laughs") cost
+    nothing to parse and everything afterwards. Each alias is counted as the nodes it expands to, and past
+    MAX_ALIAS_NODES the document is refused at the alias's line, before anything walks it; an alias inside its
+    own anchor (a recursive document) is refused too.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, depth), aliases expanded
+        self._nodes = 0
+        self._through_aliases = 0
+        self._depth = 0
+
+    def _refuse(self, problem: str, mark: yaml.Mark | None) -> YamlLimitError:
+        return YamlLimitError(problem=problem, problem_mark=mark)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            anchored = self.anchors.get(event.anchor)
+            if anchored is not None:
+                size = self._sizes.get(id(anchored))
+                if size is None:
+                    raise self._refuse(f"the alias *{event.anchor} is inside its own anchor", event.start_mark)
+                nodes, depth = size
+                self._through_aliases += nodes
+                self._nodes += nodes
+                if self._through_aliases > MAX_ALIAS_NODES:
+                    raise self._refuse(
+                        f"aliases expand to more than {MAX_ALIAS_NODES} nodes (a YAML alias bomb?): "
+                        "write the repeated blocks out, or use fewer aliases",
+                        event.start_mark,
+                    )
+                self._check(self._depth + depth, event.start_mark)
+            return super().compose_node(parent, index)
+        self._nodes += 1
+        self._depth += 1
+        try:
+            self._check(self._depth, self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is None:
+            return None
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        sizes = [self._sizes[id(child)] for child in children]
+        self._sizes[id(node)] = (1 + sum(n for n, _ in sizes), 1 + max((d for _, d in sizes), default=0))
+        return node
+
+    def _check(self, depth: int, mark: yaml.Mark | None) -> None:
+        if self._nodes > MAX_YAML_NODES:
+            raise self._refuse(f"more than {MAX_YAML_NODES} values (aliases expanded): too large", mark)
+        if depth > MAX_YAML_DEPTH:
+            raise self._refuse(f"nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)", mark)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:  # 2001-13-45, an integer of 5000 digits, ...
+            raise self._refuse(f"cannot read this value: {exc}", node.start_mark) from None
 
 
 def _key_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
@@ -366,33 +450,76 @@ def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | N
     return None
 
 
-def validate_yaml(text: str, source: str, model: type[M], *, what: str = "configuration") -> M:
-    """Safe-load YAML text and validate it against `model`; raise ConfigError listing every problem.
+@dataclass(frozen=True)
+class YamlDocument:
+    """A configuration or rules file as read: its composed node (None when empty), the data constructed from it,
+    and the line of every key by its path."""
 
-    Each problem names `source`, the line and the dotted key, e.g. `rules.yaml:12: rules.0.when.Modalty: ...`.
-    """
+    node: yaml.Node | None
+    data: Any
+    lines: dict[tuple[Any, ...], int]
+
+
+def read_yaml_file(path: Path, what: str = "configuration") -> str:
+    """The text of a configuration or rules file, at most MAX_YAML_BYTES; raise ConfigError."""
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506
+        with path.open("rb") as file:
+            data = file.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(str(path), [f"{path}: cannot read the {what}: {exc.strerror}"]) from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(str(path), [f"{path}: the {what} is larger than {MAX_YAML_BYTES // 1024} KiB"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [f"{path}: the {what} is not UTF-8 text"]) from None
+
+
+def read_yaml(
+    text: str, source: str, *, what: str = "configuration", inspect: Callable[[yaml.Node], None] | None = None
+) -> YamlDocument:
+    """Safe-load YAML text within the limits above; raise ConfigError with `source:line` on any problem.
+
+    `inspect` is given the composed node before the data is constructed from it (which flattens `<<` merges
+    into the node), as the file wrote it.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(source, [f"{source}: the {what} is larger than {MAX_YAML_BYTES // 1024} KiB"])
+    loader = _LineLoader(text)
+    lines: dict[tuple[Any, ...], int] = {}
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _key_lines(node, (), lines)  # before constructing, which flattens `<<` merges into the node
+            if inspect is not None:
+                inspect(node)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [f"{where}: not valid YAML: {problem}"]) from None
-    if data is None:
-        data = {}
+        prefix = "" if isinstance(exc, YamlLimitError) else "not valid YAML: "
+        raise ConfigError(source, [f"{where}: {prefix}{problem}"]) from None
+    finally:
+        loader.dispose()
+    return YamlDocument(node, data, lines)
+
+
+def validate_document(document: YamlDocument, source: str, model: type[M], *, what: str = "configuration") -> M:
+    """Validate a document read by `read_yaml` against `model`; raise ConfigError listing every problem.
+
+    Each problem names `source`, the line and the dotted key, e.g. `rules.yaml:12: rules.0.when.Modalty: ...`.
+    """
+    data = {} if document.data is None else document.data
     if not isinstance(data, dict):
         raise ConfigError(source, [f"{source}:1: the {what} must be a mapping of keys to values"])
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _key_lines(node, (), lines)
     try:
         return model.model_validate(data, context={"source": source})
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
-            line = _line_of(loc, lines)
+            line = _line_of(loc, document.lines)
             key = ".".join(str(part) for part in loc) or "(top level)"
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
@@ -403,6 +530,12 @@ def validate_yaml(text: str, source: str, model: type[M], *, what: str = "config
         raise ConfigError(source, problems) from None
 
 
+def validate_yaml(text: str, source: str, model: type[M], *, what: str = "configuration") -> M:
+    """Safe-load YAML text (within the limits above) and validate it against `model`; raise ConfigError listing
+    every problem, each as `source:line: key: message`."""
+    return validate_document(read_yaml(text, source, what=what), source, model, what=what)
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse and validate configuration text; raise ConfigError listing every problem."""
     return validate_yaml(text, source, Config)
@@ -410,13 +543,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 def load_config(path: Path) -> Config:
     """Read and validate the configuration file at `path`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"{path}: cannot read the configuration: {exc.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), [f"{path}: the configuration is not UTF-8 text"]) from None
-    config = parse_config(text, str(path))
+    config = parse_config(read_yaml_file(path), str(path))
     if any(not rules.is_absolute() for rules in config.rules):
         resolved = tuple(rules if rules.is_absolute() else path.parent / rules for rules in config.rules)
         config = config.model_copy(update={"rules": resolved})

@@ -23,6 +23,7 @@ import structlog
 from ingestd import __version__
 from ingestd.assemble import Assembler, CompletionPolicy
 from ingestd.config import Config, load_config
+from ingestd.deadline import ProcessDeadline
 from ingestd.deliver import Deliverer
 from ingestd.digestkey import load_digest_key
 from ingestd.errors import ConfigError, IngestdError
@@ -38,11 +39,13 @@ from ingestd.route import Router
 from ingestd.rules import RuleSet, load_rules
 from ingestd.spool import Quarantine, Spool
 from ingestd.wakeup import Wakeup
-from ingestd.worker import PeriodicWorker
+from ingestd.worker import PeriodicWorker, failure_text
 
 __all__ = ["Daemon", "StateDirLockedError", "load_rules_for", "lock_state_dir"]
 
 log = structlog.get_logger("ingestd.daemon")
+
+RELOAD_SECONDS = 60.0  # the deadline of a reload (reading the files again), when stop_timeout_seconds is shorter
 
 
 class StateDirLockedError(IngestdError):
@@ -351,8 +354,14 @@ class Daemon:
         abandoned at the stop deadline) and exits with status 1. It exits by itself rather than only waiting for
         systemd's watchdog so that a wedge is also cured without systemd (Docker's restart policy restarts it)
         and the other services still stop gracefully instead of being killed; STOPPING=1 disarms systemd's
-        watchdog for that stop, TimeoutStopSec= bounds it. The missing pings remain the cure for a wedged main
-        loop, which cannot report itself.
+        watchdog for that stop, TimeoutStopSec= bounds it.
+
+        A thread that holds the GIL and does not let go (C code that never releases it) freezes the main loop
+        itself: no check, no signal handler can run. For that, the main loop re-arms a deadline kept by a thread
+        that needs no GIL (`ProcessDeadline`, faulthandler's watchdog) at every tick, with `stop_timeout_seconds`,
+        and with what is left of it when a stop begins: should the main loop not come round in time, every
+        thread's stack goes to stderr and the process exits with status 1 (systemd restarts it; the journal
+        resumes). SIGTERM is so honoured within `stop_timeout_seconds` whatever a worker is doing.
         """
 
         # The handlers take no lock (the stdlib logging handler's is reentrant; `wake` is a pipe, never an Event:
@@ -373,43 +382,60 @@ class Daemon:
         notifier = SystemdNotifier()
         handlers = {signal.SIGTERM: request_stop, signal.SIGINT: request_stop, signal.SIGHUP: request_reload}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-        status = 0
+        deadline = ProcessDeadline()
         try:
             self.start()
-            if self.journal is not None:
-                self.journal.set_meta("heartbeat", f"{time.time():.3f}")
-            notifier.ready(self._status_line())
-            interval = min(5.0, notifier.watchdog_seconds / 2) if notifier.watchdog_seconds else 5.0
-            while self._stop_requested_at is None:
-                wake.wait(interval)
-                if self._stop_requested_at is not None:
-                    break
-                if self._reload_requested:
-                    self._reload_requested = False
-                    notifier.send("RELOADING=1")
-                    self.reload()
-                    notifier.send("READY=1")
-                dead = [type(service).__name__ for service in self._services if not service.alive()]
-                if dead:
-                    log.error("daemon.worker_died", services=dead)
-                    status = 1
-                    break
-                if self._wedged():  # no more WATCHDOG=1: the daemon stops and exits with status 1
-                    status = 1
-                    break
-                if self.journal is not None:
-                    self.journal.set_meta("heartbeat", f"{time.time():.3f}")  # `ingestd status` shows its age
-                if notifier.enabled:
-                    notifier.send("WATCHDOG=1", f"STATUS={self._status_line()}")
+            return self._serve(wake, notifier, deadline)
         finally:
             if self._stop_requested_at is not None:
                 self.stopping.set()
+            requested = self._stop_requested_at
+            started = time.monotonic() if requested is None else requested
+            deadline.arm(started + self.config.stop_timeout_seconds - time.monotonic())
             notifier.stopping()
             self.stop()
+            deadline.disarm()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             wake.close()
-        return status
+
+    def _serve(self, wake: Wakeup, notifier: SystemdNotifier, deadline: ProcessDeadline) -> int:
+        """The main loop of `run`, once started: until a stop is requested (0), a worker dies or wedges (1)."""
+        if self.journal is not None:
+            self.journal.set_meta("heartbeat", f"{time.time():.3f}")
+        notifier.ready(self._status_line())
+        while self._stop_requested_at is None:
+            # Read at every tick: a reload may change stop_timeout_seconds. A few ticks fit in the deadline.
+            tick = self.config.stop_timeout_seconds
+            deadline.arm(tick)
+            interval = min(5.0, tick / 4, notifier.watchdog_seconds / 2 if notifier.watchdog_seconds else 5.0)
+            wake.wait(interval)
+            if self._stop_requested_at is not None:
+                break
+            if self._reload_requested:
+                self._reload_requested = False
+                notifier.send("RELOADING=1")
+                deadline.arm(max(tick, RELOAD_SECONDS))  # reading a large lookup table may take a while
+                self._reload_safely()
+                notifier.send("READY=1")
+            dead = [type(service).__name__ for service in self._services if not service.alive()]
+            if dead:
+                log.error("daemon.worker_died", services=dead)
+                return 1
+            if self._wedged():  # no more WATCHDOG=1: the daemon stops and exits with status 1
+                return 1
+            if self.journal is not None:
+                self.journal.set_meta("heartbeat", f"{time.time():.3f}")  # `ingestd status` shows its age
+            if notifier.enabled:
+                notifier.send("WATCHDOG=1", f"STATUS={self._status_line()}")
+        return 0
+
+    def _reload_safely(self) -> None:
+        """`reload`, which must never end the daemon: whatever it raises is logged, the daemon goes on."""
+        try:
+            self.reload()
+        except Exception as exc:  # noqa: BLE001 - MemoryError included: the running configuration stays in force
+            log.error("daemon.reload", outcome="failed", reason=failure_text(exc))
 
     def reload(self) -> bool:
         """Load the configuration file and its rules again; apply what can change live. False if refused.
@@ -426,7 +452,10 @@ class Daemon:
             new = load_config(self.config_path)
             rules = load_rules_for(new)
         except ConfigError as exc:
-            log.error("daemon.reload", outcome="refused", problems=exc.problems)
+            log.error("daemon.reload", outcome="refused", reason="invalid", problems=exc.problems)
+            return False
+        except Exception as exc:  # noqa: BLE001 - MemoryError, RecursionError...: nothing is applied, the daemon goes on
+            log.error("daemon.reload", outcome="refused", reason=failure_text(exc))
             return False
         old = self.config
         if self._router is not None and rules is not None:

@@ -43,8 +43,10 @@ REDACTED = "[redacted]"
 # A UID of four components or more, or a 2.25 UUID-derived one; standalone (not part of a longer dotted word).
 _UID = re.compile(r"(?<![\w.])(?:[0-2](?:\.(?:0|[1-9][0-9]*)){3,}|2\.25\.[0-9]{6,})(?![\w.])")
 _STANDARD_UID_ROOT = "1.2.840.10008."  # SOP classes, transfer syntaxes: the standard's own, no PHI
-# A DICOM person name has components separated by carets: DOE^JOHN, ^JOHN^^DR.
-_PERSON_NAME = re.compile(r"[^\s\^=\\\"',;:()\[\]{}<>|]*\^[^\s\"',;:()\[\]{}<>|]*")
+# A DICOM person name has components separated by carets: DOE^JOHN, ^JOHN^^DR. It starts where a run of name
+# characters starts (the lookbehind): a match can start nowhere else anyway, and without it a long run followed by
+# a space and a caret took time quadratic in its length (50,000 characters: 11 s holding the GIL).
+_PERSON_NAME = re.compile(r"(?<![^\s\^=\\\"',;:()\[\]{}<>|])[^\s\^=\\\"',;:()\[\]{}<>|]*\^[^\s\"',;:()\[\]{}<>|]*")
 _SOP_CLASS_KEYS = frozenset({"sop_class_uid"})
 _BARE_UID = re.compile(r"[0-9.]{1,64}")
 _EXTRA_PHI_KEYS = frozenset(

@@ -196,6 +196,9 @@ class DaemonProcess:
     group and reaps the daemon if it still runs.
     """
 
+    # What runs `ingestd`, after the interpreter: a test may run a script that changes something first.
+    program: tuple[str, ...] = ("-m", "ingestd")
+
     def __init__(self, config_path: Path, log_path: Path) -> None:
         self.config_path = config_path
         self.log_path = log_path
@@ -218,7 +221,7 @@ class DaemonProcess:
         self._log.flush()
         self._log_start = self._log.tell()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ingestd", "run", "--config", str(self.config_path)],
+            [sys.executable, *self.program, "run", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

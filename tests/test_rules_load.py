@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -100,8 +101,7 @@ def test_every_problem_reported_at_once_with_lines(tmp_path: Path) -> None:
         f"{path}:7: profiles.research.attributes.0: action: keep needs justification "
         "(say why keeping this element is safe)",
         f"{path}:11: rules.0.when.Modalty: unknown DICOM keyword 'Modalty' (did you mean 'Modality'?)",
-        f"{path}:12: rules.0.when.StudyDescription.matches: not a valid regular expression: "
-        "missing ), unterminated subpattern at position 4",
+        f"{path}:12: rules.0.when.StudyDescription.matches: not a valid regular expression: missing ): ^RES(",
         f"{path}:15: rules.0.route.project: an XNAT project ID is 1 to 64 letters, digits, '_' or '-'",
         f"{path}:16: rules.0.route.subject: {{PatientId:hash8}}: unknown DICOM keyword 'PatientId' "
         "(did you mean 'PatientID'?)",
@@ -518,3 +518,87 @@ def test_deidentified_labels_never_carry_raw_identifying_values(tmp_path: Path) 
     # Without de-identification the same labels are the lab's choice.
     plain = raw.replace("    anonymize: research\n", "")
     assert load_rules([_write(tmp_path, PROFILE + plain, "plain.rules.yaml")]).rules[0].anonymize is None
+
+
+def test_check_rules_refuses_what_re2_cannot_run_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A backreference, a lookahead, a possessive quantifier: each refused at its line, naming the construct;
+    the backtracking pattern of issue 13 is accepted (on RE2 it is harmless)."""
+    text = (
+        "profiles:\n"  # 1
+        "  research:\n"  # 2
+        "    key: {env: KEY_A}\n"  # 3
+        "    attributes:\n"  # 4
+        "      - {tag: StudyComments, action: regex, pattern: '(?<=Dr )\\w+'}\n"  # 5
+        "      - {tag: ImageComments, action: regex, pattern: '(\\w+)', replacement: '\\2'}\n"  # 6
+        "rules:\n"  # 7
+        "  - name: doubled\n"  # 8
+        "    when:\n"  # 9
+        "      SeriesDescription: {matches: '(T1)_\\1'}\n"  # 10
+        "      StudyDescription: {matches: '^(a+)+$'}\n"  # 11
+        "      ProtocolName: {matches: 'a*+b'}\n"  # 12
+        "      path: {glob: '[z-a]*.dcm'}\n"  # 13
+        "    route: {server: main, project: P, subject: '{PatientID:hash8}', session: s}\n"  # 14
+        "    anonymize: research\n"  # 15
+    )
+    path = _write(tmp_path, text)
+    assert main(["check-rules", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.err.splitlines() == [
+        f"{path}:5: profiles.research.attributes.0.pattern: a lookbehind (?<=...) is not supported: patterns run "
+        "on RE2, which takes time linear in the value and so cannot backtrack (docs/rules.md, Patterns)",
+        f"{path}:6: profiles.research.attributes.1: replacement: the replacement refers to group 2; the pattern has 1",
+        f"{path}:10: rules.0.when.SeriesDescription.matches: a backreference (\\1) is not supported: patterns run "
+        "on RE2, which takes time linear in the value and so cannot backtrack (docs/rules.md, Patterns)",
+        f"{path}:12: rules.0.when.ProtocolName.matches: a possessive quantifier (*+) is not supported: patterns "
+        "run on RE2, which takes time linear in the value and so cannot backtrack (docs/rules.md, Patterns)",
+        f"{path}:13: rules.0.when.path.glob: not a valid path glob: not a valid regular expression: invalid "
+        "character class range: z-a",
+    ]
+
+
+def test_anchors_and_merge_keys_share_blocks(tmp_path: Path) -> None:
+    """Anchors, aliases and `<<` merges stay allowed: a lab may share a route or a list of conditions."""
+    text = PROFILE + (
+        "rules:\n"
+        "  - name: mr\n"
+        "    when: &mr {Modality: MR}\n"
+        "    route: &route {server: main, project: PROJA, subject: '{PatientID:hash8}', session: s}\n"
+        "    drop_series: &scouts\n"
+        "      - {SeriesDescription: {matches: '(?i)scout|localizer'}}\n"
+        "    anonymize: research\n"
+        "  - name: mr-b\n"
+        "    when: *mr\n"
+        "    route: {<<: *route, project: PROJB}\n"
+        "    drop_series: *scouts\n"
+        "    anonymize: research\n"
+    )
+    rules = _load(tmp_path, text)
+    first, second = rules.rules
+    assert second.when == first.when and second.drop_series == first.drop_series
+    assert second.route.project.is_literal and second.route.server == "main"
+    assert second.route.project.parts == ("PROJB",) and first.route.project.parts == ("PROJA",)
+
+
+def test_keys_and_tables_are_read_within_bounds(tmp_path: Path) -> None:
+    """What a rules file points at is read in bounded memory, and never waits: a FIFO or a device is refused
+    unread (a reload runs inside the daemon), an oversized table or key file is refused by its size."""
+    fifo = tmp_path / "table.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="cannot be read: not a regular file"):
+        read_table(fifo)
+    with pytest.raises(ValueError, match="cannot be read: not a regular file"):
+        read_table(Path("/dev/zero"))
+    huge = tmp_path / "huge.csv"
+    with huge.open("wb") as file:
+        file.truncate(33 * 2**20)  # sparse: no disk used
+    with pytest.raises(ValueError, match=r"lookup table .*huge.csv is larger than 32 MiB"):
+        read_table(huge)
+    key = tmp_path / "big.key"
+    with key.open("wb") as file:
+        file.truncate(2**20)
+    key.chmod(0o600)
+    rules = _write(tmp_path, f"profiles:\n  p:\n    key: {{file: {key}}}\n")
+    assert _problems(rules) == [f"{rules}:3: profiles.p.key: key file {key} is larger than 64 KiB: not a key"]

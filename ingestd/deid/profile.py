@@ -6,10 +6,11 @@ the engine (`ingestd.deid.engine`) only reads them. Nothing here does I/O.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+from ingestd.patterns import Regex
 
 __all__ = ["Override", "OverrideAction", "PrivateKeep", "Profile"]
 
@@ -22,7 +23,7 @@ OverrideAction = Literal[
     "pseudonym",  # D: keyed text pseudonym, within the VR's length limit
     "shift-date",  # C: DA/DT shifted by the patient's offset (TM unchanged)
     "lookup",  # D: value replaced from a table; a value not in it holds the study
-    "regex",  # C: re.sub(pattern, replacement, value)
+    "regex",  # C: pattern.sub(replacement, value), Python's re.sub on RE2 (ingestd.patterns)
 ]
 
 
@@ -33,7 +34,7 @@ class Override:
     tag: int
     action: OverrideAction
     value: str | None = None  # replace: the literal or template
-    pattern: re.Pattern[str] | None = None  # regex
+    pattern: Regex | None = None  # regex
     replacement: str = ""  # regex
     table: Mapping[str, str] | None = None  # lookup: original value -> new value
     table_name: str | None = None  # lookup: where the table came from, for messages

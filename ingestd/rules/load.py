@@ -1,8 +1,8 @@
 """Load rules files: YAML -> validated models -> a compiled `RuleSet`, with every problem of every file at once.
 
-Each file is validated on its own (`ingestd.config.validate_yaml`, which also reads the keys and lookup tables
-it refers to); then the checks that span files run: duplicate profile and rule names, `anonymize:` naming a
-profile, and label hashes that need a key.
+Each file is read within the limits of `ingestd.config.read_yaml` (size, nesting, aliases) and validated on its
+own (`validate_document`, which also reads the keys and lookup tables it refers to); then the checks that span
+files run: duplicate profile and rule names, `anonymize:` naming a profile, and label hashes that need a key.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 import yaml
 from pydicom.datadict import tag_for_keyword
 
-from ingestd.config import _key_lines, _line_of, validate_yaml
+from ingestd.config import _line_of, read_yaml, read_yaml_file, validate_document
 from ingestd.deid.profile import Override, PrivateKeep, Profile
 from ingestd.deid.table import load_table
 from ingestd.errors import ConfigError
+from ingestd.patterns import compile_regex
 from ingestd.rules.labels import Template, TemplateError
 from ingestd.rules.match import LABEL_NAMES, Condition, Route, Rule, RuleSet, glob_pattern
 from ingestd.rules.model import ConditionModel, ProfileModel, RuleModel, RulesFile, route_template
@@ -97,28 +98,22 @@ def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...], file: _File, 
 
 
 def _read(index: int, path: Path, problems: _Problems) -> _File:
-    empty = _File(index, path, b"", {}, {}, None)
+    file = _File(index, path, b"", {}, {}, None)
     try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
-    except OSError as exc:
-        problems.add_line(index, 0, f"{path}: cannot read the rules file: {exc.strerror}")
-        return empty
-    except UnicodeDecodeError:
-        problems.add_line(index, 0, f"{path}: the rules file is not UTF-8 text")
-        return empty
-    file = _File(index, path, data, {}, {}, None)
+        text = read_yaml_file(path, "rules file")
+        file.data = text.encode("utf-8")
+        document = read_yaml(
+            text, file.source, what="rules file", inspect=lambda node: _duplicate_keys(node, (), file, problems)
+        )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            match = _LINE.match(problem.removeprefix(file.source + ":"))
+            problems.add_line(index, int(match.group(1)) if match else 0, problem)
+        return file
+    file.lines = document.lines
+    file.raw = document.data if isinstance(document.data, dict) else {}
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError:
-        node, raw = None, None  # validate_yaml reports it
-    if node is not None:
-        _key_lines(node, (), file.lines)
-        _duplicate_keys(node, (), file, problems)
-    file.raw = raw if isinstance(raw, dict) else {}
-    try:
-        file.model = validate_yaml(text, file.source, RulesFile, what="rules file")
+        file.model = validate_document(document, file.source, RulesFile, what="rules file")
     except ConfigError as exc:
         for problem in exc.problems:
             match = _LINE.match(problem.removeprefix(file.source + ":"))
@@ -241,7 +236,7 @@ def _condition(model: ConditionModel) -> Condition:
         text=_describe(model),
         equals=equals,
         one_of=one_of,
-        pattern=re.compile(model.matches) if model.matches is not None else None,
+        pattern=compile_regex(model.matches) if model.matches is not None else None,
         glob=glob_pattern(model.glob) if model.glob is not None else None,
         present=bool(model.present),
         missing=bool(model.missing),
@@ -258,7 +253,7 @@ def _profile(model: ProfileModel, path: Path, version: str) -> Profile:
             tag=attribute.tag_number,
             action=attribute.action,
             value=attribute.value,
-            pattern=re.compile(attribute.pattern) if attribute.pattern is not None else None,
+            pattern=compile_regex(attribute.pattern) if attribute.pattern is not None else None,
             replacement=attribute.replacement or "",
             table=MappingProxyType(attribute.table_content) if attribute.table_content is not None else None,
             table_name=str(attribute.table_path) if attribute.table_path is not None else None,

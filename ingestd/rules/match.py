@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 
 from ingestd.deid.profile import Profile
+from ingestd.patterns import PatternError, Regex, compile_regex, escape
 from ingestd.rules.labels import Field, LabelError, Template, make_label
 
 __all__ = [
@@ -31,6 +32,10 @@ __all__ = [
     "glob_pattern",
 ]
 
+# A pattern or glob looks at the first this many characters of a value: more than any header value whose VR has a
+# maximum length (LT: 10,240), so that only UT, UC and UR values, and values longer than their VR allows (a file
+# may say anything), are cut. It bounds the time one hostile value can cost the router (see ingestd.patterns).
+MATCHED_CHARACTERS = 16_384
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _STRIP = " \t\r\n\x00"
 
@@ -89,8 +94,8 @@ class Condition:
     text: str  # the operators as written, for explanations: "in [MR, PT]"
     equals: str | None = None
     one_of: frozenset[str] | None = None
-    pattern: re.Pattern[str] | None = None
-    glob: re.Pattern[str] | None = None
+    pattern: Regex | None = None  # on RE2: time linear in the value, whatever the pattern
+    glob: Regex | None = None
     present: bool = False
     missing: bool = False
     lt: float | None = None
@@ -115,9 +120,9 @@ class Condition:
         if self.one_of is not None:
             tests.append(self.one_of.__contains__)
         if self.pattern is not None:
-            tests.append(partial(_found, self.pattern.search))
+            tests.append(partial(_search, self.pattern))
         if self.glob is not None:
-            tests.append(partial(_found, self.glob.fullmatch))
+            tests.append(partial(_fullmatch, self.glob))
         for bound, compare in (
             (self.lt, float.__lt__),
             (self.le, float.__le__),
@@ -129,8 +134,12 @@ class Condition:
         return all(any(test(value) for value in values) for test in tests)
 
 
-def _found(find: Callable[[str], re.Match[str] | None], value: str) -> bool:
-    return find(value) is not None
+def _search(pattern: Regex, value: str) -> bool:
+    return pattern.search(value[:MATCHED_CHARACTERS])
+
+
+def _fullmatch(pattern: Regex, value: str) -> bool:
+    return len(value) <= MATCHED_CHARACTERS and pattern.fullmatch(value)
 
 
 def _numeric(compare: Callable[[float, float], bool], bound: float) -> Callable[[str], bool]:
@@ -140,9 +149,10 @@ def _numeric(compare: Callable[[float, float], bool], bound: float) -> Callable[
     return test
 
 
-def glob_pattern(pattern: str) -> re.Pattern[str]:
-    """Compile a path glob: `*` and `?` stay within one folder, `[...]` is a character class, and a `**`
-    component matches any number of folders (none included). Raise ValueError for a misplaced `**`."""
+def glob_pattern(pattern: str) -> Regex:
+    """Compile a path glob (on RE2, as every pattern): `*` and `?` stay within one folder, `[...]` is a character
+    class, and a `**` component matches any number of folders (none included). Raise ValueError for a misplaced
+    `**` or a character class RE2 refuses."""
     if pattern.startswith("/"):
         raise ValueError("a path glob is relative to the drop folder: remove the leading '/'")
     components = pattern.split("/")
@@ -155,7 +165,10 @@ def glob_pattern(pattern: str) -> re.Pattern[str]:
         if "**" in component:
             raise ValueError("'**' must be a whole path component, as in 'scans/**/*.dcm'")
         regex.append(_glob_component(component) + ("" if last else "/"))
-    return re.compile("".join(regex), re.DOTALL)
+    try:
+        return compile_regex("".join(regex), dot_all=True)
+    except PatternError as exc:
+        raise ValueError(f"not a valid path glob: {exc}") from None
 
 
 def _glob_component(component: str) -> str:
@@ -174,7 +187,7 @@ def _glob_component(component: str) -> str:
             out.append(("[^/" if negate else "[") + body.replace("\\", "\\\\").replace("^", "\\^") + "]")
             position = end
         else:
-            out.append(re.escape(char))
+            out.append(escape(char))
         position += 1
     return "".join(out)
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ingestd.deid.profile import OverrideAction
+from ingestd.patterns import PatternError, compile_regex
 from ingestd.rules.labels import Template, TemplateError, parse_template
 from ingestd.rules.match import glob_pattern
 from ingestd.rules.names import (
@@ -81,12 +82,9 @@ def _base(info: ValidationInfo) -> Path:
 
 
 def _regex(value: str | None) -> str | None:
-    """A regular expression that compiles (the error names what is wrong), or None."""
+    """A pattern RE2 compiles (the error names the construct it does not support), or None."""
     if value is not None:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
+        compile_regex(value)  # PatternError is a ValueError: pydantic reports its message
     return value
 
 
@@ -332,6 +330,11 @@ class AttributeModel(_Model):
             problems.append(f"shift-date applies to dates (DA, DT); {tag_name(self._tag)} is {vr}")
         if self.action == "uid" and vr is not None and vr != "UI":
             problems.append(f"uid applies to UIDs (UI); {tag_name(self._tag)} is {vr}")
+        if self.action == "regex" and self.pattern is not None and self.replacement is not None:
+            try:
+                compile_regex(self.pattern).check_replacement(self.replacement)
+            except PatternError as exc:
+                problems.append(f"replacement: {exc}")
         if self.action == "replace" and self.value is not None:
             try:
                 parse_template(self.value, _REPLACE_FIELDS, keywords=False, formats=False)

@@ -22,6 +22,21 @@ MIN_KEY_CHARS = 32
 TABLE_HEADER = ("original", "new")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_TABLE_PROBLEMS = 5
+# What a rules file may make ingestd read (check-rules, and a reload inside the running daemon): a key is 64
+# characters; a table of 100,000 subjects is about 4 MB.
+MAX_KEY_FILE_BYTES = 64 * 1024
+MAX_TABLE_BYTES = 32 * 1024 * 1024
+
+
+def _read_bounded(path: Path, limit: int) -> bytes | None:
+    """The bytes of the regular file at `path` if it holds at most `limit` of them, else None; raises OSError
+    (a FIFO or a device is refused without being read: /dev/zero never ends)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(0, "not a regular file")
+        data = file.read(limit + 1)
+    return data if len(data) <= limit else None
 
 
 class NewKeyError(IngestdError):
@@ -41,7 +56,10 @@ def read_key_file(path: Path) -> bytes:
     if info.st_mode & 0o077:
         raise ValueError(f"key file {path} may be read or written by group or others: chmod 600 {path}")
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = _read_bounded(path, MAX_KEY_FILE_BYTES)
+        if data is None:
+            raise ValueError(f"key file {path} is larger than {MAX_KEY_FILE_BYTES // 1024} KiB: not a key")
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ValueError(f"key file {path} cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -74,7 +92,10 @@ def read_table(path: Path) -> dict[str, str]:
     by row number (never a cell's content).
     """
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        data = _read_bounded(path, MAX_TABLE_BYTES)
+        if data is None:
+            raise ValueError(f"lookup table {path} is larger than {MAX_TABLE_BYTES // 2**20} MiB")
+        text = data.decode("utf-8-sig")
     except FileNotFoundError:
         raise ValueError(f"lookup table {path} does not exist") from None
     except OSError as exc:
