@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ingestd.patterns import PatternError, compile_regex
@@ -224,3 +224,52 @@ def test_conditions_look_at_the_first_16384_characters_of_a_value() -> None:
     deep = Condition(field="path", text="", glob=glob_pattern("**/*.dcm"))
     assert deep.holds(("a/" * 8000 + "x.dcm",))
     assert not deep.holds(("a/" * 9000 + "x.dcm",))
+
+
+_ATOMS = st.sampled_from(["a", "b", "é", ".", "[ab]", "[^a]", r"\d", "1", " ", r"\.", "^", r"\A", r"\Z", "_"])
+_QUANTIFIERS = st.sampled_from(["", "", "", "*", "+", "?", "{1,2}", "*?", "+?", "??", "{,2}", "{2}"])
+
+
+def _regexes(depth: int) -> st.SearchStrategy[str]:
+    """Patterns both engines may accept: atoms, quantifiers (lazy ones too), groups, alternation, (?i:...)."""
+    item = st.builds(str.__add__, _ATOMS, _QUANTIFIERS)
+    if depth == 0:
+        return item
+    inner = _regexes(depth - 1)
+    body = st.lists(inner, min_size=1, max_size=3).map("".join)
+    alternatives = st.one_of(body, st.builds(lambda left, right: f"{left}|{right}", body, inner))
+    openings = st.sampled_from(["(", "(?:", "(?i:"])
+    group = st.builds(
+        lambda opening, body, quantifier: f"{opening}{body}){quantifier}", openings, alternatives, _QUANTIFIERS
+    )
+    return st.one_of(item, group)
+
+
+# Small enough for Python's backtracking side of the comparison: nested quantified groups over longer values take
+# it exponential time (in C, where no timeout can stop it).
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_regexes(1), min_size=1, max_size=3).map("".join), st.lists(st.text("abAé1 ._\n", max_size=8)))
+def test_random_patterns_agree_with_python(pattern: str, values: list[str]) -> None:
+    """Whether a pattern matches depends only on the strings it describes, so `matches` and `glob` agree with
+    Python exactly (no \\w, \\s, \\b or a final newline here: the documented differences). Which match `sub`
+    replaces agrees too, unless a lazy quantifier or an empty match is involved (docs/rules.md)."""
+    try:
+        python = re.compile(pattern)
+    except re.error:
+        assume(False)
+    ours = compile_regex(pattern)
+    lazy = re.search(r"[*+?}]\?", pattern) is not None
+    for value in (value.rstrip("\n") for value in values):
+        assert ours.search(value) == (python.search(value) is not None), value
+        assert ours.fullmatch(value) == (python.fullmatch(value) is not None), value
+        if not lazy and all(match.end() > match.start() for match in python.finditer(value)):
+            assert ours.sub("<\\g<0>>", value) == python.sub("<\\g<0>>", value), value
+
+
+def test_which_empty_or_lazy_match_sub_replaces_may_differ() -> None:
+    """The documented difference: after an empty match Python may take a longer match at the same place, RE2
+    moves on (as Python did before 3.7); a lazy repeated group that can match nothing stops Python's loop."""
+    assert re.sub("a*?", "<\\g<0>>", "a") == "<><a><>"
+    assert compile_regex("a*?").sub("<\\g<0>>", "a") == "<>a<>"
+    assert re.search("(a|.)(..{2}|a*?)*", "1111a").group() == "1111"  # type: ignore[union-attr]
+    assert compile_regex("(a|.)(..{2}|a*?)*").sub("<\\g<0>>", "1111a") == "<1111a>"
