@@ -78,8 +78,10 @@ def alias_bomb() -> dict[str, Any]:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     measured = (
-        "import resource, sys\nfrom ingestd.cli import main\nstatus = main(sys.argv[1:])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(status)\n"
+        # VmHWM, not ru_maxrss: Linux carries the forking parent's peak over into the child's across exec.
+        "import sys\nfrom ingestd.cli import main\nstatus = main(sys.argv[1:])\n"
+        "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')), "
+        "file=sys.stderr)\nsys.exit(status)\n"
     )
     with tempfile.TemporaryDirectory() as folder:
         rules = Path(folder) / "bomb.rules.yaml"

@@ -57,14 +57,13 @@ def load_digest_key(state_dir: Path) -> bytes:
     if not path.exists():
         fd, temporary = tempfile.mkstemp(prefix=f".{KEY_FILE}.", dir=state_dir)  # 0600
         try:
-            os.write(fd, f"{secrets.token_hex(_KEY_BYTES)}\n".encode())
-            os.fsync(fd)
-            os.close(fd)
+            with os.fdopen(fd, "wb") as file:  # closed once, here: a second close could close another thread's file
+                file.write(f"{secrets.token_hex(_KEY_BYTES)}\n".encode())
+                file.flush()
+                os.fsync(file.fileno())
             with contextlib.suppress(FileExistsError):  # another process made it first: theirs it is
                 os.link(temporary, path)
         finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
             Path(temporary).unlink(missing_ok=True)
         directory = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -204,7 +204,7 @@ def anonymize_studies(
             target.parent.mkdir(parents=True, exist_ok=True)
             staged.replace(target)
         shutil.rmtree(staging, ignore_errors=True)
-        new_study = written[0][0].parent.parent.name if written else "-"
+        new_study = written[0][1].parent.parent.name if written else "-"
         named = new_study if written else uid_digest(study.uid)  # as `ingestd status` names it: never the original
         yield (
             f"study {named}: rule {decision.rule}, profile {profile.name}: {len(written)} instance(s) -> "

@@ -186,14 +186,15 @@ def test_corrupt_spool_file_holds_only_its_batch(tmp_path: Path, xnat: FakeXnat)
     _three_studies(lab, route=False)
     victim = lab.journal.batch_instances(lab.batch(1)[0].id)[0]
     (lab.state / "spool" / victim.spool_path).write_bytes(b"not DICOM at all" * 8)
-    before = _failures("route", "InvalidDicomError")
+    before = _failures("route", "DeidError")
     while lab.journal.batches((StudyState.COMPLETE,)):
         lab.router.check()
     lab.deliver()
     assert lab.states() == [StudyState.DELIVERED, StudyState.HELD, StudyState.DELIVERED]
     batch, _ = lab.batch(1)
     assert batch.hold_code == "route-failed" and "route: failed 3 times" in str(batch.reason)
-    assert _failures("route", "InvalidDicomError") - before == 3
+    assert "cannot be parsed (InvalidDicomError)" in str(batch.reason)  # read as de-identification reads it
+    assert _failures("route", "DeidError") - before == 3
     assert end_state(lab.state, xnat) == {"in XNAT": 4, "held, in the spool": 2}
 
 

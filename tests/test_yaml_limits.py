@@ -39,7 +39,11 @@ from ingestd.cli import main
 try:
     status = main(sys.argv[1:])
 finally:
-    print(f"maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so it would count the forking test process's
+    # peak (pytest after the large-instance tests); VmHWM is this process's own address space's peak.
+    with open("/proc/self/status") as status_file:
+        hwm = next(line.split()[1] for line in status_file if line.startswith("VmHWM:"))
+    print(f"maxrss_kb={hwm}", file=sys.stderr)
 sys.exit(status)
 """
 
