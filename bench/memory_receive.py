@@ -39,6 +39,22 @@ GIB = 1024**3
 MIB = 1024**2
 READY_TIMEOUT = 60.0
 SEND_TIMEOUT = 1800.0
+ROUTE_TIMEOUT = 1800.0
+# --route: every study is de-identified (a profile with no options: Table E.1-1's basic profile) and packaged.
+ROUTE_RULES = """\
+profiles:
+  bench:
+    key: {env: INGESTD_BENCH_KEY}
+rules:
+  - name: everything
+    when: {}
+    route:
+      server: main
+      project: BENCH
+      subject: "{PatientID:hash8}"
+      session: "{subject}_{StudyDate:hash6}"
+    anonymize: bench
+"""
 
 
 # -- memory sampling ------------------------------------------------------------------------------
@@ -145,7 +161,8 @@ def idle_rss(pgid: int, seconds: float = 1.0) -> float:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, repo: Path, python: str) -> None:
+    def __init__(self, workdir: Path, repo: Path, python: str, *, route: bool = False) -> None:
+        self.route = route  # also assemble, route (de-identify into the outbox) and package each instance
         self.workdir = workdir
         self.repo = repo
         self.python = python
@@ -164,9 +181,30 @@ class Daemon:
             "logging": {"level": "info", "format": "json"},
             "metrics": {"enabled": False},
         }
+        extra_env = {}
+        if self.route:
+            rules = self.workdir / "bench.rules.yaml"
+            rules.write_text(ROUTE_RULES, encoding="utf-8")
+            config["study_idle_seconds"] = 2
+            config["rules"] = [str(rules)]
+            # Nothing listens there: the deliverer packages the study, then retries its pre-flight; the benchmark
+            # measures receiving, de-identifying and zipping, not an upload.
+            config["xnat"] = {
+                "servers": {
+                    "main": {
+                        "url": f"http://{HOST}:9",
+                        "credentials": {"env_username": "INGESTD_BENCH_USER", "env_password": "INGESTD_BENCH_PASS"},
+                    }
+                }
+            }
+            extra_env = {
+                "INGESTD_BENCH_KEY": os.urandom(24).hex(),
+                "INGESTD_BENCH_USER": "bench",
+                "INGESTD_BENCH_PASS": "bench",
+            }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         path = os.environ.get("PYTHONPATH")
-        env = tool_env({"PYTHONPATH": f"{self.repo}{os.pathsep}{path}" if path else str(self.repo)})
+        env = tool_env({"PYTHONPATH": f"{self.repo}{os.pathsep}{path}" if path else str(self.repo), **extra_env})
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.python, "-m", "ingestd", "run", "--config", str(self.config_path)],
@@ -190,6 +228,30 @@ class Daemon:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def wait_packaged(self, count: int) -> str:
+        """Wait until the last `count` batches are routed and zipped (or held); say how each ended."""
+        deadline = time.monotonic() + ROUTE_TIMEOUT
+        while True:
+            db = sqlite3.connect(f"file:{self.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=30)
+            try:
+                rows = db.execute(
+                    "SELECT b.state, d.step FROM batches b LEFT JOIN deliveries d ON d.batch_id = b.id "
+                    "ORDER BY b.id DESC LIMIT ?",
+                    (count,),
+                ).fetchall()
+            finally:
+                db.close()
+            ended = [
+                state if state == "held" else f"{state}:{step}"
+                for state, step in rows
+                if state == "held" or (state == "routed" and step not in (None, "package"))
+            ]
+            if len(ended) == count:
+                return ";".join(ended)
+            if time.monotonic() > deadline:
+                return "not routed in time: " + ";".join(f"{state}:{step}" for state, step in rows)
+            time.sleep(0.5)
 
     def receipts(self, sop_uid: str) -> list[str]:
         db = sqlite3.connect(f"file:{self.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=30)
@@ -279,7 +341,10 @@ def send(daemon: Daemon, sampler: Sampler, instances: list[Instance], what: str,
                     os.killpg(proc.pid, signal.SIGKILL)
                 codes.append(proc.wait())
         seconds = time.monotonic() - started
+        routed = daemon.wait_packaged(len(instances)) if daemon.route and not any(codes) else None
     outcomes = [",".join(daemon.receipts(one.sop_uid)) for one in instances]
+    if routed is not None:
+        outcomes.append(routed)
     error = None
     if any(codes):
         error = f"storescu exited with {codes}"
@@ -311,6 +376,11 @@ def drop_spooled(daemon: Daemon, instances: list[Instance]) -> None:
     for one in instances:
         for path in daemon.spooled(one.sop_uid):
             path.unlink(missing_ok=True)
+    if daemon.route:
+        for folder in ("outbox", "packages"):
+            for path in (daemon.state_dir / folder).rglob("*"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
 
 
 def measure(
@@ -357,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="the interpreter the daemon runs with")
     parser.add_argument("--workdir", type=Path, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, help="write the runs as JSON")
+    parser.add_argument(
+        "--route", action="store_true", help="also de-identify and zip each instance (rules with anonymize)"
+    )
     args = parser.parse_args(argv)
 
     for tool in ("storescu", "echoscu"):
@@ -373,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     print(f"ingestd tree {repo} ({commit or '?'}); work folder {workdir}", flush=True)
 
-    daemon = Daemon(workdir, repo, args.python)
+    daemon = Daemon(workdir, repo, args.python, route=args.route)
     runs: list[Run] = []
     interrupted = False
 
