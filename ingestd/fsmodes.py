@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -29,16 +30,19 @@ def restrict_umask() -> int:
     return os.umask(UMASK)
 
 
-def restrict(path: Path) -> None:
-    """Give one file 0640 or one folder 0750 (never loosening a stricter mode's owner bits); links are left."""
+def restrict(path: Path, *, own: bool = False) -> None:
+    """Give one file 0640 or one folder 0750 (never loosening a stricter mode's owner bits); links are left.
+
+    With `own`, a file another user owns (whose mode we may not change) is replaced by our own 0640 copy.
+    """
     try:
         info = path.lstat()
     except FileNotFoundError:
         return
-    _restrict(path, info.st_mode)
+    _restrict(path, info.st_mode, own=own)
 
 
-def _restrict(path: Path, mode: int) -> None:
+def _restrict(path: Path, mode: int, *, own: bool = False) -> None:
     if stat.S_ISDIR(mode):
         wanted = DIR_MODE
     elif stat.S_ISREG(mode):
@@ -46,17 +50,42 @@ def _restrict(path: Path, mode: int) -> None:
     else:
         return  # a link, a socket: chmod would follow or fail
     if stat.S_IMODE(mode) != wanted:
-        with contextlib.suppress(PermissionError):  # not ours (root's, say): nothing we may change
+        try:
             path.chmod(wanted)
+        except PermissionError:  # not ours (the dropper's, root's): we may not change its mode
+            if own and stat.S_ISREG(mode):
+                _replace_with_own_copy(path)
 
 
-def restrict_tree(root: Path) -> None:
+def _replace_with_own_copy(path: Path) -> None:
+    """Replace another user's file with a 0640 copy of our own, in one rename (the folder is ours).
+
+    A file dropped by another user keeps that user's 0644 through the rename into quarantine; only a copy we create
+    gets our mode. The copy is fsync'd before it replaces the original, so a crash leaves one or the other, whole.
+    Unreadable, or in a folder we may not write: left as it is.
+    """
+    temporary = path.with_name(f".{path.name}.ingestd-own")
+    try:
+        with path.open("rb") as source:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            with os.fdopen(descriptor, "wb") as copy:
+                os.fchmod(copy.fileno(), FILE_MODE)
+                shutil.copyfileobj(source, copy, 1024 * 1024)
+                copy.flush()
+                os.fsync(copy.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def restrict_tree(root: Path, *, own: bool = False) -> None:
     """`restrict` `root` and everything below it (iteratively; links are neither followed nor changed)."""
-    restrict(root)
+    restrict(root, own=own)
     if not root.is_dir() or root.is_symlink():
         return
     for folder, subfolders, others in walk(root, max_depth=1_000_000):
         for name in (*subfolders, *others):
             path = folder / name
             with contextlib.suppress(FileNotFoundError):
-                _restrict(path, path.lstat().st_mode)
+                _restrict(path, path.lstat().st_mode, own=own)

@@ -562,7 +562,8 @@ class Quarantine:
         self._write_reason(target, reason, source)
         try:
             move_durably(path, target)
-            restrict_tree(target)  # a dropped file keeps the dropper's mode (0644) through the rename
+            # A dropped file keeps the dropper's mode (0644) through the rename; another user's is replaced by our copy.
+            restrict_tree(target, own=True)
         except OSError:
             if path.exists() or path.is_symlink():  # still in place: no half-kept copy beside it
                 _remove_quietly(target)

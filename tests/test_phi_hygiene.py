@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -205,3 +207,58 @@ def test_anonymize_names_studies_as_status_does(tmp_path: Path) -> None:
     assert held.returncode != 0
     assert original not in held.stdout + held.stderr
     assert f"study {uid_digest(original)}: held" in held.stderr
+
+
+QUARANTINE_AS_SERVICE_USER = """
+import os, sys
+from pathlib import Path
+from ingestd.fsmodes import restrict_umask
+from ingestd.journal import Journal, Source
+from ingestd.spool import Quarantine
+import sqlite3, shutil, json  # everything imported before the switch: the interpreter may be in root's home
+os.setgid(65534)
+os.setuid(65534)  # the service's user; the dropped file stays root's, as a dropper's file is
+restrict_umask()
+state, dropped = Path(sys.argv[1]), Path(sys.argv[2])
+journal = Journal(state / "journal.sqlite")
+kept = Quarantine(state / "quarantine", journal).put_file(dropped, "not DICOM", Source("folder", "drop", "x"))
+journal.close()
+print(kept)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop a file as one user and quarantine it as another")
+def test_a_quarantined_file_another_user_dropped_becomes_ours_and_0640(tmp_path: Path) -> None:
+    """A file keeps its owner and mode through a rename, and only its owner may chmod it: the service replaces it
+    with a 0640 copy of its own, byte for byte, leaving nothing else behind."""
+    base = Path(tempfile.mkdtemp(prefix="ingestd-owner-", dir="/tmp"))  # pytest's tmp_path is root's alone (0700)
+    try:
+        _quarantine_as_another_user(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _quarantine_as_another_user(base: Path) -> None:
+    base.chmod(0o755)
+    state, drop = base / "state", base / "drop"
+    for folder in (state, drop):
+        folder.mkdir()
+        os.chown(folder, 65534, 65534)
+    dropped = drop / "DOE^JOHN.txt"
+    dropped.write_bytes(b"not DICOM, from another user" * 100)
+    dropped.chmod(0o644)  # root's, 0644: what the service user may read but not chmod
+    result = subprocess.run(
+        [sys.executable, "-c", QUARANTINE_AS_SERVICE_USER, str(state), str(dropped)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=base,
+    )
+    assert result.returncode == 0, result.stderr
+    kept = Path(result.stdout.strip().splitlines()[-1])  # after the log line
+    info = kept.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (65534, 0o640)
+    assert kept.read_bytes() == b"not DICOM, from another user" * 100
+    assert not dropped.exists()
+    assert not [p for p in kept.parent.iterdir() if p.name.endswith(".ingestd-own")]
