@@ -152,37 +152,37 @@ class PartFile:
         self._digest = hashlib.sha256()
         self._space_checked = 0
         self._fd: int | None = None
-        try:
+        with self._discarded_on_failure():
             spool.check_space(len(prefix))
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             os.fchmod(self._fd, 0o640)
             _write_all(self._fd, prefix)
+        self.size = len(prefix)
+
+    @contextlib.contextmanager
+    def _discarded_on_failure(self) -> Iterator[None]:
+        """Whatever fails inside removes the part file; an OSError becomes the spool's error for the peer."""
+        try:
+            yield
         except OSError as exc:
             self.discard()
             raise _spool_error(exc) from None
         except BaseException:
             self.discard()
             raise
-        self.size = len(prefix)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append the next bytes of the data set. Raises SpoolFullError (below the floor, or the disk full) or
         SpoolError; the part file is removed then."""
         if self._fd is None:
             raise SpoolError("the instance's part file was discarded")
-        try:
+        with self._discarded_on_failure():
             _write_all(self._fd, data)
             self._digest.update(data)
             self.size += len(data)
             if self.size - self._space_checked >= _SPACE_CHECK_EVERY:
                 self._space_checked = self.size
                 self.spool.check_space()
-        except OSError as exc:
-            self.discard()
-            raise _spool_error(exc) from None
-        except BaseException:
-            self.discard()
-            raise
 
     @property
     def data_size(self) -> int:
