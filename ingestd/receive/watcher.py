@@ -25,18 +25,14 @@ follow the tree (watchdog walks it recursively) or whose observer stops falls ba
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue
 import stat
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -46,6 +42,8 @@ from ingestd.errors import IngestdError, SpoolError
 from ingestd.journal import Source
 from ingestd.logs import hide_member_names, path_digest
 from ingestd.metrics import DROP_SOURCES
+from ingestd.receive.dropitems import _Failed, _numbered, _Pending, _Retry, _Signature, _signature, _Stopped, _why
+from ingestd.receive.dropscan import _FolderScan
 from ingestd.receive.intake import (
     NotTheFileError,
     SourceIncomplete,
@@ -54,8 +52,8 @@ from ingestd.receive.intake import (
     source_name,
     take_source,
 )
+from ingestd.receive.observer import _EventHandler, _observer_running, _stop_observer
 from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir, make_dirs_durably, move_durably
-from ingestd.walk import walk
 
 __all__ = [
     "RETRY_SECONDS",
@@ -66,9 +64,6 @@ __all__ = [
 
 log = structlog.get_logger("ingestd.watcher")
 
-# Our own reads cause open/close-without-write events, and a folder is "modified" by every file created
-# in it: neither says anything new about a path to take.
-_IGNORED_EVENTS = frozenset({"opened", "closed_no_write", "attrib"})
 _MIN_RESCAN_SECONDS = 2.0
 RETRY_SECONDS = 30.0  # after a spool refusal or an I/O error, try the source again this much later
 _ERROR_PAUSE_SECONDS = 1.0
@@ -78,131 +73,7 @@ class DropFolderError(IngestdError):
     """A drop folder cannot be watched (missing, or not a folder)."""
 
 
-class _Retry(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Leave the source where it is and try it again later."""
-
-    def __init__(self, reason: str, delay: float) -> None:
-        super().__init__(reason)
-        self.delay = delay
-
-
-class _Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """The watcher is stopping: leave the source where it is for the next start."""
-
-
-class _Failed(Exception):  # noqa: N818 - a control-flow signal: one failed attempt at a source
-    """Taking the source failed in a way that may pass (or not): `reason` says which step, and why."""
-
-    def __init__(self, reason: str, *, readable: bool = True, unexpected: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.readable = readable  # False: the file itself could not be read (copying it would fail too)
-        self.unexpected = unexpected  # not an OSError: logged with its traceback
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
-def _kind(mode: int) -> str:
-    """What a path that is neither a regular file nor a folder is, as `drop.item_skipped` names it."""
-    kinds = (
-        (stat.S_ISLNK, "symbolic link"),
-        (stat.S_ISFIFO, "named pipe"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-    )
-    return next((name for test, name in kinds if test(mode)), "unknown")
-
-
-# -- paths -------------------------------------------------------------------------------------------
-
-
-class _Signature(NamedTuple):
-    """What must stay the same for a file to count as settled."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-
-def _signature(info: os.stat_result) -> _Signature:
-    return _Signature(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A path waiting to be taken (or a folder to be removed): how it looked, and when to look again.
-
-    What was learnt about it holds for that look only: a file that changes gets a new entry.
-    """
-
-    signature: _Signature
-    due: float
-    attempts: int = 0  # failed attempts (not spool refusals): at `max_attempts`, the watcher gives up
-    incomplete_since: float | None = None  # when it was first found settled but not whole
-
-
-def _numbered(target: Path) -> Path:
-    """`target`, or `name-1.ext`, `name-2.ext`, ... when it exists (`.tar.gz` counts as one extension)."""
-    if not target.exists():
-        return target
-    name = target.name
-    base, dot, extension = name.partition(".")
-    for number in range(1, 1_000_000):
-        candidate = target.with_name(f"{base}-{number}{dot}{extension}")
-        if not candidate.exists():
-            return candidate
-    raise FileExistsError(f"too many files named like {target} in the done folder")
-
-
-# -- the watchdog side -------------------------------------------------------------------------------
-
-
-class _EventHandler(FileSystemEventHandler):
-    """Passes the paths of file-system events to the watcher's queue. Never raises: watchdog would stop."""
-
-    def __init__(self, paths: queue.SimpleQueue[str | None]) -> None:
-        super().__init__()
-        self._paths = paths
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        try:
-            if event.event_type in _IGNORED_EVENTS or (event.is_directory and event.event_type == "modified"):
-                return
-            self._paths.put(os.fsdecode(event.src_path))
-            destination = getattr(event, "dest_path", "")
-            if destination:
-                self._paths.put(os.fsdecode(destination))
-        except Exception:
-            log.exception("drop.event_error", fs_event=type(event).__name__)
-
-
-def _observer_running(observer: Any) -> bool:
-    """Whether a watchdog observer and its emitters (and the inotify reader they share) still run."""
-    if not observer.is_alive():
-        return False
-    for emitter in list(observer.emitters):
-        reader = getattr(emitter, "_inotify_fd", None)  # watchdog's process-wide inotify reader thread
-        if not emitter.is_alive() or (isinstance(reader, threading.Thread) and not reader.is_alive()):
-            return False
-    return True
-
-
-def _stop_observer(observer: Any, timeout: float) -> None:
-    with contextlib.suppress(Exception):  # an observer that failed to start may fail to stop: nothing to keep
-        observer.stop()
-        if observer.is_alive():
-            observer.join(timeout)
-
-
-# -- the watcher -------------------------------------------------------------------------------------
-
-
-class DropFolderWatcher:
+class DropFolderWatcher(_FolderScan):
     """Watch one drop folder and take what settles in it into the spool.
 
     `start()` scans the folder (files dropped while ingestd was down), starts the observer and the
@@ -219,24 +90,14 @@ class DropFolderWatcher:
         *,
         retry_seconds: float = RETRY_SECONDS,
     ) -> None:
-        self.folder = folder
+        super().__init__(folder)
         self.limits = limits
         self.spool = spool
         self.quarantine = quarantine
-        self.root = Path(os.path.abspath(folder.path))  # noqa: PTH100 - absolute without resolving links
-        done = folder.done_folder if folder.after == "move" else None
-        self.done_folder = Path(os.path.abspath(done)) if done is not None else None  # noqa: PTH100
         self.rescan_seconds = max(_MIN_RESCAN_SECONDS, folder.settle_seconds, folder.poll_interval_seconds)
         self.retry_seconds = retry_seconds
-        self._settle = folder.settle_seconds
         self._paths: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._pending: dict[Path, _Pending] = {}
         self._emptied: dict[Path, _Pending] = {}
-        self._skipped: dict[Path, tuple[str, int, int]] = {}  # logged once each: (kind, device, inode)
-        self._left: dict[Path, _Signature] = {}  # given up on and left in place: not taken again unless changed
-        self._scan_errors: set[tuple[str, str]] = set()  # (path, reason) logged once, while they last
-        self._seen: set[Path] | None = None  # what a scan of the whole folder met (None: no such scan runs)
-        self._errors_seen: set[tuple[str, str]] = set()  # the scan errors that scan met
         self._lock = threading.Lock()  # one pass at a time: the worker's or scan_once's
         self._stopping = threading.Event()
         self._observer: Any = None
@@ -381,134 +242,6 @@ class DropFolderWatcher:
             except queue.Empty:
                 break
         return [Path(path) for path in dict.fromkeys(queued) if path is not None]
-
-    # -- noting paths ------------------------------------------------------------------------------
-
-    def _relative(self, path: Path) -> PurePosixPath | None:
-        """The path relative to the drop folder, or None if it is outside, hidden, partial or done."""
-        if self.done_folder is not None and path.is_relative_to(self.done_folder):
-            return None
-        if not path.is_relative_to(self.root) or path == self.root:
-            return None
-        relative = PurePosixPath(path.relative_to(self.root).as_posix())
-        return None if is_ignored(relative) else relative
-
-    def _scan_tree(self, top: Path) -> None:
-        """Note every file below `top`; a scan of the whole folder also forgets what is gone from it."""
-        whole = top == self.root and self._seen is None
-        if whole:
-            self._seen = set()
-            self._errors_seen = set()
-
-        def report(error: OSError) -> None:
-            self._scan_error(Path(os.fsdecode(error.filename or "")), error)
-
-        depth = 0 if top == self.root else len(top.relative_to(self.root).parts)
-        try:
-            if depth > self.folder.max_depth:
-                self._too_deep(top, depth)
-                return
-            for here, subdirectories, files in walk(
-                top, max_depth=self.folder.max_depth, depth=depth, onerror=report, too_deep=self._too_deep
-            ):
-                for name in subdirectories:  # a link to a folder: the walk lists it there, never enters it
-                    if (here / name).is_symlink():
-                        self._note(here / name, walked=True)
-                subdirectories[:] = [
-                    name
-                    for name in subdirectories
-                    if self._relative(here / name) is not None and not (here / name).is_symlink()
-                ]
-                for name in files:
-                    self._note(here / name, walked=True)
-        finally:
-            if whole and self._seen is not None:
-                self._forget_unseen(self._seen)
-                self._seen = None
-                self._scan_errors = self._errors_seen
-
-    def _too_deep(self, folder: Path, depth: int) -> None:
-        """Log, once while it lasts, a folder below `max_depth` levels: it is left alone, the scan goes on."""
-        shown = source_name(folder.relative_to(self.root).as_posix())
-        key = (shown, "deeper than drop_folders[].max_depth")
-        self._errors_seen.add(key)
-        if key not in self._scan_errors:
-            self._scan_errors.add(key)
-            log.warning(
-                "drop.folder_too_deep", subfolder=path_digest(shown), depth=depth, max_depth=self.folder.max_depth
-            )
-
-    def _forget_unseen(self, seen: set[Path]) -> None:
-        """After a scan of the whole folder: forget the skipped and left items that are no longer there."""
-        self._skipped = {path: key for path, key in self._skipped.items() if path in seen}
-        self._left = {path: signature for path, signature in self._left.items() if path in seen}
-
-    def _inside(self, path: Path) -> bool:
-        """Say whether every folder between the drop folder and `path` is a folder, not a link to one."""
-        parent = path.parent
-        while parent != self.root:
-            try:
-                if not stat.S_ISDIR(parent.lstat().st_mode):
-                    return False
-            except OSError:
-                return False
-            parent = parent.parent
-        return True
-
-    def _note(self, path: Path, *, walked: bool = False) -> None:
-        """Start (or restart) the settle clock of a file; walk a folder; log what is skipped; forget what is gone.
-
-        `walked`: the path comes from walking the folder, which never goes through a link.
-        """
-        relative = self._relative(path)
-        too_deep = relative is None or len(relative.parts) - 1 > self.folder.max_depth  # the scans log the folder
-        if too_deep or not (walked or self._inside(path)):
-            return
-        try:
-            info = path.lstat()
-        except FileNotFoundError:
-            self._pending.pop(path, None)
-            return
-        except OSError as exc:
-            self._scan_error(path, exc)
-            return
-        if self._seen is not None:
-            self._seen.add(path)
-        if stat.S_ISDIR(info.st_mode):
-            self._scan_tree(path)
-            return
-        if not stat.S_ISREG(info.st_mode):  # symbolic links, pipes, sockets, devices: never followed or read
-            self._skip(path, info)
-            return
-        self._skipped.pop(path, None)
-        signature = _signature(info)
-        left = self._left.get(path)
-        if left is not None:
-            if left == signature:
-                return
-            del self._left[path]  # changed since it was left: try it afresh
-        entry = self._pending.get(path)
-        if entry is None or entry.signature != signature:
-            self._pending[path] = _Pending(signature, time.monotonic() + self._settle)
-
-    def _scan_error(self, where: Path, error: OSError) -> None:
-        """Log a path that cannot be looked at, once while the error lasts (scans of the whole folder tell)."""
-        shown = where.relative_to(self.root).as_posix() if where.is_relative_to(self.root) else str(where)
-        key = (source_name(shown), _why(error))
-        self._errors_seen.add(key)
-        if key not in self._scan_errors:
-            self._scan_errors.add(key)
-            log.warning("drop.scan_error", file=path_digest(key[0]), reason=key[1])
-
-    def _skip(self, path: Path, info: os.stat_result) -> None:
-        """Log, once, that something that is not a regular file or folder is left alone."""
-        self._pending.pop(path, None)
-        key = (_kind(info.st_mode), info.st_dev, info.st_ino)
-        if self._skipped.get(path) == key:
-            return
-        self._skipped[path] = key
-        detail = source_name(path.relative_to(self.root).as_posix())
-        log.warning("drop.item_skipped", file=path_digest(detail), kind=key[0])
 
     # -- taking what has settled -------------------------------------------------------------------
 
