@@ -16,60 +16,35 @@ of these follows xnat-web's source: docs/xnat.md.
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
-import netrc
-import os
 import re
-import stat
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-import defusedxml.ElementTree
 import requests
 import requests.adapters
 
 from ingestd import __version__
-from ingestd.config import Credentials, XnatServer
-from ingestd.errors import IngestdError
+from ingestd.config import XnatServer
+from ingestd.xnat.credentials import _Secret, is_alias_token, load_credentials
+from ingestd.xnat.errors import XnatError, XnatLoginError
+from ingestd.xnat.responses import (
+    Holdings,
+    PrearchiveRow,
+    TokenInfo,
+    _catalog_entries,
+    _dicom_resources,
+    _epoch,
+    _is_html,
+    _json,
+    _message,
+    _rows,
+    _uri_list,
+)
 
-__all__ = [
-    "Holdings",
-    "PrearchiveRow",
-    "TokenInfo",
-    "XnatClient",
-    "XnatError",
-    "XnatLoginError",
-    "is_alias_token",
-    "load_credentials",
-    "save_credentials_file",
-]
-
-_H3 = re.compile(r"<h3>(.*?)</h3>", re.IGNORECASE | re.DOTALL)
-_TAG = re.compile(r"<[^>]+>")
-
-
-class XnatError(IngestdError):
-    """A failed XNAT request. `retryable`: the same request may succeed later; otherwise a person must act, and
-    `code` names the hold (docs/xnat.md says what to do for each)."""
-
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None, code: str = "xnat-refused") -> None:
-        self.retryable = retryable
-        self.status = status
-        self.code = code
-        super().__init__(message)
-
-
-class XnatLoginError(XnatError):
-    """XNAT refused this account: wrong credentials, a locked account, an expired password or alias token, a
-    disabled account. Trying again cannot help until a person fixes the account or the credentials, and trying
-    too often locks the account (`security.max_failed_logins`): the deliverer pauses the server instead."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message, retryable=False, status=status, code="xnat-login-refused")
+__all__ = ["XnatClient"]
 
 
 # XNAT locks an account after `maxFailedLogins` failed logins (20 by default) for `failedLoginLockoutDuration`
@@ -103,110 +78,6 @@ _LOGIN_403 = (
 # The 500s XNAT answers for problems no retry can fix (xnat-web, see docs/xnat.md): retried for days they would
 # only hide the problem. Matched against XNAT's message (the status page's text).
 _PERMANENT_500 = re.compile(r"No project named|anonymi[sz]ation script|DicomEdit", re.IGNORECASE)
-
-_ALIAS = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
-
-
-def is_alias_token(username: str) -> bool:
-    """Whether a login name is an XNAT alias token (a UUID: xdat AliasToken.isAliasFormat)."""
-    return bool(_ALIAS.match(username))
-
-
-@dataclass(frozen=True)
-class _Secret:
-    username: str
-    password: str = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class PrearchiveRow:
-    project: str
-    timestamp: str
-    folder: str
-    name: str
-    subject: str
-    study_uid: str
-    status: str
-    url: str  # /prearchive/projects/P/TS/FOLDER (no /data)
-    lastmod: str = ""  # when XNAT last wrote to the session (refreshed at most every 15 s while it receives)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    """An alias token as XNAT describes it: when it expires (epoch seconds; None if XNAT did not say)."""
-
-    alias: str
-    expires_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Holdings:
-    """What XNAT shows it holds in one place, per file: the SOP Instance UIDs of DICOM catalog entries (archive
-    only: XNAT's REST API exposes no catalog of a prearchive session) and the file names.
-
-    ingestd names every zip entry `<series UID>/<SOP Instance UID>.dcm`; XNAT keeps that name as the file's
-    (GradualDicomImporter.getSafeFile: the entry's last path component, valid as `[\\w.-]+`), so a file name is a
-    per-instance identity too: another batch's instances have other SOP Instance UIDs, and so other names.
-    """
-
-    uids: frozenset[str] = frozenset()
-    names: frozenset[str] = frozenset()
-
-    def holds(self, sop_uid: str) -> bool:
-        return sop_uid in self.uids or f"{sop_uid}.dcm" in self.names
-
-
-def _check_private(path: Path, what: str) -> None:
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise XnatLoginError(f"cannot read the {what} {path}: {exc.strerror}") from None
-    if stat.S_IMODE(mode) & 0o077:
-        raise XnatLoginError(f"the {what} {path} is readable by others: chmod 600 {path}")
-
-
-def load_credentials(credentials: Credentials, url: str) -> _Secret:
-    """Read the credentials for `url` from where the configuration says; raise XnatLoginError (never the secret):
-    like a refused login, credentials ingestd cannot read hold up every delivery to the server until fixed."""
-    if credentials.netrc is not None:
-        _check_private(credentials.netrc, ".netrc file")
-        host = urlsplit(url).hostname or ""
-        try:
-            entry = netrc.netrc(str(credentials.netrc)).authenticators(host)
-        except (netrc.NetrcParseError, OSError) as exc:
-            raise XnatLoginError(f"cannot parse {credentials.netrc}: {type(exc).__name__}") from None
-        if entry is None or not entry[0] or entry[2] is None:
-            raise XnatLoginError(f"{credentials.netrc} has no login and password for machine {host}")
-        return _Secret(entry[0], entry[2])
-    if credentials.file is not None:
-        _check_private(credentials.file, "credentials file")
-        text = credentials.file.read_text(encoding="utf-8").strip()
-        username, sep, password = text.partition(":")
-        if not sep or not username or not password or "\n" in text:
-            raise XnatLoginError(f"{credentials.file} must hold one line username:password (or alias:secret)")
-        return _Secret(username, password)
-    assert credentials.env_username is not None and credentials.env_password is not None  # noqa: S101 - validated
-    username = os.environ.get(credentials.env_username, "")
-    password = os.environ.get(credentials.env_password, "")
-    if not username or not password:
-        raise XnatLoginError(
-            f"environment variables {credentials.env_username} and {credentials.env_password} must be set"
-        )
-    return _Secret(username, password)
-
-
-def _message(response: requests.Response) -> str:
-    """XNAT's message from a response: the status page's <h3>, else the first line of text."""
-    text = response.text or ""
-    found = _H3.search(text)
-    if found:
-        return " ".join(_TAG.sub("", found.group(1)).split())[:500]
-    return " ".join(_TAG.sub(" ", text).split())[:500] or response.reason or "no message"
-
-
-def _is_html(response: requests.Response) -> bool:
-    head = (response.text or "")[:200].lstrip().lower()
-    return head.startswith(("<html", "<!doctype")) or "text/html" in response.headers.get("Content-Type", "")
 
 
 class _LargeBlocks(requests.adapters.HTTPAdapter):
@@ -656,111 +527,3 @@ class XnatClient:
 
 
 _JSON = {"format": "json"}
-
-
-def save_credentials_file(path: Path, username: str, password: str) -> None:
-    """Replace a credentials file (`username:password`, mode 0600) atomically: written beside it, synced, renamed
-    over it, so that a crash leaves the old or the new credentials, never half of either."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-            out.write(f"{username}:{password}\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def _uri_list(response: requests.Response) -> list[str]:
-    """The URIs of a `text/uri-list` answer (import, archive). XNAT ends every line with CRLF (Importer.represent,
-    SecureResource.returnDefaultRepresentation): a non-empty body without its final line end was cut short on the
-    way (a proxy), and a cut URI must not be taken for where XNAT filed the data: a retryable XnatError."""
-    text = response.text
-    if text.strip() and not text.endswith("\n"):
-        raise XnatError(
-            f"XNAT answered {urlsplit(response.url).path} cut short ({len(response.content)} bytes, no line end)",
-            retryable=True,
-        )
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _epoch(value: Any) -> float | None:
-    """Epoch seconds from a Java Date as XNAT's serializer writes it (epoch milliseconds); None if absent."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        return float(value) / 1000
-    except ValueError:
-        return None
-
-
-def _json(response: requests.Response) -> Any:
-    """The JSON body, or a retryable XnatError: a reply cut short by a proxy, or an error page, is not an answer."""
-    try:
-        return response.json()
-    except ValueError:
-        raise XnatError(
-            f"XNAT answered {response.request.method} {urlsplit(response.url).path} with something that is not JSON"
-            f" ({len(response.content)} bytes)",
-            retryable=True,
-        ) from None
-
-
-def _rows(response: requests.Response) -> list[dict[str, str]]:
-    if "csv" in response.headers.get("Content-Type", ""):
-        return list(csv.DictReader(io.StringIO(response.text)))
-    payload = _json(response)
-    result_set = payload.get("ResultSet") if isinstance(payload, dict) else None
-    result = result_set.get("Result") if isinstance(result_set, dict) else None
-    if not isinstance(result, list):
-        raise XnatError(
-            f"XNAT answered {urlsplit(response.url).path} with JSON that is not a ResultSet table", retryable=True
-        )
-    return [row for row in result if isinstance(row, dict)]
-
-
-def _catalog_entries(body: bytes) -> list[tuple[str, str]]:
-    """(UID, file name) of every entry of a catalog document (`cat:entry`, in entry sets too); either may be ''.
-
-    Parsed with defusedxml: the document comes from a server, and entity expansion must not take the daemon down.
-    """
-    try:
-        root = defusedxml.ElementTree.fromstring(body)
-    except (defusedxml.ElementTree.ParseError, defusedxml.DefusedXmlException) as exc:
-        raise XnatError(f"XNAT answered a catalog that is not XML ({type(exc).__name__})", retryable=True) from None
-    entries = []
-    for element in root.iter():
-        if element.tag.rsplit("}", 1)[-1] != "entry":
-            continue
-        uri = element.get("URI", "")
-        entries.append((element.get("UID", "").strip(), uri.replace("\\", "/").rsplit("/", 1)[-1]))
-    return entries
-
-
-def _dicom_resources(experiment: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """(scan ID, resource label) of each DICOM resource of each scan in an experiment's JSON item. Real scans carry
-    more resources (NIFTI, SNAPSHOTS, BIDS): only those whose format is DICOM, or labelled DICOM or secondary."""
-    for child in experiment.get("children", []):
-        if child.get("field") != "scans/scan":
-            continue
-        for scan in child.get("items", []):
-            scan_id = str(scan.get("data_fields", {}).get("ID", ""))
-            for resource in _resources(scan):
-                fields = resource.get("data_fields", {})
-                label = str(fields.get("label", ""))
-                if str(fields.get("format", "")).upper() == "DICOM" or label.upper() in ("DICOM", "SECONDARY"):
-                    yield scan_id, label
-
-
-def _resources(scan: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    for child in scan.get("children", []):
-        if child.get("field") == "file":
-            yield from child.get("items", [])
