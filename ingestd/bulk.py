@@ -50,8 +50,8 @@ from ingestd.logs import hide_member_names, path_digest, uid_digest
 from ingestd.receive.intake import SourceFile, Sources, find_sources, read_source, source_name
 from ingestd.receive.pool import wait_for_receivers
 from ingestd.route import Router, header_facts, study_facts
-from ingestd.rules import Held, RuleSet
-from ingestd.rules.verdict import Screened, verdict
+from ingestd.rules import Held, Routed, RuleSet, StudyFacts
+from ingestd.rules.verdict import Screened, label_clashes, verdict
 from ingestd.spool import Quarantine, Spool
 from ingestd.worker import PeriodicWorker
 
@@ -408,12 +408,16 @@ class _Survey(_Taker):
 
     def decisions(self, rules: RuleSet) -> Iterator[tuple[str, bool]]:
         """A line per study saying what the rules would do, and whether it would be held."""
+        verdicts: list[tuple[str, Routed | Held]] = []
+        facts: dict[str, StudyFacts] = {}
         for uid, study in self.studies.items():
-            facts = study_facts(uid, study.instances, study.headers)
-            decision = verdict(
-                rules, facts, [Screened(i.series_uid, i.sop_class_uid, i.modality) for i in study.instances]
-            )
-            what = f"{uid_digest(uid)}: {len(study.instances)} instance(s) in {len(facts.series)} series"
+            facts[uid] = study_facts(uid, study.instances, study.headers)
+            screened = [Screened(i.series_uid, i.sop_class_uid, i.modality) for i in study.instances]
+            verdicts.append((uid, verdict(rules, facts[uid], screened)))  # as the router decides it
+        clashes = label_clashes(verdicts)
+        for uid, routed in verdicts:
+            study, decision = self.studies[uid], clashes.get(uid, routed)
+            what = f"{uid_digest(uid)}: {len(study.instances)} instance(s) in {len(facts[uid].series)} series"
             if isinstance(decision, Held):
                 yield f"{what}: would be held ({decision.code}): {decision.reason}", True
                 continue

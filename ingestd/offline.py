@@ -25,7 +25,7 @@ from ingestd.logs import uid_digest
 from ingestd.receive.intake import find_sources, read_source, source_name
 from ingestd.route import deidentify_file, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, explain_match
-from ingestd.rules.verdict import Screened, verdict
+from ingestd.rules.verdict import Screened, label_clashes, verdict
 
 __all__ = ["InputFile", "Study", "anonymize_studies", "explain_studies", "read_studies", "study_verdict"]
 
@@ -141,11 +141,13 @@ def study_verdict(rules: RuleSet, study: Study, *, rule: str | None = None) -> R
 def explain_studies(rules: RuleSet, studies: Sequence[Study], *, all_instances: bool = False) -> Iterator[str]:
     """Lines for the operator: the rules tried, the decision, the labels, dropped series, and per attribute
     what the profile does to one instance of each kept series (every instance with `all_instances`)."""
-    for study in studies:
+    verdicts = [(study.uid, study_verdict(rules, study)) for study in studies]
+    clashes = label_clashes(verdicts)  # a session label an earlier study of the same run takes
+    for study, (_uid, routed) in zip(studies, verdicts, strict=True):
         yield f"study {study.uid}: {len(study.files)} instance(s) in {len(study.facts.series)} series"
         for line in explain_match(rules, study.facts):
             yield f"  {line}"
-        decision = study_verdict(rules, study)
+        decision = clashes.get(study.uid, routed)
         if isinstance(decision, Held):
             yield f"  held ({decision.code}): {decision.reason}"
             continue

@@ -1,9 +1,10 @@
 """`ingestd explain`, `ingestd import --dry-run` and `ingestd import` agree, study by study, on one mixed tree.
 
 The tree holds what used to make them disagree: a hidden file, a zip, files without preamble or file meta, studies
-the profile's screening holds (SR, SC, US, PDF), a study whose label cannot be made, beside plain MR studies that
-deliver. Each command runs as a user runs it, in a process of its own, against the XNAT stand-in; the outcome of
-every study (delivered, or held with its code) is compared by Study Instance UID.
+the profile's screening holds (SR, SC, US, PDF), a study whose label cannot be made, two studies routed to one
+session label (the second is held), beside plain MR studies that deliver. Each command runs as a user runs it, in a
+process of its own, against the XNAT stand-in; the outcome of every study (delivered, or held with its code) is
+compared by Study Instance UID.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydicom.uid import (
 from ingestd.logs import uid_digest
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import encode, encode_raw, make_study, write_instances
+from tests.procs import journal_rows
 from tests.test_import import ingestd
 
 RULES = """
@@ -67,6 +69,9 @@ def make_tree(tree: Path) -> dict[str, str]:
     add("us", _study(UltrasoundImageStorage, "US"), "burned-in")
     add("pdf", _study(EncapsulatedPDFStorage, "DOC"), "burned-in")
     add("label", _study(StudyDescription="LABELTEST"), "label")  # no Manufacturer to label the subject by
+
+    for index, outcome in enumerate((DELIVER, "label-taken")):  # two studies, one session label: the first has it
+        add(f"dup/s{index}", _study(), outcome)
 
     zipped = _study()
     with zipfile.ZipFile(tree / "zipped.zip", "w") as archive:
@@ -119,14 +124,12 @@ def dry_run(stdout: str) -> dict[str, str]:
     return outcomes
 
 
-def imported(stdout: str) -> dict[str, str]:
-    """The outcome per study digest in `ingestd import`'s summary table."""
-    outcomes: dict[str, str] = {}
-    for line in stdout.splitlines():
-        if match := re.match(r"(sha256:[^#\s]+)#\d+\s+(\S+)\s+\d+\s+\S+\s*(.*)$", line):
-            state, result = match.group(2), match.group(3)
-            outcomes[match.group(1)] = DELIVER if state == "delivered" else result.split(":", 1)[0]
-    return outcomes
+def imported(journal: Path) -> dict[str, str]:
+    """The outcome per study in the journal after `ingestd import`."""
+    rows = journal_rows(journal, "SELECT study_uid, state, hold_code FROM batches")
+    return {
+        uid: DELIVER if state == "delivered" else f"{state} {code}".removeprefix("held ") for uid, state, code in rows
+    }
 
 
 def test_explain_dry_run_and_import_agree_on_a_mixed_tree(tmp_path: Path, xnat: FakeXnat) -> None:
@@ -162,6 +165,7 @@ def test_explain_dry_run_and_import_agree_on_a_mixed_tree(tmp_path: Path, xnat: 
 
     real = ingestd("import", "--config", str(config), str(tree), cwd=tmp_path, timeout=300)
     assert real.returncode == 1, real.stdout + real.stderr  # some are held
-    assert {by_digest.get(d, d): outcome for d, outcome in imported(real.stdout).items()} == expected, real.stdout
+    assert imported(tmp_path / "state" / "journal.sqlite") == expected, real.stdout
     delivered = sum(outcome == DELIVER for outcome in expected.values())
     assert len(xnat.experiments("PROJ")) == delivered
+    assert "would be held (label-taken)" in dry.stdout and "held (label-taken)" in explain.stdout
