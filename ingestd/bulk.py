@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,12 +47,12 @@ from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
 from ingestd.journal import BatchInstance, Journal, Source, StudyState
 from ingestd.logs import hide_member_names, path_digest, uid_digest
-from ingestd.receive.intake import SourceRejected, is_ignored, source_name, take_source
+from ingestd.receive.intake import SourceFile, Sources, find_sources, read_source, source_name
 from ingestd.receive.pool import wait_for_receivers
 from ingestd.route import Router, header_facts, study_facts
-from ingestd.rules import Held, RuleSet, decide
+from ingestd.rules import Held, Routed, RuleSet, StudyFacts
+from ingestd.rules.verdict import Screened, label_clashes, verdict
 from ingestd.spool import Quarantine, Spool
-from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 from ingestd.worker import PeriodicWorker
 
 __all__ = ["Counts", "SourceFile", "Sources", "find_sources", "run_import"]
@@ -65,74 +64,6 @@ _DONE = frozenset({StudyState.DELIVERED, StudyState.RELEASED})
 _FINISHED = _DONE | {StudyState.HELD}
 _PROGRESS_SECONDS = 2.0
 _WORKER_SECONDS = 0.2  # how often the import's own router and deliverer look for work
-
-
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    """A file to take: where it is, the folder it counts as dropped into, and its path within that folder."""
-
-    path: Path
-    root: Path
-    relative: str
-    size: int
-
-
-@dataclass
-class Sources:
-    """What `find_sources` found: the files to take, how many entries it passed over, what it could not read."""
-
-    files: list[SourceFile] = field(default_factory=list)
-    passed_over: int = 0  # hidden, partial, links, devices
-    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path within the folder given, reason)
-
-
-def find_sources(paths: Sequence[Path]) -> Sources:
-    """Every regular file under `paths` (folders walked in name order), what was passed over, what was unreadable.
-
-    Hidden and partial files and folders (`.name`, `*.part`, ...) and links inside a folder are passed over, as a
-    drop folder does. A path given is made absolute without resolving links, so that the rules' `drop_folder` sees
-    the name it was given by.
-    """
-    found = Sources()
-    for given in paths:
-        root = Path(os.path.abspath(given))  # noqa: PTH100 - absolute without resolving links
-        if not root.is_dir():
-            found.files.append(SourceFile(root, root.parent, root.name, root.stat().st_size))
-            continue
-
-        def unreadable(error: OSError, root: Path = root) -> None:
-            where = Path(str(error.filename))
-            relative = where.relative_to(root).as_posix() if where.is_relative_to(root) else where.name
-            found.unreadable.append((relative, f"cannot be read: {error.strerror or error}"))
-
-        def too_deep(folder: Path, depth: int, root: Path = root) -> None:
-            relative = folder.relative_to(root).as_posix()
-            reason = f"a folder {depth} levels down, deeper than {DEFAULT_MAX_DEPTH}: not searched"
-            found.unreadable.append((relative, reason))
-
-        for here, subdirectories, names in walk(root, onerror=unreadable, too_deep=too_deep):
-            kinds = {name: _kind(here / name, root, unreadable) for name in sorted(subdirectories)}
-            subdirectories[:] = [name for name, kind in kinds.items() if kind == "take"]  # os.walk goes into these
-            found.passed_over += sum(kind == "pass" for kind in kinds.values())
-            for name in sorted(names):
-                kind = _kind(here / name, root, unreadable)
-                if kind == "take":
-                    relative = (here / name).relative_to(root).as_posix()
-                    found.files.append(SourceFile(here / name, root, relative, (here / name).lstat().st_size))
-                found.passed_over += kind == "pass"
-    return found
-
-
-def _kind(path: Path, root: Path, unreadable: Callable[[OSError], None]) -> str:
-    """`take` a regular file or folder, `pass` over what is hidden, partial or neither, `gone` if it vanished."""
-    try:
-        mode = path.lstat().st_mode
-    except OSError as exc:
-        unreadable(exc)
-        return "gone"
-    if is_ignored(path.relative_to(root)) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        return "pass"
-    return "take"
 
 
 # -- progress ----------------------------------------------------------------------------------------
@@ -250,21 +181,13 @@ class _Taker:
 
     def take(self, file: SourceFile) -> None:
         root = source_name(str(file.root))
-        try:
-            take_source(
-                file.path,
-                file.relative,
-                self.limits,
-                size=file.size,
-                store=lambda prepared, detail: self.instance(prepared, Source("folder", root, detail)),
-                reject_member=lambda detail, name, data, reason: self._reject(
-                    Source("folder", root, detail), reason, name, data
-                ),
-            )
-        except SourceRejected as exc:
-            self._reject(Source("folder", root, source_name(file.relative)), exc.reason, file.path.name, file.path)
-        except OSError as exc:
-            self.unreadable(file.relative, f"cannot be read: {exc.strerror or exc}")
+        read_source(
+            file,
+            self.limits,
+            found=lambda prepared, detail: self.instance(prepared, Source("folder", root, detail)),
+            refused=lambda detail, reason, name, item: self._reject(Source("folder", root, detail), reason, name, item),
+            unreadable=self.unreadable,
+        )
         self.counts.scanned += 1
 
     def take_all(self, sources: Sources, show: Callable[[Counts], object] = lambda _counts: None) -> None:
@@ -485,10 +408,16 @@ class _Survey(_Taker):
 
     def decisions(self, rules: RuleSet) -> Iterator[tuple[str, bool]]:
         """A line per study saying what the rules would do, and whether it would be held."""
+        verdicts: list[tuple[str, Routed | Held]] = []
+        facts: dict[str, StudyFacts] = {}
         for uid, study in self.studies.items():
-            facts = study_facts(uid, study.instances, study.headers)
-            decision = decide(rules, facts)
-            what = f"{uid_digest(uid)}: {len(study.instances)} instance(s) in {len(facts.series)} series"
+            facts[uid] = study_facts(uid, study.instances, study.headers)
+            screened = [Screened(i.series_uid, i.sop_class_uid, i.modality) for i in study.instances]
+            verdicts.append((uid, verdict(rules, facts[uid], screened)))  # as the router decides it
+        clashes = label_clashes(verdicts)
+        for uid, routed in verdicts:
+            study, decision = self.studies[uid], clashes.get(uid, routed)
+            what = f"{uid_digest(uid)}: {len(study.instances)} instance(s) in {len(facts[uid].series)} series"
             if isinstance(decision, Held):
                 yield f"{what}: would be held ({decision.code}): {decision.reason}", True
                 continue

@@ -142,6 +142,8 @@ def _cmd_run(config: Config, path: Path) -> int:
 
 
 def _cmd_offline(args: argparse.Namespace) -> int:
+    import tempfile  # noqa: PLC0415
+
     from ingestd.logs import quiet_pydicom  # noqa: PLC0415
     from ingestd.offline import anonymize_studies, explain_studies, read_studies  # noqa: PLC0415
     from ingestd.rules import load_rules  # noqa: PLC0415
@@ -153,21 +155,22 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     if missing:
         print(f"ingestd: no such file or folder: {missing[0]}", file=sys.stderr)
         return 2
-    studies, skipped = read_studies(paths, calling_aet=args.calling_aet, called_aet=args.called_aet)
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    if not studies:
-        print("ingestd: no DICOM instances found", file=sys.stderr)
-        return 1
-    if args.command == "explain":
-        for line in explain_studies(rules, studies, all_instances=args.all):
-            print(line)
-        return 0
-    failed = 0
-    for message, ok in anonymize_studies(rules, studies, args.output, rule=args.rule):
-        print(message, file=sys.stdout if ok else sys.stderr)
-        failed += not ok
-    return 1 if failed else 0
+    with tempfile.TemporaryDirectory(prefix="ingestd-") as scratch:  # the instances as the spool would hold them
+        studies, skipped = read_studies(paths, Path(scratch), calling_aet=args.calling_aet, called_aet=args.called_aet)
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        if not studies:
+            print("ingestd: no DICOM instances found", file=sys.stderr)
+            return 1
+        if args.command == "explain":
+            for line in explain_studies(rules, studies, all_instances=args.all):
+                print(line)
+            return 0
+        failed = 0
+        for message, ok in anonymize_studies(rules, studies, args.output, rule=args.rule):
+            print(message, file=sys.stdout if ok else sys.stderr)
+            failed += not ok
+        return 1 if failed else 0
 
 
 def _cmd_import(args: argparse.Namespace, config: Config) -> int:

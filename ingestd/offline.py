@@ -1,12 +1,15 @@
 """`ingestd explain` and `ingestd anonymize`: the daemon's rules and de-identification, run on files at hand.
 
-Files and folders are read, grouped into studies, and given the same facts the router builds from the journal
-(`ingestd.route.study_facts`): as if dropped into a drop folder at the given path, or received over DICOM when
-`--calling-aet` is given. `anonymize` writes through `ingestd.route.deidentify_file`, the daemon's own path.
+Files and folders are read by the daemon's intake (`ingestd.receive.intake`: hidden and partial files passed over,
+archives opened, a missing preamble or file meta completed), grouped into studies, and given the same facts the
+router builds from the journal (`ingestd.route.study_facts`): as if dropped into a drop folder at the given path, or
+received over DICOM when `--calling-aet` is given. What happens to each study is the router's own decision
+(`ingestd.rules.verdict`), and `anonymize` writes through `ingestd.route.deidentify_file`, the daemon's own path.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -14,23 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-import pydicom.errors
 
+from ingestd.config import Archives
 from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
 from ingestd.deid.stream import open_instance
+from ingestd.dicomfile import PreparedInstance
 from ingestd.journal import BatchInstance
 from ingestd.logs import uid_digest
+from ingestd.receive.intake import find_sources, read_source, source_name
 from ingestd.route import deidentify_file, header_facts, study_facts
-from ingestd.rules import Held, Routed, RuleSet, StudyFacts, decide, explain_match
-from ingestd.walk import DEFAULT_MAX_DEPTH, walk
+from ingestd.rules import Held, Routed, RuleSet, StudyFacts, explain_match
+from ingestd.rules.verdict import Screened, label_clashes, verdict
 
-__all__ = ["InputFile", "Study", "anonymize_studies", "explain_studies", "read_studies"]
+__all__ = ["InputFile", "Study", "anonymize_studies", "explain_studies", "read_studies", "study_verdict"]
 
 
 @dataclass(frozen=True, slots=True)
 class InputFile:
-    path: Path
-    relative: str  # within the folder it was found in (the drop folder, as the rules see it)
+    path: Path  # the instance as the spool would hold it (preamble and file meta completed), in the scratch folder
+    relative: str  # its source detail within the folder it was found in: `a/b.dcm`, `a/b.zip!c/d.dcm`
     study_uid: str
     series_uid: str
     sop_uid: str
@@ -45,55 +50,66 @@ class Study:
     facts: StudyFacts
 
 
-def _walk(paths: Sequence[Path], skipped: list[tuple[Path, str]]) -> Iterator[tuple[Path, Path]]:
-    """(file, the folder it counts as dropped into) for every file under `paths`, sorted.
-
-    A folder nested deeper than `DEFAULT_MAX_DEPTH` levels is not read: it goes to `skipped` with the reason.
-    """
-
-    def too_deep(folder: Path, depth: int) -> None:
-        skipped.append((folder, f"a folder {depth} levels down, deeper than {DEFAULT_MAX_DEPTH}: not read"))
-
-    for path in paths:
-        if path.is_dir():
-            for folder, dirs, names in walk(path, too_deep=too_deep):
-                dirs.sort()
-                for name in sorted(names):
-                    yield folder / name, path
-        else:
-            yield path, path.parent
-
-
 def read_studies(
-    paths: Sequence[Path], *, calling_aet: str | None = None, called_aet: str = "INGESTD"
-) -> tuple[list[Study], list[tuple[Path, str]]]:
-    """The studies in `paths`, and the files skipped with the reason (not DICOM, no UIDs)."""
+    paths: Sequence[Path],
+    scratch: Path,
+    *,
+    limits: Archives | None = None,
+    calling_aet: str | None = None,
+    called_aet: str = "INGESTD",
+) -> tuple[list[Study], list[tuple[str, str]]]:
+    """The studies in `paths`, read as the daemon's intake reads them, and what was skipped with the reason.
+
+    Files are found and read by `ingestd.receive.intake`, as `ingestd import` and a drop folder do: hidden and
+    partial files passed over, zip and tar archives opened, a missing preamble or file meta completed. Each
+    instance is written to `scratch` as the spool would hold it (the study's files point there). Skipped items
+    are named by their path (an archive member as `archive!member`).
+    """
+    limits = limits or Archives()
     files: list[InputFile] = []
-    skipped: list[tuple[Path, str]] = []
+    skipped: list[tuple[str, str]] = []
     headers: dict[str, dict[str, str | tuple[str, ...]]] = {}
-    roots: dict[str, Path] = {}
-    for path, root in _walk(paths, skipped):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            skipped.append((path, f"not readable as DICOM ({type(exc).__name__})"))
-            continue
-        uids = [str(ds.get(k, "")).strip() for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-        if not all(uids):
-            skipped.append((path, "no Study, Series or SOP Instance UID"))
-            continue
-        item = InputFile(
-            path=path,
-            relative=path.relative_to(root).as_posix(),
-            study_uid=uids[0],
-            series_uid=uids[1],
-            sop_uid=uids[2],
-            sop_class_uid=str(ds.get("SOPClassUID", "")),
-            modality=str(ds.get("Modality", "")),
+    roots: dict[str, str] = {}
+    sops: set[tuple[str, str]] = set()
+    sources = find_sources(paths)
+
+    def found(prepared: PreparedInstance, detail: str, root: Path) -> None:
+        header = prepared.header
+        if (header.study_uid, header.sop_uid) in sops:  # as the spool: one instance per SOP Instance UID
+            return
+        sops.add((header.study_uid, header.sop_uid))
+        path = scratch / f"{len(files)}.dcm"
+        with path.open("wb") as out:
+            out.write(prepared.prefix)
+            out.write(prepared.body)
+        if header.series_uid not in headers:  # one header per series, as the router reads them
+            data = pydicom.dcmread(io.BytesIO(prepared.prefix + prepared.body), stop_before_pixels=True)
+            headers[header.series_uid] = header_facts(data)
+        files.append(
+            InputFile(
+                path=path,
+                relative=detail,
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+                sop_uid=header.sop_uid,
+                sop_class_uid=header.sop_class_uid,
+                modality=header.modality,
+            )
         )
-        files.append(item)
-        headers.setdefault(item.series_uid, header_facts(ds))
-        roots.setdefault(item.study_uid, root)
+        roots.setdefault(header.study_uid, source_name(str(root)))
+
+    for detail, reason in sources.unreadable:
+        skipped.append((detail, reason))
+    for file in sources.files:
+        root = file.root
+
+        def skip(detail: str, reason: str, *_item: object, root: Path = root) -> None:
+            skipped.append((f"{root}/{detail}", reason))
+
+        def take(prepared: PreparedInstance, detail: str, root: Path = root) -> None:
+            found(prepared, detail, root)
+
+        read_source(file, limits, found=take, refused=skip, unreadable=skip)
     studies = []
     by_study: dict[str, list[InputFile]] = {}
     for item in files:
@@ -107,7 +123,7 @@ def read_studies(
                 sop_class_uid=item.sop_class_uid,
                 modality=item.modality,
                 source_kind="dicom" if calling_aet else "folder",
-                source=calling_aet or str(roots[uid]),
+                source=calling_aet or roots[uid],
                 source_detail=f"{called_aet}@127.0.0.1" if calling_aet else item.relative,
                 spool_path=str(item.path),
             )
@@ -118,14 +134,22 @@ def read_studies(
     return studies, skipped
 
 
+def study_verdict(rules: RuleSet, study: Study, *, rule: str | None = None) -> Routed | Held:
+    """What the daemon's router would do with the study: `ingestd.rules.verdict` over its files."""
+    screened = [Screened(item.series_uid, item.sop_class_uid, item.modality) for item in study.files]
+    return verdict(rules, study.facts, screened, rule=rule)
+
+
 def explain_studies(rules: RuleSet, studies: Sequence[Study], *, all_instances: bool = False) -> Iterator[str]:
     """Lines for the operator: the rules tried, the decision, the labels, dropped series, and per attribute
     what the profile does to one instance of each kept series (every instance with `all_instances`)."""
-    for study in studies:
+    verdicts = [(study.uid, study_verdict(rules, study)) for study in studies]
+    clashes = label_clashes(verdicts)  # a session label an earlier study of the same run takes
+    for study, (_uid, routed) in zip(studies, verdicts, strict=True):
         yield f"study {study.uid}: {len(study.files)} instance(s) in {len(study.facts.series)} series"
         for line in explain_match(rules, study.facts):
             yield f"  {line}"
-        decision = decide(rules, study.facts)
+        decision = clashes.get(study.uid, routed)
         if isinstance(decision, Held):
             yield f"  held ({decision.code}): {decision.reason}"
             continue
@@ -174,7 +198,7 @@ def anonymize_studies(
     Yields (message, ok) per study. A study that would be held writes nothing: like the daemon, all or none.
     """
     for study in studies:
-        decision = decide(rules, study.facts, rule=rule)
+        decision = study_verdict(rules, study, rule=rule)
         if isinstance(decision, Held):
             yield f"study {uid_digest(study.uid)}: held ({decision.code}): {decision.reason}", False
             continue

@@ -35,7 +35,8 @@ from ingestd.header import is_valid_uid
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
 from ingestd.logs import path_digest, uid_digest
 from ingestd.metrics import stage_seconds
-from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide, identifying_labels
+from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, identifying_labels
+from ingestd.rules.verdict import Screened, verdict
 from ingestd.spool import fsync_dir, make_dirs_durably
 from ingestd.states import StudyState
 from ingestd.worker import PeriodicWorker, count_batch_failure
@@ -202,9 +203,10 @@ class Router(PeriodicWorker):
             self._hold(batch, "spool", f"spool: a spooled instance cannot be read ({exc.strerror})")
             return
         rules = self.rules  # one rules version for the whole batch, even if SIGHUP swaps them meanwhile
-        decision = decide(rules, facts)
+        screened = [Screened(i.series_uid, i.sop_class_uid, i.modality) for i in instances]
+        decision = verdict(rules, facts, screened)  # as `explain` and `import --dry-run` predict it
         if isinstance(decision, Held):
-            self._hold(batch, decision.code, f"{decision.code}: {decision.reason}")
+            self._hold(batch, decision.code, f"{decision.code}: {decision.reason}", rule=decision.rule)
             return
         profile = rules.profiles.get(decision.profile) if decision.profile else None
         kept = [i for i in instances if i.series_uid in set(decision.kept_series)]

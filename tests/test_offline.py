@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
-from tests.dicom import make_study, write_instances
+from tests.dicom import encode, make_study, write_instances
 
 KEYS = {"INGESTD_KEY_RESEARCH": "r" * 40, "INGESTD_KEY_PET": "p" * 40}
 EXAMPLE = Path(__file__).resolve().parents[1] / "rules" / "example.rules.yaml"
@@ -87,3 +89,33 @@ def test_anonymize_with_a_named_rule(research_study: Path, tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 4
+
+
+@pytest.mark.parametrize("name", ["ExplVR_BigEndNoMeta.dcm", "rtstruct.dcm"])
+def test_anonymize_reads_a_file_without_preamble_or_file_meta(name: str, tmp_path: Path) -> None:
+    """As the daemon's intake takes it: the missing preamble and file meta are built (they used to be skipped)."""
+    rules = tmp_path / "any.rules.yaml"
+    rules.write_text(
+        "profiles:\n  research: {key: {env: INGESTD_KEY_RESEARCH}}\nrules:\n"
+        "  - {name: any, when: {}, route: {server: main, project: P, subject: S, session: X}, anonymize: research}\n"
+    )
+    source = Path(str(get_testdata_file(name)))
+    assert source.read_bytes()[128:132] != b"DICM"
+    result = _ingestd("anonymize", "--rules", str(rules), str(source), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (written,) = (tmp_path / "out").rglob("*.dcm")
+    assert pydicom.dcmread(written).PatientIdentityRemoved == "YES"
+
+
+def test_explain_reads_archives_and_passes_over_hidden_files(research_study: Path, tmp_path: Path) -> None:
+    """What `ingestd import` and a drop folder take, and only that."""
+    visit = research_study / "visit"
+    hidden = make_study(series=1, per_series=1)
+    write_instances(hidden, research_study / ".trash")
+    zipped = make_study(series=1, per_series=1)
+    with zipfile.ZipFile(visit / "more.zip", "w") as archive:
+        archive.writestr("IM.dcm", encode(zipped[0]))
+    result = _ingestd("explain", "--rules", str(EXAMPLE), str(research_study))
+    assert result.returncode == 0, result.stderr
+    assert f"study {zipped[0].StudyInstanceUID}:" in result.stdout
+    assert str(hidden[0].StudyInstanceUID) not in result.stdout + result.stderr

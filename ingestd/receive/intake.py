@@ -23,8 +23,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -39,15 +39,20 @@ from ingestd.receive.archives import (
     is_archive_name,
     read_members,
 )
+from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 
 __all__ = [
     "NotTheFileError",
     "RejectMember",
+    "SourceFile",
     "SourceIncomplete",
     "SourceRejected",
+    "Sources",
     "Store",
     "Taken",
+    "find_sources",
     "is_ignored",
+    "read_source",
     "source_name",
     "take_source",
 ]
@@ -106,6 +111,109 @@ def source_name(name: str) -> str:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no byte stands for
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A file to take: where it is, the folder it counts as dropped into, and its path within that folder."""
+
+    path: Path
+    root: Path
+    relative: str
+    size: int
+
+
+@dataclass
+class Sources:
+    """What `find_sources` found: the files to take, how many entries it passed over, what it could not read."""
+
+    files: list[SourceFile] = field(default_factory=list)
+    passed_over: int = 0  # hidden, partial, links, devices
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path within the folder given, reason)
+
+
+def find_sources(paths: Sequence[Path]) -> Sources:
+    """Every regular file under `paths` (folders walked in name order), what was passed over, what was unreadable.
+
+    The one walk of files at hand: `ingestd import` (and its `--dry-run`), `explain` and `anonymize` all read what
+    it finds. Hidden and partial files and folders (`.name`, `*.part`, ...) and links inside a folder are passed
+    over, as a drop folder does. A path given is made absolute without resolving links, so that the rules'
+    `drop_folder` sees the name it was given by; a file given on its own counts as dropped into its folder.
+    """
+    found = Sources()
+    for given in paths:
+        root = Path(os.path.abspath(given))  # noqa: PTH100 - absolute without resolving links
+        if not root.is_dir():
+            found.files.append(SourceFile(root, root.parent, root.name, root.stat().st_size))
+            continue
+
+        def unreadable(error: OSError, root: Path = root) -> None:
+            where = Path(str(error.filename))
+            relative = where.relative_to(root).as_posix() if where.is_relative_to(root) else where.name
+            found.unreadable.append((relative, f"cannot be read: {error.strerror or error}"))
+
+        def too_deep(folder: Path, depth: int, root: Path = root) -> None:
+            relative = folder.relative_to(root).as_posix()
+            reason = f"a folder {depth} levels down, deeper than {DEFAULT_MAX_DEPTH}: not searched"
+            found.unreadable.append((relative, reason))
+
+        for here, subdirectories, names in walk(root, onerror=unreadable, too_deep=too_deep):
+            kinds = {name: _kind(here / name, root, unreadable) for name in sorted(subdirectories)}
+            subdirectories[:] = [name for name, kind in kinds.items() if kind == "take"]  # os.walk goes into these
+            found.passed_over += sum(kind == "pass" for kind in kinds.values())
+            for name in sorted(names):
+                kind = _kind(here / name, root, unreadable)
+                if kind == "take":
+                    relative = (here / name).relative_to(root).as_posix()
+                    found.files.append(SourceFile(here / name, root, relative, (here / name).lstat().st_size))
+                found.passed_over += kind == "pass"
+    return found
+
+
+def _kind(path: Path, root: Path, unreadable: Callable[[OSError], None]) -> str:
+    """`take` a regular file or folder, `pass` over what is hidden, partial or neither, `gone` if it vanished."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError as exc:
+        unreadable(exc)
+        return "gone"
+    if is_ignored(path.relative_to(root)) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "pass"
+    return "take"
+
+
+Found = Callable[[PreparedInstance, str], object]
+"""Called with each instance of a source file and its source detail, as `Store`."""
+
+Refused = Callable[[str, str, str, bytes | Path], object]
+"""Called with the source detail of a file or member not taken, the reason, its base name, and its bytes (a member)
+or its path (a whole file)."""
+
+
+def read_source(
+    file: SourceFile,
+    limits: Archives,
+    *,
+    found: Found,
+    refused: Refused,
+    unreadable: Callable[[str, str], object],
+) -> None:
+    """Read one file found by `find_sources` as a drop folder takes it: every instance to `found` (its file meta
+    completed by `prepare_instance`), every file or archive member not taken to `refused` with the reason, and
+    a file that cannot be read at all to `unreadable` (its path within the folder, the reason)."""
+    try:
+        take_source(
+            file.path,
+            file.relative,
+            limits,
+            size=file.size,
+            store=found,
+            reject_member=lambda detail, name, data, reason: refused(detail, reason, name, data),
+        )
+    except SourceRejected as exc:
+        refused(source_name(file.relative), exc.reason, file.path.name, file.path)
+    except OSError as exc:
+        unreadable(file.relative, f"cannot be read: {exc.strerror or exc}")
 
 
 def _nothing() -> None:
