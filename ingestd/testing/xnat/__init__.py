@@ -1,13 +1,59 @@
 """A faithful in-process stand-in for an XNAT 1.8 server (import -> prearchive -> archive), for tests and labs.
 
-Behaviour follows `shared/reference/xnat-api.md` (cited below as §n), surprises included: unknown projects land in
-`Unassigned` with status 200, archive conflicts answer HTTP 500 (not 409), octet-stream zips are refused with
-`Unsupported format UNKNOWN`, a bad zip entry aborts the import *after* earlier entries were stored, and sessions
-sit in `RECEIVING` until an idle builder builds them. Where it matters for clients, behaviour is checked against
-XNAT's own source (xnat-web, cited `file:line` or Class.method in comments): DICOM-zip uploads are read as a stream
-the way java.util.zip.ZipInputStream reads them, files are named as GradualDicomImporter.getSafeFile names them,
-and archiving merges catalogs by SOP Instance UID as MergeCatCatalog does. Standard library HTTP server + pydicom
-only.
+Behaviour follows XNAT's own source, surprises included: unknown projects land in `Unassigned` with status
+200, archive conflicts answer HTTP 500 (not 409), octet-stream zips are refused with `Unsupported format UNKNOWN`, a
+bad zip entry aborts the import *after* earlier entries were stored, and sessions sit in `RECEIVING` until an idle
+builder builds them. DICOM-zip uploads are read as a stream the way java.util.zip.ZipInputStream reads them, files
+are named as GradualDicomImporter.getSafeFile names them, and archiving merges catalogs by SOP Instance UID as
+MergeCatCatalog does. Standard library HTTP server + pydicom only. The modules, bottom up: `common` (constants,
+helpers, responses), `dicom`, `model` (state records), `auth` (accounts), `store` (prearchive and archive
+operations), `faults`, `routing`, the handler groups `login`, `site`, `archive`, `import_service`, `prearchive`,
+`catalog` (representations), `api` (routing table and request plumbing), `handler` (HTTP server), `server`
+(`FakeXnat`), `cli`.
+
+Sources. Comments cite XNAT's source as in github.com/NrgXnat/xnat (xnat-web under `web/`; checked at commit
+93d33cbf6): `archive/`, `helpers/`, `restlet/`, `security/`, `initialization/` and `xapi/` paths are under
+`web/src/main/java/org/nrg/xnat/` (`xapi/` under `web/src/main/java/org/nrg/`), "libs/xdat" under
+`libs/xdat/src/main/java/org/nrg/`. Class.method names are the primary pointer; every `file:line` in the comments
+was checked against that commit (a few were corrected to it), those marked "line unchecked" name only the file or
+class. `[INF]` marks behaviour inferred, not confirmed in XNAT's source. `§n` marks the topic it belongs
+to (the sections of a reference document that is not in this repository), each summarising this source:
+
+* §0 the 1.8.8 / 1.8.9 / 1.8.10 switches (`_Config.modern`, `_Config.editable_projects_cached`): no single source.
+* §1.1 URIs: restlet/XNATApplication.java:95 attachArchiveURI (the `/archive` aliases), :322-327 the services.
+* §1.3 result tables: libs/xdat xft/XFTTable.java:267-280 (CSV cells by StringEscapeUtils.escapeCsv).
+* §1.4 error pages: Restlet 1.1's StatusFilter and Tomcat's error page (libraries, not in XNAT's source).
+* §1.5 prearchive timestamps and folder names: helpers/prearchive/PrearcUtils.java (line unchecked).
+* §2 authentication: security/XnatBasicAuthenticationFilter.java, restlet/guard/XnatSecureGuard.java; §2.2
+  `interactiveAgentIds`: libs/xdat xdat/preferences/SiteConfigPreferences.java:443-445.
+* §3 the import service: restlet/services/Importer.java:61 (route XNATApplication.java:322); §3.1 upload names:
+  restlet/resources/SecureResource.java:1270-1299 and libs/xdat xft/utils/fileExtraction/Format.java:27
+  getFormat; §3.2 handlers and nested archives: archive/DicomZipImporter.java:160 importZipFile; §3.3 parameters
+  (`PROJECT_ID`, `dest`, `overwrite`): restlet/services/Importer.java and
+  restlet/actions/importer/ImporterHandlerA.java (lines unchecked); §3.4 one object's steps:
+  archive/GradualDicomImporter.java:135 call (step 5 eitherGetOrCreateSession :324, file names getSafeFile :366,
+  400 "unable to read DICOM object" :434); §3.5 SI and archiving after an import:
+  restlet/actions/SessionImporter.java:152 call, DicomZipImporter.java:242-249 archiveSession; §3.6 answers
+  (`text/uri-list`): restlet/services/Importer.java (line unchecked).
+* §4 project, subject and session from DICOM: web/src/main/java/org/nrg/dcm/id/ClassicDicomObjectIdentifier.java:23
+  and its base classes in that folder (lines unchecked).
+* §5 the prearchive: helpers/prearchive/PrearcDatabase.java; §5.1 rows: helpers/prearchive/PrearcTableBuilder.java:36
+  PREARC_HEADERS; §5.2 statuses: helpers/prearchive/PrearcUtils.java:91 PrearcStatus; §5.3 idle builds:
+  helpers/prearchive/SessionXMLRebuilder.java:40; §5.5 session actions:
+  restlet/resources/prearchive/PrearcSessionResource.java:254 (`switch (action)`); §5.6 prearchive files:
+  restlet/resources/prearchive/PrearcSessionResourceFiles.java; §5.7 batch services:
+  restlet/services/prearchive/PrearchiveBatchDelete.java, ...BatchMove.java, ...BatchRebuild.java
+  (routes XNATApplication.java:325-327).
+* §6 the archive service: restlet/services/Archiver.java:118 finishSingleSessionArchive; §6.2 auto-archive and
+  redirects: helpers/prearchive/PrearcSession.java:79 isAutoArchive, Archiver.java:85; §6.3 the merge matrix:
+  archive/PrearcSessionArchiver.java:359 checkForConflicts; §6.1 labels and subjects, §6.4 the checks of `src`,
+  §6.5 batch archives: Archiver.java and PrearcSessionArchiver.java (lines unchecked).
+* §7 prearchive codes: libs/framework/src/main/java/org/nrg/framework/constants/PrearchiveCode.java,
+  helpers/prearchive/PrearcSession.java:108.
+* §8 listings (projects, subjects, experiments; §8.1 bootstrap; §8.2 the `items` JSON xnatpy reads) and §12
+  projects by permission: restlet/resources/ProjectListResource.java, ProjectResource.java (lines unchecked).
+* §9 the config service: restlet/resources/ConfigResource.java (line unchecked).
+* §10 proxies: nginx's behaviour, not XNAT's.
 
 Usage::
 
@@ -102,7 +148,7 @@ Archived scans answer what a verifying client reads: ``.../scans/{id}/resources`
 ``.../files``, under `/data/projects/P/subjects/S/experiments/E`, `/data/experiments/{ID}` and the `/archive`
 aliases. Prearchive scan/resource/file listings answer from what the last build catalogued.
 
-Deliberate simplifications (see each [INF] in the reference): files live in memory; a minimal xnat.xsd (the
+Deliberate simplifications (each [INF] where it applies): files live in memory; a minimal xnat.xsd (the
 session types the stand-in files, their scans and resources; enough for xnatpy to walk projects, subjects,
 experiments, scans and resources), no CSRF, anonymisation scripts only as `set_anon_script` failures and
 `drop_entries`' rejects, no custom routing rules, no `Direct-Archive`, no concurrent-send detection, no

@@ -252,7 +252,7 @@ class _Api(_PrearchiveApi):
             LOG.exception("fake XNAT failed on %s %s", method, target)
             response = _HttpError(500, "Internal Server Error").response()
         if request.session is not None:
-            # Tomcat scopes JSESSIONID to the context path ("/" for ROOT); XnatExpiredPasswordFilter:35-36 sets
+            # Tomcat scopes JSESSIONID to the context path ("/" for ROOT); XnatExpiredPasswordFilter.java:71-72 sets
             # SESSION_EXPIRATION_TIME on contextPath + "/".
             context = self.config.context_path
             if request.new_session:

@@ -29,7 +29,7 @@ class _Accounts:
     def check_password(self, username: str, password: str, *, tokens: bool = True) -> _User | None:
         """One login attempt through Spring's provider chain (xnat-web security/XnatProviderManager.authenticate).
 
-        XnatProviderManager.retrieveAuthMethod (lines 130-161) sends a known username to the localdb provider and an
+        XnatProviderManager.retrieveAuthMethod (lines 161-192) sends a known username to the localdb provider and an
         unknown UUID-shaped one to the alias-token provider. A localdb failure of any kind (bad password, locked,
         disabled, unverified) is published as a failed attempt (XnatAuthenticationEventPublisher.FailedAttemptsManager
         .addFailedLoginAttempt): the count goes up even while locked, and reaching exactly `maxFailedLogins` sets the
@@ -133,7 +133,7 @@ class _Accounts:
     ) -> tuple[_User, _HttpSession, bool] | None:
         """(user, HTTP session, session is new) or None (bad Basic credentials, or no live session).
 
-        security/XnatBasicAuthenticationFilter.authenticationIsRequired (lines 104-129): Basic credentials are not
+        security/XnatBasicAuthenticationFilter.authenticationIsRequired (lines 132-157): Basic credentials are not
         checked at all when the session is already authenticated as that user (or as the user of that alias token), so
         a wrong password next to a live cookie of the same user passes; for another user they are checked.
         """

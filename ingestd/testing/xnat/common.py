@@ -79,8 +79,9 @@ _XML_ROOTS = {"MR": "xnat:MRSession", "CT": "xnat:CTSession", "PT": "xnat:PETSes
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _INTERACTIVE_RE = re.compile(r".*(MSIE|Mozilla|AppleWebKit|Opera).*")  # §2.2 interactiveAgentIds
-# org.nrg.xnat.Files (dicom-xnat): toFileNameChars replaces every char matching [^\w.-] with `_`; isValidFilename is
-# [\w.-]+. Java's \w is ASCII only ([A-Za-z0-9_]), so the classes are spelt out (Python's \w is Unicode).
+# org.nrg.xnat.Files (dicom-xnat, a library outside NrgXnat/xnat, not traced): toFileNameChars replaces every char
+# matching [^\w.-] with `_`; isValidFilename is [\w.-]+. Java's \w is ASCII only ([A-Za-z0-9_]), so the classes are
+# spelt out (Python's \w is Unicode).
 _FILE_NAME_CHAR = re.compile(r"[A-Za-z0-9_.-]")
 _VALID_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # Restlet's default description of a 404 set without a message (`setStatus(Status.CLIENT_ERROR_NOT_FOUND)`).
@@ -151,7 +152,7 @@ def _java_hash(text: str) -> int:
 
 
 def _label_chars(value: str) -> str:
-    """`org.nrg.xnat.Labels.toLabelChars`: every character outside [A-Za-z0-9_-] becomes `_` (§4)."""
+    """`org.nrg.xnat.Labels.toLabelChars` (dicom-xnat, not traced): characters outside [A-Za-z0-9_-] become `_` (§4)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", value)
 
 

@@ -98,7 +98,7 @@ class _FaultInjection:
         after_processing: bool = False,
         delay: float = 0.0,
     ) -> None:
-        """Answer the next `times` matching requests with `status` (see the module docstring)."""
+        """Answer the next `times` matching requests with `status` (see the package docstring)."""
         fault = _Fault(method.upper(), path_prefix, status, times, body, html, after_processing, delay)
         with self._api._log_lock:
             self._api.faults.append(fault)

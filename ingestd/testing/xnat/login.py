@@ -34,7 +34,7 @@ class _LoginApi(_ApiBase):
             return
         credentials = _basic_credentials(authorization) if authorization else None
         if credentials is not None and credentials[0]:
-            # security/XnatBasicAuthenticationFilter.doFilterInternal:75-84: failed Basic credentials end every request
+            # security/XnatBasicAuthenticationFilter.doFilterInternal:84-111: failed Basic credentials end every request
             # (open URLs and guest sites included) with sendError(401, AdminUtils.GetLoginFailureMessage()): Tomcat's
             # page, no WWW-Authenticate header.
             raise _HttpError(401, _login_failure_message(self.config.max_failed_logins), tomcat=True)
@@ -46,7 +46,7 @@ class _LoginApi(_ApiBase):
             return
         if not self.config.require_login:
             # requireLogin=false: UpdateSecurityFilterHandlerMethod.updateSecurityFilter maps `/**` to permitAll and
-            # restlet/guard/XnatSecureGuard.authenticate:89 lets credential-less requests in, so no credentials or a
+            # restlet/guard/XnatSecureGuard.authenticate:108 lets credential-less requests in, so no credentials or a
             # dead JSESSIONID are served as guest (protected resources then answer 403/empty lists, not 401).
             request.user = self.store.guest
             return
@@ -60,7 +60,7 @@ class _LoginApi(_ApiBase):
         )
 
     def _password_filter(self, request: _Request) -> None:
-        """security/XnatExpiredPasswordFilter.doFilterInternal:126-166 (added right after the Basic filter,
+        """security/XnatExpiredPasswordFilter.doFilterInternal:67-204 (added right after the Basic filter,
         initialization/SecurityConfig.java:318), for every authenticated request, REST and Basic included: an account
         disabled for inactivity (it can still log in, see `_Store.check_password`) gets 302 to
         `{siteUrl}/app/template/InactiveAccount.vm`; an expired password 302 to

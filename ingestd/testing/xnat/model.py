@@ -60,7 +60,7 @@ class _HttpSession:
     id: str
     username: str
     last_access: float
-    # XnatExpiredPasswordFilter caches its verdict in the HTTP session attribute "expired" (lines 71-73, 248-266): once
+    # XnatExpiredPasswordFilter caches its verdict in the HTTP session attribute "expired" (lines 86, 281-302): once
     # a session was found not expired it is never checked again.
     password_not_expired: bool = False
 

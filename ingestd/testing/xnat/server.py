@@ -23,7 +23,7 @@ LOG = logging.getLogger("ingestd.testing.xnat")
 
 
 class FakeXnat(_FaultInjection):
-    """An XNAT 1.8 stand-in on a local port (see the module docstring for the API and its limits)."""
+    """An XNAT 1.8 stand-in on a local port (see the package docstring for the API and its limits)."""
 
     _api: _Api
 

@@ -217,7 +217,7 @@ class _SiteApi(_LoginApi):
         dataType (GenericWrapperElement.GetElement) and ElementNotFoundException for an unknown one, neither caught:
         a bare 500. With a known type: data admins get every project (`SELECT ID,secondary_ID FROM xnat_projectData`,
         PostgreSQL folds the names to lower case), others the projects where their groups (or guest's) hold
-        `{permissions}_element` on `{dataType}/project`. The reference (xnat-api.md §12) agrees.
+        `{permissions}_element` on `{dataType}/project`. (§12 in the package docstring.)
         """
         if permissions not in ("read", "edit", "create", "delete", "active"):
             raise _HttpError(500, _SERVER_ERROR)
