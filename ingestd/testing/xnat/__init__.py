@@ -6,10 +6,10 @@ bad zip entry aborts the import *after* earlier entries were stored, and session
 builder builds them. DICOM-zip uploads are read as a stream the way java.util.zip.ZipInputStream reads them, files
 are named as GradualDicomImporter.getSafeFile names them, and archiving merges catalogs by SOP Instance UID as
 MergeCatCatalog does. Standard library HTTP server + pydicom only. The modules, bottom up: `common` (constants,
-helpers, responses), `dicom`, `model` (state records), `auth` (accounts), `store` (prearchive and archive
-operations), `faults`, `routing`, the handler groups `login`, `site`, `archive`, `import_service`, `prearchive`,
-`catalog` (representations), `api` (routing table and request plumbing), `handler` (HTTP server), `server`
-(`FakeXnat`), `cli`.
+helpers, responses), `dicom`, `model` (state records), `auth` (accounts), `catalog` (representations), `merge`
+(archiving a row), `store` (prearchive operations), `faults`, `routing`, the handler groups `login`, `site`,
+`archive`, `import_service` and `prearchive`, `api` (routing table and request plumbing), `handler` (HTTP server),
+`server` (`FakeXnat`), `cli`.
 
 Sources. Comments cite XNAT's source as in github.com/NrgXnat/xnat (xnat-web under `web/`; checked at commit
 93d33cbf6): `archive/`, `helpers/`, `restlet/`, `security/`, `initialization/` and `xapi/` paths are under
