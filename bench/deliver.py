@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
 from ingestd.config import Credentials, XnatServer  # noqa: E402
 from ingestd.journal import Outgoing  # noqa: E402
 from ingestd.package import Compression, write_package  # noqa: E402
-from ingestd.testing.fake_xnat import FakeXnat  # noqa: E402
+from ingestd.testing.xnat import FakeXnat  # noqa: E402
 from ingestd.xnat import XnatClient, XnatError  # noqa: E402
 
 COMPRESSIONS: tuple[Compression, ...] = ("stored", "deflated")

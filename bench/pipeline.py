@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gen_study import generate  # noqa: E402
-from ingestd.testing.fake_xnat import FakeXnat  # noqa: E402
+from ingestd.testing.xnat import FakeXnat  # noqa: E402
 
 RULES = """\
 profiles:

@@ -28,7 +28,7 @@ from ingestd.daemon import Daemon
 from ingestd.journal import Journal, StudyState
 from ingestd.logs import configure_logging
 from ingestd.synthetic import mr_instance
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 
 __all__ = ["run_demo"]
 

@@ -17,7 +17,7 @@ from ingestd.config import Config, parse_config
 from ingestd.journal import Journal
 from ingestd.receive.listener import DicomListener
 from ingestd.spool import Quarantine, Spool
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -28,7 +28,7 @@ from ingestd.route import Router
 from ingestd.rules import load_rules
 from ingestd.spool import Spool
 from ingestd.states import StudyState
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_instance
 
 KEY = "d" * 40

@@ -11,7 +11,7 @@ import pytest
 from ingestd.check_xnat import Finding, check_xnat, exit_status, parse_version
 from ingestd.cli import main
 from ingestd.config import load_config
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 
 PASSWORD = "pw-Never-Printed-42"
 

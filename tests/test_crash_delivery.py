@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import make_study, write_instances
 from tests.lab import end_state
 from tests.procs import (

@@ -15,7 +15,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import make_study, write_instances
 from tests.procs import (
     SCANNER_RULES,

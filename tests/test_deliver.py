@@ -11,7 +11,7 @@ import requests
 from ingestd.breaker import server_states
 from ingestd.cli import main
 from ingestd.states import StudyState
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.lab import Lab, lab_xnat, set_secrets, study
 from tests.procs import wait_until
 

@@ -15,7 +15,7 @@ import pytest
 from ingestd.cli import main
 from ingestd.metrics import REGISTRY
 from ingestd.states import Step, StudyState
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.lab import Lab, end_state, lab_xnat, set_secrets, study
 
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ingestd.states import StudyState
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from ingestd.xnat import XnatClient
 from tests.lab import Lab, end_state, lab_xnat, set_secrets, study
 

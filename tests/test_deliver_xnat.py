@@ -17,7 +17,7 @@ import requests
 
 from ingestd.breaker import server_states
 from ingestd.states import Step, StudyState
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.lab import PASSWORD, Lab, end_state, lab_xnat, set_secrets, study
 
 

@@ -34,7 +34,7 @@ from ingestd.journal import Journal, Source
 from ingestd.logs import path_digest
 from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.spool import Quarantine, Spool, StoreOutcome
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_instance, make_study
 from tests.procs import journal_rows, wait_until
 from tests.test_import import ingestd, write_config

@@ -21,7 +21,7 @@ import pytest
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from ingestd.bulk import find_sources
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
 from tests.procs import DaemonProcess, journal_rows, wait_until
 

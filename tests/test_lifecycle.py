@@ -32,7 +32,7 @@ from ingestd.assemble import Assembler
 from ingestd.config import Credentials, XnatServer, parse_config
 from ingestd.daemon import Daemon
 from ingestd.deliver import wedge_limit
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from ingestd.xnat import XnatClient
 from tests.dicom import encode, make_instance, make_study, write_instances
 from tests.procs import (

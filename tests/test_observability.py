@@ -26,7 +26,7 @@ from ingestd.journal import Journal
 from ingestd.journal import Source as JournalSource
 from ingestd.logs import REDACTED, redact
 from ingestd.metrics import JournalCollector
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import make_study, write_instances
 from tests.procs import SCANNER_RULES, DaemonProcess, Storescu, free_port, wait_until, write_xnat_daemon_config
 

@@ -25,7 +25,7 @@ import pytest
 
 from ingestd.digestkey import KEY_FILE, load_digest_key, read_digest_key
 from ingestd.logs import path_digest, uid_digest, use_digest_key
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
 from tests.procs import DaemonProcess, Storescu, free_port, journal_rows, wait_until, write_xnat_daemon_config
 from tests.test_offline import EXAMPLE

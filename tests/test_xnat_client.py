@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ingestd.config import Credentials, XnatServer
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from ingestd.xnat import XnatClient, XnatError, XnatLoginError, load_credentials
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import xnat
 
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study
 
 

@@ -1,1 +1,1 @@
-"""Test doubles shipped with ingestd (a fake XNAT server: `ingestd.testing.fake_xnat`)."""
+"""Test doubles shipped with ingestd (a fake XNAT server: `ingestd.testing.xnat`)."""

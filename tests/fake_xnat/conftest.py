@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import requests
 
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 
 Factory = Callable[..., FakeXnat]
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from pydicom.dataset import Dataset
 
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study
 from tests.fake_xnat.conftest import Factory
 
@@ -607,7 +607,7 @@ def test_fail_next_before_and_after_processing(xnat: FakeXnat) -> None:
 
 def test_command_line_runs_a_server_in_the_foreground() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "ingestd.testing.fake_xnat", "--port", "0", "--user", "admin:admin", "--project", "P"],
+        [sys.executable, "-m", "ingestd.testing.xnat", "--port", "0", "--user", "admin:admin", "--project", "P"],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.fake_xnat.conftest import Factory
 
 TIMEOUT = 10

@@ -11,7 +11,7 @@ import pytest
 import requests
 from pydicom.dataset import Dataset
 
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study
 from tests.fake_xnat.conftest import Factory
 
