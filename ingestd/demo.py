@@ -1,6 +1,6 @@
 """`ingestd demo`: the whole path in one command, on this machine, in under a minute.
 
-Starts the XNAT stand-in (`ingestd.testing.fake_xnat`) and the daemon with a generated configuration and rules
+Starts the XNAT stand-in (`ingestd.testing.xnat`) and the daemon with a generated configuration and rules
 in a temporary folder, sends a generated MR study (with a made-up patient name and ID) by C-STORE, and prints
 what arrived in "XNAT": the labels, scans and files, and a few header values before and after
 de-identification. Nothing leaves 127.0.0.1. The configuration it wrote is printed at the end: pointing it at

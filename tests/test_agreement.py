@@ -24,7 +24,7 @@ from pydicom.uid import (
 )
 
 from ingestd.logs import uid_digest
-from ingestd.testing.fake_xnat import FakeXnat
+from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, encode_raw, make_study, write_instances
 from tests.procs import journal_rows
 from tests.test_import import ingestd

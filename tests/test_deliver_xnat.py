@@ -3,7 +3,7 @@ the pre-flight, imports a proxy cut off while XNAT goes on, refused logins (the 
 alias tokens that expire, guests, locked rows, admins' listings, labels used by another subject, extra resources.
 
 Each test ends with `end_state` where instances were sent: by SOP Instance UID, never by counts. The behaviours
-of the stand-in are cited to xnat-web in ingestd/testing/fake_xnat.py and docs/xnat.md.
+of the stand-in are cited to xnat-web in ingestd/testing/xnat/ and docs/xnat.md.
 """
 
 from __future__ import annotations

@@ -72,7 +72,6 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
 }
 KNOWN_LONG: dict[str, str] = {
     "journal": "issue 14: split into the ingestd/journal/ package",
-    "testing.fake_xnat": "issue 14: split into the ingestd/testing/xnat/ package",
     "deliver": "issue 14: becomes pipeline/deliver.py, its loop in pipeline/runner.py",
     "bulk": "issue 14: wires the pipeline by hand until pipeline/build.py",
     "cli": "issue 14: not split yet (657 lines)",
