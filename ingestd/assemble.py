@@ -15,7 +15,7 @@ import structlog
 from ingestd.config import BatchFailures
 from ingestd.journal import BatchRow, Journal
 from ingestd.logs import uid_digest
-from ingestd.states import StudyState
+from ingestd.states import FAILED_HOLD, Stage, StudyState
 from ingestd.worker import PeriodicWorker, count_batch_failure
 
 __all__ = ["Assembler", "CompletionPolicy", "is_complete"]
@@ -80,8 +80,8 @@ class Assembler(PeriodicWorker):
         return 1
 
     def _failed(self, batch: BatchRow, exc: Exception) -> None:
-        reason = count_batch_failure(self.journal, "assemble", batch, exc, self.failures)
+        reason = count_batch_failure(self.journal, Stage.ASSEMBLE, batch, exc, self.failures)
         if reason is not None and self.journal.hold_batch(
-            batch.id, "assemble-failed", reason, time.time(), from_state=StudyState.RECEIVING
+            batch.id, FAILED_HOLD[Stage.ASSEMBLE], reason, time.time(), from_state=StudyState.RECEIVING
         ):
             log.warning("assemble.held", batch_id=batch.id, study=uid_digest(batch.study_uid), reason=reason)

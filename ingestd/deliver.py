@@ -49,7 +49,7 @@ from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.package import write_package
 from ingestd.rules import RuleSet, identifying_labels
-from ingestd.states import Step, StudyState
+from ingestd.states import FAILED_HOLD, HoldCode, Stage, Step, StudyState
 from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError, save_credentials_file
 
@@ -73,7 +73,7 @@ def wedge_limit(config: Config) -> float:
 class HoldError(Exception):
     """The batch cannot go on without a person: held with this code and reason."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: HoldCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -324,7 +324,9 @@ class Deliverer(PeriodicWorker):
         self.beat()
         try:
             if server is None:
-                raise HoldError("no-server", f"no XNAT server named '{name}' in the configuration (xnat.servers)")
+                raise HoldError(
+                    HoldCode.NO_SERVER, f"no XNAT server named '{name}' in the configuration (xnat.servers)"
+                )
             self._steps[step](_Job(batch_id, route, delivery, server, self._client(name, server)))
         except HoldError as exc:
             self._hold(batch_id, exc.code, exc.reason, step)
@@ -333,7 +335,7 @@ class Deliverer(PeriodicWorker):
             self.breaker.refused(name, server, str(exc), time.time())
         except XnatError as exc:
             if not exc.retryable:
-                self._hold(batch_id, exc.code, str(exc), step)
+                self._hold(batch_id, HoldCode(exc.code), str(exc), step)
             else:
                 self._retry(batch_id, delivery, server, str(exc))
         finally:
@@ -364,7 +366,7 @@ class Deliverer(PeriodicWorker):
         step = self.journal.delivery(batch_id) or delivery  # the step may have moved on (import -> importing)
         if attempts >= server.retry.max_attempts or age_hours >= server.retry.max_age_hours:
             reason = f"gave up after {attempts} attempts over {age_hours:.1f} h: {error}"
-            self._hold(batch_id, "xnat-unreachable", reason, step["step"])
+            self._hold(batch_id, HoldCode.XNAT_UNREACHABLE, reason, step["step"])
             return
         wait = backoff_seconds(attempts, server.retry.initial_seconds, server.retry.max_seconds, self._rng)
         self.journal.update_delivery(batch_id, attempts=attempts, last_error=error, next_attempt_at=time.time() + wait)
@@ -393,15 +395,15 @@ class Deliverer(PeriodicWorker):
         faults = int(current["faults"]) + 1
         held = faults >= policy.max_attempts
         wait = 0.0 if held else failure_backoff(faults, policy)
-        stage = "package" if current["step"] == Step.PACKAGE else "deliver"
+        stage = Stage.PACKAGE if current["step"] == Step.PACKAGE else Stage.DELIVER
         record_stage_failure(stage, exc, batch_id=batch_id, failures=faults, retry_seconds=wait)
         error = failure_text(exc)
         self.journal.update_delivery(batch_id, faults=faults, last_error=error, next_attempt_at=time.time() + wait)
         if held:
             reason = f"{current['step']} failed {faults} times, last: {error}"
-            self._hold(batch_id, f"{stage}-failed", reason, current["step"])
+            self._hold(batch_id, FAILED_HOLD[stage], reason, current["step"])
 
-    def _hold(self, batch_id: int, code: str, reason: str, step: str) -> None:
+    def _hold(self, batch_id: int, code: HoldCode, reason: str, step: str) -> None:
         self._settling.pop(batch_id, None)
         self.journal.update_delivery(batch_id, last_error=reason, retried_at=None)  # a retry is spent by a new hold
         if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
@@ -416,7 +418,7 @@ class Deliverer(PeriodicWorker):
         after that."""
         outgoing = self.journal.outgoing(job.batch_id)
         if not outgoing:
-            raise HoldError("nothing-to-send", "the batch has no outgoing instances")
+            raise HoldError(HoldCode.NOTHING_TO_SEND, "the batch has no outgoing instances")
         sending = [item for item in outgoing if item.verified is None] or outgoing
         started = time.monotonic()
         package = write_package(
@@ -454,7 +456,7 @@ class Deliverer(PeriodicWorker):
             self._check_same_study(experiment, job)
             if job.client.experiment(project, subject, session) is None:
                 raise HoldError(
-                    "label-taken",
+                    HoldCode.LABEL_TAKEN,
                     f"XNAT already has a session labelled {session} in project {project} under another subject than"
                     f" {subject}: change the rule's session label template so that each study gets its own",
                 )
@@ -464,7 +466,7 @@ class Deliverer(PeriodicWorker):
         existing = str(experiment.get("data_fields", {}).get("UID", ""))
         if existing and existing != job.study_uid:
             raise HoldError(
-                "label-taken",
+                HoldCode.LABEL_TAKEN,
                 f"XNAT already has {job.project}/{job.subject}/{job.session} for another study: "
                 "change the rule's session label template so that each study gets its own",
             )
@@ -477,7 +479,7 @@ class Deliverer(PeriodicWorker):
         uris = job.client.import_zip(self.state_dir / str(job.delivery["zip_path"]), project, subject, session)
         if len(uris) > 1:
             raise HoldError(
-                "xnat-split", f"XNAT filed the upload as {len(uris)} sessions (expected one): {' '.join(uris)}"
+                HoldCode.XNAT_SPLIT, f"XNAT filed the upload as {len(uris)} sessions (expected one): {' '.join(uris)}"
             )
         if not uris:  # 200 with an empty body: XNAT kept none of the files (verify counts the shortfall)
             log.info("deliver.imported", batch_id=job.batch_id, uri=None, seconds=stage_seconds("import", started))
@@ -486,7 +488,7 @@ class Deliverer(PeriodicWorker):
         uri = uris[0]
         if not uri.startswith(f"/data/prearchive/projects/{project}/"):
             raise HoldError(
-                "xnat-misfiled", f"XNAT filed the upload under {uri}, not in the prearchive of project {project}"
+                HoldCode.XNAT_MISFILED, f"XNAT filed the upload under {uri}, not in the prearchive of project {project}"
             )
         shown = self._hide_labels(job.route, uri)
         log.info("deliver.imported", batch_id=job.batch_id, uri=shown, seconds=stage_seconds("import", started))
@@ -512,7 +514,9 @@ class Deliverer(PeriodicWorker):
             self._advance(job.batch_id, Step.VERIFY)
             return
         if waited > job.server.ready_timeout_seconds:
-            raise HoldError("not-ready", f"the prearchive session {url} is still {row.status} after {waited:.0f} s")
+            raise HoldError(
+                HoldCode.NOT_READY, f"the prearchive session {url} is still {row.status} after {waited:.0f} s"
+            )
         if (
             row.status == "RECEIVING"
             and waited > job.server.build_wait_seconds
@@ -602,7 +606,8 @@ class Deliverer(PeriodicWorker):
         if not job.delivery["retried_at"]:
             said = job.client.prearchive_log(row.url)
             raise HoldError(
-                "xnat-conflict", f"XNAT set the prearchive session {row.url} to {row.status}: {said or 'no log entry'}"
+                HoldCode.XNAT_CONFLICT,
+                f"XNAT set the prearchive session {row.url} to {row.status}: {said or 'no log entry'}",
             )
         if row.status == "CONFLICT" and job.archives:
             self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=row.url, retried_at=None)
@@ -617,7 +622,7 @@ class Deliverer(PeriodicWorker):
         shortfalls = int(job.delivery["shortfalls"]) + int(bool(job.delivery["answered"]))
         if shortfalls > self.config.delivery.max_resends:
             raise HoldError(
-                "incomplete",
+                HoldCode.INCOMPLETE,
                 f"XNAT answered {shortfalls} imports but does not hold {missing} of the {instances} instances of "
                 "this batch: a site anonymization script or a series import filter may drop them (see XNAT's "
                 "prearchive log); the spool keeps them",

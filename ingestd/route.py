@@ -37,7 +37,7 @@ from ingestd.logs import path_digest, uid_digest
 from ingestd.metrics import stage_seconds
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide, identifying_labels
 from ingestd.spool import fsync_dir, make_dirs_durably
-from ingestd.states import StudyState
+from ingestd.states import FAILED_HOLD, HoldCode, Stage, StudyState
 from ingestd.worker import PeriodicWorker, count_batch_failure
 
 __all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "study_facts"]
@@ -124,7 +124,9 @@ def deidentify_file(path: Path, profile: Profile, labels: Labels, folder: Path) 
         out = anonymize(instance.dataset, profile, labels)
         uids = [str(out.get(keyword, "")) for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
         if not all(is_valid_uid(uid) for uid in uids):
-            raise DeidError("engine", "the de-identified instance has no valid Study, Series or SOP Instance UID")
+            raise DeidError(
+                HoldCode.ENGINE, "the de-identified instance has no valid Study, Series or SOP Instance UID"
+            )
         size = write_instance(out, folder / f"{uids[2]}.dcm")
     return Written(uids[0], uids[1], uids[2], size)
 
@@ -187,9 +189,9 @@ class Router(PeriodicWorker):
         return handled
 
     def _failed(self, batch: BatchRow, exc: Exception) -> None:
-        reason = count_batch_failure(self.journal, "route", batch, exc, self.failures)
+        reason = count_batch_failure(self.journal, Stage.ROUTE, batch, exc, self.failures)
         if reason is not None:
-            self._hold(batch, "route-failed", reason)
+            self._hold(batch, FAILED_HOLD[Stage.ROUTE], reason)
 
     # -- one batch -------------------------------------------------------------------------------------
 
@@ -199,12 +201,12 @@ class Router(PeriodicWorker):
         try:
             facts = study_facts(batch.study_uid, instances, self._headers(instances))
         except OSError as exc:
-            self._hold(batch, "spool", f"spool: a spooled instance cannot be read ({exc.strerror})")
+            self._hold(batch, HoldCode.SPOOL, f"{HoldCode.SPOOL}: a spooled instance cannot be read ({exc.strerror})")
             return
         rules = self.rules  # one rules version for the whole batch, even if SIGHUP swaps them meanwhile
         decision = decide(rules, facts)
         if isinstance(decision, Held):
-            self._hold(batch, decision.code, f"{decision.code}: {decision.reason}")
+            self._hold(batch, HoldCode(decision.code), f"{decision.code}: {decision.reason}")
             return
         profile = rules.profiles.get(decision.profile) if decision.profile else None
         kept = [i for i in instances if i.series_uid in set(decision.kept_series)]
@@ -215,13 +217,12 @@ class Router(PeriodicWorker):
                 else (batch.study_uid, [self._as_spooled(i) for i in kept])
             )
         except DeidError as exc:
-            self._hold(batch, exc.code, f"{exc.code}: {exc.reason}", rule=decision.rule)
+            self._hold(batch, HoldCode(exc.code), f"{exc.code}: {exc.reason}", rule=decision.rule)
             return
         except OSError as exc:
             shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
-            self._hold(
-                batch, "outbox", f"outbox: cannot write the outgoing instances ({exc.strerror})", rule=decision.rule
-            )
+            reason = f"{HoldCode.OUTBOX}: cannot write the outgoing instances ({exc.strerror})"
+            self._hold(batch, HoldCode.OUTBOX, reason, rule=decision.rule)
             return
         record = RouteRecord(
             rule=decision.rule,
@@ -307,10 +308,10 @@ class Router(PeriodicWorker):
             raise
         if len(study_uids) != 1:
             shutil.rmtree(final, ignore_errors=True)
-            raise DeidError("engine", f"the batch's instances left with {len(study_uids)} Study Instance UIDs")
+            raise DeidError(HoldCode.ENGINE, f"the batch's instances left with {len(study_uids)} Study Instance UIDs")
         return study_uids.pop(), outgoing
 
-    def _hold(self, batch: BatchRow, code: str, reason: str, rule: str | None = None) -> None:
+    def _hold(self, batch: BatchRow, code: HoldCode, reason: str, rule: str | None = None) -> None:
         if self.journal.hold_batch(batch.id, code, reason, time.time()):
             log.warning(
                 "route.held", batch_id=batch.id, study=uid_digest(batch.study_uid), rule=rule, code=code, reason=reason
