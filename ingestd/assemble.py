@@ -15,8 +15,8 @@ import structlog
 from ingestd.config import BatchFailures
 from ingestd.journal import BatchRow, Journal
 from ingestd.logs import uid_digest
+from ingestd.pipeline.runner import PeriodicWorker, count_batch_failure
 from ingestd.states import FAILED_HOLD, Stage, StudyState
-from ingestd.worker import PeriodicWorker, count_batch_failure
 
 __all__ = ["Assembler", "CompletionPolicy", "is_complete"]
 

@@ -32,6 +32,7 @@ from ingestd.journal import Journal
 from ingestd.logs import use_digest_key
 from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer
 from ingestd.notify import SystemdNotifier
+from ingestd.pipeline.runner import PeriodicWorker, failure_text
 from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
 from ingestd.receive.watcher import DropFolderWatcher
@@ -39,7 +40,6 @@ from ingestd.route import Router
 from ingestd.rules import RuleSet, load_rules
 from ingestd.spool import Quarantine, Spool
 from ingestd.wakeup import Wakeup
-from ingestd.worker import PeriodicWorker, failure_text
 
 __all__ = ["Daemon", "StateDirLockedError", "load_rules_for", "lock_state_dir"]
 

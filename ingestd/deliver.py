@@ -48,9 +48,9 @@ from ingestd.journal import Journal, Outgoing
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.package import write_package
+from ingestd.pipeline.runner import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
 from ingestd.rules import RuleSet, identifying_labels
 from ingestd.states import FAILED_HOLD, HoldCode, Stage, Step, StudyState
-from ingestd.worker import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError, save_credentials_file
 
 __all__ = ["Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]

@@ -35,10 +35,10 @@ from ingestd.header import is_valid_uid
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
 from ingestd.logs import path_digest, uid_digest
 from ingestd.metrics import stage_seconds
+from ingestd.pipeline.runner import PeriodicWorker, count_batch_failure
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide, identifying_labels
 from ingestd.spool import fsync_dir, make_dirs_durably
 from ingestd.states import FAILED_HOLD, HoldCode, Stage, StudyState
-from ingestd.worker import PeriodicWorker, count_batch_failure
 
 __all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
