@@ -43,15 +43,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ingestd.config import Archives, Config
 from ingestd.daemon import StateDirLockedError, load_rules_for, lock_state_dir
-from ingestd.deliver import Deliverer
 from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
 from ingestd.journal import BatchInstance, Journal, Source, StudyState
 from ingestd.logs import hide_member_names, path_digest, uid_digest
+from ingestd.pipeline.deliver import Deliverer
+from ingestd.pipeline.route import Router, header_facts, study_facts
 from ingestd.pipeline.runner import PeriodicWorker
 from ingestd.receive.intake import SourceRejected, is_ignored, source_name, take_source
 from ingestd.receive.pool import wait_for_receivers
-from ingestd.route import Router, header_facts, study_facts
 from ingestd.rules import Held, RuleSet, decide
 from ingestd.spool import Quarantine, Spool
 from ingestd.walk import DEFAULT_MAX_DEPTH, walk

@@ -21,10 +21,8 @@ from typing import IO, Any, Protocol
 import structlog
 
 from ingestd import __version__
-from ingestd.assemble import Assembler, CompletionPolicy
 from ingestd.config import Config, load_config
 from ingestd.deadline import ProcessDeadline
-from ingestd.deliver import Deliverer
 from ingestd.digestkey import load_digest_key
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.fsmodes import restrict_tree, restrict_umask
@@ -32,11 +30,13 @@ from ingestd.journal import Journal
 from ingestd.logs import use_digest_key
 from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer
 from ingestd.notify import SystemdNotifier
+from ingestd.pipeline.assemble import Assembler, CompletionPolicy
+from ingestd.pipeline.deliver import Deliverer
+from ingestd.pipeline.route import Router
 from ingestd.pipeline.runner import PeriodicWorker, failure_text
 from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool, wait_for_receivers
 from ingestd.receive.watcher import DropFolderWatcher
-from ingestd.route import Router
 from ingestd.rules import RuleSet, load_rules
 from ingestd.spool import Quarantine, Spool
 from ingestd.wakeup import Wakeup

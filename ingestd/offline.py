@@ -20,7 +20,7 @@ from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
 from ingestd.deid.stream import open_instance
 from ingestd.journal import BatchInstance
 from ingestd.logs import uid_digest
-from ingestd.route import deidentify_file, header_facts, study_facts
+from ingestd.pipeline.route import deidentify_file, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, decide, explain_match
 from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 

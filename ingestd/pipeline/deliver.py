@@ -47,7 +47,7 @@ from ingestd.config import Config, XnatServer
 from ingestd.journal import Journal, Outgoing
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
-from ingestd.package import write_package
+from ingestd.pipeline.package import write_package
 from ingestd.pipeline.runner import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
 from ingestd.rules import RuleSet, identifying_labels
 from ingestd.states import FAILED_HOLD, HoldCode, Stage, Step, StudyState
