@@ -35,7 +35,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,11 @@ import structlog
 
 from ingestd.breaker import Breaker
 from ingestd.config import Config, XnatServer
-from ingestd.journal import Journal, Outgoing
+from ingestd.journal import BatchRow, Journal, Outgoing
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.pipeline.package import write_package
-from ingestd.pipeline.runner import PeriodicWorker, failure_backoff, failure_text, record_stage_failure
+from ingestd.pipeline.runner import BatchWorker, note_failure
 from ingestd.rules import RuleSet, identifying_labels
 from ingestd.states import FAILED_HOLD, HoldCode, Stage, Step, StudyState
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError, save_credentials_file
@@ -139,14 +139,14 @@ class _Look:
         return "broken" if found else None
 
 
-class Deliverer(PeriodicWorker):
+class Deliverer(BatchWorker):
     """A thread that moves routed batches through the delivery steps, one batch at a time."""
 
     name = "deliverer"
+    stage = Stage.DELIVER
 
     def __init__(self, journal: Journal, config: Config, interval: float = 1.0) -> None:
-        super().__init__(interval)
-        self.journal = journal
+        super().__init__(journal, interval, config.batch_failures)
         self.config = config
         self.state_dir = config.state_dir
         self.packages = config.state_dir / "packages"
@@ -158,6 +158,8 @@ class Deliverer(PeriodicWorker):
         self.breaker = Breaker(journal)
         self._settling: dict[int, tuple[str, float]] = {}  # batch -> (lastmod seen, since when it has not moved)
         self._token_due: dict[str, float] = {}  # server -> when to look at its alias token again
+        self._routes: dict[int, dict[str, Any]] = {}  # the routes of the running check
+        self._admitted: dict[str, bool] = {}  # server -> whether its batches take steps in the running check
         # The rules in force (the daemon's router's, live across reloads): which labels logs name by digests.
         self.rules: Callable[[], RuleSet | None] = lambda: None
         self._steps: Mapping[Step, Callable[[_Job], None]] = {
@@ -204,50 +206,55 @@ class Deliverer(PeriodicWorker):
         if config is None:
             return
         old, self.config = self.config.xnat.servers, config
+        self.failures = config.batch_failures
         self.wedged_after = wedge_limit(config)
         for name in [name for name, client in self._clients.items() if config.xnat.servers.get(name) != old.get(name)]:
             self._clients.pop(name).close()  # its settings changed: log in again with the new ones
         self.breaker.wake()  # a reload is what an admin does after fixing credentials: try paused servers now
         self._token_due.clear()
 
-    def check(self) -> int:
+    def check(self, now: float | None = None) -> int:
         """Advance every due batch through the steps that are due now; return how many steps were taken.
 
-        Each batch is on its own: whatever one step raises is contained to its batch (counted, retried with
-        back-off, held after `batch_failures.max_attempts`), and the other batches go on.
+        Each batch is on its own (the runner's loop): whatever one step raises is contained to its batch (counted,
+        retried with back-off, held after `batch_failures.max_attempts`), and the other batches go on.
         """
         self._apply_pending()
-        advanced = 0
-        routes = self.journal.routes()
-        admitted: dict[str, bool] = {}
+        self._routes = self.journal.routes()
+        self._admitted = {}
+        return super().check(now)
+
+    def due(self, now: float) -> Iterator[BatchRow]:
+        """The routed batches, oldest first, of the servers that admit deliveries now (see `_admit`)."""
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
             if self.stopping:
-                break
-            name = str(routes[batch.id]["server"])
-            if name not in admitted:
-                admitted[name] = self._admit(name)
-            if not admitted[name]:
-                continue  # paused after a refused login: the batch keeps its place and its attempts
+                return
+            name = str(self._routes[batch.id]["server"])
+            if name not in self._admitted:
+                self._admitted[name] = self._admit(name)
+            if self._admitted[name]:
+                yield batch  # else paused after a refused login: the batch keeps its place and its attempts
+
+    def process(self, batch: BatchRow, now: float) -> int:
+        """Take the batch's steps one after the other while it is due: the next check is a poll interval away."""
+        name, route = str(self._routes[batch.id]["server"]), self._routes[batch.id]
+        delivery = self.journal.delivery(batch.id)
+        if delivery is None:
+            self.journal.start_delivery(batch.id, time.time())
             delivery = self.journal.delivery(batch.id)
-            if delivery is None:
-                self.journal.start_delivery(batch.id, time.time())
-                delivery = self.journal.delivery(batch.id)
-            # One step after the other while the batch is due: the next check is a poll interval away.
-            for _ in range(_STEPS_PER_CHECK):
-                if delivery is None or delivery["next_attempt_at"] > time.time() or self.stopping:
-                    break
-                if not self.breaker.admits(name, time.time()):
-                    admitted[name] = False  # a login was refused just now: the server's other batches wait too
-                    break
-                try:
-                    self.step(batch.id, routes[batch.id], delivery)
-                except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
-                    self._fault(batch.id, delivery, exc)
-                advanced += 1
-                if self.journal.batch_state(batch.id) != StudyState.ROUTED:
-                    break
-                delivery = self.journal.delivery(batch.id)
-        return advanced
+        taken = 0
+        for _ in range(_STEPS_PER_CHECK):
+            if delivery is None or delivery["next_attempt_at"] > time.time() or self.stopping:
+                break
+            if not self.breaker.admits(name, time.time()):
+                self._admitted[name] = False  # a login was refused just now: the server's other batches wait too
+                break
+            self.step(batch.id, route, delivery)
+            taken += 1
+            if self.journal.batch_state(batch.id) != StudyState.ROUTED:
+                break
+            delivery = self.journal.delivery(batch.id)
+        return taken
 
     # -- servers -------------------------------------------------------------------------------------------
 
@@ -388,20 +395,26 @@ class Deliverer(PeriodicWorker):
         hidden = identifying_labels(self.rules(), route)
         return hide_labels(text, [str(route[name]) for name in hidden])
 
-    def _fault(self, batch_id: int, delivery: Mapping[str, Any], exc: Exception) -> None:
-        """An error no step expected: count it against this batch, try again later, hold after the bound."""
-        policy = self.config.batch_failures
-        current = self.journal.delivery(batch_id) or delivery
-        faults = int(current["faults"]) + 1
-        held = faults >= policy.max_attempts
-        wait = 0.0 if held else failure_backoff(faults, policy)
+    def failed(self, batch: BatchRow, exc: Exception) -> None:
+        """An error no step expected: count it against this batch's delivery, try again later, hold after the bound
+        (the `package` step counts as a stage of its own)."""
+        current = self.journal.delivery(batch.id)
+        if current is None:
+            raise exc  # the delivery could not even be started: the journal fails, not this batch
         stage = Stage.PACKAGE if current["step"] == Step.PACKAGE else Stage.DELIVER
-        record_stage_failure(stage, exc, batch_id=batch_id, failures=faults, retry_seconds=wait)
-        error = failure_text(exc)
-        self.journal.update_delivery(batch_id, faults=faults, last_error=error, next_attempt_at=time.time() + wait)
-        if held:
-            reason = f"{current['step']} failed {faults} times, last: {error}"
-            self._hold(batch_id, FAILED_HOLD[stage], reason, current["step"])
+        failure = note_failure(
+            stage, exc, batch_id=batch.id, failures=int(current["faults"]) + 1, policy=self.config.batch_failures
+        )
+        self.journal.update_delivery(
+            batch.id, faults=failure.failures, last_error=failure.error, next_attempt_at=time.time() + failure.wait
+        )
+        if failure.held:
+            reason = f"{current['step']} failed {failure.failures} times, last: {failure.error}"
+            self._hold(batch.id, FAILED_HOLD[stage], reason, current["step"])
+
+    def hold(self, batch: BatchRow, code: HoldCode, reason: str) -> None:
+        delivery = self.journal.delivery(batch.id)
+        self._hold(batch.id, code, reason, "" if delivery is None else str(delivery["step"]))
 
     def _hold(self, batch_id: int, code: HoldCode, reason: str, step: str) -> None:
         self._settling.pop(batch_id, None)

@@ -35,10 +35,10 @@ from ingestd.header import is_valid_uid
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
 from ingestd.logs import path_digest, uid_digest
 from ingestd.metrics import stage_seconds
-from ingestd.pipeline.runner import PeriodicWorker, count_batch_failure
+from ingestd.pipeline.runner import BatchWorker
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide, identifying_labels
 from ingestd.spool import fsync_dir, make_dirs_durably
-from ingestd.states import FAILED_HOLD, HoldCode, Stage, StudyState
+from ingestd.states import HoldCode, Stage, StudyState
 
 __all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
@@ -131,10 +131,15 @@ def deidentify_file(path: Path, profile: Profile, labels: Labels, folder: Path) 
     return Written(uids[0], uids[1], uids[2], size)
 
 
-class Router(PeriodicWorker):
-    """A thread that routes complete batches, one at a time, oldest first."""
+class Router(BatchWorker):
+    """A thread that routes complete batches, one at a time, oldest first.
+
+    Each batch is on its own (the runner's loop): an error no code expected (a spool file pydicom cannot read, say)
+    is counted against that batch only, which is tried again with back-off and held after `failures.max_attempts`.
+    """
 
     name = "router"
+    stage = Stage.ROUTE
 
     def __init__(
         self,
@@ -144,13 +149,11 @@ class Router(PeriodicWorker):
         interval: float = 1.0,
         failures: BatchFailures | None = None,
     ) -> None:
-        super().__init__(interval)
-        self.journal = journal
+        super().__init__(journal, interval, failures)
         self.rules = rules
         self.state_dir = state_dir
         self.spool_dir = state_dir / "spool"
         self.outbox = state_dir / "outbox"
-        self.failures = failures or BatchFailures()
 
     def start(self) -> None:
         self.recover()
@@ -166,32 +169,17 @@ class Router(PeriodicWorker):
                 shutil.rmtree(entry, ignore_errors=True)
         fsync_dir(self.outbox)
 
-    def check(self) -> int:
-        """Route every complete batch that is due; return how many were handled (routed, held or failed).
+    def due(self, now: float) -> list[BatchRow]:
+        batches = sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id)
+        return [batch for batch in batches if batch.retry_at <= now]
 
-        Each batch is on its own: an error no code expected (a spool file pydicom cannot read, say) is counted
-        against that batch only, which is tried again with back-off and held after `failures.max_attempts`.
-        """
-        handled = 0
-        now = time.time()
-        for batch in sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id):
-            if self.stopping:
-                break
-            if batch.retry_at > now:
-                continue
-            self.beat()
-            try:
-                self.route(batch)
-            except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
-                shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
-                self._failed(batch, exc)
-            handled += 1
-        return handled
+    def process(self, batch: BatchRow, now: float) -> int:
+        self.route(batch)
+        return 1
 
-    def _failed(self, batch: BatchRow, exc: Exception) -> None:
-        reason = count_batch_failure(self.journal, Stage.ROUTE, batch, exc, self.failures)
-        if reason is not None:
-            self._hold(batch, FAILED_HOLD[Stage.ROUTE], reason)
+    def failed(self, batch: BatchRow, exc: Exception) -> None:
+        shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
+        super().failed(batch, exc)
 
     # -- one batch -------------------------------------------------------------------------------------
 
@@ -310,6 +298,9 @@ class Router(PeriodicWorker):
             shutil.rmtree(final, ignore_errors=True)
             raise DeidError(HoldCode.ENGINE, f"the batch's instances left with {len(study_uids)} Study Instance UIDs")
         return study_uids.pop(), outgoing
+
+    def hold(self, batch: BatchRow, code: HoldCode, reason: str) -> None:
+        self._hold(batch, code, reason)
 
     def _hold(self, batch: BatchRow, code: HoldCode, reason: str, rule: str | None = None) -> None:
         if self.journal.hold_batch(batch.id, code, reason, time.time()):
