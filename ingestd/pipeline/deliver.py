@@ -20,6 +20,7 @@ holds nowhere -> package and import just those again, into the same session (`ov
 some only in the prearchive while the rule archives -> archive that session. An interrupted import or archive
 (`importing`, `archiving` found at start, or a failed request) always goes to `verify`: nothing is adopted on
 less evidence, and nothing is sent again before looking. The spool is deleted only once the batch is done.
+The look itself is `ingestd.pipeline.holdings`; logins, pauses and alias tokens are `ingestd.pipeline.servers`.
 
 Failures: a retryable XNAT error (XNAT down, 5xx, timeouts) runs the same step again with exponential back-off
 and jitter, up to the server's attempt and age caps; a refused login pauses every delivery to that server (see
@@ -36,22 +37,22 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from ingestd.breaker import Breaker
 from ingestd.config import Config, XnatServer
-from ingestd.journal import BatchRow, Journal, Outgoing
+from ingestd.journal import BatchRow, Journal
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
+from ingestd.pipeline.holdings import BROKEN, READY, HoldError, Job, check_same_study, look_at
 from ingestd.pipeline.package import write_package
 from ingestd.pipeline.runner import BatchWorker, note_failure
+from ingestd.pipeline.servers import XnatServers
 from ingestd.rules import RuleSet, identifying_labels
 from ingestd.states import FAILED_HOLD, HoldCode, Stage, Step, StudyState
-from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError, save_credentials_file
+from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError
 
 __all__ = ["Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]
 
@@ -70,73 +71,10 @@ def wedge_limit(config: Config) -> float:
     return max([config.wedged_worker_seconds, *(wait + _WEDGE_MARGIN_SECONDS for wait in waits)])
 
 
-class HoldError(Exception):
-    """The batch cannot go on without a person: held with this code and reason."""
-
-    def __init__(self, code: HoldCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 def backoff_seconds(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """The wait before attempt `attempt + 1`: doubling from `initial`, capped at `maximum`, jittered ±50 %."""
     base = min(maximum, initial * 2 ** max(0, attempt - 1))
     return float(base * rng.uniform(0.5, 1.5))
-
-
-_READY = "READY"
-_BROKEN = frozenset({"CONFLICT", "ERROR"})
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """One batch's delivery as a step sees it: the route, the journal row, the server and its client."""
-
-    batch_id: int
-    route: Mapping[str, Any]
-    delivery: Mapping[str, Any]
-    server: XnatServer
-    client: XnatClient
-
-    @property
-    def project(self) -> str:
-        return str(self.route["project"])
-
-    @property
-    def subject(self) -> str:
-        return str(self.route["subject"])
-
-    @property
-    def session(self) -> str:
-        return str(self.route["session"])
-
-    @property
-    def study_uid(self) -> str:
-        return str(self.route["study_uid"])
-
-    @property
-    def archives(self) -> bool:
-        return bool(self.route["archive"])
-
-
-@dataclass(frozen=True, slots=True)
-class _Look:
-    """One look at XNAT for a batch: its prearchive sessions (same project, Study Instance UID and label) with
-    the files of the built ones (READY, CONFLICT, ERROR), and what its archived experiment holds."""
-
-    rows: tuple[PrearchiveRow, ...]
-    built: Mapping[str, Holdings]  # row url -> its files
-    archived: Holdings
-
-    def place(self, sop_uid: str) -> str | None:
-        """`archive`, `prearchive` (a READY session of ours), `broken` (one XNAT set to CONFLICT or ERROR), None."""
-        if self.archived.holds(sop_uid):
-            return "archive"
-        found = {row.status for row in self.rows if self.built.get(row.url, Holdings()).holds(sop_uid)}
-        if _READY in found:
-            return "prearchive"
-        return "broken" if found else None
 
 
 class Deliverer(BatchWorker):
@@ -150,19 +88,18 @@ class Deliverer(BatchWorker):
         self.config = config
         self.state_dir = config.state_dir
         self.packages = config.state_dir / "packages"
-        self._clients: dict[str, XnatClient] = {}
         self._rng = random.Random()  # jitter, not secrets
         self._pending: Config | None = None
         self._current: tuple[int, str] | None = None  # the batch and step being taken now
         self.wedged_after = wedge_limit(config)
-        self.breaker = Breaker(journal)
+        self.servers = XnatServers(journal, config.xnat.servers, self.beat)
+        self.breaker = self.servers.breaker
         self._settling: dict[int, tuple[str, float]] = {}  # batch -> (lastmod seen, since when it has not moved)
-        self._token_due: dict[str, float] = {}  # server -> when to look at its alias token again
         self._routes: dict[int, dict[str, Any]] = {}  # the routes of the running check
         self._admitted: dict[str, bool] = {}  # server -> whether its batches take steps in the running check
         # The rules in force (the daemon's router's, live across reloads): which labels logs name by digests.
         self.rules: Callable[[], RuleSet | None] = lambda: None
-        self._steps: Mapping[Step, Callable[[_Job], None]] = {
+        self._steps: Mapping[Step, Callable[[Job], None]] = {
             Step.PACKAGE: self._step_package,
             Step.PREFLIGHT: self._step_preflight,
             Step.IMPORT: self._step_import,
@@ -193,8 +130,7 @@ class Deliverer(BatchWorker):
                 timeout=None if timeout is None else round(timeout, 1),
             )
             return False
-        for client in self._clients.values():
-            client.close()
+        self.servers.close()
         return True
 
     def reconfigure(self, config: Config) -> None:
@@ -205,13 +141,10 @@ class Deliverer(BatchWorker):
         config, self._pending = self._pending, None
         if config is None:
             return
-        old, self.config = self.config.xnat.servers, config
+        self.config = config
         self.failures = config.batch_failures
         self.wedged_after = wedge_limit(config)
-        for name in [name for name, client in self._clients.items() if config.xnat.servers.get(name) != old.get(name)]:
-            self._clients.pop(name).close()  # its settings changed: log in again with the new ones
-        self.breaker.wake()  # a reload is what an admin does after fixing credentials: try paused servers now
-        self._token_due.clear()
+        self.servers.reconfigure(config.xnat.servers)
 
     def check(self, now: float | None = None) -> int:
         """Advance every due batch through the steps that are due now; return how many steps were taken.
@@ -256,70 +189,8 @@ class Deliverer(BatchWorker):
             delivery = self.journal.delivery(batch.id)
         return taken
 
-    # -- servers -------------------------------------------------------------------------------------------
-
     def _admit(self, name: str) -> bool:
-        """Whether batches of server `name` may take steps in this check: it is not paused, or the one login tried
-        now (when its pause is due to end) went through. Also looks after its alias token, if it logs in with one."""
-        server = self.config.xnat.servers.get(name)
-        if server is None:
-            return True  # the step holds the batch: no such server
-        now = time.time()
-        if self.breaker.probe_due(name, now):
-            client = self._client(name, server)
-            try:
-                client.close()
-                client.login()
-            except XnatLoginError as exc:
-                self.breaker.refused(name, server, str(exc), now)
-                return False
-            except XnatError as exc:  # XNAT down or slow: try the login again later, no refusal counted
-                self.breaker.postpone(name, server.poll_interval_seconds * 6, now)
-                log.warning("xnat.login_probe_failed", server=name, error=str(exc))
-                return False
-            self.breaker.accepted(name, now)
-        if not self.breaker.admits(name, now):
-            return False
-        if now >= self._token_due.get(name, 0.0):
-            self._tend_token(name, server)
-        return self.breaker.admits(name, now)
-
-    def _tend_token(self, name: str, server: XnatServer) -> None:
-        """Renew the alias token the server's credentials file holds before XNAT lets it expire (2 days after it was
-        issued by default: aliasTokenTimeout); warn when the token comes from .netrc or the environment."""
-        now = time.time()
-        self._token_due[name] = now + 3600.0
-        client = self._client(name, server)
-        try:
-            info = client.token_info()
-            if info is None or info.expires_at is None:
-                return
-            left = info.expires_at - now
-            if left > server.token_renew_seconds:
-                self._token_due[name] = min(now + 3600.0, info.expires_at - server.token_renew_seconds)
-                return
-            if server.credentials.file is None:
-                log.warning(
-                    "xnat.token_expiring",
-                    server=name,
-                    expires_in_seconds=round(left),
-                    detail="issue a new alias token in XNAT and update the credentials, or use a credentials file,"
-                    " which ingestd renews by itself",
-                )
-                return
-            alias, secret, expires_at = client.issue_token()
-            save_credentials_file(server.credentials.file, alias, secret)
-            client.close()  # the next request logs in with the new token
-            log.info(
-                "xnat.token_renewed",
-                server=name,
-                expires_in_seconds=None if expires_at is None else round(expires_at - now),
-            )
-        except XnatLoginError as exc:
-            self.breaker.refused(name, server, str(exc), now)
-        except (XnatError, OSError) as exc:
-            self._token_due[name] = now + 600.0
-            log.warning("xnat.token_check_failed", server=name, error=str(exc))
+        return self.servers.admit(name)
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -334,7 +205,7 @@ class Deliverer(BatchWorker):
                 raise HoldError(
                     HoldCode.NO_SERVER, f"no XNAT server named '{name}' in the configuration (xnat.servers)"
                 )
-            self._steps[step](_Job(batch_id, route, delivery, server, self._client(name, server)))
+            self._steps[step](Job(batch_id, route, delivery, server, self._client(name, server)))
         except HoldError as exc:
             self._hold(batch_id, exc.code, exc.reason, step)
         except XnatLoginError as exc:
@@ -349,10 +220,7 @@ class Deliverer(BatchWorker):
             self._current = None
 
     def _client(self, name: str, server: XnatServer) -> XnatClient:
-        client = self._clients.get(name)
-        if client is None:
-            client = self._clients[name] = XnatClient(name, server, progress=self.beat)
-        return client
+        return self.servers.client(name, server)
 
     def _advance(self, batch_id: int, step: Step, *, progress: bool = False, **fields: Any) -> None:
         """Move to `step`, due now. `progress`: XNAT answered a request that moves the delivery on (pre-flight
@@ -426,7 +294,7 @@ class Deliverer(BatchWorker):
 
     # -- the steps -------------------------------------------------------------------------------------------
 
-    def _step_package(self, job: _Job) -> None:
+    def _step_package(self, job: Job) -> None:
         """Zip what XNAT does not hold yet: every outgoing instance the first time, what `verify` found missing
         after that."""
         outgoing = self.journal.outgoing(job.batch_id)
@@ -457,7 +325,7 @@ class Deliverer(BatchWorker):
             zip_sha256=package.sha256,
         )
 
-    def _step_preflight(self, job: _Job) -> None:
+    def _step_preflight(self, job: Job) -> None:
         project, subject, session = job.project, job.subject, job.session
         job.client.check_project(project)
         # With overwrite=append XNAT merges whatever is archived into an existing experiment of that label, even
@@ -466,7 +334,7 @@ class Deliverer(BatchWorker):
         # subject's experiment holds, so the look-up is project-wide.
         experiment = job.client.project_experiment(project, session)
         if experiment is not None:
-            self._check_same_study(experiment, job)
+            check_same_study(experiment, job)
             if job.client.experiment(project, subject, session) is None:
                 raise HoldError(
                     HoldCode.LABEL_TAKEN,
@@ -475,16 +343,7 @@ class Deliverer(BatchWorker):
                 )
         self._advance(job.batch_id, Step.IMPORT, progress=True)
 
-    def _check_same_study(self, experiment: Mapping[str, Any], job: _Job) -> None:
-        existing = str(experiment.get("data_fields", {}).get("UID", ""))
-        if existing and existing != job.study_uid:
-            raise HoldError(
-                HoldCode.LABEL_TAKEN,
-                f"XNAT already has {job.project}/{job.subject}/{job.session} for another study: "
-                "change the rule's session label template so that each study gets its own",
-            )
-
-    def _step_import(self, job: _Job) -> None:
+    def _step_import(self, job: Job) -> None:
         """Upload the zip. `importing` is committed first: from then on, whatever happens, `verify` looks."""
         project, subject, session = job.project, job.subject, job.session
         self._advance(job.batch_id, Step.IMPORTING, answered=0, build_requested_at=None)
@@ -507,23 +366,23 @@ class Deliverer(BatchWorker):
         log.info("deliver.imported", batch_id=job.batch_id, uri=shown, seconds=stage_seconds("import", started))
         self._advance(job.batch_id, Step.WAIT, progress=True, prearchive_url=uri.removeprefix("/data"), answered=1)
 
-    def _step_importing(self, job: _Job) -> None:
+    def _step_importing(self, job: Job) -> None:
         """An upload that may or may not have reached XNAT, wholly or in part: look before sending anything."""
         self._advance(job.batch_id, Step.VERIFY)
 
-    def _step_wait(self, job: _Job) -> None:
+    def _step_wait(self, job: Job) -> None:
         """Poll our prearchive session until XNAT has built it (or archived or dropped it), then verify."""
         url = str(job.delivery["prearchive_url"])
         row = job.client.prearchive_session(url)
         waited = time.time() - float(job.delivery["step_started_at"])
-        if row is not None and row.status == _READY:
+        if row is not None and row.status == READY:
             STAGE_SECONDS.labels(stage="build_wait").observe(max(0.0, waited))
             if job.archives and job.delivery["answered"]:
                 # XNAT answered the import, so it read every entry: archive now, and verify in the archive (what is
                 # missing there, whatever the reason, is sent again). Saves a look at the prearchive per study.
                 self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=row.url)
                 return
-        if row is None or row.status == _READY or row.status in _BROKEN:
+        if row is None or row.status == READY or row.status in BROKEN:
             self._advance(job.batch_id, Step.VERIFY)
             return
         if waited > job.server.ready_timeout_seconds:
@@ -554,10 +413,10 @@ class Deliverer(BatchWorker):
             return settle_seconds <= 0
         return now - seen[1] >= settle_seconds
 
-    def _step_verify(self, job: _Job) -> None:
+    def _step_verify(self, job: Job) -> None:
         """Look at what XNAT holds, instance by instance, and decide the next step from that alone."""
         outgoing = self.journal.outgoing(job.batch_id)
-        look = self._look(job, outgoing)
+        look = look_at(job, outgoing)
         places = {item.sop_uid: look.place(item.sop_uid) for item in outgoing}
         self.journal.set_verified(job.batch_id, places, time.time())
         counts = {place: sum(1 for found in places.values() if found == place) for place in ("archive", "prearchive")}
@@ -573,14 +432,14 @@ class Deliverer(BatchWorker):
         if counts["archive"] == len(places) or (not job.archives and sum(counts.values()) == len(places)):
             self._done(job, "archive" if counts["archive"] == len(places) else "prearchive")
             return
-        unsettled = [row for row in look.rows if row.status != _READY and row.status not in _BROKEN]
+        unsettled = [row for row in look.rows if row.status != READY and row.status not in BROKEN]
         if unsettled:  # a session of ours is still receiving, building or archiving: what it holds shows later
             self._advance(job.batch_id, Step.WAIT, prearchive_url=unsettled[0].url, build_requested_at=None)
             return
         if missing:  # into our session even when XNAT set it to CONFLICT or ERROR: new files reopen it
             self._resend(job, len(missing), len(places))
             return
-        broken = [row for row in look.rows if row.status in _BROKEN]
+        broken = [row for row in look.rows if row.status in BROKEN]
         if broken and any(place == "broken" for place in places.values()):
             self._broken(job, broken[0])
             return
@@ -588,32 +447,11 @@ class Deliverer(BatchWorker):
         url = next(
             row.url
             for row in look.rows
-            if row.status == _READY and any(look.built.get(row.url, Holdings()).holds(uid) for uid in places)
+            if row.status == READY and any(look.built.get(row.url, Holdings()).holds(uid) for uid in places)
         )
         self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=url)
 
-    def _look(self, job: _Job, outgoing: list[Outgoing]) -> _Look:
-        rows = tuple(
-            row
-            for row in job.client.prearchive(job.project)
-            # A site admin's listing of a project also shows Unassigned sessions (docs/xnat.md): only the project's.
-            if row.project == job.project and row.study_uid == job.study_uid and row.name == job.session
-        )
-        experiment = job.client.experiment(job.project, job.subject, job.session)
-        archived = Holdings()
-        if experiment is not None:
-            self._check_same_study(experiment, job)
-            archived = job.client.archive_holdings(experiment)
-        built: dict[str, Holdings] = {}
-        if not all(archived.holds(item.sop_uid) for item in outgoing):  # the prearchive only matters then
-            for row in rows:
-                if row.status == _READY or row.status in _BROKEN:
-                    holdings = job.client.prearchive_holdings(row.url)  # None: never built (an ERROR row, say)
-                    if holdings is not None:
-                        built[row.url] = holdings
-        return _Look(rows, built, archived)
-
-    def _broken(self, job: _Job, row: PrearchiveRow) -> None:
+    def _broken(self, job: Job, row: PrearchiveRow) -> None:
         """A session of ours that XNAT set to CONFLICT or ERROR: held, with XNAT's own words; after `ingestd retry`
         archived again (CONFLICT, rule archives) or rebuilt (anything else), once."""
         if not job.delivery["retried_at"]:
@@ -630,7 +468,7 @@ class Deliverer(BatchWorker):
             return
         self._advance(job.batch_id, Step.WAIT, prearchive_url=row.url, retried_at=None, build_requested_at=time.time())
 
-    def _resend(self, job: _Job, missing: int, instances: int) -> None:
+    def _resend(self, job: Job, missing: int, instances: int) -> None:
         """Some instances are nowhere in XNAT: package and import just those again, into the same session."""
         shortfalls = int(job.delivery["shortfalls"]) + int(bool(job.delivery["answered"]))
         if shortfalls > self.config.delivery.max_resends:
@@ -643,7 +481,7 @@ class Deliverer(BatchWorker):
         log.info("deliver.resend", batch_id=job.batch_id, missing=missing, instances=instances, shortfalls=shortfalls)
         self._advance(job.batch_id, Step.PACKAGE, shortfalls=shortfalls, answered=0)
 
-    def _step_archive(self, job: _Job) -> None:
+    def _step_archive(self, job: Job) -> None:
         """Archive our READY prearchive session. `archiving` is committed first: from then on, `verify` looks."""
         project, subject, session = job.project, job.subject, job.session
         self._advance(job.batch_id, Step.ARCHIVING)
@@ -653,11 +491,11 @@ class Deliverer(BatchWorker):
         log.info("deliver.archived", batch_id=job.batch_id, uri=shown, seconds=stage_seconds("archive", started))
         self._advance(job.batch_id, Step.VERIFY, progress=True, archive_uri=uri)
 
-    def _step_archiving(self, job: _Job) -> None:
+    def _step_archiving(self, job: Job) -> None:
         """An archive request that may have been carried out: look before asking again."""
         self._advance(job.batch_id, Step.VERIFY)
 
-    def _done(self, job: _Job, where: str) -> None:
+    def _done(self, job: Job, where: str) -> None:
         self._settling.pop(job.batch_id, None)
         if not self.journal.finish_delivery(job.batch_id, time.time()):
             return
