@@ -42,18 +42,16 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ingestd.config import Archives, Config
-from ingestd.daemon import StateDirLockedError, load_rules_for, lock_state_dir
 from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
-from ingestd.journal import BatchInstance, Journal, Source, StudyState
+from ingestd.journal import BatchInstance, Journal, Source
 from ingestd.logs import hide_member_names, path_digest, uid_digest
-from ingestd.pipeline.deliver import Deliverer
-from ingestd.pipeline.route import Router, header_facts, study_facts
-from ingestd.pipeline.runner import PeriodicWorker
+from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
+from ingestd.pipeline.route import header_facts, study_facts
 from ingestd.receive.intake import SourceRejected, is_ignored, source_name, take_source
-from ingestd.receive.pool import wait_for_receivers
 from ingestd.rules import Held, RuleSet, decide
-from ingestd.spool import Quarantine, Spool
+from ingestd.statedir import StateDirLockedError, lock_state_dir
+from ingestd.states import StudyState
 from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 
 __all__ = ["Counts", "SourceFile", "Sources", "find_sources", "run_import"]
@@ -302,8 +300,7 @@ class _Importer(_Taker):
         self.config = config
         self.journal = journal
         self.lock = lock  # the state directory's lock, when the import holds it (no daemon runs)
-        self.spool = Spool(config.spool_dir, journal, min_free_bytes=config.spool.min_free_mb * 2**20)
-        self.quarantine = Quarantine(config.quarantine_dir, journal)
+        self.spool, self.quarantine = open_spool(config, journal)
         self.touched: dict[int, str] = {}  # batch id -> its state when the import first touched it
 
     def instance(self, prepared: PreparedInstance, source: Source) -> None:
@@ -362,21 +359,21 @@ class _Importer(_Taker):
 
         Should the daemon stop meanwhile, the import takes the state directory's lock and does the rest itself.
         """
-        workers: list[PeriodicWorker] = []
+        pipeline: Pipeline | None = None
         try:
             if self.lock is not None:
-                workers = self._start_workers(rules)
+                pipeline = self._start_pipeline(rules)
             while not self.finished():
                 progress.show(self.counts)
                 if self.lock is None:
                     self.lock = _try_lock(self.config)
                     if self.lock is not None:
                         log.warning("import.daemon_stopped", detail="the import routes and delivers the rest itself")
-                        workers = self._start_workers(rules)
+                        pipeline = self._start_pipeline(rules)
                 time.sleep(poll)
         finally:
-            for worker in reversed(workers):
-                worker.stop()
+            if pipeline is not None:
+                pipeline.stop()
 
     def close(self) -> None:
         self.journal.close()
@@ -384,15 +381,15 @@ class _Importer(_Taker):
             self.lock.close()
             self.lock = None
 
-    def _start_workers(self, rules: RuleSet) -> list[PeriodicWorker]:
-        router = Router(
-            self.journal, rules, self.config.state_dir, interval=_WORKER_SECONDS, failures=self.config.batch_failures
-        )
-        deliverer = Deliverer(self.journal, self.config, interval=_WORKER_SECONDS)
-        deliverer.rules = lambda: rules
-        router.start()
-        deliverer.start()
-        return [router, deliverer]
+    def _start_pipeline(self, rules: RuleSet) -> Pipeline:
+        """The router and the deliverer, started (the import completes its batches itself: no assembler)."""
+        pipeline = build_pipeline(self.journal, self.config, rules, assemble=False, interval=_WORKER_SECONDS)
+        try:
+            pipeline.start()
+        except BaseException:
+            pipeline.stop()
+            raise
+        return pipeline
 
     def summary(self) -> Iterator[str]:
         """The table of the touched batches: study digest, state, instances, XNAT labels, URI or held reason."""
@@ -621,9 +618,8 @@ def _run(
     progress = _Bar(out) if out.isatty() else _Lines(out)
     try:
         with logging_redirect_tqdm() if isinstance(progress, _Bar) else contextlib.nullcontext():
-            if importer.lock is not None:
-                with wait_for_receivers(config):  # no receiver of an earlier daemon may still be writing
-                    importer.spool.recover(importer.quarantine)
+            if importer.lock is not None:  # no receiver of an earlier daemon may still be writing: recover_spool waits
+                recover_spool(config, importer.spool, importer.quarantine)
             importer.take_all(sources, progress.show)
             importer.complete()
             counts.delivering = True
