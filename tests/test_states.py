@@ -15,6 +15,7 @@ import pytest
 
 from ingestd.header import InstanceHeader
 from ingestd.journal import SCHEMA_VERSION, Journal, JournalVersionError, Outgoing, RouteRecord, Source
+from ingestd.pipeline.deliver import STEPS
 from ingestd.states import (
     BATCH_TRANSITIONS,
     FAILED_HOLD,
@@ -39,6 +40,10 @@ def test_every_state_and_step_is_in_its_table_and_every_target_is_known() -> Non
     assert set(RETRY_STEP) == set(Step)
     for targets in [*BATCH_TRANSITIONS.values(), *STEP_TRANSITIONS.values()]:
         assert targets <= set(StudyState) | set(Step)
+
+
+def test_every_step_but_done_has_its_handler_in_the_delivery_dispatch() -> None:
+    assert set(STEPS) == set(Step) - {Step.DONE}
 
 
 def test_every_hold_code_raised_anywhere_is_declared() -> None:

@@ -54,7 +54,7 @@ from ingestd.rules import RuleSet, identifying_labels
 from ingestd.states import FAILED_HOLD, HoldCode, Stage, Step, StudyState
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError
 
-__all__ = ["Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]
+__all__ = ["STEPS", "Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]
 
 log = structlog.get_logger("ingestd.deliver")
 
@@ -99,16 +99,6 @@ class Deliverer(BatchWorker):
         self._admitted: dict[str, bool] = {}  # server -> whether its batches take steps in the running check
         # The rules in force (the daemon's router's, live across reloads): which labels logs name by digests.
         self.rules: Callable[[], RuleSet | None] = lambda: None
-        self._steps: Mapping[Step, Callable[[Job], None]] = {
-            Step.PACKAGE: self._step_package,
-            Step.PREFLIGHT: self._step_preflight,
-            Step.IMPORT: self._step_import,
-            Step.IMPORTING: self._step_importing,
-            Step.WAIT: self._step_wait,
-            Step.VERIFY: self._step_verify,
-            Step.ARCHIVE: self._step_archive,
-            Step.ARCHIVING: self._step_archiving,
-        }
 
     def start(self) -> None:
         self.packages.mkdir(parents=True, exist_ok=True)
@@ -205,7 +195,7 @@ class Deliverer(BatchWorker):
                 raise HoldError(
                     HoldCode.NO_SERVER, f"no XNAT server named '{name}' in the configuration (xnat.servers)"
                 )
-            self._steps[step](Job(batch_id, route, delivery, server, self._client(name, server)))
+            STEPS[step](self, Job(batch_id, route, delivery, server, self._client(name, server)))
         except HoldError as exc:
             self._hold(batch_id, exc.code, exc.reason, step)
         except XnatLoginError as exc:
@@ -288,7 +278,7 @@ class Deliverer(BatchWorker):
         self._settling.pop(batch_id, None)
         self.journal.update_delivery(batch_id, last_error=reason, retried_at=None)  # a retry is spent by a new hold
         if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
-            DELIVERIES.labels(outcome="held").inc()
+            DELIVERIES.labels(outcome=StudyState.HELD).inc()
             shown = self._hide_labels(self.journal.routes().get(batch_id), reason)
             log.warning("deliver.held", batch_id=batch_id, step=step, code=code, reason=shown)
 
@@ -499,7 +489,7 @@ class Deliverer(BatchWorker):
         self._settling.pop(job.batch_id, None)
         if not self.journal.finish_delivery(job.batch_id, time.time()):
             return
-        DELIVERIES.labels(outcome="delivered").inc()
+        DELIVERIES.labels(outcome=StudyState.DELIVERED).inc()
         hidden = identifying_labels(self.rules(), job.route)
         log.info(
             "deliver.delivered",
@@ -524,6 +514,20 @@ class Deliverer(BatchWorker):
             (spool / relative).unlink(missing_ok=True)
         for folder in sorted({(spool / relative).parent for relative in relatives}, reverse=True):
             _remove_empty(folder, spool)
+
+
+# What each step does: the one dispatch of the delivery (`done` takes none). tests/test_states.py checks that every
+# step but `done` is here.
+STEPS: Mapping[Step, Callable[[Deliverer, Job], None]] = {
+    Step.PACKAGE: Deliverer._step_package,
+    Step.PREFLIGHT: Deliverer._step_preflight,
+    Step.IMPORT: Deliverer._step_import,
+    Step.IMPORTING: Deliverer._step_importing,
+    Step.WAIT: Deliverer._step_wait,
+    Step.VERIFY: Deliverer._step_verify,
+    Step.ARCHIVE: Deliverer._step_archive,
+    Step.ARCHIVING: Deliverer._step_archiving,
+}
 
 
 def _remove_empty(folder: Path, root: Path) -> None:
