@@ -1,7 +1,7 @@
 """The one loop every stage of the pipeline runs in.
 
 A stage (`Assembler`, `Router`, `Deliverer`) is a `BatchWorker`: a thread that, every `interval` seconds, asks
-the stage which batches are due (`due`) and hands each to `process`, one at a time, oldest first. The loop does
+the stage which batches are due (`due`) and hands each to `process`, one at a time, in that order. The loop does
 the rest, the same way for every stage:
 
 - each batch is isolated: an exception no code expected in one batch is contained to it, and the others go on;
