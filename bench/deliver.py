@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:
 
 from ingestd.config import Credentials, XnatServer  # noqa: E402
 from ingestd.journal import Outgoing  # noqa: E402
-from ingestd.package import Compression, write_package  # noqa: E402
+from ingestd.pipeline.package import Compression, write_package  # noqa: E402
 from ingestd.testing.xnat import FakeXnat  # noqa: E402
 from ingestd.xnat import XnatClient, XnatError  # noqa: E402
 
@@ -327,13 +327,13 @@ def write_big_set(root: Path, count: int, pixels: str) -> list[Outgoing]:
     return items
 
 
-# The memory test's subprocess: imports only ingestd.package (and what it needs), packages the manifest's files and
-# prints, as JSON, its resident memory before packaging (interpreter + imports) and the time taken.
+# The memory test's subprocess: imports only ingestd.pipeline.package (and what it needs), packages the manifest's
+# files and prints, as JSON, its resident memory before packaging (interpreter + imports) and the time taken.
 CHILD = """
 import json, sys, time
 from pathlib import Path
 from ingestd.journal import Outgoing
-from ingestd.package import write_package
+from ingestd.pipeline.package import write_package
 
 def kib(field):
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -2,8 +2,8 @@
 
 For each size (default 0.5, 1 and 2 GB of Pixel Data), writes a synthetic multi-frame CT instance to disk by
 streaming (the header with pydicom, then Pixel Data in 8 MiB chunks: never whole in memory), then in a fresh
-Python process per run does what the router and the deliverer do with it: `ingestd.route.deidentify_file`
-into an outbox folder (fsync'd), then `ingestd.package.write_package` into a zip. The child reports its peak
+Python process per run does what the router and the deliverer do with it: `ingestd.pipeline.route.deidentify_file`
+into an outbox folder (fsync'd), then `ingestd.pipeline.package.write_package` into a zip. The child reports its peak
 resident memory (VmHWM from /proc/self/status) after each step; the parent also samples the child's VmRSS
 every 50 ms. With `--check`, the parent then verifies (streaming, by SHA-256) that the outbox file parses and
 its Pixel Data equals the input's, and that the zip entry equals the outbox file.
@@ -61,8 +61,8 @@ import ingestd
 from ingestd.deid.engine import Labels
 from ingestd.deid.profile import Profile
 from ingestd.journal import Outgoing
-from ingestd.package import write_package
-from ingestd.route import deidentify_file
+from ingestd.pipeline.package import write_package
+from ingestd.pipeline.route import deidentify_file
 result = {"ingestd": os.path.dirname(ingestd.__file__), "hwm_after_import_mb": hwm()}
 profile, labels = Profile(name="basic", key=bytes(range(32))), Labels(project="P", subject="S", session="E")
 outbox = work / "outbox" / "1"

@@ -41,19 +41,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ingestd.config import Archives, Config
-from ingestd.daemon import StateDirLockedError, load_rules_for, lock_state_dir
-from ingestd.deliver import Deliverer
 from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
-from ingestd.journal import BatchInstance, Journal, Source, StudyState
+from ingestd.journal import BatchInstance, Journal, Source
 from ingestd.logs import hide_member_names, path_digest, uid_digest
+from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
+from ingestd.pipeline.route import header_facts, study_facts
 from ingestd.receive.intake import SourceFile, Sources, find_sources, read_source, source_name
-from ingestd.receive.pool import wait_for_receivers
-from ingestd.route import Router, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts
 from ingestd.rules.verdict import Screened, label_clashes, verdict
-from ingestd.spool import Quarantine, Spool
-from ingestd.worker import PeriodicWorker
+from ingestd.statedir import StateDirLockedError, lock_state_dir
+from ingestd.states import StudyState
 
 __all__ = ["Counts", "SourceFile", "Sources", "find_sources", "run_import"]
 
@@ -225,8 +223,7 @@ class _Importer(_Taker):
         self.config = config
         self.journal = journal
         self.lock = lock  # the state directory's lock, when the import holds it (no daemon runs)
-        self.spool = Spool(config.spool_dir, journal, min_free_bytes=config.spool.min_free_mb * 2**20)
-        self.quarantine = Quarantine(config.quarantine_dir, journal)
+        self.spool, self.quarantine = open_spool(config, journal)
         self.touched: dict[int, str] = {}  # batch id -> its state when the import first touched it
 
     def instance(self, prepared: PreparedInstance, source: Source) -> None:
@@ -285,21 +282,21 @@ class _Importer(_Taker):
 
         Should the daemon stop meanwhile, the import takes the state directory's lock and does the rest itself.
         """
-        workers: list[PeriodicWorker] = []
+        pipeline: Pipeline | None = None
         try:
             if self.lock is not None:
-                workers = self._start_workers(rules)
+                pipeline = self._start_pipeline(rules)
             while not self.finished():
                 progress.show(self.counts)
                 if self.lock is None:
                     self.lock = _try_lock(self.config)
                     if self.lock is not None:
                         log.warning("import.daemon_stopped", detail="the import routes and delivers the rest itself")
-                        workers = self._start_workers(rules)
+                        pipeline = self._start_pipeline(rules)
                 time.sleep(poll)
         finally:
-            for worker in reversed(workers):
-                worker.stop()
+            if pipeline is not None:
+                pipeline.stop()
 
     def close(self) -> None:
         self.journal.close()
@@ -307,15 +304,15 @@ class _Importer(_Taker):
             self.lock.close()
             self.lock = None
 
-    def _start_workers(self, rules: RuleSet) -> list[PeriodicWorker]:
-        router = Router(
-            self.journal, rules, self.config.state_dir, interval=_WORKER_SECONDS, failures=self.config.batch_failures
-        )
-        deliverer = Deliverer(self.journal, self.config, interval=_WORKER_SECONDS)
-        deliverer.rules = lambda: rules
-        router.start()
-        deliverer.start()
-        return [router, deliverer]
+    def _start_pipeline(self, rules: RuleSet) -> Pipeline:
+        """The router and the deliverer, started (the import completes its batches itself: no assembler)."""
+        pipeline = build_pipeline(self.journal, self.config, rules, assemble=False, interval=_WORKER_SECONDS)
+        try:
+            pipeline.start()
+        except BaseException:
+            pipeline.stop()
+            raise
+        return pipeline
 
     def summary(self) -> Iterator[str]:
         """The table of the touched batches: study digest, state, instances, XNAT labels, URI or held reason."""
@@ -550,9 +547,8 @@ def _run(
     progress = _Bar(out) if out.isatty() else _Lines(out)
     try:
         with logging_redirect_tqdm() if isinstance(progress, _Bar) else contextlib.nullcontext():
-            if importer.lock is not None:
-                with wait_for_receivers(config):  # no receiver of an earlier daemon may still be writing
-                    importer.spool.recover(importer.quarantine)
+            if importer.lock is not None:  # no receiver of an earlier daemon may still be writing: recover_spool waits
+                recover_spool(config, importer.spool, importer.quarantine)
             importer.take_all(sources, progress.show)
             importer.complete()
             counts.delivering = True

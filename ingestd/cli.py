@@ -16,6 +16,7 @@ from ingestd.config import Config, load_config
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
 from ingestd.logs import uid_digest
+from ingestd.states import StudyState
 
 __all__ = ["main"]
 
@@ -191,7 +192,7 @@ def _cmd_import(args: argparse.Namespace, config: Config) -> int:
 def _held_batches(journal: Journal, reference: str | None) -> list[int]:
     """The held batches a person named: by batch id, by study digest, original or outgoing Study Instance UID."""
     routes = journal.routes()
-    held = [batch for batch in journal.batches(("held",))]
+    held = [batch for batch in journal.batches((StudyState.HELD,))]
     if reference is None:
         return sorted(batch.id for batch in held)
     return sorted(
@@ -300,7 +301,7 @@ def _cmd_health(config: Config, timeout: float) -> int:
         try:
             journal = Journal(config.journal_path, read_only=True)
             try:
-                held = len(journal.batches(("held",)))
+                held = len(journal.batches((StudyState.HELD,)))
             finally:
                 journal.close()
         except Exception as exc:  # noqa: BLE001 - any failure to read the journal is unhealthy

@@ -1,14 +1,13 @@
-"""Wire the steps into threads and run them until SIGTERM or SIGINT.
+"""Run the service until SIGTERM or SIGINT: the pipeline (built by `ingestd.pipeline.build`) and the receivers.
 
-Start-up reconciles the spool with the journal (crash recovery), then starts the listener, one watcher per
-drop folder and the assembler. Stopping is graceful and bounded by `stop_timeout_seconds`: no new associations,
+Start-up reconciles the spool with the journal (crash recovery), then starts the pipeline's stages, one watcher
+per drop folder and the listener. Stopping is graceful and bounded by `stop_timeout_seconds`: no new associations,
 stores in flight finish, the current delivery step finishes or is abandoned (the journal resumes it), the
 journal is closed last.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import threading
@@ -21,35 +20,28 @@ from typing import IO, Any, Protocol
 import structlog
 
 from ingestd import __version__
-from ingestd.assemble import Assembler, CompletionPolicy
 from ingestd.config import Config, load_config
 from ingestd.deadline import ProcessDeadline
-from ingestd.deliver import Deliverer
-from ingestd.digestkey import load_digest_key
-from ingestd.errors import ConfigError, IngestdError
-from ingestd.fsmodes import restrict_tree, restrict_umask
+from ingestd.errors import ConfigError
 from ingestd.journal import Journal
-from ingestd.logs import use_digest_key
 from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer
 from ingestd.notify import SystemdNotifier
+from ingestd.pipeline.assemble import Assembler
+from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
+from ingestd.pipeline.deliver import Deliverer
+from ingestd.pipeline.route import Router
+from ingestd.pipeline.runner import PeriodicWorker, failure_text
 from ingestd.receive.listener import DicomListener, bind_listening_socket
-from ingestd.receive.pool import ReceiverPool, wait_for_receivers
+from ingestd.receive.pool import ReceiverPool
 from ingestd.receive.watcher import DropFolderWatcher
-from ingestd.route import Router
-from ingestd.rules import RuleSet, load_rules
-from ingestd.spool import Quarantine, Spool
+from ingestd.statedir import lock_state_dir
 from ingestd.wakeup import Wakeup
-from ingestd.worker import PeriodicWorker, failure_text
 
-__all__ = ["Daemon", "StateDirLockedError", "load_rules_for", "lock_state_dir"]
+__all__ = ["Daemon"]
 
 log = structlog.get_logger("ingestd.daemon")
 
 RELOAD_SECONDS = 60.0  # the deadline of a reload (reading the files again), when stop_timeout_seconds is shorter
-
-
-class StateDirLockedError(IngestdError):
-    """Another ingestd already runs on this state directory."""
 
 
 class _Service(Protocol):
@@ -62,51 +54,6 @@ def _name(service: _Service) -> str:
     return str(getattr(service, "name", type(service).__name__))
 
 
-def load_rules_for(config: Config) -> RuleSet | None:
-    """The configuration's rules, checked against its XNAT servers; raises ConfigError."""
-    rules = load_rules(config.rules) if config.rules else None
-    if rules is not None:
-        unknown = sorted({rule.route.server for rule in rules.rules} - set(config.xnat.servers))
-        if unknown and config.xnat.servers:
-            raise ConfigError(
-                "rules", [f"rules route to XNAT server(s) {', '.join(unknown)}, not defined under xnat.servers"]
-            )
-    return rules
-
-
-def lock_state_dir(state: Path) -> IO[str]:
-    """Take the state directory's lock (`ingestd.lock`, flock'd exclusively) and write our pid into it.
-
-    Held for as long as the returned file stays open: by the daemon while it runs, by `ingestd import` while it
-    works without one. Raises StateDirLockedError when another process holds it.
-
-    Whoever holds the lock writes into the state directory: from here on this process creates files 0640 and
-    folders 0750 whatever its umask was, what an earlier run left looser is tightened, and the installation's
-    digest key (made on first use) keys the path digests in its logs.
-    """
-    restrict_umask()
-    state.mkdir(parents=True, exist_ok=True, mode=0o750)
-    lock = (state / "ingestd.lock").open("a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise StateDirLockedError(
-            f"another ingestd is already running on {state} (it holds {state / 'ingestd.lock'})"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:
-        restrict_tree(state)
-        use_digest_key(load_digest_key(state))
-    except BaseException:
-        lock.close()
-        raise
-    return lock
-
-
 class Daemon:
     """The running service: spool, journal, listener, watchers and assembler over one state directory."""
 
@@ -115,9 +62,7 @@ class Daemon:
         self.config_path = config_path  # what SIGHUP reloads; None: reloading is not possible
         self.stopping = threading.Event()
         self._reload_requested = False
-        self._router: Router | None = None
-        self._deliverer: Deliverer | None = None
-        self._assembler: Assembler | None = None
+        self._pipeline: Pipeline | None = None
         self._lock_file: IO[str] | None = None
         self.journal: Journal | None = None
         self.listener: DicomListener | None = None
@@ -128,6 +73,18 @@ class Daemon:
         self._stop_requested_at: float | None = None  # time.monotonic() of the first SIGTERM/SIGINT
         self.abandoned: list[str] = []  # services still running when the last stop() gave up on them
 
+    @property
+    def _assembler(self) -> Assembler | None:
+        return None if self._pipeline is None else self._pipeline.assembler
+
+    @property
+    def _router(self) -> Router | None:
+        return None if self._pipeline is None else self._pipeline.router
+
+    @property
+    def _deliverer(self) -> Deliverer | None:
+        return None if self._pipeline is None else self._pipeline.deliverer
+
     def _lock_state_dir(self) -> None:
         self._lock_file = lock_state_dir(self.config.state_dir)
 
@@ -137,40 +94,23 @@ class Daemon:
         rules = load_rules_for(config)  # a bad rules file stops the start, nothing else
         self._lock_state_dir()
         self.journal = Journal(config.journal_path)
-        spool = Spool(config.spool_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
-        quarantine = Quarantine(config.quarantine_dir, self.journal)
-        with wait_for_receivers(config):  # no receiver of an earlier run may still be writing
-            spool.recover(quarantine)
+        spool, quarantine = open_spool(config, self.journal)
+        recover_spool(config, spool, quarantine)
         associations = AssociationCounters(config.listener.processes) if config.listener.enabled else None
         self._start_metrics(associations)
-        assembler = Assembler(
-            self.journal,
-            CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds),
-            failures=config.batch_failures,
-        )
-        assembler.wedged_after = config.wedged_worker_seconds
-        assembler.start()
-        self._services.append(assembler)
-        self._assembler = assembler
-        if rules is not None:
-            router = Router(self.journal, rules, config.state_dir, failures=config.batch_failures)
-            router.wedged_after = config.wedged_worker_seconds
-            router.start()
-            self._services.append(router)
-            self._router = router
+        self._pipeline = pipeline = build_pipeline(self.journal, config, rules)
+        try:
+            pipeline.start()
+        finally:
+            self._services.extend(pipeline.running)
+        if rules is None:
+            log.warning("daemon.rules_missing", detail="no rules configured: complete studies wait, nothing is routed")
+        else:
             log.info("daemon.rules_loaded", files=[str(path) for path in rules.sources], version=rules.version)
-            if config.xnat.servers:
-                deliverer = Deliverer(self.journal, config)
-                deliverer.rules = lambda: None if self._router is None else self._router.rules  # live, across reloads
-                deliverer.start()
-                self._services.append(deliverer)
-                self._deliverer = deliverer
-            else:
+            if pipeline.deliverer is None:
                 log.warning(
                     "daemon.xnat_missing", detail="no xnat.servers configured: routed studies wait, nothing is sent"
                 )
-        else:
-            log.warning("daemon.rules_missing", detail="no rules configured: complete studies wait, nothing is routed")
         for folder in config.drop_folders:
             watcher = DropFolderWatcher(folder, config.archives, spool, quarantine)
             watcher.start()
@@ -458,16 +398,8 @@ class Daemon:
             log.error("daemon.reload", outcome="refused", reason=failure_text(exc))
             return False
         old = self.config
-        if self._router is not None and rules is not None:
-            self._router.rules = rules
-        if self._deliverer is not None:
-            self._deliverer.reconfigure(new)
-        if self._assembler is not None:
-            self._assembler.policy = CompletionPolicy(new.study_idle_seconds, new.study_max_wait_seconds)
-        for worker in (self._assembler, self._router):
-            if worker is not None:
-                worker.wedged_after = new.wedged_worker_seconds
-                worker.failures = new.batch_failures
+        if self._pipeline is not None:
+            self._pipeline.reconfigure(new, rules)
         live = {
             "rules",
             "xnat",

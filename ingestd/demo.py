@@ -25,8 +25,9 @@ from pynetdicom import AE
 
 from ingestd.config import load_config
 from ingestd.daemon import Daemon
-from ingestd.journal import Journal, StudyState
+from ingestd.journal import Journal
 from ingestd.logs import configure_logging
+from ingestd.states import StudyState
 from ingestd.synthetic import mr_instance
 from ingestd.testing.xnat import FakeXnat
 

@@ -2,9 +2,9 @@
 
 Files and folders are read by the daemon's intake (`ingestd.receive.intake`: hidden and partial files passed over,
 archives opened, a missing preamble or file meta completed), grouped into studies, and given the same facts the
-router builds from the journal (`ingestd.route.study_facts`): as if dropped into a drop folder at the given path, or
+router builds from the journal (`ingestd.pipeline.route.study_facts`): as if dropped into a drop folder at the given path, or
 received over DICOM when `--calling-aet` is given. What happens to each study is the router's own decision
-(`ingestd.rules.verdict`), and `anonymize` writes through `ingestd.route.deidentify_file`, the daemon's own path.
+(`ingestd.rules.verdict`), and `anonymize` writes through `ingestd.pipeline.route.deidentify_file`, the daemon's own path.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from ingestd.deid.stream import open_instance
 from ingestd.dicomfile import PreparedInstance
 from ingestd.journal import BatchInstance
 from ingestd.logs import uid_digest
+from ingestd.pipeline.route import deidentify_file, header_facts, study_facts
 from ingestd.receive.intake import find_sources, read_source, source_name
-from ingestd.route import deidentify_file, header_facts, study_facts
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, explain_match
 from ingestd.rules.verdict import Screened, label_clashes, verdict
 

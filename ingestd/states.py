@@ -17,6 +17,9 @@ expects it. As pynetdicom declares its association state machine, the tables are
        |                       |          +-----> verify     |
        +-----------------------+------------------(resend)---+
 
+A held batch carries a `HoldCode`: why it stopped, and so what a person must do (docs/xnat.md and docs/rules.md
+say it for each).
+
 `importing` and `archiving` are committed *before* their request goes out: finding one means the request may or
 may not have reached XNAT, so the next step looks (`verify`) instead of asking again blindly. `verify` is where
 every decision is made, from what XNAT holds: done, send what is missing again, archive, or wait.
@@ -29,8 +32,11 @@ from enum import StrEnum
 
 __all__ = [
     "BATCH_TRANSITIONS",
+    "FAILED_HOLD",
     "RETRY_STEP",
     "STEP_TRANSITIONS",
+    "HoldCode",
+    "Stage",
     "Step",
     "StudyState",
     "UndeclaredTransitionError",
@@ -62,6 +68,69 @@ class Step(StrEnum):
     ARCHIVE = "archive"  # archive the READY prearchive session holding instances of ours
     ARCHIVING = "archiving"  # committed before the archive request: it may or may not have been carried out
     DONE = "done"
+
+
+class HoldCode(StrEnum):
+    """Why a batch is held. The values are stored in the journal and shown by `ingestd status`: never rename them.
+
+    Codes are declared here whichever module raises them: the rules (`ingestd.rules.decide`), the
+    de-identification (`DeidError.code`), the XNAT client (`XnatError.code`) and the pipeline's own stages.
+    """
+
+    # A stage failed `batch_failures.max_attempts` times with an error no code expected.
+    ASSEMBLE_FAILED = "assemble-failed"
+    ROUTE_FAILED = "route-failed"
+    PACKAGE_FAILED = "package-failed"
+    DELIVER_FAILED = "deliver-failed"
+    # Routing: the rules (ingestd.rules.match).
+    EMPTY = "empty"  # the study has no series
+    UNROUTED = "unrouted"  # no rule matches (or the named rule does not exist)
+    ALL_SERIES_DROPPED = "all-series-dropped"
+    LABEL = "label"  # a label template cannot be filled from the study's headers
+    # Routing: reading the spool, writing the outbox.
+    SPOOL = "spool"
+    OUTBOX = "outbox"
+    # Routing: the profile's screening and de-identification (ingestd.deid).
+    BURNED_IN = "burned-in"
+    STRUCTURED_CONTENT = "structured-content"
+    UNREADABLE = "unreadable"
+    ENCODE = "encode"
+    ENGINE = "engine"
+    OVERRIDE = "override"
+    LOOKUP = "lookup"
+    DATE = "date"
+    # Delivery: the configuration, and what XNAT holds or answered.
+    NO_SERVER = "no-server"
+    NOTHING_TO_SEND = "nothing-to-send"
+    LABEL_TAKEN = "label-taken"
+    NOT_READY = "not-ready"
+    INCOMPLETE = "incomplete"
+    XNAT_SPLIT = "xnat-split"
+    XNAT_MISFILED = "xnat-misfiled"
+    XNAT_CONFLICT = "xnat-conflict"
+    XNAT_UNREACHABLE = "xnat-unreachable"
+    # Delivery: XnatError.code (ingestd.xnat).
+    XNAT_REFUSED = "xnat-refused"
+    XNAT_LOGIN_REFUSED = "xnat-login-refused"
+    XNAT_REDIRECT = "xnat-redirect"
+
+
+class Stage(StrEnum):
+    """A stage of the pipeline that works on batches: the `stage` of its failure log events and metrics."""
+
+    ASSEMBLE = "assemble"
+    ROUTE = "route"
+    PACKAGE = "package"  # the delivery's `package` step, counted apart: a full disk is not XNAT's fault
+    DELIVER = "deliver"
+
+
+# The hold code of a stage's repeated unexpected failure.
+FAILED_HOLD: Mapping[Stage, HoldCode] = {
+    Stage.ASSEMBLE: HoldCode.ASSEMBLE_FAILED,
+    Stage.ROUTE: HoldCode.ROUTE_FAILED,
+    Stage.PACKAGE: HoldCode.PACKAGE_FAILED,
+    Stage.DELIVER: HoldCode.DELIVER_FAILED,
+}
 
 
 BATCH_TRANSITIONS: Mapping[StudyState, frozenset[StudyState]] = {

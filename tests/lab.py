@@ -21,10 +21,10 @@ import pytest
 from pydicom.uid import generate_uid
 
 from ingestd.config import Config, parse_config
-from ingestd.deliver import Deliverer
 from ingestd.header import read_file_header
 from ingestd.journal import BatchRow, Journal, Source
-from ingestd.route import Router
+from ingestd.pipeline.deliver import Deliverer
+from ingestd.pipeline.route import Router
 from ingestd.rules import load_rules
 from ingestd.spool import Spool
 from ingestd.states import StudyState

@@ -7,9 +7,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingestd.assemble import Assembler, CompletionPolicy, is_complete
 from ingestd.header import InstanceHeader
 from ingestd.journal import Journal, Source
+from ingestd.pipeline.assemble import Assembler, CompletionPolicy, is_complete
 from ingestd.spool import Spool
 
 POLICY = CompletionPolicy(idle_seconds=60, max_wait_seconds=600)

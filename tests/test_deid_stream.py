@@ -33,7 +33,7 @@ from pydicom.uid import (
 from ingestd.deid.engine import DeidError, Labels, anonymize, screen
 from ingestd.deid.profile import Override, Profile
 from ingestd.deid.stream import open_instance
-from ingestd.route import deidentify_file
+from ingestd.pipeline.route import deidentify_file
 from tests.dicom import make_instance
 
 KEY = bytes(range(32))

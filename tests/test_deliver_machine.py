@@ -142,10 +142,10 @@ class DeliveryMachine(RuleBasedStateMachine):
             if requests_left[0] == 0:
                 raise Crash
 
-        old = self.lab.deliverer._clients.pop("main", None)  # the test's own crash point
+        old = self.lab.deliverer.servers.clients.pop("main", None)  # the test's own crash point
         if old is not None:
             old.close()
-        self.lab.deliverer._clients["main"] = XnatClient("main", server, progress=progress)
+        self.lab.deliverer.servers.clients["main"] = XnatClient("main", server, progress=progress)
 
     @invariant()
     def nothing_acknowledged_is_gone(self) -> None:

@@ -95,7 +95,7 @@ LAUNCHER = """\
 import os, re, sys
 from pathlib import Path
 
-from ingestd.assemble import Assembler
+from ingestd.pipeline.assemble import Assembler
 
 trigger = Path(os.environ["INGESTD_TEST_HANG_FILE"])
 kind = os.environ["INGESTD_TEST_HANG"]

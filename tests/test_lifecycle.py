@@ -28,10 +28,10 @@ import pytest
 from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
-from ingestd.assemble import Assembler
 from ingestd.config import Credentials, XnatServer, parse_config
 from ingestd.daemon import Daemon
-from ingestd.deliver import wedge_limit
+from ingestd.pipeline.assemble import Assembler
+from ingestd.pipeline.deliver import wedge_limit
 from ingestd.testing.xnat import FakeXnat
 from ingestd.xnat import XnatClient
 from tests.dicom import encode, make_instance, make_study, write_instances

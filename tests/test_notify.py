@@ -61,9 +61,9 @@ def test_daemon_notifies_systemd(
 
 def test_a_dead_worker_stops_the_daemon_with_status_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No silent half-alive state: a worker thread that ended makes run() stop everything and return 1."""
-    from ingestd.assemble import Assembler  # noqa: PLC0415
     from ingestd.config import parse_config  # noqa: PLC0415
     from ingestd.daemon import Daemon  # noqa: PLC0415
+    from ingestd.pipeline.assemble import Assembler  # noqa: PLC0415
 
     monkeypatch.setattr(Assembler, "_run", lambda self: None)  # the assembler's thread ends at once
     monkeypatch.setenv("WATCHDOG_USEC", "200000")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.deliver import backoff_seconds
 from ingestd.journal import Outgoing
-from ingestd.package import write_package
+from ingestd.pipeline.deliver import backoff_seconds
+from ingestd.pipeline.package import write_package
 
 
 def _outgoing(state: Path, count: int) -> list[Outgoing]:

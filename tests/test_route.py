@@ -13,7 +13,7 @@ from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from ingestd.header import read_file_header
 from ingestd.journal import Journal, Source, StudyState
-from ingestd.route import Router, path_parts
+from ingestd.pipeline.route import Router, path_parts
 from ingestd.rules import load_rules
 from ingestd.spool import Spool
 from tests.dicom import encode, make_instance, make_study

@@ -5,6 +5,7 @@ Also: a journal written by the previous schema is migrated in place when the dae
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from contextlib import closing
@@ -14,10 +15,14 @@ import pytest
 
 from ingestd.header import InstanceHeader
 from ingestd.journal import SCHEMA_VERSION, Journal, JournalVersionError, Outgoing, RouteRecord, Source
+from ingestd.pipeline.deliver import STEPS
 from ingestd.states import (
     BATCH_TRANSITIONS,
+    FAILED_HOLD,
     RETRY_STEP,
     STEP_TRANSITIONS,
+    HoldCode,
+    Stage,
     Step,
     StudyState,
     UndeclaredTransitionError,
@@ -35,6 +40,26 @@ def test_every_state_and_step_is_in_its_table_and_every_target_is_known() -> Non
     assert set(RETRY_STEP) == set(Step)
     for targets in [*BATCH_TRANSITIONS.values(), *STEP_TRANSITIONS.values()]:
         assert targets <= set(StudyState) | set(Step)
+
+
+def test_every_step_but_done_has_its_handler_in_the_delivery_dispatch() -> None:
+    assert set(STEPS) == set(Step) - {Step.DONE}
+
+
+def test_every_hold_code_raised_anywhere_is_declared() -> None:
+    """The rules, the de-identification and the XNAT client name their hold codes as strings (`code="..."`,
+    `DeidError("...", ...)`): each must be a declared HoldCode, or the stage that holds with it fails."""
+    package = Path(__file__).parent.parent / "ingestd"
+    pattern = re.compile(r'(?:\bcode: str = |\bcode=|DeidError\(\s*)"([a-z-]+)"')
+    found = {
+        code
+        for path in package.rglob("*.py")
+        if "testing" not in path.parts
+        for code in pattern.findall(path.read_text(encoding="utf-8"))
+    }
+    assert found, "the pattern no longer finds the hold codes: update this test"
+    assert found <= {code.value for code in HoldCode}
+    assert set(FAILED_HOLD) == set(Stage)
 
 
 def test_every_step_can_reach_done_and_done_is_final() -> None:

@@ -101,7 +101,7 @@ def check_xnat(
         raise ConfigError("xnat", [f"no XNAT server named {server} under xnat.servers (configured: {known})"])
     if not servers:
         return [Finding("error", "xnat", "no XNAT server is configured", "add one under xnat.servers")]
-    from ingestd.daemon import load_rules_for  # noqa: PLC0415 - the rules compiler is only needed here
+    from ingestd.pipeline.build import load_rules_for  # noqa: PLC0415 - the rules compiler is only needed here
 
     rules = load_rules_for(config)  # before any request: rules that do not load are a configuration error
     findings: list[Finding] = []

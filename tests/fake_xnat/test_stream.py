@@ -51,7 +51,8 @@ def zipped(
     seekable: bool = True,
     force_zip64: bool = False,
 ) -> bytes:
-    """The datasets as dicom/IM<n>.dcm; ingestd's zips are `seekable=True, force_zip64=True` (ingestd/package.py)."""
+    """The datasets as dicom/IM<n>.dcm; ingestd's zips are `seekable=True, force_zip64=True`
+    (ingestd/pipeline/package.py)."""
     sink: Any = io.BytesIO() if seekable else _Unseekable()
     with zipfile.ZipFile(sink, "w") as archive:
         for index, ds in enumerate(datasets):

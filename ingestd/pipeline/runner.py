@@ -1,4 +1,15 @@
-"""The shape every background step of the daemon shares: a thread that checks the journal every so often."""
+"""The one loop every stage of the pipeline runs in.
+
+A stage (`Assembler`, `Router`, `Deliverer`) is a `BatchWorker`: a thread that, every `interval` seconds, asks
+the stage which batches are due (`due`) and hands each to `process`, one at a time, in that order. The loop does
+the rest, the same way for every stage:
+
+- each batch is isolated: an exception no code expected in one batch is contained to it, and the others go on;
+- progress is reported (`beat`) before each batch, so that the daemon's watchdog can tell slow from wedged;
+- the failed batch is counted in the journal and the metrics, logged, and due again after a back-off that doubles
+  (`batch_failures.initial_seconds` .. `max_seconds`);
+- after `batch_failures.max_attempts` failures it is held with the stage's `FAILED_HOLD` code and the last error.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import structlog
 
@@ -13,13 +27,17 @@ from ingestd.config import BatchFailures
 from ingestd.journal import BatchRow, Journal
 from ingestd.logs import redact_value
 from ingestd.metrics import STAGE_FAILURES
+from ingestd.states import FAILED_HOLD, HoldCode, Stage
 
 __all__ = [
     "BatchFailures",
+    "BatchWorker",
+    "Failure",
     "PeriodicWorker",
     "count_batch_failure",
     "failure_backoff",
     "failure_text",
+    "note_failure",
     "record_stage_failure",
 ]
 
@@ -99,6 +117,70 @@ class PeriodicWorker:
                 self.last_finished = time.monotonic()
 
 
+class BatchWorker(PeriodicWorker):
+    """A stage of the pipeline: says which batches are `due` and how to `process` one; the loop is `check`."""
+
+    stage: ClassVar[Stage]
+
+    def __init__(self, journal: Journal, interval: float, failures: BatchFailures | None = None) -> None:
+        super().__init__(interval)
+        self.journal = journal
+        self.failures = failures or BatchFailures()
+
+    def due(self, now: float) -> Iterable[BatchRow]:
+        """The batches to process in this check, in order (a generator may stop early: the loop asks lazily)."""
+        raise NotImplementedError
+
+    def process(self, batch: BatchRow, now: float) -> int:
+        """Do the stage's work on one batch; return how much was done (a batch, or the steps taken)."""
+        raise NotImplementedError
+
+    def hold(self, batch: BatchRow, code: HoldCode, reason: str) -> None:
+        """Hold `batch` with `code` and `reason`, and log it."""
+        raise NotImplementedError
+
+    def failed(self, batch: BatchRow, exc: Exception) -> None:
+        """One unexpected failure of `batch` (called inside the `except`): counted, retried later, held after
+        `failures.max_attempts`."""
+        reason = count_batch_failure(self.journal, self.stage, batch, exc, self.failures)
+        if reason is not None:
+            self.hold(batch, FAILED_HOLD[self.stage], reason)
+
+    def check(self, now: float | None = None) -> int:
+        """Process every due batch, each on its own; return how many were processed (a failed one counts as
+        one). Stops between batches once the worker is stopping."""
+        now = time.time() if now is None else now
+        done = 0
+        for batch in self.due(now):
+            if self.stopping:
+                break
+            self.beat()
+            try:
+                done += self.process(batch, now)
+            except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
+                self.failed(batch, exc)
+                done += 1
+        return done
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One more unexpected failure of a batch in a stage, counted and logged: when it is tried again, or held."""
+
+    failures: int  # this one included
+    wait: float  # seconds before the batch is due again; 0 when it is held now
+    held: bool
+    error: str  # the error as `failure_text` gives it
+
+
+def note_failure(stage: Stage, exc: BaseException, *, batch_id: int, failures: int, policy: BatchFailures) -> Failure:
+    """Count and log the `failures`-th failure of a batch (call it inside the `except`); say what follows."""
+    held = failures >= policy.max_attempts
+    wait = 0.0 if held else failure_backoff(failures, policy)
+    record_stage_failure(stage, exc, batch_id=batch_id, failures=failures, retry_seconds=wait)
+    return Failure(failures, wait, held, failure_text(exc))
+
+
 def failure_text(exc: BaseException) -> str:
     """An unexpected error as a line for the journal, the log and `ingestd status`: its kind and message, with
     UIDs as digests (a spool path is made of them) and an OSError by its description only (never a path)."""
@@ -115,20 +197,19 @@ def failure_backoff(failures: int, policy: BatchFailures) -> float:
 
 
 def count_batch_failure(
-    journal: Journal, stage: str, batch: BatchRow, exc: BaseException, policy: BatchFailures
+    journal: Journal, stage: Stage, batch: BatchRow, exc: BaseException, policy: BatchFailures
 ) -> str | None:
     """One unexpected failure of `batch` in `stage` (call it inside the `except`): counted in the journal and the
     metrics, logged, and the batch due again after a back-off. Returns the reason to hold it with once
     `policy.max_attempts` is reached, else None."""
-    failures = batch.failures + 1
-    held = failures >= policy.max_attempts
-    wait = 0.0 if held else failure_backoff(failures, policy)
-    record_stage_failure(stage, exc, batch_id=batch.id, failures=failures, retry_seconds=wait)
-    journal.record_failure(batch.id, batch.state, time.time() + wait)
-    return f"{stage}: failed {failures} times, last: {failure_text(exc)}" if held else None
+    failure = note_failure(stage, exc, batch_id=batch.id, failures=batch.failures + 1, policy=policy)
+    journal.record_failure(batch.id, batch.state, time.time() + failure.wait)
+    return f"{stage}: failed {failure.failures} times, last: {failure.error}" if failure.held else None
 
 
-def record_stage_failure(stage: str, exc: BaseException, *, batch_id: int, failures: int, retry_seconds: float) -> None:
+def record_stage_failure(
+    stage: Stage, exc: BaseException, *, batch_id: int, failures: int, retry_seconds: float
+) -> None:
     """Count and log one failure of a batch in a stage (call it inside the `except`): with the traceback the
     first time, as one line after that; `retry_seconds` is when it is tried again (0: it is held now)."""
     kind = type(exc).__name__

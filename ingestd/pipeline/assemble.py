@@ -2,12 +2,14 @@
 
 C-STORE carries no "study done" signal, so completion is a policy: quiet for `study_idle_seconds` since
 the last instance, or waiting longer than `study_max_wait_seconds` since the first. The decision is a pure
-function of the batch's times and `now`; the loop around it is the only part that touches the journal.
+function of the batch's times and `now`; the `Assembler` around it is the only part that touches the journal,
+and runs in the loop every stage shares (`ingestd.pipeline.runner`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -15,8 +17,8 @@ import structlog
 from ingestd.config import BatchFailures
 from ingestd.journal import BatchRow, Journal
 from ingestd.logs import uid_digest
-from ingestd.states import StudyState
-from ingestd.worker import PeriodicWorker, count_batch_failure
+from ingestd.pipeline.runner import BatchWorker
+from ingestd.states import HoldCode, Stage, StudyState
 
 __all__ = ["Assembler", "CompletionPolicy", "is_complete"]
 
@@ -34,10 +36,11 @@ def is_complete(first_received: float, last_received: float, now: float, policy:
     return now - last_received >= policy.idle_seconds or now - first_received >= policy.max_wait_seconds
 
 
-class Assembler(PeriodicWorker):
+class Assembler(BatchWorker):
     """A thread that moves quiet batches from `receiving` to `complete`."""
 
     name = "assembler"
+    stage = Stage.ASSEMBLE
 
     def __init__(
         self,
@@ -46,26 +49,15 @@ class Assembler(PeriodicWorker):
         interval: float = 1.0,
         failures: BatchFailures | None = None,
     ) -> None:
-        super().__init__(interval)
-        self.journal = journal
+        super().__init__(journal, interval, failures)
         self.policy = policy
-        self.failures = failures or BatchFailures()
 
-    def check(self, now: float | None = None) -> int:
-        """Complete every batch that is due; return how many were completed. A batch that fails is on its own:
-        counted, tried again with back-off, held after `failures.max_attempts`; the others go on."""
-        now = time.time() if now is None else now
-        completed = 0
+    def due(self, now: float) -> Iterator[BatchRow]:
         for batch in self.journal.batches((StudyState.RECEIVING,)):
-            if batch.retry_at > now or not is_complete(batch.first_received, batch.last_received, now, self.policy):
-                continue
-            try:
-                completed += self._complete(batch, now)
-            except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
-                self._failed(batch, exc)
-        return completed
+            if batch.retry_at <= now and is_complete(batch.first_received, batch.last_received, now, self.policy):
+                yield batch
 
-    def _complete(self, batch: BatchRow, now: float) -> int:
+    def process(self, batch: BatchRow, now: float) -> int:
         if not self.journal.complete_batch(batch.id, batch.last_received, now):
             return 0  # an instance arrived meanwhile
         log.info(
@@ -79,9 +71,6 @@ class Assembler(PeriodicWorker):
         )
         return 1
 
-    def _failed(self, batch: BatchRow, exc: Exception) -> None:
-        reason = count_batch_failure(self.journal, "assemble", batch, exc, self.failures)
-        if reason is not None and self.journal.hold_batch(
-            batch.id, "assemble-failed", reason, time.time(), from_state=StudyState.RECEIVING
-        ):
+    def hold(self, batch: BatchRow, code: HoldCode, reason: str) -> None:
+        if self.journal.hold_batch(batch.id, code, reason, time.time(), from_state=StudyState.RECEIVING):
             log.warning("assemble.held", batch_id=batch.id, study=uid_digest(batch.study_uid), reason=reason)

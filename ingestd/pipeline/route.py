@@ -1,7 +1,7 @@
 """Routing: apply the rules to every complete batch and write what will leave, de-identified by its profile.
 
 For each batch in `complete` (oldest first), the router reads one representative header per series, asks the
-rules (`ingestd.rules.decide`, pure) for a route, and then either holds the batch with the reason, or writes
+rules (`ingestd.rules.verdict`, pure: the rule, its labels and the profile's screening) for a route, and then either holds the batch with the reason, or writes
 its outgoing instances and moves it to `routed` in one journal transaction:
 
 - without a profile, the outgoing instances are the spooled files themselves;
@@ -35,11 +35,11 @@ from ingestd.header import is_valid_uid
 from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRecord
 from ingestd.logs import path_digest, uid_digest
 from ingestd.metrics import stage_seconds
+from ingestd.pipeline.runner import BatchWorker
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, identifying_labels
 from ingestd.rules.verdict import Screened, verdict
 from ingestd.spool import fsync_dir, make_dirs_durably
-from ingestd.states import StudyState
-from ingestd.worker import PeriodicWorker, count_batch_failure
+from ingestd.states import HoldCode, Stage, StudyState
 
 __all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
@@ -125,15 +125,22 @@ def deidentify_file(path: Path, profile: Profile, labels: Labels, folder: Path) 
         out = anonymize(instance.dataset, profile, labels)
         uids = [str(out.get(keyword, "")) for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
         if not all(is_valid_uid(uid) for uid in uids):
-            raise DeidError("engine", "the de-identified instance has no valid Study, Series or SOP Instance UID")
+            raise DeidError(
+                HoldCode.ENGINE, "the de-identified instance has no valid Study, Series or SOP Instance UID"
+            )
         size = write_instance(out, folder / f"{uids[2]}.dcm")
     return Written(uids[0], uids[1], uids[2], size)
 
 
-class Router(PeriodicWorker):
-    """A thread that routes complete batches, one at a time, oldest first."""
+class Router(BatchWorker):
+    """A thread that routes complete batches, one at a time, oldest first.
+
+    Each batch is on its own (the runner's loop): an error no code expected (a spool file pydicom cannot read, say)
+    is counted against that batch only, which is tried again with back-off and held after `failures.max_attempts`.
+    """
 
     name = "router"
+    stage = Stage.ROUTE
 
     def __init__(
         self,
@@ -143,13 +150,11 @@ class Router(PeriodicWorker):
         interval: float = 1.0,
         failures: BatchFailures | None = None,
     ) -> None:
-        super().__init__(interval)
-        self.journal = journal
+        super().__init__(journal, interval, failures)
         self.rules = rules
         self.state_dir = state_dir
         self.spool_dir = state_dir / "spool"
         self.outbox = state_dir / "outbox"
-        self.failures = failures or BatchFailures()
 
     def start(self) -> None:
         self.recover()
@@ -165,32 +170,17 @@ class Router(PeriodicWorker):
                 shutil.rmtree(entry, ignore_errors=True)
         fsync_dir(self.outbox)
 
-    def check(self) -> int:
-        """Route every complete batch that is due; return how many were handled (routed, held or failed).
+    def due(self, now: float) -> list[BatchRow]:
+        batches = sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id)
+        return [batch for batch in batches if batch.retry_at <= now]
 
-        Each batch is on its own: an error no code expected (a spool file pydicom cannot read, say) is counted
-        against that batch only, which is tried again with back-off and held after `failures.max_attempts`.
-        """
-        handled = 0
-        now = time.time()
-        for batch in sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id):
-            if self.stopping:
-                break
-            if batch.retry_at > now:
-                continue
-            self.beat()
-            try:
-                self.route(batch)
-            except Exception as exc:  # noqa: BLE001 - contained to this batch; counted, retried, then held
-                shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
-                self._failed(batch, exc)
-            handled += 1
-        return handled
+    def process(self, batch: BatchRow, now: float) -> int:
+        self.route(batch)
+        return 1
 
-    def _failed(self, batch: BatchRow, exc: Exception) -> None:
-        reason = count_batch_failure(self.journal, "route", batch, exc, self.failures)
-        if reason is not None:
-            self._hold(batch, "route-failed", reason)
+    def failed(self, batch: BatchRow, exc: Exception) -> None:
+        shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
+        super().failed(batch, exc)
 
     # -- one batch -------------------------------------------------------------------------------------
 
@@ -200,13 +190,13 @@ class Router(PeriodicWorker):
         try:
             facts = study_facts(batch.study_uid, instances, self._headers(instances))
         except OSError as exc:
-            self._hold(batch, "spool", f"spool: a spooled instance cannot be read ({exc.strerror})")
+            self._hold(batch, HoldCode.SPOOL, f"{HoldCode.SPOOL}: a spooled instance cannot be read ({exc.strerror})")
             return
         rules = self.rules  # one rules version for the whole batch, even if SIGHUP swaps them meanwhile
         screened = [Screened(i.series_uid, i.sop_class_uid, i.modality) for i in instances]
         decision = verdict(rules, facts, screened)  # as `explain` and `import --dry-run` predict it
         if isinstance(decision, Held):
-            self._hold(batch, decision.code, f"{decision.code}: {decision.reason}", rule=decision.rule)
+            self._hold(batch, HoldCode(decision.code), f"{decision.code}: {decision.reason}", rule=decision.rule)
             return
         profile = rules.profiles.get(decision.profile) if decision.profile else None
         kept = [i for i in instances if i.series_uid in set(decision.kept_series)]
@@ -217,13 +207,12 @@ class Router(PeriodicWorker):
                 else (batch.study_uid, [self._as_spooled(i) for i in kept])
             )
         except DeidError as exc:
-            self._hold(batch, exc.code, f"{exc.code}: {exc.reason}", rule=decision.rule)
+            self._hold(batch, HoldCode(exc.code), f"{exc.code}: {exc.reason}", rule=decision.rule)
             return
         except OSError as exc:
             shutil.rmtree(self.outbox / f".tmp-{batch.id}", ignore_errors=True)
-            self._hold(
-                batch, "outbox", f"outbox: cannot write the outgoing instances ({exc.strerror})", rule=decision.rule
-            )
+            reason = f"{HoldCode.OUTBOX}: cannot write the outgoing instances ({exc.strerror})"
+            self._hold(batch, HoldCode.OUTBOX, reason, rule=decision.rule)
             return
         record = RouteRecord(
             rule=decision.rule,
@@ -309,10 +298,13 @@ class Router(PeriodicWorker):
             raise
         if len(study_uids) != 1:
             shutil.rmtree(final, ignore_errors=True)
-            raise DeidError("engine", f"the batch's instances left with {len(study_uids)} Study Instance UIDs")
+            raise DeidError(HoldCode.ENGINE, f"the batch's instances left with {len(study_uids)} Study Instance UIDs")
         return study_uids.pop(), outgoing
 
-    def _hold(self, batch: BatchRow, code: str, reason: str, rule: str | None = None) -> None:
+    def hold(self, batch: BatchRow, code: HoldCode, reason: str) -> None:
+        self._hold(batch, code, reason)
+
+    def _hold(self, batch: BatchRow, code: HoldCode, reason: str, rule: str | None = None) -> None:
         if self.journal.hold_batch(batch.id, code, reason, time.time()):
             log.warning(
                 "route.held", batch_id=batch.id, study=uid_digest(batch.study_uid), rule=rule, code=code, reason=reason
