@@ -2,9 +2,10 @@
 
 Files and folders are read by the daemon's intake (`ingestd.receive.intake`: hidden and partial files passed over,
 archives opened, a missing preamble or file meta completed), grouped into studies, and given the same facts the
-router builds from the journal (`ingestd.pipeline.route.study_facts`): as if dropped into a drop folder at the given path, or
-received over DICOM when `--calling-aet` is given. What happens to each study is the router's own decision
-(`ingestd.rules.verdict`), and `anonymize` writes through `ingestd.pipeline.route.deidentify_file`, the daemon's own path.
+router builds from the journal (`ingestd.pipeline.route.study_facts`): as if dropped into a drop folder at the given
+path, or received over DICOM when `--calling-aet` is given. What happens to each study is the router's own decision
+(`ingestd.rules.verdict`), and `anonymize` writes through `ingestd.pipeline.route.deidentify_file`, the daemon's own
+path.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Routing: apply the rules to every complete batch and write what will leave, de-identified by its profile.
 
 For each batch in `complete` (oldest first), the router reads one representative header per series, asks the
-rules (`ingestd.rules.verdict`, pure: the rule, its labels and the profile's screening) for a route, and then either holds the batch with the reason, or writes
-its outgoing instances and moves it to `routed` in one journal transaction:
+rules (`ingestd.rules.verdict`, pure: the rule, its labels and the profile's screening) for a route, and then
+either holds the batch with the reason, or writes its outgoing instances and moves it to `routed` in one journal
+transaction:
 
 - without a profile, the outgoing instances are the spooled files themselves;
 - with a profile, every kept instance is screened and de-identified (`ingestd.deid`) into
