@@ -35,6 +35,7 @@ from ingestd.deid.keyed import date_offset_days, pseudonym, remap_uid, shift_da,
 from ingestd.deid.profile import Override, Profile
 from ingestd.deid.table import OPTION_CODES, OPTION_MEANINGS, Table, load_table
 from ingestd.errors import IngestdError
+from ingestd.states import HoldCode
 
 __all__ = ["Change", "DeidError", "Labels", "anonymize", "screen"]
 
@@ -46,7 +47,7 @@ IMPLEMENTATION_VERSION = ("INGESTD_" + ingestd.__version__.replace(".", "_"))[:1
 class DeidError(IngestdError):
     """A data set cannot be de-identified safely; the study is held with `code` and `reason`."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: HoldCode, reason: str) -> None:
         self.code = code
         self.reason = reason
         super().__init__(reason)
@@ -129,11 +130,11 @@ def screen(ds: Dataset, profile: Profile) -> None:
     modality = str(ds.get("Modality", "")).strip().upper()
     burned_in = str(ds.get("BurnedInAnnotation", "")).strip().upper()
     if burned_in == "YES":
-        raise DeidError("burned-in", "Burned In Annotation is YES and ingestd does not clean pixel data")
+        raise DeidError(HoldCode.BURNED_IN, "Burned In Annotation is YES and ingestd does not clean pixel data")
     structured = sop_class.startswith(_STRUCTURED_PREFIXES) or modality in ("SR", "KO", "PR")
     if structured and "clean-structured-content" not in profile.options:
         raise DeidError(
-            "structured-content",
+            HoldCode.STRUCTURED_CONTENT,
             f"SOP class {sop_class or '(none)'} carries free-text content; drop the series with a "
             "drop_series filter or enable clean-structured-content",
         )
@@ -144,7 +145,7 @@ def screen(ds: Dataset, profile: Profile) -> None:
     )
     if not structured and risky and (profile.burned_in == "hold" or burned_in != "NO"):
         raise DeidError(
-            "burned-in",
+            HoldCode.BURNED_IN,
             f"SOP class {sop_class or '(none)'} / modality {modality or '(none)'} often has text burned into "
             "the pixels; drop the series or set burned_in: trust-header if the header says NO",
         )
@@ -188,7 +189,7 @@ def anonymize(ds: Dataset, profile: Profile, labels: Labels, changes: list[Chang
     except DeidError:
         raise
     except Exception as exc:  # noqa: BLE001 - fail closed: never hand on a half-processed data set
-        raise DeidError("engine", f"de-identification failed: {type(exc).__name__}") from None
+        raise DeidError(HoldCode.ENGINE, f"de-identification failed: {type(exc).__name__}") from None
     _write_method(out, profile)
     out.file_meta = _file_meta(ds, out)
     out.preamble = b"\x00" * 128
@@ -344,10 +345,10 @@ def _apply_override(elem: DataElement, override: Override, out: Dataset, run: _R
         _put(out, run, where, elem, "keep", why, new)
     elif action == "uid":
         if elem.VR != "UI":  # a sequence or text would silently become one made-up UID
-            raise DeidError("override", f"override 'uid' cannot apply to {where}, whose VR is {elem.VR}")
+            raise DeidError(HoldCode.OVERRIDE, f"override 'uid' cannot apply to {where}, whose VR is {elem.VR}")
         _put(out, run, where, elem, "remap UID", why, _remap(elem, run))
     elif elem.VR in ("SQ", "UN") or elem.VR in _BINARY or elem.VR in _NUMERIC_BINARY:
-        raise DeidError("override", f"override '{action}' cannot apply to {where}, whose VR is {elem.VR}")
+        raise DeidError(HoldCode.OVERRIDE, f"override '{action}' cannot apply to {where}, whose VR is {elem.VR}")
     elif action == "replace":
         value = (override.value or "").format(
             project=run.labels.project, subject=run.labels.subject, session=run.labels.session
@@ -363,7 +364,8 @@ def _apply_override(elem: DataElement, override: Override, out: Dataset, run: _R
             found = override.table.get(value.strip()) if override.table is not None else None
             if found is None:
                 raise DeidError(
-                    "lookup", f"the lookup table {override.table_name or ''} has no entry for the value of {where}"
+                    HoldCode.LOOKUP,
+                    f"the lookup table {override.table_name or ''} has no entry for the value of {where}",
                 )
             return found
 
@@ -372,7 +374,7 @@ def _apply_override(elem: DataElement, override: Override, out: Dataset, run: _R
         pattern, replacement = override.pattern, override.replacement
         _put(out, run, where, elem, "regex", why, _map_values(elem, lambda v: pattern.sub(replacement, v)))
     else:  # pragma: no cover - the loader only builds the actions above
-        raise DeidError("override", f"unknown override action for {where}")
+        raise DeidError(HoldCode.OVERRIDE, f"unknown override action for {where}")
 
 
 def _sweep(elem: DataElement, out: Dataset, run: _Run, table: Table, where: str) -> None:  # noqa: PLR0912 - one branch per VR family
@@ -441,7 +443,7 @@ def _sequence(elem: DataElement, run: _Run, table: Table, where: str) -> DataEle
 
 def _remap(elem: DataElement, run: _Run) -> DataElement:
     if elem.VR == "UN":
-        raise DeidError("engine", "a UID element could not be decoded")
+        raise DeidError(HoldCode.ENGINE, "a UID element could not be decoded")
     if int(elem.tag) in _STRUCTURAL_UID_TAGS:
         return elem
     return _map_values(elem, lambda value: UID(run.uid(value)), vr="UI")
@@ -493,7 +495,7 @@ def _dummy(elem: DataElement, run: _Run) -> DataElement:
         if not str(elem.value or "").strip():
             return DataElement(elem.tag, vr, "ANONYMIZED"[: _MAX_LENGTH.get(vr, 64)])
         return _map_values(elem, lambda v: _pseudo(run, v, vr) if v.strip() else "ANON")
-    raise DeidError("engine", f"no dummy value for VR {vr}")
+    raise DeidError(HoldCode.ENGINE, f"no dummy value for VR {vr}")
 
 
 def _shift(elem: DataElement, run: _Run, where: str) -> DataElement:
@@ -501,7 +503,7 @@ def _shift(elem: DataElement, run: _Run, where: str) -> DataElement:
     if vr == "TM":
         return elem
     if vr not in ("DA", "DT"):
-        raise DeidError("date", f"{where} is not a date (VR {vr}) and cannot be shifted")
+        raise DeidError(HoldCode.DATE, f"{where} is not a date (VR {vr}) and cannot be shifted")
     shift = shift_da if vr == "DA" else shift_dt
 
     def one(value: str) -> str:
@@ -510,7 +512,9 @@ def _shift(elem: DataElement, run: _Run, where: str) -> DataElement:
         try:
             return shift(value, run.date_offset)
         except ValueError:
-            raise DeidError("date", f"{where} holds a value that is not a valid {vr}; it cannot be shifted") from None
+            raise DeidError(
+                HoldCode.DATE, f"{where} holds a value that is not a valid {vr}; it cannot be shifted"
+            ) from None
 
     return _map_values(elem, one)
 
@@ -524,7 +528,7 @@ def _clean(elem: DataElement, run: _Run, where: str) -> DataElement:
     if vr in _TEXT_VRS:
         return _map_values(elem, lambda value: _scrub(value, run.identifiers))
     if vr in _BINARY or vr == "UN":
-        raise DeidError("engine", f"{where} (VR {vr}) cannot be cleaned")
+        raise DeidError(HoldCode.ENGINE, f"{where} (VR {vr}) cannot be cleaned")
     return elem
 
 
@@ -568,7 +572,7 @@ def _file_meta(original: Dataset, out: Dataset) -> FileMetaDataset:
     old = getattr(original, "file_meta", None)
     syntax = old.get("TransferSyntaxUID") if old is not None else None
     if not syntax:
-        raise DeidError("engine", "the data set has no transfer syntax")
+        raise DeidError(HoldCode.ENGINE, "the data set has no transfer syntax")
     meta.TransferSyntaxUID = syntax
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION

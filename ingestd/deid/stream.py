@@ -50,6 +50,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ingestd.deid.engine import DeidError
+from ingestd.states import HoldCode
 
 __all__ = ["PIXEL_TAGS", "Instance", "open_instance", "write_instance"]
 
@@ -265,7 +266,7 @@ def open_instance(path: Path, scratch: Path) -> Iterator[Instance]:
     """Parse the instance at `path`, pixel elements left on disk (readable until the block ends). A deflated
     data set is inflated into a file in the folder `scratch`, removed before the block starts.
 
-    Raises DeidError("unreadable") when the file cannot be parsed, OSError when it cannot be read.
+    Raises DeidError(HoldCode.UNREADABLE) when the file cannot be parsed, OSError when it cannot be read.
     """
     inflated = scratch / f".inflate-{os.getpid()}-{time.monotonic_ns()}"
     with ExitStack() as stack:
@@ -274,7 +275,9 @@ def open_instance(path: Path, scratch: Path) -> Iterator[Instance]:
         try:
             instance = _parse(fp, path, inflated, stack)
         except _UNREADABLE as exc:
-            raise DeidError("unreadable", f"a spooled instance cannot be parsed ({type(exc).__name__})") from None
+            raise DeidError(
+                HoldCode.UNREADABLE, f"a spooled instance cannot be parsed ({type(exc).__name__})"
+            ) from None
         yield instance
 
 
@@ -344,7 +347,7 @@ def _write_deflated(out: Dataset, sink: BinaryIO) -> None:
 def write_instance(out: Dataset, target: Path) -> int:
     """Encode `out` (pixel elements may be windows) into a new file `target`, fsync'd; return its size.
 
-    Raises DeidError("encode") when pydicom cannot encode the data set, OSError when the file cannot be written;
+    Raises DeidError(HoldCode.ENCODE) when pydicom cannot encode the data set, OSError when the file cannot be written;
     the partial file is removed either way.
     """
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -359,7 +362,7 @@ def write_instance(out: Dataset, target: Path) -> int:
                 raise
             except Exception as exc:  # noqa: BLE001 - an encoding failure holds the study, whatever pydicom raised
                 raise DeidError(
-                    "encode", f"the de-identified instance cannot be encoded ({type(exc).__name__})"
+                    HoldCode.ENCODE, f"the de-identified instance cannot be encoded ({type(exc).__name__})"
                 ) from None
             sink.flush()
             os.fsync(sink.fileno())

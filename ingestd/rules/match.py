@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from ingestd.deid.profile import Profile
 from ingestd.patterns import PatternError, Regex, compile_regex, escape
 from ingestd.rules.labels import Field, LabelError, Template, make_label
+from ingestd.states import HoldCode
 
 __all__ = [
     "Condition",
@@ -79,10 +80,10 @@ class Routed:
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """The study waits for a person. `code` is one of: empty, unrouted, all-series-dropped, label."""
+    """The study waits for a person; `code` is one of states.HoldCode (empty, unrouted, all-series-dropped, label)."""
 
     reason: str
-    code: str
+    code: HoldCode
     rule: str | None = None  # the rule that matched, when one did
 
 
@@ -380,16 +381,16 @@ def decide(rules: RuleSet, study: StudyFacts, *, rule: str | None = None) -> Rou
     apply as usual.
     """
     if not study.series:
-        return Held(reason="the study has no series", code="empty")
+        return Held(reason="the study has no series", code=HoldCode.EMPTY)
     if rule is not None:
         chosen = next((candidate for candidate in rules.rules if candidate.name == rule), None)
         if chosen is None:
-            return Held(reason=f"no rule named '{rule}'", code="unrouted")
+            return Held(reason=f"no rule named '{rule}'", code=HoldCode.UNROUTED)
     else:
         chosen = _first_match(rules, study)
     if chosen is None:
         tried = _plural(len(rules.rules), "rule")
-        return Held(reason=f"no rule matches this study ({tried} tried)", code="unrouted")
+        return Held(reason=f"no rule matches this study ({tried} tried)", code=HoldCode.UNROUTED)
     return _route(chosen, study)
 
 
@@ -398,13 +399,13 @@ def _route(rule: Rule, study: StudyFacts) -> Routed | Held:
     if not kept:
         return Held(
             reason=f"rule '{rule.name}' drops every series of this study ({_plural(len(dropped), 'series')})",
-            code="all-series-dropped",
+            code=HoldCode.ALL_SERIES_DROPPED,
             rule=rule.name,
         )
     try:
         labels = _labels(rule, study, kept)
     except LabelError as exc:
-        return Held(reason=f"rule '{rule.name}': {exc}", code="label", rule=rule.name)
+        return Held(reason=f"rule '{rule.name}': {exc}", code=HoldCode.LABEL, rule=rule.name)
     return Routed(
         rule=rule.name,
         server=rule.route.server,

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 
 from ingestd.deid.engine import DeidError, screen
 from ingestd.rules.match import Held, Routed, RuleSet, StudyFacts, decide
+from ingestd.states import HoldCode
 
 __all__ = ["Screened", "label_clashes", "verdict"]
 
@@ -95,5 +96,5 @@ def label_clashes(decisions: Sequence[tuple[str, Routed | Held]]) -> dict[str, H
                 f"XNAT already has {decision.project}/{decision.subject}/{decision.session} for another study: "
                 "change the rule's session label template so that each study gets its own"
             )
-            clashes[uid] = Held(reason=reason, code="label-taken", rule=decision.rule)
+            clashes[uid] = Held(reason=reason, code=HoldCode.LABEL_TAKEN, rule=decision.rule)
     return clashes

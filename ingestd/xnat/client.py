@@ -28,6 +28,7 @@ import requests.adapters
 
 from ingestd import __version__
 from ingestd.config import XnatServer
+from ingestd.states import HoldCode
 from ingestd.xnat.credentials import _Secret, is_alias_token, load_credentials
 from ingestd.xnat.errors import XnatError, XnatLoginError
 from ingestd.xnat.responses import (
@@ -201,7 +202,7 @@ class XnatClient:
             " proxy or single sign-on in front of XNAT",
             retryable=False,
             status=response.status_code,
-            code="xnat-redirect",
+            code=HoldCode.XNAT_REDIRECT,
         )
 
     def close(self) -> None:

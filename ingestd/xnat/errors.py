@@ -8,13 +8,16 @@ server instead of retrying (ingestd.breaker).
 from __future__ import annotations
 
 from ingestd.errors import IngestdError
+from ingestd.states import HoldCode
 
 
 class XnatError(IngestdError):
     """A failed XNAT request. `retryable`: the same request may succeed later; otherwise a person must act, and
     `code` names the hold (docs/xnat.md says what to do for each)."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None, code: str = "xnat-refused") -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, status: int | None = None, code: HoldCode = HoldCode.XNAT_REFUSED
+    ) -> None:
         self.retryable = retryable
         self.status = status
         self.code = code
@@ -27,4 +30,4 @@ class XnatLoginError(XnatError):
     too often locks the account (`security.max_failed_logins`): the deliverer pauses the server instead."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message, retryable=False, status=status, code="xnat-login-refused")
+        super().__init__(message, retryable=False, status=status, code=HoldCode.XNAT_LOGIN_REFUSED)
