@@ -38,6 +38,7 @@ from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.route import Router
 from ingestd.rules import RuleSet, load_rules
 from ingestd.spool import Quarantine, Spool
+from ingestd.status import JournalStatus, status_line
 from ingestd.wakeup import Wakeup
 from ingestd.worker import PeriodicWorker, failure_text
 
@@ -120,6 +121,7 @@ class Daemon:
         self._assembler: Assembler | None = None
         self._lock_file: IO[str] | None = None
         self.journal: Journal | None = None
+        self._status: JournalStatus | None = None  # the read model's connection (the STATUS line)
         self.listener: DicomListener | None = None
         self._services: list[_Service] = []
         self._metrics: MetricsServer | None = None
@@ -304,6 +306,9 @@ class Daemon:
                 detail="still running at the stop deadline; the journal resumes their work at the next start",
             )
         else:
+            if self._status is not None:
+                self._status.close()
+                self._status = None
             if self.journal is not None:
                 self.journal.close()
                 self.journal = None
@@ -495,10 +500,9 @@ class Daemon:
         return True
 
     def _status_line(self) -> str:
+        """The systemd STATUS line, counted on a read-only connection of its own: never under the write lock."""
         if self.journal is None:
             return "starting"
-        counts: dict[str, int] = {}
-        for batch in self.journal.batches():
-            counts[batch.state] = counts.get(batch.state, 0) + 1
-        states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "no studies"
-        return f"serving; studies: {states}"
+        if self._status is None:
+            self._status = JournalStatus(self.journal.path)
+        return status_line(self._status.state_counts())

@@ -218,7 +218,7 @@ class Deliverer(PeriodicWorker):
         """
         self._apply_pending()
         advanced = 0
-        routes = self.journal.routes()
+        routes = self.journal.routes(StudyState.ROUTED)  # not every route ever decided: those it may step
         admitted: dict[str, bool] = {}
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
             if self.stopping:

@@ -43,7 +43,7 @@ from ingestd.dicomfile import data_set_offset
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.fsmodes import restrict_tree
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
-from ingestd.journal import InstanceRow, Journal, Source
+from ingestd.journal import InstanceRow, Journal, Source, Tx
 from ingestd.logs import hide_member_names
 
 __all__ = [
@@ -332,12 +332,12 @@ class Spool:
             relative = self._place(tmp, header, number, exclusive=True)
         except FileExistsError:  # another copy of the same instance got there first, just now
             return self._commit_again(tmp, facts)
-        with self.journal.transaction():
+        with self.journal.transaction() as tx:
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
-            batch_id, actual = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
+            batch_id, actual = tx.receiving_batch(header.study_uid, facts.source, facts.now)
             if actual != number:  # the batch completed meanwhile: the instance opens the next one
                 relative = self._place(self.root / relative, header, actual)
-            return self._record_new(batch_id, relative, facts, replaces=existing is not None)
+            return self._record_new(tx, batch_id, relative, facts, replaces=existing is not None)
 
     def _commit_again(self, tmp: Path, facts: _Facts) -> StoreOutcome:
         """Store a copy of an instance already in the spool: a no-op if identical, else a replacement that keeps
@@ -345,7 +345,7 @@ class Spool:
         header = facts.header
         if facts.digest is None and facts.body is not None:
             facts = replace(facts, digest=hashlib.sha256(facts.body).hexdigest())
-        with self.journal.transaction():
+        with self.journal.transaction() as tx:
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
             if (
                 existing is None
@@ -356,36 +356,35 @@ class Spool:
                 raise SpoolError("another copy of this instance is being stored at this moment; send it again")
             if existing is not None and self._same_data(existing, facts.digest):
                 tmp.unlink()
-                self.journal.add_receipt(
-                    existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now
-                )
+                tx.add_receipt(existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now)
                 return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, facts.size)
             if existing is not None and existing.batch_state == "receiving":
                 final = self.root / existing.spool_path
                 kept = self._keep_aside(existing.spool_path)
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
-                self.journal.add_superseded(existing.id, kept, facts.now)
+                tx.add_superseded(existing.id, kept, facts.now)
                 log.warning("spool.copy_superseded", batch_id=existing.batch_id, source_kind=facts.source.kind)
-                return self._record_replacement(existing, facts)
+                return self._record_replacement(tx, existing, facts)
             # the earlier copy's batch has moved on: this copy goes with the study's next batch
-            batch_id, number = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
+            batch_id, number = tx.receiving_batch(header.study_uid, facts.source, facts.now)
             relative = self._place(tmp, header, number)
-            return self._record_new(batch_id, relative, facts, replaces=existing is not None)
+            return self._record_new(tx, batch_id, relative, facts, replaces=existing is not None)
 
-    def _record_new(self, batch_id: int, relative: str, facts: _Facts, *, replaces: bool) -> StoreOutcome:
-        """Journal an instance placed at `relative` in batch `batch_id` (inside a transaction)."""
+    def _record_new(self, tx: Tx, batch_id: int, relative: str, facts: _Facts, *, replaces: bool) -> StoreOutcome:
+        """Journal an instance placed at `relative` in batch `batch_id`, in transaction `tx`."""
         header, source, size, now = facts.header, facts.source, facts.size, facts.now
-        self.journal.insert_instance(batch_id, header, size, facts.data_offset, source, now, relative, facts.digest)
+        tx.insert_instance(batch_id, header, size, facts.data_offset, source, now, relative, facts.digest)
         outcome = "replaced" if replaces else "stored"
-        self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
+        tx.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
         return StoreOutcome(outcome, header, batch_id, relative, size)
 
-    def _record_replacement(self, existing: InstanceRow, facts: _Facts) -> StoreOutcome:
-        """Journal new data for an instance whose file was replaced in place (inside a transaction)."""
+    @staticmethod
+    def _record_replacement(tx: Tx, existing: InstanceRow, facts: _Facts) -> StoreOutcome:
+        """Journal new data for an instance whose file was replaced in place, in transaction `tx`."""
         header, source, size, now = facts.header, facts.source, facts.size, facts.now
-        self.journal.update_instance(existing.id, header, size, facts.data_offset, source, now, facts.digest)
-        self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
+        tx.update_instance(existing.id, header, size, facts.data_offset, source, now, facts.digest)
+        tx.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
         return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
 
     @staticmethod
@@ -489,10 +488,10 @@ class Spool:
                 quarantine.put_file(path, f"spool file could not be adopted: {exc}", source)
                 continue
             now = time.time()
-            with self.journal.transaction():
-                batch_id = self.journal.batch_for(study_uid, int(number), source, now)
-                self.journal.insert_instance(batch_id, header, size, offset, source, now, relative, digest)
-                self.journal.add_receipt(batch_id, header.sop_uid, "adopted", source, size, now)
+            with self.journal.transaction() as tx:
+                batch_id = tx.batch_for(study_uid, int(number), source, now)
+                tx.insert_instance(batch_id, header, size, offset, source, now, relative, digest)
+                tx.add_receipt(batch_id, header.sop_uid, "adopted", source, size, now)
             adopted += 1
         log.info("spool.recovered", temp_files_removed=removed, instances_adopted=adopted)
         return {"temp_files_removed": removed, "instances_adopted": adopted}

@@ -1,17 +1,20 @@
-"""The journal: ingestd's state in SQLite (WAL). See `ingestd.journal.store`."""
+"""The journal: ingestd's state in SQLite (WAL). The connection and its writes are in `store`, the tables and
+migrations in `schema`, the typed rows in `rows`."""
 
-from ingestd.journal.store import (
-    SCHEMA_VERSION,
+from ingestd.journal.rows import (
     BatchInstance,
     BatchRow,
     InstanceRow,
-    Journal,
-    JournalVersionError,
     Outgoing,
+    Quarantined,
     RouteRecord,
     Source,
-    StudyState,
+    Superseded,
+    Totals,
 )
+from ingestd.journal.schema import SCHEMA_VERSION, JournalVersionError
+from ingestd.journal.store import Journal, Tx
+from ingestd.states import StudyState
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -21,7 +24,11 @@ __all__ = [
     "Journal",
     "JournalVersionError",
     "Outgoing",
+    "Quarantined",
     "RouteRecord",
     "Source",
     "StudyState",
+    "Superseded",
+    "Totals",
+    "Tx",
 ]
