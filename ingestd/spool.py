@@ -56,6 +56,7 @@ from ingestd.fsmodes import restrict_tree
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
 from ingestd.journal import InstanceRow, Journal, Source, Tx
 from ingestd.logs import hide_member_names
+from ingestd.states import StudyState
 
 __all__ = [
     "PartFile",
@@ -322,7 +323,7 @@ class Spool:
                 tmp.unlink()
                 tx.add_receipt(existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now)
                 return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, facts.size)
-            if existing is not None and existing.batch_state == "receiving":
+            if existing is not None and existing.batch_state == StudyState.RECEIVING:
                 final = self.root / existing.spool_path
                 kept = self._keep_aside(existing.spool_path)
                 os.replace(tmp, final)
