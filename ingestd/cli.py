@@ -394,142 +394,6 @@ def _size(size: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def _study_reference(study_uid: str, route: dict[str, Any] | None, show_uids: bool) -> str:
-    """How status names a study: its outgoing UID once de-identified, else a digest unless UIDs are asked for."""
-    if route is not None and route["profile"]:
-        return str(route["study_uid"])
-    if show_uids:
-        return study_uid
-    from ingestd.logs import uid_digest  # noqa: PLC0415 - keeps `status` light
-
-    return uid_digest(study_uid)
-
-
-def _route_data(route: dict[str, Any] | None) -> dict[str, Any] | None:
-    if route is None:
-        return None
-    keys = ("rule", "rules_version", "server", "project", "subject", "session", "profile", "dropped_instances")
-    return {key: route[key] for key in keys} | {"archive": bool(route["archive"])}
-
-
-def _delivery_data(
-    delivery: dict[str, Any] | None, counts: tuple[int, int] | None, now: float
-) -> dict[str, Any] | None:
-    if delivery is None:
-        return None
-    keys = ("step", "attempts", "faults", "shortfalls", "last_error", "prearchive_url", "archive_uri", "zip_size")
-    data = {key: delivery[key] for key in keys}
-    data["next_attempt_in_seconds"] = max(0.0, round(delivery["next_attempt_at"] - now, 1))
-    instances, verified = counts or (0, 0)
-    data["instances"], data["verified"] = instances, verified
-    looked = delivery["step"] not in ("package", "preflight", "import", "importing") or delivery["shortfalls"]
-    data["missing"] = instances - verified if looked and delivery["step"] != "done" else 0
-    return data
-
-
-def _original_path(quarantine_dir: Path, item: str) -> str | None:
-    """Where a quarantined item came from, as its sidecar says (None if it cannot be read)."""
-    try:
-        sidecar = json.loads((quarantine_dir / f"{item}.reason.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return str(sidecar.get("detail") or "") or None
-
-
-def _hide_member_names(config: Config, quarantine: list[dict[str, Any]]) -> None:
-    """Archive member names in quarantine reasons as the logs name them: by digests under the installation's key."""
-    from ingestd.digestkey import read_digest_key  # noqa: PLC0415 - keeps `status` light
-    from ingestd.logs import hide_member_names, use_digest_key  # noqa: PLC0415
-
-    key = read_digest_key(config.state_dir)
-    if key is not None:  # else (another user's key): digests that match no log line, the names hidden all the same
-        use_digest_key(key)
-    for item in quarantine:
-        item["reason"] = hide_member_names(str(item["reason"]))
-
-
-def _status_data(config: Config, show_uids: bool = False, show_paths: bool = False) -> dict[str, Any]:
-    if not config.journal_path.exists():
-        return {"studies": [], "quarantine": [], "journal": str(config.journal_path), "exists": False}
-    from ingestd.breaker import server_states  # noqa: PLC0415 - keeps `status` light
-
-    journal = Journal(config.journal_path, read_only=True)
-    try:
-        now = time.time()
-        routes = journal.routes()
-        deliveries = journal.deliveries()
-        verification = journal.verification()
-        studies: list[dict[str, Any]] = [
-            {
-                "batch_id": batch.id,
-                "study": _study_reference(batch.study_uid, routes.get(batch.id), show_uids),
-                "batch": batch.batch,
-                "state": batch.state,
-                "series": batch.series,
-                "instances": batch.instances,
-                "bytes": batch.size,
-                "source_kind": batch.source_kind,
-                "source": batch.source,
-                "first_received": batch.first_received,
-                "last_received": batch.last_received,
-                "age_seconds": round(now - batch.first_received, 1),
-                "quiet_seconds": round(now - batch.last_received, 1),
-                "reason": batch.reason,
-                "hold_code": batch.hold_code,
-                "route": _route_data(routes.get(batch.id)),
-                "delivery": _delivery_data(deliveries.get(batch.id), verification.get(batch.id), now),
-            }
-            for batch in journal.batches()
-        ]
-        quarantine = journal.quarantined()
-        superseded = [
-            {
-                "batch_id": item["batch_id"],
-                "study": _study_reference(item["study_uid"], routes.get(item["batch_id"]), show_uids),
-                "instance": item["sop_uid"] if show_uids else uid_digest(item["sop_uid"]),
-                "path": item["path"] if show_uids else "superseded/...",
-                "bytes": item["size"],
-                "source_kind": item["source_kind"],
-                "source": item["source"],
-                "received_at": item["received_at"],
-                "superseded_at": item["at"],
-            }
-            for item in journal.superseded()
-        ]
-        if show_paths:
-            for item in quarantine:
-                item["original_path"] = _original_path(config.quarantine_dir, item["path"])
-        else:
-            _hide_member_names(config, quarantine)
-        heartbeat = journal.meta("heartbeat")
-        servers = [state.as_dict(now) for state in server_states(journal)]
-    finally:
-        journal.close()
-    held: dict[str, int] = {}
-    for study in studies:
-        if study["state"] == "held":
-            code = study["hold_code"] or "unknown"
-            held[code] = held.get(code, 0) + 1
-    stat = os.statvfs(config.state_dir)
-    health: dict[str, Any] = {
-        "running": _daemon_running(config),
-        "last_heartbeat_seconds_ago": round(now - float(heartbeat), 1) if heartbeat else None,
-        "spool_bytes": sum(s["bytes"] for s in studies if s["state"] not in ("delivered", "released")),
-        "disk_free_bytes": stat.f_bavail * stat.f_frsize,
-        "held_by_reason": held,
-        "paused_servers": [server["server"] for server in servers if server["state"] == "paused"],
-    }
-    return {
-        "health": health,
-        "xnat_servers": servers,
-        "studies": studies,
-        "quarantine": quarantine,
-        "superseded": superseded,
-        "journal": str(config.journal_path),
-        "exists": True,
-    }
-
-
 def _delivery_text(delivery: dict[str, Any] | None) -> str:
     if delivery is None or delivery["step"] == "done":
         return ""
@@ -643,7 +507,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return _cmd_import(args, config)
         if args.command == "check-xnat":
             return _cmd_check_xnat(args, config)
-        data = _status_data(config, show_uids=args.show_uids, show_paths=args.show_paths)
+        from ingestd.status import status_data  # noqa: PLC0415 - only for this command
+
+        data = status_data(
+            config, running=_daemon_running(config), show_uids=args.show_uids, show_paths=args.show_paths
+        )
         if args.json:
             json.dump(data, sys.stdout, indent=2)
             print()

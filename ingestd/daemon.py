@@ -35,6 +35,7 @@ from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool
 from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.statedir import lock_state_dir
+from ingestd.status import JournalStatus, status_line
 from ingestd.wakeup import Wakeup
 
 __all__ = ["Daemon"]
@@ -65,6 +66,7 @@ class Daemon:
         self._pipeline: Pipeline | None = None
         self._lock_file: IO[str] | None = None
         self.journal: Journal | None = None
+        self._status: JournalStatus | None = None  # the read model's connection (the STATUS line)
         self.listener: DicomListener | None = None
         self._services: list[_Service] = []
         self._metrics: MetricsServer | None = None
@@ -244,6 +246,9 @@ class Daemon:
                 detail="still running at the stop deadline; the journal resumes their work at the next start",
             )
         else:
+            if self._status is not None:
+                self._status.close()
+                self._status = None
             if self.journal is not None:
                 self.journal.close()
                 self.journal = None
@@ -427,10 +432,9 @@ class Daemon:
         return True
 
     def _status_line(self) -> str:
+        """The systemd STATUS line, counted on a read-only connection of its own: never under the write lock."""
         if self.journal is None:
             return "starting"
-        counts: dict[str, int] = {}
-        for batch in self.journal.batches():
-            counts[batch.state] = counts.get(batch.state, 0) + 1
-        states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "no studies"
-        return f"serving; studies: {states}"
+        if self._status is None:
+            self._status = JournalStatus(self.journal.path)
+        return status_line(self._status.state_counts())

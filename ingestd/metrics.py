@@ -17,6 +17,7 @@ and `xnat` / `paused_servers` say which server and why.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -33,8 +34,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingestd.journal import Journal
+from ingestd.journal import Totals
 from ingestd.states import StudyState
+from ingestd.status import JournalStatus
 
 __all__ = [
     "DELIVERIES",
@@ -169,19 +171,19 @@ class JournalCollector(Collector):
         self._receipts: dict[tuple[str, str, str], tuple[int, int]] = {}
         self._lock = threading.Lock()
 
-    def _read(self) -> tuple[dict[str, list[tuple[Any, ...]]], str | None]:
-        journal = Journal(self.journal_path, read_only=True)  # WAL: a reader never blocks the writers
+    def _read(self) -> tuple[Totals, str | None]:
+        status = JournalStatus(self.journal_path)  # WAL: a reader never blocks the writers
         try:
             with self._lock:
-                totals = journal.totals(receipts_after=self._receipts_upto)
-                for kind, source, outcome, count, size in totals["receipts"]:
+                totals = status.totals(receipts_after=self._receipts_upto)
+                for kind, source, outcome, count, size in totals.receipts:
                     before = self._receipts.get((kind, source, outcome), (0, 0))
-                    self._receipts[kind, source, outcome] = (before[0] + count, before[1] + (size or 0))
-                self._receipts_upto = int(totals["receipts_upto"][0][0])
-                totals["receipts"] = [(*key, *value) for key, value in sorted(self._receipts.items())]
-            return totals, journal.meta("heartbeat")
+                    self._receipts[kind, source, outcome] = (before[0] + count, before[1] + size)
+                self._receipts_upto = totals.receipts_upto
+                receipts = tuple((*key, *value) for key, value in sorted(self._receipts.items()))
+            return dataclasses.replace(totals, receipts=receipts), status.heartbeat()
         finally:
-            journal.close()
+            status.close()
 
     def collect(self) -> Iterator[Metric]:
         totals, heartbeat = self._read()
@@ -195,7 +197,7 @@ class JournalCollector(Collector):
             "ingestd_received_bytes", "Bytes of instances received, by kind and source", labels=["kind", "source"]
         )
         by_source: dict[tuple[str, str], int] = {}
-        for kind, source, outcome, count, size in totals["receipts"]:
+        for kind, source, outcome, count, size in totals.receipts:
             instances.add_metric([kind, source, outcome], count)
             by_source[kind, source] = by_source.get((kind, source), 0) + size
         for (kind, source), size in sorted(by_source.items()):
@@ -203,7 +205,7 @@ class JournalCollector(Collector):
         yield instances
         yield received
         studies = GaugeMetricFamily("ingestd_studies", "Study batches in the journal, by state", labels=["state"])
-        counts = dict(totals["states"])
+        counts = dict(totals.states)
         for state in StudyState:
             studies.add_metric([state], counts.get(state, 0))
         yield studies
@@ -212,13 +214,13 @@ class JournalCollector(Collector):
             "Held study batches, by the hold's code (unrouted, xnat-refused, ...)",
             labels=["reason"],
         )
-        for code, count in sorted(totals["held_reasons"]):
+        for code, count in sorted(totals.held_reasons):
             held.add_metric([code], count)
         yield held
         quarantined = CounterMetricFamily(
             "ingestd_quarantined_items", "Items put in quarantine, by kind of source", labels=["kind"]
         )
-        for kind, count in totals["quarantine"]:
+        for kind, count in totals.quarantine:
             quarantined.add_metric([kind], count)
         yield quarantined
         stat = os.statvfs(self.spool_dir)

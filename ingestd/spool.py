@@ -33,18 +33,30 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
 from ingestd.dicomfile import data_set_offset
+from ingestd.durable import (
+    file_digest,
+    fsync_dir,
+    fsync_tree,
+    link_then_unlink,
+    make_dirs_durably,
+    move_durably,
+    remove_quietly,
+    write_all,
+    write_durably,
+)
 from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.fsmodes import restrict_tree
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
-from ingestd.journal import InstanceRow, Journal, Source
+from ingestd.journal import InstanceRow, Journal, Source, Tx
 from ingestd.logs import hide_member_names
+from ingestd.states import StudyState
 
 __all__ = [
     "PartFile",
@@ -62,56 +74,9 @@ log = structlog.get_logger("ingestd.spool")
 
 _TMP = ".tmp"
 _PART = ".part"
-_READ_PIECE = 1024 * 1024  # a spooled file is hashed and read this much at a time
 _SPACE_CHECK_EVERY = 64 * 1024 * 1024  # a part file being written checks the free-space floor this often
 # Extensions kept on a quarantined item's name (any other part of the name may be a patient's name).
 _KEPT_EXTENSIONS = (".tar.gz", ".tar.bz2", ".tar.xz", ".dcm", ".dicom", ".ima", ".zip", ".tar", ".tgz", ".txt", ".pdf")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the directory's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def file_digest(path: Path, offset: int = 0) -> str:
-    """The SHA-256 of a file's bytes from `offset` on (hex), read a piece at a time."""
-    digest = hashlib.sha256()
-    with path.open("rb", buffering=0) as stream:
-        stream.seek(offset)
-        piece = bytearray(_READ_PIECE)
-        with memoryview(piece) as view:
-            while got := stream.readinto(view):
-                digest.update(view[:got])
-    return digest.hexdigest()
-
-
-def write_durably(path: Path, chunks: Sequence[bytes | memoryview]) -> int:
-    """Write `chunks` to a new file at `path` (0640) and fsync it; return the number of bytes written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    try:
-        total = sum(len(chunk) for chunk in chunks)
-        written = os.writev(fd, chunks)
-        if written < total:  # a short write: finish chunk by chunk
-            offset = 0
-            for chunk in chunks:
-                view = memoryview(chunk)[max(0, written - offset) :]
-                offset += len(chunk)
-                while len(view):
-                    view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +121,7 @@ class PartFile:
             spool.check_space(len(prefix))
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             os.fchmod(self._fd, 0o640)
-            _write_all(self._fd, prefix)
+            write_all(self._fd, prefix)
         self.size = len(prefix)
 
     @contextlib.contextmanager
@@ -177,7 +142,7 @@ class PartFile:
         if self._fd is None:
             raise SpoolError("the instance's part file was discarded")
         with self._discarded_on_failure():
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
             self._digest.update(data)
             self.size += len(data)
             if self.size - self._space_checked >= _SPACE_CHECK_EVERY:
@@ -332,12 +297,12 @@ class Spool:
             relative = self._place(tmp, header, number, exclusive=True)
         except FileExistsError:  # another copy of the same instance got there first, just now
             return self._commit_again(tmp, facts)
-        with self.journal.transaction():
+        with self.journal.transaction() as tx:
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
-            batch_id, actual = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
+            batch_id, actual = tx.receiving_batch(header.study_uid, facts.source, facts.now)
             if actual != number:  # the batch completed meanwhile: the instance opens the next one
                 relative = self._place(self.root / relative, header, actual)
-            return self._record_new(batch_id, relative, facts, replaces=existing is not None)
+            return self._record_new(tx, batch_id, relative, facts, replaces=existing is not None)
 
     def _commit_again(self, tmp: Path, facts: _Facts) -> StoreOutcome:
         """Store a copy of an instance already in the spool: a no-op if identical, else a replacement that keeps
@@ -345,7 +310,7 @@ class Spool:
         header = facts.header
         if facts.digest is None and facts.body is not None:
             facts = replace(facts, digest=hashlib.sha256(facts.body).hexdigest())
-        with self.journal.transaction():
+        with self.journal.transaction() as tx:
             existing = self.journal.find_instance(header.study_uid, header.sop_uid)
             if (
                 existing is None
@@ -356,36 +321,35 @@ class Spool:
                 raise SpoolError("another copy of this instance is being stored at this moment; send it again")
             if existing is not None and self._same_data(existing, facts.digest):
                 tmp.unlink()
-                self.journal.add_receipt(
-                    existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now
-                )
+                tx.add_receipt(existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now)
                 return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, facts.size)
-            if existing is not None and existing.batch_state == "receiving":
+            if existing is not None and existing.batch_state == StudyState.RECEIVING:
                 final = self.root / existing.spool_path
                 kept = self._keep_aside(existing.spool_path)
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
-                self.journal.add_superseded(existing.id, kept, facts.now)
+                tx.add_superseded(existing.id, kept, facts.now)
                 log.warning("spool.copy_superseded", batch_id=existing.batch_id, source_kind=facts.source.kind)
-                return self._record_replacement(existing, facts)
+                return self._record_replacement(tx, existing, facts)
             # the earlier copy's batch has moved on: this copy goes with the study's next batch
-            batch_id, number = self.journal.receiving_batch(header.study_uid, facts.source, facts.now)
+            batch_id, number = tx.receiving_batch(header.study_uid, facts.source, facts.now)
             relative = self._place(tmp, header, number)
-            return self._record_new(batch_id, relative, facts, replaces=existing is not None)
+            return self._record_new(tx, batch_id, relative, facts, replaces=existing is not None)
 
-    def _record_new(self, batch_id: int, relative: str, facts: _Facts, *, replaces: bool) -> StoreOutcome:
-        """Journal an instance placed at `relative` in batch `batch_id` (inside a transaction)."""
+    def _record_new(self, tx: Tx, batch_id: int, relative: str, facts: _Facts, *, replaces: bool) -> StoreOutcome:
+        """Journal an instance placed at `relative` in batch `batch_id`, in transaction `tx`."""
         header, source, size, now = facts.header, facts.source, facts.size, facts.now
-        self.journal.insert_instance(batch_id, header, size, facts.data_offset, source, now, relative, facts.digest)
+        tx.insert_instance(batch_id, header, size, facts.data_offset, source, now, relative, facts.digest)
         outcome = "replaced" if replaces else "stored"
-        self.journal.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
+        tx.add_receipt(batch_id, header.sop_uid, outcome, source, size, now)
         return StoreOutcome(outcome, header, batch_id, relative, size)
 
-    def _record_replacement(self, existing: InstanceRow, facts: _Facts) -> StoreOutcome:
-        """Journal new data for an instance whose file was replaced in place (inside a transaction)."""
+    @staticmethod
+    def _record_replacement(tx: Tx, existing: InstanceRow, facts: _Facts) -> StoreOutcome:
+        """Journal new data for an instance whose file was replaced in place, in transaction `tx`."""
         header, source, size, now = facts.header, facts.source, facts.size, facts.now
-        self.journal.update_instance(existing.id, header, size, facts.data_offset, source, now, facts.digest)
-        self.journal.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
+        tx.update_instance(existing.id, header, size, facts.data_offset, source, now, facts.digest)
+        tx.add_receipt(existing.batch_id, header.sop_uid, "replaced", source, size, now)
         return StoreOutcome("replaced", header, existing.batch_id, existing.spool_path, size)
 
     @staticmethod
@@ -401,7 +365,7 @@ class Spool:
         relative = self._relative(header, batch)
         final = self.root / relative
         self._ensure_dir(final.parent)
-        move = _link_then_unlink if exclusive else os.replace
+        move = link_then_unlink if exclusive else os.replace
         try:
             move(current, final)
         except FileNotFoundError:  # the folder was removed behind the cache's back (a cleaned-up study)
@@ -489,10 +453,10 @@ class Spool:
                 quarantine.put_file(path, f"spool file could not be adopted: {exc}", source)
                 continue
             now = time.time()
-            with self.journal.transaction():
-                batch_id = self.journal.batch_for(study_uid, int(number), source, now)
-                self.journal.insert_instance(batch_id, header, size, offset, source, now, relative, digest)
-                self.journal.add_receipt(batch_id, header.sop_uid, "adopted", source, size, now)
+            with self.journal.transaction() as tx:
+                batch_id = tx.batch_for(study_uid, int(number), source, now)
+                tx.insert_instance(batch_id, header, size, offset, source, now, relative, digest)
+                tx.add_receipt(batch_id, header.sop_uid, "adopted", source, size, now)
             adopted += 1
         log.info("spool.recovered", temp_files_removed=removed, instances_adopted=adopted)
         return {"temp_files_removed": removed, "instances_adopted": adopted}
@@ -566,8 +530,8 @@ class Quarantine:
             restrict_tree(target, own=True)
         except OSError:
             if path.exists() or path.is_symlink():  # still in place: no half-kept copy beside it
-                _remove_quietly(target)
-                _remove_quietly(target.with_name(f".{target.name}.ingestd-copy"))
+                remove_quietly(target)
+                remove_quietly(target.with_name(f".{target.name}.ingestd-copy"))
             target.with_name(target.name + ".reason.json").unlink(missing_ok=True)
             raise
         return self._record(target, reason, source)
@@ -584,66 +548,5 @@ class Quarantine:
         target = self._target(path.name)
         self._write_reason(target, reason, source)
         shutil.copyfile(path, target)
-        _fsync_tree(target)
+        fsync_tree(target)
         return self._record(target, reason, source)
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def _link_then_unlink(source: Path, target: Path) -> None:
-    """Give `source` the name `target` unless `target` exists (FileExistsError); then drop the name `source`."""
-    os.link(source, target)
-    source.unlink()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def make_dirs_durably(directory: Path) -> None:
-    """Create `directory` and any missing parents, each new entry made durable."""
-    missing = []
-    current = directory
-    while not current.is_dir():
-        missing.append(current)
-        current = current.parent
-    for new in reversed(missing):
-        new.mkdir(exist_ok=True)
-        fsync_dir(new.parent)
-
-
-def move_durably(source: Path, target: Path) -> None:
-    """Move a file or folder to `target` (whose folder exists) so that a crash leaves it in one place or the other.
-
-    Across file systems it is copied to a temporary name, fsync'd, renamed into place, and only then removed.
-    """
-    try:
-        os.replace(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        temporary = target.with_name(f".{target.name}.ingestd-copy")
-        if source.is_dir():
-            shutil.copytree(source, temporary)
-        else:
-            shutil.copyfile(source, temporary)
-        _fsync_tree(temporary)
-        os.replace(temporary, target)
-        fsync_dir(target.parent)
-        if source.is_dir():
-            shutil.rmtree(source)
-        else:
-            source.unlink()
-    fsync_dir(target.parent)
-    fsync_dir(source.parent)

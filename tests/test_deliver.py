@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from ingestd.breaker import server_states
 from ingestd.cli import main
+from ingestd.journal.servers import server_states
 from ingestd.states import StudyState
 from ingestd.testing.xnat import FakeXnat
 from tests.lab import Lab, lab_xnat, set_secrets, study

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ingestd.breaker import server_states
+from ingestd.journal.servers import server_states
 from ingestd.states import Step, StudyState
 from ingestd.testing.xnat import FakeXnat
 from tests.lab import PASSWORD, Lab, end_state, lab_xnat, set_secrets, study

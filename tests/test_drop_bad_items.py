@@ -75,7 +75,7 @@ class Drop:
         return {detail: uid for uid, detail in self.rows("SELECT sop_uid, source_detail FROM instances")}
 
     def quarantined(self) -> dict[str, str]:
-        return {row["path"]: row["reason"] for row in self.journal.quarantined()}
+        return {row.path: row.reason for row in self.journal.quarantined()}
 
     def sidecar(self, item: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.quarantine.root / f"{item}.reason.json").read_text())

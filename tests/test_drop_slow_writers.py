@@ -56,7 +56,7 @@ class Drop:
         return {detail: (self.spool.root / spool_path).read_bytes() for detail, spool_path in rows}
 
     def quarantined(self) -> dict[str, str]:
-        return {row["path"]: row["reason"] for row in self.journal.quarantined()}
+        return {row.path: row.reason for row in self.journal.quarantined()}
 
     def events(self, name: str, file: str) -> list[MutableMapping[str, Any]]:
         digest = path_digest(file)

@@ -226,7 +226,8 @@ def test_receipts_are_counted_once_across_scrapes(tmp_path: Path) -> None:
     """Each scrape adds only the receipts after the last one it counted; the totals stay exact."""
     journal = Journal(tmp_path / "journal.sqlite")
     source = JournalSource("dicom", "CT1", "INGESTD@127.0.0.1")
-    batch_id, _number = journal.receiving_batch("1.2.3.4", source, 0.0)
+    with journal.transaction() as tx:
+        batch_id, _number = tx.receiving_batch("1.2.3.4", source, 0.0)
     collector = JournalCollector(journal.path, tmp_path)
 
     def received() -> dict[str, float]:
@@ -236,11 +237,13 @@ def test_receipts_are_counted_once_across_scrapes(tmp_path: Path) -> None:
         }
 
     assert received() == {}
-    for size in (100, 200):
-        journal.add_receipt(batch_id, f"1.2.3.4.{size}", "stored", source, size, 0.0)
+    with journal.transaction() as tx:
+        for size in (100, 200):
+            tx.add_receipt(batch_id, f"1.2.3.4.{size}", "stored", source, size, 0.0)
     assert received() == {"ingestd_instances_received_total": 2, "ingestd_received_bytes_total": 300}
     assert received() == {"ingestd_instances_received_total": 2, "ingestd_received_bytes_total": 300}
-    journal.add_receipt(batch_id, "1.2.3.4.5", "stored", source, 50, 0.0)
+    with journal.transaction() as tx:
+        tx.add_receipt(batch_id, "1.2.3.4.5", "stored", source, 50, 0.0)
     assert received() == {"ingestd_instances_received_total": 3, "ingestd_received_bytes_total": 350}
     journal.close()
 

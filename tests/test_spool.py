@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.cli import _status_data
 from ingestd.config import load_config
 from ingestd.header import read_file_header
 from ingestd.journal import Journal, Source
 from ingestd.spool import Quarantine, Spool
+from ingestd.status import status_data
 from tests.dicom import make_instance, write_instances
 
 
@@ -38,7 +38,7 @@ def test_recover_removes_temp_files_and_adopts_orphans(tmp_path: Path) -> None:
     assert not list(spool.tmp.iterdir())
     assert journal.spool_paths() == {orphan.relative_to(spool.root).as_posix()}
     (item,) = journal.quarantined()
-    assert "could not be adopted" in item["reason"]
+    assert "could not be adopted" in item.reason
     sidecar = next(quarantine.root.glob("*.reason.json"))
     assert "could not be adopted" in json.loads(sidecar.read_text())["reason"]
     assert spool.recover(quarantine) == {"temp_files_removed": 0, "instances_adopted": 0}
@@ -96,16 +96,16 @@ def test_a_different_copy_of_an_instance_never_destroys_the_first(tmp_path: Path
     assert (replaced.outcome, replaced.spool_path) == ("replaced", stored.spool_path)
     assert (spool.root / stored.spool_path).read_bytes() == two  # the latest is the one delivered
     (kept,) = journal.superseded()
-    assert (tmp_path / kept["path"]).read_bytes() == one  # the first copy, whole
-    assert (kept["source_kind"], kept["size"]) == ("folder", len(one))
+    assert (tmp_path / kept.path).read_bytes() == one  # the first copy, whole
+    assert (kept.source_kind, kept.size) == ("folder", len(one))
     outcomes = [row[0] for row in journal._db.execute("SELECT outcome FROM receipts ORDER BY id")]
     assert outcomes == ["stored", "duplicate", "superseded", "replaced"]
     journal.close()
     config = tmp_path / "ingestd.yaml"
     config.write_text(f"state_dir: {tmp_path}\n")
-    data = _status_data(load_config(config))
+    data = status_data(load_config(config), running=False)
     (listed,) = data["superseded"]
-    assert listed["batch_id"] == kept["batch_id"] and first.SOPInstanceUID not in json.dumps(data)
+    assert listed["batch_id"] == kept.batch_id and first.SOPInstanceUID not in json.dumps(data)
 
 
 def test_a_failed_move_into_quarantine_leaves_nothing_there(tmp_path: Path) -> None:

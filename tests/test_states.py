@@ -90,9 +90,9 @@ def _routed_batch(journal: Journal) -> int:
     header = InstanceHeader(
         "1.2.3", "1.2.3.4", "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1", "MR", 1
     )
-    with journal.transaction():
-        batch_id, _ = journal.receiving_batch("1.2.3", SCANNER, now)
-        journal.insert_instance(batch_id, header, 10, 0, SCANNER, now, "1.2.3/1/1.2.3.4/1.2.3.4.5.dcm")
+    with journal.transaction() as tx:
+        batch_id, _ = tx.receiving_batch("1.2.3", SCANNER, now)
+        tx.insert_instance(batch_id, header, 10, 0, SCANNER, now, "1.2.3/1/1.2.3.4/1.2.3.4.5.dcm")
     instance_id = journal.batch_instances(batch_id)[0].id
     assert journal.complete_batch(batch_id, now, now)
     route = RouteRecord("r", "v", "main", "P", "S", "E", True, None, "1.2.3", ())

@@ -67,7 +67,7 @@ class Env:
 
     def quarantined(self) -> dict[str, str]:
         """Quarantined item name -> reason."""
-        return {row["path"]: row["reason"] for row in self.journal.quarantined()}
+        return {row.path: row.reason for row in self.journal.quarantined()}
 
     def drop_is_empty(self) -> bool:
         return not any(self.drop.iterdir())

@@ -24,7 +24,7 @@ The look itself is `ingestd.pipeline.holdings`; logins, pauses and alias tokens 
 
 Failures: a retryable XNAT error (XNAT down, 5xx, timeouts) runs the same step again with exponential back-off
 and jitter, up to the server's attempt and age caps; a refused login pauses every delivery to that server (see
-ingestd.breaker) without charging any batch; XNAT's own refusal (a conflict, a missing project) holds the batch
+ingestd.pipeline.breaker) without charging any batch; XNAT's own refusal (a conflict, a missing project) holds the batch
 with XNAT's message; an error no code expected (a missing outbox file, a bug)
 is contained to its batch, retried with back-off and held after `batch_failures.max_attempts`; XNAT answering an
 import without keeping every file (a site anonymization script or import filter dropping some) is sent again
@@ -143,7 +143,7 @@ class Deliverer(BatchWorker):
         retried with back-off, held after `batch_failures.max_attempts`), and the other batches go on.
         """
         self._apply_pending()
-        self._routes = self.journal.routes()
+        self._routes = self.journal.routes(StudyState.ROUTED)  # not every route ever decided: those it may step
         self._admitted = {}
         return super().check(now)
 

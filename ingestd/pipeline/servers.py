@@ -1,5 +1,5 @@
 """The XNAT servers the deliverer talks to: one logged-in client each, the pause after a refused login (see
-`ingestd.breaker`), and the alias tokens ingestd renews before XNAT lets them expire."""
+`ingestd.pipeline.breaker`), and the alias tokens ingestd renews before XNAT lets them expire."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from ingestd.breaker import Breaker
 from ingestd.config import XnatServer
 from ingestd.journal import Journal
+from ingestd.pipeline.breaker import Breaker
 from ingestd.xnat import XnatClient, XnatError, XnatLoginError, save_credentials_file
 
 __all__ = ["XnatServers"]

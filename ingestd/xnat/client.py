@@ -7,8 +7,8 @@ whether trying again later can help (`retryable`: connection errors, timeouts, 5
 XNAT's own messages such as a conflict on archive, the 500s XNAT answers for permanent problems). A refused login
 (bad credentials, a locked account, an expired password or alias token, a disabled account) is an
 `XnatLoginError`: no batch can do anything about it, so the deliverer pauses the whole server instead (see
-ingestd.breaker). Credentials are read again at every login (a rotated password or a renewed alias token is taken
-up without a restart), kept out of every message and `repr`; the session cookie is reused; a 401, or a 403 on a
+ingestd.pipeline.breaker). Credentials are read again at every login (a rotated password or a renewed alias token is
+taken up without a restart), kept out of every message and `repr`; the session cookie is reused; a 401, or a 403 on a
 site open to guests, logs in again once. An unexpected redirect is an error that names where it pointed. How each
 of these follows xnat-web's source: docs/xnat.md.
 """

@@ -2,7 +2,7 @@
 
 An `XnatError` says whether trying again later can help (`retryable`) and, when it cannot, which hold it is
 (`code`, explained in docs/xnat.md). An `XnatLoginError` is a refused account: the deliverer pauses the whole
-server instead of retrying (ingestd.breaker).
+server instead of retrying (ingestd.pipeline.breaker).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A study is kept as batches: `(study_uid, batch)`. Instances that arrive after a batch left `receiving`
 open the next batch of the same study. The journal holds no file contents, only facts and spool paths
-built from validated UIDs.
+built from validated UIDs. Its tables and migrations are in `ingestd.journal.schema`, its rows in
+`ingestd.journal.rows`.
 """
 
 from __future__ import annotations
@@ -11,277 +12,167 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingestd.errors import IngestdError
 from ingestd.header import InstanceHeader
+from ingestd.journal.rows import (
+    BatchInstance,
+    BatchRow,
+    InstanceRow,
+    Outgoing,
+    Quarantined,
+    RouteRecord,
+    Source,
+    Superseded,
+)
+from ingestd.journal.schema import JournalVersionError, check_version, create_or_migrate
 from ingestd.states import RETRY_STEP, Step, StudyState, check_batch_transition, check_step_transition
 
-__all__ = [
-    "BatchInstance",
-    "BatchRow",
-    "InstanceRow",
-    "Journal",
-    "JournalVersionError",
-    "Outgoing",
-    "RouteRecord",
-    "Source",
-    "StudyState",
-]
+__all__ = ["Journal", "Tx"]
 
-SCHEMA_VERSION = 4
 _LOCK_TIMEOUT = 30.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    batch INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    source_kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    state_changed REAL NOT NULL,
-    reason TEXT,
-    hold_code TEXT,
-    failures INTEGER NOT NULL DEFAULT 0,
-    retry_at REAL NOT NULL DEFAULT 0,
-    UNIQUE (study_uid, batch)
-);
-CREATE INDEX IF NOT EXISTS batches_state ON batches (state);
-CREATE TABLE IF NOT EXISTS instances (
-    id INTEGER PRIMARY KEY,
-    batch_id INTEGER NOT NULL REFERENCES batches (id),
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    sop_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    modality TEXT NOT NULL,
-    series_number INTEGER,
-    size INTEGER NOT NULL,
-    data_offset INTEGER NOT NULL,
-    source_kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    source_detail TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    spool_path TEXT NOT NULL UNIQUE,
-    data_sha256 TEXT,
-    UNIQUE (batch_id, sop_uid)
-);
-CREATE INDEX IF NOT EXISTS instances_sop ON instances (study_uid, sop_uid);
-CREATE TABLE IF NOT EXISTS receipts (
-    id INTEGER PRIMARY KEY,
-    batch_id INTEGER NOT NULL REFERENCES batches (id),
-    sop_uid TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    source_kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS routes (
-    batch_id INTEGER PRIMARY KEY REFERENCES batches (id),
-    rule TEXT NOT NULL,
-    rules_version TEXT NOT NULL,
-    server TEXT NOT NULL,
-    project TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    session TEXT NOT NULL,
-    archive INTEGER NOT NULL,
-    profile TEXT,
-    study_uid TEXT NOT NULL,
-    instances INTEGER NOT NULL,
-    dropped_instances INTEGER NOT NULL,
-    decided_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dropped_series (
-    id INTEGER PRIMARY KEY,
-    batch_id INTEGER NOT NULL REFERENCES batches (id),
-    series_uid TEXT NOT NULL,
-    instances INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outgoing (
-    id INTEGER PRIMARY KEY,
-    batch_id INTEGER NOT NULL REFERENCES batches (id),
-    instance_id INTEGER NOT NULL REFERENCES instances (id),
-    series_uid TEXT NOT NULL,
-    sop_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    verified TEXT,
-    verified_at REAL,
-    UNIQUE (batch_id, sop_uid)
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    batch_id INTEGER PRIMARY KEY REFERENCES batches (id),
-    step TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    started_at REAL NOT NULL,
-    step_started_at REAL NOT NULL,
-    last_error TEXT,
-    zip_path TEXT,
-    zip_size INTEGER,
-    zip_sha256 TEXT,
-    prearchive_url TEXT,
-    archive_uri TEXT,
-    build_requested_at REAL,
-    finished_at REAL,
-    answered INTEGER NOT NULL DEFAULT 0,
-    shortfalls INTEGER NOT NULL DEFAULT 0,
-    faults INTEGER NOT NULL DEFAULT 0,
-    retried_at REAL
-);
-CREATE TABLE IF NOT EXISTS superseded (
-    id INTEGER PRIMARY KEY,
-    batch_id INTEGER NOT NULL REFERENCES batches (id),
-    instance_id INTEGER NOT NULL REFERENCES instances (id),
-    sop_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    source_kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    source_detail TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    source_kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    at REAL NOT NULL
-);
-"""
 
+class Tx:
+    """One open write transaction (`Journal.transaction()`): the writes that only make sense inside one.
 
-# Migrations from each earlier schema version to the next, in order. A journal is migrated when the daemon (or any
-# writer) opens it; a journal from a newer ingestd is refused rather than misread.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    3: (
-        # The hold's code gets its own column (it was the reason text's prefix, parsed back).
-        "ALTER TABLE batches ADD COLUMN hold_code TEXT",
-        "UPDATE batches SET hold_code = CASE WHEN instr(reason, ':') > 0"
-        " THEN substr(reason, 1, instr(reason, ':') - 1) ELSE 'unknown' END WHERE state = 'held'",
-        # Per-batch failures of a stage (an exception no code expected), retried with back-off, then held.
-        "ALTER TABLE batches ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE batches ADD COLUMN retry_at REAL NOT NULL DEFAULT 0",
-        # Where XNAT was seen to hold each outgoing instance (verified by SOP Instance UID, not by counts).
-        "ALTER TABLE outgoing ADD COLUMN verified TEXT",
-        "ALTER TABLE outgoing ADD COLUMN verified_at REAL",
-        "ALTER TABLE deliveries ADD COLUMN answered INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE deliveries ADD COLUMN shortfalls INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE deliveries ADD COLUMN faults INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE deliveries ADD COLUMN retried_at REAL",
-        # Copies of an instance replaced by a different copy are kept aside (created by _SCHEMA below).
-        # A delivery that an older ingestd adopted or verified by counts is looked at again, by identity.
-        "UPDATE deliveries SET step = 'verify' WHERE step IN ('importing', 'archiving')"
-        " AND batch_id IN (SELECT id FROM batches WHERE state = 'routed')",
-    ),
-    4: (
-        # The SHA-256 of an instance's data set, computed as it is streamed to disk: a copy received again is
-        # compared by digest, never by reading both into memory. Rows without one (from before, or a small instance
-        # stored from memory) have their file hashed (read in pieces) when a copy arrives, and recorded then.
-        "ALTER TABLE instances ADD COLUMN data_sha256 TEXT",
-    ),
-}
+    Only `Journal.transaction` makes one; its methods write through the transaction's connection, and the
+    transaction commits or rolls back as the `with` block ends.
+    """
 
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
 
-class JournalVersionError(IngestdError):
-    """The journal's schema is not this ingestd's: newer (refused), or older and opened by a reader (not migrated)."""
+    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+        return self.connection.execute(sql, parameters)
 
+    def executemany(self, sql: str, parameters: Iterable[Any]) -> sqlite3.Cursor:
+        return self.connection.executemany(sql, parameters)
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where an instance came from: a DICOM peer (calling AE, called AE) or a drop folder (folder, file)."""
+    def receiving_batch(self, study_uid: str, source: Source, now: float) -> tuple[int, int]:
+        """The (id, number) of the study's batch still receiving, opening the next batch if there is none."""
+        row = self.connection.execute(
+            "SELECT id, batch, state FROM batches WHERE study_uid = ? ORDER BY batch DESC LIMIT 1",
+            (study_uid,),
+        ).fetchone()
+        if row is not None and row["state"] == StudyState.RECEIVING:
+            return row["id"], row["batch"]
+        number = 1 if row is None else row["batch"] + 1
+        return self._open_batch(study_uid, number, source, now), number
 
-    kind: str  # "dicom" or "folder"
-    name: str  # the calling AE title, or the drop folder
-    detail: str = ""  # the called AE title and peer address, or the file's path within the folder
+    def batch_for(self, study_uid: str, number: int, source: Source, now: float) -> int:
+        """The id of batch `number` of a study, created in `receiving` if the journal lacks it."""
+        row = self.connection.execute(
+            "SELECT id FROM batches WHERE study_uid = ? AND batch = ?", (study_uid, number)
+        ).fetchone()
+        if row is not None:
+            return int(row["id"])
+        return self._open_batch(study_uid, number, source, now)
 
+    def _open_batch(self, study_uid: str, number: int, source: Source, now: float) -> int:
+        cursor = self.connection.execute(
+            "INSERT INTO batches (study_uid, batch, state, source_kind, source, first_received, last_received,"
+            " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (study_uid, number, StudyState.RECEIVING, source.kind, source.name, now, now, now),
+        )
+        return int(cursor.lastrowid or 0)
 
-@dataclass(frozen=True, slots=True)
-class InstanceRow:
-    id: int
-    batch_id: int
-    batch_state: str
-    sop_uid: str
-    size: int
-    data_offset: int
-    spool_path: str
-    data_sha256: str | None  # SHA-256 of the data set (hex); None until computed (see Spool._same_data)
+    def insert_instance(
+        self,
+        batch_id: int,
+        header: InstanceHeader,
+        size: int,
+        data_offset: int,
+        source: Source,
+        now: float,
+        spool_path: str,
+        data_sha256: str | None = None,
+    ) -> None:
+        self.connection.execute(
+            "INSERT INTO instances (batch_id, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax,"
+            " modality, series_number, size, data_offset, source_kind, source, source_detail, received_at,"
+            " spool_path, data_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                batch_id,
+                header.study_uid,
+                header.series_uid,
+                header.sop_uid,
+                header.sop_class_uid,
+                header.transfer_syntax,
+                header.modality,
+                header.series_number,
+                size,
+                data_offset,
+                source.kind,
+                source.name,
+                source.detail,
+                now,
+                spool_path,
+                data_sha256,
+            ),
+        )
+        self.connection.execute("UPDATE batches SET last_received = ? WHERE id = ?", (now, batch_id))
 
+    def update_instance(
+        self,
+        instance_id: int,
+        header: InstanceHeader,
+        size: int,
+        data_offset: int,
+        source: Source,
+        now: float,
+        data_sha256: str | None = None,
+    ) -> None:
+        self.connection.execute(
+            "UPDATE instances SET series_uid = ?, sop_class_uid = ?, transfer_syntax = ?, modality = ?,"
+            " series_number = ?, size = ?, data_offset = ?, source_kind = ?, source = ?, source_detail = ?,"
+            " received_at = ?, data_sha256 = ? WHERE id = ?",
+            (
+                header.series_uid,
+                header.sop_class_uid,
+                header.transfer_syntax,
+                header.modality,
+                header.series_number,
+                size,
+                data_offset,
+                source.kind,
+                source.name,
+                source.detail,
+                now,
+                data_sha256,
+                instance_id,
+            ),
+        )
+        self.connection.execute(
+            "UPDATE batches SET last_received = ? WHERE id = (SELECT batch_id FROM instances WHERE id = ?)",
+            (now, instance_id),
+        )
 
-@dataclass(frozen=True, slots=True)
-class BatchRow:
-    id: int
-    study_uid: str
-    batch: int
-    state: str
-    source_kind: str
-    source: str
-    first_received: float
-    last_received: float
-    state_changed: float
-    reason: str | None
-    hold_code: str | None  # why it is held, as a short code (`unrouted`, `xnat-refused`, ...); None unless held
-    failures: int  # unexpected failures of the stage it is in, since it entered that stage
-    retry_at: float  # after a failure: the stage tries it again from then on
-    series: int
-    instances: int
-    size: int
+    def add_superseded(self, instance_id: int, path: str, now: float) -> None:
+        """Record that the copy of an instance stored so far was kept aside at `path` (relative to the state
+        directory) because a copy with different content replaced it (inside a transaction), with a
+        `superseded` receipt in the name of the copy kept aside."""
+        self.connection.execute(
+            "INSERT INTO superseded (batch_id, instance_id, sop_uid, path, size, source_kind, source, source_detail,"
+            " received_at, at) SELECT batch_id, id, sop_uid, ?, size, source_kind, source, source_detail,"
+            " received_at, ? FROM instances WHERE id = ?",
+            (path, now, instance_id),
+        )
+        self.connection.execute(
+            "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
+            " SELECT batch_id, sop_uid, 'superseded', source_kind, source, size, ? FROM instances WHERE id = ?",
+            (now, instance_id),
+        )
 
-
-@dataclass(frozen=True, slots=True)
-class BatchInstance:
-    """One instance of a batch, as the router reads it."""
-
-    id: int
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    source_kind: str
-    source: str
-    source_detail: str
-    spool_path: str
-
-
-@dataclass(frozen=True, slots=True)
-class RouteRecord:
-    """What the rules decided for a batch: recorded with the rules' version, kept for delivery."""
-
-    rule: str
-    rules_version: str
-    server: str
-    project: str
-    subject: str
-    session: str
-    archive: bool
-    profile: str | None
-    study_uid: str  # the study's UID as it leaves (new if de-identified)
-    dropped: tuple[tuple[str, int, str], ...]  # (series UID as received, instances, reason)
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One instance as it will leave: its (new) UIDs and its file, relative to the state directory."""
-
-    instance_id: int
-    series_uid: str
-    sop_uid: str
-    path: str
-    size: int
-    verified: str | None = None  # where XNAT was last seen holding it (`archive`, `prearchive`), or None
+    def add_receipt(self, batch_id: int, sop_uid: str, outcome: str, source: Source, size: int, now: float) -> None:
+        self.connection.execute(
+            "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (batch_id, sop_uid, outcome, source.kind, source.name, size, now),
+        )
 
 
 class Journal:
@@ -309,41 +200,17 @@ class Journal:
 
     def _create_schema(self) -> None:
         """Create a new journal at the current schema, or migrate an older one step by step, in one transaction."""
-        with self.transaction() as db:
-            existing = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone()
-            version = SCHEMA_VERSION
-            if existing is not None:
-                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                version = int(row[0]) if row else 1
-            if version > SCHEMA_VERSION:
-                raise JournalVersionError(
-                    f"the journal {self.path} is at schema version {version}, written by a newer ingestd than this "
-                    f"one (schema {SCHEMA_VERSION}): run that version, or restore a backup of the state directory"
-                )
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS.get(step, ()):
-                    db.execute(statement)
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        with self.transaction() as tx:
+            create_or_migrate(tx.connection, self.path)
 
     def _check_readable(self) -> None:
         """A reader cannot migrate: it refuses a journal of another schema, saying what to do."""
-        with self._lock:
-            has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
-        version = self.schema_version() if has_meta else 0
-        if version != SCHEMA_VERSION:
+        try:
+            with self._lock:
+                check_version(self._db, self.path)
+        except JournalVersionError:
             self._db.close()
-            raise JournalVersionError(
-                f"the journal {self.path} is at schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
-                + (
-                    "start the daemon (`ingestd run`) once, which migrates it"
-                    if version < SCHEMA_VERSION
-                    else "it was written by a newer ingestd; run that version"
-                )
-            )
+            raise
 
     def schema_version(self) -> int:
         return int(self.meta("schema_version") or 0)
@@ -353,12 +220,16 @@ class Journal:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Run the block as one write transaction, taken at once (BEGIN IMMEDIATE); commit or roll back."""
+    def transaction(self) -> Iterator[Tx]:
+        """Run the block as one write transaction, taken at once (BEGIN IMMEDIATE); commit or roll back.
+
+        The writes that must share a transaction with others (a batch opened, an instance and its receipt) are
+        methods of the `Tx` it yields, and of nothing else: they cannot be called outside one.
+        """
         with self._lock:
             self._begin()
             try:
-                yield self._db
+                yield Tx(self._db)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -404,141 +275,19 @@ class Journal:
             return 1
         return int(row["batch"]) + (0 if row["state"] == StudyState.RECEIVING else 1)
 
-    def receiving_batch(self, study_uid: str, source: Source, now: float) -> tuple[int, int]:
-        """The (id, number) of the study's batch still receiving, opening the next batch if there is none."""
-        row = self._db.execute(
-            "SELECT id, batch, state FROM batches WHERE study_uid = ? ORDER BY batch DESC LIMIT 1",
-            (study_uid,),
-        ).fetchone()
-        if row is not None and row["state"] == StudyState.RECEIVING:
-            return row["id"], row["batch"]
-        number = 1 if row is None else row["batch"] + 1
-        return self._open_batch(study_uid, number, source, now), number
-
-    def batch_for(self, study_uid: str, number: int, source: Source, now: float) -> int:
-        """The id of batch `number` of a study, created in `receiving` if the journal lacks it."""
-        row = self._db.execute(
-            "SELECT id FROM batches WHERE study_uid = ? AND batch = ?", (study_uid, number)
-        ).fetchone()
-        if row is not None:
-            return int(row["id"])
-        return self._open_batch(study_uid, number, source, now)
-
-    def _open_batch(self, study_uid: str, number: int, source: Source, now: float) -> int:
-        cursor = self._db.execute(
-            "INSERT INTO batches (study_uid, batch, state, source_kind, source, first_received, last_received,"
-            " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (study_uid, number, StudyState.RECEIVING, source.kind, source.name, now, now, now),
-        )
-        return int(cursor.lastrowid or 0)
-
-    def insert_instance(
-        self,
-        batch_id: int,
-        header: InstanceHeader,
-        size: int,
-        data_offset: int,
-        source: Source,
-        now: float,
-        spool_path: str,
-        data_sha256: str | None = None,
-    ) -> None:
-        self._db.execute(
-            "INSERT INTO instances (batch_id, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax,"
-            " modality, series_number, size, data_offset, source_kind, source, source_detail, received_at,"
-            " spool_path, data_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                batch_id,
-                header.study_uid,
-                header.series_uid,
-                header.sop_uid,
-                header.sop_class_uid,
-                header.transfer_syntax,
-                header.modality,
-                header.series_number,
-                size,
-                data_offset,
-                source.kind,
-                source.name,
-                source.detail,
-                now,
-                spool_path,
-                data_sha256,
-            ),
-        )
-        self._db.execute("UPDATE batches SET last_received = ? WHERE id = ?", (now, batch_id))
-
-    def update_instance(
-        self,
-        instance_id: int,
-        header: InstanceHeader,
-        size: int,
-        data_offset: int,
-        source: Source,
-        now: float,
-        data_sha256: str | None = None,
-    ) -> None:
-        self._db.execute(
-            "UPDATE instances SET series_uid = ?, sop_class_uid = ?, transfer_syntax = ?, modality = ?,"
-            " series_number = ?, size = ?, data_offset = ?, source_kind = ?, source = ?, source_detail = ?,"
-            " received_at = ?, data_sha256 = ? WHERE id = ?",
-            (
-                header.series_uid,
-                header.sop_class_uid,
-                header.transfer_syntax,
-                header.modality,
-                header.series_number,
-                size,
-                data_offset,
-                source.kind,
-                source.name,
-                source.detail,
-                now,
-                data_sha256,
-                instance_id,
-            ),
-        )
-        self._db.execute(
-            "UPDATE batches SET last_received = ? WHERE id = (SELECT batch_id FROM instances WHERE id = ?)",
-            (now, instance_id),
-        )
-
     def set_instance_digest(self, instance_id: int, data_sha256: str) -> None:
         """Record the data set digest of an instance journaled before digests were kept."""
         with self._lock:
             self._db.execute("UPDATE instances SET data_sha256 = ? WHERE id = ?", (data_sha256, instance_id))
 
-    def add_superseded(self, instance_id: int, path: str, now: float) -> None:
-        """Record that the copy of an instance stored so far was kept aside at `path` (relative to the state
-        directory) because a copy with different content replaced it (inside a transaction), with a
-        `superseded` receipt in the name of the copy kept aside."""
-        self._db.execute(
-            "INSERT INTO superseded (batch_id, instance_id, sop_uid, path, size, source_kind, source, source_detail,"
-            " received_at, at) SELECT batch_id, id, sop_uid, ?, size, source_kind, source, source_detail,"
-            " received_at, ? FROM instances WHERE id = ?",
-            (path, now, instance_id),
-        )
-        self._db.execute(
-            "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
-            " SELECT batch_id, sop_uid, 'superseded', source_kind, source, size, ? FROM instances WHERE id = ?",
-            (now, instance_id),
-        )
-
-    def superseded(self) -> list[dict[str, Any]]:
+    def superseded(self) -> list[Superseded]:
         """The copies kept aside because a different copy of the same instance replaced them, newest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT s.batch_id, b.study_uid, s.sop_uid, s.path, s.size, s.source_kind, s.source, s.received_at,"
                 " s.at FROM superseded s JOIN batches b ON b.id = s.batch_id ORDER BY s.at DESC"
             ).fetchall()
-        return [dict(row) for row in rows]
-
-    def add_receipt(self, batch_id: int, sop_uid: str, outcome: str, source: Source, size: int, now: float) -> None:
-        self._db.execute(
-            "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (batch_id, sop_uid, outcome, source.kind, source.name, size, now),
-        )
+        return [Superseded(*row) for row in rows]
 
     def spool_paths(self) -> set[str]:
         with self._lock:
@@ -648,10 +397,15 @@ class Journal:
             )
             return True
 
-    def routes(self) -> dict[int, dict[str, Any]]:
-        """The route of every routed batch, by batch id."""
+    def routes(self, state: StudyState | None = None) -> dict[int, dict[str, Any]]:
+        """The route of every routed batch (or of those now in `state`), by batch id."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM routes").fetchall()
+            if state is None:
+                rows = self._db.execute("SELECT * FROM routes").fetchall()
+            else:  # by the index of batches' states: a few rows, however many batches were ever routed
+                rows = self._db.execute(
+                    "SELECT r.* FROM batches b JOIN routes r ON r.batch_id = b.id WHERE b.state = ?", (state,)
+                ).fetchall()
         return {int(row["batch_id"]): dict(row) for row in rows}
 
     def outgoing(self, batch_id: int) -> list[Outgoing]:
@@ -819,44 +573,9 @@ class Journal:
                 (path, reason, source.kind, source.name, now),
             )
 
-    def totals(self, receipts_after: int = 0) -> dict[str, list[tuple[Any, ...]]]:
-        """What the metrics report: receipts by source and outcome (those with an id above `receipts_after`, and
-        the highest id as `receipts_upto`), batches by state, held reasons, quarantined items by kind."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN")  # one snapshot for all of it
-            try:
-                return self._totals(db, receipts_after)
-            finally:
-                db.execute("COMMIT")
-
-    def _totals(self, db: sqlite3.Connection, receipts_after: int) -> dict[str, list[tuple[Any, ...]]]:
-        return {
-            "receipts_upto": [tuple(db.execute("SELECT COALESCE(MAX(id), 0) FROM receipts").fetchone())],
-            "receipts": [
-                tuple(row)
-                for row in db.execute(
-                    "SELECT source_kind, source, outcome, COUNT(*), SUM(size) FROM receipts WHERE id > ?"
-                    " GROUP BY source_kind, source, outcome ORDER BY 1, 2, 3",
-                    (receipts_after,),
-                )
-            ],
-            "states": [tuple(row) for row in db.execute("SELECT state, COUNT(*) FROM batches GROUP BY state")],
-            "held_reasons": [
-                tuple(row)
-                for row in db.execute(
-                    "SELECT coalesce(hold_code, 'unknown'), COUNT(*) FROM batches WHERE state = ? GROUP BY 1",
-                    (StudyState.HELD,),
-                )
-            ],
-            "quarantine": [
-                tuple(row) for row in db.execute("SELECT source_kind, COUNT(*) FROM quarantine GROUP BY source_kind")
-            ],
-        }
-
-    def quarantined(self) -> list[dict[str, Any]]:
+    def quarantined(self) -> list[Quarantined]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT path, reason, source_kind, source, at FROM quarantine ORDER BY at DESC"
             ).fetchall()
-        return [dict(row) for row in rows]
+        return [Quarantined(*row) for row in rows]

@@ -18,42 +18,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import structlog
 
 from ingestd.config import XnatServer
 from ingestd.journal import Journal
+from ingestd.journal.servers import META_PREFIX, ServerState, server_states
 from ingestd.metrics import LOGIN_REFUSALS, SERVER_PAUSED
 
 __all__ = ["META_PREFIX", "Breaker", "ServerState", "server_states"]
 
 log = structlog.get_logger("ingestd.breaker")
-
-META_PREFIX = "xnat_server:"
-
-
-@dataclass
-class ServerState:
-    """Whether deliveries to one server are paused, since when, why, and when the next login is tried."""
-
-    server: str
-    paused: bool = False
-    reason: str = ""
-    since: float | None = None
-    refusals: int = 0  # refused logins in a row
-    probe_at: float = 0.0
-
-    def as_dict(self, now: float) -> dict[str, object]:
-        data: dict[str, object] = {"server": self.server, "state": "paused" if self.paused else "ok"}
-        if self.paused:
-            data.update(
-                reason=self.reason,
-                paused_seconds=round(now - (self.since or now), 1),
-                refused_logins=self.refusals,
-                next_login_in_seconds=round(max(0.0, self.probe_at - now), 1),
-            )
-        return data
 
 
 class Breaker:
@@ -143,15 +119,3 @@ class Breaker:
     def _save(self, state: ServerState) -> None:
         if self._journal is not None:
             self._journal.set_meta(f"{META_PREFIX}{state.server}", json.dumps(asdict(state)))
-
-
-def server_states(journal: Journal) -> list[ServerState]:
-    """The pause state of every server the journal knows of (`ingestd status`, a restart)."""
-    states = []
-    for key, value in journal.meta_items(META_PREFIX):
-        try:
-            fields = json.loads(value)
-            states.append(ServerState(**{**fields, "server": key.removeprefix(META_PREFIX)}))
-        except (ValueError, TypeError):
-            continue  # written by another version: ignored, the next refusal writes it again
-    return states

@@ -1,0 +1,138 @@
+"""The journal's rows as typed values: what its queries return and what its writers take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "BatchInstance",
+    "BatchRow",
+    "InstanceRow",
+    "Outgoing",
+    "Quarantined",
+    "RouteRecord",
+    "Source",
+    "Superseded",
+    "Totals",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an instance came from: a DICOM peer (calling AE, called AE) or a drop folder (folder, file)."""
+
+    kind: str  # "dicom" or "folder"
+    name: str  # the calling AE title, or the drop folder
+    detail: str = ""  # the called AE title and peer address, or the file's path within the folder
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    id: int
+    batch_id: int
+    batch_state: str
+    sop_uid: str
+    size: int
+    data_offset: int
+    spool_path: str
+    data_sha256: str | None  # SHA-256 of the data set (hex); None until computed (see Spool._same_data)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    id: int
+    study_uid: str
+    batch: int
+    state: str
+    source_kind: str
+    source: str
+    first_received: float
+    last_received: float
+    state_changed: float
+    reason: str | None
+    hold_code: str | None  # why it is held, as a short code (`unrouted`, `xnat-refused`, ...); None unless held
+    failures: int  # unexpected failures of the stage it is in, since it entered that stage
+    retry_at: float  # after a failure: the stage tries it again from then on
+    series: int
+    instances: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInstance:
+    """One instance of a batch, as the router reads it."""
+
+    id: int
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    source_kind: str
+    source: str
+    source_detail: str
+    spool_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRecord:
+    """What the rules decided for a batch: recorded with the rules' version, kept for delivery."""
+
+    rule: str
+    rules_version: str
+    server: str
+    project: str
+    subject: str
+    session: str
+    archive: bool
+    profile: str | None
+    study_uid: str  # the study's UID as it leaves (new if de-identified)
+    dropped: tuple[tuple[str, int, str], ...]  # (series UID as received, instances, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One instance as it will leave: its (new) UIDs and its file, relative to the state directory."""
+
+    instance_id: int
+    series_uid: str
+    sop_uid: str
+    path: str
+    size: int
+    verified: str | None = None  # where XNAT was last seen holding it (`archive`, `prearchive`), or None
+
+
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """A copy of an instance kept aside because a different copy replaced it (`ingestd status` lists them)."""
+
+    batch_id: int
+    study_uid: str
+    sop_uid: str
+    path: str  # relative to the state directory
+    size: int
+    source_kind: str
+    source: str
+    received_at: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """An item set aside in the quarantine folder, and why."""
+
+    path: str
+    reason: str
+    source_kind: str
+    source: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """What the metrics count, read in one snapshot of the journal."""
+
+    receipts_upto: int  # the highest receipt id: the next read counts only receipts above it
+    receipts: tuple[tuple[str, str, str, int, int], ...]  # (source kind, source, outcome, count, bytes)
+    states: tuple[tuple[str, int], ...]  # (batch state, batches)
+    held_reasons: tuple[tuple[str, int], ...]  # (hold code, held batches)
+    quarantine: tuple[tuple[str, int], ...]  # (source kind, items)
