@@ -1,7 +1,7 @@
 """The XNAT client: one logged-in `requests.Session` per server, and failures classified where they are born.
 
 XNAT answers errors as HTML status pages (sometimes with status 200), uses 500 for archive conflicts, and
-silently routes an unknown project to `Unassigned` (see ../shared/reference/xnat-api.md). So every response
+silently routes an unknown project to `Unassigned` (see docs/xnat.md). So every response
 is checked here: an HTML body is an error whatever the status; each failure becomes an `XnatError` that says
 whether trying again later can help (`retryable`: connection errors, timeouts, 5xx, 429) or not (other 4xx,
 XNAT's own messages such as a conflict on archive, the 500s XNAT answers for permanent problems). A refused login
