@@ -319,13 +319,13 @@ class _Importer(_Taker):
         routes, deliveries = self.journal.routes(), self.journal.deliveries()
         rows: list[tuple[str, ...]] = []
         for batch in sorted((b for b in self.journal.batches() if b.id in self.touched), key=lambda b: b.id):
-            route, delivery = routes.get(batch.id), deliveries.get(batch.id) or {}
+            route, delivery = routes.get(batch.id), deliveries.get(batch.id)
             before = self.touched[batch.id]
             state = f"already {before}" if before in _DONE and batch.state == before else batch.state
-            uri = delivery.get("archive_uri") or (
-                f"/data{delivery['prearchive_url']}" if delivery.get("prearchive_url") else ""
-            )
-            labels = f"{route['project']}/{route['subject']}/{route['session']}" if route else "-"
+            uri = ""
+            if delivery is not None:
+                uri = delivery.archive_uri or (f"/data{delivery.prearchive_url}" if delivery.prearchive_url else "")
+            labels = f"{route.project}/{route.subject}/{route.session}" if route else "-"
             result = (batch.reason or "") if batch.state == StudyState.HELD else str(uri)
             rows.append((f"{uid_digest(batch.study_uid)}#{batch.batch}", state, str(batch.instances), labels, result))
         yield from _table(("STUDY", "STATE", "INSTANCES", "XNAT", "URI OR REASON"), rows)

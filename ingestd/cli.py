@@ -199,7 +199,7 @@ def _held_batches(journal: Journal, reference: str | None) -> list[int]:
         batch.id
         for batch in held
         if reference in (str(batch.id), batch.study_uid, uid_digest(batch.study_uid))
-        or reference == routes.get(batch.id, {}).get("study_uid")
+        or (batch.id in routes and reference == routes[batch.id].study_uid)
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.config import Config
-from ingestd.journal import Journal, Totals
+from ingestd.journal import Delivery, Journal, Route, Totals
 from ingestd.journal.schema import JournalVersionError, check_version
 from ingestd.logs import uid_digest
 from ingestd.states import Step, StudyState
@@ -102,10 +102,10 @@ def status_line(counts: dict[str, int]) -> str:
     return f"serving; studies: {states}"
 
 
-def _study_reference(study_uid: str, route: dict[str, Any] | None, show_uids: bool) -> str:
+def _study_reference(study_uid: str, route: Route | None, show_uids: bool) -> str:
     """How status names a study: its outgoing UID once de-identified, else a digest unless UIDs are asked for."""
-    if route is not None and route["profile"]:
-        return str(route["study_uid"])
+    if route is not None and route.profile:
+        return route.study_uid
     if show_uids:
         return study_uid
     from ingestd.logs import uid_digest  # noqa: PLC0415 - keeps `status` light
@@ -113,25 +113,23 @@ def _study_reference(study_uid: str, route: dict[str, Any] | None, show_uids: bo
     return uid_digest(study_uid)
 
 
-def _route_data(route: dict[str, Any] | None) -> dict[str, Any] | None:
+def _route_data(route: Route | None) -> dict[str, Any] | None:
     if route is None:
         return None
     keys = ("rule", "rules_version", "server", "project", "subject", "session", "profile", "dropped_instances")
-    return {key: route[key] for key in keys} | {"archive": bool(route["archive"])}
+    return {key: getattr(route, key) for key in keys} | {"archive": route.archive}
 
 
-def _delivery_data(
-    delivery: dict[str, Any] | None, counts: tuple[int, int] | None, now: float
-) -> dict[str, Any] | None:
+def _delivery_data(delivery: Delivery | None, counts: tuple[int, int] | None, now: float) -> dict[str, Any] | None:
     if delivery is None:
         return None
     keys = ("step", "attempts", "faults", "shortfalls", "last_error", "prearchive_url", "archive_uri", "zip_size")
-    data = {key: delivery[key] for key in keys}
-    data["next_attempt_in_seconds"] = max(0.0, round(delivery["next_attempt_at"] - now, 1))
+    data = {key: getattr(delivery, key) for key in keys}
+    data["next_attempt_in_seconds"] = max(0.0, round(delivery.next_attempt_at - now, 1))
     instances, verified = counts or (0, 0)
     data["instances"], data["verified"] = instances, verified
-    looked = delivery["step"] not in _NOT_SENT_YET or delivery["shortfalls"]
-    data["missing"] = instances - verified if looked and delivery["step"] != Step.DONE else 0
+    looked = delivery.step not in _NOT_SENT_YET or delivery.shortfalls
+    data["missing"] = instances - verified if looked and delivery.step != Step.DONE else 0
     return data
 
 

@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 
 from ingestd.config import Config, parse_config
 from ingestd.header import read_file_header
-from ingestd.journal import BatchRow, Journal, Source
+from ingestd.journal import BatchRow, Delivery, Journal, Source
 from ingestd.pipeline.deliver import Deliverer
 from ingestd.pipeline.route import Router
 from ingestd.rules import load_rules
@@ -156,7 +156,7 @@ class Lab:
             self.deliverer.check()
             time.sleep(0.02)
 
-    def advance_to(self, step: str, index: int = 0) -> dict[str, Any]:
+    def advance_to(self, step: str, index: int = 0) -> Delivery:
         """Take one delivery step after the other for one batch until its next step is `step`; its delivery row."""
         batch = sorted(self.journal.batches(), key=lambda b: b.id)[index]
         if self.journal.delivery(batch.id) is None:
@@ -164,14 +164,24 @@ class Lab:
         for _ in range(20):
             delivery = self.journal.delivery(batch.id)
             assert delivery is not None
-            if delivery["step"] == step:
+            if delivery.step == step:
                 return delivery
             self.deliverer.step(batch.id, self.journal.routes()[batch.id], delivery)
         raise AssertionError(f"batch {batch.id} did not reach step {step}: {self.journal.delivery(batch.id)}")
 
-    def batch(self, index: int = 0) -> tuple[BatchRow, dict[str, Any]]:
+    def batch(self, index: int = 0) -> tuple[BatchRow, Delivery | None]:
+        """The index-th batch (by id) and its delivery row, None before its delivery started."""
         batch = sorted(self.journal.batches(), key=lambda b: b.id)[index]
-        return batch, self.journal.delivery(batch.id) or {}
+        return batch, self.journal.delivery(batch.id)
+
+    def batch_and_delivery(self, index: int = 0) -> tuple[BatchRow, Delivery]:
+        """The index-th batch (by id) and its delivery row, which must exist."""
+        batch, delivery = self.batch(index)
+        assert delivery is not None, f"batch {batch.id} has no delivery row"
+        return batch, delivery
+
+    def delivery(self, index: int = 0) -> Delivery:
+        return self.batch_and_delivery(index)[1]
 
     def states(self) -> list[str]:
         return [b.state for b in sorted(self.journal.batches(), key=lambda b: b.id)]

@@ -31,16 +31,16 @@ def test_study_is_archived_verified_and_cleaned_up(tmp_path: Path, xnat: FakeXna
     lab = Lab(tmp_path, xnat)
     lab.receive(study(series=2, per_series=3))
     lab.deliver()
-    batch, delivery = lab.batch()
+    batch, delivery = lab.batch_and_delivery()
     assert batch.state == StudyState.DELIVERED
-    assert delivery["step"] == "done" and str(delivery["archive_uri"]).startswith("/data/archive/projects/PROJ/")
+    assert delivery.step == "done" and str(delivery.archive_uri).startswith("/data/archive/projects/PROJ/")
     (experiment,) = xnat.experiments("PROJ")
     assert len(experiment.scans) == 2 and sum(len(scan.files) for scan in experiment.scans.values()) == 6
     route = lab.journal.routes()[batch.id]
     assert (experiment.subject, experiment.label, experiment.study_uid) == (
-        route["subject"],
-        route["session"],
-        route["study_uid"],
+        route.subject,
+        route.session,
+        route.study_uid,
     )
     assert not xnat.prearchive_rows("PROJ")
     assert not list((lab.state / "spool").rglob("*.dcm")) and not list((lab.state / "outbox").rglob("*.dcm"))
@@ -52,10 +52,10 @@ def test_rule_without_archive_leaves_it_ready_in_the_prearchive(tmp_path: Path, 
     lab = Lab(tmp_path, xnat, archive=False)
     lab.receive(study(series=1, per_series=2))
     lab.deliver()
-    batch, delivery = lab.batch()
+    batch, delivery = lab.batch_and_delivery()
     assert batch.state == StudyState.DELIVERED
     (row,) = xnat.prearchive_rows("PROJ")
-    assert row["status"] == "READY" and f"/data{row['url']}" == f"/data{delivery['prearchive_url']}"
+    assert row["status"] == "READY" and f"/data{row['url']}" == f"/data{delivery.prearchive_url}"
     assert not xnat.experiments("PROJ")
 
 
@@ -158,7 +158,7 @@ def test_session_label_of_another_study_is_held_before_sending(tmp_path: Path, x
     assert "already has" in str(batch.reason) and "for another study" in str(batch.reason)
     assert lab.imports() == 1
     (experiment,) = xnat.experiments("PROJ")
-    assert experiment.study_uid == lab.journal.routes()[1]["study_uid"]
+    assert experiment.study_uid == lab.journal.routes()[1].study_uid
 
 
 def test_conflict_on_archive_holds_with_xnats_message(tmp_path: Path, xnat: FakeXnat) -> None:
@@ -196,9 +196,9 @@ def test_held_study_is_retried_after_the_cause_is_fixed(tmp_path: Path, xnat: Fa
     config.write_text(f"state_dir: {lab.state}\n")
     assert main(["retry", "--config", str(config), "--held"]) == 0
     lab.deliver()
-    batch, delivery = lab.batch()
+    batch, delivery = lab.batch_and_delivery()
     assert batch.state == StudyState.DELIVERED
-    assert len(xnat.experiments("LATER")) == 1 and delivery["attempts"] == 0
+    assert len(xnat.experiments("LATER")) == 1 and delivery.attempts == 0
 
 
 def test_released_study_is_left_alone(tmp_path: Path, xnat: FakeXnat) -> None:
@@ -223,9 +223,9 @@ def test_xnat_down_at_start_then_back(tmp_path: Path) -> None:
         port = int(probe.url.rsplit(":", 1)[1])
         lab = Lab(tmp_path, probe)
     lab.receive(study(series=1, per_series=2))
-    wait_until(lambda: lab.deliverer.check() is not None and lab.batch()[1]["attempts"], 10, interval=0.05)
-    _, delivery = lab.batch()
-    assert delivery["attempts"] >= 1 and "unreachable" in str(delivery["last_error"])
+    wait_until(lambda: lab.deliverer.check() is not None and lab.delivery().attempts, 10, interval=0.05)
+    _, delivery = lab.batch_and_delivery()
+    assert delivery.attempts >= 1 and "unreachable" in str(delivery.last_error)
     with FakeXnat(port=port) as xnat:
         xnat.add_user("ingestd", "s3cret-pw")
         xnat.add_project("PROJ", members=["ingestd"])
@@ -266,7 +266,7 @@ def test_conflict_found_while_waiting_holds_with_xnats_log(tmp_path: Path) -> No
         lab = Lab(tmp_path, old)
         lab.receive(study(series=1, per_series=2))
         lab.deliverer.check()  # package, preflight, import; then waiting: 1.8.9 leaves the session RECEIVING
-        assert lab.batch()[1]["step"] == "wait"
+        assert lab.delivery().step == "wait"
         (row,) = old.prearchive_rows("PROJ")
         for action in ({"action": "build"}, {"action": "set-status", "status": "CONFLICT"}):
             requests.post(

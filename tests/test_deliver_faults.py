@@ -39,7 +39,7 @@ def test_reset_mid_upload_sends_what_xnat_lacks(tmp_path: Path, xnat: FakeXnat, 
     """XNAT stores the entries it read before the reset; the retry must not take that partial session as whole."""
     lab = Lab(tmp_path, xnat, archive=archive)
     lab.receive(study(series=3, per_series=8))
-    size = (lab.state / str(lab.advance_to(Step.IMPORT)["zip_path"])).stat().st_size
+    size = (lab.state / str(lab.advance_to(Step.IMPORT).zip_path)).stat().st_size
     xnat.reset_next("POST", "/data/services/import", after_bytes=int(size * fraction))
     lab.deliver()
     assert lab.states() == [StudyState.DELIVERED]
@@ -55,11 +55,11 @@ def test_uploads_cut_every_time_end_at_the_attempt_cap(tmp_path: Path, xnat: Fak
     lab.receive(study(series=2, per_series=6))
     xnat.reset_next("POST", "/data/services/import", times=1000, after_bytes=3000)
     lab.deliver()
-    batch, delivery = lab.batch()
+    batch, delivery = lab.batch_and_delivery()
     assert batch.state == StudyState.HELD and batch.hold_code == "xnat-unreachable"
     assert lab.imports() == lab.config.xnat.servers["main"].retry.max_attempts
     assert end_state(lab.state, xnat) == {"held, in the spool": 12}
-    assert delivery["step"] == Step.IMPORTING
+    assert delivery.step == Step.IMPORTING
 
 
 def test_partial_upload_archived_by_xnat_itself_is_completed(tmp_path: Path, xnat: FakeXnat) -> None:
@@ -67,7 +67,7 @@ def test_partial_upload_archived_by_xnat_itself_is_completed(tmp_path: Path, xna
     xnat.add_project("AUTO", members=["ingestd"], prearchive_code=4)
     lab = Lab(tmp_path, xnat, project="AUTO")
     lab.receive(study(series=2, per_series=12))
-    size = (lab.state / str(lab.advance_to(Step.IMPORT)["zip_path"])).stat().st_size
+    size = (lab.state / str(lab.advance_to(Step.IMPORT).zip_path)).stat().st_size
     xnat.reset_next("POST", "/data/services/import", after_bytes=size // 2)
     lab.advance_to(Step.IMPORTING)  # the import is cut
     xnat.build_now()  # XNAT's idle builder builds the partial session and auto-archives it
@@ -133,17 +133,17 @@ def test_files_xnat_keeps_dropping_hold_the_batch_then_retry_delivers(tmp_path: 
     rejected = {item.sop_uid for item in lab.journal.outgoing(lab.batch()[0].id)[1::3]}
     xnat.drop_entries(lambda sop_uid, _series_uid, _description: sop_uid in rejected, stage="anonymization")
     lab.deliver()
-    batch, delivery = lab.batch()
+    batch, delivery = lab.batch_and_delivery()
     assert batch.state == StudyState.HELD and batch.hold_code == "incomplete"
     assert f"does not hold {len(rejected)} of the 8 instances" in str(batch.reason)
-    assert delivery["shortfalls"] == lab.config.delivery.max_resends
+    assert delivery.shortfalls == lab.config.delivery.max_resends
     assert lab.imports() == 1 + lab.config.delivery.max_resends
     assert end_state(lab.state, xnat) == {"held, in the spool": 8}
     xnat.drop_entries(None)
     config = tmp_path / "ingestd.yaml"
     config.write_text(f"state_dir: {lab.state}\n")
     assert main(["retry", "--config", str(config), "--held"]) == 0
-    assert lab.batch()[1]["step"] == Step.VERIFY
+    assert lab.delivery().step == Step.VERIFY
     lab.deliver()
     assert lab.states() == [StudyState.DELIVERED]
     assert end_state(lab.state, xnat) == {"in XNAT": 8}
@@ -173,9 +173,9 @@ def test_missing_outbox_file_holds_only_its_batch(tmp_path: Path, xnat: FakeXnat
         path.unlink()
     lab.deliver()
     assert lab.states() == [StudyState.DELIVERED, StudyState.HELD, StudyState.DELIVERED]
-    batch, delivery = lab.batch(1)
+    batch, delivery = lab.batch_and_delivery(1)
     assert batch.hold_code == "package-failed" and "FileNotFoundError" in str(batch.reason)
-    assert delivery["faults"] == lab.config.batch_failures.max_attempts
+    assert delivery.faults == lab.config.batch_failures.max_attempts
     assert _failures("package", "FileNotFoundError") - before == lab.config.batch_failures.max_attempts
     assert end_state(lab.state, xnat) == {"in XNAT": 4, "held, in the spool": 2}
 
@@ -203,7 +203,7 @@ def test_reply_cut_short_holds_only_its_batch(tmp_path: Path, xnat: FakeXnat) ->
     lab = Lab(tmp_path, xnat)
     _three_studies(lab)
     route = lab.journal.routes()[lab.batch(1)[0].id]
-    path = f"/data/projects/PROJ/subjects/{route['subject']}/experiments/{route['session']}"
+    path = f"/data/projects/PROJ/subjects/{route.subject}/experiments/{route.session}"
     xnat.truncate_next("GET", path, times=1000, keep_bytes=20)
     lab.deliver()
     assert lab.states() == [StudyState.DELIVERED, StudyState.HELD, StudyState.DELIVERED]

@@ -110,7 +110,9 @@ def test_wrong_password_pauses_the_server_and_never_locks_the_account(
         # 2 s of checks with two batches: 0 s, 0.3 s, 0.9 s (then 2.1 s): three failed logins, under the lockout
         assert 1 <= xnat.failed_logins("ingestd") <= 3 and not xnat.is_locked("ingestd")
         assert lab.states() == [StudyState.ROUTED, StudyState.ROUTED]  # waiting, not held
-        assert all((lab.journal.delivery(b.id) or {"attempts": 0})["attempts"] == 0 for b in lab.journal.batches())
+        assert all(
+            (delivery := lab.journal.delivery(b.id)) is None or delivery.attempts == 0 for b in lab.journal.batches()
+        )
         (state,) = server_states(lab.journal)
         assert state.paused and "refused the login (401)" in state.reason
         assert lab.deliverer.breaker.paused() == ["main"]
@@ -284,10 +286,10 @@ def test_an_admin_never_adopts_an_unassigned_session(tmp_path: Path, monkeypatch
             params={
                 "import-handler": "DICOM-zip",
                 "PROJECT_ID": "NOSUCH",
-                "SUBJECT_ID": route["subject"],
-                "EXPT_LABEL": route["session"],
+                "SUBJECT_ID": route.subject,
+                "EXPT_LABEL": route.session,
             },
-            data=(lab.state / str(delivery["zip_path"])).read_bytes(),
+            data=(lab.state / str(delivery.zip_path)).read_bytes(),
             headers={"Content-Type": "application/zip"},
             auth=("ingestd-admin", PASSWORD),
             timeout=30,

@@ -97,15 +97,15 @@ def test_routed_study_is_deidentified_into_the_outbox(setup: Setup) -> None:
     (batch,) = setup.journal.batches()
     assert batch.state == StudyState.ROUTED
     route = setup.journal.routes()[batch.id]
-    assert (route["rule"], route["project"], route["archive"], route["profile"]) == (
+    assert (route.rule, route.project, route.archive, route.profile) == (
         "research",
         "PROJ_A",
         1,
         "research",
     )
-    assert len(route["subject"]) == 8 and len(route["session"]) == 15
-    assert route["session"].startswith(route["subject"] + "_")
-    assert route["rules_version"] == setup.router.rules.version
+    assert len(route.subject) == 8 and len(route.session) == 15
+    assert route.session.startswith(route.subject + "_")
+    assert route.rules_version == setup.router.rules.version
 
     outgoing = setup.journal.outgoing(batch.id)
     assert len(outgoing) == 6
@@ -115,9 +115,9 @@ def test_routed_study_is_deidentified_into_the_outbox(setup: Setup) -> None:
         assert path.is_file() and path.stat().st_size == item.size
         assert not any(uid in item.path for uid in originals)
         out = pydicom.dcmread(path)
-        assert out.SOPInstanceUID == item.sop_uid and out.StudyInstanceUID == route["study_uid"]
+        assert out.SOPInstanceUID == item.sop_uid and out.StudyInstanceUID == route.study_uid
         assert out.PatientIdentityRemoved == "YES"
-        assert str(out.PatientName) == route["subject"]
+        assert str(out.PatientName) == route.subject
         assert out.SeriesDescription == "T1"  # clean-descriptors removed the patient ID from it
         data = path.read_bytes()
         assert b"SYN0001" not in data and b"Synthetic" not in data
@@ -136,7 +136,7 @@ def test_dropped_series_are_counted(setup: Setup) -> None:
     setup.router.check()
     (batch,) = setup.journal.batches()
     assert batch.state == StudyState.ROUTED
-    assert setup.journal.routes()[batch.id]["dropped_instances"] == 3
+    assert setup.journal.routes()[batch.id].dropped_instances == 3
     assert len(setup.journal.outgoing(batch.id)) == 2
     assert setup.rows("SELECT instances, reason FROM dropped_series")[0][0] == 3
 
@@ -161,8 +161,8 @@ def test_rule_without_profile_sends_the_spooled_files(setup: Setup) -> None:
     (batch,) = setup.journal.batches()
     assert batch.state == StudyState.ROUTED
     route = setup.journal.routes()[batch.id]
-    assert (route["project"], route["subject"], route["profile"]) == ("QA", "phantom", None)
-    assert route["study_uid"] == study[0].StudyInstanceUID
+    assert (route.project, route.subject, route.profile) == ("QA", "phantom", None)
+    assert route.study_uid == study[0].StudyInstanceUID
     assert all(item.path.startswith("spool/") for item in setup.journal.outgoing(batch.id))
 
 

@@ -132,8 +132,8 @@ def test_retry_resumes_from_the_step_that_can_make_progress(tmp_path: Path) -> N
     assert journal.retry_batch(batch_id, time.time()) == StudyState.ROUTED
     delivery = journal.delivery(batch_id)
     assert delivery is not None
-    assert (delivery["step"], delivery["attempts"], delivery["faults"]) == (Step.VERIFY, 0, 0)
-    assert delivery["retried_at"] is not None
+    assert (delivery.step, delivery.attempts, delivery.faults) == (Step.VERIFY, 0, 0)
+    assert delivery.retried_at is not None
     journal.close()
 
 
@@ -162,8 +162,8 @@ def test_a_journal_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
     codes = {b.id: b.hold_code for b in journal.batches()}
     assert codes == {1: "deliver", 2: None, 3: "unrouted"}
     delivery = journal.delivery(2)
-    assert delivery is not None and delivery["step"] == Step.VERIFY  # adopted by counts before: looked at again
-    assert delivery["shortfalls"] == 0 and delivery["faults"] == 0
+    assert delivery is not None and delivery.step == Step.VERIFY  # adopted by counts before: looked at again
+    assert delivery.shortfalls == 0 and delivery.faults == 0
     journal.close()
     Journal(path).close()  # opening it again changes nothing
 

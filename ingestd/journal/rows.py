@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
+
+from ingestd.states import Step
 
 __all__ = [
     "BatchInstance",
     "BatchRow",
+    "Delivery",
     "InstanceRow",
     "Outgoing",
     "Quarantined",
+    "Route",
     "RouteRecord",
     "Source",
     "Superseded",
@@ -136,3 +141,91 @@ class Totals:
     states: tuple[tuple[str, int], ...]  # (batch state, batches)
     held_reasons: tuple[tuple[str, int], ...]  # (hold code, held batches)
     quarantine: tuple[tuple[str, int], ...]  # (source kind, items)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A routed batch's route as the journal keeps it (the `routes` table): where it goes, decided by which rule."""
+
+    batch_id: int
+    rule: str
+    rules_version: str
+    server: str
+    project: str
+    subject: str
+    session: str
+    archive: bool
+    profile: str | None
+    study_uid: str  # the study's UID as it leaves (new if de-identified)
+    instances: int
+    dropped_instances: int
+    decided_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Route:
+        return cls(
+            batch_id=int(row["batch_id"]),
+            rule=row["rule"],
+            rules_version=row["rules_version"],
+            server=row["server"],
+            project=row["project"],
+            subject=row["subject"],
+            session=row["session"],
+            archive=bool(row["archive"]),
+            profile=row["profile"],
+            study_uid=row["study_uid"],
+            instances=int(row["instances"]),
+            dropped_instances=int(row["dropped_instances"]),
+            decided_at=float(row["decided_at"]),
+        )
+
+    def label(self, name: str) -> str:
+        """One of the XNAT labels by its name: `project`, `subject` or `session`."""
+        return {"project": self.project, "subject": self.subject, "session": self.session}[name]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a routed batch's delivery is (the `deliveries` table): its step, its attempts, what XNAT answered."""
+
+    batch_id: int
+    step: Step
+    attempts: int  # failed attempts of the current step
+    next_attempt_at: float
+    started_at: float
+    step_started_at: float
+    last_error: str | None
+    zip_path: str | None  # relative to the state directory
+    zip_size: int | None
+    zip_sha256: str | None
+    prearchive_url: str | None
+    archive_uri: str | None
+    build_requested_at: float | None
+    finished_at: float | None
+    answered: bool  # XNAT answered the last import
+    shortfalls: int  # resends of instances XNAT did not keep
+    faults: int  # XNAT faults (5xx, resets) counted apart from attempts
+    retried_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(
+            batch_id=int(row["batch_id"]),
+            step=Step(row["step"]),
+            attempts=int(row["attempts"]),
+            next_attempt_at=float(row["next_attempt_at"]),
+            started_at=float(row["started_at"]),
+            step_started_at=float(row["step_started_at"]),
+            last_error=row["last_error"],
+            zip_path=row["zip_path"],
+            zip_size=row["zip_size"],
+            zip_sha256=row["zip_sha256"],
+            prearchive_url=row["prearchive_url"],
+            archive_uri=row["archive_uri"],
+            build_requested_at=row["build_requested_at"],
+            finished_at=row["finished_at"],
+            answered=bool(row["answered"]),
+            shortfalls=int(row["shortfalls"]),
+            faults=int(row["faults"]),
+            retried_at=row["retried_at"],
+        )

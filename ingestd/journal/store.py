@@ -21,9 +21,11 @@ from ingestd.header import InstanceHeader
 from ingestd.journal.rows import (
     BatchInstance,
     BatchRow,
+    Delivery,
     InstanceRow,
     Outgoing,
     Quarantined,
+    Route,
     RouteRecord,
     Source,
     Superseded,
@@ -397,7 +399,7 @@ class Journal:
             )
             return True
 
-    def routes(self, state: StudyState | None = None) -> dict[int, dict[str, Any]]:
+    def routes(self, state: StudyState | None = None) -> dict[int, Route]:
         """The route of every routed batch (or of those now in `state`), by batch id."""
         with self._lock:
             if state is None:
@@ -406,7 +408,12 @@ class Journal:
                 rows = self._db.execute(
                     "SELECT r.* FROM batches b JOIN routes r ON r.batch_id = b.id WHERE b.state = ?", (state,)
                 ).fetchall()
-        return {int(row["batch_id"]): dict(row) for row in rows}
+        return {int(row["batch_id"]): Route.from_row(row) for row in rows}
+
+    def route(self, batch_id: int) -> Route | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM routes WHERE batch_id = ?", (batch_id,)).fetchone()
+        return Route.from_row(row) if row else None
 
     def outgoing(self, batch_id: int) -> list[Outgoing]:
         with self._lock:
@@ -443,15 +450,15 @@ class Journal:
             row = self._db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return str(row[0]) if row else None
 
-    def delivery(self, batch_id: int) -> dict[str, Any] | None:
+    def delivery(self, batch_id: int) -> Delivery | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
-        return dict(row) if row else None
+        return Delivery.from_row(row) if row else None
 
-    def deliveries(self) -> dict[int, dict[str, Any]]:
+    def deliveries(self) -> dict[int, Delivery]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM deliveries").fetchall()
-        return {int(row["batch_id"]): dict(row) for row in rows}
+        return {int(row["batch_id"]): Delivery.from_row(row) for row in rows}
 
     def start_delivery(self, batch_id: int, now: float) -> None:
         with self.transaction() as db:

@@ -43,7 +43,7 @@ from typing import Any
 import structlog
 
 from ingestd.config import Config, XnatServer
-from ingestd.journal import BatchRow, Journal
+from ingestd.journal import BatchRow, Delivery, Journal, Route
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.pipeline.holdings import BROKEN, READY, HoldError, Job, check_same_study, look_at
@@ -95,7 +95,7 @@ class Deliverer(BatchWorker):
         self.servers = XnatServers(journal, config.xnat.servers, self.beat)
         self.breaker = self.servers.breaker
         self._settling: dict[int, tuple[str, float]] = {}  # batch -> (lastmod seen, since when it has not moved)
-        self._routes: dict[int, dict[str, Any]] = {}  # the routes of the running check
+        self._routes: dict[int, Route] = {}  # the routes of the running check
         self._admitted: dict[str, bool] = {}  # server -> whether its batches take steps in the running check
         # The rules in force (the daemon's router's, live across reloads): which labels logs name by digests.
         self.rules: Callable[[], RuleSet | None] = lambda: None
@@ -152,7 +152,7 @@ class Deliverer(BatchWorker):
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
             if self.stopping:
                 return
-            name = str(self._routes[batch.id]["server"])
+            name = self._routes[batch.id].server
             if name not in self._admitted:
                 self._admitted[name] = self._admit(name)
             if self._admitted[name]:
@@ -160,14 +160,15 @@ class Deliverer(BatchWorker):
 
     def process(self, batch: BatchRow, now: float) -> int:
         """Take the batch's steps one after the other while it is due: the next check is a poll interval away."""
-        name, route = str(self._routes[batch.id]["server"]), self._routes[batch.id]
+        route = self._routes[batch.id]
+        name = route.server
         delivery = self.journal.delivery(batch.id)
         if delivery is None:
             self.journal.start_delivery(batch.id, time.time())
             delivery = self.journal.delivery(batch.id)
         taken = 0
         for _ in range(_STEPS_PER_CHECK):
-            if delivery is None or delivery["next_attempt_at"] > time.time() or self.stopping:
+            if delivery is None or delivery.next_attempt_at > time.time() or self.stopping:
                 break
             if not self.breaker.admits(name, time.time()):
                 self._admitted[name] = False  # a login was refused just now: the server's other batches wait too
@@ -184,10 +185,10 @@ class Deliverer(BatchWorker):
 
     # -- one step ------------------------------------------------------------------------------------------
 
-    def step(self, batch_id: int, route: Mapping[str, Any], delivery: Mapping[str, Any]) -> None:
-        name = str(route["server"])
+    def step(self, batch_id: int, route: Route, delivery: Delivery) -> None:
+        name = route.server
         server = self.config.xnat.servers.get(name)
-        step = Step(delivery["step"])
+        step = delivery.step
         self._current = (batch_id, step)
         self.beat()
         try:
@@ -224,34 +225,39 @@ class Deliverer(BatchWorker):
     def _wait(self, batch_id: int, seconds: float, **fields: Any) -> None:
         self.journal.update_delivery(batch_id, next_attempt_at=time.time() + seconds, **fields)
 
-    def _retry(self, batch_id: int, delivery: Mapping[str, Any], server: XnatServer | None, error: str) -> None:
+    def _retry(self, batch_id: int, delivery: Delivery, server: XnatServer | None, error: str) -> None:
         assert server is not None  # noqa: S101 - a missing server holds before any request
-        attempts = int(delivery["attempts"]) + 1
-        age_hours = (time.time() - float(delivery["started_at"])) / 3600
+        attempts = delivery.attempts + 1
+        age_hours = (time.time() - delivery.started_at) / 3600
         step = self.journal.delivery(batch_id) or delivery  # the step may have moved on (import -> importing)
         if attempts >= server.retry.max_attempts or age_hours >= server.retry.max_age_hours:
             reason = f"gave up after {attempts} attempts over {age_hours:.1f} h: {error}"
-            self._hold(batch_id, HoldCode.XNAT_UNREACHABLE, reason, step["step"])
+            self._hold(batch_id, HoldCode.XNAT_UNREACHABLE, reason, step.step)
             return
         wait = backoff_seconds(attempts, server.retry.initial_seconds, server.retry.max_seconds, self._rng)
         self.journal.update_delivery(batch_id, attempts=attempts, last_error=error, next_attempt_at=time.time() + wait)
-        RETRIES.labels(step=str(step["step"])).inc()
+        RETRIES.labels(step=str(step.step)).inc()
         log.warning(
             "deliver.retry_scheduled",
             batch_id=batch_id,
-            step=step["step"],
+            step=step.step,
             attempt=attempts,
             wait_seconds=round(wait, 1),
-            error=self._hide_labels(self.journal.routes().get(batch_id), error),
+            error=self._hide_labels(self.journal.route(batch_id), error),
         )
 
-    def _hide_labels(self, route: Mapping[str, Any] | None, text: str) -> str:
+    def _hide_labels(self, route: Route | None, text: str) -> str:
         """`text` for a log line: the labels a rule without `anonymize` built from raw identifying values, as
         digests (a route the journal no longer has: all its labels)."""
         if route is None:
             return text
-        hidden = identifying_labels(self.rules(), route)
-        return hide_labels(text, [str(route[name]) for name in hidden])
+        hidden = self._identifying(route)
+        return hide_labels(text, [route.label(name) for name in hidden])
+
+    def _identifying(self, route: Route) -> frozenset[str]:
+        return identifying_labels(
+            self.rules(), rule=route.rule, rules_version=route.rules_version, profile=route.profile
+        )
 
     def failed(self, batch: BatchRow, exc: Exception) -> None:
         """An error no step expected: count it against this batch's delivery, try again later, hold after the bound
@@ -259,27 +265,27 @@ class Deliverer(BatchWorker):
         current = self.journal.delivery(batch.id)
         if current is None:
             raise exc  # the delivery could not even be started: the journal fails, not this batch
-        stage = Stage.PACKAGE if current["step"] == Step.PACKAGE else Stage.DELIVER
+        stage = Stage.PACKAGE if current.step == Step.PACKAGE else Stage.DELIVER
         failure = note_failure(
-            stage, exc, batch_id=batch.id, failures=int(current["faults"]) + 1, policy=self.config.batch_failures
+            stage, exc, batch_id=batch.id, failures=current.faults + 1, policy=self.config.batch_failures
         )
         self.journal.update_delivery(
             batch.id, faults=failure.failures, last_error=failure.error, next_attempt_at=time.time() + failure.wait
         )
         if failure.held:
-            reason = f"{current['step']} failed {failure.failures} times, last: {failure.error}"
-            self._hold(batch.id, FAILED_HOLD[stage], reason, current["step"])
+            reason = f"{current.step} failed {failure.failures} times, last: {failure.error}"
+            self._hold(batch.id, FAILED_HOLD[stage], reason, current.step)
 
     def hold(self, batch: BatchRow, code: HoldCode, reason: str) -> None:
         delivery = self.journal.delivery(batch.id)
-        self._hold(batch.id, code, reason, "" if delivery is None else str(delivery["step"]))
+        self._hold(batch.id, code, reason, "" if delivery is None else delivery.step)
 
     def _hold(self, batch_id: int, code: HoldCode, reason: str, step: str) -> None:
         self._settling.pop(batch_id, None)
         self.journal.update_delivery(batch_id, last_error=reason, retried_at=None)  # a retry is spent by a new hold
         if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
             DELIVERIES.labels(outcome=StudyState.HELD).inc()
-            shown = self._hide_labels(self.journal.routes().get(batch_id), reason)
+            shown = self._hide_labels(self.journal.route(batch_id), reason)
             log.warning("deliver.held", batch_id=batch_id, step=step, code=code, reason=shown)
 
     # -- the steps -------------------------------------------------------------------------------------------
@@ -306,7 +312,7 @@ class Deliverer(BatchWorker):
             bytes=package.size,
             seconds=stage_seconds("package", started),
         )
-        first = job.delivery["zip_path"] is None  # a resend passed the pre-flight before
+        first = job.delivery.zip_path is None  # a resend passed the pre-flight before
         self._advance(
             job.batch_id,
             Step.PREFLIGHT if first else Step.IMPORT,
@@ -338,7 +344,7 @@ class Deliverer(BatchWorker):
         project, subject, session = job.project, job.subject, job.session
         self._advance(job.batch_id, Step.IMPORTING, answered=0, build_requested_at=None)
         started = time.monotonic()
-        uris = job.client.import_zip(self.state_dir / str(job.delivery["zip_path"]), project, subject, session)
+        uris = job.client.import_zip(self.state_dir / str(job.delivery.zip_path), project, subject, session)
         if len(uris) > 1:
             raise HoldError(
                 HoldCode.XNAT_SPLIT, f"XNAT filed the upload as {len(uris)} sessions (expected one): {' '.join(uris)}"
@@ -362,12 +368,12 @@ class Deliverer(BatchWorker):
 
     def _step_wait(self, job: Job) -> None:
         """Poll our prearchive session until XNAT has built it (or archived or dropped it), then verify."""
-        url = str(job.delivery["prearchive_url"])
+        url = str(job.delivery.prearchive_url)
         row = job.client.prearchive_session(url)
-        waited = time.time() - float(job.delivery["step_started_at"])
+        waited = time.time() - job.delivery.step_started_at
         if row is not None and row.status == READY:
             STAGE_SECONDS.labels(stage="build_wait").observe(max(0.0, waited))
-            if job.archives and job.delivery["answered"]:
+            if job.archives and job.delivery.answered:
                 # XNAT answered the import, so it read every entry: archive now, and verify in the archive (what is
                 # missing there, whatever the reason, is sent again). Saves a look at the prearchive per study.
                 self._advance(job.batch_id, Step.ARCHIVE, prearchive_url=row.url)
@@ -382,7 +388,7 @@ class Deliverer(BatchWorker):
         if (
             row.status == "RECEIVING"
             and waited > job.server.build_wait_seconds
-            and not job.delivery["build_requested_at"]
+            and not job.delivery.build_requested_at
             and self._settled(job.batch_id, row, job.server.settle_seconds)
             # XNAT up to 1.8.9 builds only after minutes of idleness. Never while an import still writes to the
             # session (an upload whose answer a proxy cut off goes on inside XNAT): built then, it would be judged
@@ -444,7 +450,7 @@ class Deliverer(BatchWorker):
     def _broken(self, job: Job, row: PrearchiveRow) -> None:
         """A session of ours that XNAT set to CONFLICT or ERROR: held, with XNAT's own words; after `ingestd retry`
         archived again (CONFLICT, rule archives) or rebuilt (anything else), once."""
-        if not job.delivery["retried_at"]:
+        if not job.delivery.retried_at:
             said = job.client.prearchive_log(row.url)
             raise HoldError(
                 HoldCode.XNAT_CONFLICT,
@@ -460,7 +466,7 @@ class Deliverer(BatchWorker):
 
     def _resend(self, job: Job, missing: int, instances: int) -> None:
         """Some instances are nowhere in XNAT: package and import just those again, into the same session."""
-        shortfalls = int(job.delivery["shortfalls"]) + int(bool(job.delivery["answered"]))
+        shortfalls = job.delivery.shortfalls + int(job.delivery.answered)
         if shortfalls > self.config.delivery.max_resends:
             raise HoldError(
                 HoldCode.INCOMPLETE,
@@ -476,7 +482,7 @@ class Deliverer(BatchWorker):
         project, subject, session = job.project, job.subject, job.session
         self._advance(job.batch_id, Step.ARCHIVING)
         started = time.monotonic()
-        uri = job.client.archive(str(job.delivery["prearchive_url"]), project, subject, session)
+        uri = job.client.archive(str(job.delivery.prearchive_url), project, subject, session)
         shown = self._hide_labels(job.route, uri)
         log.info("deliver.archived", batch_id=job.batch_id, uri=shown, seconds=stage_seconds("archive", started))
         self._advance(job.batch_id, Step.VERIFY, progress=True, archive_uri=uri)
@@ -490,7 +496,7 @@ class Deliverer(BatchWorker):
         if not self.journal.finish_delivery(job.batch_id, time.time()):
             return
         DELIVERIES.labels(outcome=StudyState.DELIVERED).inc()
-        hidden = identifying_labels(self.rules(), job.route)
+        hidden = self._identifying(job.route)
         log.info(
             "deliver.delivered",
             batch_id=job.batch_id,

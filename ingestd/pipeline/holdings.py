@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingestd.config import XnatServer
-from ingestd.journal import Outgoing
+from ingestd.journal import Delivery, Outgoing, Route
 from ingestd.states import HoldCode
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient
 
@@ -37,30 +37,30 @@ class Job:
     """One batch's delivery as a step sees it: the route, the journal row, the server and its client."""
 
     batch_id: int
-    route: Mapping[str, Any]
-    delivery: Mapping[str, Any]
+    route: Route
+    delivery: Delivery
     server: XnatServer
     client: XnatClient
 
     @property
     def project(self) -> str:
-        return str(self.route["project"])
+        return self.route.project
 
     @property
     def subject(self) -> str:
-        return str(self.route["subject"])
+        return self.route.subject
 
     @property
     def session(self) -> str:
-        return str(self.route["session"])
+        return self.route.session
 
     @property
     def study_uid(self) -> str:
-        return str(self.route["study_uid"])
+        return self.route.study_uid
 
     @property
     def archives(self) -> bool:
-        return bool(self.route["archive"])
+        return self.route.archive
 
 
 @dataclass(frozen=True, slots=True)

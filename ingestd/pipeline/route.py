@@ -229,8 +229,8 @@ class Router(BatchWorker):
         )
         if not self.journal.route_batch(batch.id, record, outgoing, time.time()):
             return  # the batch changed state meanwhile (it cannot today; a later `retry` might)
-        routed = {"rule": decision.rule, "rules_version": rules.version, "profile": decision.profile}
-        hidden = identifying_labels(rules, routed)  # labels from raw identifying values, without anonymize
+        # labels from raw identifying values, without anonymize
+        hidden = identifying_labels(rules, rule=decision.rule, rules_version=rules.version, profile=decision.profile)
         labels = {"project": decision.project, "subject": decision.subject, "session": decision.session}
         shown = {name: path_digest(value) if name in hidden else value for name, value in labels.items()}
         log.info(

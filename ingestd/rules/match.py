@@ -498,19 +498,19 @@ def explain_match(rules: RuleSet, study: StudyFacts) -> list[str]:
 LABEL_NAMES = ("project", "subject", "session")
 
 
-def identifying_labels(rules: RuleSet | None, route: Mapping[str, object]) -> frozenset[str]:
+def identifying_labels(rules: RuleSet | None, *, rule: str, rules_version: str, profile: str | None) -> frozenset[str]:
     """Which of a routed batch's labels (`project`, `subject`, `session`) logs must name by a digest.
 
-    `route` is the journal's route (`rule`, `rules_version`, `profile`). A de-identified route's labels are safe
-    (loading refuses raw identifying values in them); otherwise the labels its rule builds from raw identifying
-    values. When the rules the batch was routed with are not the ones at hand (a reload since, `rules` None),
-    every label of a route without a profile is taken as identifying: fail closed.
+    The batch was routed by `rule` of the rules at `rules_version`, with `profile` (the journal's route). A
+    de-identified route's labels are safe (loading refuses raw identifying values in them); otherwise the labels its
+    rule builds from raw identifying values. When the rules the batch was routed with are not the ones at hand (a
+    reload since, `rules` None), every label of a route without a profile is taken as identifying: fail closed.
     """
-    if route.get("profile"):
+    if profile:
         return frozenset()
-    if rules is None or route.get("rules_version") != rules.version:
+    if rules is None or rules_version != rules.version:
         return frozenset(LABEL_NAMES)
-    rule = next((rule for rule in rules.rules if rule.name == route.get("rule")), None)
-    if rule is None:
+    found = next((candidate for candidate in rules.rules if candidate.name == rule), None)
+    if found is None:
         return frozenset(LABEL_NAMES)
-    return frozenset(label for label, _field in rule.identifying_labels)
+    return frozenset(label for label, _field in found.identifying_labels)
