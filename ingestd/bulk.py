@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Never, TextIO
+from typing import IO, TextIO
 
 import pydicom
 import structlog
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ingestd.config import Archives, Config
@@ -47,6 +45,7 @@ from ingestd.journal import BatchInstance, Journal, Source
 from ingestd.logs import hide_member_names, path_digest, uid_digest
 from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
 from ingestd.pipeline.route import header_facts, study_facts
+from ingestd.progress import Bar, Counts, Lines
 from ingestd.receive.intake import SourceFile, Sources, find_sources, read_source, source_name
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts
 from ingestd.rules.verdict import Screened, label_clashes, verdict
@@ -60,101 +59,7 @@ log = structlog.get_logger("ingestd.import")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DONE = frozenset({StudyState.DELIVERED, StudyState.RELEASED})
 _FINISHED = _DONE | {StudyState.HELD}
-_PROGRESS_SECONDS = 2.0
 _WORKER_SECONDS = 0.2  # how often the import's own router and deliverer look for work
-
-
-# -- progress ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Counts:
-    """How far an import is: what its progress shows and `import.finished` logs."""
-
-    files: int = 0
-    scanned: int = 0
-    spooled: int = 0  # instances stored (or replaced) by this import
-    known: int = 0  # instances the spool or the journal already had
-    quarantined: int = 0  # files and archive members kept in quarantine
-    unreadable: int = 0
-    passed_over: int = 0  # hidden, partial, links
-    studies: int = 0  # batches touched
-    delivered: int = 0  # of those: delivered or released, now or before
-    held: int = 0
-    delivering: bool = False  # everything is spooled; the studies are on their way
-
-    def line(self) -> str:
-        known = f", {self.known} already known" if self.known else ""
-        return (
-            f"import: files {self.scanned}/{self.files} scanned, {self.spooled} instances spooled{known}, "
-            f"{self.quarantined} quarantined, studies {self.delivered}/{self.studies} delivered, {self.held} held"
-        )
-
-
-class _Lines:
-    """Progress as plain lines (not a terminal): printed when it changed, at most every two seconds, and at the end."""
-
-    def __init__(self, out: TextIO, interval: float = _PROGRESS_SECONDS) -> None:
-        self.out = out
-        self.interval = interval
-        self._last = ""
-        self._at = -interval
-
-    def show(self, counts: Counts, *, final: bool = False) -> None:
-        line = counts.line()
-        now = time.monotonic()
-        if line == self._last or (not final and now - self._at < self.interval):
-            return
-        print(line, file=self.out, flush=True)
-        self._last, self._at = line, now
-
-    def close(self, counts: Counts) -> None:
-        self.show(counts, final=True)
-
-
-class _Bar:
-    """Progress as a bar on a terminal: files while they are taken, then studies while they are delivered."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self._bar: tqdm[Never] | None = None
-        self._delivering = False
-
-    def show(self, counts: Counts, *, final: bool = False) -> None:
-        bar = self._bar
-        if bar is None or self._delivering != counts.delivering:
-            if bar is not None:
-                bar.close()
-            self._delivering = counts.delivering
-            total, what, unit = (
-                (counts.studies, "studies", "study") if counts.delivering else (counts.files, "files", "file")
-            )
-            # A terminal that does not say its size (0 columns) would get no bar at all: draw one 80 wide there.
-            width = {"dynamic_ncols": True} if _columns(self.out) else {"ncols": 80, "nrows": 24}
-            bar = self._bar = tqdm(total=total, desc=what, unit=unit, file=self.out, **width)
-        if counts.delivering:
-            done, postfix = counts.delivered + counts.held, f"{counts.delivered} delivered, {counts.held} held"
-        else:
-            done = counts.scanned
-            postfix = f"{counts.spooled} instances spooled, {counts.known} known, {counts.quarantined} quarantined"
-        bar.set_postfix_str(postfix, refresh=False)
-        bar.update(done - bar.n)
-        if final:
-            bar.refresh()
-
-    def close(self, counts: Counts) -> None:
-        self.show(counts, final=True)
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def _columns(out: TextIO) -> int:
-    """The width of the terminal `out` is on; 0 when it does not say."""
-    try:
-        return os.get_terminal_size(out.fileno()).columns
-    except (OSError, ValueError, AttributeError):
-        return 0
 
 
 # -- taking files ------------------------------------------------------------------------------------
@@ -277,7 +182,7 @@ class _Importer(_Taker):
         self.counts.held = sum(1 for state in states if state == StudyState.HELD)
         return all(state in _FINISHED for state in states)
 
-    def wait(self, rules: RuleSet, progress: _Lines | _Bar, poll: float) -> None:
+    def wait(self, rules: RuleSet, progress: Lines | Bar, poll: float) -> None:
         """Wait until every touched batch is finished, routing and delivering them here unless a daemon does.
 
         Should the daemon stop meanwhile, the import takes the state directory's lock and does the rest itself.
@@ -544,9 +449,9 @@ def _run(
 ) -> int:
     """Spool, complete, wait, print the summary; return the exit status."""
     config, counts = importer.config, importer.counts
-    progress = _Bar(out) if out.isatty() else _Lines(out)
+    progress = Bar(out) if out.isatty() else Lines(out)
     try:
-        with logging_redirect_tqdm() if isinstance(progress, _Bar) else contextlib.nullcontext():
+        with logging_redirect_tqdm() if isinstance(progress, Bar) else contextlib.nullcontext():
             if importer.lock is not None:  # no receiver of an earlier daemon may still be writing: recover_spool waits
                 recover_spool(config, importer.spool, importer.quarantine)
             importer.take_all(sources, progress.show)

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "wakeup",
             "notify",
             "synthetic",
+            "progress",
         ),
     ),
     # Below rules/: rules/load.py reads its YAML through config's readers (read_yaml, validate_document).
@@ -63,12 +64,10 @@ TESTING_IMPORTERS = (*ENTRY_POINTS, TESTING)
 
 MAX_LINES = 600
 
-# Known violations on the way out, each with the change that removes it. Keys: (importing module, imported module).
-# The test fails when one no longer occurs, so that the list only ever shrinks.
+# Known violations on the way out, each with the change that removes it (none today). Keys: (importing module,
+# imported module) and module names. The test fails when one no longer occurs, so that the lists only ever shrink.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {}
-KNOWN_LONG: dict[str, str] = {
-    "bulk": "issue 14: 609 lines, to split (folder survey and progress display)",
-}
+KNOWN_LONG: dict[str, str] = {}
 
 # -- reading the package ----------------------------------------------------------------------------------------
 
