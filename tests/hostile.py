@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
 HOST = "127.0.0.1"
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -167,7 +167,7 @@ def legitimate(
     Returns the seconds from the first attempt to the answer; raises AssertionError if it did not succeed.
     """
     ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION.decode())
     ae.add_requested_context(MRImageStorage)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 10
     start = time.monotonic()

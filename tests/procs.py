@@ -51,7 +51,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.05, message: str = "condition") -> T:
+def wait_until(
+    predicate: Callable[[], T | None], timeout: float, interval: float = 0.05, message: str = "condition"
+) -> T:
     """Call `predicate` until it returns something truthy and return that; raise TimeoutError at `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:

@@ -22,7 +22,7 @@ import json
 import socket
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
 from io import BytesIO
 from pathlib import Path
@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -294,7 +295,7 @@ def _spooled(receiver: Receiver) -> dict[str, bytes]:
     return {str(uid): (receiver.config.spool_dir / str(path)).read_bytes() for uid, path in rows}
 
 
-def _associate_rq(contexts: dict[int, tuple[str, str]]) -> bytes:
+def _associate_rq(contexts: Mapping[int, tuple[str, str]]) -> bytes:
     """An A-ASSOCIATE-RQ proposing one transfer syntax per context (`_associate_rq` proposes Explicit VR only)."""
     body = b"\x00\x01\x00\x00" + b"INGESTD".ljust(16) + b"RAWSCU".ljust(16) + bytes(32)
     body += _item(0x10, b"1.2.840.10008.3.1.1.1")
@@ -309,7 +310,7 @@ def _associate_rq(contexts: dict[int, tuple[str, str]]) -> bytes:
 class Peer(RawPeer):
     """The raw peer, proposing (abstract syntax, transfer syntax) per presentation context."""
 
-    def __init__(self, port: int, contexts: dict[int, tuple[str, str]]) -> None:
+    def __init__(self, port: int, contexts: Mapping[int, tuple[str, str]]) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.sendall(_associate_rq(contexts))
         pdu_type, body = self.read_pdu()
@@ -517,7 +518,7 @@ def test_any_cut_of_an_instance_is_refused_and_the_whole_one_is_stored(
         number = next(numbers)
         study, series, instance = (f"1.2.826.0.1.3680043.9.9999.{kind}.1{number:09d}" for kind in (1, 2, 3))
         ds = make_instance(study, series, rows=rows, fill=rows)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = instance
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(instance)
         if sequences is not None:
             _with_sequences(ds, undefined=sequences)
         data = encode_raw(ds, implicit=implicit)

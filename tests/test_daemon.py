@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from ingestd.testing.fake_xnat import FakeXnat
 from tests.dicom import make_study, write_instances
@@ -43,6 +43,14 @@ def _status(config: Path) -> dict[str, object]:
         _ingestd("status", "--config", str(config), "--json", "--show-uids", check=True).stdout
     )
     return data
+
+
+def _first_study(config: Path) -> dict[str, Any]:
+    """The first study `ingestd status --json` lists."""
+    studies = _status(config)["studies"]
+    assert isinstance(studies, list) and studies
+    first: dict[str, Any] = studies[0]
+    return first
 
 
 def test_daemon_end_to_end(tmp_path: Path) -> None:
@@ -234,7 +242,7 @@ def test_daemon_delivers_to_xnat(tmp_path: Path, xnat: FakeXnat) -> None:
         daemon.wait_ready(port)
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "delivered", 60, interval=0.3)
         assert daemon.terminate() == 0
     (experiment,) = xnat.experiments("PROJ")
     assert len(experiment.scans) == 2 and sum(len(s.files) for s in experiment.scans.values()) == 6
@@ -249,7 +257,7 @@ def test_rule_without_archive_leaves_a_ready_prearchive_session(tmp_path: Path, 
         daemon.wait_ready(port)
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "delivered", 60, interval=0.3)
         assert daemon.terminate() == 0
     (row,) = xnat.prearchive_rows("PROJ")
     assert row["status"] == "READY" and not xnat.experiments("PROJ")
@@ -271,7 +279,7 @@ def _kill9_then_deliver(
         assert daemon.kill9() == -9
         daemon.start()
         daemon.wait_ready(port)
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "delivered", 60, interval=0.3)
         records = daemon.logged("deliver.verified")
         assert daemon.terminate() == 0
     return records
@@ -379,7 +387,7 @@ def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkey
         daemon.wait_ready(port)
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "held", 30, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "held", 30, interval=0.3)
         health = _status(config)["health"]
         assert isinstance(health, dict) and health["running"] is True
         assert health["held_by_reason"] == {"unrouted": 1} and health["last_heartbeat_seconds_ago"] is not None
@@ -390,13 +398,13 @@ def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkey
         applied = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "applied"], 20)
         assert applied[0]["needs_restart"] is None
         assert _ingestd("retry", "--config", str(config), "--held").returncode == 0
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "routed", 30, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "routed", 30, interval=0.3)
 
         rules.write_text(rule.replace("when: {calling_aet: CALLER}", "when: {Modalty: MR}"))
         os.kill(daemon.pid, signal.SIGHUP)
         refused = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "refused"], 20)
         assert any("did you mean 'Modality'" in problem for problem in refused[0]["problems"])
-        route = _status(config)["studies"][0]["route"]
+        route = _first_study(config)["route"]
         assert isinstance(route, dict) and route["rule"] == "scanner"
         assert daemon.terminate() == 0
     stopped = _status(config)["health"]

@@ -18,14 +18,14 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.sop_class import MRImageStorage, Verification
 
 from ingestd.receive import dataphase
 from tests.conftest import Receiver, make_config, start_receiver
-from tests.dicom import encode_raw, make_instance, make_study
+from tests.dicom import VERIFICATION, encode_raw, make_instance, make_study
 from tests.procs import journal_rows, wait_until
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -37,9 +37,9 @@ uids = (
 )
 
 
-def _pynetdicom_command(message: object) -> bytes:
+def _pynetdicom_command(message: DIMSEMessage) -> bytes:
     """The command set bytes pynetdicom sends for a message (all fragments joined)."""
-    pdata = list(message.encode_msg(1, 16384))  # type: ignore[attr-defined]
+    pdata = list(message.encode_msg(1, 16384))
     return b"".join(value[1:] for p in pdata for _context, value in p.presentation_data_value_list if value[0] & 1)
 
 
@@ -62,11 +62,11 @@ class TestEncodings:
     def test_echo_response_matches_pynetdicom(self, message_id: int) -> None:
         primitive = C_ECHO()
         primitive.MessageIDBeingRespondedTo = message_id
-        primitive.AffectedSOPClassUID = Verification
+        primitive.AffectedSOPClassUID = VERIFICATION
         primitive.Status = 0x0000
         message = C_ECHO_RSP()
         message.primitive_to_message(primitive)
-        ours = dataphase.encode_response(0x8030, message_id, Verification, "", 0x0000)
+        ours = dataphase.encode_response(0x8030, message_id, VERIFICATION, "", 0x0000)
         assert ours == _pynetdicom_command(message)
 
     @given(
@@ -96,11 +96,11 @@ class TestEncodings:
     def test_echo_request_has_no_data_set(self) -> None:
         primitive = C_ECHO()
         primitive.MessageID = 7
-        primitive.AffectedSOPClassUID = Verification
+        primitive.AffectedSOPClassUID = VERIFICATION
         message = C_ECHO_RQ()
         message.primitive_to_message(primitive)
         command = dataphase.parse_command(_pynetdicom_command(message))
-        assert command == dataphase.Command(0x0030, 7, Verification, "", has_data_set=False)
+        assert command == dataphase.Command(0x0030, 7, VERIFICATION, "", has_data_set=False)
 
     @given(command=st.binary(min_size=1, max_size=600), max_length=st.sampled_from([0, 7, 8, 50, 4096]))
     def test_responses_fit_the_peers_maximum_pdu_length(self, command: bytes, max_length: int) -> None:
@@ -190,7 +190,7 @@ class RawPeer:
 
     def __init__(self, port: int, contexts: dict[int, str] | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(_associate_rq("RAWSCU", "INGESTD", contexts or {1: MRImageStorage, 3: Verification}))
+        self.sock.sendall(_associate_rq("RAWSCU", "INGESTD", contexts or {1: MRImageStorage, 3: VERIFICATION}))
         pdu_type, body = self.read_pdu()
         assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type:#x})"
         self.accepted = self._accepted_contexts(body)
@@ -316,7 +316,7 @@ class TestRawPeer:
     def test_echo_on_the_verification_context(self, receiver: Receiver) -> None:
         peer = RawPeer(receiver.port)
         assert peer.accepted == {1, 3}
-        peer.send(_p_data(_pdv(3, 0x03, _command(0x0030, 3, Verification, data_set=False))))
+        peer.send(_p_data(_pdv(3, 0x03, _command(0x0030, 3, VERIFICATION, data_set=False))))
         assert peer.status_of_response() == (0x8030, 0x0000)
         peer.release()
 
@@ -434,7 +434,7 @@ class TestPynetdicomServes:
             study = make_study(series=1, per_series=3)
             ae = AE(ae_title="SCANNER")
             ae.add_requested_context(MRImageStorage)
-            ae.add_requested_context(Verification)
+            ae.add_requested_context(VERIFICATION)
             assoc = ae.associate("127.0.0.1", running.port, ae_title="INGESTD")
             assert assoc.is_established
             assert [assoc.send_c_store(ds).Status for ds in study] == [0] * 3

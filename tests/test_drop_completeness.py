@@ -26,8 +26,8 @@ from pydicom.uid import (
 from ingestd.config import Archives
 from ingestd.dicomfile import IncompleteInstanceError, needs_pixel_data, prepare_instance
 from ingestd.errors import InvalidInstanceError, UnsafeArchiveError
-from ingestd.receive.archives import IncompleteArchiveError, check_archive, read_members
-from tests.dicom import encode, encode_raw, make_instance, tar_bytes, zip_bytes
+from ingestd.receive.archives import ArchiveKind, IncompleteArchiveError, check_archive, read_members
+from tests.dicom import TarMode, encode, encode_raw, make_instance, tar_bytes, zip_bytes
 
 
 def _testdata(name: str) -> bytes:
@@ -135,17 +135,22 @@ def _members() -> dict[str, bytes]:
     return {f"d/IM{i}.dcm": encode(make_instance(study_uid, rows=4, number=i)) for i in range(3)}
 
 
-def _read(data: bytes, kind: str) -> dict[str, bytes]:
+def _read(data: bytes, kind: ArchiveKind) -> dict[str, bytes]:
     stream = io.BytesIO(data)
-    check_archive(stream, kind, Archives())  # type: ignore[arg-type]
-    return dict(read_members(stream, kind, Archives()))  # type: ignore[arg-type]
+    check_archive(stream, kind, Archives())
+    return dict(read_members(stream, kind, Archives()))
 
 
-ARCHIVES = {"zip": ("zip", None), "tar": ("tar", "w"), "tar.gz": ("tar", "w:gz"), "tar.bz2": ("tar", "w:bz2")}
+ARCHIVES: dict[str, tuple[ArchiveKind, TarMode | None]] = {
+    "zip": ("zip", None),
+    "tar": ("tar", "w"),
+    "tar.gz": ("tar", "w:gz"),
+    "tar.bz2": ("tar", "w:bz2"),
+}
 
 
 @pytest.mark.parametrize(("kind", "mode"), ARCHIVES.values(), ids=ARCHIVES.keys())
-def test_every_prefix_of_an_archive_is_incomplete_up_to_its_end(kind: str, mode: str | None) -> None:
+def test_every_prefix_of_an_archive_is_incomplete_up_to_its_end(kind: ArchiveKind, mode: TarMode | None) -> None:
     members = _members()
     data = zip_bytes(members) if mode is None else tar_bytes(members, mode)
     assert _read(data, kind) == members
@@ -188,7 +193,7 @@ def test_a_zip_stored_in_a_zip_being_written_is_not_taken_for_it() -> None:
     ],
     ids=["garbage zip", "garbage tar", "garbage gzip"],
 )
-def test_garbage_is_unreadable_not_incomplete(data: bytes, kind: str) -> None:
+def test_garbage_is_unreadable_not_incomplete(data: bytes, kind: ArchiveKind) -> None:
     with pytest.raises(UnsafeArchiveError) as caught:
         _read(data, kind)
     assert not isinstance(caught.value, IncompleteArchiveError)
@@ -207,7 +212,8 @@ def test_a_compressed_tar_whose_stream_ends_before_the_tar_does_is_corrupt() -> 
 
 def test_datasets_read_back_from_a_whole_archive_are_the_members() -> None:
     members = _members()
-    for kind, data in (("zip", zip_bytes(members)), ("tar", tar_bytes(members, "w:xz"))):
+    archives: tuple[tuple[ArchiveKind, bytes], ...] = (("zip", zip_bytes(members)), ("tar", tar_bytes(members, "w:xz")))
+    for kind, data in archives:
         read = _read(data, kind)
         assert {name: pydicom.dcmread(io.BytesIO(value)).SOPInstanceUID for name, value in read.items()} == {
             name: pydicom.dcmread(io.BytesIO(value)).SOPInstanceUID for name, value in members.items()

@@ -10,6 +10,7 @@ SIGTERM ends the process within stop_timeout_seconds either way.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -189,7 +190,7 @@ def test_sigterm_while_a_worker_is_stuck_in_python_ends_the_process_in_time(
     with daemon:
         daemon.wait_ready(port)
         _hang(daemon, trigger)
-        daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        os.kill(daemon.pid, signal.SIGTERM)
         status, seconds = _exit_within(daemon, 30)
         assert status == 0 and seconds < 3 + 1.5, (status, seconds, daemon.log_tail())
         assert daemon.logged("daemon.stop_abandoned")[0]["services"] == ["assembler"]
@@ -205,7 +206,7 @@ def test_a_thread_holding_the_gil_cannot_outlast_sigterm(tmp_path: Path, monkeyp
     with daemon:
         daemon.wait_ready(port)
         _hang(daemon, trigger)
-        daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        os.kill(daemon.pid, signal.SIGTERM)
         status, seconds = _exit_within(daemon, 30)
         assert status == 1 and seconds < 3 + 1.5, (status, seconds, daemon.log_tail())
     log = daemon.log_path.read_text()

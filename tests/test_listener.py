@@ -11,13 +11,14 @@ import pydicom
 import pynetdicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import MRImageStorage, Verification
+from pynetdicom.association import Association
 
 from ingestd.header import read_file_header
 from ingestd.receive import dataphase
 from tests.conftest import Receiver, make_config, start_receiver
-from tests.dicom import make_instance, make_study, write_instances
+from tests.dicom import VERIFICATION, make_instance, make_study, write_instances
 from tests.procs import DCMTK_ENV, journal_rows, wait_until
 
 
@@ -30,7 +31,7 @@ def _rows(receiver: Receiver, sql: str) -> list[tuple[object, ...]]:
     return journal_rows(receiver.config.journal_path, sql)
 
 
-def _associate(port: int, calling: str = "SCANNER", contexts: list[str] | None = None) -> object:
+def _associate(port: int, calling: str = "SCANNER", contexts: list[str] | None = None) -> Association:
     ae = AE(ae_title=calling)
     for abstract in contexts or [MRImageStorage]:
         ae.add_requested_context(abstract)
@@ -178,7 +179,7 @@ class TestPynetdicomPeer:
 
     def test_echo(self, receiver: Receiver) -> None:
         """C-ECHO is answered with success."""
-        assoc = _associate(receiver.port, contexts=[Verification])
+        assoc = _associate(receiver.port, contexts=[VERIFICATION])
         assert assoc.send_c_echo().Status == 0
         assoc.release()
 

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,9 +82,9 @@ def _rss_mb(daemon: DaemonProcess) -> float:
     return proc_status(daemon.pid, "VmRSS") / 1024
 
 
-def _served_meanwhile(port: int, rounds: int = 3, **kwargs: object) -> list[float]:
+def _served_meanwhile(port: int, rounds: int = 3, **kwargs: Any) -> list[float]:
     """Latencies of `rounds` legitimate C-ECHO + C-STORE exchanges, each of which must succeed within 40 s."""
-    return [legitimate(port, store=make_instance(), **kwargs) for _ in range(rounds)]  # type: ignore[arg-type]
+    return [legitimate(port, store=make_instance(), **kwargs) for _ in range(rounds)]
 
 
 def test_silent_partial_requests_do_not_starve(daemon_factory: Start) -> None:

@@ -105,8 +105,12 @@ def test_a_real_run_keeps_modes_and_keeps_identifiers_out_of_its_logs(tmp_path: 
         (drop / "upload.zip").write_bytes(archive.getvalue())
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        rows = lambda: journal_rows(state / "journal.sqlite", "SELECT state FROM batches")  # noqa: E731
-        wait_until(lambda: rows() == [("delivered",)], 60, interval=0.3, message="the study to be delivered")
+        wait_until(
+            lambda: journal_rows(state / "journal.sqlite", "SELECT state FROM batches") == [("delivered",)],
+            60,
+            interval=0.3,
+            message="the study to be delivered",
+        )
         wait_until(lambda: len(journal_rows(state / "journal.sqlite", "SELECT * FROM quarantine")) == 2, 30)
         routed = daemon.wait_logged("route.routed")
         delivered = daemon.wait_logged("deliver.delivered")

@@ -20,6 +20,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from structlog.testing import capture_logs
 
@@ -167,9 +168,9 @@ def small_spill(monkeypatch: pytest.MonkeyPatch) -> int:
     return 64 * 1024
 
 
-def _store_pdus(message_id: int, ds: object, data: bytes, piece: int = 256 * 1024) -> list[bytes]:
+def _store_pdus(message_id: int, ds: Dataset, data: bytes, piece: int = 256 * 1024) -> list[bytes]:
     """A C-STORE as P-DATA PDUs: the command, then the data set in fragments of `piece` bytes, one PDU each."""
-    pdus = [_p_data(_pdv(1, 0x03, _store_command(message_id, ds.SOPClassUID, ds.SOPInstanceUID)))]  # type: ignore[attr-defined]
+    pdus = [_p_data(_pdv(1, 0x03, _store_command(message_id, ds.SOPClassUID, ds.SOPInstanceUID)))]
     for start in range(0, len(data), piece):
         last = start + piece >= len(data)
         pdus.append(_p_data(_pdv(1, 0x02 if last else 0x00, data[start : start + piece])))

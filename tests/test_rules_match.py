@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -28,8 +29,8 @@ def series(
     return SeriesFacts(series_uid=uid, instance_count=count, headers=dict(headers or {}), sop_class_uid=sop)
 
 
-def study(*items: SeriesFacts, **source: object) -> StudyFacts:
-    return StudyFacts(study_uid="1.2.3", series=tuple(items), **source)  # type: ignore[arg-type]
+def study(*items: SeriesFacts, **source: Any) -> StudyFacts:
+    return StudyFacts(study_uid="1.2.3", series=tuple(items), **source)
 
 
 def mr(**extra: str | tuple[str, ...]) -> dict[str, str | tuple[str, ...]]:

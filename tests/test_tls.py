@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from ingestd.config import Tls
 from tests.conftest import make_config, start_receiver

@@ -14,7 +14,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian
 
 from ingestd.config import Archives, DropFolder
@@ -22,7 +21,7 @@ from ingestd.dicomfile import prepare_instance
 from ingestd.journal import Journal
 from ingestd.receive.watcher import DropFolderError, DropFolderWatcher, _EventHandler
 from ingestd.spool import Quarantine, Spool
-from tests.dicom import encode, encode_raw, make_instance, make_study, write_instances
+from tests.dicom import TarMode, encode, encode_raw, make_instance, make_study, testdata, write_instances
 from tests.procs import journal_rows
 
 SETTLE = 0.2
@@ -100,8 +99,8 @@ def make_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.Z
     return path
 
 
-def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as archive:  # type: ignore[call-overload]
+def make_tar(path: Path, members: dict[str, bytes], mode: TarMode = "w:gz") -> Path:
+    with tarfile.open(path, mode) as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -171,7 +170,7 @@ def test_zip_archive(env: Env) -> None:
 
 
 @pytest.mark.parametrize(("name", "mode"), [("study.tar.gz", "w:gz"), ("study.tgz", "w:gz"), ("study.tar", "w")])
-def test_tar_archives(env: Env, name: str, mode: str) -> None:
+def test_tar_archives(env: Env, name: str, mode: TarMode) -> None:
     study = make_study(series=1, per_series=3)
     env.watcher()
     make_tar(env.tmp / name, {f"dir/IM{i}.dcm": encode(ds) for i, ds in enumerate(study)}, mode).rename(env.drop / name)
@@ -480,7 +479,7 @@ def test_event_handler_never_raises() -> None:
         def src_path(self) -> str:
             raise OSError("unreadable event")
 
-    _EventHandler(None).on_any_event(Broken())  # type: ignore[arg-type]
+    _EventHandler(None).on_any_event(Broken())  # type: ignore[arg-type]  # no queue and no real event, on purpose
 
 
 def test_missing_drop_folder_is_reported(env: Env) -> None:
@@ -499,7 +498,7 @@ def test_prepare_instance_splits_meta_from_data_set() -> None:
 
 
 def test_prepare_instance_keeps_the_byte_order_of_a_bare_big_endian_data_set() -> None:
-    data = Path(get_testdata_file("ExplVR_BigEndNoMeta.dcm")).read_bytes()  # type: ignore[arg-type]
+    data = testdata("ExplVR_BigEndNoMeta.dcm").read_bytes()
     prepared = prepare_instance(data)
     assert prepared.header.transfer_syntax == ExplicitVRBigEndian
     assert bytes(prepared.body) == data
@@ -509,7 +508,7 @@ def test_prepare_instance_keeps_the_byte_order_of_a_bare_big_endian_data_set() -
 
 
 def test_dicomdir_is_quarantined_with_a_plain_reason(env: Env) -> None:
-    (env.drop / "DICOMDIR").write_bytes(Path(get_testdata_file("DICOMDIR")).read_bytes())  # type: ignore[arg-type]
+    (env.drop / "DICOMDIR").write_bytes(testdata("DICOMDIR").read_bytes())
     watcher = env.watcher(start=False, settle_seconds=0)
     assert watcher.scan_once() == 1
     assert list(env.quarantined().values()) == ["DICOMDIR: an index of a disc or folder, not an instance"]

@@ -64,7 +64,7 @@ def upload(
 def labelled(xnat: FakeXnat, session: requests.Session, data: bytes, **params: str) -> requests.Response:
     """Import into PROJ as subject SUBJ01 / session SESS01 (overridable)."""
     values = {"PROJECT_ID": "PROJ", "SUBJECT_ID": "SUBJ01", "EXPT_LABEL": "SESS01", **params}
-    return upload(xnat, session, data, **values)
+    return upload(xnat, session, data, headers=None, **values)
 
 
 def archive(xnat: FakeXnat, session: requests.Session, src: str, **params: str) -> requests.Response:
@@ -262,7 +262,7 @@ def test_import_on_1_8_9_stays_receiving_until_the_idle_builder_runs(make_xnat: 
         assert only_row(xnat)["scan_time"] == "10:11:12"
 
         # ≤1.8.9 DICOM-zip ignores xnatpy's project/subject/session names: the data land in Unassigned.
-        ignored = upload(xnat, alice, zipped(study()), project="PROJ", **{"import-handler": "DICOM-zip"})
+        ignored = upload(xnat, alice, zipped(study()), None, project="PROJ", **{"import-handler": "DICOM-zip"})
         assert ignored.status_code == 200
         assert ignored.text.startswith("/data/prearchive/projects/Unassigned/")
 
@@ -303,7 +303,7 @@ def test_upload_format_and_handler_errors(xnat: FakeXnat) -> None:
     with client("alice") as alice:
         octet = upload(xnat, alice, zipped(study()), {"Content-Type": "application/octet-stream"}, PROJECT_ID="PROJ")
         assert (octet.status_code, h3(octet)) == (400, "Unsupported format UNKNOWN")
-        bogus = upload(xnat, alice, zipped(study()), **{"import-handler": "bogus"})
+        bogus = upload(xnat, alice, zipped(study()), None, **{"import-handler": "bogus"})
         assert (bogus.status_code, h3(bogus)) == (404, "Unknown importer implementation specified: bogus")
         windows = upload(xnat, alice, zipped(study()), {"Content-Type": "application/x-zip-compressed"}, **{
             "import-handler": "DICOM-zip"
