@@ -74,7 +74,7 @@ def make_study(series: int = 2, per_series: int = 3, *, sop_class: str = MRImage
     return out
 
 
-def testdata(name: str) -> Path:
+def pydicom_file(name: str) -> Path:
     """The path of one of pydicom's test files."""
     found = get_testdata_file(name)
     assert isinstance(found, str), f"pydicom has no test file {name}"

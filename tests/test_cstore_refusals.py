@@ -31,7 +31,6 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.sequence import Sequence
@@ -55,11 +54,11 @@ from ingestd.header import IMAGE_STORAGE_CLASSES, file_meta_prefix
 from ingestd.receive import dataphase
 from ingestd.receive.listener import read_received
 from tests.conftest import Receiver, make_config, running_receiver
-from tests.dicom import encode_raw, make_instance, write_instances
+from tests.dicom import encode_raw, make_instance, pydicom_file, write_instances
 from tests.procs import DCMTK_ENV, journal_rows
 from tests.test_dataphase import RawPeer, _item, _p_data, _pdv, _store_command
 
-TEST_FILES = Path(str(get_testdata_file("CT_small.dcm"))).parent
+TEST_FILES = pydicom_file("CT_small.dcm").parent
 INCOMPLETE, UNREADABLE, MISMATCH = 0xC211, 0xC210, 0xA900
 PHASES = ["ingestd", "pynetdicom"]
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     BasicTextSRStorage,
@@ -27,11 +25,7 @@ from ingestd.config import Archives
 from ingestd.dicomfile import IncompleteInstanceError, needs_pixel_data, prepare_instance
 from ingestd.errors import InvalidInstanceError, UnsafeArchiveError
 from ingestd.receive.archives import ArchiveKind, IncompleteArchiveError, check_archive, read_members
-from tests.dicom import TarMode, encode, encode_raw, make_instance, tar_bytes, zip_bytes
-
-
-def _testdata(name: str) -> bytes:
-    return Path(str(get_testdata_file(name))).read_bytes()
+from tests.dicom import TarMode, encode, encode_raw, make_instance, pydicom_file, tar_bytes, zip_bytes
 
 
 def _without_pixel_data(ds: Dataset) -> Dataset:
@@ -44,7 +38,7 @@ IMAGES = {
     "no preamble": lambda: encode(make_instance(rows=4))[128:],
     "bare explicit": lambda: encode_raw(make_instance(rows=4)),
     "bare implicit": lambda: encode_raw(make_instance(rows=4), implicit=True),
-    "CT_small (trailing padding cut off is harmless)": lambda: _testdata("CT_small.dcm")[:39068],
+    "CT_small (trailing padding cut off is harmless)": lambda: pydicom_file("CT_small.dcm").read_bytes()[:39068],
 }
 
 

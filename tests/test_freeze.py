@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.dicom import make_study, write_instances
-from tests.procs import DaemonProcess, Storescu, echo_ok, free_port, wait_until, write_daemon_config
+from tests.procs import DaemonProcess, Storescu, echo_ok, free_port, ingestd_status, wait_until, write_daemon_config
 
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
 
@@ -36,18 +35,6 @@ rules:
     when: {}
     route: {server: main, project: PROJ, subject: S2, session: other}
 """
-
-
-def _status(config: Path) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ingestd", "status", "--config", str(config), "--json", "--show-uids"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
 
 
 def _healthz(port: int) -> dict[str, Any]:
@@ -79,7 +66,7 @@ def test_a_backtracking_pattern_and_its_hostile_value_are_routed_at_once(tmp_pat
         def routed() -> dict[str, str] | None:
             assert echo_ok(port, timeout=5), "C-ECHO went unanswered while the rules ran"
             assert _healthz(metrics)["live"] is True
-            studies = _status(config)["studies"]
+            studies = ingestd_status(config)["studies"]
             if len(studies) == 2 and all(study["state"] == "routed" for study in studies):
                 return {study["study"]: study["route"]["rule"] for study in studies}
             return None

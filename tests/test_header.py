@@ -9,7 +9,6 @@ import pydicom
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
@@ -17,9 +16,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ingestd.errors import InvalidInstanceError
 from ingestd.header import file_meta_prefix, read_file_header, read_stream_header
-from tests.dicom import make_instance
+from tests.dicom import make_instance, pydicom_file
 
-TEST_FILES = sorted(Path(str(get_testdata_file("CT_small.dcm"))).parent.glob("*.dcm"))
+TEST_FILES = sorted(pydicom_file("CT_small.dcm").parent.glob("*.dcm"))
 
 
 def _encode(ds: Dataset, syntax: str) -> bytes:

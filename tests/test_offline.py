@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from tests.dicom import make_study, write_instances
+from tests.procs import run_ingestd
 
 KEYS = {"INGESTD_KEY_RESEARCH": "r" * 40, "INGESTD_KEY_PET": "p" * 40}
 EXAMPLE = Path(__file__).resolve().parents[1] / "rules" / "example.rules.yaml"
 
 
 def _ingestd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | KEYS
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd", *args], capture_output=True, text=True, timeout=60, env=env, check=False
-    )
+    return run_ingestd(*args, env=os.environ | KEYS)
 
 
 @pytest.fixture
