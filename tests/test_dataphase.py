@@ -247,6 +247,12 @@ class RawPeer:
         except ConnectionError:
             return True
 
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()  # after release() too: closing a closed socket does nothing
+
 
 def _spooled(receiver: Receiver) -> list[str]:
     return [row[0] for row in journal_rows(receiver.config.journal_path, "SELECT sop_uid FROM instances")]
@@ -333,11 +339,11 @@ class TestRawPeer:
     def test_protocol_errors_abort_the_association(
         self, receiver: Receiver, what: str, pdu: bytes, reason: int
     ) -> None:
-        peer = RawPeer(receiver.port)
-        peer.send(pdu)
-        pdu_type, body = peer.read_pdu()
-        assert (pdu_type, body[2], body[3]) == (0x07, 0x02, reason), what
-        assert peer.closed_by_listener()
+        with RawPeer(receiver.port) as peer:
+            peer.send(pdu)
+            pdu_type, body = peer.read_pdu()
+            assert (pdu_type, body[2], body[3]) == (0x07, 0x02, reason), what
+            assert peer.closed_by_listener()
         wait_until(lambda: receiver.listener.association_count() == 0, timeout=10)
         assert _spooled(receiver) == []
 
@@ -375,6 +381,7 @@ class TestRawPeer:
             assert (pdu_type, body[2]) == (0x07, 0x00)  # A-ABORT from the service user (ingestd)
             assert peer.closed_by_listener()
         finally:
+            peer.sock.close()
             stopper.join(timeout=20)
             running.journal.close()
         assert not stopper.is_alive()

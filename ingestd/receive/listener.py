@@ -15,6 +15,7 @@ it is stored; nor is anything of one whose association ends before it does.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -157,6 +158,16 @@ class _ReplaySocket(AssociationSocket):
         if len(taken) < nr_bytes:
             taken += super().recv(nr_bytes - len(taken))
         return taken
+
+    def _shutdown_socket(self) -> None:
+        # pynetdicom 3.0 calls close() only when shutdown() succeeds: a peer already gone (ENOTCONN) left the
+        # socket open until the garbage collector found it.
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # the peer has gone already: nothing left to shut down
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 class _GatedRequestHandler(RequestHandler):
