@@ -2,7 +2,8 @@
 
 Hostile clients speak raw TCP: an A-ASSOCIATE-RQ built by hand, sent whole, in part or a byte at a time.
 The legitimate client is pynetdicom, as a scanner would be, retrying while it is refused.
-`RawPeer` and the PDU builders below it are the data phase tests' requestor: PDUs built by hand from PS3.8.
+`certificates` makes a throw-away CA and TLS certificates. `RawPeer` and the PDU builders below it are the data
+phase tests' requestor: PDUs built by hand from PS3.8.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import select
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -241,6 +243,77 @@ def status_of(p_data_body: bytes) -> int:
             return int.from_bytes(command[offset + 8 : offset + 8 + length], "little")
         offset += 8 + length
     raise ValueError("no status in the response")
+
+
+# -- TLS: a throw-away CA and certificates, made with openssl --------------------------------------------------------
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def certificates(folder: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    paths = {
+        name: folder / name for name in ("ca.key", "ca.crt", "server.key", "server.crt", "client.key", "client.crt")
+    }
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        str(paths["ca.key"]),
+        "-out",
+        str(paths["ca.crt"]),
+    )
+    for role in ("server", "client"):
+        csr = folder / f"{role}.csr"
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={role}",
+            "-keyout",
+            str(paths[f"{role}.key"]),
+            "-out",
+            str(csr),
+        )
+        ext = folder / f"{role}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n" if role == "server" else "extendedKeyUsage=clientAuth\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(paths["ca.crt"]),
+            "-CAkey",
+            str(paths["ca.key"]),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(paths[f"{role}.crt"]),
+        )
+    return paths
+
+
+def client_context(paths: dict[str, Path], *, with_certificate: bool) -> ssl.SSLContext:
+    """A client's TLS context trusting the CA of `certificates`, presenting the client certificate if asked."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(paths["ca.crt"]))
+    if with_certificate:
+        context.load_cert_chain(str(paths["client.crt"]), str(paths["client.key"]))
+    return context
 
 
 # -- a raw requestor for the data phase tests: PDUs built by hand (PS3.8), no pynetdicom ----------------
