@@ -36,7 +36,7 @@ def _shutdown_and_close(self: AssociationSocket) -> None:
 def _pynetdicom_closes_its_sockets() -> Iterator[None]:
     """pynetdicom 3.0 closes a socket only when shutdown() succeeds: the tests' SCUs (AE.associate) would leave
     a socket whose connection was refused or reset to the garbage collector, and a ResourceWarning in some later
-    test. The daemon's own acceptor sockets do this themselves (`ingestd.receive.listener._ReplaySocket`)."""
+    test. The daemon's own acceptor sockets do this themselves (`_ReplaySocket` in ingestd.receive)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(AssociationSocket, "_shutdown_socket", _shutdown_and_close)
         yield
