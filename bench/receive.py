@@ -38,6 +38,9 @@ RECEIVERS = ("ingestd", "storescp", "orthanc")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 SEND_TIMEOUT = 3600.0
+# Every receiver announces the same maximum PDU unless told otherwise: DCMTK's and Orthanc's default, inside
+# the range all three accept (storescp and Orthanc: 4096..131072; ingestd: 4096..64 MiB).
+DEFAULT_MAX_PDU = 16384
 # Debian's DCMTK leaves Nagle's algorithm on unless told otherwise, and then crawls at ~20 images/s.
 NODELAY_ENV = {"TCP_NODELAY": "1"}
 LOG_PROBLEM_WORDS = ("error", "warning", "traceback", "exception", "critical")
@@ -238,14 +241,20 @@ class Ingestd(Receiver):
     name = "ingestd"
     ae_title = "INGESTD"
 
-    def __init__(self, run_dir: Path, log_path: Path, listener_extra: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, log_path: Path, max_pdu: int, listener_extra: dict[str, Any]) -> None:
         super().__init__(run_dir, log_path)
+        self.max_pdu = max_pdu
         self.listener_extra = listener_extra
         self.state_dir = run_dir / "state"
         self.config_path = run_dir / "ingestd.yaml"
 
     def prepare(self) -> None:
-        listener: dict[str, Any] = {"host": HOST, "port": self.port, "ae_title": self.ae_title}
+        listener: dict[str, Any] = {
+            "host": HOST,
+            "port": self.port,
+            "ae_title": self.ae_title,
+            "max_pdu_size": self.max_pdu,
+        }
         listener.update(self.listener_extra)
         config = {
             "state_dir": str(self.state_dir),
@@ -290,7 +299,7 @@ class StoreScp(Receiver):
     ae_title = "STORESCP"
     tracks_memory = False  # --fork: each association's child has exited by the time we could look
 
-    def __init__(self, run_dir: Path, log_path: Path, max_pdu: int | None) -> None:
+    def __init__(self, run_dir: Path, log_path: Path, max_pdu: int) -> None:
         super().__init__(run_dir, log_path)
         self.out = run_dir / "out"
         self.max_pdu = max_pdu
@@ -299,7 +308,7 @@ class StoreScp(Receiver):
         self.out.mkdir()
 
     def command(self) -> list[str]:
-        pdu = ["-pdu", str(self.max_pdu)] if self.max_pdu else []
+        pdu = ["-pdu", str(self.max_pdu)]
         return ["storescp", "--fork", "-aet", self.ae_title, *pdu, "-od", str(self.out), str(self.port)]
 
     def received(self) -> int:
@@ -310,7 +319,7 @@ class Orthanc(Receiver):
     name = "orthanc"
     ae_title = "ORTHANC"
 
-    def __init__(self, run_dir: Path, log_path: Path, max_pdu: int | None) -> None:
+    def __init__(self, run_dir: Path, log_path: Path, max_pdu: int) -> None:
         super().__init__(run_dir, log_path)
         self.storage = run_dir / "storage"
         self.index = run_dir / "index"
@@ -339,9 +348,8 @@ class Orthanc(Receiver):
             "DicomAlwaysAllowEcho": True,
             "DicomModalities": {},
             "SaveJobs": False,
+            "MaximumPduLength": self.max_pdu,
         }
-        if self.max_pdu:
-            config["MaximumPduLength"] = self.max_pdu
         self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     def command(self) -> list[str]:
@@ -416,6 +424,7 @@ class Run:
     repeat: int
     instances: int
     bytes: int
+    max_pdu: int
     seconds: float | None = None
     received: int | None = None
     memory: list[ProcessMemory] = field(default_factory=list)
@@ -448,7 +457,7 @@ class Settings:
     workdir: Path
     log_dir: Path
     listener_extra: dict[str, Any]
-    baseline_max_pdu: int | None
+    max_pdu: dict[str, int]  # receiver -> the maximum PDU it announces
 
 
 def _check_received(name: str, run: Run) -> None:
@@ -458,17 +467,17 @@ def _check_received(name: str, run: Run) -> None:
 
 def make_receiver(name: str, settings: Settings, run_dir: Path, log_path: Path) -> Receiver:
     if name == "ingestd":
-        return Ingestd(run_dir, log_path, settings.listener_extra)
+        return Ingestd(run_dir, log_path, settings.max_pdu[name], settings.listener_extra)
     if name == "storescp":
-        return StoreScp(run_dir, log_path, settings.baseline_max_pdu)
+        return StoreScp(run_dir, log_path, settings.max_pdu[name])
     if name == "orthanc":
-        return Orthanc(run_dir, log_path, settings.baseline_max_pdu)
+        return Orthanc(run_dir, log_path, settings.max_pdu[name])
     raise ValueError(name)
 
 
 def run_once(name: str, associations: int, repeat: int, settings: Settings) -> Run:
     tag = f"{name}-a{associations}-r{repeat}"
-    run = Run(name, associations, repeat, len(settings.files), settings.total_bytes)
+    run = Run(name, associations, repeat, len(settings.files), settings.total_bytes, settings.max_pdu[name])
     run_dir = settings.workdir / "runs" / tag
     receiver = make_receiver(name, settings, run_dir, settings.log_dir / f"{tag}.log")
     os.sync()  # start every run with no dirty pages of the previous one waiting to be written back
@@ -503,6 +512,7 @@ def run_once(name: str, associations: int, repeat: int, settings: Settings) -> R
 class Summary:
     receiver: str
     associations: int
+    max_pdu: int
     ok: int
     failed: int
     images_per_s: tuple[float, float, float] | None  # median, min, max
@@ -514,7 +524,9 @@ def _spread(values: list[float]) -> tuple[float, float, float] | None:
     return (statistics.median(values), min(values), max(values)) if values else None
 
 
-def summarize(runs: list[Run], receivers: Sequence[str], associations: Sequence[int]) -> list[Summary]:
+def summarize(
+    runs: list[Run], receivers: Sequence[str], associations: Sequence[int], max_pdu: dict[str, int]
+) -> list[Summary]:
     summaries = []
     for name in receivers:
         for assoc in associations:
@@ -525,6 +537,7 @@ def summarize(runs: list[Run], receivers: Sequence[str], associations: Sequence[
                 Summary(
                     name,
                     assoc,
+                    max_pdu[name],
                     len(good),
                     len(group) - len(good),
                     _spread([r.images_per_s for r in good if r.images_per_s is not None]),
@@ -556,14 +569,14 @@ def _fmt(spread: tuple[float, float, float] | None, digits: int = 1) -> str:
 
 
 def print_table(summaries: list[Summary], runs: list[Run]) -> None:
-    header = f"{'receiver':<10} {'assoc':>5} {'runs':>6}  {'images/s median (min-max)':<28}"
+    header = f"{'receiver':<10} {'max PDU':>8} {'assoc':>5} {'runs':>6}  {'images/s median (min-max)':<28}"
     header += f"{'MB/s median (min-max)':<26}{'peak RSS MiB median (min-max)'}"
     print(header)
     print("-" * len(header))
     for s in summaries:
         runs_text = f"{s.ok}" + (f"+{s.failed}!" if s.failed else "")
         print(
-            f"{s.receiver:<10} {s.associations:>5} {runs_text:>6}  {_fmt(s.images_per_s):<28}"
+            f"{s.receiver:<10} {s.max_pdu:>8} {s.associations:>5} {runs_text:>6}  {_fmt(s.images_per_s):<28}"
             f"{_fmt(s.mb_per_s):<26}{_fmt(s.peak_rss_mib)}"
         )
     print()
@@ -601,7 +614,7 @@ def write_json(
             "bytes": settings.total_bytes,
         },
         "listener_extra": settings.listener_extra,
-        "baseline_max_pdu": settings.baseline_max_pdu,
+        "max_pdu": settings.max_pdu,
         "summaries": [asdict(s) for s in summaries],
         "ratios": ratios(summaries),
         "runs": [r.as_dict() for r in runs],
@@ -658,10 +671,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="YAML mapping merged into ingestd's listener section, e.g. '{max_pdu_size: 65536}'",
     )
     parser.add_argument(
+        "--max-pdu",
+        type=int,
+        default=DEFAULT_MAX_PDU,
+        help=f"maximum receive PDU every receiver announces (default {DEFAULT_MAX_PDU}; storescp and Orthanc "
+        "accept 4096..131072)",
+    )
+    parser.add_argument(
+        "--ingestd-max-pdu",
+        type=int,
+        default=None,
+        help="ingestd's maximum receive PDU instead of --max-pdu (e.g. 4194304, its own default)",
+    )
+    parser.add_argument(
         "--baseline-max-pdu",
         type=int,
         default=None,
-        help="max receive PDU for storescp and Orthanc (default: theirs, 16384)",
+        help="storescp's and Orthanc's maximum receive PDU instead of --max-pdu",
     )
     parser.add_argument("--json", type=Path, default=None, help="write every run and the summary here")
     return parser.parse_args(argv)
@@ -689,8 +715,22 @@ def workdir(path: Path | None) -> Iterator[tuple[Path, bool]]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _pdu_text(max_pdu: dict[str, int], receivers: Sequence[str]) -> str:
+    used = {name: max_pdu[name] for name in receivers}
+    same = " (the same for every receiver)" if len(set(used.values())) == 1 else " (NOT the same for every receiver)"
+    return ", ".join(f"{name} {value}" for name, value in used.items()) + same
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def max_pdus(args: argparse.Namespace) -> dict[str, int]:
+    """The maximum PDU each receiver announces: --max-pdu for all, unless a receiver's own option says otherwise
+    (for ingestd also a `max_pdu_size` in --ingestd-config-extra, which is merged last)."""
+    baseline = args.baseline_max_pdu or args.max_pdu
+    ingestd = args.ingestd_config_extra.get("max_pdu_size", args.ingestd_max_pdu or args.max_pdu)
+    return {"ingestd": int(ingestd), "storescp": baseline, "orthanc": baseline}
 
 
 def benchmark(args: argparse.Namespace, root: Path) -> tuple[Settings, list[Run]]:
@@ -705,10 +745,11 @@ def benchmark(args: argparse.Namespace, root: Path) -> tuple[Settings, list[Run]
         root,
         log_dir,
         args.ingestd_config_extra,
-        args.baseline_max_pdu,
+        max_pdus(args),
     )
     size = settings.total_bytes / 1e6
     print(f"study: {len(files)} instances, {size:.1f} MB; logs in {log_dir}", flush=True)
+    print(f"maximum PDU: {_pdu_text(settings.max_pdu, args.receivers)}", flush=True)
     runs: list[Run] = []
     try:
         for repeat in range(1, args.repeats + 1):
@@ -731,8 +772,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     with workdir(args.workdir) as (root, kept):
         settings, runs = benchmark(args, root)
-        summaries = summarize(runs, args.receivers, args.associations)
+        summaries = summarize(runs, args.receivers, args.associations, settings.max_pdu)
         print()
+        print(f"maximum PDU: {_pdu_text(settings.max_pdu, args.receivers)}")
         print_table(summaries, runs)
         print_problems(runs)
         if args.json is not None:

@@ -6,12 +6,13 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from pynetdicom.transport import AssociationSocket
 
 from ingestd.config import Config, parse_config
 from ingestd.journal import Journal
@@ -20,6 +21,25 @@ from ingestd.spool import Quarantine, Spool
 from ingestd.testing.xnat import FakeXnat
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _shutdown_and_close(self: AssociationSocket) -> None:
+    sock = self.socket
+    if sock is None:
+        return
+    with suppress(OSError):  # never connected, refused or reset: nothing to shut down
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pynetdicom_closes_its_sockets() -> Iterator[None]:
+    """pynetdicom 3.0 closes a socket only when shutdown() succeeds: the tests' SCUs (AE.associate) would leave
+    a socket whose connection was refused or reset to the garbage collector, and a ResourceWarning in some later
+    test. The daemon's own acceptor sockets do this themselves (`_ReplaySocket` in ingestd.receive)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AssociationSocket, "_shutdown_socket", _shutdown_and_close)
+        yield
 
 
 @dataclass

@@ -36,11 +36,11 @@ from io import BytesIO
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _oracle_table
 from pydicom import config as pydicom_config
 from pydicom import dcmread, dcmwrite
+from pydicom._uid_dict import UID_dictionary  # pydicom.uid uses it without re-exporting it
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID_dictionary
 from pydicom.valuerep import validate_value
 
 __all__ = [

@@ -7,15 +7,23 @@ import zipfile
 from copy import deepcopy
 from io import BytesIO
 from pathlib import Path
+from typing import Literal
 
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
     generate_uid,
 )
+
+# pynetdicom.sop_class builds its names at import time (invisible to mypy); the tests take UIDs from here.
+VERIFICATION = UID("1.2.840.10008.1.1")
+
+TarMode = Literal["w", "w:gz", "w:bz2", "w:xz"]
 
 
 def make_instance(
@@ -31,7 +39,7 @@ def make_instance(
     ds = Dataset()
     sop_uid = generate_uid()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = sop_class
@@ -59,11 +67,18 @@ def make_instance(
 def make_study(series: int = 2, per_series: int = 3, *, sop_class: str = MRImageStorage) -> list[Dataset]:
     """Instances of one study: `series` series of `per_series` instances each."""
     study_uid = generate_uid()
-    out = []
+    out: list[Dataset] = []
     for _ in range(series):
         series_uid = generate_uid()
         out.extend(make_instance(study_uid, series_uid, sop_class=sop_class, number=i + 1) for i in range(per_series))
     return out
+
+
+def pydicom_file(name: str) -> Path:
+    """The path of one of pydicom's test files."""
+    found = get_testdata_file(name)
+    assert isinstance(found, str), f"pydicom has no test file {name}"
+    return Path(found)
 
 
 def write_instances(datasets: list[Dataset], folder: Path, *, suffix: str = ".dcm") -> list[Path]:
@@ -113,10 +128,10 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def tar_bytes(members: dict[str, bytes], mode: str) -> bytes:
+def tar_bytes(members: dict[str, bytes], mode: TarMode) -> bytes:
     """A tar of `members` (name -> bytes) in `mode` (`w`, `w:gz`, `w:bz2`), in memory."""
     buffer = BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)

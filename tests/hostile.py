@@ -2,6 +2,8 @@
 
 Hostile clients speak raw TCP: an A-ASSOCIATE-RQ built by hand, sent whole, in part or a byte at a time.
 The legitimate client is pynetdicom, as a scanner would be, retrying while it is refused.
+`certificates` makes a throw-away CA and TLS certificates. `RawPeer` and the PDU builders below it are the data
+phase tests' requestor: PDUs built by hand from PS3.8.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import contextlib
 import select
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
 HOST = "127.0.0.1"
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -24,7 +27,7 @@ EXPLICIT_LE = b"1.2.840.10008.1.2.1"
 VERIFICATION = b"1.2.840.10008.1.1"
 
 
-def _item(kind: int, value: bytes) -> bytes:
+def pdu_item(kind: int, value: bytes) -> bytes:
     return bytes((kind, 0)) + len(value).to_bytes(2, "big") + value
 
 
@@ -32,16 +35,16 @@ def associate_rq(
     called: str = "INGESTD", calling: str = "HOSTILE", max_pdu: int = 16384, abstract: bytes = VERIFICATION
 ) -> bytes:
     """A valid A-ASSOCIATE-RQ PDU proposing `abstract` (context 1), Explicit VR Little Endian."""
-    context = bytes((1, 0, 0, 0)) + _item(0x30, abstract) + _item(0x40, EXPLICIT_LE)
-    user = _item(0x51, max_pdu.to_bytes(4, "big")) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1")
+    context = bytes((1, 0, 0, 0)) + pdu_item(0x30, abstract) + pdu_item(0x40, EXPLICIT_LE)
+    user = pdu_item(0x51, max_pdu.to_bytes(4, "big")) + pdu_item(0x52, b"1.2.826.0.1.3680043.9.7433.1")
     body = (
         b"\x00\x01\x00\x00"
         + called.encode().ljust(16)
         + calling.encode().ljust(16)
         + bytes(32)
-        + _item(0x10, APPLICATION_CONTEXT)
-        + _item(0x20, context)
-        + _item(0x50, user)
+        + pdu_item(0x10, APPLICATION_CONTEXT)
+        + pdu_item(0x20, context)
+        + pdu_item(0x50, user)
     )
     return b"\x01\x00" + len(body).to_bytes(4, "big") + body
 
@@ -167,7 +170,7 @@ def legitimate(
     Returns the seconds from the first attempt to the answer; raises AssertionError if it did not succeed.
     """
     ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION.decode())
     ae.add_requested_context(MRImageStorage)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 10
     start = time.monotonic()
@@ -240,3 +243,199 @@ def status_of(p_data_body: bytes) -> int:
             return int.from_bytes(command[offset + 8 : offset + 8 + length], "little")
         offset += 8 + length
     raise ValueError("no status in the response")
+
+
+# -- TLS: a throw-away CA and certificates, made with openssl --------------------------------------------------------
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def certificates(folder: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    paths = {
+        name: folder / name for name in ("ca.key", "ca.crt", "server.key", "server.crt", "client.key", "client.crt")
+    }
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        str(paths["ca.key"]),
+        "-out",
+        str(paths["ca.crt"]),
+    )
+    for role in ("server", "client"):
+        csr = folder / f"{role}.csr"
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={role}",
+            "-keyout",
+            str(paths[f"{role}.key"]),
+            "-out",
+            str(csr),
+        )
+        ext = folder / f"{role}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n" if role == "server" else "extendedKeyUsage=clientAuth\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(paths["ca.crt"]),
+            "-CAkey",
+            str(paths["ca.key"]),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(paths[f"{role}.crt"]),
+        )
+    return paths
+
+
+def client_context(paths: dict[str, Path], *, with_certificate: bool) -> ssl.SSLContext:
+    """A client's TLS context trusting the CA of `certificates`, presenting the client certificate if asked."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(paths["ca.crt"]))
+    if with_certificate:
+        context.load_cert_chain(str(paths["client.crt"]), str(paths["client.key"]))
+    return context
+
+
+# -- a raw requestor for the data phase tests: PDUs built by hand (PS3.8), no pynetdicom ----------------
+
+
+def associate_rq_contexts(calling: str, called: str, contexts: dict[int, str]) -> bytes:
+    """An A-ASSOCIATE-RQ proposing each context's abstract syntax with Explicit VR Little Endian."""
+    body = b"\x00\x01\x00\x00" + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32)
+    body += pdu_item(0x10, b"1.2.840.10008.3.1.1.1")
+    for context_id, abstract in contexts.items():
+        body += pdu_item(
+            0x20, bytes((context_id, 0, 0, 0)) + pdu_item(0x30, abstract.encode()) + pdu_item(0x40, EXPLICIT_LE)
+        )
+    body += pdu_item(0x50, pdu_item(0x51, (16384).to_bytes(4, "big")) + pdu_item(0x52, b"1.2.826.0.1.3680043.9.9999"))
+    return b"\x01\x00" + len(body).to_bytes(4, "big") + body
+
+
+def pdv(context_id: int, control: int, data: bytes) -> bytes:
+    """A presentation data value item: control 0x01 = command, 0x02 = last fragment."""
+    return (len(data) + 2).to_bytes(4, "big") + bytes((context_id, control)) + data
+
+
+def p_data(*items: bytes) -> bytes:
+    """A P-DATA-TF PDU of these presentation data value items."""
+    body = b"".join(items)
+    return b"\x04\x00" + len(body).to_bytes(4, "big") + body
+
+
+def dimse_command(
+    field: int, message_id: int, sop_class: str, sop_instance: str = "", *, data_set: bool = True
+) -> bytes:
+    """A request's command set, encoded by hand (PS3.7 §9.3): group length first, elements in tag order."""
+
+    def element(number: int, value: bytes) -> bytes:
+        return b"\x00\x00" + number.to_bytes(2, "little") + len(value).to_bytes(4, "little") + value
+
+    def uid(value: str) -> bytes:
+        raw = value.encode()
+        return raw + b"\x00" if len(raw) % 2 else raw
+
+    body = (
+        element(0x0002, uid(sop_class))
+        + element(0x0100, field.to_bytes(2, "little"))
+        + element(0x0110, message_id.to_bytes(2, "little"))
+        + element(0x0700, (0).to_bytes(2, "little"))
+        + element(0x0800, (0x0000 if data_set else 0x0101).to_bytes(2, "little"))
+    )
+    if sop_instance:
+        body += element(0x1000, uid(sop_instance))
+    return element(0x0000, len(body).to_bytes(4, "little")) + body
+
+
+def store_command(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    return dimse_command(0x0001, message_id, sop_class, sop_instance)
+
+
+class RawPeer:
+    """A DICOM requestor speaking PDUs directly on a socket."""
+
+    def __init__(self, port: int, contexts: dict[int, str] | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(
+            associate_rq_contexts("RAWSCU", "INGESTD", contexts or {1: MRImageStorage, 3: VERIFICATION.decode()})
+        )
+        pdu_type, body = self.read_pdu()
+        assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type:#x})"
+        self.accepted = self._accepted_contexts(body)
+
+    @staticmethod
+    def _accepted_contexts(body: bytes) -> set[int]:
+        accepted, offset = set(), 68
+        while offset < len(body):
+            kind, length = body[offset], int.from_bytes(body[offset + 2 : offset + 4], "big")
+            if kind == 0x21 and body[offset + 6] == 0:
+                accepted.add(body[offset + 4])
+            offset += 4 + length
+        return accepted
+
+    def _exact(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        header = self._exact(6)
+        return header[0], self._exact(int.from_bytes(header[2:6], "big"))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def status_of_response(self) -> tuple[int, int]:
+        """(Command Field, Status) of the next response, which must be one PDU with one command fragment."""
+        pdu_type, body = self.read_pdu()
+        assert pdu_type == 0x04, f"expected P-DATA, got PDU type {pdu_type:#x}"
+        assert body[5] == 0x03, "a response's command set comes as one last fragment"
+        elements, raw, offset = {}, body[6:], 0
+        while offset < len(raw):
+            number, length = (
+                int.from_bytes(raw[offset + 2 : offset + 4], "little"),
+                int.from_bytes(raw[offset + 4 : offset + 8], "little"),
+            )
+            elements[number] = raw[offset + 8 : offset + 8 + length]
+            offset += 8 + length
+        return int.from_bytes(elements[0x0100], "little"), int.from_bytes(elements[0x0900], "little")
+
+    def release(self) -> None:
+        self.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        assert self.read_pdu() == (0x06, b"\x00\x00\x00\x00")
+        self.sock.close()
+
+    def closed_by_listener(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionError:
+            return True
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()  # after release() too: closing a closed socket does nothing

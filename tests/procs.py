@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
@@ -31,8 +31,10 @@ __all__ = [
     "describe",
     "echo_ok",
     "free_port",
+    "ingestd_status",
     "journal_rows",
     "process_group",
+    "run_ingestd",
     "tail",
     "wait_until",
     "write_daemon_config",
@@ -51,7 +53,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.05, message: str = "condition") -> T:
+def wait_until(
+    predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, message: str = "condition"
+) -> T:
     """Call `predicate` until it returns something truthy and return that; raise TimeoutError at `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -70,6 +74,30 @@ def journal_rows(journal: Path, sql: str) -> list[tuple[Any, ...]]:
         return db.execute(sql).fetchall()
     finally:
         db.close()
+
+
+def run_ingestd(
+    *args: str, check: bool = False, timeout: float = 60, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m ingestd ARGS` (this checkout's) to completion, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "ingestd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def ingestd_status(config: Path, *, show_uids: bool = True) -> dict[str, Any]:
+    """What `ingestd status --json` says about a configuration's state (the test fails if the command fails)."""
+    uids = ["--show-uids"] if show_uids else []
+    result = run_ingestd("status", "--config", str(config), "--json", *uids)
+    assert result.returncode == 0, f"ingestd status failed ({result.returncode}):\n{result.stderr}"
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,8 +30,8 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XNAT_CHECK_PASSWORD", PASSWORD)
 
 
-def stand_in(version: str = "1.8.10", **options: object) -> FakeXnat:
-    xnat = FakeXnat(version=version, idle_build_seconds=0.5, rebuild_repeat_seconds=0.1, **options)  # type: ignore[arg-type]
+def stand_in(version: str = "1.8.10", **options: Any) -> FakeXnat:
+    xnat = FakeXnat(version=version, idle_build_seconds=0.5, rebuild_repeat_seconds=0.1, **options)
     xnat.add_user("ingestd", PASSWORD)
     xnat.add_project("PROJ", members=["ingestd"])
     xnat.add_project("READONLY", collaborators=["ingestd"])

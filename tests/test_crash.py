@@ -15,25 +15,31 @@ receiver must then stop by itself before the restart recovers.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 from tests.dicom import make_instance, write_instances
-from tests.procs import DaemonProcess, Storescu, free_port, process_group, tail, wait_until, write_daemon_config
+from tests.procs import (
+    DaemonProcess,
+    Storescu,
+    free_port,
+    ingestd_status,
+    process_group,
+    tail,
+    wait_until,
+    write_daemon_config,
+)
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow, pytest.mark.usefixtures("dcmtk")]
 
@@ -167,19 +173,6 @@ def _serving(daemon: DaemonProcess, port: int) -> list[str]:
     return serving
 
 
-def _status(config: Path) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ingestd", "status", "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, f"ingestd status failed ({result.returncode}):\n{result.stderr}"
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
-
 def _check_spool(
     state_dir: Path, by_sop: dict[str, Original], must_hold: list[Original], context: str
 ) -> list[tuple[str, str, int]]:
@@ -303,7 +296,7 @@ def test_kill9_mid_transfer_loses_no_acknowledged_instance(
     beyond = [by_sop[sop].path.name for sop, _path, _offset in rows if sop not in may_hold]
     assert not beyond, f"instances stored beyond the one in flight: {beyond}\n{context()}"
     before_resend = {sop for sop, _path, _offset in rows}
-    status = _status(config)
+    status = ingestd_status(config, show_uids=False)
     assert sum(s["instances"] for s in status["studies"]) == len(rows), f"{status}\n{context()}"
 
     # 3. Send the whole study again: what was stored is a duplicate, the rest is stored, each once.
@@ -324,14 +317,14 @@ def test_kill9_mid_transfer_loses_no_acknowledged_instance(
     firsts = [sop for sop, outcome in receipts if outcome in ("stored", "adopted")]
     assert sorted(firsts) == sorted(by_sop), f"receipts: {sorted(set(o for _s, o in receipts))}\n{context()}"
     assert not [r for r in receipts if r[1] not in ("stored", "adopted", "duplicate")], context()
-    status = _status(config)
+    status = ingestd_status(config, show_uids=False)
     assert [s["instances"] for s in status["studies"]] == [INSTANCES], f"{status}\n{context()}"
     assert status["quarantine"] == [], context()
 
     # 4. Stop gracefully; the journal and the spool still agree and no temp file is left.
     assert second.terminate() == 0, f"ingestd did not stop cleanly\n{context()}"
     _check_spool(state_dir, by_sop, study, context())
-    status = _status(config)
+    status = ingestd_status(config, show_uids=False)
     assert [s["instances"] for s in status["studies"]] == [INSTANCES], f"{status}\n{context()}"
 
     log_text = log_path.read_text(encoding="utf-8", errors="replace")

@@ -22,7 +22,7 @@ import json
 import socket
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
 from io import BytesIO
 from pathlib import Path
@@ -31,11 +31,11 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -54,11 +54,11 @@ from ingestd.header import IMAGE_STORAGE_CLASSES, file_meta_prefix
 from ingestd.receive import dataphase
 from ingestd.receive.listener import read_received
 from tests.conftest import Receiver, make_config, running_receiver
-from tests.dicom import encode_raw, make_instance, write_instances
+from tests.dicom import encode_raw, make_instance, pydicom_file, write_instances
+from tests.hostile import RawPeer, p_data, pdu_item, pdv, store_command
 from tests.procs import DCMTK_ENV, journal_rows
-from tests.test_dataphase import RawPeer, _item, _p_data, _pdv, _store_command
 
-TEST_FILES = Path(str(get_testdata_file("CT_small.dcm"))).parent
+TEST_FILES = pydicom_file("CT_small.dcm").parent
 INCOMPLETE, UNREADABLE, MISMATCH = 0xC211, 0xC210, 0xA900
 PHASES = ["ingestd", "pynetdicom"]
 
@@ -294,22 +294,22 @@ def _spooled(receiver: Receiver) -> dict[str, bytes]:
     return {str(uid): (receiver.config.spool_dir / str(path)).read_bytes() for uid, path in rows}
 
 
-def _associate_rq(contexts: dict[int, tuple[str, str]]) -> bytes:
-    """An A-ASSOCIATE-RQ proposing one transfer syntax per context (`_associate_rq` proposes Explicit VR only)."""
+def _associate_rq(contexts: Mapping[int, tuple[str, str]]) -> bytes:
+    """An A-ASSOCIATE-RQ proposing one transfer syntax per context (`associate_rq_contexts`: Explicit VR only)."""
     body = b"\x00\x01\x00\x00" + b"INGESTD".ljust(16) + b"RAWSCU".ljust(16) + bytes(32)
-    body += _item(0x10, b"1.2.840.10008.3.1.1.1")
+    body += pdu_item(0x10, b"1.2.840.10008.3.1.1.1")
     for context_id, (abstract, syntax) in contexts.items():
-        body += _item(
-            0x20, bytes((context_id, 0, 0, 0)) + _item(0x30, abstract.encode()) + _item(0x40, syntax.encode())
+        body += pdu_item(
+            0x20, bytes((context_id, 0, 0, 0)) + pdu_item(0x30, abstract.encode()) + pdu_item(0x40, syntax.encode())
         )
-    body += _item(0x50, _item(0x51, (16384).to_bytes(4, "big")) + _item(0x52, b"1.2.826.0.1.3680043.9.9999"))
+    body += pdu_item(0x50, pdu_item(0x51, (16384).to_bytes(4, "big")) + pdu_item(0x52, b"1.2.826.0.1.3680043.9.9999"))
     return b"\x01\x00" + len(body).to_bytes(4, "big") + body
 
 
 class Peer(RawPeer):
     """The raw peer, proposing (abstract syntax, transfer syntax) per presentation context."""
 
-    def __init__(self, port: int, contexts: dict[int, tuple[str, str]]) -> None:
+    def __init__(self, port: int, contexts: Mapping[int, tuple[str, str]]) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.sendall(_associate_rq(contexts))
         pdu_type, body = self.read_pdu()
@@ -319,7 +319,7 @@ class Peer(RawPeer):
 
     def store(self, context_id: int, command: bytes, data: bytes) -> dict[int, bytes]:
         """Send one C-STORE (command and data set in one PDU) and return the response's command elements."""
-        self.send(_p_data(_pdv(context_id, 0x03, command), _pdv(context_id, 0x02, data)))
+        self.send(p_data(pdv(context_id, 0x03, command), pdv(context_id, 0x02, data)))
         pdu_type, body = self.read_pdu()
         assert pdu_type == 0x04 and body[5] == 0x03, f"expected one P-DATA response, got PDU type {pdu_type:#x}"
         elements, raw, offset = {}, body[6:], 0
@@ -351,11 +351,11 @@ def test_raw_peer_truncated_files_are_refused_and_the_association_goes_on(
     body, whole_syntax, whole_header = _testdata(whole)
     assert (syntax, header.SOPInstanceUID) == (whole_syntax, whole_header.SOPInstanceUID)  # the same instance
     peer = Peer(phase_receiver.port, {1: (header.SOPClassUID, syntax)})
-    response = peer.store(1, _store_command(1, header.SOPClassUID, header.SOPInstanceUID), cut)
+    response = peer.store(1, store_command(1, header.SOPClassUID, header.SOPInstanceUID), cut)
     assert _status(response) == INCOMPLETE
     assert _uid(response, 0x1000) == header.SOPInstanceUID
     assert _receipts(phase_receiver) == [] and _spooled(phase_receiver) == {}
-    assert _status(peer.store(1, _store_command(2, header.SOPClassUID, header.SOPInstanceUID), body)) == 0x0000
+    assert _status(peer.store(1, store_command(2, header.SOPClassUID, header.SOPInstanceUID), body)) == 0x0000
     peer.release()
     assert _receipts(phase_receiver) == [(header.SOPInstanceUID, "stored")]  # not "replaced": the cut was never stored
     assert _spooled(phase_receiver)[header.SOPInstanceUID].endswith(body)
@@ -380,11 +380,11 @@ def test_raw_peer_mismatches_are_refused_and_the_association_goes_on(
     peer = Peer(
         phase_receiver.port, {1: (abstract, ExplicitVRLittleEndian), 3: (CTImageStorage, ExplicitVRLittleEndian)}
     )
-    response = peer.store(1, _store_command(1, command_class, command_instance), encode_raw(ds))
+    response = peer.store(1, store_command(1, command_class, command_instance), encode_raw(ds))
     assert _status(response) == MISMATCH, what
     assert (_uid(response, 0x0002), _uid(response, 0x1000)) == (command_class, command_instance)
     assert _receipts(phase_receiver) == [] and _spooled(phase_receiver) == {}
-    assert _status(peer.store(3, _store_command(2, CTImageStorage, ds.SOPInstanceUID), encode_raw(ds))) == 0x0000
+    assert _status(peer.store(3, store_command(2, CTImageStorage, ds.SOPInstanceUID), encode_raw(ds))) == 0x0000
     peer.release()
     assert _receipts(phase_receiver) == [(ds.SOPInstanceUID, "stored")]
 
@@ -459,11 +459,11 @@ def test_refusals_are_logged_with_status_and_reason_and_no_uid(phase_receiver: R
     other = generate_uid()
     with capture_logs() as logged:
         peer = Peer(phase_receiver.port, {1: (MRImageStorage, ExplicitVRLittleEndian)})
-        assert _status(peer.store(1, _store_command(1, MRImageStorage, ds.SOPInstanceUID), cut)) == INCOMPLETE
-        assert _status(peer.store(1, _store_command(2, MRImageStorage, other), encode_raw(ds))) == MISMATCH
+        assert _status(peer.store(1, store_command(1, MRImageStorage, ds.SOPInstanceUID), cut)) == INCOMPLETE
+        assert _status(peer.store(1, store_command(2, MRImageStorage, other), encode_raw(ds))) == MISMATCH
         no_uid = deepcopy(ds)
         del no_uid.SeriesInstanceUID
-        command = _store_command(3, MRImageStorage, ds.SOPInstanceUID)
+        command = store_command(3, MRImageStorage, ds.SOPInstanceUID)
         assert _status(peer.store(1, command, encode_raw(no_uid))) == UNREADABLE
         peer.release()
     refused = [entry for entry in logged if entry["event"] == "receive.store_refused"]
@@ -517,7 +517,7 @@ def test_any_cut_of_an_instance_is_refused_and_the_whole_one_is_stored(
         number = next(numbers)
         study, series, instance = (f"1.2.826.0.1.3680043.9.9999.{kind}.1{number:09d}" for kind in (1, 2, 3))
         ds = make_instance(study, series, rows=rows, fill=rows)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = instance
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(instance)
         if sequences is not None:
             _with_sequences(ds, undefined=sequences)
         data = encode_raw(ds, implicit=implicit)
@@ -527,11 +527,11 @@ def test_any_cut_of_an_instance_is_refused_and_the_whole_one_is_stored(
         context = 3 if implicit else 1
         peer = Peer(running.port, contexts)
         try:
-            command = _store_command(1, MRImageStorage, ds.SOPInstanceUID)
+            command = store_command(1, MRImageStorage, ds.SOPInstanceUID)
             response = peer.store(context, command, data[:cut])
             assert _status(response) == _expected_status(data, cut, syntax)
             assert _uid(response, 0x1000) == ds.SOPInstanceUID
-            assert _status(peer.store(context, _store_command(2, MRImageStorage, ds.SOPInstanceUID), data)) == 0
+            assert _status(peer.store(context, store_command(2, MRImageStorage, ds.SOPInstanceUID), data)) == 0
             peer.release()
         finally:
             peer.sock.close()

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import make_study, write_instances
@@ -22,7 +19,9 @@ from tests.procs import (
     DaemonProcess,
     Storescu,
     free_port,
+    ingestd_status,
     process_group,
+    run_ingestd,
     wait_until,
     write_daemon_config,
     write_xnat_daemon_config,
@@ -31,18 +30,12 @@ from tests.procs import (
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
 
 
-def _ingestd(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the `ingestd` command to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd", *args], capture_output=True, text=True, timeout=60, check=check
-    )
-
-
-def _status(config: Path) -> dict[str, object]:
-    data: dict[str, object] = json.loads(
-        _ingestd("status", "--config", str(config), "--json", "--show-uids", check=True).stdout
-    )
-    return data
+def _first_study(config: Path) -> dict[str, Any]:
+    """The first study `ingestd status --json` lists."""
+    studies = ingestd_status(config)["studies"]
+    assert isinstance(studies, list) and studies
+    first: dict[str, Any] = studies[0]
+    return first
 
 
 def test_daemon_end_to_end(tmp_path: Path) -> None:
@@ -76,7 +69,7 @@ def test_daemon_end_to_end(tmp_path: Path) -> None:
             assert storescu.wait() == 0, storescu.output()
 
         def both_complete() -> list[dict[str, object]] | None:
-            studies = _status(config)["studies"]
+            studies = ingestd_status(config)["studies"]
             assert isinstance(studies, list)
             states = {s["study"]: s for s in studies}
             done = all(
@@ -91,12 +84,12 @@ def test_daemon_end_to_end(tmp_path: Path) -> None:
         assert by_uid[scanned[0].StudyInstanceUID]["source"] == "STORESCU"
         assert by_uid[dropped[0].StudyInstanceUID]["instances"] == 5
         assert by_uid[dropped[0].StudyInstanceUID]["source_kind"] == "folder"
-        quarantine = _status(config)["quarantine"]
+        quarantine = ingestd_status(config)["quarantine"]
         assert isinstance(quarantine, list) and len(quarantine) == 1
         assert "not a DICOM file" in quarantine[0]["reason"]
         assert not (drop / "upload.zip").exists()
 
-        text = _ingestd("status", "--config", str(config), check=True).stdout
+        text = run_ingestd("status", "--config", str(config), check=True).stdout
         assert "2 studies (batches)" in text
         assert "1 quarantined item" in text
         assert "not a DICOM file" in text
@@ -112,7 +105,7 @@ def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
     with DaemonProcess(config, tmp_path / "first.log") as first:
         first.wait_ready(port)
-        second = _ingestd("run", "--config", str(config))
+        second = run_ingestd("run", "--config", str(config))
         assert second.returncode == 1
         assert "another ingestd is already running" in second.stderr
         assert first.terminate() == 0
@@ -125,7 +118,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         config = write_daemon_config(tmp_path / "ingestd.yaml", tmp_path / "state", port)
-        result = _ingestd("run", "--config", str(config))
+        result = run_ingestd("run", "--config", str(config))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -182,7 +175,7 @@ def test_daemon_routes_and_deidentifies(tmp_path: Path, monkeypatch: pytest.Monk
             assert storescu.wait() == 0, storescu.output()
 
         def routed() -> dict[str, object] | None:
-            studies = _status(config)["studies"]
+            studies = ingestd_status(config)["studies"]
             assert isinstance(studies, list)
             return studies[0] if studies and studies[0]["state"] == "routed" else None
 
@@ -195,7 +188,7 @@ def test_daemon_routes_and_deidentifies(tmp_path: Path, monkeypatch: pytest.Monk
         assert len(outbox) == 6
         for path in outbox:
             assert b"CANARY" not in path.read_bytes()
-        text = _ingestd("status", "--config", str(config), check=True).stdout
+        text = run_ingestd("status", "--config", str(config), check=True).stdout
         assert "routed" in text and "scanner: PROJ/" in text
         assert study[0].StudyInstanceUID not in text
         assert daemon.terminate() == 0
@@ -218,7 +211,7 @@ def _numbered_study() -> list[Any]:
 
 
 def _delivery_step(config: Path) -> str | None:
-    studies = _status(config)["studies"]
+    studies = ingestd_status(config)["studies"]
     assert isinstance(studies, list)
     if not studies or studies[0]["delivery"] is None:
         return None
@@ -234,7 +227,7 @@ def test_daemon_delivers_to_xnat(tmp_path: Path, xnat: FakeXnat) -> None:
         daemon.wait_ready(port)
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "delivered", 60, interval=0.3)
         assert daemon.terminate() == 0
     (experiment,) = xnat.experiments("PROJ")
     assert len(experiment.scans) == 2 and sum(len(s.files) for s in experiment.scans.values()) == 6
@@ -249,7 +242,7 @@ def test_rule_without_archive_leaves_a_ready_prearchive_session(tmp_path: Path, 
         daemon.wait_ready(port)
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "delivered", 60, interval=0.3)
         assert daemon.terminate() == 0
     (row,) = xnat.prearchive_rows("PROJ")
     assert row["status"] == "READY" and not xnat.experiments("PROJ")
@@ -271,7 +264,7 @@ def _kill9_then_deliver(
         assert daemon.kill9() == -9
         daemon.start()
         daemon.wait_ready(port)
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "delivered", 60, interval=0.3)  # type: ignore[index]
+        wait_until(lambda: _first_study(config)["state"] == "delivered", 60, interval=0.3)
         records = daemon.logged("deliver.verified")
         assert daemon.terminate() == 0
     return records
@@ -346,7 +339,7 @@ def test_late_series_reach_the_same_experiment(tmp_path: Path, xnat: FakeXnat) -
                 assert storescu.wait() == 0, storescu.output()
 
             def delivered(count: int = batch) -> bool:
-                studies = _status(config)["studies"]
+                studies = ingestd_status(config)["studies"]
                 assert isinstance(studies, list)
                 return len(studies) == count and all(s["state"] == "delivered" for s in studies)
 
@@ -379,25 +372,25 @@ def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkey
         daemon.wait_ready(port)
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "held", 30, interval=0.3)  # type: ignore[index]
-        health = _status(config)["health"]
+        wait_until(lambda: _first_study(config)["state"] == "held", 30, interval=0.3)
+        health = ingestd_status(config)["health"]
         assert isinstance(health, dict) and health["running"] is True
         assert health["held_by_reason"] == {"unrouted": 1} and health["last_heartbeat_seconds_ago"] is not None
-        assert "daemon running, last heartbeat" in _ingestd("status", "--config", str(config), check=True).stdout
+        assert "daemon running, last heartbeat" in run_ingestd("status", "--config", str(config), check=True).stdout
 
         rules.write_text(rule.replace("CALLER", "STORESCU"))
         os.kill(daemon.pid, signal.SIGHUP)
         applied = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "applied"], 20)
         assert applied[0]["needs_restart"] is None
-        assert _ingestd("retry", "--config", str(config), "--held").returncode == 0
-        wait_until(lambda: _status(config)["studies"][0]["state"] == "routed", 30, interval=0.3)  # type: ignore[index]
+        assert run_ingestd("retry", "--config", str(config), "--held").returncode == 0
+        wait_until(lambda: _first_study(config)["state"] == "routed", 30, interval=0.3)
 
         rules.write_text(rule.replace("when: {calling_aet: CALLER}", "when: {Modalty: MR}"))
         os.kill(daemon.pid, signal.SIGHUP)
         refused = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "refused"], 20)
         assert any("did you mean 'Modality'" in problem for problem in refused[0]["problems"])
-        route = _status(config)["studies"][0]["route"]
+        route = _first_study(config)["route"]
         assert isinstance(route, dict) and route["rule"] == "scanner"
         assert daemon.terminate() == 0
-    stopped = _status(config)["health"]
+    stopped = ingestd_status(config)["health"]
     assert isinstance(stopped, dict) and stopped["running"] is False

@@ -18,14 +18,15 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.sop_class import MRImageStorage, Verification
 
 from ingestd.receive import dataphase
 from tests.conftest import Receiver, make_config, start_receiver
-from tests.dicom import encode_raw, make_instance, make_study
+from tests.dicom import VERIFICATION, encode_raw, make_instance, make_study
+from tests.hostile import RawPeer, associate_rq_contexts, dimse_command, p_data, pdv, store_command
 from tests.procs import journal_rows, wait_until
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -37,9 +38,9 @@ uids = (
 )
 
 
-def _pynetdicom_command(message: object) -> bytes:
+def _pynetdicom_command(message: DIMSEMessage) -> bytes:
     """The command set bytes pynetdicom sends for a message (all fragments joined)."""
-    pdata = list(message.encode_msg(1, 16384))  # type: ignore[attr-defined]
+    pdata = list(message.encode_msg(1, 16384))
     return b"".join(value[1:] for p in pdata for _context, value in p.presentation_data_value_list if value[0] & 1)
 
 
@@ -62,11 +63,11 @@ class TestEncodings:
     def test_echo_response_matches_pynetdicom(self, message_id: int) -> None:
         primitive = C_ECHO()
         primitive.MessageIDBeingRespondedTo = message_id
-        primitive.AffectedSOPClassUID = Verification
+        primitive.AffectedSOPClassUID = VERIFICATION
         primitive.Status = 0x0000
         message = C_ECHO_RSP()
         message.primitive_to_message(primitive)
-        ours = dataphase.encode_response(0x8030, message_id, Verification, "", 0x0000)
+        ours = dataphase.encode_response(0x8030, message_id, VERIFICATION, "", 0x0000)
         assert ours == _pynetdicom_command(message)
 
     @given(
@@ -96,11 +97,11 @@ class TestEncodings:
     def test_echo_request_has_no_data_set(self) -> None:
         primitive = C_ECHO()
         primitive.MessageID = 7
-        primitive.AffectedSOPClassUID = Verification
+        primitive.AffectedSOPClassUID = VERIFICATION
         message = C_ECHO_RQ()
         message.primitive_to_message(primitive)
         command = dataphase.parse_command(_pynetdicom_command(message))
-        assert command == dataphase.Command(0x0030, 7, Verification, "", has_data_set=False)
+        assert command == dataphase.Command(0x0030, 7, VERIFICATION, "", has_data_set=False)
 
     @given(command=st.binary(min_size=1, max_size=600), max_length=st.sampled_from([0, 7, 8, 50, 4096]))
     def test_responses_fit_the_peers_maximum_pdu_length(self, command: bytes, max_length: int) -> None:
@@ -135,119 +136,6 @@ class TestEncodings:
 # -- a raw DICOM peer ---------------------------------------------------------------------------------
 
 
-def _item(kind: int, value: bytes) -> bytes:
-    return bytes((kind, 0)) + len(value).to_bytes(2, "big") + value
-
-
-def _associate_rq(calling: str, called: str, contexts: dict[int, str]) -> bytes:
-    body = b"\x00\x01\x00\x00" + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32)
-    body += _item(0x10, b"1.2.840.10008.3.1.1.1")
-    for context_id, abstract in contexts.items():
-        body += _item(
-            0x20, bytes((context_id, 0, 0, 0)) + _item(0x30, abstract.encode()) + _item(0x40, EXPLICIT_LE.encode())
-        )
-    body += _item(0x50, _item(0x51, (16384).to_bytes(4, "big")) + _item(0x52, b"1.2.826.0.1.3680043.9.9999"))
-    return b"\x01\x00" + len(body).to_bytes(4, "big") + body
-
-
-def _pdv(context_id: int, control: int, data: bytes) -> bytes:
-    return (len(data) + 2).to_bytes(4, "big") + bytes((context_id, control)) + data
-
-
-def _p_data(*items: bytes) -> bytes:
-    body = b"".join(items)
-    return b"\x04\x00" + len(body).to_bytes(4, "big") + body
-
-
-def _command(field: int, message_id: int, sop_class: str, sop_instance: str = "", *, data_set: bool = True) -> bytes:
-    """A request's command set, encoded by hand (PS3.7 §9.3): group length first, elements in tag order."""
-
-    def element(number: int, value: bytes) -> bytes:
-        return b"\x00\x00" + number.to_bytes(2, "little") + len(value).to_bytes(4, "little") + value
-
-    def uid(value: str) -> bytes:
-        raw = value.encode()
-        return raw + b"\x00" if len(raw) % 2 else raw
-
-    body = (
-        element(0x0002, uid(sop_class))
-        + element(0x0100, field.to_bytes(2, "little"))
-        + element(0x0110, message_id.to_bytes(2, "little"))
-        + element(0x0700, (0).to_bytes(2, "little"))
-        + element(0x0800, (0x0000 if data_set else 0x0101).to_bytes(2, "little"))
-    )
-    if sop_instance:
-        body += element(0x1000, uid(sop_instance))
-    return element(0x0000, len(body).to_bytes(4, "little")) + body
-
-
-def _store_command(message_id: int, sop_class: str, sop_instance: str) -> bytes:
-    return _command(0x0001, message_id, sop_class, sop_instance)
-
-
-class RawPeer:
-    """A DICOM requestor speaking PDUs directly on a socket."""
-
-    def __init__(self, port: int, contexts: dict[int, str] | None = None) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(_associate_rq("RAWSCU", "INGESTD", contexts or {1: MRImageStorage, 3: Verification}))
-        pdu_type, body = self.read_pdu()
-        assert pdu_type == 0x02, f"association not accepted (PDU type {pdu_type:#x})"
-        self.accepted = self._accepted_contexts(body)
-
-    @staticmethod
-    def _accepted_contexts(body: bytes) -> set[int]:
-        accepted, offset = set(), 68
-        while offset < len(body):
-            kind, length = body[offset], int.from_bytes(body[offset + 2 : offset + 4], "big")
-            if kind == 0x21 and body[offset + 6] == 0:
-                accepted.add(body[offset + 4])
-            offset += 4 + length
-        return accepted
-
-    def _exact(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = self.sock.recv(size - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    def read_pdu(self) -> tuple[int, bytes]:
-        header = self._exact(6)
-        return header[0], self._exact(int.from_bytes(header[2:6], "big"))
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def status_of_response(self) -> tuple[int, int]:
-        """(Command Field, Status) of the next response, which must be one PDU with one command fragment."""
-        pdu_type, body = self.read_pdu()
-        assert pdu_type == 0x04, f"expected P-DATA, got PDU type {pdu_type:#x}"
-        assert body[5] == 0x03, "a response's command set comes as one last fragment"
-        elements, raw, offset = {}, body[6:], 0
-        while offset < len(raw):
-            number, length = (
-                int.from_bytes(raw[offset + 2 : offset + 4], "little"),
-                int.from_bytes(raw[offset + 4 : offset + 8], "little"),
-            )
-            elements[number] = raw[offset + 8 : offset + 8 + length]
-            offset += 8 + length
-        return int.from_bytes(elements[0x0100], "little"), int.from_bytes(elements[0x0900], "little")
-
-    def release(self) -> None:
-        self.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-        assert self.read_pdu() == (0x06, b"\x00\x00\x00\x00")
-        self.sock.close()
-
-    def closed_by_listener(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionError:
-            return True
-
-
 def _spooled(receiver: Receiver) -> list[str]:
     return [row[0] for row in journal_rows(receiver.config.journal_path, "SELECT sop_uid FROM instances")]
 
@@ -257,12 +145,12 @@ class TestRawPeer:
         """Command in two fragments, data set in three, spread over PDUs holding several items each."""
         ds = make_instance()
         data = encode_raw(ds)
-        command = _store_command(5, ds.SOPClassUID, ds.SOPInstanceUID)
+        command = store_command(5, ds.SOPClassUID, ds.SOPInstanceUID)
         peer = RawPeer(receiver.port)
         third = len(data) // 3
-        peer.send(_p_data(_pdv(1, 0x01, command[:20]), _pdv(1, 0x03, command[20:]), _pdv(1, 0x00, data[:third])))
-        peer.send(_p_data(_pdv(1, 0x00, data[third : 2 * third])))
-        peer.send(_p_data(_pdv(1, 0x02, data[2 * third :])))
+        peer.send(p_data(pdv(1, 0x01, command[:20]), pdv(1, 0x03, command[20:]), pdv(1, 0x00, data[:third])))
+        peer.send(p_data(pdv(1, 0x00, data[third : 2 * third])))
+        peer.send(p_data(pdv(1, 0x02, data[2 * third :])))
         assert peer.status_of_response() == (0x8001, 0x0000)
         peer.release()
         stored = pydicom.dcmread(next(receiver.config.spool_dir.rglob("*.dcm")))
@@ -284,11 +172,11 @@ class TestRawPeer:
             peer = RawPeer(running.port)
             for number, ds in enumerate(study, start=1):
                 data = encode_raw(ds)
-                command = _store_command(number, ds.SOPClassUID, ds.SOPInstanceUID)
+                command = store_command(number, ds.SOPClassUID, ds.SOPInstanceUID)
                 fragments = [data[i : i + 30000] for i in range(0, len(data), 30000)]
-                items = [_pdv(1, 0x03, command)]
-                items += [_pdv(1, 0x02 if i == len(fragments) - 1 else 0x00, f) for i, f in enumerate(fragments)]
-                peer.send(_p_data(*items))
+                items = [pdv(1, 0x03, command)]
+                items += [pdv(1, 0x02 if i == len(fragments) - 1 else 0x00, f) for i, f in enumerate(fragments)]
+                peer.send(p_data(*items))
                 assert peer.status_of_response() == (0x8001, 0x0000)
             peer.release()
             for ds in study:
@@ -302,12 +190,12 @@ class TestRawPeer:
     def test_unsupported_operation_is_answered_and_the_association_goes_on(self, receiver: Receiver) -> None:
         """A C-FIND on a storage context gets 0x0211 (unrecognized operation), then storing still works."""
         ds = make_instance()
-        find = _command(0x0020, 9, ds.SOPClassUID)  # C-FIND-RQ
+        find = dimse_command(0x0020, 9, ds.SOPClassUID)  # C-FIND-RQ
         peer = RawPeer(receiver.port)
-        peer.send(_p_data(_pdv(1, 0x03, find), _pdv(1, 0x02, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")))
+        peer.send(p_data(pdv(1, 0x03, find), pdv(1, 0x02, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")))
         assert peer.status_of_response() == (0x8020, 0x0211)
         peer.send(
-            _p_data(_pdv(1, 0x03, _store_command(10, ds.SOPClassUID, ds.SOPInstanceUID)), _pdv(1, 0x02, encode_raw(ds)))
+            p_data(pdv(1, 0x03, store_command(10, ds.SOPClassUID, ds.SOPInstanceUID)), pdv(1, 0x02, encode_raw(ds)))
         )
         assert peer.status_of_response() == (0x8001, 0x0000)
         peer.release()
@@ -316,28 +204,28 @@ class TestRawPeer:
     def test_echo_on_the_verification_context(self, receiver: Receiver) -> None:
         peer = RawPeer(receiver.port)
         assert peer.accepted == {1, 3}
-        peer.send(_p_data(_pdv(3, 0x03, _command(0x0030, 3, Verification, data_set=False))))
+        peer.send(p_data(pdv(3, 0x03, dimse_command(0x0030, 3, VERIFICATION, data_set=False))))
         assert peer.status_of_response() == (0x8030, 0x0000)
         peer.release()
 
     @pytest.mark.parametrize(
         ("what", "pdu", "reason"),
         [
-            ("an unaccepted context", _p_data(_pdv(7, 0x03, b"\x00" * 12)), 0x06),
-            ("data before its command", _p_data(_pdv(1, 0x02, b"\x08\x00\x52\x00\x00\x00\x00\x00")), 0x06),
+            ("an unaccepted context", p_data(pdv(7, 0x03, b"\x00" * 12)), 0x06),
+            ("data before its command", p_data(pdv(1, 0x02, b"\x08\x00\x52\x00\x00\x00\x00\x00")), 0x06),
             ("an item longer than its PDU", b"\x04\x00\x00\x00\x00\x08\x00\x00\x01\x00\x01\x03\x00\x00", 0x06),
             ("an unrecognized PDU type", b"\x09\x00\x00\x00\x00\x02\x00\x00", 0x01),
-            ("a second A-ASSOCIATE-RQ", _associate_rq("RAWSCU", "INGESTD", {1: MRImageStorage}), 0x02),
+            ("a second A-ASSOCIATE-RQ", associate_rq_contexts("RAWSCU", "INGESTD", {1: MRImageStorage}), 0x02),
         ],
     )
     def test_protocol_errors_abort_the_association(
         self, receiver: Receiver, what: str, pdu: bytes, reason: int
     ) -> None:
-        peer = RawPeer(receiver.port)
-        peer.send(pdu)
-        pdu_type, body = peer.read_pdu()
-        assert (pdu_type, body[2], body[3]) == (0x07, 0x02, reason), what
-        assert peer.closed_by_listener()
+        with RawPeer(receiver.port) as peer:
+            peer.send(pdu)
+            pdu_type, body = peer.read_pdu()
+            assert (pdu_type, body[2], body[3]) == (0x07, 0x02, reason), what
+            assert peer.closed_by_listener()
         wait_until(lambda: receiver.listener.association_count() == 0, timeout=10)
         assert _spooled(receiver) == []
 
@@ -345,9 +233,7 @@ class TestRawPeer:
         ds = make_instance()
         data = encode_raw(ds)
         peer = RawPeer(receiver.port)
-        peer.send(
-            _p_data(_pdv(1, 0x03, _store_command(1, ds.SOPClassUID, ds.SOPInstanceUID)), _pdv(1, 0x00, data[:100]))
-        )
+        peer.send(p_data(pdv(1, 0x03, store_command(1, ds.SOPClassUID, ds.SOPInstanceUID)), pdv(1, 0x00, data[:100])))
         peer.sock.close()
         wait_until(lambda: receiver.listener.association_count() == 0, timeout=10)
         assert _spooled(receiver) == []
@@ -357,7 +243,7 @@ class TestRawPeer:
         """A peer that asks and hangs up without waiting: no thread waits out the 60 s network timeout."""
         for _ in range(5):
             sock = socket.create_connection(("127.0.0.1", receiver.port), timeout=10)
-            sock.sendall(_associate_rq("RAWSCU", "INGESTD", {1: MRImageStorage}))
+            sock.sendall(associate_rq_contexts("RAWSCU", "INGESTD", {1: MRImageStorage}))
             sock.close()
         wait_until(lambda: receiver.listener.association_count() == 0, timeout=10)
 
@@ -365,9 +251,7 @@ class TestRawPeer:
         running = start_receiver(make_config(tmp_path))
         ds = make_instance()
         peer = RawPeer(running.port)
-        peer.send(
-            _p_data(_pdv(1, 0x03, _store_command(1, ds.SOPClassUID, ds.SOPInstanceUID)), _pdv(1, 0x00, b"\x08\x00"))
-        )
+        peer.send(p_data(pdv(1, 0x03, store_command(1, ds.SOPClassUID, ds.SOPInstanceUID)), pdv(1, 0x00, b"\x08\x00")))
         stopper = threading.Thread(target=running.listener.stop, kwargs={"grace_seconds": 0.5})
         stopper.start()
         try:
@@ -375,6 +259,7 @@ class TestRawPeer:
             assert (pdu_type, body[2]) == (0x07, 0x00)  # A-ABORT from the service user (ingestd)
             assert peer.closed_by_listener()
         finally:
+            peer.sock.close()
             stopper.join(timeout=20)
             running.journal.close()
         assert not stopper.is_alive()
@@ -408,14 +293,14 @@ def test_any_fragmenting_stores_the_instance_byte_identical(
     """However a peer cuts a C-STORE into fragments and PDUs, the instance is acknowledged and stored as sent."""
     ds = make_instance(rows=rows, fill=rows)
     data = encode_raw(ds)
-    command = _store_command(1, ds.SOPClassUID, ds.SOPInstanceUID)
+    command = store_command(1, ds.SOPClassUID, ds.SOPInstanceUID)
     command_parts, data_parts = _fragment(command, command_cuts), _fragment(data, data_cuts)
-    items = [_pdv(1, 0x03 if i == len(command_parts) - 1 else 0x01, p) for i, p in enumerate(command_parts)]
-    items += [_pdv(1, 0x02 if i == len(data_parts) - 1 else 0x00, p) for i, p in enumerate(data_parts)]
+    items = [pdv(1, 0x03 if i == len(command_parts) - 1 else 0x01, p) for i, p in enumerate(command_parts)]
+    items += [pdv(1, 0x02 if i == len(data_parts) - 1 else 0x00, p) for i, p in enumerate(data_parts)]
     peer = RawPeer(shared_receiver.port)
     try:
         for start in range(0, len(items), per_pdu):
-            peer.send(_p_data(*items[start : start + per_pdu]))
+            peer.send(p_data(*items[start : start + per_pdu]))
         assert peer.status_of_response() == (0x8001, 0x0000)
         peer.release()
     finally:
@@ -434,7 +319,7 @@ class TestPynetdicomServes:
             study = make_study(series=1, per_series=3)
             ae = AE(ae_title="SCANNER")
             ae.add_requested_context(MRImageStorage)
-            ae.add_requested_context(Verification)
+            ae.add_requested_context(VERIFICATION)
             assoc = ae.associate("127.0.0.1", running.port, ae_title="INGESTD")
             assert assoc.is_established
             assert [assoc.send_c_store(ds).Status for ds in study] == [0] * 3

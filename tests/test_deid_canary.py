@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import sys
 from datetime import date, timedelta
@@ -21,15 +20,17 @@ from pathlib import Path
 import pytest
 import structlog
 from pydicom import dcmread
+from pydicom._uid_dict import UID_dictionary  # pydicom.uid uses it without re-exporting it
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, UID_dictionary
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from structlog.testing import capture_logs
 
 from ingestd.deid.engine import DeidError, Labels, anonymize
-from ingestd.deid.profile import Override, PrivateKeep, Profile
+from ingestd.deid.profile import Override, OverrideAction, PrivateKeep, Profile
+from ingestd.patterns import compile_regex
 from tests import deid_oracle as oracle
 
 KEY = bytes(range(32))
@@ -121,10 +122,10 @@ def _base(number: int, sop_uid: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.SourceApplicationEntityTitle = "CANARYSOURCEAE"
-    ds.file_meta.ImplementationClassUID = _uid(9999)
+    ds.file_meta.ImplementationClassUID = UID(_uid(9999))
     ds.preamble = b"CANARYPREAMBLE".ljust(128, b"\x01")
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
@@ -345,7 +346,7 @@ def test_dates_of_one_patient_shift_together_across_studies() -> None:
 
 
 @pytest.mark.parametrize("action", ["uid", "pseudonym", "replace", "regex", "shift-date", "lookup"])
-def test_override_on_a_sequence_holds(action: str) -> None:
+def test_override_on_a_sequence_holds(action: OverrideAction) -> None:
     """An override that only makes sense for a value, met by a sequence in the data, holds the instance."""
     _, b, _ = _planted()
     tag = 0x00081140  # Referenced Image Sequence
@@ -353,7 +354,7 @@ def test_override_on_a_sequence_holds(action: str) -> None:
         tag=tag,
         action=action,
         value="{subject}",
-        pattern=re.compile("x"),
+        pattern=compile_regex("x"),
         table={},
     )
     before = oracle.to_bytes(b)
@@ -386,7 +387,7 @@ def _fixture_study() -> list[Dataset]:
     series_a = [_image(_uid(100), n, _uid(100, n)) for n in (1, 2, 3)]
     series_b = [_image(_uid(200), n, _uid(200, n)) for n in (1, 2)]
     rtstruct = _base(1, _uid(300, 1))
-    rtstruct.SOPClassUID = rtstruct.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    rtstruct.SOPClassUID = rtstruct.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.481.3")
     rtstruct.Modality = "RTSTRUCT"
     rtstruct.SeriesInstanceUID = _uid(300)
     del rtstruct.FrameOfReferenceUID
@@ -406,7 +407,7 @@ def _fixture_study() -> list[Dataset]:
     rtstruct.StructureSetROISequence = Sequence([roi])
 
     seg = _base(1, _uid(400, 1))
-    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.66.4")
     seg.Modality = "SEG"
     seg.SeriesInstanceUID = _uid(400)
     seg_series = Dataset()
@@ -428,7 +429,7 @@ def _fixture_study() -> list[Dataset]:
     seg.DimensionIndexSequence = Sequence([index])
 
     kos = _base(1, _uid(500, 1))
-    kos.SOPClassUID = kos.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.59"
+    kos.SOPClassUID = kos.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.59")
     kos.Modality = "KO"
     kos.SeriesInstanceUID = _uid(500)
     for attribute in ("FrameOfReferenceUID", "Rows", "Columns", "PixelData"):

@@ -27,7 +27,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
 from ingestd.deid.engine import DeidError, Labels, anonymize
 from ingestd.deid.keyed import remap_uid
@@ -286,8 +286,8 @@ def studies(draw: st.DrawFn) -> list[Dataset]:
         sop_class = draw(st.sampled_from([CTImageStorage, MRImageStorage, f"{ROOT}.8.1"]))  # the last: private
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = sop_class
-        ds.file_meta.MediaStorageSOPInstanceUID = f"{ROOT}.4.{number}"
+        ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{ROOT}.4.{number}")
         ds.file_meta.SourceApplicationEntityTitle = "QZSOURCE"
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = f"{ROOT}.4.{number}"
@@ -301,7 +301,7 @@ def studies(draw: st.DrawFn) -> list[Dataset]:
             ds.PatientID = patient_id
         if patient_name is not None:
             ds.PatientName = patient_name
-        if instances and draw(st.booleans()):  # references to earlier instances, top level and nested
+        if len(instances) > 0 and draw(st.booleans()):  # references to earlier instances, top level and nested
             targets = draw(st.lists(st.sampled_from(instances), min_size=1, max_size=2))
             kind = draw(st.sampled_from(("ReferencedImageSequence", "SourceImageSequence", "nested")))
             if kind == "nested":
@@ -327,8 +327,8 @@ def _tokenize(instances: list[Dataset]) -> None:
 
     def mark(vr: str, value: object) -> object:
         if isinstance(value, bytes):
-            token = f"QZ{next(counter):03d}Q".encode()
-            return token + value if value else value
+            marker = f"QZ{next(counter):03d}Q".encode()
+            return marker + value if value else value
         text = str(value)
         if not text.strip() or vr not in _TOKENIZED:
             return value
@@ -365,7 +365,7 @@ def _tokenize(instances: list[Dataset]) -> None:
 
 
 def _through_file(ds: Dataset, syntax: str) -> Dataset:
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     return dcmread(BytesIO(oracle.to_bytes(ds)))
 
 
@@ -410,7 +410,7 @@ def _held_legitimately(study: list[Dataset], run: Run) -> bool:
     return any(node.tag == tag for ds in study for node in oracle.walk(ds, ds))
 
 
-PRESETS = (
+PRESETS: tuple[frozenset[str], ...] = (
     frozenset(),
     frozenset({"retain-longitudinal-modified-dates"}),
     frozenset({"retain-longitudinal-full-dates"}),

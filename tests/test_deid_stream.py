@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -22,6 +23,7 @@ from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -31,7 +33,7 @@ from pydicom.uid import (
 )
 
 from ingestd.deid.engine import DeidError, Labels, anonymize, screen
-from ingestd.deid.profile import Override, Profile
+from ingestd.deid.profile import Override, OverrideAction, Profile
 from ingestd.deid.stream import open_instance
 from ingestd.pipeline.route import deidentify_file
 from tests.dicom import make_instance
@@ -77,7 +79,7 @@ def instance(
 ) -> Dataset:
     ds = make_instance(rows=rows)
     ds.Columns = columns
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     ds.PatientName = "Doe^Jane"
     ds.PatientID = "MRN123456"
     ds.AccessionNumber = "ACC98765"
@@ -169,7 +171,7 @@ def test_elements_after_pixel_data_go_through_the_profile(syntax: str, tmp_path:
 
 
 @pytest.mark.parametrize("action", ["remove", "empty", "keep"])
-def test_a_profile_override_on_pixel_data_applies(action: str, tmp_path: Path) -> None:
+def test_a_profile_override_on_pixel_data_applies(action: OverrideAction, tmp_path: Path) -> None:
     profile = Profile(name="o", key=KEY, overrides={0x7FE00010: Override(0x7FE00010, action, justification="t")})
     path = write(instance(frames=2), tmp_path / "in.dcm")
     out = streamed(path, tmp_path / "out", profile)
@@ -244,7 +246,7 @@ def test_streamed_equals_whole_instance_property(
     assert streamed(path, folder / "out") == in_memory(path)
 
 
-def _run_bench(args: list[str], timeout: float) -> dict[str, object]:
+def _run_bench(args: list[str], timeout: float) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, str(BENCH), *args, "--json", "-"],
         capture_output=True,
@@ -254,14 +256,15 @@ def _run_bench(args: list[str], timeout: float) -> dict[str, object]:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    report: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return report
 
 
 def test_a_1_gb_instance_is_deidentified_and_zipped_in_bounded_memory(tmp_path: Path) -> None:
     """One 1.1 GB multi-frame instance de-identified and packaged in a fresh process, as the daemon does it:
     peak RSS (VmHWM) stays under 150 MB, the output parses, and its Pixel Data equals the input's."""
     report = _run_bench(["--sizes-mb", "1100", "--work", str(tmp_path), "--check"], timeout=240)
-    (run,) = report["runs"]  # type: ignore[misc]
+    (run,) = report["runs"]
     assert run["ok"], run
     assert run["peak_rss_mb"] < 150, run
     assert run["pixel_data_equal"] is True

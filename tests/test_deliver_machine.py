@@ -136,8 +136,10 @@ class DeliveryMachine(RuleBasedStateMachine):
         server = self.lab.config.xnat.servers["main"]
         requests_left = [n]
 
+        lab = self.lab
+
         def progress() -> None:
-            self.lab.deliverer.beat()  # type: ignore[union-attr]
+            lab.deliverer.beat()
             requests_left[0] -= 1
             if requests_left[0] == 0:
                 raise Crash

@@ -9,7 +9,7 @@ of the stand-in are cited to xnat-web in ingestd/testing/xnat/ and docs/xnat.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -148,13 +148,13 @@ def test_a_restart_tries_a_paused_server_once_at_once(tmp_path: Path, monkeypatc
     ids=["expired-password", "inactive", "disabled"],
 )
 def test_an_account_xnat_refuses_pauses_the_server_with_what_to_do(
-    tmp_path: Path, xnat: FakeXnat, break_it: object, words: str
+    tmp_path: Path, xnat: FakeXnat, break_it: Callable[[FakeXnat], object], words: str
 ) -> None:
     """Expired password: 302 to XDATScreen_UpdateUser.vm; inactive: 302 to InactiveAccount.vm; disabled by an
     admin: 401 (XnatExpiredPasswordFilter, XnatDatabaseAuthenticationProvider). Never taken for success."""
     lab = Lab(tmp_path, xnat)
     lab.receive(study(series=1, per_series=2))
-    break_it(xnat)  # type: ignore[operator]
+    break_it(xnat)
     for _ in range(5):
         lab.deliverer.check()
     (state,) = server_states(lab.journal)

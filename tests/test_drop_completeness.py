@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     BasicTextSRStorage,
@@ -26,12 +24,8 @@ from pydicom.uid import (
 from ingestd.config import Archives
 from ingestd.dicomfile import IncompleteInstanceError, needs_pixel_data, prepare_instance
 from ingestd.errors import InvalidInstanceError, UnsafeArchiveError
-from ingestd.receive.archives import IncompleteArchiveError, check_archive, read_members
-from tests.dicom import encode, encode_raw, make_instance, tar_bytes, zip_bytes
-
-
-def _testdata(name: str) -> bytes:
-    return Path(str(get_testdata_file(name))).read_bytes()
+from ingestd.receive.archives import ArchiveKind, IncompleteArchiveError, check_archive, read_members
+from tests.dicom import TarMode, encode, encode_raw, make_instance, pydicom_file, tar_bytes, zip_bytes
 
 
 def _without_pixel_data(ds: Dataset) -> Dataset:
@@ -44,7 +38,7 @@ IMAGES = {
     "no preamble": lambda: encode(make_instance(rows=4))[128:],
     "bare explicit": lambda: encode_raw(make_instance(rows=4)),
     "bare implicit": lambda: encode_raw(make_instance(rows=4), implicit=True),
-    "CT_small (trailing padding cut off is harmless)": lambda: _testdata("CT_small.dcm")[:39068],
+    "CT_small (trailing padding cut off is harmless)": lambda: pydicom_file("CT_small.dcm").read_bytes()[:39068],
 }
 
 
@@ -135,17 +129,22 @@ def _members() -> dict[str, bytes]:
     return {f"d/IM{i}.dcm": encode(make_instance(study_uid, rows=4, number=i)) for i in range(3)}
 
 
-def _read(data: bytes, kind: str) -> dict[str, bytes]:
+def _read(data: bytes, kind: ArchiveKind) -> dict[str, bytes]:
     stream = io.BytesIO(data)
-    check_archive(stream, kind, Archives())  # type: ignore[arg-type]
-    return dict(read_members(stream, kind, Archives()))  # type: ignore[arg-type]
+    check_archive(stream, kind, Archives())
+    return dict(read_members(stream, kind, Archives()))
 
 
-ARCHIVES = {"zip": ("zip", None), "tar": ("tar", "w"), "tar.gz": ("tar", "w:gz"), "tar.bz2": ("tar", "w:bz2")}
+ARCHIVES: dict[str, tuple[ArchiveKind, TarMode | None]] = {
+    "zip": ("zip", None),
+    "tar": ("tar", "w"),
+    "tar.gz": ("tar", "w:gz"),
+    "tar.bz2": ("tar", "w:bz2"),
+}
 
 
 @pytest.mark.parametrize(("kind", "mode"), ARCHIVES.values(), ids=ARCHIVES.keys())
-def test_every_prefix_of_an_archive_is_incomplete_up_to_its_end(kind: str, mode: str | None) -> None:
+def test_every_prefix_of_an_archive_is_incomplete_up_to_its_end(kind: ArchiveKind, mode: TarMode | None) -> None:
     members = _members()
     data = zip_bytes(members) if mode is None else tar_bytes(members, mode)
     assert _read(data, kind) == members
@@ -188,7 +187,7 @@ def test_a_zip_stored_in_a_zip_being_written_is_not_taken_for_it() -> None:
     ],
     ids=["garbage zip", "garbage tar", "garbage gzip"],
 )
-def test_garbage_is_unreadable_not_incomplete(data: bytes, kind: str) -> None:
+def test_garbage_is_unreadable_not_incomplete(data: bytes, kind: ArchiveKind) -> None:
     with pytest.raises(UnsafeArchiveError) as caught:
         _read(data, kind)
     assert not isinstance(caught.value, IncompleteArchiveError)
@@ -207,7 +206,8 @@ def test_a_compressed_tar_whose_stream_ends_before_the_tar_does_is_corrupt() -> 
 
 def test_datasets_read_back_from_a_whole_archive_are_the_members() -> None:
     members = _members()
-    for kind, data in (("zip", zip_bytes(members)), ("tar", tar_bytes(members, "w:xz"))):
+    archives: tuple[tuple[ArchiveKind, bytes], ...] = (("zip", zip_bytes(members)), ("tar", tar_bytes(members, "w:xz")))
+    for kind, data in archives:
         read = _read(data, kind)
         assert {name: pydicom.dcmread(io.BytesIO(value)).SOPInstanceUID for name, value in read.items()} == {
             name: pydicom.dcmread(io.BytesIO(value)).SOPInstanceUID for name, value in members.items()

@@ -78,6 +78,11 @@ def drop(tmp_path: Path) -> Iterator[Drop]:
             state.close()
 
 
+def _seen_incomplete(drop: Drop, name: str, times: int) -> Callable[[], bool]:
+    """A condition: the watcher has reported `name` incomplete at least `times` times."""
+    return lambda: len(drop.events("drop.file_incomplete", name)) >= times
+
+
 def write_slowly(drop: Drop, path: Path, data: bytes, cuts: list[int]) -> None:
     """Write `data` to `path` through one open file, pausing at each cut until the watcher has found the file
     settled and incomplete; check there that the user's file is intact and nothing of it was taken."""
@@ -91,7 +96,7 @@ def write_slowly(drop: Drop, path: Path, data: bytes, cuts: list[int]) -> None:
             if cut == len(data):
                 break
             wait_until(
-                lambda number=number: len(drop.events("drop.file_incomplete", name)) >= number,
+                _seen_incomplete(drop, name, number),
                 20,
                 message=f"the watcher to find {name} incomplete at byte {cut}",
             )
@@ -177,7 +182,7 @@ def test_the_bound_counts_from_the_last_change(drop: Drop) -> None:
             out.write(data[out.tell() : cut])
             out.flush()
             wait_until(
-                lambda number=number: len(drop.events("drop.file_incomplete", "paused.dcm")) >= number,
+                _seen_incomplete(drop, "paused.dcm", number),
                 20,
                 message="the watcher to find the file incomplete",
             )
@@ -200,7 +205,7 @@ def test_a_zip_written_slowly_by_zipfile_is_taken_only_once_whole(drop: Drop) ->
             archive.writestr(name, data)
             out.flush()
             wait_until(
-                lambda number=number: len(drop.events("drop.file_incomplete", "upload.zip")) >= number,
+                _seen_incomplete(drop, "upload.zip", number),
                 20,
                 message="the watcher to find the zip incomplete",
             )

@@ -10,9 +10,9 @@ SIGTERM ends the process within stop_timeout_seconds either way.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.dicom import make_study, write_instances
-from tests.procs import DaemonProcess, Storescu, echo_ok, free_port, wait_until, write_daemon_config
+from tests.procs import DaemonProcess, Storescu, echo_ok, free_port, ingestd_status, wait_until, write_daemon_config
 
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
 
@@ -35,18 +35,6 @@ rules:
     when: {}
     route: {server: main, project: PROJ, subject: S2, session: other}
 """
-
-
-def _status(config: Path) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ingestd", "status", "--config", str(config), "--json", "--show-uids"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
 
 
 def _healthz(port: int) -> dict[str, Any]:
@@ -78,7 +66,7 @@ def test_a_backtracking_pattern_and_its_hostile_value_are_routed_at_once(tmp_pat
         def routed() -> dict[str, str] | None:
             assert echo_ok(port, timeout=5), "C-ECHO went unanswered while the rules ran"
             assert _healthz(metrics)["live"] is True
-            studies = _status(config)["studies"]
+            studies = ingestd_status(config)["studies"]
             if len(studies) == 2 and all(study["state"] == "routed" for study in studies):
                 return {study["study"]: study["route"]["rule"] for study in studies}
             return None
@@ -189,7 +177,7 @@ def test_sigterm_while_a_worker_is_stuck_in_python_ends_the_process_in_time(
     with daemon:
         daemon.wait_ready(port)
         _hang(daemon, trigger)
-        daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        os.kill(daemon.pid, signal.SIGTERM)
         status, seconds = _exit_within(daemon, 30)
         assert status == 0 and seconds < 3 + 1.5, (status, seconds, daemon.log_tail())
         assert daemon.logged("daemon.stop_abandoned")[0]["services"] == ["assembler"]
@@ -205,7 +193,7 @@ def test_a_thread_holding_the_gil_cannot_outlast_sigterm(tmp_path: Path, monkeyp
     with daemon:
         daemon.wait_ready(port)
         _hang(daemon, trigger)
-        daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        os.kill(daemon.pid, signal.SIGTERM)
         status, seconds = _exit_within(daemon, 30)
         assert status == 1 and seconds < 3 + 1.5, (status, seconds, daemon.log_tail())
     log = daemon.log_path.read_text()

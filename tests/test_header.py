@@ -9,22 +9,21 @@ import pydicom
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ingestd.errors import InvalidInstanceError
 from ingestd.header import file_meta_prefix, read_file_header, read_stream_header
-from tests.dicom import make_instance
+from tests.dicom import make_instance, pydicom_file
 
-TEST_FILES = sorted(Path(str(get_testdata_file("CT_small.dcm"))).parent.glob("*.dcm"))
+TEST_FILES = sorted(pydicom_file("CT_small.dcm").parent.glob("*.dcm"))
 
 
 def _encode(ds: Dataset, syntax: str) -> bytes:
     buffer = BytesIO()
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     dcmwrite(buffer, ds, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True, enforce_file_format=True)
     data = buffer.getvalue()
     return data[144 + int.from_bytes(data[140:144], "little") :]

@@ -23,7 +23,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from ingestd.bulk import find_sources
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
-from tests.procs import DaemonProcess, journal_rows, wait_until
+from tests.procs import DaemonProcess, journal_rows, run_ingestd, wait_until
 
 RULES = """
 profiles:
@@ -88,14 +88,7 @@ def make_tree(root: Path) -> dict[str, list[pydicom.Dataset]]:
 
 
 def ingestd(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=cwd,
-    )
+    return run_ingestd(*args, cwd=cwd, timeout=timeout)
 
 
 def imports(xnat: FakeXnat) -> int:

@@ -10,14 +10,14 @@ from pathlib import Path
 import pydicom
 import pynetdicom
 import pytest
-from pydicom.data import get_testdata_file
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import MRImageStorage, Verification
+from pynetdicom.association import Association
 
 from ingestd.header import read_file_header
 from ingestd.receive import dataphase
 from tests.conftest import Receiver, make_config, start_receiver
-from tests.dicom import make_instance, make_study, write_instances
+from tests.dicom import VERIFICATION, make_instance, make_study, pydicom_file, write_instances
 from tests.procs import DCMTK_ENV, journal_rows, wait_until
 
 
@@ -30,7 +30,7 @@ def _rows(receiver: Receiver, sql: str) -> list[tuple[object, ...]]:
     return journal_rows(receiver.config.journal_path, sql)
 
 
-def _associate(port: int, calling: str = "SCANNER", contexts: list[str] | None = None) -> object:
+def _associate(port: int, calling: str = "SCANNER", contexts: list[str] | None = None) -> Association:
     ae = AE(ae_title=calling)
     for abstract in contexts or [MRImageStorage]:
         ae.add_requested_context(abstract)
@@ -63,7 +63,7 @@ class TestPynetdicomPeer:
     @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "image_dfl.dcm"])
     def test_compressed_instance_is_stored_byte_identical(self, receiver: Receiver, name: str) -> None:
         """RLE, JPEG 2000 and deflated data sets are stored exactly as sent, never decoded."""
-        path = Path(str(get_testdata_file(name)))
+        path = pydicom_file(name)
         original = path.read_bytes()
         meta_end = _data_start(original)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -178,7 +178,7 @@ class TestPynetdicomPeer:
 
     def test_echo(self, receiver: Receiver) -> None:
         """C-ECHO is answered with success."""
-        assoc = _associate(receiver.port, contexts=[Verification])
+        assoc = _associate(receiver.port, contexts=[VERIFICATION])
         assert assoc.send_c_echo().Status == 0
         assoc.release()
 
@@ -240,7 +240,7 @@ def _data_start(data: bytes) -> int:
 
 def test_read_file_header_matches_pydicom() -> None:
     """The cheap header reader agrees with a full pydicom read on a bundled file."""
-    path = Path(str(get_testdata_file("CT_small.dcm")))
+    path = pydicom_file("CT_small.dcm")
     header = read_file_header(path.read_bytes())
     ds = pydicom.dcmread(path)
     assert (header.study_uid, header.series_uid, header.sop_uid) == (

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,8 @@ from tests.hostile import (
     Trickler,
     associate_rq,
     c_store_p_data,
+    certificates,
+    client_context,
     closed_by_peer,
     connect,
     legitimate,
@@ -32,7 +35,6 @@ from tests.hostile import (
     status_of,
 )
 from tests.procs import HOST, DaemonProcess, free_port, wait_until
-from tests.test_tls import _certificates, _client_context
 
 ACSE_TIMEOUT = 3.0
 NETWORK_TIMEOUT = 4.0
@@ -81,9 +83,9 @@ def _rss_mb(daemon: DaemonProcess) -> float:
     return proc_status(daemon.pid, "VmRSS") / 1024
 
 
-def _served_meanwhile(port: int, rounds: int = 3, **kwargs: object) -> list[float]:
+def _served_meanwhile(port: int, rounds: int = 3, **kwargs: Any) -> list[float]:
     """Latencies of `rounds` legitimate C-ECHO + C-STORE exchanges, each of which must succeed within 40 s."""
-    return [legitimate(port, store=make_instance(), **kwargs) for _ in range(rounds)]  # type: ignore[arg-type]
+    return [legitimate(port, store=make_instance(), **kwargs) for _ in range(rounds)]
 
 
 def test_silent_partial_requests_do_not_starve(daemon_factory: Start) -> None:
@@ -196,7 +198,7 @@ def test_silent_connections_do_not_block_tls(tmp_path: Path, daemon_factory: Sta
     """(d) With TLS, silent TCP connections (mid-handshake) while a TLS sender does C-ECHO and C-STORE."""
     folder = tmp_path / "certs"
     folder.mkdir()
-    paths = _certificates(folder)
+    paths = certificates(folder)
     tls = (
         f", tls: {{certificate: {paths['server.crt']}, key: {paths['server.key']},"
         f" ca_certificates: {paths['ca.crt']}}}, tls_handshake_timeout_seconds: 2"
@@ -204,7 +206,7 @@ def test_silent_connections_do_not_block_tls(tmp_path: Path, daemon_factory: Sta
     port = free_port()
     daemon = DaemonProcess(_config(tmp_path, port, tls), tmp_path / "daemon.log")
     with daemon:
-        context = _client_context(paths, with_certificate=True)
+        context = client_context(paths, with_certificate=True)
         wait_until(lambda: _tls_echo(port, context), 30, message="ingestd to answer C-ECHO over TLS")
         baseline = _threads(daemon)
         silent = [connect(port) for _ in range(200)]

@@ -52,7 +52,12 @@ def test_daemon_notifies_systemd(
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(port)
         seen: list[str] = []
-        wait_until(lambda: seen.extend(_received(sock)) or sum(m.startswith("WATCHDOG=1") for m in seen) >= 2, 20)
+
+        def two_watchdog_pings() -> bool:
+            seen.extend(_received(sock))
+            return sum(m.startswith("WATCHDOG=1") for m in seen) >= 2
+
+        wait_until(two_watchdog_pings, 20)
         assert seen[0].startswith("READY=1\nSTATUS=serving")
         assert any("STATUS=serving; studies:" in message for message in seen[1:])
         assert daemon.terminate() == 0

@@ -28,7 +28,15 @@ from ingestd.logs import REDACTED, redact
 from ingestd.metrics import JournalCollector
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import make_study, write_instances
-from tests.procs import SCANNER_RULES, DaemonProcess, Storescu, free_port, wait_until, write_xnat_daemon_config
+from tests.procs import (
+    SCANNER_RULES,
+    DaemonProcess,
+    Storescu,
+    free_port,
+    run_ingestd,
+    wait_until,
+    write_xnat_daemon_config,
+)
 
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.slow]
 
@@ -100,13 +108,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def _status(config: Path, *options: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd", "status", "--config", str(config), *options],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    return run_ingestd("status", "--config", str(config), *options, check=True).stdout
 
 
 def test_metrics_health_and_logs_without_phi(tmp_path: Path, xnat: FakeXnat) -> None:

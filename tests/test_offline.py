@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -13,16 +12,14 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from tests.dicom import encode, make_study, write_instances
+from tests.procs import run_ingestd
 
 KEYS = {"INGESTD_KEY_RESEARCH": "r" * 40, "INGESTD_KEY_PET": "p" * 40}
 EXAMPLE = Path(__file__).resolve().parents[1] / "rules" / "example.rules.yaml"
 
 
 def _ingestd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | KEYS
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd", *args], capture_output=True, text=True, timeout=60, env=env, check=False
-    )
+    return run_ingestd(*args, env=os.environ | KEYS)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from ingestd.journal import Outgoing
 from ingestd.pipeline.deliver import backoff_seconds
-from ingestd.pipeline.package import write_package
+from ingestd.pipeline.package import Compression, write_package
 
 
 def _outgoing(state: Path, count: int) -> list[Outgoing]:
@@ -26,9 +26,9 @@ def _outgoing(state: Path, count: int) -> list[Outgoing]:
 
 
 @pytest.mark.parametrize("compression", ["stored", "deflated"])
-def test_zip_holds_every_instance_under_its_uids(tmp_path: Path, compression: str) -> None:
+def test_zip_holds_every_instance_under_its_uids(tmp_path: Path, compression: Compression) -> None:
     items = _outgoing(tmp_path, 3)
-    package = write_package(items, tmp_path, tmp_path / "7.zip", compression)  # type: ignore[arg-type]
+    package = write_package(items, tmp_path, tmp_path / "7.zip", compression)
     assert package.entries == 3 and package.size == (tmp_path / "7.zip").stat().st_size
     with zipfile.ZipFile(package.path) as zf:
         assert zf.namelist() == [f"2.25.1/{item.sop_uid}.dcm" for item in items]

@@ -27,7 +27,15 @@ from ingestd.digestkey import KEY_FILE, load_digest_key, read_digest_key
 from ingestd.logs import path_digest, uid_digest, use_digest_key
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
-from tests.procs import DaemonProcess, Storescu, free_port, journal_rows, wait_until, write_xnat_daemon_config
+from tests.procs import (
+    DaemonProcess,
+    Storescu,
+    free_port,
+    journal_rows,
+    run_ingestd,
+    wait_until,
+    write_xnat_daemon_config,
+)
 from tests.test_offline import EXAMPLE
 from tests.test_offline import _ingestd as offline_ingestd
 
@@ -43,12 +51,6 @@ RAW_RULES = (
     "    route: {server: main, project: PROJ, subject: '{PatientID}', session: '{subject}_{AccessionNumber}',"
     " archive: true}\n"
 )
-
-
-def _ingestd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd", *args], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def _modes(root: Path) -> dict[str, str]:
@@ -105,8 +107,12 @@ def test_a_real_run_keeps_modes_and_keeps_identifiers_out_of_its_logs(tmp_path: 
         (drop / "upload.zip").write_bytes(archive.getvalue())
         with Storescu(port, files) as storescu:
             assert storescu.wait() == 0, storescu.output()
-        rows = lambda: journal_rows(state / "journal.sqlite", "SELECT state FROM batches")  # noqa: E731
-        wait_until(lambda: rows() == [("delivered",)], 60, interval=0.3, message="the study to be delivered")
+        wait_until(
+            lambda: journal_rows(state / "journal.sqlite", "SELECT state FROM batches") == [("delivered",)],
+            60,
+            interval=0.3,
+            message="the study to be delivered",
+        )
         wait_until(lambda: len(journal_rows(state / "journal.sqlite", "SELECT * FROM quarantine")) == 2, 30)
         routed = daemon.wait_logged("route.routed")
         delivered = daemon.wait_logged("deliver.delivered")
@@ -138,11 +144,11 @@ def test_a_real_run_keeps_modes_and_keeps_identifiers_out_of_its_logs(tmp_path: 
     assert stat.S_IMODE((state / KEY_FILE).stat().st_mode) == 0o600
 
     # status hides member names unless asked; shows them to whoever may read the state directory when asked.
-    hidden = _ingestd("status", "--config", str(config))
+    hidden = run_ingestd("status", "--config", str(config))
     assert hidden.returncode == 0, hidden.stderr
     assert "DOE^JOHN" not in hidden.stdout and "MRN123" not in hidden.stdout
     assert path_digest(MEMBER) in hidden.stdout  # the same digest the log lines carry
-    shown = _ingestd("status", "--config", str(config), "--show-paths")
+    shown = run_ingestd("status", "--config", str(config), "--show-paths")
     assert "DOE^JOHN_MRN123" in shown.stdout
 
 
@@ -168,7 +174,7 @@ def test_the_digest_key_is_made_once_atomically_and_kept(tmp_path: Path) -> None
 def test_check_rules_warns_about_raw_identifying_labels(tmp_path: Path) -> None:
     rules = tmp_path / "raw.rules.yaml"
     rules.write_text(RAW_RULES)
-    result = _ingestd("check-rules", str(rules))
+    result = run_ingestd("check-rules", str(rules))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 2  # {PatientID} in subject, {AccessionNumber} in session ({subject} is the same value)
@@ -183,7 +189,7 @@ def test_check_rules_warns_about_raw_identifying_labels(tmp_path: Path) -> None:
         .replace("_{AccessionNumber}", "")
         .replace("archive: true}", f"archive: true, key: {{file: {key}}}}}")
     )
-    result = _ingestd("check-rules", str(hashed))
+    result = run_ingestd("check-rules", str(hashed))
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr
 

@@ -20,6 +20,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from structlog.testing import capture_logs
 
@@ -33,8 +34,8 @@ from ingestd.spool import PartFile, Quarantine, Spool, file_digest
 from ingestd.synthetic import write_multiframe
 from tests.conftest import Receiver, make_config, running_receiver
 from tests.dicom import encode_raw, make_instance
+from tests.hostile import RawPeer, p_data, pdv, store_command
 from tests.procs import DaemonProcess, Storescu, free_port, journal_rows, wait_until, write_daemon_config
-from tests.test_dataphase import RawPeer, _p_data, _pdv, _store_command
 
 V3_SCHEMA = Path(__file__).parent / "data" / "journal-schema-v3.sql"
 FRAME = 512 * 512 * 2
@@ -167,12 +168,12 @@ def small_spill(monkeypatch: pytest.MonkeyPatch) -> int:
     return 64 * 1024
 
 
-def _store_pdus(message_id: int, ds: object, data: bytes, piece: int = 256 * 1024) -> list[bytes]:
+def _store_pdus(message_id: int, ds: Dataset, data: bytes, piece: int = 256 * 1024) -> list[bytes]:
     """A C-STORE as P-DATA PDUs: the command, then the data set in fragments of `piece` bytes, one PDU each."""
-    pdus = [_p_data(_pdv(1, 0x03, _store_command(message_id, ds.SOPClassUID, ds.SOPInstanceUID)))]  # type: ignore[attr-defined]
+    pdus = [p_data(pdv(1, 0x03, store_command(message_id, ds.SOPClassUID, ds.SOPInstanceUID)))]
     for start in range(0, len(data), piece):
         last = start + piece >= len(data)
-        pdus.append(_p_data(_pdv(1, 0x02 if last else 0x00, data[start : start + piece])))
+        pdus.append(p_data(pdv(1, 0x02 if last else 0x00, data[start : start + piece])))
     return pdus
 
 

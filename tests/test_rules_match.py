@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, decide, explain_match, label_hash, load_rules
+from ingestd.states import HoldCode
 
 KEY = "0123456789abcdef" * 4
 RULES_DIR = Path(__file__).parent.parent / "rules"
@@ -28,8 +30,8 @@ def series(
     return SeriesFacts(series_uid=uid, instance_count=count, headers=dict(headers or {}), sop_class_uid=sop)
 
 
-def study(*items: SeriesFacts, **source: object) -> StudyFacts:
-    return StudyFacts(study_uid="1.2.3", series=tuple(items), **source)  # type: ignore[arg-type]
+def study(*items: SeriesFacts, **source: Any) -> StudyFacts:
+    return StudyFacts(study_uid="1.2.3", series=tuple(items), **source)
 
 
 def mr(**extra: str | tuple[str, ...]) -> dict[str, str | tuple[str, ...]]:
@@ -81,7 +83,7 @@ def test_unrouted(make_rules: MakeRules) -> None:
     """No rule matching holds the study, counting the rules tried."""
     rules = make_rules(rule("mr", "{Modality: MR}") + rule("pt", "{Modality: PT}"))
     decision = held(decide(rules, study(series("1", mr(Modality="CT")))))
-    assert decision == Held(reason="no rule matches this study (2 rules tried)", code="unrouted")
+    assert decision == Held(reason="no rule matches this study (2 rules tried)", code=HoldCode.UNROUTED)
     one = make_rules(rule("mr", "{Modality: MR}"))
     assert held(decide(one, study(series("1", {})))).reason == "no rule matches this study (1 rule tried)"
     assert held(decide(one, study())).code == "empty"
@@ -200,7 +202,7 @@ def test_drop_series(make_rules: MakeRules) -> None:
     )
     everything = study(series("2", mr(SeriesDescription="scout"), count=3), series("3", mr(Modality="KO")))
     assert held(decide(rules, everything)) == Held(
-        reason="rule 'r' drops every series of this study (2 series)", code="all-series-dropped", rule="r"
+        reason="rule 'r' drops every series of this study (2 series)", code=HoldCode.ALL_SERIES_DROPPED, rule="r"
     )
 
 
@@ -285,7 +287,7 @@ def test_label_holds_name_template_and_keyword_never_value(
     """A label that cannot be made holds the study; the reason names the template and field, not the value."""
     rules = make_rules(rule("r", "{}", route=route))
     decision = held(decide(rules, facts))
-    assert decision == Held(reason=reason, code="label", rule="r")
+    assert decision == Held(reason=reason, code=HoldCode.LABEL, rule="r")
     assert PLANTED not in decision.reason
 
 

@@ -9,6 +9,11 @@ import threading
 from ingestd.wakeup import Wakeup
 
 
+def _signal_self(times: int) -> None:
+    for _ in range(times):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def test_wait_times_out_without_a_call() -> None:
     wakeup = Wakeup()
     try:
@@ -34,7 +39,7 @@ def test_bursts_of_signals_always_wake_the_waiter() -> None:
     previous = signal.signal(signal.SIGUSR1, lambda *_: wakeup.notify())
     try:
         for _ in range(300):
-            burst = threading.Thread(target=lambda: [os.kill(os.getpid(), signal.SIGUSR1) for _ in range(4)])
+            burst = threading.Thread(target=_signal_self, args=(4,))
             burst.start()
             assert wakeup.wait(timeout=10)
             burst.join()

@@ -14,27 +14,18 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian
 
 from ingestd.config import Archives, DropFolder
 from ingestd.dicomfile import prepare_instance
 from ingestd.journal import Journal
-from ingestd.receive.watcher import DropFolderError, DropFolderWatcher, _EventHandler
+from ingestd.receive.observer import _EventHandler
+from ingestd.receive.watcher import DropFolderError, DropFolderWatcher
 from ingestd.spool import Quarantine, Spool
-from tests.dicom import encode, encode_raw, make_instance, make_study, write_instances
-from tests.procs import journal_rows
+from tests.dicom import TarMode, encode, encode_raw, make_instance, make_study, pydicom_file, write_instances
+from tests.procs import journal_rows, wait_until
 
 SETTLE = 0.2
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate` every 0.05 s until it is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -100,8 +91,8 @@ def make_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.Z
     return path
 
 
-def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as archive:  # type: ignore[call-overload]
+def make_tar(path: Path, members: dict[str, bytes], mode: TarMode = "w:gz") -> Path:
+    with tarfile.open(path, mode) as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -129,7 +120,7 @@ def test_single_files_with_and_without_extension_preamble_or_meta(env: Env) -> N
     for name, data in files.items():
         (env.drop / name).write_bytes(data)
     env.watcher()
-    wait_until(lambda: len(env.spooled()) == 5 and env.drop_is_empty(), what="five files taken")
+    wait_until(lambda: len(env.spooled()) == 5 and env.drop_is_empty(), message="five files taken")
     assert env.spooled() == {
         str(study[0].SOPInstanceUID): "IM0001.dcm",
         str(study[1].SOPInstanceUID): "IM0002",
@@ -153,8 +144,8 @@ def test_nested_folders_are_taken_file_by_file_and_emptied_folders_removed(env: 
     write_instances(study[:3], env.drop / "patient" / "study" / "series1")
     write_instances(study[3:], env.drop / "patient" / "study" / "series2")
     env.watcher()
-    wait_until(lambda: set(env.spooled()) == uids(study), what="all instances spooled")
-    wait_until(env.drop_is_empty, what="emptied sub-folders removed")
+    wait_until(lambda: set(env.spooled()) == uids(study), message="all instances spooled")
+    wait_until(env.drop_is_empty, message="emptied sub-folders removed")
     assert env.drop.is_dir()
     assert env.spooled()[str(study[0].SOPInstanceUID)] == "patient/study/series1/IM0000.dcm"
 
@@ -165,17 +156,17 @@ def test_zip_archive(env: Env) -> None:
     members["study/"] = b""  # a folder entry is skipped
     env.watcher()
     make_zip(env.drop / "upload.tmp", members).rename(env.drop / "study.zip")
-    wait_until(lambda: len(env.spooled()) == 4 and env.drop_is_empty(), what="zip taken and removed")
+    wait_until(lambda: len(env.spooled()) == 4 and env.drop_is_empty(), message="zip taken and removed")
     assert env.spooled()[str(study[0].SOPInstanceUID)] == "study.zip!study/s0/IM0.dcm"
     assert env.quarantined() == {}
 
 
 @pytest.mark.parametrize(("name", "mode"), [("study.tar.gz", "w:gz"), ("study.tgz", "w:gz"), ("study.tar", "w")])
-def test_tar_archives(env: Env, name: str, mode: str) -> None:
+def test_tar_archives(env: Env, name: str, mode: TarMode) -> None:
     study = make_study(series=1, per_series=3)
     env.watcher()
     make_tar(env.tmp / name, {f"dir/IM{i}.dcm": encode(ds) for i, ds in enumerate(study)}, mode).rename(env.drop / name)
-    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), what=f"{name} taken")
+    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), message=f"{name} taken")
     assert env.spooled()[str(study[0].SOPInstanceUID)] == f"{name}!dir/IM0.dcm"
 
 
@@ -205,7 +196,7 @@ def test_file_written_slowly_is_taken_only_once_settled(env: Env) -> None:
             assert env.spooled() == {}
             assert env.quarantined() == {}
     closed = time.monotonic()
-    wait_until(lambda: not path.exists(), what="the settled file to be taken")
+    wait_until(lambda: not path.exists(), message="the settled file to be taken")
     assert time.monotonic() - closed >= 0.6  # last write 0.3 s before closing, plus settle 1.0 s
     assert env.spooled() == {str(ds.SOPInstanceUID): "slow.dcm"}
     assert env.quarantined() == {}
@@ -226,7 +217,7 @@ def test_hidden_and_partial_files_are_ignored_until_renamed(env: Env) -> None:
     env.watcher()
     (env.drop / "sentinel.dcm").write_bytes(encode(study[5]))
     # The sentinel settles after the ignored files would have: once it is taken, they had their chance.
-    wait_until(lambda: not (env.drop / "sentinel.dcm").exists(), what="the sentinel file to be taken")
+    wait_until(lambda: not (env.drop / "sentinel.dcm").exists(), message="the sentinel file to be taken")
     assert set(env.spooled()) == {str(study[5].SOPInstanceUID)}
     assert all((env.drop / name).exists() for name in ignored)
 
@@ -235,8 +226,8 @@ def test_hidden_and_partial_files_are_ignored_until_renamed(env: Env) -> None:
     (env.drop / "IM2.tmp").rename(env.drop / "IM2")
     (env.drop / "IM3.crdownload").rename(env.drop / "IM3.dcm")
     (env.drop / ".upload").rename(env.drop / "upload")
-    wait_until(lambda: set(env.spooled()) == uids(study), what="renamed files taken")
-    wait_until(env.drop_is_empty, what="drop folder emptied")
+    wait_until(lambda: set(env.spooled()) == uids(study), message="renamed files taken")
+    wait_until(env.drop_is_empty, message="drop folder emptied")
     assert env.spooled()[str(study[4].SOPInstanceUID)] == "upload/IM4.dcm"
 
 
@@ -245,7 +236,7 @@ def test_files_present_before_start_are_taken(env: Env) -> None:
     write_instances(study[:2], env.drop)
     make_zip(env.drop / "more.zip", {"IM.dcm": encode(study[2])})
     env.watcher()
-    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), what="start-up scan")
+    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), message="start-up scan")
 
 
 def test_scan_once_takes_settled_files_synchronously(env: Env) -> None:
@@ -263,7 +254,7 @@ def test_polling_observer(env: Env) -> None:
     env.watcher(polling=True, poll_interval_seconds=0.2)
     write_instances(study[:2], env.drop / "a")
     make_tar(env.drop / "b.tar.gz", {"IM.dcm": encode(study[2])})
-    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), what="polled files taken")
+    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), message="polled files taken")
 
 
 def test_after_move_keeps_files_in_done_folder(env: Env) -> None:
@@ -275,7 +266,7 @@ def test_after_move_keeps_files_in_done_folder(env: Env) -> None:
     nested = write_instances(study[1:], env.drop / "sub")
     originals = {path.relative_to(env.drop).as_posix(): path.read_bytes() for path in [*top, *nested]}
     env.watcher(after="move", done_folder=done)
-    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), what="files moved")
+    wait_until(lambda: set(env.spooled()) == uids(study) and env.drop_is_empty(), message="files moved")
     assert (done / "IM0000.dcm").read_bytes() == b"an earlier file of the same name"
     assert (done / "IM0000-1.dcm").read_bytes() == originals["IM0000.dcm"]
     assert (done / "sub" / "IM0000.dcm").read_bytes() == originals["sub/IM0000.dcm"]
@@ -307,7 +298,7 @@ def _sidecar(env: Env, item: str) -> dict[str, Any]:
 def test_non_dicom_file_is_quarantined_with_its_reason(env: Env) -> None:
     (env.drop / "notes.txt").write_text("scan protocol notes, not an image\n" * 20)
     env.watcher()
-    wait_until(lambda: env.quarantined() and env.drop_is_empty(), what="the file to be quarantined")
+    wait_until(lambda: env.quarantined() and env.drop_is_empty(), message="the file to be quarantined")
     [(item, reason)] = env.quarantined().items()
     assert reason == "not a DICOM file"
     assert item.endswith(".txt") and "notes" not in item  # the original name may be a patient's: only in the sidecar
@@ -322,7 +313,7 @@ def test_truncated_dicom_file_is_quarantined_once_it_stays_incomplete(env: Env) 
     """A file cut short may still be being written: it waits `incomplete_seconds`, unchanged, then is quarantined."""
     (env.drop / "IM.dcm").write_bytes(truncated(make_instance()))
     env.watcher(incomplete_seconds=0.5)
-    wait_until(env.quarantined, what="the file to be quarantined")
+    wait_until(env.quarantined, message="the file to be quarantined")
     assert list(env.quarantined().values()) == [
         "corrupt DICOM file: truncated (unchanged and incomplete for 0.5 s: drop_folders[].incomplete_seconds)"
     ]
@@ -404,7 +395,7 @@ def test_hostile_or_unreadable_archive_is_quarantined_whole(
 def test_zip_with_escaping_entry_is_quarantined_by_the_running_watcher(env: Env) -> None:
     make_zip(env.tmp / "evil.zip", {**_good(), "../evil.dcm": encode(make_instance())}).rename(env.drop / "evil.zip")
     env.watcher()
-    wait_until(lambda: env.quarantined() and env.drop_is_empty(), what="the archive to be quarantined")
+    wait_until(lambda: env.quarantined() and env.drop_is_empty(), message="the archive to be quarantined")
     [(item, reason)] = env.quarantined().items()
     assert item.endswith(".zip") and _sidecar(env, item)["detail"] == "evil.zip"
     assert "'../evil.dcm' has a path escaping the folder" in reason
@@ -419,7 +410,7 @@ def test_zip_with_bad_members_among_good_ones(env: Env) -> None:
     members["inner.zip"] = make_zip(env.tmp / "inner.zip", {"IM.dcm": encode(make_instance())}).read_bytes()
     make_zip(env.tmp / "mixed.zip", members).rename(env.drop / "mixed.zip")
     env.watcher()
-    wait_until(lambda: len(env.quarantined()) == 3 and env.drop_is_empty(), what="archive taken")
+    wait_until(lambda: len(env.quarantined()) == 3 and env.drop_is_empty(), message="archive taken")
     assert set(env.spooled()) == uids(study)
     reasons = {_sidecar(env, item)["detail"]: reason for item, reason in env.quarantined().items()}
     assert reasons == {
@@ -468,7 +459,7 @@ def test_vanishing_files_do_not_stop_the_watcher(env: Env) -> None:
         path.unlink()
     ds = make_instance()
     (env.drop / "IM.dcm").write_bytes(encode(ds))
-    wait_until(lambda: env.spooled() == {str(ds.SOPInstanceUID): "IM.dcm"}, what="the file to be taken")
+    wait_until(lambda: env.spooled() == {str(ds.SOPInstanceUID): "IM.dcm"}, message="the file to be taken")
 
 
 def test_event_handler_never_raises() -> None:
@@ -480,7 +471,7 @@ def test_event_handler_never_raises() -> None:
         def src_path(self) -> str:
             raise OSError("unreadable event")
 
-    _EventHandler(None).on_any_event(Broken())  # type: ignore[arg-type]
+    _EventHandler(None).on_any_event(Broken())  # type: ignore[arg-type]  # no queue and no real event, on purpose
 
 
 def test_missing_drop_folder_is_reported(env: Env) -> None:
@@ -499,7 +490,7 @@ def test_prepare_instance_splits_meta_from_data_set() -> None:
 
 
 def test_prepare_instance_keeps_the_byte_order_of_a_bare_big_endian_data_set() -> None:
-    data = Path(get_testdata_file("ExplVR_BigEndNoMeta.dcm")).read_bytes()  # type: ignore[arg-type]
+    data = pydicom_file("ExplVR_BigEndNoMeta.dcm").read_bytes()
     prepared = prepare_instance(data)
     assert prepared.header.transfer_syntax == ExplicitVRBigEndian
     assert bytes(prepared.body) == data
@@ -509,7 +500,7 @@ def test_prepare_instance_keeps_the_byte_order_of_a_bare_big_endian_data_set() -
 
 
 def test_dicomdir_is_quarantined_with_a_plain_reason(env: Env) -> None:
-    (env.drop / "DICOMDIR").write_bytes(Path(get_testdata_file("DICOMDIR")).read_bytes())  # type: ignore[arg-type]
+    (env.drop / "DICOMDIR").write_bytes(pydicom_file("DICOMDIR").read_bytes())
     watcher = env.watcher(start=False, settle_seconds=0)
     assert watcher.scan_once() == 1
     assert list(env.quarantined().values()) == ["DICOMDIR: an index of a disc or folder, not an instance"]

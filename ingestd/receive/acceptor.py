@@ -9,6 +9,7 @@ that builds these servers; `ingestd.receive.listener` uses it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -48,6 +49,16 @@ class _ReplaySocket(AssociationSocket):
         if len(taken) < nr_bytes:
             taken += super().recv(nr_bytes - len(taken))
         return taken
+
+    def _shutdown_socket(self) -> None:
+        # pynetdicom 3.0 calls close() only when shutdown() succeeds: a peer already gone (ENOTCONN) left the
+        # socket open until the garbage collector found it.
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # the peer has gone already: nothing left to shut down
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 class _GatedRequestHandler(RequestHandler):

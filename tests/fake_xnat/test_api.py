@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import re
 import subprocess
 import sys
 import threading
 import time
-import zipfile
-from collections.abc import Callable, Sequence
 
 import pytest
 import requests
 from pydicom.dataset import Dataset
 
 from ingestd.testing.xnat import FakeXnat
-from tests.dicom import encode, make_study
+from tests.dicom import encode
 from tests.fake_xnat.conftest import Factory
-
-TIMEOUT = 10
-ZIP = {"Content-Type": "application/zip"}
+from tests.fake_xnat.helpers import TIMEOUT, ZIP, h3, numbered_study, wait_for, zipped
 
 
 def client(user: str) -> requests.Session:
@@ -31,26 +26,7 @@ def client(user: str) -> requests.Session:
 
 def study(series: int = 2, per_series: int = 2, **attributes: str) -> list[Dataset]:
     """A synthetic study with distinct SeriesNumbers, a StudyTime and any extra attributes."""
-    datasets = make_study(series, per_series)
-    numbers: dict[str, int] = {}
-    for ds in datasets:
-        ds.SeriesNumber = numbers.setdefault(ds.SeriesInstanceUID, len(numbers) + 1)
-        ds.StudyTime = "101112"
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-    return datasets
-
-
-def zipped(datasets: Sequence[Dataset], extra: Sequence[tuple[str, bytes]] = (), *, at: int | None = None) -> bytes:
-    """A zip of the datasets as IM<n>.dcm; `extra` entries go at index `at` (default: the end)."""
-    entries = [(f"dicom/IM{i}.dcm", encode(ds)) for i, ds in enumerate(datasets)]
-    position = len(entries) if at is None else at
-    entries[position:position] = list(extra)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in entries:
-            archive.writestr(name, data)
-    return buffer.getvalue()
+    return numbered_study(series, per_series, **{"StudyTime": "101112", **attributes})
 
 
 def upload(
@@ -64,7 +40,7 @@ def upload(
 def labelled(xnat: FakeXnat, session: requests.Session, data: bytes, **params: str) -> requests.Response:
     """Import into PROJ as subject SUBJ01 / session SESS01 (overridable)."""
     values = {"PROJECT_ID": "PROJ", "SUBJECT_ID": "SUBJ01", "EXPT_LABEL": "SESS01", **params}
-    return upload(xnat, session, data, **values)
+    return upload(xnat, session, data, headers=None, **values)
 
 
 def archive(xnat: FakeXnat, session: requests.Session, src: str, **params: str) -> requests.Response:
@@ -74,20 +50,6 @@ def archive(xnat: FakeXnat, session: requests.Session, src: str, **params: str) 
         allow_redirects=False,
         timeout=TIMEOUT,
     )
-
-
-def h3(response: requests.Response) -> str:
-    match = re.search(r"<h3>(.*)</h3>", response.text)
-    assert match, response.text
-    return match.group(1)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def only_row(xnat: FakeXnat, project: str | None = None) -> dict[str, str]:
@@ -262,7 +224,7 @@ def test_import_on_1_8_9_stays_receiving_until_the_idle_builder_runs(make_xnat: 
         assert only_row(xnat)["scan_time"] == "10:11:12"
 
         # ≤1.8.9 DICOM-zip ignores xnatpy's project/subject/session names: the data land in Unassigned.
-        ignored = upload(xnat, alice, zipped(study()), project="PROJ", **{"import-handler": "DICOM-zip"})
+        ignored = upload(xnat, alice, zipped(study()), None, project="PROJ", **{"import-handler": "DICOM-zip"})
         assert ignored.status_code == 200
         assert ignored.text.startswith("/data/prearchive/projects/Unassigned/")
 
@@ -303,7 +265,7 @@ def test_upload_format_and_handler_errors(xnat: FakeXnat) -> None:
     with client("alice") as alice:
         octet = upload(xnat, alice, zipped(study()), {"Content-Type": "application/octet-stream"}, PROJECT_ID="PROJ")
         assert (octet.status_code, h3(octet)) == (400, "Unsupported format UNKNOWN")
-        bogus = upload(xnat, alice, zipped(study()), **{"import-handler": "bogus"})
+        bogus = upload(xnat, alice, zipped(study()), None, **{"import-handler": "bogus"})
         assert (bogus.status_code, h3(bogus)) == (404, "Unknown importer implementation specified: bogus")
         windows = upload(xnat, alice, zipped(study()), {"Content-Type": "application/x-zip-compressed"}, **{
             "import-handler": "DICOM-zip"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
-import zipfile
 from collections.abc import Sequence
 from xml.etree import ElementTree
 
@@ -14,35 +12,19 @@ import requests
 from pydicom.dataset import Dataset
 
 from ingestd.testing.xnat import FakeXnat
-from tests.dicom import encode, make_study
+from tests.dicom import encode
 from tests.fake_xnat.conftest import Factory
+from tests.fake_xnat.helpers import TIMEOUT, h3, import_zip, numbered_study, zipped
 
-TIMEOUT = 10
-ZIP = {"Content-Type": "application/zip"}
 CAT = "{http://nrg.wustl.edu/catalog}"
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 
 
 def study(series: int = 2, per_series: int = 2) -> list[Dataset]:
-    datasets = make_study(series, per_series)
-    numbers: dict[str, int] = {}
+    datasets = numbered_study(series, per_series)
     for ds in datasets:
-        ds.SeriesNumber = numbers.setdefault(ds.SeriesInstanceUID, len(numbers) + 1)
         ds.SeriesDescription = f"series {ds.SeriesNumber}"
     return datasets
-
-
-def zipped(datasets: Sequence[Dataset], first: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for index, ds in enumerate(datasets, start=first):
-            archive.writestr(f"dicom/IM{index}.dcm", encode(ds))
-    return buffer.getvalue()
-
-
-def import_zip(xnat: FakeXnat, session: requests.Session, data: bytes, **params: str) -> requests.Response:
-    values = {"PROJECT_ID": "PROJ", "SUBJECT_ID": "SUBJ01", "EXPT_LABEL": "SESS01", **params}
-    return session.post(f"{xnat.url}/data/services/import", params=values, data=data, headers=ZIP, timeout=TIMEOUT)
 
 
 def archived(xnat: FakeXnat, session: requests.Session, datasets: Sequence[Dataset]) -> str:
@@ -52,12 +34,6 @@ def archived(xnat: FakeXnat, session: requests.Session, datasets: Sequence[Datas
     assert done.status_code == 200, done.text
     (experiment,) = xnat.experiments("PROJ")
     return experiment.id
-
-
-def h3(response: requests.Response) -> str:
-    match = re.search(r"<h3>(.*)</h3>", response.text)
-    assert match, response.text
-    return match.group(1)
 
 
 def catalog_entries(response: requests.Response) -> list[dict[str, str]]:

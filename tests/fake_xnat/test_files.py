@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import zipfile
 from collections.abc import Sequence
 
@@ -12,21 +11,13 @@ import requests
 from pydicom.dataset import Dataset
 
 from ingestd.testing.xnat import FakeXnat
-from tests.dicom import encode, make_study
+from tests.dicom import encode
 from tests.fake_xnat.conftest import Factory
-
-TIMEOUT = 10
-ZIP = {"Content-Type": "application/zip"}
+from tests.fake_xnat.helpers import TIMEOUT, h3, import_zip, numbered_study
 
 
 def study(series: int = 1, per_series: int = 3, **attributes: str) -> list[Dataset]:
-    datasets = make_study(series, per_series)
-    numbers: dict[str, int] = {}
-    for ds in datasets:
-        ds.SeriesNumber = numbers.setdefault(ds.SeriesInstanceUID, len(numbers) + 1)
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-    return datasets
+    return numbered_study(series, per_series, **attributes)
 
 
 def zipped(entries: Sequence[tuple[str, Dataset]]) -> bytes:
@@ -39,11 +30,6 @@ def zipped(entries: Sequence[tuple[str, Dataset]]) -> bytes:
 
 def named(datasets: Sequence[Dataset], pattern: str = "dicom/IM{}.dcm") -> list[tuple[str, Dataset]]:
     return [(pattern.format(index), ds) for index, ds in enumerate(datasets)]
-
-
-def import_zip(xnat: FakeXnat, session: requests.Session, data: bytes, **params: str) -> requests.Response:
-    values = {"PROJECT_ID": "PROJ", "SUBJECT_ID": "SUBJ01", "EXPT_LABEL": "SESS01", **params}
-    return session.post(f"{xnat.url}/data/services/import", params=values, data=data, headers=ZIP, timeout=TIMEOUT)
 
 
 def prearchive_files(xnat: FakeXnat, session: requests.Session, label: str = "SESS01") -> dict[str, dict[str, int]]:
@@ -83,12 +69,6 @@ def archive(xnat: FakeXnat, session: requests.Session, src: str, **params: str) 
     return session.post(
         f"{xnat.url}/data/services/archive", params={"src": src, **params}, allow_redirects=False, timeout=TIMEOUT
     )
-
-
-def h3(response: requests.Response) -> str:
-    match = re.search(r"<h3>(.*)</h3>", response.text)
-    assert match, response.text
-    return match.group(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

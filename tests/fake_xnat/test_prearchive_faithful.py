@@ -4,54 +4,27 @@ listings, label conflicts, anonymisation scripts, prearchive codes and auto-arch
 
 from __future__ import annotations
 
-import io
 import threading
 import time
-import zipfile
-from collections.abc import Callable, Sequence
 
 import pytest
 import requests
 import xnat as xnatpy
 from pydicom.dataset import Dataset
 
-from tests.dicom import encode, make_study
+from tests.dicom import encode
 from tests.fake_xnat.conftest import Factory
-
-TIMEOUT = 10
-ZIP = {"Content-Type": "application/zip"}
+from tests.fake_xnat.helpers import TIMEOUT, ZIP, numbered_study, wait_for, zipped
 
 
 def study(series: int = 2, per_series: int = 2, **attributes: str) -> list[Dataset]:
-    datasets = make_study(series, per_series)
-    numbers: dict[str, int] = {}
-    for ds in datasets:
-        ds.SeriesNumber = numbers.setdefault(ds.SeriesInstanceUID, len(numbers) + 1)
-        ds.StudyTime = "101112"
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-    return datasets
-
-
-def zipped(datasets: Sequence[Dataset], names: Sequence[str] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for index, ds in enumerate(datasets):
-            archive.writestr(names[index] if names else f"dicom/IM{index}.dcm", encode(ds))
-    return buffer.getvalue()
+    return numbered_study(series, per_series, **{"StudyTime": "101112", **attributes})
 
 
 def client(user: str) -> requests.Session:
     session = requests.Session()
     session.auth = (user, f"{user}-pw")
     return session
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def imported(session: requests.Session, url: str, data: bytes, **params: str) -> str:
@@ -264,9 +237,10 @@ def test_import_into_an_unknown_project_lands_in_unassigned(make_xnat: Factory, 
 def test_failing_site_anon_script_answers_400_and_removes_the_new_row(make_xnat: Factory) -> None:
     xnat = make_xnat()
     xnat.set_anon_script('(0010,0010) := "x"', fails=True)
+    data = zipped([], [("a/IM0.dcm", encode(study(1, 1)[0]))])
     with client("alice") as alice:
         answer = alice.post(
-            f"{xnat.url}/data/services/import", params={"PROJECT_ID": "PROJ"}, data=zipped(study(1, 1), ["a/IM0.dcm"]),
+            f"{xnat.url}/data/services/import", params={"PROJECT_ID": "PROJ"}, data=data,
             headers=ZIP, timeout=TIMEOUT,
         )  # fmt: skip
         assert answer.status_code == 400 and "unable to read DICOM object IM0.dcm" in answer.text

@@ -15,10 +15,8 @@ import requests
 from pydicom.dataset import Dataset
 
 from ingestd.testing.xnat import FakeXnat
-from tests.dicom import encode, make_study
-
-TIMEOUT = 10
-ZIP = {"Content-Type": "application/zip"}
+from tests.dicom import encode
+from tests.fake_xnat.helpers import TIMEOUT, ZIP, import_zip, numbered_study
 
 
 class _Unseekable(io.RawIOBase):
@@ -37,11 +35,7 @@ class _Unseekable(io.RawIOBase):
 
 
 def study(series: int = 2, per_series: int = 3) -> list[Dataset]:
-    datasets = make_study(series, per_series)
-    numbers: dict[str, int] = {}
-    for ds in datasets:
-        ds.SeriesNumber = numbers.setdefault(ds.SeriesInstanceUID, len(numbers) + 1)
-    return datasets
+    return numbered_study(series, per_series)
 
 
 def zipped(
@@ -71,11 +65,6 @@ def data_ends(data: bytes) -> list[tuple[str, int]]:
             name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)
             ends.append((info.filename, info.header_offset + 30 + name_length + extra_length + info.compress_size))
     return ends
-
-
-def import_zip(xnat: FakeXnat, session: requests.Session, data: bytes, **params: str) -> requests.Response:
-    values = {"PROJECT_ID": "PROJ", "SUBJECT_ID": "SUBJ01", "EXPT_LABEL": "SESS01", **params}
-    return session.post(f"{xnat.url}/data/services/import", params=values, data=data, headers=ZIP, timeout=TIMEOUT)
 
 
 def stored_names(xnat: FakeXnat, session: requests.Session) -> list[str]:
