@@ -55,6 +55,19 @@ def connect(port: int, timeout: float = 5.0) -> socket.socket:
     return sock
 
 
+def refused(port: int, within: float = 2.0) -> bool:
+    """Whether a new connection is closed by the listener at once. The close may come before connect() returns:
+    with a timeout, connect() waits in poll(), and a reset that arrives first is its result (ECONNRESET)."""
+    try:
+        sock = connect(port)
+    except ConnectionResetError:
+        return True
+    try:
+        return closed_by_peer(sock, within)
+    finally:
+        sock.close()
+
+
 def read_pdu(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
     """The next PDU's type and body; raises ConnectionError when the connection ends first."""
     sock.settimeout(timeout)
