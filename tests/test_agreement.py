@@ -1,9 +1,10 @@
-"""`ingestd explain`, `ingestd import --dry-run` and `ingestd import` agree, study by study, on one mixed tree.
+"""`ingestd explain`, `import --dry-run`, `import` and the daemon agree, study by study, on one mixed tree.
 
 The tree holds what used to make them disagree: a hidden file, a zip, files without preamble or file meta, studies
 the profile's screening holds (SR, SC, US, PDF), a study whose label cannot be made, two studies routed to one
 session label (the second is held), beside plain MR studies that deliver. Each command runs as a user runs it, in a
-process of its own, against the XNAT stand-in; the outcome of every study (delivered, or held with its code) is
+process of its own (the daemon with the tree in its drop folder), against the XNAT stand-in; the outcome of every
+study (delivered, or held with its code) is
 compared by Study Instance UID.
 """
 
@@ -26,7 +27,7 @@ from pydicom.uid import (
 from ingestd.logs import uid_digest
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, encode_raw, make_study, write_instances
-from tests.procs import journal_rows
+from tests.procs import DaemonProcess, journal_rows, wait_until
 from tests.test_import import ingestd
 
 RULES = """
@@ -132,14 +133,11 @@ def imported(journal: Path) -> dict[str, str]:
     }
 
 
-def test_explain_dry_run_and_import_agree_on_a_mixed_tree(tmp_path: Path, xnat: FakeXnat) -> None:
-    tree = tmp_path / "tree"
-    expected = make_tree(tree)
-    rules = tmp_path / "agree.rules.yaml"
-    rules.write_text(RULES)
-    config = tmp_path / "ingestd.yaml"
+def write_config(folder: Path, xnat: FakeXnat, extra: str = "") -> Path:
+    """A configuration delivering to the stand-in's PROJ by the rules above (written beside it)."""
+    config = folder / "ingestd.yaml"
     config.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
+        f"state_dir: {folder / 'state'}\n"
         "listener: {enabled: false}\n"
         "spool: {min_free_mb: 0}\n"
         "rules: [agree.rules.yaml]\n"
@@ -151,8 +149,17 @@ def test_explain_dry_run_and_import_agree_on_a_mixed_tree(tmp_path: Path, xnat: 
         "      poll_interval_seconds: 0.1\n"
         "      build_wait_seconds: 0.3\n"
         "      ready_timeout_seconds: 30\n"
-        "      retry: {initial_seconds: 0.1, max_seconds: 0.5, max_attempts: 10}\n"
+        "      retry: {initial_seconds: 0.1, max_seconds: 0.5, max_attempts: 10}\n" + extra
     )
+    return config
+
+
+def test_explain_dry_run_and_import_agree_on_a_mixed_tree(tmp_path: Path, xnat: FakeXnat) -> None:
+    tree = tmp_path / "tree"
+    expected = make_tree(tree)
+    rules = tmp_path / "agree.rules.yaml"
+    rules.write_text(RULES)
+    config = write_config(tmp_path, xnat)
     by_digest = {uid_digest(uid): uid for uid in expected}
 
     explain = ingestd("explain", "--rules", str(rules), str(tree), cwd=tmp_path)
@@ -169,3 +176,29 @@ def test_explain_dry_run_and_import_agree_on_a_mixed_tree(tmp_path: Path, xnat: 
     delivered = sum(outcome == DELIVER for outcome in expected.values())
     assert len(xnat.experiments("PROJ")) == delivered
     assert "would be held (label-taken)" in dry.stdout and "held (label-taken)" in explain.stdout
+
+
+def test_the_daemon_does_what_explain_predicts_with_the_tree_in_its_drop_folder(tmp_path: Path, xnat: FakeXnat) -> None:
+    """`ingestd run` with the same tree in its drop folder (named `tree`, as the rules ask) ends every study as
+    `explain` said: delivered, or held with the same code; the hidden files stay where they are."""
+    drop = tmp_path / "daemon" / "tree"
+    expected = make_tree(drop)
+    (tmp_path / "daemon" / "agree.rules.yaml").write_text(RULES)
+    config = write_config(
+        tmp_path / "daemon", xnat, f"study_idle_seconds: 1\ndrop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\n"
+    )
+    journal = tmp_path / "daemon" / "state" / "journal.sqlite"
+
+    def finished() -> dict[str, str] | None:
+        if not journal.exists():
+            return None
+        outcomes = imported(journal)
+        done = {uid: outcome for uid, outcome in outcomes.items() if outcome == DELIVER or " " not in outcome}
+        return outcomes if len(done) == len(expected) else None
+
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        outcomes = wait_until(finished, 120, interval=0.5, message="every study delivered or held")
+        assert daemon.terminate() == 0
+    assert outcomes == expected, daemon.log_tail()
+    assert len(xnat.experiments("PROJ")) == sum(outcome == DELIVER for outcome in expected.values())
+    assert (drop / "mr" / ".hidden.dcm").exists() and (drop / ".cache").is_dir()  # passed over, as explain does
