@@ -4,8 +4,7 @@ The tree holds what used to make them disagree: a hidden file, a zip, files with
 the profile's screening holds (SR, SC, US, PDF), a study whose label cannot be made, two studies routed to one
 session label (the second is held), beside plain MR studies that deliver. Each command runs as a user runs it, in a
 process of its own (the daemon with the tree in its drop folder), against the XNAT stand-in; the outcome of every
-study (delivered, or held with its code) is
-compared by Study Instance UID.
+study (delivered, or held with its code) is compared by Study Instance UID.
 """
 
 from __future__ import annotations
