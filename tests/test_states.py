@@ -168,16 +168,6 @@ def test_a_journal_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
     Journal(path).close()  # opening it again changes nothing
 
 
-def test_a_journal_of_a_newer_ingestd_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "journal.sqlite"
-    Journal(path).close()
-    with closing(sqlite3.connect(path)) as db:
-        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
-        db.commit()
-    with pytest.raises(JournalVersionError, match="newer ingestd"):
-        Journal(path)
-
-
 def test_a_reader_refuses_a_journal_it_cannot_read_and_says_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite"
     with closing(sqlite3.connect(path)) as db:
