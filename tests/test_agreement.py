@@ -187,6 +187,13 @@ def test_the_daemon_does_what_explain_predicts_with_the_tree_in_its_drop_folder(
         tmp_path / "daemon", xnat, f"study_idle_seconds: 1\ndrop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\n"
     )
     journal = tmp_path / "daemon" / "state" / "journal.sqlite"
+    # The two studies on one session label: the daemon takes them in the order they arrive and go quiet, which the
+    # folder's order does not fix, so either may be the one delivered; the other is held `label-taken`.
+    clash = {str(pydicom.dcmread(next((drop / "dup" / f"s{i}").iterdir())).StudyInstanceUID) for i in (0, 1)}
+
+    def pooled(outcomes: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+        rest = {uid: outcome for uid, outcome in outcomes.items() if uid not in clash}
+        return rest, sorted(outcome for uid, outcome in outcomes.items() if uid in clash)
 
     def finished() -> dict[str, str] | None:
         if not journal.exists():
@@ -198,6 +205,6 @@ def test_the_daemon_does_what_explain_predicts_with_the_tree_in_its_drop_folder(
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         outcomes = wait_until(finished, 120, interval=0.5, message="every study delivered or held")
         assert daemon.terminate() == 0
-    assert outcomes == expected, daemon.log_tail()
+    assert pooled(outcomes) == pooled(expected), daemon.log_tail()
     assert len(xnat.experiments("PROJ")) == sum(outcome == DELIVER for outcome in expected.values())
     assert (drop / "mr" / ".hidden.dcm").exists() and (drop / ".cache").is_dir()  # passed over, as explain does
