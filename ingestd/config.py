@@ -286,6 +286,19 @@ class BatchFailures(_Model):
     max_seconds: Annotated[float, Field(gt=0)] = 600.0
 
 
+class Retention(_Model):
+    """How long what ingestd is done with stays in the state directory (`None`: for ever). The retention worker
+    removes it every `check_interval_seconds`; `ingestd purge --dry-run` shows what would go. Nothing that is not
+    delivered or released is ever removed."""
+
+    # Copies kept after a verified delivery (`delivery.keep_after_delivery`, which `ingestd resend` needs).
+    delivered_days: Annotated[float, Field(ge=0)] | None = 7.0
+    released_days: Annotated[float, Field(ge=0)] | None = 30.0  # spooled files of batches a person released
+    quarantine_days: Annotated[float, Field(ge=0)] | None = 30.0  # quarantined files and their reasons
+    receipts_days: Annotated[float, Field(ge=0)] | None = 90.0  # the journal's receipts of delivered batches
+    check_interval_seconds: Annotated[float, Field(gt=0)] = 3600.0
+
+
 class Logging(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -320,6 +333,7 @@ class Config(_Model):
     xnat: Xnat = Xnat()
     delivery: Delivery = Delivery()
     batch_failures: BatchFailures = BatchFailures()
+    retention: Retention = Retention()
     rules: tuple[Path, ...] = ()  # rules files (relative: to the configuration file's folder); none: nothing is routed
 
     @model_validator(mode="after")

@@ -58,6 +58,9 @@ class BatchRow:
     hold_code: str | None  # why it is held, as a short code (`unrouted`, `xnat-refused`, ...); None unless held
     failures: int  # unexpected failures of the stage it is in, since it entered that stage
     retry_at: float  # after a failure: the stage tries it again from then on
+    note: str | None  # what a person should know that no state says (re-sent after a release, say); no patient data
+    forced_rule: str | None  # the rule a person chose (`ingestd resend --route`); None: the first that matches
+    purged_at: float | None  # when retention removed its files (released batches only)
     series: int
     instances: int
     size: int

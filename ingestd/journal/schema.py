@@ -15,7 +15,7 @@ from ingestd.states import Step, StudyState
 
 __all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "JournalVersionError", "check_version", "create_or_migrate"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS batches (
     hold_code TEXT,
     failures INTEGER NOT NULL DEFAULT 0,
     retry_at REAL NOT NULL DEFAULT 0,
+    note TEXT,
+    forced_rule TEXT,
+    purged_at REAL,
     UNIQUE (study_uid, batch)
 );
 CREATE INDEX IF NOT EXISTS batches_state ON batches (state);
@@ -140,7 +143,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL,
     source_kind TEXT NOT NULL,
     source TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    purged_at REAL
 );
 """
 
@@ -174,6 +178,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # compared by digest, never by reading both into memory. Rows without one (from before, or a small instance
         # stored from memory) have their file hashed (read in pieces) when a copy arrives, and recorded then.
         "ALTER TABLE instances ADD COLUMN data_sha256 TEXT",
+    ),
+    5: (
+        # What a person should know about a batch that no state says (re-sent after an earlier batch was released,
+        # re-sent by `ingestd resend`): shown by `ingestd status`. No patient data.
+        "ALTER TABLE batches ADD COLUMN note TEXT",
+        # The rule a person chose for the batch (`ingestd resend --route RULE`): the router applies it whatever its
+        # `when` says. NULL: the first rule that matches.
+        "ALTER TABLE batches ADD COLUMN forced_rule TEXT",
+        # When the retention worker removed the files of a released batch or a quarantined item (the row stays, as
+        # the record of what happened). NULL: the files are still there.
+        "ALTER TABLE batches ADD COLUMN purged_at REAL",
+        "ALTER TABLE quarantine ADD COLUMN purged_at REAL",
     ),
 }
 

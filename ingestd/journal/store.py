@@ -307,6 +307,7 @@ class Journal:
             rows = self._db.execute(
                 "SELECT b.id, b.study_uid, b.batch, b.state, b.source_kind, b.source, b.first_received,"
                 " b.last_received, b.state_changed, b.reason, b.hold_code, b.failures, b.retry_at,"
+                " b.note, b.forced_rule, b.purged_at,"
                 " count(DISTINCT i.series_uid), count(i.id), coalesce(sum(i.size), 0)"
                 " FROM batches b LEFT JOIN instances i ON i.batch_id = b.id"
                 " WHERE ?1 IS NULL OR b.state IN (SELECT value FROM json_each(?1))"
