@@ -15,7 +15,6 @@ from ingestd import __version__
 from ingestd.config import Config, load_config
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
-from ingestd.logs import uid_digest
 from ingestd.states import StudyState
 
 __all__ = ["main"]
@@ -189,27 +188,17 @@ def _cmd_import(args: argparse.Namespace, config: Config) -> int:
     )
 
 
-def _held_batches(journal: Journal, reference: str | None) -> list[int]:
-    """The held batches a person named: by batch id, by study digest, original or outgoing Study Instance UID."""
-    routes = journal.routes()
-    held = [batch for batch in journal.batches((StudyState.HELD,))]
-    if reference is None:
-        return sorted(batch.id for batch in held)
-    return sorted(
-        batch.id
-        for batch in held
-        if reference in (str(batch.id), batch.study_uid, uid_digest(batch.study_uid))
-        or (batch.id in routes and reference == routes[batch.id].study_uid)
-    )
-
-
 def _cmd_retry_release(args: argparse.Namespace, config: Config) -> int:
+    from ingestd.admin.batchref import find_batches  # noqa: PLC0415 - keeps `status` light
+
     if not config.journal_path.exists():
         print(f"ingestd: no journal at {config.journal_path}", file=sys.stderr)
         return 1
     journal = Journal(config.journal_path)
     try:
-        batches = _held_batches(journal, None if args.command == "retry" and args.held else args.study)
+        batches = find_batches(
+            journal, None if args.command == "retry" and args.held else args.study, (StudyState.HELD,)
+        )
         if not batches:
             print("ingestd: no held study matches", file=sys.stderr)
             return 1

@@ -50,6 +50,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     # Imported only by entry points (demo) and by tests: see TESTING_IMPORTERS.
     ("testing stand-ins", ("testing",)),
+    # What a person does by hand (retry, release, resend, purge, check-config): the CLI's work, below it.
+    ("admin commands", ("admin",)),
     ("entry points", ("cli", "__main__", "daemon", "bulk", "offline", "demo", "check_xnat")),
 ]
 ENTRY_POINTS = LAYERS[-1][1]
