@@ -57,7 +57,7 @@ def test_minimal_file_compiles(tmp_path: Path) -> None:
     rules = load_rules([path])
     assert [rule.name for rule in rules.rules] == ["all"]
     assert rules.rules[0].line == 5
-    assert rules.rules[0].when == ()
+    assert rules.rules[0].when.is_empty
     assert rules.rules[0].route.archive is False
     assert rules.version == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     profile = rules.profiles["research"]

@@ -24,8 +24,8 @@ from ingestd.deid.table import load_table
 from ingestd.errors import ConfigError
 from ingestd.patterns import compile_regex
 from ingestd.rules.labels import Template, TemplateError
-from ingestd.rules.match import LABEL_NAMES, Condition, Route, Rule, RuleSet, glob_pattern
-from ingestd.rules.model import ConditionModel, ProfileModel, RuleModel, RulesFile, route_template
+from ingestd.rules.match import LABEL_NAMES, Condition, Route, Rule, RuleSet, When, glob_pattern
+from ingestd.rules.model import ConditionModel, ProfileModel, RuleModel, RulesFile, WhenModel, route_template
 from ingestd.rules.names import did_you_mean, sop_class_uid
 
 __all__ = ["load_rules", "rules_version"]
@@ -247,6 +247,15 @@ def _condition(model: ConditionModel) -> Condition:
     )
 
 
+def _when(model: WhenModel) -> When:
+    return When(
+        conditions=tuple(_condition(condition) for condition in model.conditions.values()),
+        any_of=None if model.any_ is None else tuple(_when(part) for part in model.any_),
+        all_of=None if model.all_ is None else tuple(_when(part) for part in model.all_),
+        none_of=None if model.not_ is None else _when(model.not_),
+    )
+
+
 def _profile(model: ProfileModel, path: Path, version: str) -> Profile:
     overrides = {
         attribute.tag_number: Override(
@@ -301,7 +310,7 @@ def _rule(file: _File, index: int, model: RuleModel, profiles: dict[str, Profile
     templates = {name: route_template(name, getattr(route, name)) for name in LABEL_NAMES}
     return Rule(
         name=model.name,
-        when=tuple(_condition(condition) for condition in model.when.values()),
+        when=_when(model.when),
         route=Route(
             server=route.server,
             project=templates["project"],

@@ -1,4 +1,4 @@
-"""Matching a study against compiled rules: conditions, the routing decision, and its explanation.
+"""Matching a study against compiled rules: the routing decision, and its explanation.
 
 Pure: a `StudyFacts` (header values of one representative instance per series, and where the study came from)
 goes in, a `Routed` or `Held` comes out. Hold reasons name rules, templates and keywords, never a DICOM value;
@@ -7,19 +7,27 @@ only `explain_match`, written for the operator at a terminal, shows values.
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path, PurePosixPath
 
 from ingestd.deid.profile import Profile
-from ingestd.patterns import PatternError, Regex, compile_regex, escape
+from ingestd.rules.conditions import (
+    MATCHED_CHARACTERS,
+    Condition,
+    SeriesFacts,
+    StudyFacts,
+    clean_values,
+    glob_pattern,
+    series_values,
+    source_values,
+)
 from ingestd.rules.labels import Field, LabelError, Template, make_label
+from ingestd.rules.when import When, explain_when, when_holds
 from ingestd.states import HoldCode
 
 __all__ = [
+    "MATCHED_CHARACTERS",
     "Condition",
     "Held",
     "Route",
@@ -28,39 +36,11 @@ __all__ = [
     "RuleSet",
     "SeriesFacts",
     "StudyFacts",
+    "When",
     "decide",
     "explain_match",
     "glob_pattern",
 ]
-
-# A pattern or glob looks at the first this many characters of a value: more than any header value whose VR has a
-# maximum length (LT: 10,240), so that only UT, UC and UR values, and values longer than their VR allows (a file
-# may say anything), are cut. It bounds the time one hostile value can cost the router (see ingestd.patterns).
-MATCHED_CHARACTERS = 16_384
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_STRIP = " \t\r\n\x00"
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesFacts:
-    """One series: its UID, how many instances it has, and the header values of one representative instance."""
-
-    series_uid: str
-    instance_count: int
-    headers: Mapping[str, str | tuple[str, ...]]  # keyword -> value, or values when VM > 1, in string form
-    sop_class_uid: str
-
-
-@dataclass(frozen=True, slots=True)
-class StudyFacts:
-    """What the rules see of a study."""
-
-    study_uid: str
-    series: tuple[SeriesFacts, ...]
-    calling_aet: str | None = None
-    called_aet: str | None = None
-    drop_folder: str | None = None  # the configured drop folder's path
-    paths: tuple[str, ...] = ()  # relative paths of the dropped files, '/'-separated; empty for C-STORE
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,112 +68,6 @@ class Held:
 
 
 @dataclass(frozen=True, slots=True)
-class Condition:
-    """One compiled condition on a field; every operator given must hold."""
-
-    field: str  # a DICOM keyword, a source field (calling_aet, called_aet, drop_folder, path) or sop_class
-    text: str  # the operators as written, for explanations: "in [MR, PT]"
-    equals: str | None = None
-    one_of: frozenset[str] | None = None
-    pattern: Regex | None = None  # on RE2: time linear in the value, whatever the pattern
-    glob: Regex | None = None
-    present: bool = False
-    missing: bool = False
-    lt: float | None = None
-    le: float | None = None
-    gt: float | None = None
-    ge: float | None = None
-
-    @property
-    def per_series(self) -> bool:
-        """Whether the field is read from each series (a header or sop_class) rather than from the study's source."""
-        return self.field not in ("calling_aet", "called_aet", "drop_folder", "path")
-
-    def holds(self, values: tuple[str, ...]) -> bool:
-        """Whether the condition holds for these values (empty: the field is missing or empty)."""
-        if not values:
-            return self.missing
-        if self.missing:
-            return False
-        tests: list[Callable[[str], bool]] = []
-        if self.equals is not None:
-            tests.append(self.equals.__eq__)
-        if self.one_of is not None:
-            tests.append(self.one_of.__contains__)
-        if self.pattern is not None:
-            tests.append(partial(_search, self.pattern))
-        if self.glob is not None:
-            tests.append(partial(_fullmatch, self.glob))
-        for bound, compare in (
-            (self.lt, float.__lt__),
-            (self.le, float.__le__),
-            (self.gt, float.__gt__),
-            (self.ge, float.__ge__),
-        ):
-            if bound is not None:
-                tests.append(_numeric(compare, bound))
-        return all(any(test(value) for value in values) for test in tests)
-
-
-def _search(pattern: Regex, value: str) -> bool:
-    return pattern.search(value[:MATCHED_CHARACTERS])
-
-
-def _fullmatch(pattern: Regex, value: str) -> bool:
-    return len(value) <= MATCHED_CHARACTERS and pattern.fullmatch(value)
-
-
-def _numeric(compare: Callable[[float, float], bool], bound: float) -> Callable[[str], bool]:
-    def test(value: str) -> bool:
-        return bool(_NUMBER.match(value)) and compare(float(value), bound)
-
-    return test
-
-
-def glob_pattern(pattern: str) -> Regex:
-    """Compile a path glob (on RE2, as every pattern): `*` and `?` stay within one folder, `[...]` is a character
-    class, and a `**` component matches any number of folders (none included). Raise ValueError for a misplaced
-    `**` or a character class RE2 refuses."""
-    if pattern.startswith("/"):
-        raise ValueError("a path glob is relative to the drop folder: remove the leading '/'")
-    components = pattern.split("/")
-    regex: list[str] = []
-    for position, component in enumerate(components):
-        last = position == len(components) - 1
-        if component == "**":
-            regex.append(".*" if last else "(?:[^/]+/)*")
-            continue
-        if "**" in component:
-            raise ValueError("'**' must be a whole path component, as in 'scans/**/*.dcm'")
-        regex.append(_glob_component(component) + ("" if last else "/"))
-    try:
-        return compile_regex("".join(regex), dot_all=True)
-    except PatternError as exc:
-        raise ValueError(f"not a valid path glob: {exc}") from None
-
-
-def _glob_component(component: str) -> str:
-    out: list[str] = []
-    position = 0
-    while position < len(component):
-        char = component[position]
-        if char == "*":
-            out.append("[^/]*")
-        elif char == "?":
-            out.append("[^/]")
-        elif char == "[" and (end := component.find("]", position + 2)) > 0:
-            body = component[position + 1 : end]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            out.append(("[^/" if negate else "[") + body.replace("\\", "\\\\").replace("^", "\\^") + "]")
-            position = end
-        else:
-            out.append(escape(char))
-        position += 1
-    return "".join(out)
-
-
-@dataclass(frozen=True, slots=True)
 class Route:
     """Where a matching study goes: an XNAT server, and label templates."""
 
@@ -209,7 +83,7 @@ class Rule:
     """One compiled rule."""
 
     name: str
-    when: tuple[Condition, ...]
+    when: When
     route: Route
     drop_series: tuple[tuple[Condition, ...], ...] = ()
     anonymize: str | None = None
@@ -236,47 +110,11 @@ class RuleSet:
     profile_sources: Mapping[str, Path] = field(default_factory=dict)
 
 
-# --- values ------------------------------------------------------------------------------------------------
-
-
-def _clean(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    raw = (value,) if isinstance(value, str) else value
-    return tuple(cleaned for item in raw if (cleaned := str(item).strip(_STRIP)))
-
-
-def _series_values(condition: Condition, series: SeriesFacts) -> tuple[str, ...]:
-    if condition.field == "sop_class":
-        return _clean(series.sop_class_uid)
-    return _clean(series.headers.get(condition.field))
-
-
-def _source_values(field_name: str, study: StudyFacts) -> tuple[str, ...]:
-    if field_name == "calling_aet":
-        return _clean(study.calling_aet)
-    if field_name == "called_aet":
-        return _clean(study.called_aet)
-    if field_name == "drop_folder":
-        if not study.drop_folder:
-            return ()
-        folder = study.drop_folder.rstrip("/") or "/"
-        return tuple(dict.fromkeys((folder, PurePosixPath(folder).name)))
-    return tuple(path for path in study.paths if path)
-
-
-def _when_holds(condition: Condition, study: StudyFacts) -> bool:
-    if not condition.per_series:
-        return condition.holds(_source_values(condition.field, study))
-    results = (condition.holds(_series_values(condition, series)) for series in study.series)
-    return all(results) if condition.missing else any(results)
-
-
 def _series_dropped_by(entry: tuple[Condition, ...], series: SeriesFacts, study: StudyFacts) -> bool:
     return all(
-        condition.holds(_series_values(condition, series))
+        condition.holds(series_values(condition, series))
         if condition.per_series
-        else condition.holds(_source_values(condition.field, study))
+        else condition.holds(source_values(condition.field, study))
         for condition in entry
     )
 
@@ -311,12 +149,12 @@ def _resolver(study: StudyFacts, kept: list[SeriesFacts], labels: dict[str, str]
         if ref.name == "path":
             return _path_component(study, ref)
         if ref.name in ("calling_aet", "called_aet", "drop_folder"):
-            values = _source_values(ref.name, study)
+            values = source_values(ref.name, study)
             if not values:
                 how = "by C-STORE" if ref.name != "drop_folder" else "from a drop folder"
                 raise LabelError(f"{ref.name} is not known: the study did not arrive {how}")
             return values[-1]  # drop_folder: the folder's name
-        seen = [_clean(series.headers.get(ref.name)) for series in kept]
+        seen = [clean_values(series.headers.get(ref.name)) for series in kept]
         missing = sum(1 for values in seen if not values)
         if missing == len(seen):
             raise LabelError(f"{ref.name} is missing or empty")
@@ -365,7 +203,7 @@ def _labels(rule: Rule, study: StudyFacts, kept: list[SeriesFacts]) -> dict[str,
 
 def _first_match(rules: RuleSet, study: StudyFacts) -> Rule | None:
     for rule in rules.rules:
-        if all(_when_holds(condition, study) for condition in rule.when):
+        if when_holds(rule.when, study):
             return rule
     return None
 
@@ -422,20 +260,6 @@ def _route(rule: Rule, study: StudyFacts) -> Routed | Held:
 # --- explanation (shows values: for the operator only) -------------------------------------------------------
 
 
-def _shown(values: tuple[str, ...]) -> str:
-    return "\\".join(values) if values else "(missing)"
-
-
-def _observed(condition: Condition, study: StudyFacts) -> str:
-    if not condition.per_series:
-        return _shown(_source_values(condition.field, study))
-    counts = Counter(_shown(_series_values(condition, series)) for series in study.series)
-    return ", ".join(
-        f"{value!r}" + (f" ({_plural(count, 'series')})" if len(study.series) > 1 else "")
-        for value, count in counts.items()
-    )
-
-
 def explain_match(rules: RuleSet, study: StudyFacts) -> list[str]:
     """Lines for `ingestd explain`: every rule tried, each condition's outcome with the values seen, the series
     kept or dropped and the labels or hold reason. Shows DICOM values: never log these lines."""
@@ -450,16 +274,11 @@ def explain_match(rules: RuleSet, study: StudyFacts) -> list[str]:
         return lines
     matched: Rule | None = None
     for rule in rules.rules:
-        outcomes = [(condition, _when_holds(condition, study)) for condition in rule.when]
-        holds = all(ok for _, ok in outcomes)
+        holds, explained = explain_when(rule.when, study)
         lines.append(f"rule '{rule.name}' ({rule.origin}): {'matches' if holds else 'does not match'}")
-        if not rule.when:
+        if rule.when.is_empty:
             lines.append("  when: {} (matches every study)")
-        for condition, ok in outcomes:
-            lines.append(
-                f"  when.{condition.field} {condition.text}: {'holds' if ok else 'fails'}"
-                f" (seen: {_observed(condition, study)})"
-            )
+        lines += explained
         if holds:
             matched = rule
             break

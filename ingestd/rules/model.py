@@ -16,18 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from ingestd.deid.profile import OverrideAction
 from ingestd.patterns import PatternError, compile_regex
+from ingestd.rules.condition_model import ConditionModel, WhenModel, keyed, regex_text, text_value
 from ingestd.rules.labels import Template, TemplateError, parse_template
-from ingestd.rules.match import glob_pattern
-from ingestd.rules.names import (
-    SERIES_FIELDS,
-    SOURCE_FIELDS,
-    check_field,
-    did_you_mean,
-    parse_tag,
-    sop_class_uid,
-    tag_name,
-    tag_vr,
-)
+from ingestd.rules.names import did_you_mean, parse_tag, tag_name, tag_vr
 from ingestd.rules.sources import read_env_key, read_key_file, read_table
 
 __all__ = [
@@ -41,6 +32,7 @@ __all__ = [
     "RouteModel",
     "RuleModel",
     "RulesFile",
+    "WhenModel",
     "route_template",
 ]
 
@@ -57,7 +49,6 @@ OPTIONS = (
     "clean-graphics",
 )
 _LONGITUDINAL = ("retain-longitudinal-full-dates", "retain-longitudinal-modified-dates")
-_OPERATORS = ("equals", "in", "matches", "present", "missing", "lt", "le", "gt", "ge", "glob")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PROJECT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _LABEL_SOURCES = ("calling_aet", "called_aet", "drop_folder", "path")
@@ -79,24 +70,6 @@ def _base(info: ValidationInfo) -> Path:
     """The folder relative paths in this rules file are relative to."""
     source = info.context.get("source") if isinstance(info.context, dict) else None
     return Path(source).parent if source else Path()
-
-
-def _regex(value: str | None) -> str | None:
-    """A pattern RE2 compiles (the error names the construct it does not support), or None."""
-    if value is not None:
-        compile_regex(value)  # PatternError is a ValueError: pydantic reports its message
-    return value
-
-
-def _text(value: Any) -> Any:
-    """YAML numbers become text (`SeriesNumber: 3`); booleans and dates must be quoted."""
-    if isinstance(value, bool):
-        raise ValueError("YAML reads this as true/false: put the value in quotes")  # noqa: TRY004 - pydantic reports ValueError
-    if isinstance(value, int | float):
-        return str(value)
-    if value is not None and not isinstance(value, str):
-        raise ValueError("expected a text value: put it in quotes")
-    return value
 
 
 def _list(value: Any, what: str) -> Any:
@@ -123,101 +96,6 @@ def route_template(name: str, text: str) -> Template:
 
 
 # --- conditions ----------------------------------------------------------------------------------------------
-
-
-def _keyed(conditions: Any) -> Any:
-    """Give every condition of a `when`/`drop_series` mapping its key, so its errors are reported under it."""
-    if not isinstance(conditions, dict):
-        return conditions
-    return {
-        str(key): {"@keyword": str(key), **value} if isinstance(value, dict) else {"@keyword": str(key), "@bare": value}
-        for key, value in conditions.items()
-    }
-
-
-class ConditionModel(_Model):
-    """`Keyword: {operator: operand, ...}`, or `Keyword: value` for equals."""
-
-    keyword: str = Field(alias="@keyword")
-    equals: str | None = None
-    in_: tuple[str, ...] | None = Field(default=None, alias="in")
-    matches: str | None = None
-    glob: str | None = None
-    present: bool | None = None
-    missing: bool | None = None
-    lt: float | None = None
-    le: float | None = None
-    gt: float | None = None
-    ge: float | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shape(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or "@keyword" not in data:
-            return data
-        keyword = data["@keyword"]
-        check_field(keyword, SOURCE_FIELDS + SERIES_FIELDS)
-        if "@bare" in data:
-            bare = data["@bare"]
-            if isinstance(bare, list):
-                raise ValueError("a list needs an operator: write {in: [...]}")
-            if bare is None:
-                raise ValueError("no condition given: write a value, or e.g. {present: true}")
-            return {"@keyword": keyword, "equals": bare}
-        unknown = [str(key) for key in data if key != "@keyword" and key not in _OPERATORS]
-        if unknown:
-            listed = f" (operators: {', '.join(_OPERATORS)})"
-            raise ValueError(
-                "; ".join(f"unknown operator '{key}'{did_you_mean(key, _OPERATORS) or listed}" for key in unknown)
-            )
-        if len(data) == 1:
-            raise ValueError(f"no operator given: use one of {', '.join(_OPERATORS)}")
-        return data
-
-    @field_validator("equals", mode="before")
-    @classmethod
-    def _equals(cls, value: Any) -> Any:
-        return _text(value)
-
-    @field_validator("in_", mode="before")
-    @classmethod
-    def _in(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            raise ValueError("in: needs a list of values, e.g. in: [MR, PT]")  # noqa: TRY004 - pydantic reports ValueError
-        if not value:
-            raise ValueError("in: needs at least one value")
-        return tuple(_text(item) for item in value)
-
-    @field_validator("matches")
-    @classmethod
-    def _matches(cls, value: str | None) -> str | None:
-        return _regex(value)
-
-    @field_validator("glob")
-    @classmethod
-    def _glob(cls, value: str | None) -> str | None:
-        if value is not None:
-            glob_pattern(value)
-        return value
-
-    @field_validator("present", "missing")
-    @classmethod
-    def _true_only(cls, value: bool | None) -> bool | None:
-        if value is False:
-            raise ValueError("only true is allowed: write present: true or missing: true")
-        return value
-
-    @model_validator(mode="after")
-    def _combinations(self) -> ConditionModel:
-        if self.missing and len(self.model_fields_set) > 2:
-            raise ValueError("missing: true cannot be combined with other operators")
-        if self.glob is not None and self.keyword != "path":
-            raise ValueError("glob applies to path only; use matches for other fields")
-        if self.keyword == "sop_class":
-            for value in (self.equals, *(self.in_ or ())):
-                if value is not None:
-                    sop_class_uid(value)
-        return self
 
 
 def _conditions_not_empty(entries: tuple[dict[str, ConditionModel], ...]) -> tuple[dict[str, ConditionModel], ...]:
@@ -304,12 +182,12 @@ class AttributeModel(_Model):
     @field_validator("value", "replacement", mode="before")
     @classmethod
     def _texts(cls, value: Any) -> Any:
-        return _text(value)
+        return text_value(value)
 
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, value: str | None) -> str | None:
-        return _regex(value)
+        return regex_text(value)
 
     @model_validator(mode="after")
     def _action(self, info: ValidationInfo) -> AttributeModel:
@@ -499,7 +377,7 @@ class RouteModel(_Model):
     @field_validator("project", "subject", "session", mode="before")
     @classmethod
     def _label_text(cls, value: Any) -> Any:
-        return _text(value)
+        return text_value(value)
 
     @field_validator("project", "subject", "session")
     @classmethod
@@ -515,7 +393,7 @@ class RuleModel(_Model):
     """One rule: when it applies, where the study goes, which series are left out, which profile applies."""
 
     name: str
-    when: dict[str, ConditionModel]
+    when: WhenModel
     route: RouteModel
     drop_series: tuple[dict[str, ConditionModel], ...] = ()
     anonymize: str | None = None
@@ -531,7 +409,12 @@ class RuleModel(_Model):
     def _when(cls, value: Any) -> Any:
         if value is None:
             raise ValueError("no conditions: write when: {} to match every study (deliberately)")
-        return _keyed(_mapping(value, "when", "{Modality: MR}"))
+        return {**_mapping(value, "when", "{Modality: MR}"), "@top": True}
+
+    @field_validator("when")
+    @classmethod
+    def _when_depth(cls, value: WhenModel) -> WhenModel:
+        return value.check_depth()
 
     @field_validator("route", mode="before")
     @classmethod
@@ -541,7 +424,7 @@ class RuleModel(_Model):
     @field_validator("drop_series", mode="before")
     @classmethod
     def _drop_series(cls, value: Any) -> Any:
-        return [_keyed(entry) for entry in _list(value, "drop_series") or ()]
+        return [keyed(entry, "drop_series") for entry in _list(value, "drop_series") or ()]
 
     @field_validator("drop_series")
     @classmethod
