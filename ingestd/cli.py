@@ -312,6 +312,7 @@ def _cmd_health(config: Config, timeout: float) -> int:
 
 def _cmd_check_rules(files: list[Path]) -> int:
     from ingestd.rules import load_rules  # noqa: PLC0415 - keeps `status` light
+    from ingestd.rules.shadow import shadowed_rules  # noqa: PLC0415 - keeps `status` light
 
     rules = load_rules(files)
     for file in files:
@@ -331,6 +332,8 @@ def _cmd_check_rules(files: list[Path]) -> int:
                 f"{{{field.split('[')[0]}:hash8}} with route.key (or anonymize) to keep it out of XNAT",
                 file=sys.stderr,
             )
+    for shadowed in shadowed_rules(rules):
+        print(shadowed.message, file=sys.stderr)
     return 0
 
 

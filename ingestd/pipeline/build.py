@@ -24,6 +24,7 @@ from ingestd.pipeline.route import Router
 from ingestd.pipeline.runner import BatchWorker
 from ingestd.receive.pool import wait_for_receivers
 from ingestd.rules import RuleSet, load_rules
+from ingestd.rules.shadow import log_shadowed
 from ingestd.spool import Quarantine, Spool
 
 __all__ = ["Pipeline", "build_pipeline", "load_rules_for", "open_spool", "recover_spool"]
@@ -32,6 +33,7 @@ __all__ = ["Pipeline", "build_pipeline", "load_rules_for", "open_spool", "recove
 def load_rules_for(config: Config) -> RuleSet | None:
     """The configuration's rules, checked against its XNAT servers; raises ConfigError."""
     rules = load_rules(config.rules) if config.rules else None
+    log_shadowed(rules)  # rules.shadowed: a rule an earlier one keeps from ever matching
     if rules is not None:
         unknown = sorted({rule.route.server for rule in rules.rules} - set(config.xnat.servers))
         if unknown and config.xnat.servers:

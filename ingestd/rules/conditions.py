@@ -20,6 +20,7 @@ __all__ = [
     "Condition",
     "SeriesFacts",
     "StudyFacts",
+    "ValueTest",
     "clean_values",
     "condition_holds",
     "glob_pattern",
@@ -86,24 +87,40 @@ class Condition:
             return self.missing
         if self.missing:
             return False
-        tests: list[Callable[[str], bool]] = []
+        return all(any(test.check(value) for value in values) for test in self.value_tests())
+
+    def value_tests(self) -> tuple[ValueTest, ...]:
+        """The operators other than present/missing, each as it tests one value: the condition holds for a list of
+        values when each operator is passed by one of them (not necessarily the same)."""
+        tests: list[ValueTest] = []
         if self.equals is not None:
-            tests.append(self.equals.__eq__)
+            tests.append(ValueTest(self.equals.__eq__, "values", values=frozenset((self.equals,))))
         if self.one_of is not None:
-            tests.append(self.one_of.__contains__)
+            tests.append(ValueTest(self.one_of.__contains__, "values", values=self.one_of))
         if self.pattern is not None:
-            tests.append(partial(_search, self.pattern))
+            tests.append(ValueTest(partial(_search, self.pattern), "matches", text=self.pattern.pattern))
         if self.glob is not None:
-            tests.append(partial(_fullmatch, self.glob))
-        for bound, compare in (
-            (self.lt, float.__lt__),
-            (self.le, float.__le__),
-            (self.gt, float.__gt__),
-            (self.ge, float.__ge__),
+            tests.append(ValueTest(partial(_fullmatch, self.glob), "glob", text=self.glob.pattern))
+        for name, bound, compare in (
+            ("lt", self.lt, float.__lt__),
+            ("le", self.le, float.__le__),
+            ("gt", self.gt, float.__gt__),
+            ("ge", self.ge, float.__ge__),
         ):
             if bound is not None:
-                tests.append(_numeric(compare, bound))
-        return all(any(test(value) for value in values) for test in tests)
+                tests.append(ValueTest(_numeric(compare, bound), name, bound=bound))
+        return tuple(tests)
+
+
+@dataclass(frozen=True, slots=True)
+class ValueTest:
+    """One operator of a condition, as it tests one value (`kind`: values, matches, glob, lt, le, gt or ge)."""
+
+    check: Callable[[str], bool]
+    kind: str
+    values: frozenset[str] = frozenset()  # equals, in
+    text: str = ""  # matches: the pattern as written; glob: the expression it was turned into
+    bound: float = 0.0  # lt, le, gt, ge
 
 
 def _search(pattern: Regex, value: str) -> bool:
