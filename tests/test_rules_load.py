@@ -13,6 +13,7 @@ from ingestd.cli import main
 from ingestd.errors import ConfigError
 from ingestd.rules import RuleSet, load_rules
 from ingestd.rules.sources import read_table
+from ingestd.rules.when import MAX_DEPTH
 
 KEY = "0123456789abcdef" * 4
 PROFILE = """\
@@ -142,6 +143,20 @@ def test_every_problem_reported_at_once_with_lines(tmp_path: Path) -> None:
         ("when: {}\n    drop_series: [{Modalty: SR}]", "rules.0.drop_series.0.Modalty: unknown DICOM keyword"),
         ("when: {}\n    anonymize: research\n    extra: 1", "rules.0.extra: unknown key"),
         ("when: {}\n    anonymize: nothere", "rules.0.anonymize: no profile named 'nothere'"),
+        ("when: {any: []}", "rules.0.when.any: any needs at least one mapping: any: [{...}, {...}] holds when"),
+        ("when: {all: []}", "rules.0.when.all: all needs at least one mapping"),
+        ("when: {any: {Modality: MR}}", "rules.0.when.any: any is a list of mappings: any: [{...}, {...}]"),
+        ("when: {any: [{Modality: MR}, {}]}", "rules.0.when.any.1: a branch of any, all or not is empty"),
+        ("when: {any: [MR, CT]}", "rules.0.when.any.0: a branch of any, all or not is a mapping of conditions"),
+        ("when: {not: {}}", "rules.0.when.not: a branch of any, all or not is empty"),
+        ("when: {not: [{Modality: SR}]}", "rules.0.when.not: not takes one mapping, e.g. not: {Modality: SR}"),
+        ("when: {any: [{Modalty: MR}]}", "rules.0.when.any.0.Modalty: unknown DICOM keyword 'Modalty' (did you"),
+        ("when: {not: {all: [{Modality: {equal: MR}}]}}", "rules.0.when.not.all.0.Modality: unknown operator"),
+        ("when: {Any: [{Modality: MR}]}", "rules.0.when.Any: unknown key 'Any' (did you mean 'any'?): any: [{...}"),
+        ("when: {or: [{Modality: MR}]}", "rules.0.when.or: unknown key 'or' (did you mean 'any'?)"),
+        ("when: {and: [{Modality: MR}]}", "rules.0.when.and: unknown key 'and' (did you mean 'all'?)"),
+        ("when: {none_of: {Modality: MR}}", "rules.0.when.none_of: unknown key 'none_of' (did you mean 'not'?)"),
+        ("when: {}\n    drop_series: [{any: [{Modality: SR}]}]", "rules.0.drop_series.0.any: unknown key 'any': any,"),
     ],
 )
 def test_condition_errors(tmp_path: Path, snippet: str, expected: str) -> None:
@@ -154,6 +169,55 @@ def test_condition_errors(tmp_path: Path, snippet: str, expected: str) -> None:
     )
     problems = _problems(_write(tmp_path, text))
     assert any(expected in problem for problem in problems), problems
+
+
+def test_groups_load_with_lines(tmp_path: Path) -> None:
+    """`any`, `all` and `not` nest, beside plain keys; each problem is reported at its own line and key."""
+    text = (
+        PROFILE + "rules:\n"
+        "  - name: r\n"  # 5
+        "    route: {server: main, project: P, subject: S, session: T}\n"
+        "    when:\n"
+        "      Modality: MR\n"
+        "      any:\n"
+        "        - {calling_aet: MR1}\n"  # 10
+        "        - calling_aet: MR2\n"
+        "          StudyDescription: {matches: '^RES('}\n"
+        "      not:\n"
+        "        all:\n"
+        "          - {SeriesDescription: {matches: phantom}}\n"  # 15
+        "          - {StationNme: QA}\n"
+    )
+    path = _write(tmp_path, text)
+    assert _problems(path) == [
+        f"{path}:12: rules.0.when.any.1.StudyDescription.matches: not a valid regular expression: missing ): ^RES(",
+        f"{path}:16: rules.0.when.not.all.1.StationNme: unknown DICOM keyword 'StationNme' (did you mean "
+        "'StationName'?)",
+    ]
+    fixed = text.replace("'^RES('", "'^RES'").replace("StationNme", "StationName")
+    when = _load(tmp_path, fixed).rules[0].when
+    assert [condition.field for condition in when.conditions] == ["Modality"]
+    assert when.any_of is not None and [len(part.conditions) for part in when.any_of] == [1, 2]
+    assert when.none_of is not None and when.none_of.all_of is not None and len(when.none_of.all_of) == 2
+    assert when.all_of is None and when.depth == 2
+
+
+def test_group_nesting_is_limited(tmp_path: Path) -> None:
+    """Groups nest at most MAX_DEPTH levels: deeper is refused at the rule's `when`, saying what to do instead."""
+    when = "{Modality: MR}"
+    for _level in range(MAX_DEPTH):
+        when = f"{{not: {when}}}"
+    ok = (
+        PROFILE
+        + f"rules:\n  - name: r\n    route: {{server: m, project: P, subject: S, session: T}}\n    when: {when}\n"
+    )
+    assert _load(tmp_path, ok).rules[0].when.depth == MAX_DEPTH
+    deeper = ok.replace(f"when: {when}", f"when: {{any: [{when}]}}")
+    path = _write(tmp_path, deeper)
+    assert _problems(path) == [
+        f"{path}:7: rules.0.when: any/all/not are nested {MAX_DEPTH + 1} levels deep, at most {MAX_DEPTH}: split the "
+        "rule into several rules (the first that matches decides)"
+    ]
 
 
 @pytest.mark.parametrize(

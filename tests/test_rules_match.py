@@ -119,6 +119,16 @@ def test_unrouted(make_rules: MakeRules) -> None:
         ("{Modality: MR, StudyDescription: {matches: X}}", mr(), True),
         ("{Modality: MR, StudyDescription: {matches: Y}}", mr(), False),  # every key must hold
         ("{}", {}, True),
+        ("{any: [{Modality: CT}, {StationName: PET1}]}", {"Modality": "PT", "StationName": "PET1"}, True),
+        ("{any: [{Modality: CT}, {StationName: PET1}]}", {"Modality": "PT", "StationName": "PET2"}, False),
+        ("{all: [{Modality: MR}, {StudyDescription: {matches: X}}]}", mr(), True),
+        ("{all: [{Modality: MR}, {StudyDescription: {matches: Y}}]}", mr(), False),
+        ("{not: {Modality: SR}}", mr(), True),
+        ("{not: {Modality: MR}}", mr(), False),
+        ("{not: {Modality: MR, StudyDescription: {matches: Y}}}", mr(), True),  # not (A and B)
+        ("{Modality: CT, any: [{Modality: MR}]}", mr(), False),  # plain keys beside a group: ANDed
+        ("{Modality: MR, any: [{PatientID: P2}, {PatientID: P1}], not: {StudyDate: '1999'}}", mr(), True),
+        ("{any: [{not: {Modality: MR}}, {all: [{PatientID: P1}, {StudyDate: '20240131'}]}]}", mr(), True),
     ],
 )
 def test_conditions_on_one_series(make_rules: MakeRules, when: str, headers: dict[str, str], expected: bool) -> None:
@@ -353,6 +363,57 @@ def test_explain_match(make_rules: MakeRules) -> None:
     assert explain_match(bad, study(series("1", mr())))[-1].startswith(
         "decision: held (label): rule 'r': route.subject"
     )
+
+
+def test_any_for_two_scanners(make_rules: MakeRules) -> None:
+    """`any` routes the studies of either scanner by one rule; the first matching rule still decides."""
+    rules = make_rules(
+        rule("mr", "{Modality: MR, any: [{calling_aet: PRISMA1}, {calling_aet: SKYRA2, StationName: SKYRA}]}")
+        + rule("all", "{}")
+    )
+    assert routed(decide(rules, study(series("1", mr()), calling_aet="PRISMA1"))).rule == "mr"
+    assert routed(decide(rules, study(series("1", mr(StationName="SKYRA")), calling_aet="SKYRA2"))).rule == "mr"
+    assert routed(decide(rules, study(series("1", mr(StationName="OTHER")), calling_aet="SKYRA2"))).rule == "all"
+    assert routed(decide(rules, study(series("1", mr()), drop_folder="/srv/drop/PRISMA1"))).rule == "all"
+
+
+def test_not_over_several_series(make_rules: MakeRules) -> None:
+    """`not: {Modality: SR}` holds when no series is an SR (a condition holds when one series satisfies it)."""
+    rules = make_rules(rule("no-sr", "{not: {Modality: SR}}", route="{server: m, project: P, subject: S, session: T}"))
+    assert isinstance(decide(rules, study(series("1", mr()), series("2", mr()))), Routed)
+    assert isinstance(decide(rules, study(series("1", mr()), series("2", mr(Modality="SR")))), Held)
+
+
+def test_explain_groups(make_rules: MakeRules) -> None:
+    """`explain` shows each branch with its outcome and the values seen, and which branch matched or that none did."""
+    rules = make_rules(
+        rule(
+            "scanners",
+            "{Modality: MR, any: [{calling_aet: PRISMA1}, {calling_aet: SKYRA2, StudyDescription: {matches: ^RES}}],"
+            " not: {SeriesDescription: {matches: phantom}}}",
+        )
+    )
+    lines = explain_match(
+        rules, study(series("1", mr(StudyDescription="RESEARCH", SeriesDescription="t1")), calling_aet="SKYRA2")
+    )
+    assert lines[1:9] == [
+        f"rule 'scanners' ({rules.rules[0].origin}): matches",
+        "  when.Modality equals 'MR': holds (seen: 'MR')",
+        "  when.any: holds (branch 1 of 2 matches)",
+        "    when.any.0.calling_aet equals 'PRISMA1': fails (seen: SKYRA2)",
+        "    when.any.1.calling_aet equals 'SKYRA2': holds (seen: SKYRA2)",
+        "    when.any.1.StudyDescription matches '^RES': holds (seen: 'RESEARCH')",
+        "  when.not: holds (what it negates does not hold)",
+        "    when.not.SeriesDescription matches 'phantom': fails (seen: 't1')",
+    ]
+    none = explain_match(rules, study(series("1", mr(SeriesDescription="phantom")), calling_aet="OTHER"))
+    assert "  when.any: fails (none of its 2 branches matches)" in none
+    assert "  when.not: fails (what it negates holds)" in none
+    assert none[-1] == "decision: held (unrouted): no rule matches this study (1 rule tried)"
+    single = make_rules(rule("r", "{all: [{Modality: CT}], any: [{Modality: CT}]}"))
+    text = explain_match(single, study(series("1", mr())))
+    assert "  when.all: fails (branch 0 of 1 does not match)" in text
+    assert "  when.any: fails (its only branch does not match)" in text
 
 
 @settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
