@@ -478,6 +478,14 @@ EXAMPLES: dict[str, list[tuple[StudyFacts, str]]] = {
             ),
             "pet",
         ),
+        (
+            study(
+                series("1", {"Modality": "PT", "PatientID": "P2", "StudyDate": "20240101", "StationName": "PETCT1"}),
+                calling_aet="PACS",
+            ),
+            "pet",
+        ),
+        (study(series("1", {"Modality": "PT", "StationName": "PETCT1"}), calling_aet="OTHER"), "unrouted"),
         (study(series("1", mr()), drop_folder="/srv/drop/legacy", paths=("S01/V1/T1/a.dcm",)), "legacy-import"),
         (study(series("1", mr(Modality="CT")), calling_aet="SCANNER1"), "unrouted"),
     ],
