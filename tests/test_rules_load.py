@@ -156,6 +156,7 @@ def test_every_problem_reported_at_once_with_lines(tmp_path: Path) -> None:
         ("when: {or: [{Modality: MR}]}", "rules.0.when.or: unknown key 'or' (did you mean 'any'?)"),
         ("when: {and: [{Modality: MR}]}", "rules.0.when.and: unknown key 'and' (did you mean 'all'?)"),
         ("when: {none_of: {Modality: MR}}", "rules.0.when.none_of: unknown key 'none_of' (did you mean 'not'?)"),
+        ("when: {any_: [{Modality: MR}]}", "rules.0.when.any_: unknown key 'any_' (did you mean 'any'?)"),
         ("when: {}\n    drop_series: [{any: [{Modality: SR}]}]", "rules.0.drop_series.0.any: unknown key 'any': any,"),
     ],
 )

@@ -26,9 +26,9 @@ _GROUP_USE = {
     "not": "not: {...} holds when its mapping does not hold, e.g. not: {Modality: SR}",
 }
 _GROUP_WORDS = {
-    **dict.fromkeys(("any", "or", "anyof", "any_of", "oneof", "one_of", "either"), "any"),
-    **dict.fromkeys(("all", "and", "allof", "all_of", "both"), "all"),
-    **dict.fromkeys(("not", "none", "noneof", "none_of", "nor", "unless", "except"), "not"),
+    **dict.fromkeys(("any", "or", "anyof", "oneof", "either"), "any"),
+    **dict.fromkeys(("all", "and", "allof", "both"), "all"),
+    **dict.fromkeys(("not", "none", "noneof", "nor", "unless", "except"), "not"),
 }
 
 
@@ -69,7 +69,7 @@ def keyed(conditions: Any, where: str) -> Any:
 
 def _group_hint(keyword: str, where: object) -> str | None:
     """What to write instead of a key that looks like `any`, `all` or `not` (`Or:`, `none_of:`), or None."""
-    group = _GROUP_WORDS.get(keyword.lower().replace("-", "_"))
+    group = _GROUP_WORDS.get(keyword.lower().replace("-", "").replace("_", ""))
     if group is None:
         return None
     if where == "drop_series":

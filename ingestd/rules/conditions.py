@@ -7,6 +7,7 @@ first MATCHED_CHARACTERS characters of a value.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -75,6 +76,10 @@ class Condition:
     le: float | None = None
     gt: float | None = None
     ge: float | None = None
+    tests: tuple[ValueTest, ...] = dataclasses.field(init=False, repr=False, compare=False)  # value_tests(), once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tests", self.value_tests())
 
     @property
     def per_series(self) -> bool:
@@ -87,7 +92,7 @@ class Condition:
             return self.missing
         if self.missing:
             return False
-        return all(any(test.check(value) for value in values) for test in self.value_tests())
+        return all(any(test.check(value) for value in values) for test in self.tests)
 
     def value_tests(self) -> tuple[ValueTest, ...]:
         """The operators other than present/missing, each as it tests one value: the condition holds for a list of

@@ -199,10 +199,7 @@ def _condition_implies(premise: Condition, goal: Condition) -> bool:
     """
     if goal.missing or premise.missing:
         return goal.missing and premise.missing
-    given = premise.value_tests()
-    return all(any(_test_implies(first, wanted) for first in given) for wanted in goal.value_tests()) or (
-        not goal.value_tests()
-    )
+    return all(any(_test_implies(given, wanted) for given in premise.tests) for wanted in goal.tests)
 
 
 def _test_implies(given: ValueTest, wanted: ValueTest) -> bool:
