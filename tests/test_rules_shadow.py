@@ -48,6 +48,7 @@ def _shadowed(tmp_path: Path, *whens: str) -> list[tuple[str, str, str]]:
         ("{SeriesDescription: {matches: '.*'}}", "{SeriesDescription: {matches: '^T1'}}"),
         ("{SeriesDescription: {matches: '^T1'}}", "{SeriesDescription: {in: [T1_MPRAGE, T1_SE]}}"),
         ("{SeriesDescription: {present: true}}", "{SeriesDescription: {matches: x}}"),
+        ("{SeriesDescription: {matches: '^'}}", "{SeriesDescription: {present: true}}"),
         ("{SliceThickness: {lt: 5}}", "{SliceThickness: {le: 3}}"),
         ("{SliceThickness: {le: 5}}", "{SliceThickness: {lt: 5}}"),
         ("{SliceThickness: {ge: 1, lt: 5}}", "{SliceThickness: {gt: 1, le: 4}}"),

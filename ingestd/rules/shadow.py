@@ -199,13 +199,17 @@ def _condition_implies(premise: Condition, goal: Condition) -> bool:
     """
     if goal.missing or premise.missing:
         return goal.missing and premise.missing
-    return all(any(_test_implies(given, wanted) for given in premise.tests) for wanted in goal.tests)
+    return all(
+        _every_value(wanted) or any(_test_implies(given, wanted) for given in premise.tests) for wanted in goal.tests
+    )
+
+
+def _every_value(test: ValueTest) -> bool:
+    return test.kind == "matches" and test.text in _EVERY_VALUE
 
 
 def _test_implies(given: ValueTest, wanted: ValueTest) -> bool:
     """Whether every value that passes the operator `given` passes `wanted`."""
-    if wanted.kind == "matches" and wanted.text in _EVERY_VALUE:
-        return True
     if given.kind == "values":  # a finite set: try each of its values, as the router would
         return all(wanted.check(value) for value in given.values)
     if given.kind == wanted.kind and given.kind in ("matches", "glob"):
