@@ -55,6 +55,8 @@ def _shadowed(tmp_path: Path, *whens: str) -> list[tuple[str, str, str]]:
         ("{StudyComments: {missing: true}}", "{StudyComments: {missing: true}, Modality: MR}"),
         ("{calling_aet: {in: [MR1, MR2]}}", "{calling_aet: MR2, Modality: MR}"),
         ("{drop_folder: legacy}", "{drop_folder: legacy, path: {glob: '*/*/**'}}"),
+        ("{drop_folder: legacy}", "{drop_folder: /srv/drop/legacy}"),  # a folder's path: its name is seen too
+        ("{drop_folder: {matches: '^leg'}}", "{drop_folder: {in: [/srv/drop/legacy, legacy2]}}"),
         ("{path: {glob: '**/*.dcm'}}", "{path: {glob: '**/*.dcm'}, drop_folder: {present: true}}"),
         ("{any: [{calling_aet: MR1}, {calling_aet: MR2}]}", "{calling_aet: MR2}"),
         ("{any: [{Modality: MR}, {StationName: PET1}]}", "{StationName: PET1, Modality: PT}"),
@@ -89,6 +91,7 @@ def test_shadowed(tmp_path: Path, earlier: str, later: str) -> None:
         ("{SliceThickness: {lt: 5}}", "{SliceThickness: {le: 5}}"),
         ("{SliceThickness: {lt: 5}}", "{SliceThickness: {gt: 1}}"),
         ("{calling_aet: MR1}", "{drop_folder: MR1}"),
+        ("{drop_folder: /srv/drop/legacy}", "{drop_folder: legacy}"),  # /srv/other/legacy is a legacy too
         ("{path: {glob: '*.dcm'}}", "{path: {glob: '**/*.dcm'}}"),
         ("{any: [{calling_aet: MR1}, {calling_aet: MR2}]}", "{calling_aet: MR3}"),
         ("{calling_aet: MR2}", "{any: [{calling_aet: MR1}, {calling_aet: MR2}]}"),
@@ -148,7 +151,7 @@ def test_daemon_logs_shadowed_rules(tmp_path: Path) -> None:
 
 # A small world, so that random conditions often overlap and random facts often satisfy them.
 _VALUES = ("MR", "CT", "PT", "T1", "")
-_FIELDS = ("Modality", "SeriesDescription", "SliceThickness", "calling_aet", "path")
+_FIELDS = ("Modality", "SeriesDescription", "SliceThickness", "calling_aet", "drop_folder", "path")
 
 
 def _condition(field: str, kind: str, values: tuple[str, ...], bound: float) -> Condition:
@@ -167,7 +170,7 @@ def _condition(field: str, kind: str, values: tuple[str, ...], bound: float) -> 
     return Condition(field=field, text=text, lt=bounds["lt"], le=bounds["le"], gt=bounds["gt"], ge=bounds["ge"])
 
 
-_patterns = st.sampled_from((".*", "^M", "T", "^(MR|CT)$", "R$", "1"))
+_patterns = st.sampled_from((".*", "^", "^M", "T", "^(MR|CT)$", "R$", "1", "^a$", "^/"))
 _globs = st.sampled_from(("**", "*.dcm", "**/*.dcm", "a/*", "a/**", "*/*/**"))
 _bounds = st.sampled_from((0.5, 1.0, 3.0, 5.0))
 
@@ -182,7 +185,9 @@ def conditions(draw: st.DrawFn) -> Condition:
     elif kind == "glob":
         values = (draw(_globs),)
     else:
-        values = tuple(draw(st.lists(st.sampled_from(("MR", "CT", "1", "3.0", "a/x.dcm")), min_size=1, max_size=3)))
+        values = tuple(
+            draw(st.lists(st.sampled_from(("MR", "CT", "1", "3.0", "a/x.dcm", "a", "/srv/a")), min_size=1, max_size=3))
+        )
     return _condition(field, kind, values, draw(_bounds))
 
 
@@ -228,7 +233,7 @@ def facts(draw: st.DrawFn) -> StudyFacts:
         study_uid="1.2.3",
         series=series,
         calling_aet=draw(st.sampled_from(("MR", "CT", "1", ""))) if dicom else None,
-        drop_folder=None if dicom else "/srv/drop/a",
+        drop_folder=None if dicom else draw(st.sampled_from(("/srv/a", "/srv/a/", "/srv/b", "/a", "a"))),
         paths=() if dicom else tuple(draw(st.lists(st.sampled_from(("x.dcm", "a/x.dcm", "a/b/c", "MR")), max_size=3))),
     )
 

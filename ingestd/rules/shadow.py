@@ -9,7 +9,8 @@ shadowed is not reported, so every warning is true. What it proves:
 * a condition implies one on the same field when every value the first accepts is accepted by the second:
   `Modality: MR` implies `Modality: {in: [MR, CT]}` (the listed values are tested, so `{in: [T1a, T1b]}` implies
   `{matches: '^T1'}`), the same pattern or glob, a pattern such as `.*` that finds every value, `lt: 3`
-  implies `lt: 5`; `present: true` is implied by any condition but `missing`;
+  implies `lt: 5`; `present: true` is implied by any condition but `missing`; a drop folder's path implies its
+  name (`drop_folder: /srv/drop/legacy` implies `drop_folder: legacy`);
 * a mapping implies each of its own conditions and groups; `all` is its mappings together; an `any` is implied
   when one of its branches is, and implies what each of its branches implies; `not: X` implies `not: Y` when Y
   implies X.
@@ -18,6 +19,7 @@ shadowed is not reported, so every warning is true. What it proves:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import structlog
 
@@ -199,8 +201,10 @@ def _condition_implies(premise: Condition, goal: Condition) -> bool:
     """
     if goal.missing or premise.missing:
         return goal.missing and premise.missing
+    folder = goal.field == "drop_folder"
     return all(
-        _every_value(wanted) or any(_test_implies(given, wanted) for given in premise.tests) for wanted in goal.tests
+        _every_value(wanted) or any(_test_implies(given, wanted, folder=folder) for given in premise.tests)
+        for wanted in goal.tests
     )
 
 
@@ -208,10 +212,14 @@ def _every_value(test: ValueTest) -> bool:
     return test.kind == "matches" and test.text in _EVERY_VALUE
 
 
-def _test_implies(given: ValueTest, wanted: ValueTest) -> bool:
-    """Whether every value that passes the operator `given` passes `wanted`."""
+def _test_implies(given: ValueTest, wanted: ValueTest, *, folder: bool = False) -> bool:
+    """Whether every value that passes the operator `given` passes `wanted`. For `drop_folder` (`folder`), a study's
+    values are the folder's path and its name: a value with a '/' is the path, so its name is a value too."""
     if given.kind == "values":  # a finite set: try each of its values, as the router would
-        return all(wanted.check(value) for value in given.values)
+        return all(
+            wanted.check(value) or (folder and "/" in value and wanted.check(PurePosixPath(value).name))
+            for value in given.values
+        )
     if given.kind == wanted.kind and given.kind in ("matches", "glob"):
         return given.text == wanted.text
     if given.kind in _NUMERIC and wanted.kind in _NUMERIC:
