@@ -30,8 +30,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     run = commands.add_parser("run", help="run the daemon until SIGTERM or SIGINT")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
 
-    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check = commands.add_parser(
+        "check-config",
+        help="check a configuration and every file, folder and credential source it names; exit 2 on an error",
+    )
     check.add_argument("file", type=Path)
+    check.add_argument("--rules", action="store_true", help="also check its rules files, as check-rules does")
 
     check_rules = commands.add_parser("check-rules", help="validate rules files (together, as the daemon loads them)")
     check_rules.add_argument("files", type=Path, nargs="+", metavar="FILE")
@@ -122,11 +126,18 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     return parser
 
 
-def _cmd_run(config: Config, path: Path) -> int:
+def _cmd_run(path: Path) -> int:
+    from ingestd.admin.checkconfig import check_config, log_warnings  # noqa: PLC0415
     from ingestd.daemon import Daemon  # noqa: PLC0415 - keeps `status` and `check-config` light
     from ingestd.logs import configure_logging  # noqa: PLC0415
 
+    report = check_config(path)  # what `check-config` calls an error refuses the start, all of it at once
+    if report.errors or report.config is None:
+        refused = f"ingestd: not started: fix the above (ingestd check-config {path})"
+        raise ConfigError(str(path), [*report.errors, refused])
+    config = report.config
     configure_logging(config.logging.level, config.logging.format)
+    log_warnings(report.warnings)
     # A fatal signal (systemd's watchdog sends SIGABRT to a daemon whose main loop hangs) writes every thread's
     # stack to stderr first: where it hung, in the journal.
     faulthandler.enable(all_threads=True)
@@ -472,9 +483,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            config = load_config(args.file)
-            print(f"{args.file}: OK (state_dir {config.state_dir})")
-            return 0
+            from ingestd.admin.checkconfig import print_report  # noqa: PLC0415 - reads credentials, rules
+
+            return print_report(args.file, _cmd_check_rules if args.rules else None)
+        if args.command == "run":
+            return _cmd_run(args.config)
         if args.command == "check-rules":
             return _cmd_check_rules(args.files)
         if args.command == "new-key":
@@ -486,8 +499,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
 
             return run_demo(args.keep)
         config = load_config(args.config)
-        if args.command == "run":
-            return _cmd_run(config, args.config)
         if args.command == "health":
             return _cmd_health(config, args.timeout)
         if args.command in ("retry", "release"):
