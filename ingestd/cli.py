@@ -239,88 +239,6 @@ def _daemon_running(config: Config) -> bool:
         return False
 
 
-HEALTH_AE_TITLE = "INGESTD_HEALTH"
-
-
-def _local_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - a wildcard is reached on loopback
-
-
-def _healthz_problem(config: Config, timeout: float) -> str | None:
-    """Ask the daemon's /healthz; a problem, or None when it answers live and ready."""
-    import urllib.error  # noqa: PLC0415 - keeps `status` light
-    import urllib.request  # noqa: PLC0415
-
-    url = f"http://{_local_host(config.metrics.host)}:{config.metrics.port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            answer.read()
-            return None
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read())
-        except ValueError:
-            body = {}
-        said = [str(body.get("status") or "")]
-        said += [f"{name} dead" for name, alive in body.get("services", {}).items() if not alive]
-        said += [f"{name} wedged" for name in body.get("wedged", [])]
-        detail = ", ".join(part for part in said if part)
-        return f"{url} answered {exc.code} ({detail or 'no detail'})"
-    except OSError as exc:
-        return f"{url} did not answer: {getattr(exc, 'reason', None) or exc}"
-
-
-def _echo_problem(config: Config, timeout: float, calling: str) -> str | None:
-    from pynetdicom import AE  # noqa: PLC0415
-
-    host = _local_host(config.listener.host)
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(host, config.listener.port, ae_title=config.listener.ae_title)
-    answered = assoc.is_established and assoc.send_c_echo().Status == 0
-    if assoc.is_established:
-        assoc.release()
-    return None if answered else f"no C-ECHO answer from {config.listener.ae_title}@{host}:{config.listener.port}"
-
-
-def _cmd_health(config: Config, timeout: float) -> int:
-    """Healthy: a daemon holds the state directory's lock, the journal reads, /healthz says live and ready (every
-    worker running, none wedged), and the listener answers C-ECHO.
-
-    The C-ECHO comes from INGESTD_HEALTH; with an allow-list of calling AE titles that lacks it, it is left out
-    when /healthz answers (which covers the listener), else sent as the first allowed title.
-    """
-    problems: list[str] = []
-    try:
-        if not _daemon_running(config):
-            problems.append(f"no daemon runs on {config.state_dir}")
-    except OSError as exc:
-        problems.append(f"cannot open {config.state_dir / 'ingestd.lock'}: {exc.strerror}")
-    if not problems:
-        try:
-            journal = Journal(config.journal_path, read_only=True)
-            try:
-                held = len(journal.batches((StudyState.HELD,)))
-            finally:
-                journal.close()
-        except Exception as exc:  # noqa: BLE001 - any failure to read the journal is unhealthy
-            problems.append(f"the journal cannot be read: {type(exc).__name__}")
-    if not problems and config.metrics.enabled and config.metrics.port:
-        problems += filter(None, [_healthz_problem(config, timeout)])
-    allowed = config.listener.allowed_calling_aets
-    if not problems and config.listener.enabled:
-        if not allowed or HEALTH_AE_TITLE in allowed:
-            problems += filter(None, [_echo_problem(config, timeout, HEALTH_AE_TITLE)])
-        elif not (config.metrics.enabled and config.metrics.port):
-            problems += filter(None, [_echo_problem(config, timeout, allowed[0])])
-    if problems:
-        print("unhealthy: " + "; ".join(problems))
-        return 1
-    print(f"healthy: daemon running, journal readable ({held} held)")
-    return 0
-
-
 def _cmd_check_rules(files: list[Path]) -> int:
     from ingestd.rules import load_rules  # noqa: PLC0415 - keeps `status` light
 
@@ -500,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return run_demo(args.keep)
         config = load_config(args.config)
         if args.command == "health":
-            return _cmd_health(config, args.timeout)
+            from ingestd.admin.health import print_health  # noqa: PLC0415 - pulls in pynetdicom
+
+            return print_health(config, args.timeout)
         if args.command in ("retry", "release"):
             return _cmd_retry_release(args, config)
         if args.command == "import":
