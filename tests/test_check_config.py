@@ -286,3 +286,19 @@ def test_credentials_file_of_another_user(setup: Setup) -> None:
     owned = [problem for problem in report.errors if "belongs to" in problem]
     assert len(owned) == 1, report.errors
     assert owned[0].startswith(f"{setup.config}:9: xnat.servers.main.credentials.file: credentials file")
+
+
+def test_keys_the_rules_name(setup: Setup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAB_TEST_KEY", raising=False)
+    setup.rules.write_text("profiles:\n  research: {key: {env: LAB_TEST_KEY}}\n  pet: {key: {file: pet.key}}\n" + RULES)
+    status, errors, _ = setup.check(capsys)
+    assert status == 2
+    assert errors == [
+        f"{setup.rules}:2: profiles.research.key: environment variable LAB_TEST_KEY is not set; it must hold the key"
+        " (32+ characters)",
+        f"{setup.rules}:3: profiles.pet.key: key file {setup.root / 'pet.key'} does not exist (create one with: "
+        f"ingestd new-key {setup.root / 'pet.key'})",
+    ]
+    monkeypatch.setenv("LAB_TEST_KEY", "k" * 40)
+    assert main(["new-key", str(setup.root / "pet.key")]) == 0
+    assert setup.check(capsys)[:2] == (0, [])

@@ -20,19 +20,11 @@ import yaml
 from pydantic import BaseModel
 
 from ingestd.admin.checkpaths import Finding, Who, check_paths
-from ingestd.config import (
-    Config,
-    YamlDocument,
-    _line_of,
-    read_yaml,
-    read_yaml_file,
-    resolve_rules,
-    validate_document,
-)
-from ingestd.configwords import did_you_mean
+from ingestd.admin.checkrefs import rules_references, where
+from ingestd.config import Config, YamlDocument, read_yaml, read_yaml_file, resolve_rules, validate_document
 from ingestd.errors import ConfigError
 
-__all__ = ["Report", "check_config", "duplicate_keys", "log_warnings", "numbers", "print_report", "rule_servers"]
+__all__ = ["Report", "check_config", "duplicate_keys", "log_warnings", "numbers", "print_report"]
 
 log = structlog.get_logger("ingestd.checkconfig")
 
@@ -46,11 +38,6 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     config: Config | None = None
-
-
-def _where(source: str, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> str:
-    key = ".".join(str(part) for part in loc) or "(top level)"
-    return f"{source}:{_line_of(loc, lines) or 1}: {key}"
 
 
 def duplicate_keys(node: yaml.Node | None, source: str, path: tuple[Any, ...] = ()) -> Iterator[str]:
@@ -73,39 +60,6 @@ def duplicate_keys(node: yaml.Node | None, source: str, path: tuple[Any, ...] = 
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             yield from duplicate_keys(item, source, (*path, index))
-
-
-def rule_servers(config: Config, config_source: str) -> tuple[list[str], list[str]]:
-    """(errors, warnings): each rule's `route.server` must be one of `xnat.servers` (read from the rules files'
-    YAML alone, so that this runs whatever else is wrong with them; `check-rules` reports the rest)."""
-    errors: list[str] = []
-    named: dict[str, str] = {}
-    known = sorted(config.xnat.servers)
-    for path in config.rules:
-        try:
-            document = read_yaml(read_yaml_file(path, "rules file"), str(path), what="rules file")
-        except ConfigError:
-            continue  # unreadable or not YAML: reported by the file check and by `check-rules`
-        rules = document.data.get("rules") if isinstance(document.data, dict) else None
-        for index, rule in enumerate(rules if isinstance(rules, list) else []):
-            route = rule.get("route") if isinstance(rule, dict) else None
-            server = route.get("server") if isinstance(route, dict) else None
-            if not isinstance(server, str):
-                continue
-            where = _where(str(path), document.lines, ("rules", index, "route", "server"))
-            named.setdefault(server, where)
-            if known and server not in known:
-                errors.append(
-                    f"{where}: no XNAT server '{server}' in xnat.servers of {config_source}"
-                    f"{did_you_mean(server, known)} (the servers are: {', '.join(known)})"
-                )
-    warnings = []
-    if named and not known:
-        warnings.append(
-            f"{config_source}:1: xnat.servers: none configured, but rules route to "
-            f"{', '.join(sorted(named))}: routed studies wait and nothing is sent"
-        )
-    return errors, warnings
 
 
 def _durations(model: BaseModel, loc: tuple[Any, ...]) -> Iterator[Finding]:
@@ -150,9 +104,12 @@ def numbers(config: Config, uid: int) -> list[Finding]:
     return found
 
 
-def check_config(path: Path, *, uid: int | None = None, environ: Mapping[str, str] | None = None) -> Report:
+def check_config(
+    path: Path, *, uid: int | None = None, environ: Mapping[str, str] | None = None, keys: bool = True
+) -> Report:
     """Every problem with the configuration file at `path`, checked for user `uid` with environment `environ`
-    (default: this process's)."""
+    (default: this process's); `keys`: also the de-identification keys its rules files name (which loading the
+    rules checks too)."""
     source = str(path)
     report = Report()
     try:
@@ -172,10 +129,10 @@ def check_config(path: Path, *, uid: int | None = None, environ: Mapping[str, st
         return _sorted(report)
     who = Who(os.geteuid() if uid is None else uid, os.environ if environ is None else environ)
     for finding in check_paths(config, who) + numbers(config, who.uid):
-        text = f"{_where(source, document.lines, finding.loc)}: {finding.message}"
+        text = f"{where(source, document.lines, finding.loc)}: {finding.message}"
         (report.errors if finding.level == "error" else report.warnings).append(text)
     report = _sorted(report)
-    errors, warnings = rule_servers(config, source)
+    errors, warnings = rules_references(config, source, keys=keys)
     report.errors += errors
     report.warnings += warnings
     report.config = config
@@ -197,7 +154,7 @@ def _sorted(report: Report) -> Report:
 def print_report(path: Path, check_rules: Callable[[list[Path]], int] | None = None) -> int:
     """`ingestd check-config FILE [--rules]`: print every problem (errors and warnings to stderr); the exit
     status: 2 on any error, else 0. `check_rules` (the `check-rules` command) is run on the rules it names."""
-    report = check_config(path)
+    report = check_config(path, keys=check_rules is None)  # else the rules check reports them
     for problem in report.errors:
         print(problem, file=sys.stderr)
     for problem in report.warnings:
