@@ -302,3 +302,11 @@ def test_keys_the_rules_name(setup: Setup, capsys: pytest.CaptureFixture[str], m
     monkeypatch.setenv("LAB_TEST_KEY", "k" * 40)
     assert main(["new-key", str(setup.root / "pet.key")]) == 0
     assert setup.check(capsys)[:2] == (0, [])
+
+
+def test_check_config_rules_reports_both_at_once(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    setup.drop.rmdir()
+    setup.rules.write_text(RULES.replace("Modality: MR", "Modalty: MR"))
+    status, errors, _ = setup.check(capsys, "--rules")
+    assert status == 2
+    assert [error.split(": ")[1] for error in errors] == ["drop_folders.0.path", "rules.0.when.Modalty"]

@@ -160,17 +160,25 @@ def print_report(path: Path, check_rules: Callable[[list[Path]], int] | None = N
     for problem in report.warnings:
         source, line = _line_key(problem)
         print(f"{source}:{line}: warning: {problem.split(': ', 1)[1]}", file=sys.stderr)
-    if report.errors:
-        return 2
-    assert report.config is not None  # noqa: S101 - no error: the model validated
-    warned = f", {len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}" if report.warnings else ""
-    print(f"{path}: OK (state_dir {report.config.state_dir}{warned})")
-    if check_rules is None:
-        return 0
-    if not report.config.rules:
+    status = 2 if report.errors else 0
+    config = report.config
+    if config is not None and not report.errors:
+        warned = (
+            f", {len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''}" if report.warnings else ""
+        )
+        print(f"{path}: OK (state_dir {config.state_dir}{warned})")
+    if config is None or check_rules is None:
+        return status
+    if not config.rules:
         print(f"{path}: no rules files configured: nothing is routed", file=sys.stderr)
-        return 0
-    return check_rules(list(report.config.rules))  # raises ConfigError on a problem: exit 2
+    elif all(rules.is_file() for rules in config.rules):  # a missing one is reported above
+        try:
+            status = max(status, check_rules(list(config.rules)))
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            status = 2
+    return status
 
 
 def log_warnings(warnings: list[str]) -> None:
