@@ -219,12 +219,18 @@ def test_did_you_mean_for_unknown_keys(setup: Setup, capsys: pytest.CaptureFixtu
     text = (
         setup.text().replace("listener: {port:", "listner: {port:").replace("credentials: {file:", "credentals: {file:")
     )
-    setup.write(text + "metrics: {prot: 9000}\n")
+    text = text.replace(f"[{{path: {setup.drop}}}]", f"[{{path: {setup.drop}, setle_seconds: 3}}]")
+    setup.write(text + "metrics: {prot: 9000}\nstudy_idle: 30\n")
     status, errors, _ = setup.check(capsys)
     assert status == 2
-    assert f"{setup.config}:2: listner: unknown key (did you mean 'listener'?)" in errors
-    assert f"{setup.config}:9: xnat.servers.main.credentals: unknown key (did you mean 'credentials'?)" in errors
-    assert f"{setup.config}:10: metrics.prot: unknown key (did you mean 'port'?)" in errors
+    assert errors == [
+        f"{setup.config}:2: listner: unknown key (did you mean 'listener'?)",
+        f"{setup.config}:3: drop_folders.0.setle_seconds: unknown key (did you mean 'settle_seconds'?)",
+        f"{setup.config}:7: xnat.servers.main.credentials: required key is missing",
+        f"{setup.config}:9: xnat.servers.main.credentals: unknown key (did you mean 'credentials'?)",
+        f"{setup.config}:10: metrics.prot: unknown key (did you mean 'port'?)",
+        f"{setup.config}:11: study_idle: unknown key (did you mean 'study_idle_seconds'?)",
+    ]
 
 
 def test_warnings_go_to_stderr_with_status_0(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
