@@ -30,8 +30,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     run = commands.add_parser("run", help="run the daemon until SIGTERM or SIGINT")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
 
-    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check = commands.add_parser(
+        "check-config",
+        help="check a configuration and every file, folder and credential source it names; exit 2 on an error",
+    )
     check.add_argument("file", type=Path)
+    check.add_argument("--rules", action="store_true", help="also check its rules files, as check-rules does")
 
     check_rules = commands.add_parser("check-rules", help="validate rules files (together, as the daemon loads them)")
     check_rules.add_argument("files", type=Path, nargs="+", metavar="FILE")
@@ -122,11 +126,18 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     return parser
 
 
-def _cmd_run(config: Config, path: Path) -> int:
+def _cmd_run(path: Path) -> int:
+    from ingestd.admin.checkconfig import check_config, log_warnings  # noqa: PLC0415
     from ingestd.daemon import Daemon  # noqa: PLC0415 - keeps `status` and `check-config` light
     from ingestd.logs import configure_logging  # noqa: PLC0415
 
+    report = check_config(path)  # what `check-config` calls an error refuses the start, all of it at once
+    if report.errors or report.config is None:
+        refused = f"ingestd: not started: fix the above (ingestd check-config {path})"
+        raise ConfigError(str(path), [*report.errors, refused])
+    config = report.config
     configure_logging(config.logging.level, config.logging.format)
+    log_warnings(report.warnings)
     # A fatal signal (systemd's watchdog sends SIGABRT to a daemon whose main loop hangs) writes every thread's
     # stack to stderr first: where it hung, in the journal.
     faulthandler.enable(all_threads=True)
@@ -226,88 +237,6 @@ def _daemon_running(config: Config) -> bool:
             return False
     except FileNotFoundError:
         return False
-
-
-HEALTH_AE_TITLE = "INGESTD_HEALTH"
-
-
-def _local_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - a wildcard is reached on loopback
-
-
-def _healthz_problem(config: Config, timeout: float) -> str | None:
-    """Ask the daemon's /healthz; a problem, or None when it answers live and ready."""
-    import urllib.error  # noqa: PLC0415 - keeps `status` light
-    import urllib.request  # noqa: PLC0415
-
-    url = f"http://{_local_host(config.metrics.host)}:{config.metrics.port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            answer.read()
-            return None
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read())
-        except ValueError:
-            body = {}
-        said = [str(body.get("status") or "")]
-        said += [f"{name} dead" for name, alive in body.get("services", {}).items() if not alive]
-        said += [f"{name} wedged" for name in body.get("wedged", [])]
-        detail = ", ".join(part for part in said if part)
-        return f"{url} answered {exc.code} ({detail or 'no detail'})"
-    except OSError as exc:
-        return f"{url} did not answer: {getattr(exc, 'reason', None) or exc}"
-
-
-def _echo_problem(config: Config, timeout: float, calling: str) -> str | None:
-    from pynetdicom import AE  # noqa: PLC0415
-
-    host = _local_host(config.listener.host)
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(host, config.listener.port, ae_title=config.listener.ae_title)
-    answered = assoc.is_established and assoc.send_c_echo().Status == 0
-    if assoc.is_established:
-        assoc.release()
-    return None if answered else f"no C-ECHO answer from {config.listener.ae_title}@{host}:{config.listener.port}"
-
-
-def _cmd_health(config: Config, timeout: float) -> int:
-    """Healthy: a daemon holds the state directory's lock, the journal reads, /healthz says live and ready (every
-    worker running, none wedged), and the listener answers C-ECHO.
-
-    The C-ECHO comes from INGESTD_HEALTH; with an allow-list of calling AE titles that lacks it, it is left out
-    when /healthz answers (which covers the listener), else sent as the first allowed title.
-    """
-    problems: list[str] = []
-    try:
-        if not _daemon_running(config):
-            problems.append(f"no daemon runs on {config.state_dir}")
-    except OSError as exc:
-        problems.append(f"cannot open {config.state_dir / 'ingestd.lock'}: {exc.strerror}")
-    if not problems:
-        try:
-            journal = Journal(config.journal_path, read_only=True)
-            try:
-                held = len(journal.batches((StudyState.HELD,)))
-            finally:
-                journal.close()
-        except Exception as exc:  # noqa: BLE001 - any failure to read the journal is unhealthy
-            problems.append(f"the journal cannot be read: {type(exc).__name__}")
-    if not problems and config.metrics.enabled and config.metrics.port:
-        problems += filter(None, [_healthz_problem(config, timeout)])
-    allowed = config.listener.allowed_calling_aets
-    if not problems and config.listener.enabled:
-        if not allowed or HEALTH_AE_TITLE in allowed:
-            problems += filter(None, [_echo_problem(config, timeout, HEALTH_AE_TITLE)])
-        elif not (config.metrics.enabled and config.metrics.port):
-            problems += filter(None, [_echo_problem(config, timeout, allowed[0])])
-    if problems:
-        print("unhealthy: " + "; ".join(problems))
-        return 1
-    print(f"healthy: daemon running, journal readable ({held} held)")
-    return 0
 
 
 def _cmd_check_rules(files: list[Path]) -> int:
@@ -475,9 +404,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            config = load_config(args.file)
-            print(f"{args.file}: OK (state_dir {config.state_dir})")
-            return 0
+            from ingestd.admin.checkconfig import print_report  # noqa: PLC0415 - reads credentials, rules
+
+            return print_report(args.file, _cmd_check_rules if args.rules else None)
+        if args.command == "run":
+            return _cmd_run(args.config)
         if args.command == "check-rules":
             return _cmd_check_rules(args.files)
         if args.command == "new-key":
@@ -489,10 +420,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
 
             return run_demo(args.keep)
         config = load_config(args.config)
-        if args.command == "run":
-            return _cmd_run(config, args.config)
         if args.command == "health":
-            return _cmd_health(config, args.timeout)
+            from ingestd.admin.health import print_health  # noqa: PLC0415 - pulls in pynetdicom
+
+            return print_health(config, args.timeout)
         if args.command in ("retry", "release"):
             return _cmd_retry_release(args, config)
         if args.command == "import":

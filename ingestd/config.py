@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ingestd.configwords import problem_text
 from ingestd.errors import ConfigError
 from ingestd.walk import DEFAULT_MAX_DEPTH
 
@@ -29,6 +30,7 @@ __all__ = [
     "parse_config",
     "read_yaml",
     "read_yaml_file",
+    "resolve_rules",
     "validate_document",
     "validate_yaml",
 ]
@@ -44,7 +46,8 @@ MAX_PDU_SIZE = 64 * 1024 * 1024  # the largest
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and .nan are refused: no duration, size or count of the configuration means "for ever" that way.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_ae_title(value: str) -> str:
@@ -519,10 +522,13 @@ def read_yaml(
     return YamlDocument(node, data, lines)
 
 
-def validate_document(document: YamlDocument, source: str, model: type[M], *, what: str = "configuration") -> M:
+def validate_document(
+    document: YamlDocument, source: str, model: type[M], *, what: str = "configuration", plain: bool = False
+) -> M:
     """Validate a document read by `read_yaml` against `model`; raise ConfigError listing every problem.
 
-    Each problem names `source`, the line and the dotted key, e.g. `rules.yaml:12: rules.0.when.Modalty: ...`.
+    Each problem names `source`, the line and the dotted key, e.g. `rules.yaml:12: rules.0.when.Modalty: ...`;
+    `plain`: in ingestd's words ("must be a list", did-you-mean for unknown keys), not pydantic's.
     """
     data = {} if document.data is None else document.data
     if not isinstance(data, dict):
@@ -536,7 +542,9 @@ def validate_document(document: YamlDocument, source: str, model: type[M], *, wh
             line = _line_of(loc, document.lines)
             key = ".".join(str(part) for part in loc) or "(top level)"
             message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
+            if plain:
+                message = problem_text(error, model, loc)
+            elif error["type"] == "extra_forbidden":
                 message = "unknown key"
             elif error["type"] == "missing":
                 message = "required key is missing"
@@ -544,20 +552,24 @@ def validate_document(document: YamlDocument, source: str, model: type[M], *, wh
         raise ConfigError(source, problems) from None
 
 
-def validate_yaml(text: str, source: str, model: type[M], *, what: str = "configuration") -> M:
+def validate_yaml(text: str, source: str, model: type[M], *, what: str = "configuration", plain: bool = False) -> M:
     """Safe-load YAML text (within the limits above) and validate it against `model`; raise ConfigError listing
     every problem, each as `source:line: key: message`."""
-    return validate_document(read_yaml(text, source, what=what), source, model, what=what)
+    return validate_document(read_yaml(text, source, what=what), source, model, what=what, plain=plain)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse and validate configuration text; raise ConfigError listing every problem."""
-    return validate_yaml(text, source, Config)
+    """Parse and validate configuration text; raise ConfigError listing every problem, in ingestd's words."""
+    return validate_yaml(text, source, Config, plain=True)
 
 
 def load_config(path: Path) -> Config:
     """Read and validate the configuration file at `path`."""
-    config = parse_config(read_yaml_file(path), str(path))
+    return resolve_rules(parse_config(read_yaml_file(path), str(path)), path)
+
+
+def resolve_rules(config: Config, path: Path) -> Config:
+    """`config` with its relative rules paths taken from the folder of its file, `path`."""
     if any(not rules.is_absolute() for rules in config.rules):
         resolved = tuple(rules if rules.is_absolute() else path.parent / rules for rules in config.rules)
         config = config.model_copy(update={"rules": resolved})

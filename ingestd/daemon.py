@@ -24,7 +24,7 @@ from ingestd.config import Config, load_config
 from ingestd.deadline import ProcessDeadline
 from ingestd.errors import ConfigError
 from ingestd.journal import Journal
-from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer
+from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer, record_daemon
 from ingestd.notify import SystemdNotifier
 from ingestd.pipeline.assemble import Assembler
 from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
@@ -133,6 +133,8 @@ class Daemon:
             )
             self.listener.start()
             self._services.append(self.listener)
+        where = None if self.listener is None else (config.listener.host, self.listener.port, config.listener.ae_title)
+        record_daemon(self.journal, self._metrics, where)  # what `ingestd health` reads: no HTTP needed
         self._ready = True
         log.info("daemon.started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
 

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingestd.journal import Totals
+from ingestd.journal import Journal, Totals
 from ingestd.states import StudyState
 from ingestd.status import JournalStatus
 
@@ -47,8 +47,10 @@ __all__ = [
     "STAGE_SECONDS",
     "AssociationCounters",
     "AssociationSlot",
+    "DaemonRecord",
     "JournalCollector",
     "MetricsServer",
+    "record_daemon",
     "stage_seconds",
 ]
 
@@ -311,3 +313,42 @@ class MetricsServer:
         body = b"ingestd: /metrics (Prometheus) and /healthz\n"
         start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
+
+
+DAEMON_RECORD = "daemon"  # the journal's meta key of the running daemon's record
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonRecord:
+    """Where the running daemon serves, as it started (a configuration edited since may say otherwise): written
+    into the journal once every service runs, read by `ingestd health` (which so needs no HTTP, and no
+    configuration that still matches the running daemon)."""
+
+    pid: int
+    started_at: float  # time.time() once every service ran; the main loop's heartbeats follow
+    metrics: str | None  # http://host:port of /metrics and /healthz; None when disabled or not bound
+    listener: tuple[str, int, str] | None  # host, port, called AE title of the DICOM listener; None when disabled
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DaemonRecord | None:
+        try:
+            data = json.loads(text)
+            listener = data["listener"]
+            return cls(
+                pid=int(data["pid"]),
+                started_at=float(data["started_at"]),
+                metrics=None if data["metrics"] is None else str(data["metrics"]),
+                listener=None if listener is None else (str(listener[0]), int(listener[1]), str(listener[2])),
+            )
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
+
+
+def record_daemon(journal: Journal, metrics: MetricsServer | None, listener: tuple[str, int, str] | None) -> None:
+    """Write the running daemon's record (`DaemonRecord`) into the journal."""
+    url = None if metrics is None else f"http://{metrics.host}:{metrics.port}"
+    record = DaemonRecord(os.getpid(), time.time(), url, listener)
+    journal.set_meta(DAEMON_RECORD, record.to_json())

@@ -38,8 +38,8 @@ def test_every_error_is_reported_with_file_line_and_key() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(text, "ingestd.yaml")
     problems = caught.value.problems
-    assert "ingestd.yaml:3: listener.port: Input should be less than or equal to 65535" in problems
-    assert "ingestd.yaml:4: listener.ae_titel: unknown key" in problems
+    assert "ingestd.yaml:3: listener.port: must be less than or equal to 65535" in problems
+    assert "ingestd.yaml:4: listener.ae_titel: unknown key (did you mean 'ae_title'?)" in problems
     assert any(p.startswith("ingestd.yaml:6: drop_folders.0:") and "done_folder" in p for p in problems)
     assert any(p.startswith("ingestd.yaml:9: drop_folders.1.settle_seconds:") for p in problems)
     assert len(problems) == 4
@@ -68,8 +68,13 @@ def test_example_config_is_valid() -> None:
     assert config.drop_folders
 
 
-def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`ingestd check-config` prints every problem and exits non-zero; no traceback."""
+def test_check_config_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ingestd check-config` prints every problem and exits non-zero; no traceback. The example is right once its
+    drop folder exists, as its first line says (its paths are relative to the folder ingestd runs in)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ingestd-drop").mkdir()
     bad = tmp_path / "bad.yaml"
     bad.write_text("state_dir: /x\nlistener:\n  port: -1\n")
     assert main(["check-config", str(bad)]) == 2

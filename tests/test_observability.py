@@ -177,7 +177,7 @@ def test_metrics_health_and_logs_without_phi(tmp_path: Path, xnat: FakeXnat) -> 
         assert value("ingestd_stage_duration_seconds_count", stage="route") == 2
         assert value("ingestd_stage_duration_seconds_count", stage="archive") == 2
         assert value("ingestd_spool_free_bytes") > 0
-        # `ingestd health` asks /healthz; the allow-list lacks its C-ECHO's AE title, so /healthz stands for it.
+        # `ingestd health`: the allow-list lacks INGESTD_HEALTH, so its C-ECHO comes from the first allowed title.
         health_check = subprocess.run(
             [sys.executable, "-m", "ingestd", "health", "--config", str(config)],
             capture_output=True,

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # Below rules/: rules/load.py reads its YAML through config's readers (read_yaml, validate_document).
-    ("configuration", ("config",)),
+    ("configuration", ("configwords", "config")),
     # logs redacts log values with the de-identification table (deid/table.py).
     ("pure rules and de-identification", ("rules", "deid", "logs")),
     # status: the journal's read model (the `status` command, the systemd STATUS line, metrics' counts).
