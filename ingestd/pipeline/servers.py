@@ -48,14 +48,16 @@ class XnatServers:
         self._token_due.clear()
 
     def _wake_if_asked(self) -> None:
-        """Try paused servers now if `ingestd retry --now` asked for it since the last look (a meta row)."""
-        if not self.breaker.paused():
-            return
+        """Try paused servers now if `ingestd retry --now` asked for it since the last look (a meta row). A request
+        made while none was paused is spent all the same: it must not wake a pause that began after it."""
         asked = wake_requested(self._journal)
-        if asked > self._woken:
-            self._woken = asked
+        if asked <= self._woken:
+            return
+        self._woken = asked
+        paused = self.breaker.paused()
+        if paused:
             self.breaker.wake()
-            log.info("xnat.wake_requested", servers=self.breaker.paused())
+            log.info("xnat.wake_requested", servers=paused)
 
     def close(self) -> None:
         for client in self.clients.values():
