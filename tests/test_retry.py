@@ -295,7 +295,7 @@ def test_a_study_xnat_may_hold_part_of_keeps_its_route_and_retry_says_what_to_do
         assert main(["retry", "--config", _config(lab), str(batch_id)]) == 0
         said = capsys.readouterr().out
         assert f"kept its route by rule 'research' (rule set {route.rules_version if route else ''})" in said, said
-        assert f"remove the prearchive session /data{url} in XNAT" in said, said
+        assert f"prearchive session /data{url}." in said and "delete that prearchive session in XNAT" in said, said
         assert f"then run `ingestd retry --reroute-sent {batch_id}`" in said, said
         assert lab.journal.route(batch_id) == route  # the same route, decided when it was
         lab.deliver()
@@ -460,3 +460,25 @@ def test_a_reload_logs_every_client_out_and_unreadable_credentials_are_a_refused
         with pytest.raises(XnatLoginError, match=words):
             load_credentials(Credentials(file=path), "http://127.0.0.1")
     assert PASSWORD  # the lab's password, used by the stand-in above
+
+
+def test_rules_that_do_not_load_change_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`retry` loads the rules as the daemon would: if they do not load, it prints why and leaves every study as
+    it was. Asking for nothing, or `--all` without `--now`, is refused with what to type instead."""
+    with lab_xnat() as xnat:
+        lab = Lab(tmp_path, xnat, project="NOSUCH")
+        lab.receive(study(series=1, per_series=1))
+        lab.deliver()
+        (batch, _), route = lab.batch(), lab.journal.routes()[1]
+        config = _config(lab)
+        lab.rules_file.write_text(lab.rules_file.read_text().replace("when:", "wehn:"))
+        assert main(["retry", "--config", config, "--held"]) == 2
+        assert "wehn" in capsys.readouterr().err
+        assert lab.journal.batch_state(batch.id) == StudyState.HELD and lab.journal.route(batch.id) == route
+        assert main(["retry", "--config", config]) == 1
+        assert "name a study" in capsys.readouterr().err
+        assert main(["retry", "--config", config, "--all"]) == 1
+        assert "--all is for --now" in capsys.readouterr().err
+        lab.rules_file.write_text(lab.rules_file.read_text().replace("wehn:", "when:"))
+        assert main(["retry", "--config", config, "--now", "#99"]) == 1
+        assert "no waiting or held study matches #99" in capsys.readouterr().err

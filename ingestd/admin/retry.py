@@ -204,16 +204,16 @@ def _describe(result: Retried, batch: BatchRow, version: str | None) -> str:
     else:
         assert result.sent is not None  # noqa: S101 - kept because something was sent
         where = (
-            f"remove the prearchive session /data{result.sent.prearchive_url} in XNAT"
+            "delete that prearchive session in XNAT (Upload > Prearchive)"
             if result.sent.prearchive_url
-            else "look in XNAT's prearchive and the project for what it holds of this study and remove it"
+            else "delete what XNAT holds of it (see its Prearchive page and the project)"
         )
         if result.sent.archive_uri:
-            where += f" and the archived session {result.sent.archive_uri}"
+            where += " and the archived session"
         text = (
-            f"{kept}, because XNAT may already hold part of it ({result.sent.describe()}): re-routing would leave"
-            " that in XNAT and send the study again under the new labels. Its delivery goes on with the route it"
-            f" has. To re-route it instead: {where}, then run `ingestd retry --reroute-sent {result.batch_id}`"
+            f"{kept}, because XNAT may already hold part of it: {result.sent.describe()}. Re-routing would leave that"
+            " in XNAT and send the study again under the new labels, so its delivery goes on with the route it has."
+            f" To re-route it instead, {where}, then run `ingestd retry --reroute-sent {result.batch_id}`"
         )
     if result.missing_files:
         text += (
@@ -226,13 +226,17 @@ def _describe(result: Retried, batch: BatchRow, version: str | None) -> str:
 def _push(journal: Journal, batch_ids: list[int] | None, out: Callable[[str], None]) -> None:
     """`--now`: make due at once what waits between attempts, and ask the daemon to try paused servers now."""
     now = time.time()
+    pushed_any = False
     for pushed in push_now(journal, batch_ids, now):
+        pushed_any = True
         wait = "its next delivery attempt" if pushed.waited == "delivery" else "its retry after a failure"
         out(f"batch {pushed.batch_id} ({pushed.state}): {wait} was due in {pushed.seconds_left:.0f} s: due now")
     request_wake(journal, now)
-    for state in server_states(journal):
-        if state.paused:
-            out(
-                f"XNAT server {state.server} is paused after {state.refusals} refused logins ({state.reason}):"
-                " a login is tried at once; if it is refused again, fix the account or credentials first"
-            )
+    paused = [state for state in server_states(journal) if state.paused]
+    if not pushed_any and not paused:
+        out("nothing waits between attempts")
+    for state in paused:
+        out(
+            f"XNAT server {state.server} is paused after {state.refusals} refused logins ({state.reason}):"
+            " a login is tried at once; if it is refused again, fix the account or credentials first"
+        )

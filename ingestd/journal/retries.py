@@ -68,7 +68,7 @@ class SentEvidence:
             parts.append(f"XNAT filed an upload as the prearchive session /data{self.prearchive_url}")
         if self.archive_uri:
             parts.append(f"XNAT archived it as {self.archive_uri}")
-        return "; ".join(parts)
+        return ", ".join(parts)
 
 
 def _evidence(db: Tx, batch_id: int) -> SentEvidence | None:
