@@ -482,3 +482,24 @@ def test_rules_that_do_not_load_change_nothing(tmp_path: Path, capsys: pytest.Ca
         lab.rules_file.write_text(lab.rules_file.read_text().replace("wehn:", "when:"))
         assert main(["retry", "--config", config, "--now", "#99"]) == 1
         assert "no waiting or held study matches #99" in capsys.readouterr().err
+
+
+def test_retry_refuses_while_an_import_holds_the_state_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another ingestd that is not a daemon (an `ingestd import`) holds the lock: it would not take up a SIGHUP (and
+    might end on one), so `retry` signals nothing and changes nothing."""
+    import fcntl  # noqa: PLC0415
+
+    with lab_xnat() as xnat:
+        lab = Lab(tmp_path, xnat, project="NOSUCH")
+        lab.receive(study(series=1, per_series=1))
+        lab.deliver()
+        route = lab.journal.routes()[1]
+        with (lab.state / "ingestd.lock").open("a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            assert main(["retry", "--config", _config(lab), "--held"]) == 1
+        assert "is not a daemon" in capsys.readouterr().err
+        assert lab.journal.batch_state(1) == StudyState.HELD and lab.journal.route(1) == route
