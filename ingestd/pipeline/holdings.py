@@ -88,6 +88,7 @@ class Look:
 LABEL_TAKEN_ADVICE = (
     "Give each study its own session label: fix the rule's route.session template (`ingestd explain` shows the"
     " labels it makes), then run `ingestd retry` on this study, which routes it again with the rules as they are then"
+    " (if part of it may be in XNAT already, retry says what to delete there first)"
 )
 
 
