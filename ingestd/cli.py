@@ -73,11 +73,36 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     health.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the C-ECHO (default 5)")
 
-    retry = commands.add_parser("retry", help="try held studies again, from the step that held them")
+    retry = commands.add_parser(
+        "retry",
+        help="route held studies again with the rules as they are now (a running daemon reloads first); --now: try"
+        " waiting ones at once",
+        description="Route held studies again with the rules and credentials as they are now: a running daemon is"
+        " sent SIGHUP first and retry waits until it has reloaded. A study part of which may already be in XNAT"
+        " keeps its route, and retry says what to remove in XNAT before --reroute-sent.",
+    )
     retry.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
-    which = retry.add_mutually_exclusive_group(required=True)
-    which.add_argument("study", nargs="?", help="batch id, study digest (sha256:...), or Study Instance UID")
+    which = retry.add_mutually_exclusive_group()
+    which.add_argument("study", nargs="?", help="batch id (12, #12), study digest (sha256:...), or Study Instance UID")
     which.add_argument("--held", action="store_true", help="every held study")
+    which.add_argument("--all", action="store_true", help="with --now: every waiting study (the default for --now)")
+    retry.add_argument(
+        "--now",
+        action="store_true",
+        help="also try at once what waits between attempts (deliveries, retries after a failure, paused XNAT logins)",
+    )
+    route = retry.add_mutually_exclusive_group()
+    route.add_argument(
+        "--keep-route", action="store_true", help="keep the route it has (no re-routing): after fixing XNAT, not rules"
+    )
+    route.add_argument(
+        "--reroute-sent",
+        action="store_true",
+        help="re-route even a study part of which may be in XNAT already (remove that in XNAT first: retry says what)",
+    )
+    retry.add_argument(
+        "--wait", type=float, default=60.0, metavar="SECONDS", help="how long to wait for the daemon to reload (60)"
+    )
 
     release = commands.add_parser("release", help="take a held study over by hand: ingestd stops working on it")
     release.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
@@ -199,7 +224,7 @@ def _cmd_import(args: argparse.Namespace, config: Config) -> int:
     )
 
 
-def _cmd_retry_release(args: argparse.Namespace, config: Config) -> int:
+def _cmd_release(args: argparse.Namespace, config: Config) -> int:
     from ingestd.admin.batchref import find_batches  # noqa: PLC0415 - keeps `status` light
 
     if not config.journal_path.exists():
@@ -207,21 +232,23 @@ def _cmd_retry_release(args: argparse.Namespace, config: Config) -> int:
         return 1
     journal = Journal(config.journal_path)
     try:
-        batches = find_batches(
-            journal, None if args.command == "retry" and args.held else args.study, (StudyState.HELD,)
-        )
+        batches = find_batches(journal, args.study, (StudyState.HELD,))
         if not batches:
             print("ingestd: no held study matches", file=sys.stderr)
             return 1
         now = time.time()
         for batch_id in batches:
-            if args.command == "retry":
-                print(f"batch {batch_id}: {journal.retry_batch(batch_id, now) or 'not held any more'}")
-            else:
-                print(f"batch {batch_id}: {'released' if journal.release_batch(batch_id, now) else 'not held'}")
+            print(f"batch {batch_id}: {'released' if journal.release_batch(batch_id, now) else 'not held'}")
     finally:
         journal.close()
     return 0
+
+
+def _cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    from ingestd.admin.retry import RetryRequest, run_retry  # noqa: PLC0415 - loads the rules
+
+    fields = ("study", "held", "all", "now", "keep_route", "reroute_sent")
+    return run_retry(config, RetryRequest(**{name: getattr(args, name) for name in fields}, wait_seconds=args.wait))
 
 
 def _daemon_running(config: Config) -> bool:
@@ -424,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             from ingestd.admin.health import print_health  # noqa: PLC0415 - pulls in pynetdicom
 
             return print_health(config, args.timeout)
-        if args.command in ("retry", "release"):
-            return _cmd_retry_release(args, config)
+        if args.command == "retry":
+            return _cmd_retry(args, config)
+        if args.command == "release":
+            return _cmd_release(args, config)
         if args.command == "import":
             return _cmd_import(args, config)
         if args.command == "check-xnat":

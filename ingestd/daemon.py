@@ -24,6 +24,7 @@ from ingestd.config import Config, load_config
 from ingestd.deadline import ProcessDeadline
 from ingestd.errors import ConfigError
 from ingestd.journal import Journal
+from ingestd.journal.retries import record_daemon_rules
 from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer, record_daemon
 from ingestd.notify import SystemdNotifier
 from ingestd.pipeline.assemble import Assembler
@@ -135,6 +136,8 @@ class Daemon:
             self._services.append(self.listener)
         where = None if self.listener is None else (config.listener.host, self.listener.port, config.listener.ae_title)
         record_daemon(self.journal, self._metrics, where)  # what `ingestd health` reads: no HTTP needed
+        # What `ingestd retry` reads to tell which rule set the daemon routes with (and that a SIGHUP took effect).
+        record_daemon_rules(self.journal, os.getpid(), "started", None if rules is None else rules.version)
         self._ready = True
         log.info("daemon.started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
 
@@ -400,9 +403,11 @@ class Daemon:
             rules = load_rules_for(new)
         except ConfigError as exc:
             log.error("daemon.reload", outcome="refused", reason="invalid", problems=exc.problems)
+            self._record_rules("refused", list(exc.problems))
             return False
         except Exception as exc:  # noqa: BLE001 - MemoryError, RecursionError...: nothing is applied, the daemon goes on
             log.error("daemon.reload", outcome="refused", reason=failure_text(exc))
+            self._record_rules("refused", [failure_text(exc)])
             return False
         old = self.config
         if self._pipeline is not None:
@@ -431,7 +436,20 @@ class Daemon:
             rules_version=rules.version if rules is not None else None,
             needs_restart=restart or None,
         )
+        self._record_rules("applied", [])
         return True
+
+    def _record_rules(self, outcome: str, problems: list[str]) -> None:
+        """Record in the journal the rule set in force after a reload, and the reload's outcome (`ingestd retry`
+        waits for it). Never ends the daemon: a journal that cannot be written is logged."""
+        router = self._router
+        if self.journal is None:
+            return
+        try:
+            version = None if router is None else router.rules.version
+            record_daemon_rules(self.journal, os.getpid(), outcome, version, problems)
+        except Exception as exc:  # noqa: BLE001 - the reload itself is done; only its record is missing
+            log.error("daemon.reload_record_failed", reason=failure_text(exc))
 
     def _status_line(self) -> str:
         """The systemd STATUS line, counted on a read-only connection of its own: never under the write lock."""

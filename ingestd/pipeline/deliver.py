@@ -46,7 +46,7 @@ from ingestd.config import Config, XnatServer
 from ingestd.journal import BatchRow, Delivery, Journal, Route
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
-from ingestd.pipeline.holdings import BROKEN, READY, HoldError, Job, check_same_study, look_at
+from ingestd.pipeline.holdings import BROKEN, LABEL_TAKEN_ADVICE, READY, HoldError, Job, check_same_study, look_at
 from ingestd.pipeline.package import write_package
 from ingestd.pipeline.runner import BatchWorker, note_failure
 from ingestd.pipeline.servers import XnatServers
@@ -335,7 +335,7 @@ class Deliverer(BatchWorker):
                 raise HoldError(
                     HoldCode.LABEL_TAKEN,
                     f"XNAT already has a session labelled {session} in project {project} under another subject than"
-                    f" {subject}: change the rule's session label template so that each study gets its own",
+                    f" {subject} (a label is unique in a project); nothing was sent. {LABEL_TAKEN_ADVICE}",
                 )
         self._advance(job.batch_id, Step.IMPORT, progress=True)
 

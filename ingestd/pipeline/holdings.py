@@ -16,7 +16,7 @@ from ingestd.journal import Delivery, Outgoing, Route
 from ingestd.states import HoldCode
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient
 
-__all__ = ["BROKEN", "READY", "HoldError", "Job", "Look", "check_same_study", "look_at"]
+__all__ = ["BROKEN", "LABEL_TAKEN_ADVICE", "READY", "HoldError", "Job", "Look", "check_same_study", "look_at"]
 
 
 class HoldError(Exception):
@@ -82,14 +82,23 @@ class Look:
         return "broken" if found else None
 
 
+# What a `label-taken` hold asks of a person: `ingestd retry` routes the study again with the rules as they are
+# then, so a fixed template gives it a label of its own (a batch that already sent something keeps its route, and
+# `retry` says what to remove in XNAT first).
+LABEL_TAKEN_ADVICE = (
+    "Give each study its own session label: fix the rule's route.session template (`ingestd explain` shows the"
+    " labels it makes), then run `ingestd retry` on this study, which routes it again with the rules as they are then"
+    " (if part of it may be in XNAT already, retry says what to delete there first)"
+)
+
+
 def check_same_study(experiment: Mapping[str, Any], job: Job) -> None:
     """Hold the batch if XNAT's experiment of its labels is another study's (by Study Instance UID)."""
     existing = str(experiment.get("data_fields", {}).get("UID", ""))
     if existing and existing != job.study_uid:
         raise HoldError(
             HoldCode.LABEL_TAKEN,
-            f"XNAT already has {job.project}/{job.subject}/{job.session} for another study: "
-            "change the rule's session label template so that each study gets its own",
+            f"XNAT already has {job.project}/{job.subject}/{job.session} for another study. {LABEL_TAKEN_ADVICE}",
         )
 
 

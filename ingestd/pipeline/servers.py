@@ -10,6 +10,7 @@ import structlog
 
 from ingestd.config import XnatServer
 from ingestd.journal import Journal
+from ingestd.journal.retries import wake_requested
 from ingestd.pipeline.breaker import Breaker
 from ingestd.xnat import XnatClient, XnatError, XnatLoginError, save_credentials_file
 
@@ -24,6 +25,8 @@ class XnatServers:
     def __init__(self, journal: Journal, servers: Mapping[str, XnatServer], progress: Callable[[], None]) -> None:
         self._servers = servers
         self._progress = progress  # what every client calls while it waits for XNAT (the worker's beat)
+        self._journal = journal
+        self._woken = wake_requested(journal)  # the last `ingestd retry --now` seen (a start tries paused ones anyway)
         self.breaker = Breaker(journal)
         self.clients: dict[str, XnatClient] = {}
         self._token_due: dict[str, float] = {}  # server -> when to look at its alias token again
@@ -35,13 +38,26 @@ class XnatServers:
         return client
 
     def reconfigure(self, servers: Mapping[str, XnatServer]) -> None:
-        """Use reloaded server settings: log in again where they changed, and try paused servers now (a reload is
-        what an admin does after fixing credentials)."""
-        old, self._servers = self._servers, servers
-        for name in [name for name in self.clients if servers.get(name) != old.get(name)]:
+        """Use reloaded server settings and credentials: every client logs out, and its next request logs in with
+        the credentials read then (a reload is what an admin does after fixing them: a session opened with the old
+        ones, still valid, would otherwise go on as the old account); paused servers are tried now."""
+        self._servers = servers
+        for name in list(self.clients):
             self.clients.pop(name).close()
         self.breaker.wake()
         self._token_due.clear()
+
+    def _wake_if_asked(self) -> None:
+        """Try paused servers now if `ingestd retry --now` asked for it since the last look (a meta row). A request
+        made while none was paused is spent all the same: it must not wake a pause that began after it."""
+        asked = wake_requested(self._journal)
+        if asked <= self._woken:
+            return
+        self._woken = asked
+        paused = self.breaker.paused()
+        if paused:
+            self.breaker.wake()
+            log.info("xnat.wake_requested", servers=paused)
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -53,6 +69,7 @@ class XnatServers:
         server = self._servers.get(name)
         if server is None:
             return True  # the step holds the batch: no such server
+        self._wake_if_asked()
         now = time.time()
         if self.breaker.probe_due(name, now):
             client = self.client(name, server)

@@ -50,14 +50,21 @@ def load_credentials(credentials: Credentials, url: str) -> _Secret:
         host = urlsplit(url).hostname or ""
         try:
             entry = netrc.netrc(str(credentials.netrc)).authenticators(host)
-        except (netrc.NetrcParseError, OSError) as exc:
+        except (netrc.NetrcParseError, OSError, UnicodeDecodeError) as exc:
             raise XnatLoginError(f"cannot parse {credentials.netrc}: {type(exc).__name__}") from None
         if entry is None or not entry[0] or entry[2] is None:
             raise XnatLoginError(f"{credentials.netrc} has no login and password for machine {host}")
         return _Secret(entry[0], entry[2])
     if credentials.file is not None:
         _check_private(credentials.file, "credentials file")
-        text = credentials.file.read_text(encoding="utf-8").strip()
+        try:
+            text = credentials.file.read_text(encoding="utf-8").strip()
+        except OSError as exc:  # not readable by this user, a folder...: the server pauses, no batch is held
+            raise XnatLoginError(f"cannot read the credentials file {credentials.file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise XnatLoginError(
+                f"{credentials.file} is not text (UTF-8): it must hold one line username:password"
+            ) from None
         username, sep, password = text.partition(":")
         if not sep or not username or not password or "\n" in text:
             raise XnatLoginError(f"{credentials.file} must hold one line username:password (or alias:secret)")
