@@ -186,16 +186,18 @@ def test_two_studies_on_one_session_label_the_template_is_changed_and_retried(tm
 
 
 def test_credentials_fixed_on_disk_are_taken_up_on_sighup(tmp_path: Path, xnat: FakeXnat) -> None:
-    """A credentials file that is not text pauses the server (the study waits, nothing is held or charged); a wrong
-    password after SIGHUP keeps it paused; the right one after SIGHUP delivers."""
+    """A credentials file spoilt while the daemon runs (not text: `run` refuses one at start) pauses the server (the
+    study waits, nothing is held or charged); a wrong password after SIGHUP keeps it paused; the right one after
+    SIGHUP delivers."""
     secret = tmp_path / "xnat.credentials"
-    secret.write_bytes(b"\xff\xfe not text\n")
+    secret.write_text("ingestd:pw-for-tests\n")
     secret.chmod(0o600)
     config = daemon_config(tmp_path, xnat, credentials=f"{{file: {secret}}}")
     mr = make_study(series=1, per_series=2)
     uid = str(mr[0].StudyInstanceUID)
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_logged("daemon.started")
+        secret.write_bytes(b"\xff\xfe not text\n")
         drop(tmp_path, mr, "mr")
         wait_until(lambda: server_state(tmp_path).get("paused"), 60, message="the server paused")
         assert "is not text (UTF-8)" in str(server_state(tmp_path)["reason"])
