@@ -435,16 +435,17 @@ class Spool:
     def recover(self, quarantine: Quarantine) -> dict[str, int]:
         """Reconcile the spool with the journal after a start or a crash.
 
-        Removes leftover temp files (never acknowledged), and adopts spooled files the journal has no
-        row for (the process died between the rename and the commit).
+        Removes leftover temp files (never acknowledged) and the links of an `ingestd resend` killed before its
+        commit (`clean_abandoned_resends`: a marked batch folder), and adopts the other spooled files the journal
+        has no row for (the process died between the rename and the commit).
         """
         removed = 0
         for leftover in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
                 removed += 1
+        clean_abandoned_resends(self.journal, self.root)  # a killed `ingestd resend`'s links: never a half batch
         known = self.journal.spool_paths()
-        clean_abandoned_resends(self.root, known)  # a killed `ingestd resend`'s links: never a half batch
         adopted = 0
         source = Source("recovered", "spool")
         for path in sorted(self.root.glob("*/*/*/*.dcm")):

@@ -27,6 +27,7 @@ from ingestd.journal.resends import (
     PENDING_MARKER,
     ResendRefusedError,
     UnreleaseRefusedError,
+    clean_abandoned_resends,
     resend_batch,
     unrelease_batch,
 )
@@ -252,6 +253,24 @@ def test_resend_with_another_rule_delivers_into_its_project(keeping_lab: Lab) ->
     assert len(xnat_holdings(lab.xnat, "PROJ")[0]) == 3  # the first delivery is left as it was
 
 
+def test_resend_of_a_study_left_in_the_prearchive_adds_nothing_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rule that does not archive: the re-sent study goes into the READY prearchive session that holds it (the
+    import finds it by Study Instance UID), one file per instance."""
+    set_secrets(monkeypatch)
+    with lab_xnat() as xnat:
+        lab = Lab(tmp_path, xnat, archive=False, extra=KEEP)
+        first = _delivered(lab, study(series=1, per_series=3))
+        resend_batch(lab.journal, lab.spool.root, first, "research", time.time())
+        lab.router.check()
+        lab.deliver()
+        assert lab.states() == [StudyState.DELIVERED, StudyState.DELIVERED]
+        assert len(xnat.prearchive_rows("PROJ")) == 1
+        end_state(lab.state, xnat)
+        lab.journal.close()
+
+
 def test_a_forced_rule_that_does_not_exist_holds_the_batch_unrouted(keeping_lab: Lab) -> None:
     lab = keeping_lab
     first = _delivered(lab, study(series=1, per_series=2))
@@ -321,6 +340,28 @@ def test_a_resend_killed_at_any_point_leaves_no_batch_or_a_whole_one(keeping_lab
     lab.router.check()
     lab.deliver()
     end_state(lab.state, lab.xnat)
+
+
+def test_a_recovery_during_a_resend_waits_for_it_and_removes_nothing(keeping_lab: Lab) -> None:
+    """`ingestd import` recovering the spool while a person's resend is linking (no daemon runs): the recovery
+    takes the journal's write lock first, so it sees the resend's rows and leaves its links alone."""
+    lab = keeping_lab
+    first = _delivered(lab, study(series=1, per_series=3))
+    other = Journal(lab.state / "journal.sqlite")
+    removed: list[int] = []
+    recovery = threading.Thread(target=lambda: removed.append(clean_abandoned_resends(other, lab.spool.root)))
+
+    def checkpoint(point: str) -> None:
+        if point == "linked":
+            recovery.start()
+            recovery.join(1.0)  # without the lock it would be done by now (on a slow machine: not a false failure)
+
+    resent = resend_batch(lab.journal, lab.spool.root, first, "research", time.time(), checkpoint=checkpoint)
+    recovery.join(30)
+    other.close()
+    assert removed == [0]
+    assert all((lab.spool.root / path).is_file() for path in lab.journal.spool_files(resent.batch_id))
+    assert len(lab.journal.spool_files(resent.batch_id)) == 3
 
 
 # -- the walks, as the admin does them: a real daemon, storescu, the `ingestd` command -------------------------------
@@ -413,6 +454,30 @@ def test_walk_release_then_resend_from_the_scanner_then_unrelease_and_retry(tmp_
         _wait_states(state, {1: StudyState.RELEASED, 2: StudyState.DELIVERED, 3: StudyState.DELIVERED})
         _in_xnat_once(xnat, state, 3)
         assert daemon.terminate() == 0
+
+
+def test_walk_release_then_import_again_is_a_new_batch(tmp_path: Path, xnat: FakeXnat) -> None:
+    """`ingestd import` of a study, held (no rule for files on disk); released; the rule fixed; imported again: a new
+    batch, noted, delivered (and the import says so), not a silent duplicate of the released one."""
+    config = _config(tmp_path, free_port(), xnat)
+    state = tmp_path / "state"
+    datasets = make_study(series=1, per_series=2)
+    for ds in datasets:
+        ds.SeriesNumber = 1
+    folder = tmp_path / "scan"
+    write_instances(datasets, folder)
+    held = _cli(config, "import", str(folder))
+    assert held.returncode == 1, held.stdout + held.stderr
+    assert _cli(config, "release", "1").returncode == 0
+    rules = tmp_path / "lab.rules.yaml"
+    rules.write_text(rules.read_text().replace("when: {calling_aet: STORESCU}", "when: {Modality: MR}"))
+    again = _cli(config, "import", str(folder))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _states(state) == {
+        1: (StudyState.RELEASED, None),
+        2: (StudyState.DELIVERED, "re-sent after batch 1 was released"),
+    }
+    _in_xnat_once(xnat, state, 2)
 
 
 @pytest.mark.usefixtures("dcmtk")

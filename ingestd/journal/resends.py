@@ -158,6 +158,12 @@ def resend_batch(
             _link_copies(spool_root, folder, rows, number, made, checkpoint)
             new_id = _journal_resend(tx, batch_id, rows, number, rule, now)
             checkpoint("journaled")
+        except OSError as exc:  # a copy removed meanwhile (retention), a full or read-only file system
+            _remove_links(folder, made)
+            gone = f": {COPIES_GONE}" if isinstance(exc, FileNotFoundError) else ""
+            raise ResendRefusedError(
+                f"batch {batch_id}: cannot link its spooled copies into a new batch ({exc.strerror}){gone}"
+            ) from None
         except BaseException:
             _remove_links(folder, made)
             raise
@@ -236,34 +242,53 @@ def _remove_links(folder: Path, made: list[Path]) -> None:
     for path in reversed(made):
         with contextlib.suppress(OSError):
             path.unlink()
-    for series in {path.parent for path in made if path.parent != folder}:
-        with contextlib.suppress(OSError):
-            series.rmdir()
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+    _remove_empty(folder)
 
 
-def clean_abandoned_resends(spool_root: Path, known: set[str]) -> int:
+def clean_abandoned_resends(journal: Journal, spool_root: Path) -> int:
     """Remove what a resend killed before its commit left (`Spool.recover`, before adopting anything): in each
     folder with a marker, every file no journal row names (never acknowledged to anyone), then the marker. Returns
-    how many files were removed."""
+    how many files were removed.
+
+    It looks holding the journal's write lock, which a resend holds from before it marks its folder until its rows
+    are committed: a resend running now (`ingestd import` recovering while a person resends) is never mistaken for
+    an abandoned one.
+    """
+    markers = sorted(spool_root.glob(f"*/*/{PENDING_MARKER}"))
+    if not markers:
+        return 0
     removed = 0
-    for marker in sorted(spool_root.glob(f"*/*/{PENDING_MARKER}")):
-        folder = marker.parent
-        here = 0
-        for path in sorted(folder.glob("*/*.dcm")):
-            if path.relative_to(spool_root).as_posix() not in known:
-                path.unlink(missing_ok=True)
-                here += 1
-        marker.unlink(missing_ok=True)
+    with journal.transaction() as tx:
+        for marker in markers:
+            folder = marker.parent
+            prefix = f"{folder.relative_to(spool_root).as_posix()}/"
+            known = {
+                str(row[0])
+                for row in tx.execute(
+                    "SELECT spool_path FROM instances WHERE substr(spool_path, 1, ?) = ?", (len(prefix), prefix)
+                )
+            }
+            here = 0
+            for path in sorted(folder.glob("*/*.dcm")):
+                if path.relative_to(spool_root).as_posix() not in known:
+                    path.unlink(missing_ok=True)
+                    here += 1
+            marker.unlink(missing_ok=True)
+            _remove_empty(folder)
+            if here:
+                study = uid_digest(folder.parent.name)
+                log.warning("spool.resend_abandoned", study=study, batch=folder.name, files=here)
+            removed += here
+    return removed
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove the batch folder's empty series folders and then itself if empty, durably."""
+    with contextlib.suppress(OSError):
         for series in folder.iterdir():
             with contextlib.suppress(OSError):
                 series.rmdir()
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        with contextlib.suppress(OSError):
-            fsync_dir(folder.parent if not folder.exists() else folder)
-        if here:
-            log.warning("spool.resend_abandoned", study=uid_digest(folder.parent.name), batch=folder.name, files=here)
-        removed += here
-    return removed
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    with contextlib.suppress(OSError):
+        fsync_dir(folder if folder.exists() else folder.parent)
