@@ -21,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ingestd.admin.resend import run_resend, run_unrelease
+from ingestd.cli import main
 from ingestd.header import read_file_header
 from ingestd.journal import Journal, Source
 from ingestd.journal.resends import (
@@ -173,6 +174,32 @@ def test_unrelease_refuses_a_batch_whose_files_retention_removed(tmp_path: Path)
         unrelease_batch(journal, released, time.time())
     assert journal.batch_state(released) == StudyState.RELEASED
     journal.close()
+
+
+def test_a_delivery_hold_released_then_unreleased_is_retried_into_xnat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held by the deliverer (no such project), released, the release taken back with `ingestd unrelease`, the
+    project made in XNAT, `ingestd retry`: delivered, from the step that held it."""
+    set_secrets(monkeypatch)
+    with lab_xnat() as xnat:
+        lab = Lab(tmp_path, xnat, project="LATER")
+        lab.receive(study(series=1, per_series=2))
+        lab.deliver()
+        batch, _ = lab.batch()
+        config = tmp_path / "ingestd.yaml"
+        config.write_text(f"state_dir: {lab.state}\n")
+        assert main(["release", "--config", str(config), str(batch.id)]) == 0
+        assert main(["unrelease", "--config", str(config), str(batch.id)]) == 0
+        batch, _ = lab.batch()
+        assert (batch.state, batch.hold_code) == (StudyState.HELD, HoldCode.XNAT_REFUSED)
+        assert str(batch.reason).startswith("deliver: XNAT main has no project LATER")
+        xnat.add_project("LATER", members=["ingestd"])
+        assert main(["retry", "--config", str(config), str(batch.id)]) == 0
+        lab.deliver()
+        assert lab.states() == [StudyState.DELIVERED]
+        end_state(lab.state, xnat, "LATER")
+        lab.journal.close()
 
 
 # -- resend, in the lab (journal, spool, router, deliverer and the XNAT stand-in) ------------------------------------
