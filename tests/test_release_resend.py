@@ -369,6 +369,26 @@ def test_a_resend_killed_at_any_point_leaves_no_batch_or_a_whole_one(keeping_lab
     end_state(lab.state, lab.xnat)
 
 
+def test_a_resend_run_again_after_one_was_killed_replaces_its_leftovers(keeping_lab: Lab) -> None:
+    """No daemon started in between: the second resend finds the marked folder, removes the first one's links (and
+    anything else unjournaled there) and makes the batch whole; a later recovery adopts nothing."""
+    lab = keeping_lab
+    first = _delivered(lab, study(series=1, per_series=3))
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT, str(lab.state), str(first), "linked"], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    study_uid = lab.journal.batches()[0].study_uid
+    stray = lab.spool.root / study_uid / "2" / "1.2.3" / "1.2.3.4.dcm"  # say, of an earlier abandoned resend
+    stray.parent.mkdir()
+    stray.write_bytes(b"x")
+    lab.restart()
+    resent = resend_batch(lab.journal, lab.spool.root, first, "research", time.time())
+    assert resent.number == 2
+    on_disk = {p.relative_to(lab.spool.root).as_posix() for p in (lab.spool.root / study_uid / "2").rglob("*.dcm")}
+    assert on_disk == set(lab.journal.spool_files(resent.batch_id)) and len(on_disk) == 3
+    assert not any(lab.spool.root.rglob(PENDING_MARKER))
+    assert lab.spool.recover(Quarantine(lab.state / "quarantine", lab.journal))["instances_adopted"] == 0
+
+
 def test_a_recovery_during_a_resend_waits_for_it_and_removes_nothing(keeping_lab: Lab) -> None:
     """`ingestd import` recovering the spool while a person's resend is linking (no daemon runs): the recovery
     takes the journal's write lock first, so it sees the resend's rows and leaves its links alone."""

@@ -12,8 +12,9 @@ holding the journal's write lock, so that no receiver opens the same batch numbe
 
 Killed before 3 commits, the journal has no new batch and the spool a marked folder of links no row names: the spool's
 recovery (`clean_abandoned_resends`, run by `Spool.recover` before it adopts anything) removes them, instead of
-adopting them into a half batch. Killed after, the batch is whole and recovery removes only the marker. Nothing a
-sender was told is stored is ever in such a folder without its row: a receiver acknowledges only committed rows.
+adopting them into a half batch; a resend run again first finds the marked folder and removes them itself. Killed
+after, the batch is whole and recovery removes only the marker. Nothing a sender was told is stored is ever in such a
+folder without its row: a receiver acknowledges only committed rows.
 """
 
 from __future__ import annotations
@@ -185,7 +186,12 @@ def _link_copies(
     """The marker, then a hard link of every spooled copy in the new batch's folder, durably."""
     make_dirs_durably(folder)
     marker = folder / PENDING_MARKER
-    if not marker.exists():  # else left by an abandoned resend, whose links are replaced below
+    if marker.exists():
+        # Left by a resend killed before its commit: the batch is not in the journal, so no file here was ever
+        # acknowledged to anyone (the caller holds the write lock); its links go, whichever batch they were of.
+        for leftover in folder.glob("*/*.dcm"):
+            leftover.unlink()
+    else:
         write_durably(marker, (b"",))
         fsync_dir(folder)
     made.append(marker)
@@ -197,11 +203,7 @@ def _link_copies(
         if target.parent not in series_folders:
             target.parent.mkdir(exist_ok=True)
             series_folders.add(target.parent)
-        try:
-            os.link(original, target)
-        except FileExistsError:  # an abandoned resend's link, never journaled (the batch is not): made again
-            target.unlink()
-            os.link(original, target)
+        os.link(original, target)
         made.append(target)
     for series in series_folders:
         fsync_dir(series)
