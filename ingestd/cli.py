@@ -511,13 +511,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
         if args.command in ("retry", "release"):
             return _cmd_retry_release(args, config)
         if args.command in ("unrelease", "resend"):
-            from ingestd.admin import resend  # noqa: PLC0415 - loads the rules; only for these commands
+            from ingestd.admin.resend import run_command  # noqa: PLC0415 - loads the rules; only for these commands
 
-            return (
-                resend.run_unrelease(config, args.study)
-                if args.command == "unrelease"
-                else resend.run_resend(config, args.study, args.route)
-            )
+            return run_command(args.command, config, args.study, getattr(args, "route", None))
         if args.command == "import":
             return _cmd_import(args, config)
         if args.command == "check-xnat":

@@ -22,7 +22,7 @@ from ingestd.logs import uid_digest
 from ingestd.pipeline.build import load_rules_for
 from ingestd.states import StudyState
 
-__all__ = ["run_resend", "run_unrelease"]
+__all__ = ["run_command", "run_resend", "run_unrelease"]
 
 
 def _open(config: Config, err: TextIO) -> Journal | None:
@@ -30,6 +30,11 @@ def _open(config: Config, err: TextIO) -> Journal | None:
         print(f"ingestd: no journal at {config.journal_path}", file=err)
         return None
     return Journal(config.journal_path)
+
+
+def run_command(command: str, config: Config, reference: str, route: str | None) -> int:
+    """`ingestd unrelease STUDY` or `ingestd resend STUDY [--route RULE]`; the exit status."""
+    return run_unrelease(config, reference) if command == "unrelease" else run_resend(config, reference, route)
 
 
 def run_unrelease(config: Config, reference: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
