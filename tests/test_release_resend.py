@@ -262,6 +262,9 @@ def test_resend_into_the_same_session_holds_every_instance_once(keeping_lab: Lab
     assert len(archived) == 6 and all(len(places) == 1 for places in archived.values())
     outgoing = {o.sop_uid for o in lab.journal.outgoing(resent.batch_id)}
     assert outgoing == set(archived)  # de-identified again to the same UIDs: the same instances
+    out, err = io.StringIO(), io.StringIO()
+    assert run_resend(lab.config, uid_digest(batch.study_uid), None, out, err) == 1
+    assert f"the study has 2 delivered batches ({first}, {resent.batch_id}): name one by its batch id" in err.getvalue()
 
 
 def test_resend_with_another_rule_delivers_into_its_project(keeping_lab: Lab) -> None:

@@ -45,7 +45,7 @@ def run_unrelease(config: Config, reference: str, out: TextIO = sys.stdout, err:
     try:
         batches = find_batches(journal, reference, (StudyState.RELEASED,))
         if not batches:
-            print(f"ingestd: no released study matches {reference} (`ingestd status` lists them)", file=err)
+            print("ingestd: no released study matches (`ingestd status` lists them)", file=err)
             return 1
         status = 0
         for batch_id in batches:
@@ -84,14 +84,14 @@ def run_resend(
         batches = find_batches(journal, reference, (StudyState.DELIVERED,))
         if not batches:
             print(
-                f"ingestd: no delivered study matches {reference}: only a delivered study can be re-sent (a held one:"
+                "ingestd: no delivered study matches: only a delivered study can be re-sent (a held one:"
                 " `ingestd retry`; `ingestd status` lists them)",
                 file=err,
             )
             return 1
         if len(batches) > 1:
             print(
-                f"ingestd: {reference} names {len(batches)} delivered batches ({', '.join(map(str, batches))}):"
+                f"ingestd: the study has {len(batches)} delivered batches ({', '.join(map(str, batches))}):"
                 " name one by its batch id",
                 file=err,
             )
