@@ -108,6 +108,24 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     release.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     release.add_argument("study", help="batch id, study digest (sha256:...), or Study Instance UID")
 
+    unrelease = commands.add_parser(
+        "unrelease", help="take a release back: the study is held again, with its reason, for `ingestd retry`"
+    )
+    unrelease.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    unrelease.add_argument("study", help="batch id, study digest (sha256:...), or Study Instance UID")
+
+    resend = commands.add_parser(
+        "resend",
+        help="send a delivered study again, as a new batch, from the copies kept by delivery.keep_after_delivery",
+    )
+    resend.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    resend.add_argument("study", help="batch id, study digest (sha256:...), or Study Instance UID")
+    resend.add_argument(
+        "--route",
+        metavar="RULE",
+        help="route it by this rule, whatever its `when` says (default: the rule that delivered it)",
+    )
+
     bulk = commands.add_parser(
         "import",
         help="take folders, files and archives on disk to XNAT as the daemon would; wait until delivered or held",
@@ -455,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return _cmd_retry(args, config)
         if args.command == "release":
             return _cmd_release(args, config)
+        if args.command in ("unrelease", "resend"):
+            from ingestd.admin.resend import run_command  # noqa: PLC0415 - loads the rules; only for these commands
+
+            return run_command(args.command, config, args.study, getattr(args, "route", None))
         if args.command == "import":
             return _cmd_import(args, config)
         if args.command == "check-xnat":

@@ -17,7 +17,9 @@ memory. When they differ, the new copy is
 delivered and the earlier one is never destroyed: while its batch is still receiving, it is kept aside in
 `superseded/<StudyInstanceUID>/<batch>/<SeriesInstanceUID>/<SOPInstanceUID>.<nanoseconds>.dcm` (a hard link made
 before the new copy takes its place), recorded with a `superseded` receipt and listed by `ingestd status`; once
-its batch has moved on, the new copy opens the study's next batch and both are delivered in turn.
+its batch has moved on, the new copy opens the study's next batch and both are delivered in turn. A copy of an
+instance whose batch a person released (`ingestd release`) is never a duplicate, whatever its digest: the study sent
+again is a new batch, noted "re-sent after batch N was released" (`spool.resent_after_release`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from ingestd.errors import InvalidInstanceError, SpoolError, SpoolFullError
 from ingestd.fsmodes import restrict_tree
 from ingestd.header import InstanceHeader, is_valid_uid, read_file_header
 from ingestd.journal import InstanceRow, Journal, Source, Tx
+from ingestd.journal.resends import clean_abandoned_resends, note_resent_after_release
 from ingestd.logs import hide_member_names
 from ingestd.states import StudyState
 
@@ -319,7 +322,8 @@ class Spool:
                 # Placed by a concurrent store of the same instance that has not committed yet: this one fails
                 # (the sender tries again) rather than guess which copy is the earlier.
                 raise SpoolError("another copy of this instance is being stored at this moment; send it again")
-            if existing is not None and self._same_data(existing, facts.digest):
+            released = existing is not None and existing.batch_state == StudyState.RELEASED
+            if existing is not None and not released and self._same_data(existing, facts.digest):
                 tmp.unlink()
                 tx.add_receipt(existing.batch_id, header.sop_uid, "duplicate", facts.source, facts.size, facts.now)
                 return StoreOutcome("duplicate", header, existing.batch_id, existing.spool_path, facts.size)
@@ -331,10 +335,15 @@ class Spool:
                 tx.add_superseded(existing.id, kept, facts.now)
                 log.warning("spool.copy_superseded", batch_id=existing.batch_id, source_kind=facts.source.kind)
                 return self._record_replacement(tx, existing, facts)
-            # the earlier copy's batch has moved on: this copy goes with the study's next batch
+            # the earlier copy's batch has moved on (a released one too: a copy received again is not a duplicate
+            # but a new delivery, noted once on its batch): this copy goes with the study's next batch
             batch_id, number = tx.receiving_batch(header.study_uid, facts.source, facts.now)
             relative = self._place(tmp, header, number)
-            return self._record_new(tx, batch_id, relative, facts, replaces=existing is not None)
+            outcome = self._record_new(tx, batch_id, relative, facts, replaces=existing is not None and not released)
+            noted = released and existing is not None and note_resent_after_release(tx, batch_id, existing.batch_id)
+        if noted and existing is not None:
+            log.info("spool.resent_after_release", batch_id=batch_id, released_batch_id=existing.batch_id)
+        return outcome
 
     def _record_new(self, tx: Tx, batch_id: int, relative: str, facts: _Facts, *, replaces: bool) -> StoreOutcome:
         """Journal an instance placed at `relative` in batch `batch_id`, in transaction `tx`."""
@@ -426,14 +435,16 @@ class Spool:
     def recover(self, quarantine: Quarantine) -> dict[str, int]:
         """Reconcile the spool with the journal after a start or a crash.
 
-        Removes leftover temp files (never acknowledged), and adopts spooled files the journal has no
-        row for (the process died between the rename and the commit).
+        Removes leftover temp files (never acknowledged) and the links of an `ingestd resend` killed before its
+        commit (`clean_abandoned_resends`: a marked batch folder), and adopts the other spooled files the journal
+        has no row for (the process died between the rename and the commit).
         """
         removed = 0
         for leftover in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
                 removed += 1
+        clean_abandoned_resends(self.journal, self.root)  # a killed `ingestd resend`'s links: never a half batch
         known = self.journal.spool_paths()
         adopted = 0
         source = Source("recovered", "spool")

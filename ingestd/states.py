@@ -9,7 +9,7 @@ expects it. As pynetdicom declares its association state machine, the tables are
     receiving -> complete -> routed -> delivered
         |            |          |
         +------------+----------+--> held --(retry)--> complete | routed
-                                       +--(release)--> released
+                                       +--(release)--> released --(unrelease)--> held
 
     package -> preflight -> import -> importing -> wait -> verify -> done
        ^                       ^          |         |        |  |
@@ -53,6 +53,7 @@ class StudyState(StrEnum):
     ROUTED = "routed"  # a rule decided the labels; the outgoing (de-identified) instances are written
     DELIVERED = "delivered"  # XNAT verifiably holds every outgoing instance where the rule says
     RELEASED = "released"  # a person took a held batch over (`ingestd release`); ingestd does nothing more with it
+    # (until `ingestd unrelease` puts it back to `held`); a copy of it received later opens a new batch
     HELD = "held"
 
 
@@ -139,7 +140,7 @@ BATCH_TRANSITIONS: Mapping[StudyState, frozenset[StudyState]] = {
     StudyState.ROUTED: frozenset({StudyState.DELIVERED, StudyState.HELD}),
     StudyState.HELD: frozenset({StudyState.COMPLETE, StudyState.ROUTED, StudyState.RELEASED}),  # retry, release
     StudyState.DELIVERED: frozenset(),
-    StudyState.RELEASED: frozenset(),
+    StudyState.RELEASED: frozenset({StudyState.HELD}),  # unrelease: held again, with the reason it had
 }
 
 STEP_TRANSITIONS: Mapping[Step, frozenset[Step]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from ingestd.config import load_config
 from ingestd.header import read_file_header
 from ingestd.journal import Journal, Source
+from ingestd.journal.resends import PENDING_MARKER
 from ingestd.spool import Quarantine, Spool
 from ingestd.status import status_data
 from tests.dicom import make_instance, write_instances
@@ -42,6 +44,29 @@ def test_recover_removes_temp_files_and_adopts_orphans(tmp_path: Path) -> None:
     sidecar = next(quarantine.root.glob("*.reason.json"))
     assert "could not be adopted" in json.loads(sidecar.read_text())["reason"]
     assert spool.recover(quarantine) == {"temp_files_removed": 0, "instances_adopted": 0}
+    journal.close()
+
+
+def test_recover_removes_the_links_of_a_resend_killed_before_its_commit(tmp_path: Path) -> None:
+    """A batch folder with the resend marker: its files without a journal row are removed, never adopted (a half
+    batch); a journaled file beside them stays; the marker goes."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    spool = Spool(tmp_path / "spool", journal)
+    quarantine = Quarantine(tmp_path / "quarantine", journal)
+    first, second = make_instance(), make_instance()
+    second.StudyInstanceUID, second.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
+    files = write_instances([first, second], tmp_path / "src")
+    data = files[0].read_bytes()
+    kept = spool.store(data[:0], data, read_file_header(data), Source("folder", "/drop", "a.dcm"))
+    header = read_file_header(files[1].read_bytes())
+    folder = spool.root / header.study_uid / "1"
+    (folder / PENDING_MARKER).write_bytes(b"")
+    link = folder / header.series_uid / f"{header.sop_uid}.dcm"
+    os.link(files[1], link)
+
+    assert spool.recover(quarantine) == {"temp_files_removed": 0, "instances_adopted": 0}
+    assert not link.exists() and not (folder / PENDING_MARKER).exists()
+    assert journal.spool_paths() == {kept.spool_path} and (spool.root / kept.spool_path).is_file()
     journal.close()
 
 

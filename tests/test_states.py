@@ -83,6 +83,15 @@ def test_undeclared_transitions_fail_loudly() -> None:
     check_step_transition(1, Step.WAIT, Step.WAIT)  # re-scheduling a step is not a transition
 
 
+def test_a_release_can_be_taken_back_and_nothing_else_leaves_released() -> None:
+    """`ingestd unrelease`: released -> held (then `retry` as for any held batch); delivered stays final."""
+    assert BATCH_TRANSITIONS[StudyState.RELEASED] == frozenset({StudyState.HELD})
+    assert BATCH_TRANSITIONS[StudyState.DELIVERED] == frozenset()
+    check_batch_transition(1, StudyState.RELEASED, StudyState.HELD)
+    with pytest.raises(UndeclaredTransitionError):
+        check_batch_transition(1, StudyState.RELEASED, StudyState.COMPLETE)
+
+
 def _routed_batch(journal: Journal) -> int:
     """A batch of one instance, routed (its outgoing SOP Instance UID is 1.2.3.4.5)."""
     now = time.time()

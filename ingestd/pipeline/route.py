@@ -1,7 +1,8 @@
 """Routing: apply the rules to every complete batch and write what will leave, de-identified by its profile.
 
 For each batch in `complete` (oldest first), the router reads one representative header per series, asks the
-rules (`ingestd.rules.verdict`, pure: the rule, its labels and the profile's screening) for a route, and then
+rules (`ingestd.rules.verdict`, pure: the rule, its labels and the profile's screening; the batch's `forced_rule`,
+chosen by `ingestd resend`, whatever its `when` says) for a route, and then
 either holds the batch with the reason, or writes its outgoing instances and moves it to `routed` in one journal
 transaction:
 
@@ -195,9 +196,18 @@ class Router(BatchWorker):
             return
         rules = self.rules  # one rules version for the whole batch, even if SIGHUP swaps them meanwhile
         screened = [Screened(i.series_uid, i.sop_class_uid, i.modality) for i in instances]
-        decision = verdict(rules, facts, screened)  # as `explain` and `import --dry-run` predict it
+        # as `explain` and `import --dry-run` predict it; a rule a person chose (`ingestd resend --route`) applies
+        # whatever its `when` says
+        decision = verdict(rules, facts, screened, rule=batch.forced_rule)
         if isinstance(decision, Held):
-            self._hold(batch, HoldCode(decision.code), f"{decision.code}: {decision.reason}", rule=decision.rule)
+            reason = decision.reason
+            if batch.forced_rule is not None and decision.code == HoldCode.UNROUTED:
+                reason = (
+                    f"`ingestd resend` chose rule '{batch.forced_rule}', which the rules in force do not have: add it"
+                    " (then `systemctl reload ingestd` and `ingestd retry`), or release this batch and resend the"
+                    " delivered one with --route naming an existing rule"
+                )
+            self._hold(batch, HoldCode(decision.code), f"{decision.code}: {reason}", rule=decision.rule)
             return
         profile = rules.profiles.get(decision.profile) if decision.profile else None
         kept = [i for i in instances if i.series_uid in set(decision.kept_series)]
