@@ -229,3 +229,19 @@ def test_interrupted_outbox_is_redone_identically(setup: Setup) -> None:
 def test_path_parts_open_archives() -> None:
     assert path_parts("subj/sess/series/a.dcm") == "subj/sess/series/a.dcm"
     assert path_parts("upload/subj01.zip!sess01/t1/a.dcm") == "upload/sess01/t1/a.dcm"
+
+
+def test_a_held_batch_keeps_its_outbox_across_a_restart(setup: Setup) -> None:
+    """A batch held in delivery keeps its route and its outgoing files: the router's start-up clean-up leaves them,
+    so that `ingestd retry --keep-route` can still package what XNAT lacks (it removed them before)."""
+    setup.store(make_study(series=1, per_series=2), SCANNER)
+    setup.complete_all()
+    assert setup.router.check() == 1
+    (batch,) = setup.journal.batches()
+    assert setup.journal.hold_batch(batch.id, "xnat-refused", "xnat-refused: test", time.time(), from_state="routed")
+    setup.router.recover()
+    outgoing = setup.journal.outgoing(batch.id)
+    assert outgoing and all((setup.state / item.path).is_file() for item in outgoing)
+    assert setup.journal.release_batch(batch.id, time.time())
+    setup.router.recover()  # released: kept for `ingestd unrelease`, until retention removes it
+    assert all((setup.state / item.path).is_file() for item in outgoing)

@@ -134,6 +134,10 @@ def deidentify_file(path: Path, profile: Profile, labels: Labels, folder: Path) 
     return Written(uids[0], uids[1], uids[2], size)
 
 
+# The states whose batches keep their outbox folder when the router starts.
+_ROUTE_KEPT = (StudyState.ROUTED, StudyState.HELD, StudyState.RELEASED)
+
+
 class Router(BatchWorker):
     """A thread that routes complete batches, one at a time, oldest first.
 
@@ -163,9 +167,12 @@ class Router(BatchWorker):
         super().start()
 
     def recover(self) -> None:
-        """Remove outbox folders no journal row points at: the leftovers of a batch interrupted mid-way."""
+        """Remove outbox folders no journal row points at: the leftovers of a batch interrupted mid-way.
+
+        A held or released batch with a route keeps its folder: `ingestd retry --keep-route` (after `ingestd
+        unrelease`) delivers it from there; a re-route removes it itself, retention a released batch's."""
         make_dirs_durably(self.outbox)
-        routed = {batch.id for batch in self.journal.batches((StudyState.ROUTED,))}
+        routed = {batch_id for state in _ROUTE_KEPT for batch_id in self.journal.routes(state)}
         for entry in self.outbox.iterdir():
             name = entry.name.removeprefix(".tmp-")
             if not (name.isdigit() and int(name) in routed and not entry.name.startswith(".tmp-")):
