@@ -25,7 +25,14 @@ from ingestd.deadline import ProcessDeadline
 from ingestd.errors import ConfigError
 from ingestd.journal import Journal
 from ingestd.journal.retries import record_daemon_rules
-from ingestd.metrics import REGISTRY, AssociationCounters, JournalCollector, MetricsServer, record_daemon
+from ingestd.metrics import (
+    REGISTRY,
+    AssociationCounters,
+    JournalCollector,
+    MetricsServer,
+    record_daemon,
+    record_daemon_stopping,
+)
 from ingestd.notify import SystemdNotifier
 from ingestd.pipeline.assemble import Assembler
 from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
@@ -217,6 +224,11 @@ class Daemon:
         (`ingestd run` does). Nothing is closed under a thread that is mid-transaction.
         """
         self._ready = False
+        if self.journal is not None:
+            try:
+                record_daemon_stopping(self.journal)  # `ingestd health` says "stopping" from now on
+            except Exception as exc:  # noqa: BLE001 - a journal that cannot be written must not stop the stop
+                log.warning("daemon.stop_record_failed", error=failure_text(exc))
         requested = self._stop_requested_at
         started = time.monotonic() if requested is None else requested
         budget = self.config.stop_timeout_seconds if timeout is None else timeout

@@ -328,6 +328,7 @@ class DaemonRecord:
     started_at: float  # time.time() once every service ran; the main loop's heartbeats follow
     metrics: str | None  # http://host:port of /metrics and /healthz; None when disabled or not bound
     listener: tuple[str, int, str] | None  # host, port, called AE title of the DICOM listener; None when disabled
+    stopping_since: float | None = None  # time.time() of the start of its stop: it serves no more
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -342,6 +343,7 @@ class DaemonRecord:
                 started_at=float(data["started_at"]),
                 metrics=None if data["metrics"] is None else str(data["metrics"]),
                 listener=None if listener is None else (str(listener[0]), int(listener[1]), str(listener[2])),
+                stopping_since=None if data.get("stopping_since") is None else float(data["stopping_since"]),
             )
         except (ValueError, KeyError, TypeError, IndexError):
             return None
@@ -352,3 +354,11 @@ def record_daemon(journal: Journal, metrics: MetricsServer | None, listener: tup
     url = None if metrics is None else f"http://{metrics.host}:{metrics.port}"
     record = DaemonRecord(os.getpid(), time.time(), url, listener)
     journal.set_meta(DAEMON_RECORD, record.to_json())
+
+
+def record_daemon_stopping(journal: Journal) -> None:
+    """Mark the running daemon's record as stopping: `ingestd health` says so from then on, not "healthy"."""
+    text = journal.meta(DAEMON_RECORD)
+    record = None if text is None else DaemonRecord.from_json(text)
+    if record is not None and record.pid == os.getpid():
+        journal.set_meta(DAEMON_RECORD, dataclasses.replace(record, stopping_since=time.time()).to_json())

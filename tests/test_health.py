@@ -4,6 +4,7 @@ unhealthy."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -75,3 +76,6 @@ def test_started_problem_by_record_and_heartbeat() -> None:
     assert "not beaten yet" in (started_problem(record, 42, 999.0, 1001.0) or "")  # an earlier daemon's beat
     assert started_problem(record, 42, 1001.0, 1001.0 + STALE_SECONDS) is None
     assert "hangs" in (started_problem(record, 42, 1001.0, 1002.0 + STALE_SECONDS) or "")
+    stopping = dataclasses.replace(record, stopping_since=1001.5)
+    assert "is stopping (for 1 s)" in (started_problem(stopping, 42, 1001.0, 1002.5) or "")
+    assert DaemonRecord.from_json(stopping.to_json()) == stopping

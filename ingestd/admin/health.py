@@ -50,6 +50,8 @@ def started_problem(record: DaemonRecord | None, holder: int, heartbeat: float |
     """What is wrong with the daemon `holder` (the lock's pid; 0: unknown) by its record and heartbeat, at `now`."""
     if record is None or (holder and record.pid != holder):
         return f"the daemon (pid {holder or '?'}) is starting: not every service runs yet"
+    if record.stopping_since is not None:
+        return f"the daemon (pid {record.pid}) is stopping (for {max(0.0, now - record.stopping_since):.0f} s)"
     if heartbeat is None or heartbeat < record.started_at:
         return f"the daemon (pid {record.pid}) started its services, but its main loop has not beaten yet"
     if now - heartbeat > STALE_SECONDS:
