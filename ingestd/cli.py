@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     anonymize.add_argument("output", type=Path, help="the folder to write into (<study>/<series>/<instance>.dcm)")
 
     demo = commands.add_parser(
-        "demo", help="start an XNAT stand-in and the daemon, send a study, show it arrive de-identified (1 min)"
+        "demo", help="start an XNAT stand-in and the daemon, send a study, show it arrive de-identified (~10 s)"
     )
     demo.add_argument("--keep", type=Path, metavar="FOLDER", help="work in FOLDER and keep it (default: a temp folder)")
 
