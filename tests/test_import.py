@@ -21,7 +21,10 @@ import pytest
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from ingestd.bulk import find_sources
+from ingestd.journal import Journal, Source
 from ingestd.progress import Counts
+from ingestd.quarantined import content_digest
+from ingestd.spool import Quarantine
 from ingestd.states import StudyState
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
@@ -369,3 +372,30 @@ def test_a_study_released_before_the_import_is_reported_released_and_exits_1(tmp
     else:  # a re-sent released study opens a new batch (issue 15): held again by the same rules, never delivered
         assert [row[:2] for row in rows] == [[f"{study}#2", "held"]], again.stdout
     assert xnat.experiments("PROJ") == []
+
+
+def test_the_quarantine_finds_an_item_kept_before_by_source_and_content(tmp_path: Path) -> None:
+    """What `ingestd import` asks before keeping a bad file or member again: the same content from the same path,
+    still in quarantine and not purged."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        quarantine = Quarantine(tmp_path / "quarantine", journal)
+        member = Source("folder", "/data/tree", "upload.zip!a/notes.txt")
+        kept = quarantine.put_bytes("notes.txt", b"not DICOM", "not a DICOM file", member)
+        copied = tmp_path / "readme.txt"
+        copied.write_bytes(b"also not DICOM")
+        beside = Source("folder", "/data/tree", "readme.txt")
+        copy = quarantine.put_copy(copied, "not a DICOM file", beside)
+        assert quarantine.kept_before(member, content_digest(b"not DICOM")) == kept
+        assert quarantine.kept_before(beside, content_digest(copied)) == copy
+        assert quarantine.kept_before(member, content_digest(b"changed since")) is None
+        assert (
+            quarantine.kept_before(Source("folder", "/data/other", member.detail), content_digest(b"not DICOM")) is None
+        )
+        with journal.transaction() as tx:  # as retention does when it removes an item
+            tx.execute("UPDATE quarantine SET purged_at = 1 WHERE path = ?", (copy.name,))
+        assert quarantine.kept_before(beside, content_digest(copied)) is None
+        kept.unlink()  # removed by hand: kept again next time
+        assert quarantine.kept_before(member, content_digest(b"not DICOM")) is None
+    finally:
+        journal.close()
