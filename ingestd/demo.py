@@ -214,7 +214,7 @@ def _next_steps(folder: Path, config_path: Path, say: Callable[[str], None]) -> 
         f' --member "$(cat {folder / "xnat.credentials"})" --project DEMO {options}\n'
         f"  {_ingestd()} run --config {config_path}\n"
         "and send an MR study as the demo scanner (the demo rule takes what DEMO_SCANNER sends):\n"
-        f"  TCP_NODELAY=1 /usr/bin/dcmsend -aet DEMO_SCANNER -aec INGESTD +sd +r 127.0.0.1 {_KEPT_LISTENER_PORT}"
+        f"  TCP_NODELAY=1 /usr/bin/dcmsend -v -aet DEMO_SCANNER -aec INGESTD +sd +r 127.0.0.1 {_KEPT_LISTENER_PORT}"
         " /path/to/study/\n"
         f"  {_ingestd()} status --config {config_path}"
     )

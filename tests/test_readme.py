@@ -242,6 +242,8 @@ def test_the_readme_send_command_sends_a_folder_of_mixed_transfer_syntaxes(tmp_p
                 ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=120, check=False
             )
             assert result.returncode == 0, f"{command}\n{result.stdout}{result.stderr}\n{daemon.log_tail()}"
+        # dcmsend exits 0 whatever the store statuses: its summary (-v) says how many were stored
+        assert re.search(rf"with status SUCCESS\s*: {len(sop_uids)}\n", result.stdout + result.stderr), result.stderr
         rows = journal_rows(tmp_path / "state" / "journal.sqlite", "SELECT sop_uid, transfer_syntax FROM instances")
         assert daemon.terminate() == 0
     assert {sop for sop, _syntax in rows} == sop_uids
