@@ -143,12 +143,15 @@ def test_every_readme_command_is_run_by_a_test_or_says_why_not() -> None:
 
 
 def _kind(command: str) -> str | None:
-    """Which test runs a README command: "send", "run" or "check"; "not here" (NOT_RUN_HERE); None: none."""
+    """Which test runs a README command: "send", "run", "check" or "prepare" (a folder the others need); "not here"
+    (NOT_RUN_HERE); None: none."""
     if command.startswith(SENDS):
         return "send"
     if any(command.startswith(prefix) for prefix in NOT_RUN_HERE):
         return "not here"
-    if re.fullmatch(r"mkdir -p ingestd-drop && \.venv/bin/ingestd run .*", command):
+    if command == "mkdir -p ingestd-drop":
+        return "prepare"
+    if command.startswith(".venv/bin/ingestd run "):
         return "run"
     if re.fullmatch(r"(\w+=(\$\([^)]*\)|\S+) )*\.venv/bin/ingestd (?!run ).*", command):
         return "check"
@@ -156,10 +159,11 @@ def _kind(command: str) -> str | None:
 
 
 def test_the_readme_commands_work_as_written(tmp_path: Path) -> None:
-    """`--help`, check-config on the example configuration, check-rules on the example rules: exit 0, no traceback."""
+    """`--help`, check-config on the example configuration, check-rules on the example rules, and what they need
+    prepared, in the README's order: exit 0, no traceback."""
     clone = _fresh_clone(tmp_path)
-    runnable = [command for command in fenced_commands() if _kind(command) == "check"]
-    assert len(runnable) >= 3, runnable
+    runnable = [command for command in fenced_commands() if _kind(command) in ("check", "prepare")]
+    assert sum(_kind(command) == "check" for command in runnable) >= 3, runnable
     for command in runnable:
         result = subprocess.run(
             ["bash", "-c", command], cwd=clone, capture_output=True, text=True, timeout=60, check=False
@@ -170,13 +174,12 @@ def test_the_readme_commands_work_as_written(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("dcmtk")
 def test_the_readme_run_command_starts_the_daemon_and_sigterm_stops_it(tmp_path: Path) -> None:
-    """`mkdir -p ingestd-drop && .venv/bin/ingestd run --config rules/ingestd.example.yaml`, in a fresh clone: the
-    daemon answers C-ECHO on the example's 127.0.0.1:11112 and exits 0 on SIGTERM."""
+    """`.venv/bin/ingestd run --config rules/ingestd.example.yaml` in a fresh clone, after the README's preparations:
+    the daemon answers C-ECHO on the example's 127.0.0.1:11112 and exits 0 on SIGTERM."""
     clone = _fresh_clone(tmp_path)
-    (command,) = [c for c in fenced_commands() if _kind(c) == "run"]
-    prepare, _, run = command.partition(" && ")
-    assert prepare == "mkdir -p ingestd-drop", command
-    subprocess.run(["bash", "-c", prepare], cwd=clone, check=True)
+    (run,) = [command for command in fenced_commands() if _kind(command) == "run"]
+    for prepare in (command for command in fenced_commands() if _kind(command) == "prepare"):
+        subprocess.run(["bash", "-c", prepare], cwd=clone, check=True)
     if echo_ok(11112):
         pytest.fail("something already answers C-ECHO on 127.0.0.1:11112, the example configuration's port")
     log = tmp_path / "run.log"
