@@ -8,7 +8,8 @@ dropped into its folder. Hidden and partial files are passed over (and counted);
 is a hostile archive is copied to quarantine with its reason. The user's files are never moved or deleted.
 
 Once everything is spooled, the batches the import touched are marked complete at once (nothing waits for
-`study_idle_seconds`), and the import waits until each is delivered (or released) or held:
+`study_idle_seconds`), and the import waits until each is delivered, held or released (handed over to a person:
+counted as such, never as delivered, and the exit status is 1 as for a held one):
 
 - without a daemon, the import takes the state directory's lock itself (no daemon starts meanwhile), recovers the
   spool as the daemon does, and runs the router and the deliverer in its own process;
@@ -18,7 +19,8 @@ Once everything is spooled, the batches the import touched are marked complete a
 
 Running it again on the same files delivers nothing twice: identical bytes are a duplicate in the spool (a no-op),
 and an instance of an already delivered batch whose spooled copy was removed after delivery is recognised by its
-SOP Instance UID and size. Such studies are reported as already delivered.
+SOP Instance UID and size. Such studies are reported as already delivered. A file already kept in quarantine by an
+earlier import (the same content from the same path) is not copied again: it is reported as already quarantined.
 
 `--dry-run` reads and groups the files and prints what the rules would do with each study; it writes nothing.
 """
@@ -46,6 +48,7 @@ from ingestd.logs import hide_member_names, path_digest, uid_digest
 from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
 from ingestd.pipeline.route import header_facts, study_facts
 from ingestd.progress import Bar, Counts, Lines
+from ingestd.quarantined import content_digest
 from ingestd.receive.intake import SourceFile, Sources, find_sources, read_source, source_name
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts
 from ingestd.rules.verdict import Screened, label_clashes, verdict
@@ -58,7 +61,6 @@ log = structlog.get_logger("ingestd.import")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DONE = frozenset({StudyState.DELIVERED, StudyState.RELEASED})
-_FINISHED = _DONE | {StudyState.HELD}
 _WORKER_SECONDS = 0.2  # how often the import's own router and deliverer look for work
 
 
@@ -72,6 +74,7 @@ class _Problem:
     detail: str
     reason: str
     unreadable: bool = False
+    already: bool = False  # kept in quarantine by an earlier import: not copied again
 
 
 class _Taker:
@@ -108,15 +111,18 @@ class _Taker:
         log.error("import.file_unreadable", file=path_digest(detail), reason=reason)
 
     def _reject(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
-        self.keep(source, reason, name, item)
-        self.problems.append(_Problem(source.detail, reason))
-        self.counts.quarantined += 1
+        kept = self.keep(source, reason, name, item)
+        self.problems.append(_Problem(source.detail, reason, already=not kept))
+        if kept:
+            self.counts.quarantined += 1
+        else:
+            self.counts.already_quarantined += 1
 
     def instance(self, prepared: PreparedInstance, source: Source) -> None:
         raise NotImplementedError
 
-    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
-        """Keep a rejected file (its path) or archive member (its bytes) aside."""
+    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> bool:
+        """Keep a rejected file (its path) or archive member (its bytes) aside; False if it was kept before."""
         raise NotImplementedError
 
 
@@ -155,15 +161,21 @@ class _Importer(_Taker):
             self.touched[batch_id] = self.journal.batch_state(batch_id) or StudyState.RECEIVING
             self.counts.studies = len(self.touched)
 
-    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
+    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> bool:
         try:
+            digest = content_digest(item)
+            earlier = self.quarantine.kept_before(source, digest)
+            if earlier is not None:  # the same file, imported again: its copy is there
+                log.info("import.file_already_quarantined", file=path_digest(source.detail), item=earlier.name)
+                return False
             if isinstance(item, Path):
-                self.quarantine.put_copy(item, reason, source)
+                self.quarantine.put_copy(item, reason, source, sha256=digest)
             else:
                 self.quarantine.put_bytes(name, item, reason, source)
         except OSError as exc:
             raise SpoolError(f"cannot write to the quarantine ({exc.strerror or exc})") from None
         log.warning("import.file_quarantined", file=path_digest(source.detail), reason=hide_member_names(reason))
+        return True
 
     def complete(self) -> None:
         """Move the touched batches still receiving to complete, at once."""
@@ -177,10 +189,7 @@ class _Importer(_Taker):
 
     def finished(self) -> bool:
         """Update the counts from the journal; say whether every touched batch is delivered, released or held."""
-        states = [self.journal.batch_state(batch_id) for batch_id in self.touched]
-        self.counts.delivered = sum(1 for state in states if state in _DONE)
-        self.counts.held = sum(1 for state in states if state == StudyState.HELD)
-        return all(state in _FINISHED for state in states)
+        return self.counts.tally(self.journal.batch_state(batch_id) for batch_id in self.touched)
 
     def wait(self, rules: RuleSet, progress: Lines | Bar, poll: float) -> None:
         """Wait until every touched batch is finished, routing and delivering them here unless a daemon does.
@@ -251,7 +260,8 @@ def _totals(totals: str, problems: list[_Problem], *, show_paths: bool, kept: st
             if show_paths
             else (path_digest(problem.detail), hide_member_names(problem.reason))
         )
-        yield f"  {'unreadable' if problem.unreadable else kept}: {name}: {reason}"
+        what = "unreadable" if problem.unreadable else "already quarantined" if problem.already else kept
+        yield f"  {what}: {name}: {reason}"
     if problems and not show_paths:
         yield "  (files are named by a digest of their path; --show-paths names them)"
 
@@ -305,8 +315,8 @@ class _Survey(_Taker):
             )
         )
 
-    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> None:
-        return None  # a dry run keeps nothing
+    def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> bool:
+        return True  # a dry run keeps nothing: it says what would be kept
 
     def decisions(self, rules: RuleSet) -> Iterator[tuple[str, bool]]:
         """A line per study saying what the rules would do, and whether it would be held."""
@@ -436,10 +446,12 @@ def run_import(
         instances_spooled=counts.spooled,
         instances_known=counts.known,
         quarantined=counts.quarantined,
+        already_quarantined=counts.already_quarantined,
         unreadable=counts.unreadable,
         studies=counts.studies,
         delivered=counts.delivered,
         held=counts.held,
+        released=counts.released,
     )
     return status
 
@@ -486,21 +498,23 @@ def _run(
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    released = f", {counts.released} released" if counts.released else ""
     print(
         f"\n{counts.studies} stud{'y' if counts.studies == 1 else 'ies'}: {counts.delivered} delivered,"
-        f" {counts.held} held",
+        f" {counts.held} held{released}",
         file=out,
     )
     for line in importer.summary():
         print(line, file=out)
     totals = (
         f"{counts.scanned} files: {counts.spooled} instances spooled, {counts.known} already known, "
-        f"{counts.quarantined} quarantined, {counts.unreadable} unreadable, {counts.passed_over} passed over"
+        f"{counts.quarantined} quarantined, {counts.already_quarantined} already quarantined, "
+        f"{counts.unreadable} unreadable, {counts.passed_over} passed over"
         " (hidden, partial or links)"
     )
     for line in _totals(totals, importer.problems, show_paths=show_paths, kept="quarantined"):
         print(line, file=out)
-    if counts.quarantined:
+    if counts.quarantined or counts.already_quarantined:
         print(f"  {config.quarantine_dir} keeps each quarantined item beside a .reason.json naming its path", file=out)
     if counts.held:
         print(
@@ -508,7 +522,13 @@ def _run(
             " (STUDY as above, without #batch), or `ingestd release`",
             file=out,
         )
+    if counts.released:
+        print(
+            "released studies were handed over to a person (`ingestd release`): ingestd did not deliver them and"
+            " will not; `ingestd status` lists them",
+            file=out,
+        )
     if not importer.touched:
         print("ingestd import: no DICOM instance found", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_FAILED if counts.held or counts.unreadable else EXIT_OK
+    return EXIT_OK if counts.succeeded else EXIT_FAILED

@@ -62,10 +62,15 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     anonymize.add_argument("input", type=Path, help="a DICOM file or a folder")
     anonymize.add_argument("output", type=Path, help="the folder to write into (<study>/<series>/<instance>.dcm)")
 
-    demo = commands.add_parser(
-        "demo", help="start an XNAT stand-in and the daemon, send a study, show it arrive de-identified (1 min)"
+    demo_help = "start an XNAT stand-in and the daemon, send a study, show it arrive de-identified (~10 s)"
+    demo = commands.add_parser("demo", help=demo_help, description=demo_help[0].upper() + demo_help[1:] + ".")
+    demo.add_argument(
+        "--keep",
+        type=Path,
+        metavar="FOLDER",
+        help="work in FOLDER and keep it (default: a temp folder): FOLDER/ingestd.yaml then runs as it is, with the"
+        " stand-in the demo says how to start",
     )
-    demo.add_argument("--keep", type=Path, metavar="FOLDER", help="work in FOLDER and keep it (default: a temp folder)")
 
     health = commands.add_parser(
         "health", help="is the daemon running and answering? (exit 0 or 1; for HEALTHCHECK and monitoring)"

@@ -1,10 +1,13 @@
-"""`ingestd demo`: the whole path in one command, on this machine, in under a minute.
+"""`ingestd demo`: the whole path in one command, on this machine, in about 10 seconds.
 
 Starts the XNAT stand-in (`ingestd.testing.xnat`) and the daemon with a generated configuration and rules
 in a temporary folder, sends a generated MR study (with a made-up patient name and ID) by C-STORE, and prints
-what arrived in "XNAT": the labels, scans and files, and a few header values before and after
-de-identification. Nothing leaves 127.0.0.1. The configuration it wrote is printed at the end: pointing it at
-a real XNAT means changing `xnat.servers.main` (url and credentials) and the rules.
+what arrived in "XNAT": the labels, scans and files, and a few header values of one instance before and after
+de-identification (the same instance: found by the SOP Instance UID it was given). Nothing leaves 127.0.0.1.
+
+With `--keep FOLDER` what it leaves runs as it is: `FOLDER/ingestd.yaml` (listener 127.0.0.1:11112, XNAT at
+http://127.0.0.1:8080) with its secrets in files of mode 0600 beside it (`xnat.credentials`, `demo.key`), no
+environment variable needed; the demo prints the commands that start the stand-in and the daemon on it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 
-from ingestd.config import load_config
+from ingestd.config import Config, load_config
 from ingestd.daemon import Daemon
 from ingestd.journal import Journal
 from ingestd.logs import configure_logging
@@ -37,7 +41,7 @@ _RULES = """\
 # Written by `ingestd demo`. The language is described in docs/rules.md.
 profiles:
   demo:
-    key: {env: INGESTD_DEMO_KEY}
+    key: {file: @KEY@}
     options: [retain-longitudinal-modified-dates, retain-patient-characteristics, clean-descriptors]
     attributes:
       - {tag: PatientName, action: replace, value: "{subject}"}
@@ -54,7 +58,7 @@ rules:
 _CONFIG = """\
 # Written by `ingestd demo`. For a real lab: change xnat.servers.main (url, credentials) and the rules.
 state_dir: {state}
-listener: {{host: 127.0.0.1, port: 0, ae_title: INGESTD, processes: 1}}
+listener: {{host: 127.0.0.1, port: {port}, ae_title: INGESTD, processes: 1}}
 spool: {{min_free_mb: 100}}
 study_idle_seconds: 2
 rules: [demo.rules.yaml]
@@ -62,10 +66,14 @@ xnat:
   servers:
     main:
       url: {url}
-      credentials: {{env_username: INGESTD_DEMO_XNAT_USER, env_password: INGESTD_DEMO_XNAT_PASSWORD}}
+      credentials: {{file: {credentials}}}  # one line, username:password; mode 0600
       poll_interval_seconds: 0.2
-logging: {{level: warning, format: console}}
-"""
+logging: {{level: {level}, format: console}}
+{metrics}"""
+
+# What `--keep FOLDER` leaves: the stand-in's and the listener's usual ports (the demo itself runs on free ones).
+_KEPT_XNAT_PORT, _KEPT_LISTENER_PORT = 8080, 11112
+_IDLE_BUILD_SECONDS, _REBUILD_REPEAT_SECONDS = 1.0, 0.5  # the stand-in builds a quiet prearchive session at once
 
 _PATIENT = ("DEMO^PATIENT^ANNE", "MRN-0042-DEMO", "19700101")
 
@@ -103,20 +111,51 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, say: Callable[[s
     say(f"  ... {what}")
 
 
+def _secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in `path` (mode 0600), written by `make` if the file is not there yet (a demo run again)."""
+    if not path.exists():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(make() + "\n")
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _write_config(path: Path, folder: Path, *, url: str, port: int, level: str, metrics: str = "") -> None:
+    credentials = folder / "xnat.credentials"
+    text = _CONFIG.format(
+        state=folder / "state", port=port, url=url, credentials=credentials, level=level, metrics=metrics
+    )
+    path.write_text(text)
+
+
+def _write_files(folder: Path, url: str) -> tuple[Path, Config]:
+    """Write the rules and the configuration kept (the usual ports, the stand-in on 8080); return its path, and the
+    configuration of this run (free ports, the stand-in at `url`, no metrics endpoint)."""
+    (folder / "demo.rules.yaml").write_text(_RULES.replace("@KEY@", str(folder / "demo.key")))
+    config_path = folder / "ingestd.yaml"
+    kept_url = f"http://127.0.0.1:{_KEPT_XNAT_PORT}"
+    _write_config(config_path, folder, url=kept_url, port=_KEPT_LISTENER_PORT, level="info")
+    run_path = folder / "demo-run.yaml"
+    _write_config(run_path, folder, url=url, port=0, level="warning", metrics="metrics: {enabled: false}\n")
+    try:
+        return config_path, load_config(run_path)
+    finally:
+        run_path.unlink()
+
+
 def run_demo(workdir: Path | None = None, say: Callable[[str], None] = print) -> int:
     """Run the demo; return 0 when the study arrived de-identified and archived in the stand-in."""
-    folder = workdir or Path(tempfile.mkdtemp(prefix="ingestd-demo-"))
+    folder = (workdir or Path(tempfile.mkdtemp(prefix="ingestd-demo-"))).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ["INGESTD_DEMO_KEY"] = secrets.token_hex(32)
-    os.environ["INGESTD_DEMO_XNAT_USER"] = "demo"
-    os.environ["INGESTD_DEMO_XNAT_PASSWORD"] = password = secrets.token_urlsafe(12)
-    with FakeXnat(version="1.8.10", idle_build_seconds=1, rebuild_repeat_seconds=0.5) as xnat:
+    _secret(folder / "demo.key", lambda: secrets.token_hex(32))
+    _, password = _secret(folder / "xnat.credentials", lambda: f"demo:{secrets.token_urlsafe(12)}").split(":", 1)
+    with FakeXnat(
+        version="1.8.10", idle_build_seconds=_IDLE_BUILD_SECONDS, rebuild_repeat_seconds=_REBUILD_REPEAT_SECONDS
+    ) as xnat:
         xnat.add_user("demo", password)
         xnat.add_project("DEMO", members=["demo"])
-        (folder / "demo.rules.yaml").write_text(_RULES)
-        config_path = folder / "ingestd.yaml"
-        config_path.write_text(_CONFIG.format(state=folder / "state", url=xnat.url))
-        config = load_config(config_path)
+        config_path, config = _write_files(folder, xnat.url)
         configure_logging(config.logging.level, config.logging.format)
         say(f"XNAT stand-in at {xnat.url} (project DEMO); ingestd state in {folder / 'state'}")
         daemon = Daemon(config)
@@ -142,29 +181,69 @@ def run_demo(workdir: Path | None = None, say: Callable[[str], None] = print) ->
 
                 _wait("received and complete (2 s quiet)", lambda: StudyState.RECEIVING not in states(), 30, say)
                 _wait("delivered to XNAT and verified", lambda: states() <= {StudyState.DELIVERED}, 60, say)
+                shown = study[5]  # an instance of the T1 series, and the UID de-identification gave it
+                new_uid = _new_sop_uid(journal, str(shown.SOPInstanceUID))
             finally:
                 journal.close()
         finally:
             daemon.stop()
-        _report(xnat, study, say)
+        _report(xnat, shown, new_uid, say)
         kept = "" if workdir is not None else " (removed at the end: `ingestd demo --keep FOLDER` keeps them)"
         say(f"\nconfiguration: {config_path}\nrules:         {folder / 'demo.rules.yaml'}{kept}")
         say("to use a real XNAT: set xnat.servers.main.url and its credentials, and write your own rules")
     if workdir is None:
         shutil.rmtree(folder, ignore_errors=True)
+    else:
+        _next_steps(folder, config_path, say)
     return 0
 
 
-def _report(xnat: FakeXnat, study: list[Dataset], say: Callable[[str], None]) -> None:
+def _ingestd() -> str:
+    """How to run this ingestd again: the script this process runs as, or the interpreter with `-m ingestd`."""
+    script = Path(sys.argv[0])
+    return str(script.absolute()) if script.name == "ingestd" else f"{sys.executable} -m ingestd"
+
+
+def _next_steps(folder: Path, config_path: Path, say: Callable[[str], None]) -> None:
+    """What to run to use what `--keep` left: this run's stand-in is gone; the configuration expects one on 8080."""
+    options = f"--idle-build-seconds {_IDLE_BUILD_SECONDS:g} --rebuild-repeat-seconds {_REBUILD_REPEAT_SECONDS:g}"
+    say(
+        f"\nnext steps: {config_path} runs as it is (secrets in {folder / 'xnat.credentials'} and"
+        f" {folder / 'demo.key'}, mode 0600). This run's XNAT stand-in is gone; start one, then the daemon:\n"
+        f"  {sys.executable} -m ingestd.testing.xnat --port {_KEPT_XNAT_PORT}"
+        f' --member "$(cat {folder / "xnat.credentials"})" --project DEMO {options}\n'
+        f"  {_ingestd()} run --config {config_path}\n"
+        "and send an MR study as the demo scanner (the demo rule takes what DEMO_SCANNER sends):\n"
+        f"  TCP_NODELAY=1 /usr/bin/dcmsend -v -aet DEMO_SCANNER -aec INGESTD +sd +r 127.0.0.1 {_KEPT_LISTENER_PORT}"
+        " /path/to/study/\n"
+        f"  {_ingestd()} status --config {config_path}"
+    )
+
+
+def _new_sop_uid(journal: Journal, sop_uid: str) -> str | None:
+    """The SOP Instance UID the instance sent as `sop_uid` left with (de-identification gives it a new one)."""
+    for batch in journal.batches():
+        ids = {instance.id for instance in journal.batch_instances(batch.id) if instance.sop_uid == sop_uid}
+        for outgoing in journal.outgoing(batch.id) if ids else ():
+            if outgoing.instance_id in ids:
+                return outgoing.sop_uid
+    return None
+
+
+def _report(xnat: FakeXnat, original: Dataset, new_uid: str | None, say: Callable[[str], None]) -> None:
+    """The session XNAT holds, and header values of `original` as sent and as XNAT holds it (by its new UID)."""
     (experiment,) = xnat.experiments("DEMO")
     say(f"\nXNAT now holds project DEMO / subject {experiment.subject} / session {experiment.label}:")
     for scan in sorted(experiment.scans.values(), key=lambda s: s.id):
         say(f"  scan {scan.id:>3}  {scan.type or '(no description)':<24} {len(scan.files)} files")
     say("  (the Localizer series was dropped by the rule's drop_series)")
-    original = study[5]  # an instance of the T1 series
-    files = xnat.archived_files("DEMO", experiment.label)
-    stored = pydicom.dcmread(io.BytesIO(next(iter(files.values())))) if files else None
-    say("\n  attribute              sent                         in XNAT")
+    stored = None
+    for data in xnat.archived_files("DEMO", experiment.label).values():
+        found = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        if new_uid is not None and found.SOPInstanceUID == new_uid:
+            stored = found
+    say(f"\n  one instance (of the {original.SeriesDescription.split(' MRN')[0]} series) as sent and as XNAT holds it:")
+    say("  attribute              sent                         in XNAT")
     for keyword in (
         "PatientName",
         "PatientID",
@@ -173,7 +252,9 @@ def _report(xnat: FakeXnat, study: list[Dataset], say: Callable[[str], None]) ->
         "StudyDate",
         "InstitutionName",
         "SeriesDescription",
+        "InstanceNumber",
         "StudyInstanceUID",
+        "SOPInstanceUID",
         "PatientIdentityRemoved",
     ):
         before = str(original.get(keyword, "(absent)"))

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Never, TextIO
 
 from tqdm import tqdm
+
+from ingestd.states import StudyState
 
 __all__ = ["PROGRESS_SECONDS", "Bar", "Counts", "Lines", "columns"]
 
@@ -23,18 +26,42 @@ class Counts:
     spooled: int = 0  # instances stored (or replaced) by this import
     known: int = 0  # instances the spool or the journal already had
     quarantined: int = 0  # files and archive members kept in quarantine
+    already_quarantined: int = 0  # of those not taken: kept in quarantine by an earlier import (not copied again)
     unreadable: int = 0
     passed_over: int = 0  # hidden, partial, links
     studies: int = 0  # batches touched
-    delivered: int = 0  # of those: delivered or released, now or before
+    delivered: int = 0  # of those: delivered, now or before
     held: int = 0
+    released: int = 0  # handed over to a person (`ingestd release`): not delivered, and ingestd will not deliver them
     delivering: bool = False  # everything is spooled; the studies are on their way
+
+    def tally(self, states: Iterable[str | None]) -> bool:
+        """Count the touched batches by state; say whether each one is finished (delivered, released or held)."""
+        states = list(states)
+        self.delivered = states.count(StudyState.DELIVERED)
+        self.held = states.count(StudyState.HELD)
+        self.released = states.count(StudyState.RELEASED)
+        return self.delivered + self.held + self.released == len(states)
+
+    @property
+    def finished(self) -> int:
+        """Studies that reached an end: delivered, held or released."""
+        return self.delivered + self.held + self.released
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the import did what it was asked: every study delivered (a released one was not), every file
+        read. The exit status is 0 only then."""
+        return not (self.held or self.released or self.unreadable)
 
     def line(self) -> str:
         known = f", {self.known} already known" if self.known else ""
+        already = f", {self.already_quarantined} already quarantined" if self.already_quarantined else ""
+        released = f", {self.released} released" if self.released else ""
         return (
             f"import: files {self.scanned}/{self.files} scanned, {self.spooled} instances spooled{known}, "
-            f"{self.quarantined} quarantined, studies {self.delivered}/{self.studies} delivered, {self.held} held"
+            f"{self.quarantined} quarantined{already}, studies {self.delivered}/{self.studies} delivered,"
+            f" {self.held} held{released}"
         )
 
 
@@ -80,7 +107,8 @@ class Bar:
             width = {"dynamic_ncols": True} if columns(self.out) else {"ncols": 80, "nrows": 24}
             bar = self._bar = tqdm(total=total, desc=what, unit=unit, file=self.out, **width)
         if counts.delivering:
-            done, postfix = counts.delivered + counts.held, f"{counts.delivered} delivered, {counts.held} held"
+            done, postfix = counts.finished, f"{counts.delivered} delivered, {counts.held} held"
+            postfix += f", {counts.released} released" if counts.released else ""
         else:
             done = counts.scanned
             postfix = f"{counts.spooled} instances spooled, {counts.known} known, {counts.quarantined} quarantined"

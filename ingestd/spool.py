@@ -41,6 +41,7 @@ from pathlib import Path
 
 import structlog
 
+from ingestd import quarantined
 from ingestd.dicomfile import data_set_offset
 from ingestd.durable import (
     file_digest,
@@ -517,9 +518,10 @@ class Quarantine:
         )
         write_durably(sidecar, (text.encode(),))
 
-    def _record(self, target: Path, reason: str, source: Source) -> Path:
+    def _record(self, target: Path, reason: str, source: Source, sha256: str | None = None) -> Path:
         fsync_dir(self.root)
-        self.journal.add_quarantine(target.name, reason, source, time.time())
+        with self.journal.transaction() as tx:
+            quarantined.record(tx, target.name, reason, source, sha256, time.time())
         log.warning(
             "spool.quarantined",
             item=target.name,
@@ -552,12 +554,19 @@ class Quarantine:
         target = self._target(name)
         self._write_reason(target, reason, source)
         write_durably(target, (data,))
-        return self._record(target, reason, source)
+        return self._record(target, reason, source, quarantined.content_digest(data))
 
-    def put_copy(self, path: Path, reason: str, source: Source) -> Path:
-        """Keep a copy of the file at `path` in quarantine with `reason`; the file itself is left as it is."""
+    def put_copy(self, path: Path, reason: str, source: Source, *, sha256: str | None = None) -> Path:
+        """Keep a copy of the file at `path` in quarantine with `reason`; the file itself is left as it is.
+        `sha256`: its content's digest, when the caller has it already."""
         target = self._target(path.name)
         self._write_reason(target, reason, source)
         shutil.copyfile(path, target)
         fsync_tree(target)
-        return self._record(target, reason, source)
+        return self._record(target, reason, source, sha256 or quarantined.content_digest(target))
+
+    def kept_before(self, source: Source, sha256: str) -> Path | None:
+        """The item kept earlier from `source` with content `sha256`, if it is still here (`ingestd import` run again
+        on the same files keeps each bad file once)."""
+        name = quarantined.kept_before(self.journal, self.root, source, sha256)
+        return None if name is None else self.root / name

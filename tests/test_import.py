@@ -21,6 +21,11 @@ import pytest
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from ingestd.bulk import find_sources
+from ingestd.journal import Journal, Source
+from ingestd.progress import Counts
+from ingestd.quarantined import content_digest
+from ingestd.spool import Quarantine
+from ingestd.states import StudyState
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
 from tests.procs import DaemonProcess, journal_rows, run_ingestd, wait_until
@@ -154,6 +159,11 @@ def test_import_twice_delivers_each_study_once(tmp_path: Path, xnat: FakeXnat) -
     second = ingestd("import", "--config", str(config), str(tree), cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "12 already known" in second.stdout and "studies 3/3 delivered" in second.stdout
+    # notes.txt is in quarantine already (the same content from the same path): not copied again.
+    assert "0 quarantined, 1 already quarantined" in second.stdout
+    assert "already quarantined: sha256:" in second.stdout and "not a DICOM file" in second.stdout
+    assert len(list((tmp_path / "state" / "quarantine").glob("*.reason.json"))) == 1
+    assert logged(second.stderr, "import.file_already_quarantined")[0]["item"] == copy.name
     rows = [line.split() for line in second.stdout.splitlines() if line.startswith("sha256:")]
     assert len(rows) == 3 and all(row[1:3] == ["already", "delivered"] for row in rows), second.stdout
     assert imports(xnat) == 3 and len(xnat.experiments("PROJ")) == 3
@@ -162,6 +172,13 @@ def test_import_twice_delivers_each_study_once(tmp_path: Path, xnat: FakeXnat) -
         (3, "delivered", "delivered")
     ]
     assert tree_snapshot(tree) == before
+
+    # Changed since: another copy, with its reason; the earlier copy stays.
+    (tree / "notes.txt").write_text("acquisition notes, corrected\n")
+    third = ingestd("import", "--config", str(config), str(tree), cwd=tmp_path)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "1 quarantined, 0 already quarantined" in third.stdout
+    assert len(list((tmp_path / "state" / "quarantine").glob("*.reason.json"))) == 2 and copy.is_file()
 
 
 def test_dry_run_writes_and_sends_nothing(tmp_path: Path, xnat: FakeXnat) -> None:
@@ -319,3 +336,66 @@ def test_import_reports_a_batch_xnat_keeps_failing_and_exits_1(tmp_path: Path, x
     # spooled until `ingestd retry` can see it there.
     assert sorted(e.label for e in xnat.experiments("PROJ")) == ["subj01_MR1", "subj02_MR1"]
     assert list((tmp_path / "state" / "spool").rglob("*.dcm"))
+
+
+def test_counts_never_take_a_released_study_for_a_delivered_one() -> None:
+    counts = Counts(files=2, scanned=2, spooled=4, studies=3)
+    assert not counts.tally([StudyState.DELIVERED, StudyState.RELEASED, StudyState.ROUTED])
+    assert counts.tally([StudyState.DELIVERED, StudyState.RELEASED, StudyState.DELIVERED])
+    assert (counts.delivered, counts.held, counts.released, counts.finished) == (2, 0, 1, 3)
+    assert not counts.succeeded  # a released study was not delivered: the import did not do what it was asked
+    assert counts.line().endswith("studies 2/3 delivered, 0 held, 1 released")
+    counts.tally([StudyState.DELIVERED] * 3)
+    assert counts.succeeded and counts.line().endswith("studies 3/3 delivered, 0 held")
+
+
+def test_a_study_released_before_the_import_is_reported_released_and_exits_1(tmp_path: Path, xnat: FakeXnat) -> None:
+    """A held study a person released (`ingestd release`) is never reported as delivered, and the import fails."""
+    config = write_config(tmp_path, xnat.url)
+    tree = tmp_path / "tree"
+    write_instances(subject_study("subj02", sop_class=CTImageStorage), tree / "subj02" / "CT1" / "s1")
+    first = ingestd("import", "--config", str(config), str(tree), cwd=tmp_path)
+    assert first.returncode == 1 and "0 delivered, 1 held" in first.stdout, first.stdout + first.stderr
+    (study,) = [line.split()[0].split("#")[0] for line in first.stdout.splitlines() if line.startswith("sha256:")]
+    released = ingestd("release", "--config", str(config), study, cwd=tmp_path)
+    assert released.returncode == 0 and "released" in released.stdout, released.stdout + released.stderr
+
+    again = ingestd("import", "--config", str(config), str(tree), cwd=tmp_path)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert ": 1 delivered" not in again.stdout and "studies 0/1 delivered" in again.stdout
+    rows = [line.split() for line in again.stdout.splitlines() if line.startswith("sha256:")]
+    if any(row[0].endswith("#1") for row in rows):  # the import met the released batch itself
+        assert rows == [[f"{study}#1", "already", "released", "4", "-"]], again.stdout
+        assert "1 study: 0 delivered, 0 held, 1 released" in again.stdout
+        assert "handed over to a person" in again.stdout
+        assert logged(again.stderr, "import.finished")[0]["released"] == 1
+    else:  # a re-sent released study opens a new batch (issue 15): held again by the same rules, never delivered
+        assert [row[:2] for row in rows] == [[f"{study}#2", "held"]], again.stdout
+    assert xnat.experiments("PROJ") == []
+
+
+def test_the_quarantine_finds_an_item_kept_before_by_source_and_content(tmp_path: Path) -> None:
+    """What `ingestd import` asks before keeping a bad file or member again: the same content from the same path,
+    still in quarantine and not purged."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        quarantine = Quarantine(tmp_path / "quarantine", journal)
+        member = Source("folder", "/data/tree", "upload.zip!a/notes.txt")
+        kept = quarantine.put_bytes("notes.txt", b"not DICOM", "not a DICOM file", member)
+        copied = tmp_path / "readme.txt"
+        copied.write_bytes(b"also not DICOM")
+        beside = Source("folder", "/data/tree", "readme.txt")
+        copy = quarantine.put_copy(copied, "not a DICOM file", beside)
+        assert quarantine.kept_before(member, content_digest(b"not DICOM")) == kept
+        assert quarantine.kept_before(beside, content_digest(copied)) == copy
+        assert quarantine.kept_before(member, content_digest(b"changed since")) is None
+        assert (
+            quarantine.kept_before(Source("folder", "/data/other", member.detail), content_digest(b"not DICOM")) is None
+        )
+        with journal.transaction() as tx:  # as retention does when it removes an item
+            tx.execute("UPDATE quarantine SET purged_at = 1 WHERE path = ?", (copy.name,))
+        assert quarantine.kept_before(beside, content_digest(copied)) is None
+        kept.unlink()  # removed by hand: kept again next time
+        assert quarantine.kept_before(member, content_digest(b"not DICOM")) is None
+    finally:
+        journal.close()

@@ -144,8 +144,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
     source_kind TEXT NOT NULL,
     source TEXT NOT NULL,
     at REAL NOT NULL,
-    purged_at REAL
+    purged_at REAL,
+    source_detail TEXT,
+    sha256 TEXT
 );
+CREATE INDEX IF NOT EXISTS quarantine_content ON quarantine (sha256);
 """
 
 
@@ -190,6 +193,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # the record of what happened). NULL: the files are still there.
         "ALTER TABLE batches ADD COLUMN purged_at REAL",
         "ALTER TABLE quarantine ADD COLUMN purged_at REAL",
+        # Where in its source a quarantined item came from, and its content's SHA-256 (copies and archive members):
+        # `ingestd import` run again finds the copy it kept before instead of keeping another (ingestd.quarantined).
+        "ALTER TABLE quarantine ADD COLUMN source_detail TEXT",
+        "ALTER TABLE quarantine ADD COLUMN sha256 TEXT",
     ),
 }
 
