@@ -10,11 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from pynetdicom import AE
 
 from tests.dicom import MRImageStorage, make_study
-from tests.procs import DaemonProcess, journal_rows, run_ingestd, wait_until
+from tests.procs import DaemonProcess, free_port, journal_rows, run_ingestd, wait_until
 
 KEPT_XNAT_PORT, KEPT_LISTENER_PORT = 8080, 11112  # what the kept configuration names (ingestd/demo.py)
 
@@ -62,9 +61,15 @@ def test_demo_delivers_a_deidentified_study_and_leaves_a_configuration_that_runs
     # scanner is delivered.
     (stand_in,) = [line.strip() for line in out.splitlines() if "-m ingestd.testing.xnat " in line]
     assert f"--port {KEPT_XNAT_PORT}" in stand_in and f"run --config {config}" in out
-    for port in (KEPT_XNAT_PORT, KEPT_LISTENER_PORT):
-        if _listening(port):
-            pytest.fail(f"port {port} (the kept configuration's) is taken on 127.0.0.1: cannot run what demo left")
+    # Tests use only ports they pick free: the kept configuration's usual ports are swapped for free ones, here
+    # and in the stand-in's command (nothing else changes), and its metrics endpoint moved likewise.
+    xnat_port, listener_port, metrics_port = free_port(), free_port(), free_port()
+    stand_in = stand_in.replace(f"--port {KEPT_XNAT_PORT}", f"--port {xnat_port}")
+    text = config.read_text()
+    assert f"127.0.0.1:{KEPT_XNAT_PORT}" in text and f"port: {KEPT_LISTENER_PORT}," in text, text
+    text = text.replace(f"127.0.0.1:{KEPT_XNAT_PORT}", f"127.0.0.1:{xnat_port}")
+    text = text.replace(f"port: {KEPT_LISTENER_PORT},", f"port: {listener_port},")
+    config.write_text(text + f"metrics: {{port: {metrics_port}}}\n")
     xnat = subprocess.Popen(
         ["bash", "-c", f"exec {stand_in}"],
         env=clean,
@@ -73,12 +78,12 @@ def test_demo_delivers_a_deidentified_study_and_leaves_a_configuration_that_runs
         start_new_session=True,
     )
     try:
-        wait_until(lambda: _listening(KEPT_XNAT_PORT), 30, message="the stand-in")
+        wait_until(lambda: _listening(xnat_port), 30, message="the stand-in")
         with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-            daemon.wait_ready(KEPT_LISTENER_PORT)
+            daemon.wait_ready(listener_port)
             ae = AE(ae_title="DEMO_SCANNER")
             ae.add_requested_context(MRImageStorage)
-            assoc = ae.associate("127.0.0.1", KEPT_LISTENER_PORT, ae_title="INGESTD")
+            assoc = ae.associate("127.0.0.1", listener_port, ae_title="INGESTD")
             assert assoc.is_established
             statuses = [assoc.send_c_store(ds).Status for ds in make_study(series=1, per_series=2)]
             assoc.release()

@@ -183,18 +183,24 @@ def test_the_readme_commands_work_as_written(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("dcmtk")
 def test_the_readme_run_command_starts_the_daemon_and_sigterm_stops_it(tmp_path: Path) -> None:
     """`.venv/bin/ingestd run --config rules/ingestd.example.yaml` in a fresh clone, after the README's preparations:
-    the daemon answers C-ECHO on the example's 127.0.0.1:11112 and exits 0 on SIGTERM."""
+    the daemon answers C-ECHO and exits 0 on SIGTERM. Tests use only ports they pick free: the example's listener
+    (11112) and metrics (9471) ports are swapped for free ones in the clone's copy, nothing else."""
     clone = _fresh_clone(tmp_path)
     (run,) = [command for command in fenced_commands() if _kind(command) == "run"]
     for prepare in (command for command in fenced_commands() if _kind(command) == "prepare"):
         subprocess.run(["bash", "-c", prepare], cwd=clone, check=True)
-    if echo_ok(11112):
-        pytest.fail("something already answers C-ECHO on 127.0.0.1:11112, the example configuration's port")
+    example = clone / "rules" / "ingestd.example.yaml"
+    listener, metrics = free_port(), free_port()
+    text = example.read_text()
+    assert text.count("  port: 11112\n") == 1 and text.count("  port: 9471\n") == 1, "the example's ports moved"
+    example.write_text(
+        text.replace("  port: 11112\n", f"  port: {listener}\n").replace("  port: 9471\n", f"  port: {metrics}\n")
+    )
     log = tmp_path / "run.log"
     with log.open("wb") as out:
         daemon = subprocess.Popen(["bash", "-c", f"exec {run}"], cwd=clone, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: echo_ok(11112, timeout=2) or daemon.poll() is not None, 60, message="the daemon")
+            wait_until(lambda: echo_ok(listener, timeout=2) or daemon.poll() is not None, 60, message="the daemon")
             assert daemon.poll() is None, log.read_text()
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(timeout=60) == 0, log.read_text()
