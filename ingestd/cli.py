@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     release.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     release.add_argument("study", help="batch id, study digest (sha256:...), or Study Instance UID")
 
+    purge = commands.add_parser(
+        "purge", help="remove what retention: says ingestd is done with (the daemon does it every check interval)"
+    )
+    purge.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    purge.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+
     bulk = commands.add_parser(
         "import",
         help="take folders, files and archives on disk to XNAT as the daemon would; wait until delivered or held",
@@ -492,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return _cmd_health(config, args.timeout)
         if args.command in ("retry", "release"):
             return _cmd_retry_release(args, config)
+        if args.command == "purge":
+            from ingestd.admin.purge import run_purge  # noqa: PLC0415
+
+            return run_purge(config, dry_run=args.dry_run, running=_daemon_running(config))
         if args.command == "import":
             return _cmd_import(args, config)
         if args.command == "check-xnat":

@@ -42,6 +42,9 @@ __all__ = [
     "DELIVERIES",
     "DROP_SOURCES",
     "REGISTRY",
+    "RETENTION_BYTES",
+    "RETENTION_LAST_RUN",
+    "RETENTION_PURGED",
     "RETRIES",
     "STAGE_FAILURES",
     "STAGE_SECONDS",
@@ -98,6 +101,25 @@ STAGE_SECONDS = Histogram(
     "How long a step took for one batch, by stage (route, package, import, build_wait, archive)",
     ["stage"],
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY,
+)
+
+RETENTION_PURGED = Counter(
+    "ingestd_retention_purged",
+    "What retention removed, by kind: delivered and released batches' files, quarantined items (batches, items);"
+    " receipts and outgoing journal rows (rows)",
+    ["kind"],
+    registry=REGISTRY,
+)
+RETENTION_BYTES = Counter(
+    "ingestd_retention_purged_bytes",
+    "Bytes of files retention removed from the state directory, by kind (delivered, released, quarantine)",
+    ["kind"],
+    registry=REGISTRY,
+)
+RETENTION_LAST_RUN = Gauge(
+    "ingestd_retention_last_run_timestamp_seconds",
+    "When the daemon's retention worker last finished a pass (Unix time); 0 before the first",
     registry=REGISTRY,
 )
 

@@ -1,0 +1,200 @@
+"""One retention pass: plan from a snapshot of the journal, then remove, item by item.
+
+A batch's files are removed inside a write transaction that first checks the batch is still as planned (delivered
+or released, at the same time, not purged: a person taking a release back meanwhile keeps everything) and records
+`purged_at` only after its files are gone; a crash in between rolls the row back, and the next pass removes what is
+left (nothing, or the rest) and records it. Quarantined items: their files first, then their rows in one
+transaction. Receipts and outgoing rows: deleted in one transaction.
+
+`preview` makes the same plan and measures it without writing anything (`ingestd purge --dry-run`, `status`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingestd.config import Config, Retention
+from ingestd.journal import Journal
+from ingestd.retention import files, store
+from ingestd.retention.plan import (
+    KINDS,
+    BatchFacts,
+    BatchRemoval,
+    QuarantineFacts,
+    batch_removal,
+    due_batches,
+    due_quarantine,
+    receipt_batches,
+)
+
+__all__ = ["Failure", "Outcome", "Plan", "execute", "make_plan", "preview", "purge", "retention_summary"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What is due at `now`: batches with what goes of each, quarantined items, the batches whose rows go."""
+
+    now: float
+    batches: tuple[tuple[BatchFacts, BatchRemoval], ...]
+    quarantine: tuple[QuarantineFacts, ...]
+    receipt_batches: tuple[int, ...]
+    rows: tuple[int, int]  # (receipts, outgoing rows) of those batches, when planned
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    kind: str
+    item: str  # `#<batch id>` or the quarantined item's name (never a patient's data)
+    error: str
+
+
+@dataclass
+class Outcome:
+    """What a pass removed (or, for a preview, would remove): per kind, (items, bytes); and the items by name."""
+
+    purged: dict[str, tuple[int, int]] = field(default_factory=lambda: dict.fromkeys(KINDS, (0, 0)))
+    items: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in KINDS})
+    failures: list[Failure] = field(default_factory=list)
+
+    def add(self, kind: str, count: int, size: int, item: str | None = None) -> None:
+        old_count, old_size = self.purged[kind]
+        self.purged[kind] = (old_count + count, old_size + size)
+        if item is not None:
+            self.items[kind].append(item)
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _count, size in self.purged.values())
+
+
+def make_plan(db: sqlite3.Connection, retention: Retention, now: float) -> Plan:
+    """The plan for `now` from one snapshot of the journal (`store.read_only`)."""
+    batches = store.read_batches(db)
+    due = due_batches(batches, retention, now)
+    protected = store.protected_paths(db, (batch.id for batch, _kind in due)) if due else set()
+    planned = tuple(
+        (batch, batch_removal(batch.id, kind, store.batch_paths(db, batch.id), protected)) for batch, kind in due
+    )
+    receipts = tuple(receipt_batches(batches, retention, now))
+    rows = store.count_rows(db, receipts) if receipts else (0, 0)
+    return Plan(now, planned, tuple(due_quarantine(store.read_quarantine(db), retention, now)), receipts, rows)
+
+
+def preview(config: Config, now: float | None = None) -> Outcome:
+    """What a pass would remove at `now`, measured on disk; writes nothing (a read-only connection)."""
+    outcome = Outcome()
+    if not config.journal_path.exists():
+        return outcome
+    with store.read_only(config.journal_path) as db:
+        plan = make_plan(db, config.retention, time.time() if now is None else now)
+    for batch, removal in plan.batches:
+        outcome.add(removal.kind, 1, files.measure(config.state_dir, removal), f"#{batch.id}")
+    for item in plan.quarantine:
+        outcome.add("quarantine", 1, files.measure_quarantine(config.quarantine_dir, item.path), item.path)
+    outcome.add("receipts", plan.rows[0], 0)
+    outcome.add("outgoing", plan.rows[1], 0)
+    return outcome
+
+
+def purge(
+    config: Config,
+    journal: Journal,
+    now: float | None = None,
+    *,
+    beat: Callable[[], None] = lambda: None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> Outcome:
+    """Remove what is due at `now` (a writer's `journal`); `beat` is called after each item, and the pass ends early
+    (what is left is due again next time) once `stopping()` says so."""
+    now = time.time() if now is None else now
+    with store.read_only(journal.path) as db:
+        plan = make_plan(db, config.retention, now)
+    return execute(plan, config, journal, beat=beat, stopping=stopping)
+
+
+def execute(
+    plan: Plan,
+    config: Config,
+    journal: Journal,
+    *,
+    beat: Callable[[], None] = lambda: None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> Outcome:
+    """Carry out `plan`: each batch only if it is still as planned; record the pass in the journal's meta."""
+    now = plan.now
+    outcome = Outcome()
+    for batch, removal in plan.batches:
+        if stopping():
+            break
+        _purge_batch(config.state_dir, journal, batch, removal, now, outcome)
+        beat()
+    _purge_quarantine(config.quarantine_dir, journal, plan.quarantine, now, outcome, beat, stopping)
+    if plan.receipt_batches and not stopping():
+        with journal.transaction() as tx:
+            receipts, outgoing = store.delete_rows(tx, plan.receipt_batches)
+        outcome.add("receipts", receipts, 0)
+        outcome.add("outgoing", outgoing, 0)
+    with journal.transaction() as tx:
+        store.record_last_run(tx, now, outcome.purged, len(outcome.failures))
+    return outcome
+
+
+def _purge_batch(
+    state_dir: Path, journal: Journal, batch: BatchFacts, removal: BatchRemoval, now: float, outcome: Outcome
+) -> None:
+    try:
+        with journal.transaction() as tx:
+            if not store.mark_batch_purged(tx, batch, now):  # taken back, or purged by someone else meanwhile
+                return
+            freed = files.remove(state_dir, removal)  # the mark commits only once this has removed everything
+    except OSError as exc:
+        outcome.failures.append(Failure(removal.kind, f"#{batch.id}", exc.strerror or type(exc).__name__))
+        return
+    outcome.add(removal.kind, 1, freed, f"#{batch.id}")
+
+
+def _purge_quarantine(
+    quarantine_dir: Path,
+    journal: Journal,
+    items: tuple[QuarantineFacts, ...],
+    now: float,
+    outcome: Outcome,
+    beat: Callable[[], None],
+    stopping: Callable[[], bool],
+) -> None:
+    removed: list[int] = []
+    for item in items:
+        if stopping():
+            break
+        try:
+            freed = files.remove_quarantine(quarantine_dir, item.path)
+        except OSError as exc:
+            outcome.failures.append(Failure("quarantine", item.path, exc.strerror or type(exc).__name__))
+            continue
+        removed.append(item.id)
+        outcome.add("quarantine", 1, freed, item.path)
+        beat()
+    if removed:
+        with journal.transaction() as tx:
+            store.mark_quarantine_purged(tx, removed, now)
+
+
+def retention_summary(config: Config, now: float | None = None) -> dict[str, Any]:
+    """What `ingestd status` shows of retention: when it last ran and what it removed then, what it would remove
+    now (per kind: [items, bytes]) and how often it runs. Read-only."""
+    last: dict[str, Any] | None = None
+    if config.journal_path.exists():
+        with store.read_only(config.journal_path) as db:
+            last = store.last_run(db)
+    would = preview(config, now)
+    return {
+        "last_run": None if last is None else last.get("at"),
+        "last_purged": None if last is None else last.get("purged"),
+        "would_purge": {kind: list(pair) for kind, pair in would.purged.items()},
+        "check_interval_seconds": config.retention.check_interval_seconds,
+    }

@@ -1,0 +1,155 @@
+"""Retention's reads of the journal (a read-only connection of its own: a snapshot, never the write lock) and its
+writes (through `Journal.transaction`, each one re-checking what the plan was made from)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+from ingestd.journal import Tx
+from ingestd.journal.schema import check_version
+from ingestd.retention.plan import BatchFacts, BatchPaths, QuarantineFacts
+from ingestd.states import StudyState
+
+__all__ = [
+    "LAST_RUN_KEY",
+    "batch_paths",
+    "count_rows",
+    "delete_rows",
+    "last_run",
+    "mark_batch_purged",
+    "mark_quarantine_purged",
+    "protected_paths",
+    "purged_quarantine",
+    "read_batches",
+    "read_only",
+    "read_quarantine",
+    "record_last_run",
+]
+
+LAST_RUN_KEY = "retention_last_run"  # the journal's `meta` row: when retention last ran and what it removed
+_TERMINAL = (StudyState.DELIVERED, StudyState.RELEASED)
+
+
+@contextmanager
+def read_only(journal_path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the journal, in one read transaction (one snapshot for the whole plan)."""
+    with closing(sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, isolation_level=None)) as db:
+        db.row_factory = sqlite3.Row
+        check_version(db, journal_path)
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return json.dumps(sorted(set(ids)))
+
+
+def read_batches(db: sqlite3.Connection) -> list[BatchFacts]:
+    """The delivered and released batches (by the index of states: no other batch is ever read)."""
+    rows = db.execute(
+        "SELECT id, state, state_changed, purged_at FROM batches WHERE state IN (?, ?)", _TERMINAL
+    ).fetchall()
+    return [BatchFacts(int(r[0]), str(r[1]), float(r[2]), r[3]) for r in rows]
+
+
+def read_quarantine(db: sqlite3.Connection) -> list[QuarantineFacts]:
+    rows = db.execute("SELECT id, path, at, purged_at FROM quarantine WHERE purged_at IS NULL").fetchall()
+    return [QuarantineFacts(int(r[0]), str(r[1]), float(r[2]), r[3]) for r in rows]
+
+
+def purged_quarantine(journal_path: Path) -> dict[str, float]:
+    """The quarantined items whose files retention removed, by name (`ingestd status` shows them as purged): the
+    row stays, the file and its reason sidecar are gone."""
+    with read_only(journal_path) as db:
+        rows = db.execute("SELECT path, purged_at FROM quarantine WHERE purged_at IS NOT NULL").fetchall()
+    return {str(path): float(at) for path, at in rows}
+
+
+def batch_paths(db: sqlite3.Connection, batch_id: int) -> BatchPaths:
+    """Every path the journal knows for one batch, relative to the state directory."""
+    spool = tuple(
+        f"spool/{r[0]}" for r in db.execute("SELECT spool_path FROM instances WHERE batch_id = ?", (batch_id,))
+    )
+    outgoing = tuple(str(r[0]) for r in db.execute("SELECT path FROM outgoing WHERE batch_id = ?", (batch_id,)))
+    superseded = tuple(str(r[0]) for r in db.execute("SELECT path FROM superseded WHERE batch_id = ?", (batch_id,)))
+    row = db.execute("SELECT zip_path FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
+    return BatchPaths(spool, outgoing, superseded, row[0] if row else None)
+
+
+def protected_paths(db: sqlite3.Connection, purging: Iterable[int]) -> set[str]:
+    """Every path that a batch whose files are still there refers to, but for the batches in `purging`."""
+    query = (
+        "SELECT 'spool/' || x.spool_path FROM instances x JOIN batches b ON b.id = x.batch_id"
+        " WHERE b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT x.path FROM outgoing x JOIN batches b ON b.id = x.batch_id"
+        " WHERE b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT x.path FROM superseded x JOIN batches b ON b.id = x.batch_id"
+        " WHERE b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT x.zip_path FROM deliveries x JOIN batches b ON b.id = x.batch_id"
+        " WHERE x.zip_path IS NOT NULL AND b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
+    )
+    return {str(row[0]) for row in db.execute(query, (_ids(purging),))}
+
+
+def count_rows(db: sqlite3.Connection, batch_ids: Iterable[int]) -> tuple[int, int]:
+    """(receipts, outgoing rows) of the batches `batch_ids`."""
+    ids = _ids(batch_ids)
+    receipts = db.execute("SELECT count(*) FROM receipts WHERE batch_id IN (SELECT value FROM json_each(?))", (ids,))
+    outgoing = db.execute("SELECT count(*) FROM outgoing WHERE batch_id IN (SELECT value FROM json_each(?))", (ids,))
+    return int(receipts.fetchone()[0]), int(outgoing.fetchone()[0])
+
+
+def last_run(db: sqlite3.Connection) -> dict[str, Any] | None:
+    """When retention last ran and what it removed (None: never)."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (LAST_RUN_KEY,)).fetchone()
+    if row is None:
+        return None
+    try:
+        value = json.loads(row[0])
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# -- writes (inside the caller's transaction) ----------------------------------------------------------------------
+
+
+def mark_batch_purged(tx: Tx, batch: BatchFacts, now: float) -> bool:
+    """Whether the batch is still as planned (same state, same time, not purged); if so, mark it purged and forget
+    its superseded copies (their files are gone). Call it first in the transaction that removes its files."""
+    row = tx.execute("SELECT state, state_changed, purged_at FROM batches WHERE id = ?", (batch.id,)).fetchone()
+    if row is None or row[0] != batch.state or float(row[1]) != batch.state_changed or row[2] is not None:
+        return False
+    tx.execute("UPDATE batches SET purged_at = ? WHERE id = ?", (now, batch.id))
+    tx.execute("DELETE FROM superseded WHERE batch_id = ?", (batch.id,))
+    return True
+
+
+def mark_quarantine_purged(tx: Tx, ids: Iterable[int], now: float) -> int:
+    cursor = tx.execute(
+        "UPDATE quarantine SET purged_at = ? WHERE purged_at IS NULL AND id IN (SELECT value FROM json_each(?))",
+        (now, _ids(ids)),
+    )
+    return int(cursor.rowcount)
+
+
+def delete_rows(tx: Tx, batch_ids: Iterable[int]) -> tuple[int, int]:
+    """Delete the receipts and outgoing rows of the batches `batch_ids` that are still delivered."""
+    where = "batch_id IN (SELECT value FROM json_each(?)) AND batch_id IN (SELECT id FROM batches WHERE state = ?)"
+    parameters = (_ids(batch_ids), StudyState.DELIVERED)
+    receipts = tx.execute(f"DELETE FROM receipts WHERE {where}", parameters).rowcount  # noqa: S608 - our text
+    outgoing = tx.execute(f"DELETE FROM outgoing WHERE {where}", parameters).rowcount  # noqa: S608 - our text
+    return int(receipts), int(outgoing)
+
+
+def record_last_run(tx: Tx, now: float, purged: dict[str, tuple[int, int]], failures: int) -> None:
+    value = {"at": now, "purged": {kind: list(pair) for kind, pair in purged.items()}, "failures": failures}
+    tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (LAST_RUN_KEY, json.dumps(value)))
