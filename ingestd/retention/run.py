@@ -1,10 +1,14 @@
-"""One retention pass: plan from a snapshot of the journal, then remove, item by item.
+"""One retention pass: plan from a snapshot of the journal, then remove, batch by batch and item by item.
 
 A batch's files are removed inside a write transaction that first checks the batch is still as planned (delivered
 or released, at the same time, not purged: a person taking a release back meanwhile keeps everything) and records
 `purged_at` only after its files are gone; a crash in between rolls the row back, and the next pass removes what is
 left (nothing, or the rest) and records it. Quarantined items: their files first, then their rows in one
 transaction. Receipts and outgoing rows: deleted in one transaction.
+
+A batch's paths are read when its turn comes (one batch's at a time in memory, however many are due: after an
+upgrade, every batch delivered before retention existed is due at once), each in a short read of its own, so a long
+pass never holds a snapshot that keeps the journal's WAL from being checkpointed.
 
 `preview` makes the same plan and measures it without writing anything (`ingestd purge --dry-run`, `status`).
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +36,16 @@ from ingestd.retention.plan import (
     receipt_batches,
 )
 
-__all__ = ["Failure", "Outcome", "Plan", "execute", "make_plan", "preview", "purge", "retention_summary"]
+__all__ = ["Failure", "Outcome", "Plan", "execute", "make_plan", "preview", "purge", "removals", "retention_summary"]
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What is due at `now`: batches with what goes of each, quarantined items, the batches whose rows go."""
+    """What is due at `now`: batches (with their kind), quarantined items, the batches whose rows go."""
 
     now: float
-    batches: tuple[tuple[BatchFacts, BatchRemoval], ...]
+    batches: tuple[tuple[BatchFacts, str], ...]
+    protected: frozenset[str]  # paths that batches being worked on refer to: never removed
     quarantine: tuple[QuarantineFacts, ...]
     receipt_batches: tuple[int, ...]
     rows: tuple[int, int]  # (receipts, outgoing rows) of those batches, when planned
@@ -73,16 +78,21 @@ class Outcome:
 
 
 def make_plan(db: sqlite3.Connection, retention: Retention, now: float) -> Plan:
-    """The plan for `now` from one snapshot of the journal (`store.read_only`)."""
-    batches = store.read_batches(db)
-    due = due_batches(batches, retention, now)
-    protected = store.protected_paths(db, (batch.id for batch, _kind in due)) if due else set()
-    planned = tuple(
-        (batch, batch_removal(batch.id, kind, store.batch_paths(db, batch.id), protected)) for batch, kind in due
-    )
-    receipts = tuple(receipt_batches(batches, retention, now))
-    rows = store.count_rows(db, receipts) if receipts else (0, 0)
-    return Plan(now, planned, tuple(due_quarantine(store.read_quarantine(db), retention, now)), receipts, rows)
+    """The plan for `now`, from one snapshot of the journal."""
+    with store.snapshot(db):
+        batches = store.read_batches(db)
+        due = tuple(due_batches(batches, retention, now))
+        protected = frozenset(store.protected_paths(db)) if due else frozenset()
+        receipts = tuple(receipt_batches(batches, retention, now))
+        rows = store.count_rows(db, receipts) if receipts else (0, 0)
+        quarantine = tuple(due_quarantine(store.read_quarantine(db), retention, now))
+    return Plan(now, due, protected, quarantine, receipts, rows)
+
+
+def removals(db: sqlite3.Connection, plan: Plan) -> Iterator[tuple[BatchFacts, BatchRemoval]]:
+    """Each due batch with what goes of it, read when it is its turn."""
+    for batch, kind in plan.batches:
+        yield batch, batch_removal(batch.id, kind, store.batch_paths(db, batch.id), plan.protected)
 
 
 def preview(config: Config, now: float | None = None) -> Outcome:
@@ -92,8 +102,8 @@ def preview(config: Config, now: float | None = None) -> Outcome:
         return outcome
     with store.read_only(config.journal_path) as db:
         plan = make_plan(db, config.retention, time.time() if now is None else now)
-    for batch, removal in plan.batches:
-        outcome.add(removal.kind, 1, files.measure(config.state_dir, removal), f"#{batch.id}")
+        for batch, removal in removals(db, plan):
+            outcome.add(removal.kind, 1, files.measure(config.state_dir, removal), f"#{batch.id}")
     for item in plan.quarantine:
         outcome.add("quarantine", 1, files.measure_quarantine(config.quarantine_dir, item.path), item.path)
     outcome.add("receipts", plan.rows[0], 0)
@@ -111,9 +121,8 @@ def purge(
 ) -> Outcome:
     """Remove what is due at `now` (a writer's `journal`); `beat` is called after each item, and the pass ends early
     (what is left is due again next time) once `stopping()` says so."""
-    now = time.time() if now is None else now
     with store.read_only(journal.path) as db:
-        plan = make_plan(db, config.retention, now)
+        plan = make_plan(db, config.retention, time.time() if now is None else now)
     return execute(plan, config, journal, beat=beat, stopping=stopping)
 
 
@@ -126,21 +135,21 @@ def execute(
     stopping: Callable[[], bool] = lambda: False,
 ) -> Outcome:
     """Carry out `plan`: each batch only if it is still as planned; record the pass in the journal's meta."""
-    now = plan.now
     outcome = Outcome()
-    for batch, removal in plan.batches:
-        if stopping():
-            break
-        _purge_batch(config.state_dir, journal, batch, removal, now, outcome)
-        beat()
-    _purge_quarantine(config.quarantine_dir, journal, plan.quarantine, now, outcome, beat, stopping)
+    with store.read_only(journal.path) as db:
+        for batch, removal in removals(db, plan):
+            if stopping():
+                break
+            _purge_batch(config.state_dir, journal, batch, removal, plan.now, outcome)
+            beat()
+    _purge_quarantine(config.quarantine_dir, journal, plan, outcome, beat, stopping)
     if plan.receipt_batches and not stopping():
         with journal.transaction() as tx:
             receipts, outgoing = store.delete_rows(tx, plan.receipt_batches)
         outcome.add("receipts", receipts, 0)
         outcome.add("outgoing", outgoing, 0)
     with journal.transaction() as tx:
-        store.record_last_run(tx, now, outcome.purged, len(outcome.failures))
+        store.record_last_run(tx, plan.now, outcome.purged, len(outcome.failures))
     return outcome
 
 
@@ -161,14 +170,13 @@ def _purge_batch(
 def _purge_quarantine(
     quarantine_dir: Path,
     journal: Journal,
-    items: tuple[QuarantineFacts, ...],
-    now: float,
+    plan: Plan,
     outcome: Outcome,
     beat: Callable[[], None],
     stopping: Callable[[], bool],
 ) -> None:
     removed: list[int] = []
-    for item in items:
+    for item in plan.quarantine:
         if stopping():
             break
         try:
@@ -181,7 +189,7 @@ def _purge_quarantine(
         beat()
     if removed:
         with journal.transaction() as tx:
-            store.mark_quarantine_purged(tx, removed, now)
+            store.mark_quarantine_purged(tx, removed, plan.now)
 
 
 def retention_summary(config: Config, now: float | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ __all__ = [
     "read_only",
     "read_quarantine",
     "record_last_run",
+    "snapshot",
 ]
 
 LAST_RUN_KEY = "retention_last_run"  # the journal's `meta` row: when retention last ran and what it removed
@@ -37,15 +38,20 @@ _TERMINAL = (StudyState.DELIVERED, StudyState.RELEASED)
 
 @contextmanager
 def read_only(journal_path: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection to the journal, in one read transaction (one snapshot for the whole plan)."""
+    """A read-only connection to the journal (each statement reads the latest commit; `snapshot` for several)."""
     with closing(sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, isolation_level=None)) as db:
-        db.row_factory = sqlite3.Row
         check_version(db, journal_path)
-        db.execute("BEGIN")
-        try:
-            yield db
-        finally:
-            db.execute("COMMIT")
+        yield db
+
+
+@contextmanager
+def snapshot(db: sqlite3.Connection) -> Iterator[None]:
+    """Read the statements of the block from one snapshot of the journal."""
+    db.execute("BEGIN")
+    try:
+        yield
+    finally:
+        db.execute("COMMIT")
 
 
 def _ids(ids: Iterable[int]) -> str:
@@ -84,19 +90,21 @@ def batch_paths(db: sqlite3.Connection, batch_id: int) -> BatchPaths:
     return BatchPaths(spool, outgoing, superseded, row[0] if row else None)
 
 
-def protected_paths(db: sqlite3.Connection, purging: Iterable[int]) -> set[str]:
-    """Every path that a batch whose files are still there refers to, but for the batches in `purging`."""
+def protected_paths(db: sqlite3.Connection) -> set[str]:
+    """Every path that a batch ingestd is still working on refers to (receiving, complete, routed or held: read
+    by the index of states, so a few batches however many were ever delivered)."""
+    active = tuple(state for state in StudyState if state not in _TERMINAL)
     query = (
-        "SELECT 'spool/' || x.spool_path FROM instances x JOIN batches b ON b.id = x.batch_id"
-        " WHERE b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
-        " UNION ALL SELECT x.path FROM outgoing x JOIN batches b ON b.id = x.batch_id"
-        " WHERE b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
-        " UNION ALL SELECT x.path FROM superseded x JOIN batches b ON b.id = x.batch_id"
-        " WHERE b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
-        " UNION ALL SELECT x.zip_path FROM deliveries x JOIN batches b ON b.id = x.batch_id"
-        " WHERE x.zip_path IS NOT NULL AND b.purged_at IS NULL AND b.id NOT IN (SELECT value FROM json_each(?1))"
+        "SELECT 'spool/' || x.spool_path FROM batches b JOIN instances x ON x.batch_id = b.id"
+        " WHERE b.state IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT x.path FROM batches b JOIN outgoing x ON x.batch_id = b.id"
+        " WHERE b.state IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT x.path FROM batches b JOIN superseded x ON x.batch_id = b.id"
+        " WHERE b.state IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT x.zip_path FROM batches b JOIN deliveries x ON x.batch_id = b.id"
+        " WHERE x.zip_path IS NOT NULL AND b.state IN (SELECT value FROM json_each(?1))"
     )
-    return {str(row[0]) for row in db.execute(query, (_ids(purging),))}
+    return {str(row[0]) for row in db.execute(query, (json.dumps([str(state) for state in active]),))}
 
 
 def count_rows(db: sqlite3.Connection, batch_ids: Iterable[int]) -> tuple[int, int]:
