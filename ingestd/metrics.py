@@ -180,6 +180,13 @@ class AssociationCounters:
         return {field: sum(values[i::width]) for i, field in enumerate(_FIELDS)}
 
 
+def _removed_receipts(journal_path: Path) -> dict[tuple[str, str, str], tuple[int, int]]:
+    from ingestd.retention.store import read_only, removed_receipts  # noqa: PLC0415 - only at the first scrape
+
+    with read_only(journal_path) as db:
+        return removed_receipts(db)
+
+
 class JournalCollector(Collector):
     """The metrics read from the journal (and the spool's file system) at each scrape."""
 
@@ -197,6 +204,8 @@ class JournalCollector(Collector):
         status = JournalStatus(self.journal_path)  # WAL: a reader never blocks the writers
         try:
             with self._lock:
+                if self._receipts_upto == 0:  # the first read: what the receipts retention deleted counted, too
+                    self._receipts = _removed_receipts(self.journal_path)
                 totals = status.totals(receipts_after=self._receipts_upto)
                 for kind, source, outcome, count, size in totals.receipts:
                     before = self._receipts.get((kind, source, outcome), (0, 0))

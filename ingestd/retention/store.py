@@ -17,6 +17,7 @@ from ingestd.states import StudyState
 
 __all__ = [
     "LAST_RUN_KEY",
+    "REMOVED_RECEIPTS_KEY",
     "batch_paths",
     "count_rows",
     "delete_rows",
@@ -29,11 +30,30 @@ __all__ = [
     "read_only",
     "read_quarantine",
     "record_last_run",
+    "removed_receipts",
     "snapshot",
 ]
 
 LAST_RUN_KEY = "retention_last_run"  # the journal's `meta` row: when retention last ran and what it removed
+REMOVED_RECEIPTS_KEY = "retention_removed_receipts"  # ... what the receipts it deleted counted
 _TERMINAL = (StudyState.DELIVERED, StudyState.RELEASED)
+# The rows of the batches listed (JSON, ?1) that are still delivered (?2); of the receipts, all but the newest of
+# all: SQLite gives a new row the highest id + 1, and the metrics count the receipts above the highest id they saw;
+# were the newest deleted, the next ones would reuse ids already passed.
+_TALLY_RECEIPTS = (
+    "SELECT source_kind, source, outcome, count(*), coalesce(sum(size), 0) FROM receipts"
+    " WHERE batch_id IN (SELECT value FROM json_each(?1)) AND batch_id IN (SELECT id FROM batches WHERE state = ?2)"
+    " AND id < (SELECT max(id) FROM receipts) GROUP BY 1, 2, 3"
+)
+_DELETE_RECEIPTS = (
+    "DELETE FROM receipts"
+    " WHERE batch_id IN (SELECT value FROM json_each(?1)) AND batch_id IN (SELECT id FROM batches WHERE state = ?2)"
+    " AND id < (SELECT max(id) FROM receipts)"
+)
+_DELETE_OUTGOING = (
+    "DELETE FROM outgoing"
+    " WHERE batch_id IN (SELECT value FROM json_each(?1)) AND batch_id IN (SELECT id FROM batches WHERE state = ?2)"
+)
 
 
 @contextmanager
@@ -115,6 +135,16 @@ def count_rows(db: sqlite3.Connection, batch_ids: Iterable[int]) -> tuple[int, i
     return int(receipts.fetchone()[0]), int(outgoing.fetchone()[0])
 
 
+def removed_receipts(db: sqlite3.Connection) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """What the receipts retention deleted counted, by (source kind, source, outcome): (instances, bytes)."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (REMOVED_RECEIPTS_KEY,)).fetchone()
+    try:
+        entries = json.loads(row[0]) if row else []
+        return {(str(k), str(s), str(o)): (int(c), int(b)) for k, s, o, c, b in entries}
+    except (ValueError, TypeError):
+        return {}
+
+
 def last_run(db: sqlite3.Connection) -> dict[str, Any] | None:
     """When retention last ran and what it removed (None: never)."""
     row = db.execute("SELECT value FROM meta WHERE key = ?", (LAST_RUN_KEY,)).fetchone()
@@ -150,11 +180,18 @@ def mark_quarantine_purged(tx: Tx, ids: Iterable[int], now: float) -> int:
 
 
 def delete_rows(tx: Tx, batch_ids: Iterable[int]) -> tuple[int, int]:
-    """Delete the receipts and outgoing rows of the batches `batch_ids` that are still delivered."""
-    where = "batch_id IN (SELECT value FROM json_each(?)) AND batch_id IN (SELECT id FROM batches WHERE state = ?)"
+    """Delete the receipts and outgoing rows of the batches `batch_ids` that are still delivered. What the receipts
+    counted is added to the journal's tally of removed receipts first (`removed_receipts`), so that the metrics'
+    received totals, read from the journal, do not go down."""
     parameters = (_ids(batch_ids), StudyState.DELIVERED)
-    receipts = tx.execute(f"DELETE FROM receipts WHERE {where}", parameters).rowcount  # noqa: S608 - our text
-    outgoing = tx.execute(f"DELETE FROM outgoing WHERE {where}", parameters).rowcount  # noqa: S608 - our text
+    tally = removed_receipts(tx.connection)
+    for kind, source, outcome, count, size in tx.execute(_TALLY_RECEIPTS, parameters).fetchall():
+        before = tally.get((kind, source, outcome), (0, 0))
+        tally[kind, source, outcome] = (before[0] + int(count), before[1] + int(size))
+    value = json.dumps([[*key, *counts] for key, counts in sorted(tally.items())])
+    tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (REMOVED_RECEIPTS_KEY, value))
+    receipts = tx.execute(_DELETE_RECEIPTS, parameters).rowcount
+    outgoing = tx.execute(_DELETE_OUTGOING, parameters).rowcount
     return int(receipts), int(outgoing)
 
 
