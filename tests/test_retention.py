@@ -259,6 +259,7 @@ def test_the_received_totals_do_not_go_down_when_receipts_go(tmp_path: Path) -> 
     journal = build(state, [Spec(StudyState.HELD), Spec(StudyState.DELIVERED)])  # the newest receipts: batch 2's
     before = _received(state)
     assert before[("ingestd_instances_received_total", "dicom", "SCANNER", "stored")] == 6
+    assert preview(_config(state, RETENTION), T0 + 10 * DAY).purged["receipts"] == (2, 0)
     outcome = purge(_config(state, RETENTION), journal, T0 + 10 * DAY)
     assert outcome.purged["receipts"] == (2, 0)  # the newest receipt of all stays, so ids are never reused
     assert journal_rows(journal.path, "SELECT count(*) FROM receipts") == [(4,)]

@@ -130,7 +130,11 @@ def protected_paths(db: sqlite3.Connection) -> set[str]:
 def count_rows(db: sqlite3.Connection, batch_ids: Iterable[int]) -> tuple[int, int]:
     """(receipts, outgoing rows) of the batches `batch_ids`."""
     ids = _ids(batch_ids)
-    receipts = db.execute("SELECT count(*) FROM receipts WHERE batch_id IN (SELECT value FROM json_each(?))", (ids,))
+    receipts = db.execute(  # as `delete_rows` will: all but the newest receipt of all
+        "SELECT count(*) FROM receipts WHERE batch_id IN (SELECT value FROM json_each(?))"
+        " AND id < (SELECT max(id) FROM receipts)",
+        (ids,),
+    )
     outgoing = db.execute("SELECT count(*) FROM outgoing WHERE batch_id IN (SELECT value FROM json_each(?))", (ids,))
     return int(receipts.fetchone()[0]), int(outgoing.fetchone()[0])
 
