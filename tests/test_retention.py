@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import urllib.request
 from contextlib import closing
@@ -388,6 +390,53 @@ def test_a_crash_between_the_files_and_the_rows_is_finished_by_the_next_pass(tmp
     files.remove_quarantine(config.quarantine_dir, plan.quarantine[0].path)
     assert purge(config, journal, T0 + 7 * DAY).purged["quarantine"] == (1, 0)
     assert journal_rows(journal.path, "SELECT count(*) FROM quarantine WHERE purged_at IS NULL") == [(0,)]
+    journal.close()
+
+
+KILLED_PASS = """
+import os, sys
+from pathlib import Path
+from ingestd.config import parse_config
+from ingestd.journal import Journal
+from ingestd.retention import files, purge
+
+real_remove = files.remove
+
+def remove_then_die(state_dir, removal):  # the files are gone; the transaction marking them never commits
+    real_remove(state_dir, removal)
+    os._exit(9)
+
+files.remove = remove_then_die
+state = Path(sys.argv[1])
+config = parse_config(f"state_dir: {state}\\nretention: {{released_days: 5}}\\n")
+purge(config, Journal(state / "journal.sqlite"), float(sys.argv[2]))
+"""
+
+
+def test_a_process_killed_between_the_files_and_the_rows_leaves_a_journal_the_next_pass_finishes(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    build(state, [Spec(StudyState.RELEASED), Spec(StudyState.RELEASED)]).close()
+    now = T0 + 5 * DAY
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_PASS, str(state), str(now)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert killed.returncode == 9, killed.stderr
+    assert _batch_files(state, 1) == []  # removed by the killed pass
+    assert len(_batch_files(state, 2)) == 6  # never reached
+    assert journal_rows(state / "journal.sqlite", "SELECT count(*) FROM batches WHERE purged_at IS NULL") == [(2,)]
+
+    journal = Journal(state / "journal.sqlite")
+    outcome = purge(_config(state, RETENTION), journal, now + 1)
+    assert outcome.failures == []
+    assert outcome.items["released"] == ["#1", "#2"]
+    assert journal_rows(journal.path, "SELECT count(*) FROM batches WHERE purged_at IS NULL") == [(0,)]
+    assert _batch_files(state, 2) == []
     journal.close()
 
 
