@@ -229,6 +229,27 @@ def test_quarantined_items_go_exactly_after_their_days_and_their_rows_stay(tmp_p
     journal.close()
 
 
+def test_a_quarantined_folder_goes_whole_and_a_link_is_removed_not_followed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    journal = build(state, [], quarantined=(T0, T0))
+    folder, link = (
+        state / "quarantine" / "20231114T000000-00000000.dcm",
+        state / "quarantine" / "20231114T000000-00000001.dcm",
+    )
+    folder.unlink()
+    _write(folder / "a" / "b.dcm", 30)
+    outside = tmp_path / "elsewhere.dcm"
+    _write(outside, 500)
+    link.unlink()
+    link.symlink_to(outside)
+    outcome = purge(_config(state, RETENTION), journal, T0 + 3 * DAY)
+    assert outcome.purged["quarantine"][0] == 2
+    assert not folder.exists() and not link.is_symlink()
+    assert outside.read_bytes() == b"x" * 500
+    assert list((state / "quarantine").iterdir()) == []
+    journal.close()
+
+
 def test_receipts_and_outgoing_rows_of_delivered_batches_go_exactly_after_their_days(tmp_path: Path) -> None:
     state = tmp_path / "state"
     journal = build(state, [Spec(StudyState.DELIVERED), Spec(StudyState.RELEASED), Spec(StudyState.HELD)])
