@@ -7,6 +7,7 @@ would leave it. Time is the tests' own: every plan and pass is given its `now`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -129,18 +130,20 @@ def build(state: Path, specs: list[Spec], quarantined: tuple[float, ...] = ()) -
 
 
 def _batch_files(state: Path, batch_id: int) -> list[Path]:
-    """Every file of batch `batch_id` the builder wrote (spool, outbox, package, superseded)."""
+    """Every file of batch `batch_id` the builder wrote (spool, outbox, package, superseded); a folder removed while
+    it is read (by a daemon's pass) is passed over."""
     study = f"1.2.3.{batch_id}"
-    return [
-        path
-        for path in state.rglob("*")
-        if path.is_file()
-        and (
-            f"/{study}/" in path.as_posix()
-            or path.is_relative_to(state / "outbox" / str(batch_id))
-            or path == state / "packages" / f"{batch_id}.zip"
-        )
-    ]
+    found = []
+    for folder, _dirs, names in os.walk(state):  # os.walk ignores folders that vanish under it
+        for name in names:
+            path = Path(folder) / name
+            if (
+                f"/{study}/" in path.as_posix()
+                or path.is_relative_to(state / "outbox" / str(batch_id))
+                or path == state / "packages" / f"{batch_id}.zip"
+            ):
+                found.append(path)
+    return sorted(found)
 
 
 def _snapshot(state: Path) -> dict[str, tuple[int, int]]:
@@ -559,7 +562,12 @@ def test_the_worker_runs_at_start_and_is_stopped_with_the_pipeline(tmp_path: Pat
     assert build_pipeline(journal, config, None, assemble=False).retention is None
     pipeline.start()
     try:
-        wait_until(lambda: _batch_files(state, 1) == [], timeout=20, message="the worker's first pass")
+        wait_until(
+            lambda: journal_rows(journal.path, "SELECT purged_at FROM batches")[0][0] is not None,
+            timeout=20,
+            message="the worker's first pass",
+        )
+        assert _batch_files(state, 1) == []
         assert pipeline.retention in pipeline.running
     finally:
         pipeline.stop(10)

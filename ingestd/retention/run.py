@@ -106,12 +106,21 @@ def preview(config: Config, now: float | None = None) -> Outcome:
     with store.read_only(config.journal_path) as db:
         plan = make_plan(db, config.retention, time.time() if now is None else now)
         for batch, removal in removals(db, plan):
-            outcome.add(removal.kind, 1, files.measure(config.state_dir, removal), f"#{batch.id}")
+            outcome.add(removal.kind, 1, _measured(files.measure, config.state_dir, removal), f"#{batch.id}")
     for item in plan.quarantine:
-        outcome.add("quarantine", 1, files.measure_quarantine(config.quarantine_dir, item.path), item.path)
+        size = _measured(files.measure_quarantine, config.quarantine_dir, item.path)
+        outcome.add("quarantine", 1, size, item.path)
     outcome.add("receipts", plan.rows[0], 0)
     outcome.add("outgoing", plan.rows[1], 0)
     return outcome
+
+
+def _measured(measure: Callable[[Path, Any], int], folder: Path, what: Any) -> int:
+    """Bytes on disk, or 0 when they cannot be read (`status` as a user who may not look into every folder)."""
+    try:
+        return measure(folder, what)
+    except OSError:
+        return 0
 
 
 def purge(
