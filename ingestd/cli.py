@@ -498,12 +498,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return _cmd_health(config, args.timeout)
         if args.command in ("retry", "release"):
             return _cmd_retry_release(args, config)
+        if args.command == "import":
+            return _cmd_import(args, config)
         if args.command == "purge":
             from ingestd.admin.purge import run_purge  # noqa: PLC0415
 
             return run_purge(config, dry_run=args.dry_run, running=_daemon_running(config))
-        if args.command == "import":
-            return _cmd_import(args, config)
         if args.command == "check-xnat":
             return _cmd_check_xnat(args, config)
         from ingestd.status import status_data  # noqa: PLC0415 - only for this command
