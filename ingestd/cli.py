@@ -79,12 +79,6 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     release.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     release.add_argument("study", help="batch id, study digest (sha256:...), or Study Instance UID")
 
-    purge = commands.add_parser(
-        "purge", help="remove what retention: says ingestd is done with (the daemon does it every check interval)"
-    )
-    purge.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
-    purge.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
-
     bulk = commands.add_parser(
         "import",
         help="take folders, files and archives on disk to XNAT as the daemon would; wait until delivered or held",
@@ -113,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
         help="also import a tiny generated study into PROJECT's prearchive, check it and delete it",
     )
     check_xnat.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    purge = commands.add_parser(
+        "purge", help="remove what retention: says ingestd is done with (the daemon does it every check interval)"
+    )
+    purge.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    purge.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
 
     status = commands.add_parser("status", help="list studies and quarantined items from the journal")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
