@@ -160,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     )
     check_xnat.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    purge = commands.add_parser(
+        "purge", help="remove what retention: says ingestd is done with (the daemon does it every check interval)"
+    )
+    purge.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    purge.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+
     status = commands.add_parser("status", help="list studies and quarantined items from the journal")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -484,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return run_command(args.command, config, args.study, getattr(args, "route", None))
         if args.command == "import":
             return _cmd_import(args, config)
+        if args.command == "purge":
+            from ingestd.admin.purge import run_purge  # noqa: PLC0415
+
+            return run_purge(config, dry_run=args.dry_run, running=_daemon_running(config))
         if args.command == "check-xnat":
             return _cmd_check_xnat(args, config)
         from ingestd.status import status_data  # noqa: PLC0415 - only for this command

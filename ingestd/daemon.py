@@ -429,6 +429,7 @@ class Daemon:
             "xnat",
             "delivery",
             "batch_failures",
+            "retention",
             "study_idle_seconds",
             "study_max_wait_seconds",
             "stop_timeout_seconds",

@@ -42,6 +42,9 @@ __all__ = [
     "DELIVERIES",
     "DROP_SOURCES",
     "REGISTRY",
+    "RETENTION_BYTES",
+    "RETENTION_LAST_RUN",
+    "RETENTION_PURGED",
     "RETRIES",
     "STAGE_FAILURES",
     "STAGE_SECONDS",
@@ -103,6 +106,25 @@ STAGE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+RETENTION_PURGED = Counter(
+    "ingestd_retention_purged",
+    "What retention removed, by kind: delivered and released batches' files, quarantined items (batches, items);"
+    " receipts and outgoing journal rows (rows)",
+    ["kind"],
+    registry=REGISTRY,
+)
+RETENTION_BYTES = Counter(
+    "ingestd_retention_purged_bytes",
+    "Bytes of files retention removed from the state directory, by kind (delivered, released, quarantine)",
+    ["kind"],
+    registry=REGISTRY,
+)
+RETENTION_LAST_RUN = Gauge(
+    "ingestd_retention_last_run_timestamp_seconds",
+    "When the daemon's retention worker last finished a pass (Unix time); 0 before the first",
+    registry=REGISTRY,
+)
+
 
 def stage_seconds(stage: str, started: float) -> float:
     """Record how long `stage` took since `started` (a time.monotonic()); return the seconds, for the log."""
@@ -160,6 +182,13 @@ class AssociationCounters:
         return {field: sum(values[i::width]) for i, field in enumerate(_FIELDS)}
 
 
+def _removed_receipts(journal_path: Path) -> dict[tuple[str, str, str], tuple[int, int]]:
+    from ingestd.retention.store import read_only, removed_receipts  # noqa: PLC0415 - only at the first scrape
+
+    with read_only(journal_path) as db:
+        return removed_receipts(db)
+
+
 class JournalCollector(Collector):
     """The metrics read from the journal (and the spool's file system) at each scrape."""
 
@@ -177,6 +206,8 @@ class JournalCollector(Collector):
         status = JournalStatus(self.journal_path)  # WAL: a reader never blocks the writers
         try:
             with self._lock:
+                if self._receipts_upto == 0:  # the first read: what the receipts retention deleted counted, too
+                    self._receipts = _removed_receipts(self.journal_path)
                 totals = status.totals(receipts_after=self._receipts_upto)
                 for kind, source, outcome, count, size in totals.receipts:
                     before = self._receipts.get((kind, source, outcome), (0, 0))

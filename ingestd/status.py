@@ -227,7 +227,10 @@ def status_data(config: Config, *, running: bool, show_uids: bool = False, show_
         "held_by_reason": held,
         "paused_servers": [server["server"] for server in servers if server["state"] == "paused"],
     }
+    from ingestd.retention import retention_summary  # noqa: PLC0415 - keeps the metrics and the STATUS line light
+
     return {
+        "retention": retention_summary(config, now),
         "health": health,
         "xnat_servers": servers,
         "studies": studies,

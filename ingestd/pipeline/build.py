@@ -7,8 +7,9 @@ how a stage runs (its loop, watchdog progress, recovery, live reconfiguration) i
 - `open_spool` / `recover_spool`: the spool and quarantine over the journal, reconciled after a crash once no
   receiver process of an earlier run still writes;
 - `build_pipeline`: the stages the configuration asks for (no router without rules, no deliverer without XNAT
-  servers), connected (the deliverer names labels by the router's live rules); `Pipeline.start` starts them in
-  the data's order, `Pipeline.stop` stops them in reverse, `Pipeline.reconfigure` applies a reloaded configuration.
+  servers; the retention worker in the daemon's pipeline only), connected (the deliverer names labels by the
+  router's live rules); `Pipeline.start` starts them in the data's order, `Pipeline.stop` stops them in reverse,
+  `Pipeline.reconfigure` applies a reloaded configuration.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from ingestd.errors import ConfigError
 from ingestd.journal import Journal
 from ingestd.pipeline.assemble import Assembler, CompletionPolicy
 from ingestd.pipeline.deliver import Deliverer
+from ingestd.pipeline.retention import RetentionWorker
 from ingestd.pipeline.route import Router
-from ingestd.pipeline.runner import BatchWorker
+from ingestd.pipeline.runner import PeriodicWorker
 from ingestd.receive.pool import wait_for_receivers
 from ingestd.rules import RuleSet, load_rules
 from ingestd.rules.shadow import log_shadowed
@@ -62,11 +64,13 @@ class Pipeline:
     assembler: Assembler | None
     router: Router | None
     deliverer: Deliverer | None
-    running: list[BatchWorker] = field(default_factory=list)  # started, in order
+    retention: RetentionWorker | None = None  # removes what `retention:` says is done with (the daemon's)
+    running: list[PeriodicWorker] = field(default_factory=list)  # started, in order
 
     @property
-    def workers(self) -> list[BatchWorker]:
-        return [worker for worker in (self.assembler, self.router, self.deliverer) if worker is not None]
+    def workers(self) -> list[PeriodicWorker]:
+        stages = (self.assembler, self.router, self.deliverer, self.retention)
+        return [worker for worker in stages if worker is not None]
 
     def start(self) -> None:
         """Start the stages in the data's order (the router removes what an interrupted batch left in the outbox,
@@ -88,6 +92,8 @@ class Pipeline:
             self.router.rules = rules
         if self.deliverer is not None:
             self.deliverer.reconfigure(config)
+        if self.retention is not None:
+            self.retention.reconfigure(config)
         if self.assembler is not None:
             self.assembler.policy = CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds)
         for worker in (self.assembler, self.router):
@@ -97,11 +103,18 @@ class Pipeline:
 
 
 def build_pipeline(
-    journal: Journal, config: Config, rules: RuleSet | None, *, assemble: bool = True, interval: float = 1.0
+    journal: Journal,
+    config: Config,
+    rules: RuleSet | None,
+    *,
+    assemble: bool = True,
+    interval: float = 1.0,
+    retain: bool | None = None,
 ) -> Pipeline:
     """The stages for `config` and `rules`, not started: the assembler (unless `assemble` is False: `ingestd
     import` completes its batches itself), the router when there are rules, the deliverer when there are rules and
-    XNAT servers. Each looks for work every `interval` seconds."""
+    XNAT servers, the retention worker when `retain` (by default: with the assembler, so the daemon's pipeline has
+    it and `ingestd import`'s has not). Each looks for work every `interval` seconds."""
     assembler = None
     if assemble:
         assembler = Assembler(
@@ -119,4 +132,7 @@ def build_pipeline(
             deliverer = Deliverer(journal, config, interval=interval)
             live = router
             deliverer.rules = lambda: live.rules  # the rules in force, across reloads
-    return Pipeline(assembler, router, deliverer)
+    retention = (
+        RetentionWorker(journal, config, interval=interval) if (assemble if retain is None else retain) else None
+    )
+    return Pipeline(assembler, router, deliverer, retention)
