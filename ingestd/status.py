@@ -16,6 +16,7 @@ logs carry (`ingestd.logs.path_digest`). `--show-uids` shows the originals.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sqlite3
@@ -39,14 +40,19 @@ _NOT_SENT_YET = (Step.PACKAGE, Step.PREFLIGHT, Step.IMPORT, Step.IMPORTING)
 # States whose batch no longer waits in the spool for ingestd.
 _GONE = (StudyState.DELIVERED, StudyState.RELEASED)
 _LABEL_NAMES = ("project", "subject", "session")
-# Every batch with its counts and modalities in one pass over the instances (through the index on batch_id).
+_EVERY_LABEL = frozenset(_LABEL_NAMES)
+# Every batch with its counts and modalities. The instances are aggregated first, in one pass in batch order (the
+# index on batch_id), then joined to the batches: at a million instances, quicker than `Journal.batches()`'s join
+# that aggregates without the modalities.
 _BATCHES_SQL = (
     "SELECT b.id, b.study_uid, b.batch, b.state, b.source_kind, b.source, b.first_received,"
     " b.last_received, b.state_changed, b.reason, b.hold_code, b.failures, b.retry_at,"
     " b.note, b.forced_rule, b.purged_at,"
-    " count(DISTINCT i.series_uid), count(i.id), coalesce(sum(i.size), 0), group_concat(DISTINCT i.modality)"
-    " FROM batches b LEFT JOIN instances i ON i.batch_id = b.id"
-    " GROUP BY b.id ORDER BY b.last_received DESC"
+    " coalesce(s.series, 0), coalesce(s.instances, 0), coalesce(s.size, 0), s.modalities"
+    " FROM batches b LEFT JOIN ("
+    "SELECT batch_id, count(DISTINCT series_uid) AS series, count(*) AS instances, sum(size) AS size,"
+    " group_concat(DISTINCT modality) AS modalities FROM instances GROUP BY batch_id"
+    ") s ON s.batch_id = b.id ORDER BY b.last_received DESC"
 )
 
 
@@ -89,6 +95,32 @@ class JournalStatus:
             BatchSummary(BatchRow(*row[:-1]), tuple(sorted({m for m in (row[-1] or "").split(",") if m})))
             for row in rows
         ]
+
+    def routes(self) -> dict[int, Route]:
+        """Every route by batch id (plain rows: a third of the time `Journal.routes` takes for thousands)."""
+        fields = [field.name for field in dataclasses.fields(Route)]
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(fields)} FROM routes").fetchall()  # noqa: S608 - own names
+        archive = fields.index("archive")
+        found: dict[int, Route] = {}
+        for row in rows:
+            values = list(row)
+            values[archive] = bool(values[archive])
+            found[values[0]] = Route(*values)
+        return found
+
+    def deliveries(self) -> dict[int, Delivery]:
+        """Every delivery by batch id (plain rows, as `routes`)."""
+        fields = [field.name for field in dataclasses.fields(Delivery)]
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(fields)} FROM deliveries").fetchall()  # noqa: S608
+        step, answered = fields.index("step"), fields.index("answered")
+        found: dict[int, Delivery] = {}
+        for row in rows:
+            values = list(row)
+            values[step], values[answered] = Step(values[step]), bool(values[answered])
+            found[values[0]] = Delivery(*values)
+        return found
 
     def heartbeat(self) -> str | None:
         with self._lock:
@@ -164,17 +196,19 @@ class _LabelPolicy:
     def hidden(self, route: Route) -> frozenset[str]:
         if route.profile:
             return frozenset()
-        from ingestd.rules import identifying_labels  # noqa: PLC0415 - only for routes without a profile
-
         if not self._loaded:
             self._loaded = True
             if self._files:
-                from ingestd.rules import load_rules  # noqa: PLC0415
+                from ingestd.rules import load_rules  # noqa: PLC0415 - only for routes without a profile
 
                 try:
                     self._rules = load_rules(self._files)
                 except (IngestdError, OSError, ValueError):
                     self._rules = None  # fail closed: every label a digest
+        if self._rules is None:
+            return _EVERY_LABEL  # as identifying_labels says without the rules, without importing them
+        from ingestd.rules import identifying_labels  # noqa: PLC0415
+
         return identifying_labels(self._rules, rule=route.rule, rules_version=route.rules_version, profile=None)
 
 
@@ -220,13 +254,14 @@ def _study(
     *,
     now: float,
     show_uids: bool,
+    digest: Callable[[str], str] = path_digest,
 ) -> dict[str, Any]:
     batch = summary.row
     labels: dict[str, str] | None = None
     hide: Callable[[str], str] = str
     if route is not None:
         shown = frozenset() if show_uids else hidden
-        labels = {name: path_digest(route.label(name)) if name in shown else route.label(name) for name in _LABEL_NAMES}
+        labels = {name: digest(route.label(name)) if name in shown else route.label(name) for name in _LABEL_NAMES}
         originals = [route.label(name) for name in shown]
         hide = lambda text: hide_labels(text, originals)  # noqa: E731 - one line, used twice
         if delivery is not None and originals:
@@ -307,8 +342,9 @@ def status_data(
     try:
         now = time.time() if now is None else now
         summaries = reader.batch_summaries()
-        routes = journal.routes()
-        deliveries = journal.deliveries()
+        digest = functools.cache(path_digest)  # a project label repeats on many routes: one HMAC each
+        routes = reader.routes()
+        deliveries = reader.deliveries()
         verification = journal.verification()
         studies: list[dict[str, Any]] = []
         for summary in summaries:
@@ -323,6 +359,7 @@ def status_data(
                     labels.hidden(route) if route is not None else frozenset(),
                     now=now,
                     show_uids=show_uids,
+                    digest=digest,
                 )
             )
         quarantine = [dataclasses.asdict(item) for item in journal.quarantined()]

@@ -82,8 +82,7 @@ def show_status(
         data["studies"] = [study for study in data["studies"] if chosen.matches(study)]
         data["filter"] = list(chosen.given)
     if as_json:
-        json.dump(data, out, indent=2)
-        print(file=out)
+        out.write(json.dumps(data, indent=2) + "\n")  # one write: json.dump writes each token on its own
         return 0
     for line in render_status(data, wide=wide, chosen=chosen):
         print(line, file=out)
