@@ -131,7 +131,10 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
         " (an age: 30m, 2h, 3d); e.g. --filter state=held,reason=unrouted",
     )
     status.add_argument(
-        "--show-uids", action="store_true", help="show original Study Instance UIDs (default: a digest, or the new UID)"
+        "--show-uids",
+        action="store_true",
+        help="show original Study Instance UIDs (default: a digest, or the new UID) and labels built from identifying"
+        " values (default: the logs' digests)",
     )
     status.add_argument(
         "--show-paths",
@@ -424,9 +427,13 @@ def _command(argv: list[str] | None) -> int:  # noqa: PLR0911, PLR0912 - one bra
         if args.command == "explain" and (args.config is not None or not args.rules):
             from ingestd.offline import run_explain_batches  # noqa: PLC0415 - reads the spool and the rules
 
-            config = load_config(args.config or DEFAULT_CONFIG)
             return run_explain_batches(
-                config, args.paths, rules=args.rules, calling_aet=args.calling_aet, every=args.all
+                args.config,
+                args.paths,
+                default_config=DEFAULT_CONFIG,
+                rules=args.rules,
+                calling_aet=args.calling_aet,
+                every=args.all,
             )
         if args.command in ("explain", "anonymize"):
             return _cmd_offline(args)

@@ -355,15 +355,18 @@ def _explain_batch(
 
 
 def run_explain_batches(
-    config: Config,
+    config_file: Path | None,
     references: Sequence[str],
     *,
+    default_config: Path,
     rules: Sequence[Path] | None = None,
     calling_aet: str | None = None,
     every: bool = False,
 ) -> int:
     """`ingestd explain --config FILE BATCH...`: print the explanation (`every`: each instance, not one per series)
-    with the configuration's rules or `rules`; 0, 1 when a batch cannot be explained, 2 for a wrong option."""
+    with the configuration's rules or `rules`; 0, 1 when a batch cannot be explained, 2 for a wrong option (raises
+    ConfigError for a configuration or rules file that does not load)."""
+    from ingestd.config import load_config  # noqa: PLC0415
     from ingestd.rules import load_rules  # noqa: PLC0415
 
     if calling_aet is not None:
@@ -372,6 +375,14 @@ def run_explain_batches(
             file=sys.stderr,
         )
         return 2
+    if config_file is None and any(Path(reference).exists() for reference in references):
+        print(
+            "ingestd: to explain files give the rules (--rules FILE); to explain a study in the spool, the"
+            " configuration (--config FILE) and its batch id, digest or UID",
+            file=sys.stderr,
+        )
+        return 2
+    config = load_config(config_file or default_config)
     files = tuple(rules or ()) or config.rules
     if not files:
         print("ingestd: the configuration names no rules files (rules:); give --rules FILE", file=sys.stderr)

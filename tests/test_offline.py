@@ -199,6 +199,8 @@ def test_explain_a_batch_with_a_rule_chosen_by_hand(spooled: SpooledState) -> No
 
 
 def test_explain_says_what_is_wrong_with_a_reference(spooled: SpooledState) -> None:
+    files = run_ingestd("explain", str(spooled.root / "lab.rules.yaml"))  # a path without --rules or --config
+    assert files.returncode == 2 and "to explain files give the rules (--rules FILE)" in files.stderr
     unknown = _explain(spooled, "999")
     assert unknown.returncode == 1 and "no batch is '999'" in unknown.stderr
     source = _explain(spooled, "--calling-aet", "X", "1")
