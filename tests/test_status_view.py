@@ -185,7 +185,8 @@ def test_filters_choose_batches(state: SpooledState) -> None:
         ("stat=held", "no such key 'stat' (did you mean 'state'?); the keys are state, reason, source"),
         ("state=helt", "no such state (did you mean 'held'?); one of: receiving"),
         ("reason=unroutd", "no such hold code (did you mean 'unrouted'?)"),
-        ("older-than=2 hours", "an age is a number and a unit (s, m, h, d, w), e.g. 30m, 2h or 3d"),
+        ("older-than=2 fortnights", "an age is a number and a unit (s, m, h, d, w), e.g. 30m, 2h or 3d"),
+        ("newer-than=h", "an age is a number and a unit"),
         ("held", "write KEY=VALUE"),
         ("rule=", "give a value"),
     ],
@@ -208,7 +209,7 @@ def test_the_command_filters_and_refuses_a_wrong_key(state: SpooledState) -> Non
 
 
 def test_ages() -> None:
-    assert [parse_age(text) for text in ("90s", "30m", "2h", "3d", "1w", "1.5h")] == [
+    assert [parse_age(text) for text in ("90s", "30 min", "2hours", "3 days", "1w", "1.5h")] == [
         90,
         1800,
         7200,

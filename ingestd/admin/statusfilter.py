@@ -22,7 +22,8 @@ __all__ = ["FILTER_KEYS", "FilterError", "StudyFilter", "parse_age", "parse_filt
 FILTER_KEYS = ("state", "reason", "source", "rule", "modality", "older-than", "newer-than")
 _AGE_KEYS = ("older-than", "newer-than")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+# `2h`, `2 h`, `2 hours`, `3days`: the unit's first letter counts (`min` and `minutes` are minutes).
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?|d|days?|w|weeks?)")
 
 
 class FilterError(IngestdError):
@@ -40,7 +41,7 @@ def parse_age(text: str, key: str = "age") -> float:
     match = _AGE.fullmatch(text.strip().lower())
     if match is None:
         raise FilterError(f"--filter {key}={text}: an age is a number and a unit (s, m, h, d, w), e.g. 30m, 2h or 3d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    return float(match.group(1)) * _UNITS[match.group(2)[0]]
 
 
 @dataclass(frozen=True, slots=True)
