@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from ingestd import __version__
 from ingestd.config import Config, load_config
@@ -44,10 +43,22 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     new_key.add_argument("file", type=Path)
 
     explain = commands.add_parser(
-        "explain", help="show which rule matches DICOM files, their labels, and what the profile does to each attribute"
+        "explain",
+        help="show which rule matches DICOM files or a spooled study, its labels, and what the profile does to each"
+        " attribute",
     )
-    explain.add_argument("--rules", type=Path, action="append", required=True, metavar="FILE", help="rules file(s)")
-    explain.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files or folders")
+    explain.add_argument(
+        "--rules", type=Path, action="append", metavar="FILE", help="rules file(s) (with --config: instead of its own)"
+    )
+    explain.add_argument(
+        "--config",
+        type=Path,
+        help=f"explain studies in this configuration's spool, named by batch id, digest or UID (without --rules:"
+        f" {DEFAULT_CONFIG})",
+    )
+    explain.add_argument(
+        "paths", nargs="+", metavar="PATH|BATCH", help="DICOM files or folders (with --rules); spooled batches"
+    )
     explain.add_argument("--calling-aet", help="treat the files as received over DICOM from this AE title")
     explain.add_argument("--called-aet", default="INGESTD", help="the AE title they were sent to (default INGESTD)")
     explain.add_argument("--all", action="store_true", help="show every instance, not one per series")
@@ -168,9 +179,20 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
 
     status = commands.add_parser("status", help="list studies and quarantined items from the journal")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
-    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts (every field)")
+    status.add_argument("--wide", action="store_true", help="every column of a study on one line, however long")
     status.add_argument(
-        "--show-uids", action="store_true", help="show original Study Instance UIDs (default: a digest, or the new UID)"
+        "--filter",
+        action="append",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="only these studies; keys: state, reason (hold code), source, rule, modality, older-than, newer-than"
+        " (an age: 30m, 2h, 3d); e.g. --filter state=held,reason=unrouted",
+    )
+    status.add_argument(
+        "--show-uids",
+        action="store_true",
+        help="show original Study Instance UIDs (default: a digest, or the new UID) and labels built from identifying"
+        " values (default: the logs' digests)",
     )
     status.add_argument(
         "--show-paths",
@@ -215,7 +237,7 @@ def _cmd_offline(args: argparse.Namespace) -> int:
 
     quiet_pydicom()
     rules = load_rules(args.rules)
-    paths = args.paths if args.command == "explain" else [args.input]
+    paths = [Path(path) for path in args.paths] if args.command == "explain" else [args.input]
     missing = [path for path in paths if not path.exists()]
     if missing:
         print(f"ingestd: no such file or folder: {missing[0]}", file=sys.stderr)
@@ -351,112 +373,35 @@ def _cmd_new_key(file: Path) -> int:
     return 0
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away (`| head`)
 
 
-def _size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+def main(argv: list[str] | None = None) -> int:
+    """Run the `ingestd` command; return the exit status.
+
+    Output into a pipe that closed early (`ingestd status | head -1`) ends the command quietly, as the Python
+    documentation recommends (signal.html, "Note on SIGPIPE"): the standard streams are pointed at /dev/null, so
+    that the flush at exit fails no more, and the exit status is a closed pipe's.
+    """
+    try:
+        try:
+            status = _command(argv)
+        finally:  # also after --help or a usage error (SystemExit): a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):  # a stream without a file descriptor (a test's StringIO)
+                continue
+        os.close(devnull)
+        return EXIT_PIPE_CLOSED
+    return status
 
 
-def _delivery_text(delivery: dict[str, Any] | None) -> str:
-    if delivery is None or delivery["step"] == "done":
-        return ""
-    text = f"delivery: {delivery['step']}"
-    if delivery["attempts"] or delivery.get("faults"):
-        tries = delivery["attempts"] + delivery.get("faults", 0)
-        text += f", attempt {tries + 1} in {_age(delivery['next_attempt_in_seconds'])}"
-        text += f" ({delivery['last_error']})"
-    if delivery.get("missing"):
-        text += f", {delivery['missing']} of {delivery['instances']} instances not yet in XNAT"
-    return text
-
-
-def _route_text(route: dict[str, Any] | None) -> str:
-    if route is None:
-        return ""
-    return f"{route['rule']}: {route['project']}/{route['subject']}/{route['session']}"
-
-
-def _print_status(data: dict[str, Any]) -> None:
-    studies, quarantine = data["studies"], data["quarantine"]
-    if not data["exists"]:
-        print(f"no journal yet at {data['journal']}: nothing received")
-        return
-    health = data["health"]
-    beat = health["last_heartbeat_seconds_ago"]
-    print(
-        f"daemon {'running' if health['running'] else 'not running'}"
-        + (f", last heartbeat {_age(beat)} ago" if beat is not None else "")
-        + f"; spool {_size(health['spool_bytes'])} waiting, {_size(health['disk_free_bytes'])} free"
-        + (
-            "; held: " + ", ".join(f"{count} {code}" for code, count in sorted(health["held_by_reason"].items()))
-            if health["held_by_reason"]
-            else ""
-        )
-    )
-    for server in data.get("xnat_servers", []):
-        if server["state"] == "paused":
-            print(
-                f"XNAT server {server['server']} PAUSED for {_age(server['paused_seconds'])}"
-                f" ({server['refused_logins']} refused logins; next login in {_age(server['next_login_in_seconds'])}):"
-                f" {server['reason']}\n  fix the account or the credentials, then reload (systemctl reload ingestd)"
-                " to try at once; its studies wait in the spool"
-            )
-    header = ("STATE", "SERIES", "INST", "SIZE", "SOURCE", "AGE", "QUIET", "STUDY", "ROUTE", "REASON")
-    rows = [
-        (
-            s["state"],
-            str(s["series"]),
-            str(s["instances"]),
-            _size(s["bytes"]),
-            f"{s['source_kind']}:{s['source']}",
-            _age(s["age_seconds"]),
-            _age(s["quiet_seconds"]),
-            f"{s['study']}#{s['batch']}",
-            _route_text(s["route"]),
-            s["reason"] or _delivery_text(s["delivery"]),
-        )
-        for s in studies
-    ]
-    print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} (batches)")
-    if rows:
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    print(f"\n{len(quarantine)} quarantined item{'s' if len(quarantine) != 1 else ''}")
-    for item in quarantine:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["at"]))
-        came = f" from {item['original_path']}" if item.get("original_path") else ""
-        print(f"  {when}  {item['path']}  ({item['source_kind']}:{item['source']}{came}): {item['reason']}")
-    superseded = data.get("superseded", [])
-    if superseded:
-        print(
-            f"\n{len(superseded)} earlier cop{'y' if len(superseded) == 1 else 'ies'} of instances kept aside"
-            " (a copy with different content replaced each; the new one is delivered)"
-        )
-        for item in superseded:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["superseded_at"]))
-            print(
-                f"  {when}  {item['study']} batch {item['batch_id']} instance {item['instance']}"
-                f"  ({item['source_kind']}:{item['source']}, {_size(item['bytes'])})  {item['path']}"
-            )
-
-
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one branch and return per command
-    """Run the `ingestd` command; return the exit status."""
+def _command(argv: list[str] | None) -> int:  # noqa: PLR0911, PLR0912 - one branch and return per command
+    """Parse the arguments and run one command; its exit status."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
@@ -469,6 +414,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return _cmd_check_rules(args.files)
         if args.command == "new-key":
             return _cmd_new_key(args.file)
+        if args.command == "explain" and (args.config is not None or not args.rules):
+            from ingestd.offline import run_explain_batches  # noqa: PLC0415 - reads the spool and the rules
+
+            return run_explain_batches(
+                args.config,
+                args.paths,
+                default_config=DEFAULT_CONFIG,
+                rules=args.rules,
+                calling_aet=args.calling_aet,
+                every=args.all,
+            )
         if args.command in ("explain", "anonymize"):
             return _cmd_offline(args)
         if args.command == "demo":
@@ -496,17 +452,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one 
             return run_purge(config, dry_run=args.dry_run, running=_daemon_running(config))
         if args.command == "check-xnat":
             return _cmd_check_xnat(args, config)
-        from ingestd.status import status_data  # noqa: PLC0415 - only for this command
+        from ingestd.admin.statusview import show_status  # noqa: PLC0415 - only for this command
 
-        data = status_data(
-            config, running=_daemon_running(config), show_uids=args.show_uids, show_paths=args.show_paths
+        return show_status(
+            config,
+            running=_daemon_running(config),
+            as_json=args.json,
+            wide=args.wide,
+            show_uids=args.show_uids,
+            show_paths=args.show_paths,
+            filters=args.filter or (),
         )
-        if args.json:
-            json.dump(data, sys.stdout, indent=2)
-            print()
-        else:
-            _print_status(data)
-        return 0
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -48,6 +49,9 @@ _STANDARD_UID_ROOT = "1.2.840.10008."  # SOP classes, transfer syntaxes: the sta
 # a space and a caret took time quadratic in its length (50,000 characters: 11 s holding the GIL).
 _PERSON_NAME = re.compile(r"(?<![^\s\^=\\\"',;:()\[\]{}<>|])[^\s\^=\\\"',;:()\[\]{}<>|]*\^[^\s\"',;:()\[\]{}<>|]*")
 _SOP_CLASS_KEYS = frozenset({"sop_class_uid"})
+# Network addresses (`host=0.0.0.0`, `peer=2.1.0.7`) are shown as they are: an IPv4 address can look like a UID.
+_ADDRESS_KEYS = frozenset({"host", "peer", "address", "bind"})
+_HOST_NAME = re.compile(r"(?=[^.]*[A-Za-z])[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,20}")
 _BARE_UID = re.compile(r"[0-9.]{1,64}")
 _EXTRA_PHI_KEYS = frozenset(
     {"patient", "patientname", "patientid", "birthdate", "accession", "dataset", "header", "headers", "value"}
@@ -72,7 +76,20 @@ def _phi_keys() -> frozenset[str]:
 
 def _uid_to_digest(match: re.Match[str]) -> str:
     uid = match.group(0)
-    return uid if uid.startswith(_STANDARD_UID_ROOT) else uid_digest(uid)
+    if uid.startswith(_STANDARD_UID_ROOT) or _is_ipv4_with_port(match):
+        return uid
+    return uid_digest(uid)
+
+
+def _is_ipv4_with_port(match: re.Match[str]) -> bool:
+    """`0.0.0.0:104` in a message (`cannot listen on 0.0.0.0:104`): an address and its port, not a UID."""
+    rest = match.string[match.end() : match.end() + 2]
+    if len(rest) < 2 or rest[0] != ":" or not rest[1].isdigit():
+        return False
+    try:
+        return isinstance(ipaddress.ip_address(match.group(0)), ipaddress.IPv4Address)
+    except ValueError:
+        return False
 
 
 def redact_value(value: Any) -> Any:
@@ -90,9 +107,20 @@ def redact_value(value: Any) -> Any:
     return value
 
 
+def _is_address(value: str) -> bool:
+    """An IP address (`0.0.0.0`, `::1`) or a host name (`pacs.example.org`); not a UID that merely looks like one."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return _HOST_NAME.fullmatch(value) is not None and len(value) <= 253
+    return True
+
+
 def _redact_item(key: Any, value: Any) -> Any:
     if key in _SOP_CLASS_KEYS and isinstance(value, str) and _BARE_UID.fullmatch(value):
         return value  # a SOP class, private ones included, is not PHI: it names what a lab must configure
+    if key in _ADDRESS_KEYS and isinstance(value, str) and _is_address(value):
+        return value  # where ingestd listens or a peer connects from: configuration and network, not a study
     if isinstance(key, str) and key.replace("_", "").lower() in _phi_keys() and value is not None:
         return REDACTED
     return redact_value(value)

@@ -6,12 +6,19 @@ router builds from the journal (`ingestd.pipeline.route.study_facts`): as if dro
 path, or received over DICOM when `--calling-aet` is given. What happens to each study is the router's own decision
 (`ingestd.rules.verdict`), and `anonymize` writes through `ingestd.pipeline.route.deidentify_file`, the daemon's own
 path.
+
+`ingestd explain --config FILE BATCH` explains a study already in the spool: the batch (by id, study digest or UID,
+`ingestd.admin.batchref`) is read as the router reads it, from the journal's rows (its calling AE title or drop
+folder, what the rules see) and the spooled files (`ingestd.deid.stream.open_instance`, one header per series),
+with the rules the configuration names (or `--rules`). It only reads: the journal is opened read-only and nothing
+is written to the state directory.
 """
 
 from __future__ import annotations
 
 import io
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,18 +26,30 @@ from pathlib import Path
 
 import pydicom
 
-from ingestd.config import Archives
+from ingestd.config import Archives, Config
 from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
 from ingestd.deid.stream import open_instance
 from ingestd.dicomfile import PreparedInstance
-from ingestd.journal import BatchInstance
-from ingestd.logs import uid_digest
+from ingestd.journal import BatchInstance, BatchRow, Journal
+from ingestd.logs import quiet_pydicom, uid_digest
 from ingestd.pipeline.route import deidentify_file, header_facts, study_facts
 from ingestd.receive.intake import find_sources, read_source, source_name
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, explain_match
 from ingestd.rules.verdict import Screened, label_clashes, verdict
+from ingestd.states import StudyState
 
-__all__ = ["InputFile", "Study", "anonymize_studies", "explain_studies", "read_studies", "study_verdict"]
+_GONE = (StudyState.DELIVERED, StudyState.RELEASED)
+
+__all__ = [
+    "InputFile",
+    "Study",
+    "anonymize_studies",
+    "explain_batches",
+    "explain_studies",
+    "read_studies",
+    "spooled_study",
+    "study_verdict",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +68,7 @@ class Study:
     uid: str
     files: tuple[InputFile, ...]
     facts: StudyFacts
+    forced_rule: str | None = None  # a spooled batch's rule chosen by a person (`ingestd resend --route`)
 
 
 def read_studies(
@@ -138,18 +158,26 @@ def read_studies(
 def study_verdict(rules: RuleSet, study: Study, *, rule: str | None = None) -> Routed | Held:
     """What the daemon's router would do with the study: `ingestd.rules.verdict` over its files."""
     screened = [Screened(item.series_uid, item.sop_class_uid, item.modality) for item in study.files]
-    return verdict(rules, study.facts, screened, rule=rule)
+    return verdict(rules, study.facts, screened, rule=rule or study.forced_rule)
 
 
-def explain_studies(rules: RuleSet, studies: Sequence[Study], *, all_instances: bool = False) -> Iterator[str]:
+def explain_studies(
+    rules: RuleSet, studies: Sequence[Study], *, all_instances: bool = False, clashes_between: bool = True
+) -> Iterator[str]:
     """Lines for the operator: the rules tried, the decision, the labels, dropped series, and per attribute
-    what the profile does to one instance of each kept series (every instance with `all_instances`)."""
+    what the profile does to one instance of each kept series (every instance with `all_instances`).
+
+    `clashes_between`: the studies arrive together (files at hand), so an earlier one's session label holds a later
+    one routed to the same (`label-taken`); spooled batches are delivered each on its own, and are not compared."""
     verdicts = [(study.uid, study_verdict(rules, study)) for study in studies]
-    clashes = label_clashes(verdicts)  # a session label an earlier study of the same run takes
+    clashes = label_clashes(verdicts) if clashes_between else {}  # a label an earlier study of the run takes
     for study, (_uid, routed) in zip(studies, verdicts, strict=True):
         yield f"study {study.uid}: {len(study.files)} instance(s) in {len(study.facts.series)} series"
-        for line in explain_match(rules, study.facts):
-            yield f"  {line}"
+        if study.forced_rule:
+            yield f"  rule {study.forced_rule} chosen by hand (ingestd resend --route): its `when` is not asked"
+        else:
+            for line in explain_match(rules, study.facts):
+                yield f"  {line}"
         decision = clashes.get(study.uid, routed)
         if isinstance(decision, Held):
             yield f"  held ({decision.code}): {decision.reason}"
@@ -236,3 +264,132 @@ def anonymize_studies(
             f"{output / new_study} ({decision.project}/{decision.subject}/{decision.session})",
             True,
         )
+
+
+def spooled_study(spool_dir: Path, batch: BatchRow, instances: Sequence[BatchInstance], scratch: Path) -> Study:
+    """A spooled batch as the router sees it: the facts from its journal rows (calling AE title and called AE, or
+    drop folder and paths) and one header per series read from its spooled file, as `Router._headers` reads it
+    (`open_instance`: Pixel Data left on disk, a deflated data set inflated into `scratch`, never the spool).
+
+    Raises OSError when a spooled file cannot be read, DeidError when it cannot be parsed.
+    """
+    headers: dict[str, dict[str, str | tuple[str, ...]]] = {}
+    files: list[InputFile] = []
+    for instance in instances:
+        path = spool_dir / instance.spool_path
+        if instance.series_uid not in headers:
+            with open_instance(path, scratch) as opened:
+                headers[instance.series_uid] = header_facts(opened.dataset)
+        files.append(
+            InputFile(
+                path=path,
+                relative=f"spool/{instance.spool_path}",
+                study_uid=batch.study_uid,
+                series_uid=instance.series_uid,
+                sop_uid=instance.sop_uid,
+                sop_class_uid=instance.sop_class_uid,
+                modality=instance.modality,
+            )
+        )
+    facts = study_facts(batch.study_uid, list(instances), headers)
+    return Study(batch.study_uid, tuple(files), facts, forced_rule=batch.forced_rule)
+
+
+def _source_text(batch: BatchRow) -> str:
+    if batch.source_kind == "dicom":
+        return f"over DICOM from {batch.source}"
+    return f"from the folder {batch.source}" if batch.source_kind == "folder" else f"from {batch.source_kind}"
+
+
+def explain_batches(
+    config: Config, references: Sequence[str], rules: RuleSet, *, all_instances: bool = False
+) -> Iterator[tuple[str, bool]]:
+    """`ingestd explain --config FILE BATCH...`: (line, ok) for the spooled batches each reference names (its id,
+    study digest or UID): what the rules would do with each now, as the router would do it. Read-only."""
+    from ingestd.admin.batchref import find_batches  # noqa: PLC0415 - only for spooled batches
+
+    if not config.journal_path.exists():
+        yield f"ingestd: no journal at {config.journal_path}: nothing was received yet", False
+        return
+    spool_dir = config.state_dir / "spool"
+    journal = Journal(config.journal_path, read_only=True)
+    try:
+        rows = {batch.id: batch for batch in journal.batches()}
+        for reference in references:
+            found = find_batches(journal, reference, tuple(StudyState))
+            if not found:
+                yield f"ingestd: no batch is {reference!r} (a batch id, a study digest sha256:... or a UID)", False
+                continue
+            for batch_id in found:
+                yield from _explain_batch(journal, rows[batch_id], spool_dir, rules, all_instances)
+    finally:
+        journal.close()
+
+
+def _explain_batch(
+    journal: Journal, batch: BatchRow, spool_dir: Path, rules: RuleSet, all_instances: bool
+) -> Iterator[tuple[str, bool]]:
+    state = f"{batch.state} ({batch.hold_code})" if batch.hold_code else batch.state
+    yield (
+        f"batch {batch.id}: study {uid_digest(batch.study_uid)} #{batch.batch}, {state}, {batch.instances} "
+        f"instance(s) received {_source_text(batch)}",
+        True,
+    )
+    instances = journal.batch_instances(batch.id)
+    missing = sum(not (spool_dir / instance.spool_path).is_file() for instance in instances)
+    if missing:
+        gone = "delivered, and its spooled files removed" if batch.state == StudyState.DELIVERED else "not in the spool"
+        yield f"  {missing} of {len(instances)} instance(s) {gone}: nothing to explain", batch.state in _GONE
+        return
+    with tempfile.TemporaryDirectory(prefix="ingestd-explain-") as scratch:
+        try:
+            study = spooled_study(spool_dir, batch, instances, Path(scratch))
+        except OSError as exc:
+            yield f"  a spooled instance cannot be read ({exc.strerror}): {exc.filename}", False
+            return
+        except DeidError as exc:
+            yield f"  held ({exc.code}): {exc.reason}", True
+            return
+        for line in explain_studies(rules, [study], all_instances=all_instances, clashes_between=False):
+            yield line, True
+
+
+def run_explain_batches(
+    config_file: Path | None,
+    references: Sequence[str],
+    *,
+    default_config: Path,
+    rules: Sequence[Path] | None = None,
+    calling_aet: str | None = None,
+    every: bool = False,
+) -> int:
+    """`ingestd explain --config FILE BATCH...`: print the explanation (`every`: each instance, not one per series)
+    with the configuration's rules or `rules`; 0, 1 when a batch cannot be explained, 2 for a wrong option (raises
+    ConfigError for a configuration or rules file that does not load)."""
+    from ingestd.config import load_config  # noqa: PLC0415
+    from ingestd.rules import load_rules  # noqa: PLC0415
+
+    if calling_aet is not None:
+        print(
+            "ingestd: --calling-aet is for files; a spooled batch is explained with the source it came from",
+            file=sys.stderr,
+        )
+        return 2
+    if config_file is None and any(Path(reference).exists() for reference in references):
+        print(
+            "ingestd: to explain files give the rules (--rules FILE); to explain a study in the spool, the"
+            " configuration (--config FILE) and its batch id, digest or UID",
+            file=sys.stderr,
+        )
+        return 2
+    config = load_config(config_file or default_config)
+    files = tuple(rules or ()) or config.rules
+    if not files:
+        print("ingestd: the configuration names no rules files (rules:); give --rules FILE", file=sys.stderr)
+        return 1
+    quiet_pydicom()
+    failed = False
+    for line, ok in explain_batches(config, references, load_rules(files), all_instances=every):
+        print(line, file=sys.stdout if ok else sys.stderr)
+        failed = failed or not ok
+    return 1 if failed else 0

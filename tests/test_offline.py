@@ -11,8 +11,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from ingestd.logs import uid_digest
 from tests.dicom import encode, make_study, write_instances
 from tests.procs import run_ingestd
+from tests.spooled import KEY as SPOOL_KEY
+from tests.spooled import SpooledState, spooled_state
 
 KEYS = {"INGESTD_KEY_RESEARCH": "r" * 40, "INGESTD_KEY_PET": "p" * 40}
 EXAMPLE = Path(__file__).resolve().parents[1] / "rules" / "example.rules.yaml"
@@ -116,3 +119,93 @@ def test_explain_reads_archives_and_passes_over_hidden_files(research_study: Pat
     assert result.returncode == 0, result.stderr
     assert f"study {zipped[0].StudyInstanceUID}:" in result.stdout
     assert str(hidden[0].StudyInstanceUID) not in result.stdout + result.stderr
+
+
+# -- `ingestd explain --config FILE BATCH`: a study already in the spool ----------------------------------------
+
+
+@pytest.fixture
+def spooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SpooledState:
+    monkeypatch.setenv("INGESTD_TEST_KEY", SPOOL_KEY)
+    return spooled_state(tmp_path)
+
+
+def _explain(state: SpooledState, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"INGESTD_TEST_KEY": SPOOL_KEY}
+    return run_ingestd("explain", "--config", str(state.config_file), *args, env=env)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder` with its bytes and modification time (but SQLite's -wal and -shm files, which a
+    reader of a WAL journal may create: the journal's rows are in journal.sqlite, its WAL is checkpointed)."""
+    return {
+        str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.name.endswith(("-wal", "-shm"))
+    }
+
+
+def test_explain_a_held_batch_by_id_as_the_router_saw_it_and_write_nothing(spooled: SpooledState) -> None:
+    before = _snapshot(spooled.config.state_dir)
+    batch_id = spooled.batch_ids["OTHER"]
+    result = _explain(spooled, str(batch_id))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert (
+        f"batch {batch_id}: study sha256:" in out
+        and "held (unrouted), 3 instance(s) received over DICOM from OTHER" in out
+    )
+    assert "calling AE OTHER, called AE INGESTD, drop folder -" in out  # the journal's source, as the router reads it
+    assert "rule 'research'" in out and "when.calling_aet" in out and "fails" in out
+    assert "held (unrouted): no rule matches this study" in out
+    assert _snapshot(spooled.config.state_dir) == before  # read-only: journal, spool, outbox untouched
+
+
+def test_explain_a_batch_by_digest_with_fixed_rules(spooled: SpooledState) -> None:
+    """The admin's loop: explain the held study with the fixed rules before `retry`."""
+    fixed = spooled.root / "fixed.rules.yaml"
+    fixed.write_text(
+        (spooled.root / "lab.rules.yaml").read_text()
+        + "  - name: ct-other\n    when: {calling_aet: OTHER, Modality: CT}\n"
+        "    route: {server: main, project: CT, subject: '{PatientID:hash8}', session: '{subject}_CT'}\n"
+        "    anonymize: research\n"
+    )
+    digest = uid_digest(spooled.studies["OTHER"][0].StudyInstanceUID)
+    result = _explain(spooled, "--rules", str(fixed), digest)
+    assert result.returncode == 0, result.stderr
+    assert "decision: routed by rule 'ct-other'" in result.stdout
+    assert "de-identified by profile research" in result.stdout
+    assert "(0010,0020) PatientID" in result.stdout  # what the profile does, read from the spooled file
+
+
+def test_explain_a_dropped_batch_sees_its_drop_folder(spooled: SpooledState) -> None:
+    result = _explain(spooled, f"#{spooled.batch_ids['drop']}")
+    assert result.returncode == 0, result.stderr
+    assert f"drop folder {spooled.root / 'drop'}, 1 dropped file" in result.stdout
+    assert "decision: routed by rule 'raw-drop'" in result.stdout
+    assert "no de-identification: the instances leave as received" in result.stdout
+
+
+def test_explain_a_batch_with_a_rule_chosen_by_hand(spooled: SpooledState) -> None:
+    import sqlite3  # noqa: PLC0415
+
+    batch_id = spooled.batch_ids["OTHER"]
+    with sqlite3.connect(spooled.config.journal_path) as db:  # as `ingestd resend --route raw-drop` records it
+        db.execute("UPDATE batches SET forced_rule = 'raw-drop' WHERE id = ?", (batch_id,))
+    result = _explain(spooled, str(batch_id))
+    assert result.returncode == 0, result.stderr
+    assert "rule raw-drop chosen by hand" in result.stdout
+    assert "rule raw-drop -> server main, project RAW" in result.stdout
+
+
+def test_explain_says_what_is_wrong_with_a_reference(spooled: SpooledState) -> None:
+    files = run_ingestd("explain", str(spooled.root / "lab.rules.yaml"))  # a path without --rules or --config
+    assert files.returncode == 2 and "to explain files give the rules (--rules FILE)" in files.stderr
+    unknown = _explain(spooled, "999")
+    assert unknown.returncode == 1 and "no batch is '999'" in unknown.stderr
+    source = _explain(spooled, "--calling-aet", "X", "1")
+    assert source.returncode == 2 and "--calling-aet is for files" in source.stderr
+    for path in (spooled.config.state_dir / "spool").rglob("*.dcm"):
+        path.unlink()
+    gone = _explain(spooled, str(spooled.batch_ids["SCANNER"]))
+    assert gone.returncode == 1 and "4 of 4 instance(s) not in the spool: nothing to explain" in gone.stderr
