@@ -18,6 +18,7 @@ from ingestd.admin.statusfilter import FilterError, parse_age, parse_filters
 from ingestd.admin.statusview import WIDTH, render_status
 from ingestd.digestkey import read_digest_key
 from ingestd.logs import path_digest, use_digest_key
+from ingestd.retention.store import LAST_RUN_KEY
 from ingestd.status import status_data
 from tests.procs import run_ingestd
 from tests.spooled import KEY, PATIENT_FOLDER, PATIENT_ID, SpooledState, spooled_state, write_config
@@ -261,3 +262,32 @@ def test_long_reasons_and_labels_wrap_within_100_columns() -> None:
     assert any(line.startswith("      labels: " + "P" * 20) for line in lines)
     assert any(line.startswith("      label-taken: deliver: the session label") for line in lines)
     assert max(len(line) for line in render_status(data, wide=True)) > WIDTH
+
+
+def test_retention_is_reported_and_purged_quarantine_items_are_counted_not_listed(state: SpooledState) -> None:
+    """The retention line says when it last ran, what it removed and what is due; a quarantined item whose file
+    retention removed is counted under the list (its row stays, in `--json` with `purged_at`)."""
+    import sqlite3  # noqa: PLC0415
+
+    out = _status(state)
+    (line,) = [line for line in out.splitlines() if line.startswith("retention: ")]
+    assert line.startswith("retention: not run yet; due now: "), line
+    now = time.time()
+    with sqlite3.connect(state.config.journal_path) as db:
+        db.execute(
+            "INSERT INTO quarantine (path, reason, source_kind, source, at, purged_at)"
+            " VALUES ('q-old', 'not a DICOM file', 'drop', 'incoming', ?, ?)",
+            (now - 40 * 86400, now - 86400),
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (LAST_RUN_KEY, json.dumps({"at": now - 600, "purged": {"quarantine": [1, 2048], "released": [0, 0]}})),
+        )
+    out = _status(state)
+    (line,) = [line for line in out.splitlines() if line.startswith("retention: ")]
+    assert line.startswith("retention: last run 10m ago removed 1 quarantined items (2.0 KiB); due now: "), line
+    assert "(1 more removed by retention: `--json` lists them)" in out and "q-old" not in out
+    data = json.loads(_status(state, "--json"))
+    (purged,) = [item for item in data["quarantine"] if item["path"] == "q-old"]
+    assert purged["purged_at"] == pytest.approx(now - 86400)
+    assert data["retention"]["last_run"] == pytest.approx(now - 600)

@@ -260,6 +260,37 @@ def _wide(studies: list[dict[str, Any]], show_seconds: bool = True) -> Iterator[
         yield "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
 
 
+_KIND_WORDS = {
+    "delivered": "delivered batches' kept copies",
+    "released": "released batches",
+    "quarantine": "quarantined items",
+    "receipts": "receipts",
+    "outgoing": "outgoing rows",
+}
+
+
+def _retention(retention: dict[str, Any] | None) -> str:
+    """One line: when retention last ran and what it removed, and what it would remove now."""
+    if not retention:
+        return "retention: not reported"
+
+    def amounts(counts: dict[str, Any] | None) -> str:
+        parts = [
+            f"{count} {_KIND_WORDS.get(kind, kind)}" + (f" ({size(int(nbytes))})" if nbytes else "")
+            for kind, (count, nbytes) in (counts or {}).items()
+            if count
+        ]
+        return ", ".join(parts) or "nothing"
+
+    last = retention.get("last_run")
+    text = "retention: " + (
+        "not run yet"
+        if last is None
+        else f"last run {age(time.time() - float(last))} ago removed " + amounts(retention.get("last_purged"))
+    )
+    return text + f"; due now: {amounts(retention.get('would_purge'))} (`ingestd purge --dry-run` lists them)"
+
+
 def render_status(data: dict[str, Any], *, wide: bool = False, chosen: StudyFilter | None = None) -> Iterator[str]:
     """The lines of `ingestd status` (every one at most WIDTH columns unless `wide`)."""
     if not data["exists"]:
@@ -283,8 +314,13 @@ def render_status(data: dict[str, Any], *, wide: bool = False, chosen: StudyFilt
         yield from _wide(studies) if wide else _compact(studies)
     if chosen:
         return  # a filter asks about batches: the quarantine and superseded copies are not batches
+    yield from fit(_retention(data.get("retention")))
     yield ""
-    yield f"{len(quarantine)} quarantined item{'s' if len(quarantine) != 1 else ''}"
+    purged = [item for item in quarantine if item.get("purged_at") is not None]
+    quarantine = [item for item in quarantine if item.get("purged_at") is None]
+    yield f"{len(quarantine)} quarantined item{'s' if len(quarantine) != 1 else ''}" + (
+        f" ({len(purged)} more removed by retention: `--json` lists them)" if purged else ""
+    )
     for item in quarantine:
         came = f" from {item['original_path']}" if item.get("original_path") else ""
         text = f"{_when(item['at'], seconds=True)}  {item['path']}  ({item['source_kind']}:{item['source']}{came}):"

@@ -133,6 +133,7 @@ class Quarantined:
     source_kind: str
     source: str
     at: float
+    purged_at: float | None  # when retention removed its file and reason (the row stays); None: still there
 
 
 @dataclass(frozen=True, slots=True)

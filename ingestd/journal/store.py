@@ -584,6 +584,6 @@ class Journal:
     def quarantined(self) -> list[Quarantined]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT path, reason, source_kind, source, at FROM quarantine ORDER BY at DESC"
+                "SELECT path, reason, source_kind, source, at, purged_at FROM quarantine ORDER BY at DESC"
             ).fetchall()
         return [Quarantined(*row) for row in rows]
