@@ -303,18 +303,10 @@ def _cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _daemon_running(config: Config) -> bool:
-    """Whether a daemon holds the state directory's lock (it takes it exclusively for as long as it runs)."""
-    import fcntl  # noqa: PLC0415
+    """Whether a daemon (or an import working without one) holds the state directory's lock."""
+    from ingestd.statedir import lock_holder  # noqa: PLC0415 - keeps `status` light
 
-    try:
-        with (config.state_dir / "ingestd.lock").open("r") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            return False
-    except FileNotFoundError:
-        return False
+    return lock_holder(config.state_dir) is not None
 
 
 def _cmd_check_rules(files: list[Path]) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
+import yaml
 from pydantic import BaseModel
 
-__all__ = ["did_you_mean", "problem_text"]
+__all__ = ["RepeatedKey", "did_you_mean", "problem_text", "repeated_keys"]
 
 # pydantic error type -> what the value must be, in the words a YAML writer knows.
 _MUST_BE = {
@@ -82,3 +84,30 @@ def problem_text(error: Any, model: type[BaseModel], loc: tuple[Any, ...]) -> st
     if message.startswith("Input should be "):
         return "must be " + message.removeprefix("Input should be ")
     return message
+
+
+class RepeatedKey(NamedTuple):
+    """A key given twice in one YAML mapping (PyYAML keeps the last silently, so the first is ignored)."""
+
+    dotted: str  # where: `xnat.servers.main.url`, `rules.0.when`
+    key: str
+    first_line: int
+    line: int  # of the second, the one YAML keeps
+
+
+def repeated_keys(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> Iterator[RepeatedKey]:
+    """Every key given twice in one mapping of a composed YAML document, depth first (merge keys `<<` aside)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key != "<<":
+                if key in seen:
+                    yield RepeatedKey(".".join(str(part) for part in (*path, key)), key, seen[key], line)
+                else:
+                    seen[key] = line
+            yield from repeated_keys(value_node, (*path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from repeated_keys(item, (*path, index))

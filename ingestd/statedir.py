@@ -13,7 +13,7 @@ from ingestd.errors import IngestdError
 from ingestd.fsmodes import restrict_tree, restrict_umask
 from ingestd.logs import use_digest_key
 
-__all__ = ["StateDirLockedError", "lock_state_dir"]
+__all__ = ["StateDirLockedError", "lock_holder", "lock_state_dir"]
 
 
 class StateDirLockedError(IngestdError):
@@ -51,3 +51,19 @@ def lock_state_dir(state: Path) -> IO[str]:
         lock.close()
         raise
     return lock
+
+
+def lock_holder(state: Path) -> int | None:
+    """The pid of the process holding the state directory's lock (the daemon, or `ingestd import` working without
+    one; 0 if it has not written its pid yet), None when none holds it. Takes nothing: a shared lock tried and let go.
+    """
+    try:
+        with (state / "ingestd.lock").open("r") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = lock.read().strip()
+                return int(text) if text.isdigit() else 0
+            return None
+    except FileNotFoundError:
+        return None

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from ingestd.admin.checkpaths import Finding, Who, check_paths
 from ingestd.admin.checkrefs import rules_references, where
 from ingestd.config import Config, YamlDocument, read_yaml, read_yaml_file, resolve_rules, validate_document
+from ingestd.configwords import repeated_keys
 from ingestd.errors import ConfigError
 
 __all__ = ["Report", "check_config", "duplicate_keys", "log_warnings", "numbers", "print_report"]
@@ -40,26 +41,13 @@ class Report:
     config: Config | None = None
 
 
-def duplicate_keys(node: yaml.Node | None, source: str, path: tuple[Any, ...] = ()) -> Iterator[str]:
+def duplicate_keys(node: yaml.Node | None, source: str) -> Iterator[str]:
     """A key given twice in one mapping: YAML keeps the last silently, so the first would be ignored."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if isinstance(key, str) and key != "<<":
-                if key in seen:
-                    dotted = ".".join(str(part) for part in (*path, key))
-                    yield (
-                        f"{source}:{line}: {dotted}: given twice, on lines {seen[key]} and {line} (YAML would keep "
-                        "only this one): remove one"
-                    )
-                else:
-                    seen[key] = line
-            yield from duplicate_keys(value_node, source, (*path, key))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            yield from duplicate_keys(item, source, (*path, index))
+    for twice in repeated_keys(node):
+        yield (
+            f"{source}:{twice.line}: {twice.dotted}: given twice, on lines {twice.first_line} and {twice.line}"
+            " (YAML would keep only this one): remove one"
+        )
 
 
 def _durations(model: BaseModel, loc: tuple[Any, ...]) -> Iterator[Finding]:

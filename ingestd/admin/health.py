@@ -14,36 +14,21 @@ have been edited since the daemon started): the daemon records where it serves i
 
 from __future__ import annotations
 
-import fcntl
 import time
-from pathlib import Path
 
 from ingestd.config import Config
 from ingestd.journal import Journal
 from ingestd.metrics import DAEMON_RECORD, DaemonRecord
+from ingestd.statedir import lock_holder
 from ingestd.states import StudyState
 
-__all__ = ["HEALTH_AE_TITLE", "STALE_SECONDS", "check_health", "lock_holder", "print_health", "started_problem"]
+__all__ = ["HEALTH_AE_TITLE", "STALE_SECONDS", "check_health", "print_health", "started_problem"]
 
 HEALTH_AE_TITLE = "INGESTD_HEALTH"
 # The main loop beats every 5 s at most (less with a short stop_timeout_seconds); a reload may hold it up to a
 # minute (daemon.RELOAD_SECONDS). Twice that without a beat: the loop hangs.
 STALE_SECONDS = 120.0
 _VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
-
-
-def lock_holder(state_dir: Path) -> int | None:
-    """The pid of the daemon holding the state directory's lock (0 if it wrote none yet), None when none holds it."""
-    try:
-        with (state_dir / "ingestd.lock").open("r") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = lock.read().strip()
-                return int(text) if text.isdigit() else 0
-            return None
-    except FileNotFoundError:
-        return None
 
 
 def started_problem(record: DaemonRecord | None, holder: int, heartbeat: float | None, now: float) -> str | None:

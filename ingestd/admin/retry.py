@@ -16,7 +16,6 @@ failure, and the login of a paused XNAT server (the daemon's deliverer looks for
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import time
@@ -39,9 +38,10 @@ from ingestd.journal.retries import (
 from ingestd.journal.servers import server_states
 from ingestd.logs import uid_digest
 from ingestd.pipeline.build import load_rules_for
+from ingestd.statedir import lock_holder
 from ingestd.states import StudyState
 
-__all__ = ["RetryError", "RetryRequest", "daemon_pid", "run_retry"]
+__all__ = ["RetryError", "RetryRequest", "run_retry"]
 
 _WAITING = (StudyState.RECEIVING, StudyState.COMPLETE, StudyState.ROUTED)
 
@@ -61,20 +61,6 @@ class RetryRequest:
     keep_route: bool = False
     reroute_sent: bool = False
     wait_seconds: float = 60.0  # for the daemon to take up the rules
-
-
-def daemon_pid(config: Config) -> int | None:
-    """The pid of the process holding the state directory's lock (the daemon, or `ingestd import`), None if none."""
-    try:
-        with (config.state_dir / "ingestd.lock").open("r") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = lock.read().strip()
-                return int(text) if text.isdigit() else 0
-            return None
-    except FileNotFoundError:
-        return None
 
 
 def run_retry(config: Config, request: RetryRequest, out: Callable[[str], None] = print) -> int:
@@ -100,7 +86,7 @@ def run_retry(config: Config, request: RetryRequest, out: Callable[[str], None] 
         waiting = find_batches(journal, request.study, _WAITING) if request.now and not request.held else []
         if not held and not waiting:
             return _nothing(journal, request, out)
-        pid = daemon_pid(config)
+        pid = lock_holder(config.state_dir)
         if held:
             version = _reload_daemon(journal, pid, version, request.wait_seconds, out)
             rows = {batch.id: batch for batch in journal.batches()}

@@ -19,6 +19,7 @@ import yaml
 from pydicom.datadict import tag_for_keyword
 
 from ingestd.config import _line_of, read_yaml, read_yaml_file, validate_document
+from ingestd.configwords import repeated_keys
 from ingestd.deid.profile import Override, PrivateKeep, Profile
 from ingestd.deid.table import load_table
 from ingestd.errors import ConfigError
@@ -73,28 +74,15 @@ def rules_version(contents: Sequence[bytes]) -> str:
     return hashlib.sha256(b"".join(contents)).hexdigest()[:12]
 
 
-def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...], file: _File, problems: _Problems) -> None:
+def _duplicate_keys(node: yaml.Node | None, file: _File, problems: _Problems) -> None:
     """PyYAML keeps the last of two equal keys silently; a rules file must not say one thing twice."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if isinstance(key, str) and key != "<<":
-                if key in seen:
-                    dotted = ".".join(str(part) for part in (*path, key))
-                    problems.add_line(
-                        file.index,
-                        line,
-                        f"{file.source}:{line}: {dotted}: '{key}' is given twice in this mapping "
-                        f"(first on line {seen[key]})",
-                    )
-                else:
-                    seen[key] = line
-            _duplicate_keys(value_node, (*path, key), file, problems)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _duplicate_keys(item, (*path, index), file, problems)
+    for twice in repeated_keys(node):
+        problems.add_line(
+            file.index,
+            twice.line,
+            f"{file.source}:{twice.line}: {twice.dotted}: '{twice.key}' is given twice in this mapping "
+            f"(first on line {twice.first_line})",
+        )
 
 
 def _read(index: int, path: Path, problems: _Problems) -> _File:
@@ -103,7 +91,7 @@ def _read(index: int, path: Path, problems: _Problems) -> _File:
         text = read_yaml_file(path, "rules file")
         file.data = text.encode("utf-8")
         document = read_yaml(
-            text, file.source, what="rules file", inspect=lambda node: _duplicate_keys(node, (), file, problems)
+            text, file.source, what="rules file", inspect=lambda node: _duplicate_keys(node, file, problems)
         )
     except ConfigError as exc:
         for problem in exc.problems:
