@@ -42,12 +42,25 @@ NETWORK_TIMEOUT = 4.0
 
 
 def _config(tmp_path: Path, port: int, listener: str = "") -> Path:
+    """The listener's settings for these tests, `listener` (`", key: value, ..."`) replacing any of them: each key
+    once (`run` refuses a key given twice)."""
+    settings = {
+        "host": HOST,
+        "port": str(port),
+        "ae_title": "INGESTD",
+        "max_associations": "16",
+        "max_connections": "400",
+        "max_connections_per_peer": "400",
+        "acse_timeout_seconds": str(ACSE_TIMEOUT),
+        "network_timeout_seconds": str(NETWORK_TIMEOUT),
+    }
+    for item in filter(None, (part.strip() for part in listener.split(","))):
+        key, _, value = item.partition(":")
+        settings[key.strip()] = value.strip()
     path = tmp_path / "ingestd.yaml"
     path.write_text(
         f"state_dir: {tmp_path / 'state'}\n"
-        f"listener: {{host: {HOST}, port: {port}, ae_title: INGESTD, max_associations: 16,"
-        f" max_connections: 400, max_connections_per_peer: 400, acse_timeout_seconds: {ACSE_TIMEOUT},"
-        f" network_timeout_seconds: {NETWORK_TIMEOUT}{listener}}}\n"
+        f"listener: {{{', '.join(f'{key}: {value}' for key, value in settings.items())}}}\n"
         "study_idle_seconds: 3600\n"
         "spool: {min_free_mb: 10}\n"
         "logging: {level: info, format: json}\n"
