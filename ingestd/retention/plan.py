@@ -18,6 +18,7 @@ not being purged still refers to (a later batch of the same study has its own pa
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
@@ -151,12 +152,23 @@ def safe_relative(path: str | None, roots: tuple[str, ...] = _ROOTS) -> str | No
     return normal
 
 
+def protected_outboxes(protected: Set[str]) -> frozenset[str]:
+    """The names of the outbox folders (batch ids) holding a protected path: computed once per set of protected
+    paths, not once per batch (a pass over 2,000 due batches and 22,000 protected paths compared 44 M strings)."""
+    return _outboxes(protected if isinstance(protected, frozenset) else frozenset(protected))
+
+
+@functools.lru_cache(maxsize=4)
+def _outboxes(protected: frozenset[str]) -> frozenset[str]:
+    return frozenset(path.split("/", 2)[1] for path in protected if path.startswith("outbox/") and path.count("/") >= 2)
+
+
 def batch_removal(batch_id: int, kind: str, paths: BatchPaths, protected: Set[str]) -> BatchRemoval:
     """What goes of a due batch: its spooled files, superseded copies and package files, and its outbox folder
     whole; never a path in `protected` (one that a batch not being purged refers to), and the outbox folder file by
     file when a protected path is inside it."""
     outbox = f"outbox/{batch_id}"
-    shared_outbox = any(path.startswith(f"{outbox}/") for path in protected)
+    shared_outbox = str(batch_id) in protected_outboxes(protected)
     candidates = [
         *paths.spool,
         *paths.superseded,

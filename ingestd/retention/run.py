@@ -98,17 +98,22 @@ def removals(db: sqlite3.Connection, plan: Plan) -> Iterator[tuple[BatchFacts, B
         yield batch, batch_removal(batch.id, kind, store.batch_paths(db, batch.id), plan.protected)
 
 
-def preview(config: Config, now: float | None = None) -> Outcome:
-    """What a pass would remove at `now`, measured on disk; writes nothing (a read-only connection)."""
+def preview(config: Config, now: float | None = None, *, measure: bool = True) -> Outcome:
+    """What a pass would remove at `now`, measured on disk (without `measure`: counted only, 0 bytes: what `status`
+    shows, which must stay fast however much is due); writes nothing (a read-only connection)."""
     outcome = Outcome()
     if not config.journal_path.exists():
         return outcome
     with store.read_only(config.journal_path) as db:
         plan = make_plan(db, config.retention, time.time() if now is None else now)
-        for batch, removal in removals(db, plan):
-            outcome.add(removal.kind, 1, _measured(files.measure, config.state_dir, removal), f"#{batch.id}")
+        if measure:
+            for batch, removal in removals(db, plan):
+                outcome.add(removal.kind, 1, _measured(files.measure, config.state_dir, removal), f"#{batch.id}")
+        else:
+            for batch, kind in plan.batches:
+                outcome.add(kind, 1, 0, f"#{batch.id}")
     for item in plan.quarantine:
-        size = _measured(files.measure_quarantine, config.quarantine_dir, item.path)
+        size = _measured(files.measure_quarantine, config.quarantine_dir, item.path) if measure else 0
         outcome.add("quarantine", 1, size, item.path)
     outcome.add("receipts", plan.rows[0], 0)
     outcome.add("outgoing", plan.rows[1], 0)
@@ -206,15 +211,16 @@ def _purge_quarantine(
 
 def retention_summary(config: Config, now: float | None = None) -> dict[str, Any]:
     """What `ingestd status` shows of retention: when it last ran and what it removed then, what it would remove
-    now (per kind: [items, bytes]) and how often it runs. Read-only."""
+    now (per kind: [items, None]: counted, not measured, so that `status` stays fast however much is due; `ingestd
+    purge --dry-run` measures) and how often it runs. Read-only."""
     last: dict[str, Any] | None = None
     if config.journal_path.exists():
         with store.read_only(config.journal_path) as db:
             last = store.last_run(db)
-    would = preview(config, now)
+    would = preview(config, now, measure=False)  # counts: `ingestd purge --dry-run` measures the bytes
     return {
         "last_run": None if last is None else last.get("at"),
         "last_purged": None if last is None else last.get("purged"),
-        "would_purge": {kind: list(pair) for kind, pair in would.purged.items()},
+        "would_purge": {kind: [count, None] for kind, (count, _size) in would.purged.items()},
         "check_interval_seconds": config.retention.check_interval_seconds,
     }
