@@ -20,6 +20,7 @@ from typing import IO, Any, Protocol
 import structlog
 
 from ingestd import __version__
+from ingestd.admin.checkconfig import check_config
 from ingestd.config import Config, load_config
 from ingestd.deadline import ProcessDeadline
 from ingestd.errors import ConfigError
@@ -402,15 +403,21 @@ class Daemon:
     def reload(self) -> bool:
         """Load the configuration file and its rules again; apply what can change live. False if refused.
 
-        The new files are validated first; on any error the running ones stay in force and the errors are
-        logged. Rules, XNAT servers, delivery settings, batch failure limits and the completion times change live;
-        batches already routed keep the rule they were routed with (the journal holds their route). The listener,
-        drop folders, state directory and spool need a restart, which is logged.
+        The new files are checked first, as `ingestd check-config` checks them; on any error the running ones stay
+        in force and the errors are logged. Rules, XNAT servers, delivery settings, batch failure limits, retention
+        and the completion times change live; batches already routed keep the rule they were routed with (the
+        journal holds their route). The listener, drop folders, state directory and spool need a restart, which is
+        logged.
         """
         if self.config_path is None:
             log.warning("daemon.reload", outcome="unavailable", detail="the daemon was not started from a file")
             return False
         try:
+            # What `check-config` calls an error refuses a reload as it refuses a start (the files it names, the
+            # credentials' modes, keys given twice...); the rules' own keys are checked as the rules load.
+            report = check_config(self.config_path, keys=False)
+            if report.errors:
+                raise ConfigError(str(self.config_path), report.errors)
             new = load_config(self.config_path)
             rules = load_rules_for(new)
         except ConfigError as exc:

@@ -390,6 +390,11 @@ def test_sighup_reloads_rules_and_keeps_them_when_invalid(tmp_path: Path, monkey
         os.kill(daemon.pid, signal.SIGHUP)
         refused = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "refused"], 20)
         assert any("did you mean 'Modality'" in problem for problem in refused[0]["problems"])
+        # What check-config calls an error refuses a reload as it refuses a start: here a key given twice.
+        config.write_text(config.read_text() + "study_idle_seconds: 5\n")
+        os.kill(daemon.pid, signal.SIGHUP)
+        refused = wait_until(lambda: [r for r in daemon.logged("daemon.reload") if r["outcome"] == "refused"][1:], 20)
+        assert any("study_idle_seconds: given twice" in problem for problem in refused[0]["problems"]), refused
         route = _first_study(config)["route"]
         assert isinstance(route, dict) and route["rule"] == "scanner"
         assert daemon.terminate() == 0
