@@ -39,6 +39,7 @@ from ingestd.testing.xnat import FakeXnat
 from tests.dicom import encode, make_study, write_instances
 from tests.lab import SCANNER, Lab, end_state, lab_xnat, set_secrets, study, xnat_holdings
 from tests.procs import (
+    SCANNER_RULES,
     DaemonProcess,
     Storescu,
     free_port,
@@ -419,16 +420,7 @@ def test_a_recovery_during_a_resend_waits_for_it_and_removes_nothing(keeping_lab
 
 def _config(tmp_path: Path, port: int, xnat: FakeXnat, extra: str = "") -> Path:
     xnat.add_project("OTHER", members=["ingestd"])
-    rules = (
-        "profiles:\n"
-        "  research: {key: {env: INGESTD_TEST_KEY}}\n"
-        "rules:\n"
-        "  - name: scanner\n"
-        "    when: {calling_aet: STORESCU}\n"
-        "    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR',"
-        " archive: true}\n"
-        "    anonymize: research\n" + OTHER_RULE
-    )
+    rules = SCANNER_RULES + OTHER_RULE  # the usual scanner rule, then the one `resend --route other` names
     return write_xnat_daemon_config(tmp_path, port, xnat.url, rules=rules, extra=extra)
 
 
