@@ -520,8 +520,7 @@ class Quarantine:
 
     def _record(self, target: Path, reason: str, source: Source, sha256: str | None = None) -> Path:
         fsync_dir(self.root)
-        with self.journal.transaction() as tx:
-            quarantined.record(tx, target.name, reason, source, sha256, time.time())
+        self.journal.add_quarantine(target.name, reason, source, time.time(), sha256)
         log.warning(
             "spool.quarantined",
             item=target.name,

@@ -574,16 +574,26 @@ class Journal:
 
     # -- quarantine --------------------------------------------------------------------------------
 
-    def add_quarantine(self, path: str, reason: str, source: Source, now: float) -> None:
+    def add_quarantine(self, path: str, reason: str, source: Source, now: float, sha256: str | None = None) -> None:
+        """Journal an item kept in quarantine: why, from where, and its content's SHA-256 (None: a moved file)."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO quarantine (path, reason, source_kind, source, at) VALUES (?, ?, ?, ?, ?)",
-                (path, reason, source.kind, source.name, now),
+                "INSERT INTO quarantine (path, reason, source_kind, source, source_detail, sha256, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (path, reason, source.kind, source.name, source.detail, sha256, now),
             )
+
+    def quarantined_copies(self, source: Source, sha256: str) -> list[str]:
+        """The names of the items kept from `source` with content `sha256` and not purged, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM quarantine WHERE sha256 = ? AND source_kind = ? AND source = ? AND source_detail = ?"
+                " AND purged_at IS NULL ORDER BY id DESC",
+                (sha256, source.kind, source.name, source.detail),
+            )
+            return [str(row[0]) for row in rows]
 
     def quarantined(self) -> list[Quarantined]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT path, reason, source_kind, source, at, purged_at FROM quarantine ORDER BY at DESC"
-            ).fetchall()
-        return [Quarantined(*row) for row in rows]
+            sql = "SELECT path, reason, source_kind, source, at, purged_at FROM quarantine ORDER BY at DESC"
+            return [Quarantined(*row) for row in self._db.execute(sql)]
