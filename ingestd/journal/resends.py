@@ -29,7 +29,7 @@ import structlog
 
 from ingestd.durable import fsync_dir, make_dirs_durably, write_durably
 from ingestd.errors import IngestdError
-from ingestd.journal.store import Journal, Tx
+from ingestd.journal.store import RELEASED_PREFIX, Journal, Tx
 from ingestd.logs import uid_digest
 from ingestd.states import StudyState, check_batch_transition
 
@@ -48,7 +48,6 @@ __all__ = [
 
 log = structlog.get_logger("ingestd.spool")
 
-RELEASED_PREFIX = "released by a person: "  # what `Journal.release_batch` puts before the hold's reason
 PENDING_MARKER = ".resend-pending"
 RESENT_SOURCE = ("resend", "person")  # the (source_kind, source) of a resent instance's receipt
 COPIES_GONE = (

@@ -33,9 +33,10 @@ from ingestd.journal.rows import (
 from ingestd.journal.schema import JournalVersionError, check_version, create_or_migrate
 from ingestd.states import RETRY_STEP, Step, StudyState, check_batch_transition, check_step_transition
 
-__all__ = ["Journal", "Tx"]
+__all__ = ["RELEASED_PREFIX", "Journal", "Tx"]
 
 _LOCK_TIMEOUT = 30.0
+RELEASED_PREFIX = "released by a person: "  # what `release_batch` puts before the hold's reason
 
 
 class Tx:
@@ -566,9 +567,8 @@ class Journal:
         check_batch_transition(batch_id, StudyState.HELD, StudyState.RELEASED)
         with self.transaction() as db:
             cursor = db.execute(
-                "UPDATE batches SET state = ?, state_changed = ?, reason = 'released by a person: ' || reason"
-                " WHERE id = ? AND state = ?",
-                (StudyState.RELEASED, now, batch_id, StudyState.HELD),
+                "UPDATE batches SET state = ?, state_changed = ?, reason = ? || reason WHERE id = ? AND state = ?",
+                (StudyState.RELEASED, now, RELEASED_PREFIX, batch_id, StudyState.HELD),
             )
             return cursor.rowcount == 1
 
