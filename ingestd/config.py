@@ -302,6 +302,14 @@ class Retention(_Model):
     check_interval_seconds: Annotated[float, Field(gt=0)] = 3600.0
 
 
+class Attachments(_Model):
+    """Non-DICOM files attached to XNAT sessions as resources (a rule's `attach:`; docs/rules.md)."""
+
+    # How often a set held `no-session` (its session is not in XNAT yet) or `study-held` (its study is held) looks
+    # again: it moves on by itself once the session exists or the study is routed.
+    recheck_seconds: Annotated[float, Field(gt=0)] = 300.0
+
+
 class Logging(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -337,6 +345,7 @@ class Config(_Model):
     delivery: Delivery = Delivery()
     batch_failures: BatchFailures = BatchFailures()
     retention: Retention = Retention()
+    attachments: Attachments = Attachments()
     rules: tuple[Path, ...] = ()  # rules files (relative: to the configuration file's folder); none: nothing is routed
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ __all__ = [
     "FAILED_HOLD",
     "RETRY_STEP",
     "STEP_TRANSITIONS",
+    "BatchKind",
     "HoldCode",
     "Stage",
     "Step",
@@ -68,6 +69,11 @@ class Step(StrEnum):
     VERIFY = "verify"  # compare what XNAT holds, by SOP Instance UID, with what the batch sends; decide
     ARCHIVE = "archive"  # archive the READY prearchive session holding instances of ours
     ARCHIVING = "archiving"  # committed before the archive request: it may or may not have been carried out
+    # The steps of an attachment set's delivery (a batch of kind `files`: ingestd.pipeline.attach):
+    LOCATE = "locate"  # find the XNAT session (archived experiment, or our READY prearchive session) it goes to
+    UPLOAD = "upload"  # zip and send what XNAT does not hold yet, one resource at a time
+    UPLOADING = "uploading"  # committed before an upload: it may or may not have reached XNAT
+    CHECK = "check"  # list each resource and compare names, sizes and MD5 digests with what the set sends
     DONE = "done"
 
 
@@ -114,6 +120,18 @@ class HoldCode(StrEnum):
     XNAT_REFUSED = "xnat-refused"
     XNAT_LOGIN_REFUSED = "xnat-login-refused"
     XNAT_REDIRECT = "xnat-redirect"
+    # Attachment sets (non-DICOM files attached to a session as resources: ingestd.pipeline.attach).
+    NO_SESSION = "no-session"  # the XNAT session its files go to does not exist (yet): looked for again
+    STUDY_HELD = "study-held"  # the study it belongs to is held or released: it follows once that study is routed
+    ATTACH_AMBIGUOUS = "attach-ambiguous"  # a file lies as close to two studies of its upload: which session?
+    ATTACH_CONFLICT = "attach-conflict"  # XNAT holds a file of that name in the resource with other content
+
+
+class BatchKind(StrEnum):
+    """What a batch holds. The values are stored in the journal: never rename them."""
+
+    DICOM = "dicom"  # instances of one study
+    FILES = "files"  # an attachment set: non-DICOM files of one upload, attached to a session as resources
 
 
 class Stage(StrEnum):
@@ -152,6 +170,11 @@ STEP_TRANSITIONS: Mapping[Step, frozenset[Step]] = {
     Step.VERIFY: frozenset({Step.DONE, Step.PACKAGE, Step.ARCHIVE, Step.WAIT}),
     Step.ARCHIVE: frozenset({Step.ARCHIVING}),
     Step.ARCHIVING: frozenset({Step.VERIFY}),
+    # An attachment set's delivery: locate -> upload -> uploading -> check -> done (check decides, as verify does).
+    Step.LOCATE: frozenset({Step.UPLOAD, Step.CHECK}),
+    Step.UPLOAD: frozenset({Step.UPLOADING, Step.CHECK, Step.LOCATE}),
+    Step.UPLOADING: frozenset({Step.CHECK}),
+    Step.CHECK: frozenset({Step.DONE, Step.UPLOAD, Step.LOCATE}),
     Step.DONE: frozenset(),
 }
 
@@ -162,6 +185,9 @@ RETRY_STEP: Mapping[Step, Step] = {
     Step.PREFLIGHT: Step.PREFLIGHT,
     **{step: Step.VERIFY for step in (Step.IMPORT, Step.IMPORTING, Step.WAIT, Step.VERIFY)},
     **{step: Step.VERIFY for step in (Step.ARCHIVE, Step.ARCHIVING, Step.DONE)},
+    # an attachment set looks for its session again, then at what XNAT holds
+    Step.LOCATE: Step.LOCATE,
+    **{step: Step.LOCATE for step in (Step.UPLOAD, Step.UPLOADING, Step.CHECK)},
 }
 
 

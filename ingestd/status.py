@@ -48,11 +48,13 @@ _BATCHES_SQL = (
     "SELECT b.id, b.study_uid, b.batch, b.state, b.source_kind, b.source, b.first_received,"
     " b.last_received, b.state_changed, b.reason, b.hold_code, b.failures, b.retry_at,"
     " b.note, b.forced_rule, b.purged_at,"
-    " coalesce(s.series, 0), coalesce(s.instances, 0), coalesce(s.size, 0), s.modalities"
-    " FROM batches b LEFT JOIN ("
+    " coalesce(s.series, 0), coalesce(s.instances, f.files, 0), coalesce(s.size, f.size, 0), b.kind, b.upload,"
+    " s.modalities FROM batches b LEFT JOIN ("
     "SELECT batch_id, count(DISTINCT series_uid) AS series, count(*) AS instances, sum(size) AS size,"
     " group_concat(DISTINCT modality) AS modalities FROM instances GROUP BY batch_id"
-    ") s ON s.batch_id = b.id ORDER BY b.last_received DESC"
+    ") s ON s.batch_id = b.id LEFT JOIN ("
+    "SELECT batch_id, count(*) AS files, sum(size) AS size FROM attached_files GROUP BY batch_id"
+    ") f ON f.batch_id = b.id ORDER BY b.last_received DESC"
 )
 
 

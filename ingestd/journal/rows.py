@@ -29,6 +29,10 @@ class Source:
     kind: str  # "dicom" or "folder"
     name: str  # the calling AE title, or the drop folder
     detail: str = ""  # the called AE title and peer address, or the file's path within the folder
+    # The upload it came in (None for C-STORE): the top-level entry below the drop folder (`sub01`, `x.zip`), or
+    # `ingestd import`'s argument within its folder. Files of the same upload go with the same study
+    # (`ingestd.journal.attachments`).
+    upload: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +66,10 @@ class BatchRow:
     forced_rule: str | None  # the rule a person chose (`ingestd resend --route`); None: the first that matches
     purged_at: float | None  # when retention removed its files (released batches only)
     series: int
-    instances: int
+    instances: int  # a batch of files (`kind` files): its files
     size: int
+    kind: str = "dicom"  # states.BatchKind: `dicom` (instances of one study) or `files` (an attachment set)
+    upload: str | None = None  # a batch of files: the upload its files came in (with `source_kind` and `source`)
 
 
 @dataclass(frozen=True, slots=True)

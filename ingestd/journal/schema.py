@@ -15,7 +15,7 @@ from ingestd.states import Step, StudyState
 
 __all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "JournalVersionError", "check_version", "create_or_migrate"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS batches (
     note TEXT,
     forced_rule TEXT,
     purged_at REAL,
+    kind TEXT NOT NULL DEFAULT 'dicom',
+    upload TEXT,
     UNIQUE (study_uid, batch)
 );
 CREATE INDEX IF NOT EXISTS batches_state ON batches (state);
@@ -57,9 +59,11 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     spool_path TEXT NOT NULL UNIQUE,
     data_sha256 TEXT,
+    upload TEXT,
     UNIQUE (batch_id, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS instances_sop ON instances (study_uid, sop_uid);
+CREATE INDEX IF NOT EXISTS instances_upload ON instances (source_kind, source, upload);
 CREATE TABLE IF NOT EXISTS receipts (
     id INTEGER PRIMARY KEY,
     batch_id INTEGER NOT NULL REFERENCES batches (id),
@@ -149,6 +153,35 @@ CREATE TABLE IF NOT EXISTS quarantine (
     sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS quarantine_content ON quarantine (sha256);
+CREATE TABLE IF NOT EXISTS attached_files (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    relative TEXT NOT NULL,
+    source_kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    source_detail TEXT NOT NULL,
+    upload TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    md5 TEXT NOT NULL,
+    spool_path TEXT NOT NULL UNIQUE,
+    received_at REAL NOT NULL,
+    UNIQUE (batch_id, relative)
+);
+CREATE INDEX IF NOT EXISTS attached_files_upload ON attached_files (source_kind, source, upload, relative);
+CREATE TABLE IF NOT EXISTS attachments_out (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES batches (id),
+    file_id INTEGER NOT NULL REFERENCES attached_files (id),
+    level TEXT NOT NULL,
+    scan TEXT NOT NULL DEFAULT '',
+    resource TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    md5 TEXT NOT NULL,
+    verified_at REAL,
+    UNIQUE (batch_id, level, scan, resource, name)
+);
 """
 
 
@@ -197,6 +230,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # `ingestd import` run again finds the copy it kept before instead of keeping another (ingestd.quarantined).
         "ALTER TABLE quarantine ADD COLUMN source_detail TEXT",
         "ALTER TABLE quarantine ADD COLUMN sha256 TEXT",
+    ),
+    6: (
+        # Attachment sets (issue 16): a batch is `dicom` (instances of one study) or `files` (non-DICOM files of one
+        # upload, attached to a session as XNAT resources); tables `attached_files` and `attachments_out` are new.
+        "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'dicom'",
+        # The upload a batch of files (or an instance) came in: the top-level entry below a drop folder, or the
+        # `ingestd import` argument; with the source's kind and name it says which files go with which study.
+        "ALTER TABLE batches ADD COLUMN upload TEXT",
+        "ALTER TABLE instances ADD COLUMN upload TEXT",
     ),
 }
 

@@ -97,7 +97,7 @@ class Tx:
         self.connection.execute(
             "INSERT INTO instances (batch_id, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax,"
             " modality, series_number, size, data_offset, source_kind, source, source_detail, received_at,"
-            " spool_path, data_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " spool_path, data_sha256, upload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 batch_id,
                 header.study_uid,
@@ -115,6 +115,7 @@ class Tx:
                 now,
                 spool_path,
                 data_sha256,
+                source.upload,
             ),
         )
         self.connection.execute("UPDATE batches SET last_received = ? WHERE id = ?", (now, batch_id))
@@ -132,7 +133,7 @@ class Tx:
         self.connection.execute(
             "UPDATE instances SET series_uid = ?, sop_class_uid = ?, transfer_syntax = ?, modality = ?,"
             " series_number = ?, size = ?, data_offset = ?, source_kind = ?, source = ?, source_detail = ?,"
-            " received_at = ?, data_sha256 = ? WHERE id = ?",
+            " received_at = ?, data_sha256 = ?, upload = ? WHERE id = ?",
             (
                 header.series_uid,
                 header.sop_class_uid,
@@ -146,6 +147,7 @@ class Tx:
                 source.detail,
                 now,
                 data_sha256,
+                source.upload,
                 instance_id,
             ),
         )
@@ -156,8 +158,7 @@ class Tx:
 
     def add_superseded(self, instance_id: int, path: str, now: float) -> None:
         """Record that the copy of an instance stored so far was kept aside at `path` (relative to the state
-        directory) because a copy with different content replaced it (inside a transaction), with a
-        `superseded` receipt in the name of the copy kept aside."""
+        directory), replaced by a copy with other content, with a `superseded` receipt in its name."""
         self.connection.execute(
             "INSERT INTO superseded (batch_id, instance_id, sop_uid, path, size, source_kind, source, source_detail,"
             " received_at, at) SELECT batch_id, id, sop_uid, ?, size, source_kind, source, source_detail,"
@@ -201,8 +202,7 @@ class Journal:
             self._db.execute("PRAGMA foreign_keys = ON")
             self._create_schema()
 
-    def _create_schema(self) -> None:
-        """Create a new journal at the current schema, or migrate an older one step by step, in one transaction."""
+    def _create_schema(self) -> None:  # a new journal at the current schema, or an older one migrated, at once
         with self.transaction() as tx:
             create_or_migrate(tx.connection, self.path)
 
@@ -278,23 +278,24 @@ class Journal:
             return 1
         return int(row["batch"]) + (0 if row["state"] == StudyState.RECEIVING else 1)
 
-    def set_instance_digest(self, instance_id: int, data_sha256: str) -> None:
-        """Record the data set digest of an instance journaled before digests were kept."""
+    def set_instance_digest(self, instance_id: int, data_sha256: str) -> None:  # journaled before digests were kept
         with self._lock:
             self._db.execute("UPDATE instances SET data_sha256 = ? WHERE id = ?", (data_sha256, instance_id))
 
+    def query(self, sql: str, parameters: Any = ()) -> list[sqlite3.Row]:  # a read for a module of this package
+        with self._lock:
+            return self._db.execute(sql, parameters).fetchall()
+
     def superseded(self) -> list[Superseded]:
         """The copies kept aside because a different copy of the same instance replaced them, newest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.batch_id, b.study_uid, s.sop_uid, s.path, s.size, s.source_kind, s.source, s.received_at,"
-                " s.at FROM superseded s JOIN batches b ON b.id = s.batch_id ORDER BY s.at DESC"
-            ).fetchall()
+        rows = self.query(
+            "SELECT s.batch_id, b.study_uid, s.sop_uid, s.path, s.size, s.source_kind, s.source, s.received_at,"
+            " s.at FROM superseded s JOIN batches b ON b.id = s.batch_id ORDER BY s.at DESC"
+        )
         return [Superseded(*row) for row in rows]
 
     def spool_paths(self) -> set[str]:
-        with self._lock:
-            return {row[0] for row in self._db.execute("SELECT spool_path FROM instances")}
+        return {row[0] for row in self.query("SELECT spool_path FROM instances")}
 
     def instance_count(self) -> int:
         with self._lock:
@@ -308,10 +309,11 @@ class Journal:
             rows = self._db.execute(
                 "SELECT b.id, b.study_uid, b.batch, b.state, b.source_kind, b.source, b.first_received,"
                 " b.last_received, b.state_changed, b.reason, b.hold_code, b.failures, b.retry_at,"
-                " b.note, b.forced_rule, b.purged_at,"
-                " count(DISTINCT i.series_uid), count(i.id), coalesce(sum(i.size), 0)"
-                " FROM batches b LEFT JOIN instances i ON i.batch_id = b.id"
-                " WHERE ?1 IS NULL OR b.state IN (SELECT value FROM json_each(?1))"
+                " b.note, b.forced_rule, b.purged_at, count(DISTINCT i.series_uid),"
+                " count(i.id) + coalesce(max(f.files), 0), coalesce(sum(i.size), 0) + coalesce(max(f.size), 0),"
+                " b.kind, b.upload FROM batches b LEFT JOIN instances i ON i.batch_id = b.id LEFT JOIN ("
+                "SELECT batch_id, count(*) AS files, sum(size) AS size FROM attached_files GROUP BY batch_id"
+                ") f ON f.batch_id = b.id WHERE ?1 IS NULL OR b.state IN (SELECT value FROM json_each(?1))"
                 " GROUP BY b.id ORDER BY b.last_received DESC",
                 (json.dumps(states) if states else None,),
             ).fetchall()
@@ -433,9 +435,8 @@ class Journal:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return str(row[0]) if row else None
+        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     def meta_items(self, prefix: str) -> list[tuple[str, str]]:
         """Every (key, value) whose key starts with `prefix`, by key."""

@@ -51,7 +51,7 @@ from ingestd.pipeline.package import write_package
 from ingestd.pipeline.runner import BatchWorker, note_failure
 from ingestd.pipeline.servers import XnatServers
 from ingestd.rules import RuleSet, identifying_labels
-from ingestd.states import FAILED_HOLD, HoldCode, Stage, Step, StudyState
+from ingestd.states import FAILED_HOLD, BatchKind, HoldCode, Stage, Step, StudyState
 from ingestd.xnat import Holdings, PrearchiveRow, XnatClient, XnatError, XnatLoginError
 
 __all__ = ["STEPS", "Deliverer", "HoldError", "backoff_seconds", "wedge_limit"]
@@ -152,6 +152,8 @@ class Deliverer(BatchWorker):
         for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
             if self.stopping:
                 return
+            if batch.kind != BatchKind.DICOM:  # attachment sets: ingestd.pipeline.attach
+                continue
             name = self._routes[batch.id].server
             if name not in self._admitted:
                 self._admitted[name] = self._admit(name)

@@ -41,7 +41,7 @@ from ingestd.pipeline.runner import BatchWorker
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, identifying_labels
 from ingestd.rules.verdict import Screened, verdict
 from ingestd.spool import fsync_dir, make_dirs_durably
-from ingestd.states import HoldCode, Stage, StudyState
+from ingestd.states import BatchKind, HoldCode, Stage, StudyState
 
 __all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "study_facts"]
 
@@ -181,7 +181,8 @@ class Router(BatchWorker):
 
     def due(self, now: float) -> list[BatchRow]:
         batches = sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id)
-        return [batch for batch in batches if batch.retry_at <= now]
+        # attachment sets (kind `files`) are routed by ingestd.pipeline.attach
+        return [batch for batch in batches if batch.retry_at <= now and batch.kind == BatchKind.DICOM]
 
     def process(self, batch: BatchRow, now: float) -> int:
         self.route(batch)
