@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ingestd.deid.profile import Profile
+from ingestd.rules.attachment import Attach
 from ingestd.rules.conditions import (
     MATCHED_CHARACTERS,
     Condition,
@@ -93,6 +94,10 @@ class Rule:
     # Without `anonymize`: (label, field) for each label built from a raw identifying value ({PatientID}, path[1]):
     # sent to XNAT as it is (the lab's choice), but named by a digest in logs.
     identifying_labels: tuple[tuple[str, str], ...] = ()
+    # Non-DICOM files of the study's upload attached to its session as resources (ingestd.rules.attach.Attach).
+    attach: tuple[Attach, ...] = ()
+    attach_names: str = "keep"  # `keep` the files' names inside resources, or `replace` them (label and counter)
+    files_only: bool = False  # it can route an upload without DICOM: source conditions, labels from paths, attach
 
     @property
     def origin(self) -> str:
