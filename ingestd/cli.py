@@ -185,8 +185,8 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
         "--filter",
         action="append",
         metavar="KEY=VALUE[,KEY=VALUE]",
-        help="only these studies; keys: state, reason (hold code), source, rule, modality, older-than, newer-than"
-        " (an age: 30m, 2h, 3d); e.g. --filter state=held,reason=unrouted",
+        help="only these studies; keys: state, reason (hold code), source, rule, modality, kind (dicom, files),"
+        " older-than, newer-than (an age: 30m, 2h, 3d); e.g. --filter state=held,reason=unrouted",
     )
     status.add_argument(
         "--show-uids",

@@ -11,6 +11,11 @@ arrived, the rule and the XNAT labels it was routed to. A label is shown as it i
 value as received: the route de-identifies, or its rule's template does not use an identifying attribute
 (`ingestd.rules.identifying_labels`, as the router's log lines decide); otherwise it is a keyed digest, the one the
 logs carry (`ingestd.logs.path_digest`). `--show-uids` shows the originals.
+
+Attachment sets (batches of kind `files`: non-DICOM files of one upload, `ingestd.journal.attachments`) are listed
+with the studies' batches, through the same states: with their files instead of instances, their resources (once
+routed) instead of series, and, while routed, how many of their files XNAT was seen holding. A set's upload (a
+folder name below a drop folder, maybe a patient's name) is a keyed digest unless `--show-paths`.
 """
 
 from __future__ import annotations
@@ -31,12 +36,17 @@ from ingestd.errors import IngestdError
 from ingestd.journal import BatchRow, Delivery, Journal, Route, Totals
 from ingestd.journal.schema import JournalVersionError, check_version
 from ingestd.logs import hide_labels, path_digest, uid_digest
-from ingestd.states import Step, StudyState
+from ingestd.states import BatchKind, Step, StudyState
 
 __all__ = ["BatchSummary", "JournalStatus", "status_data", "status_line"]
 
 # Delivery steps before anything was sent: no instance can be missing from XNAT yet (unless a look found some).
 _NOT_SENT_YET = (Step.PACKAGE, Step.PREFLIGHT, Step.IMPORT, Step.IMPORTING)
+# Per routed attachment set: its target resources, its outgoing files and those XNAT was seen holding.
+_SETS_SQL = (
+    "SELECT batch_id, count(DISTINCT level || '/' || scan || '/' || resource), count(*), count(verified_at)"
+    " FROM attachments_out GROUP BY batch_id"
+)
 # States whose batch no longer waits in the spool for ingestd.
 _GONE = (StudyState.DELIVERED, StudyState.RELEASED)
 _LABEL_NAMES = ("project", "subject", "session")
@@ -124,6 +134,12 @@ class JournalStatus:
             found[values[0]] = Delivery(*values)
         return found
 
+    def set_counts(self) -> dict[int, tuple[int, int, int]]:
+        """Per routed attachment set: (resources it goes to, outgoing files, files XNAT was last seen holding)."""
+        with self._lock:
+            rows = self._db.execute(_SETS_SQL).fetchall()
+        return {int(row[0]): (int(row[1]), int(row[2]), int(row[3])) for row in rows}
+
     def heartbeat(self) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'heartbeat'").fetchone()
@@ -167,7 +183,7 @@ class JournalStatus:
 
 
 def status_line(counts: dict[str, int]) -> str:
-    """The systemd STATUS line: the batches in each state."""
+    """The systemd STATUS line: the batches in each state (studies' batches and attachment sets alike)."""
     states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "no studies"
     return f"serving; studies: {states}"
 
@@ -221,6 +237,22 @@ def _route_data(route: Route | None, labels: dict[str, str] | None) -> dict[str,
     return {key: getattr(route, key) for key in keys} | labels | {"archive": route.archive}
 
 
+def _set_delivery_data(
+    delivery: Delivery | None, counts: tuple[int, int, int] | None, now: float
+) -> dict[str, Any] | None:
+    """An attachment set's delivery: its step (`locate`, `upload`, `uploading`, `check`) and how many of its
+    outgoing files XNAT's listing was last seen to hold (`attachments_out.verified_at`)."""
+    if delivery is None:
+        return None
+    keys = ("step", "attempts", "faults", "shortfalls", "last_error", "archive_uri")
+    data = {key: getattr(delivery, key) for key in keys}
+    data["next_attempt_in_seconds"] = max(0.0, round(delivery.next_attempt_at - now, 1))
+    _resources, files, verified = counts or (0, 0, 0)
+    data["instances"], data["files"], data["verified"] = 0, files, verified
+    data["missing"] = files - verified if delivery.step != Step.DONE else 0
+    return data
+
+
 def _delivery_data(delivery: Delivery | None, counts: tuple[int, int] | None, now: float) -> dict[str, Any] | None:
     if delivery is None:
         return None
@@ -256,8 +288,11 @@ def _study(
     *,
     now: float,
     show_uids: bool,
+    show_paths: bool = False,
+    resources: int | None = None,
     digest: Callable[[str], str] = path_digest,
 ) -> dict[str, Any]:
+    """One batch as `status_data` lists it (`resources`: the resources a routed attachment set goes to)."""
     batch = summary.row
     labels: dict[str, str] | None = None
     hide: Callable[[str], str] = str
@@ -268,15 +303,24 @@ def _study(
         hide = lambda text: hide_labels(text, originals)  # noqa: E731 - one line, used twice
         if delivery is not None and originals:
             for key in ("last_error", "prearchive_url", "archive_uri"):
-                delivery[key] = hide(delivery[key]) if delivery[key] else delivery[key]
+                if key in delivery:
+                    delivery[key] = hide(delivery[key]) if delivery[key] else delivery[key]
+    files = batch.kind == BatchKind.FILES
     return {
         "batch_id": batch.id,
-        "study": _study_reference(batch.study_uid, route, show_uids),
+        "kind": batch.kind,
+        # a set's key is a digest of its upload already; still shown as a digest, as a study's UID is
+        "study": (batch.study_uid if show_uids else uid_digest(batch.study_uid))
+        if files
+        else _study_reference(batch.study_uid, route, show_uids),
         "batch": batch.batch,
         "state": batch.state,
         "modalities": list(summary.modalities),
-        "series": batch.series,
-        "instances": batch.instances,
+        "series": 0 if files else batch.series,
+        "instances": 0 if files else batch.instances,
+        "files": batch.instances if files else 0,
+        "resources": resources,
+        "upload": None if batch.upload is None else (batch.upload if show_paths else digest(batch.upload)),
         "bytes": batch.size,
         "source_kind": batch.source_kind,
         "source": source[0],
@@ -348,19 +392,28 @@ def status_data(
         routes = reader.routes()
         deliveries = reader.deliveries()
         verification = journal.verification()
+        sets = reader.set_counts()
         studies: list[dict[str, Any]] = []
         for summary in summaries:
             batch_id = summary.row.id
             route = routes.get(batch_id)
+            is_set = summary.row.kind == BatchKind.FILES
+            delivery = (
+                _set_delivery_data(deliveries.get(batch_id), sets.get(batch_id), now)
+                if is_set
+                else _delivery_data(deliveries.get(batch_id), verification.get(batch_id), now)
+            )
             studies.append(
                 _study(
                     summary,
                     route,
-                    _delivery_data(deliveries.get(batch_id), verification.get(batch_id), now),
+                    delivery,
                     _source(summary.row, drop_folders, show_paths),
                     labels.hidden(route) if route is not None else frozenset(),
                     now=now,
                     show_uids=show_uids,
+                    show_paths=show_paths,
+                    resources=sets[batch_id][0] if is_set and batch_id in sets else None,
                     digest=digest,
                 )
             )

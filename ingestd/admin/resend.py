@@ -5,6 +5,9 @@ the cause is fixed. `resend` makes a new batch of a delivered study from the cop
 (`delivery.keep_after_delivery`), routed by the rule that delivered it or the one `--route` names; the daemon
 routes and delivers it like any other (into the same session: XNAT merges by SOP Instance UID, nothing twice).
 Both name studies as `ingestd status` does: batch ids and digests, never a UID they were not given.
+
+An attachment set (non-DICOM files attached to a session as resources) is never re-sent: `resend` refuses it and
+says to drop the files again (`SET_RESEND_REFUSED`). `unrelease` takes a set back like any batch.
 """
 
 from __future__ import annotations
@@ -17,10 +20,16 @@ from typing import TextIO
 from ingestd.admin.batchref import find_batches
 from ingestd.config import Config
 from ingestd.journal import Journal
-from ingestd.journal.resends import ResendRefusedError, UnreleaseRefusedError, resend_batch, unrelease_batch
+from ingestd.journal.resends import (
+    SET_RESEND_REFUSED,
+    ResendRefusedError,
+    UnreleaseRefusedError,
+    resend_batch,
+    unrelease_batch,
+)
 from ingestd.logs import uid_digest
 from ingestd.pipeline.build import load_rules_for
-from ingestd.states import StudyState
+from ingestd.states import BatchKind, StudyState
 
 __all__ = ["run_command", "run_resend", "run_unrelease"]
 
@@ -37,8 +46,9 @@ def run_command(command: str, config: Config, reference: str, route: str | None)
     return run_unrelease(config, reference) if command == "unrelease" else run_resend(config, reference, route)
 
 
-def run_unrelease(config: Config, reference: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run_unrelease(config: Config, reference: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Put the released batches `reference` names back to held; 0 when each one is, else 1."""
+    out, err = out or sys.stdout, err or sys.stderr  # the streams at the call, not at import
     journal = _open(config, err)
     if journal is None:
         return 1
@@ -74,27 +84,18 @@ def run_unrelease(config: Config, reference: str, out: TextIO = sys.stdout, err:
 
 
 def run_resend(
-    config: Config, reference: str, route: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    config: Config, reference: str, route: str | None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     """Send the delivered batch `reference` names again as a new batch; 0 when it was made, else 1."""
+    out, err = out or sys.stdout, err or sys.stderr
     journal = _open(config, err)
     if journal is None:
         return 1
     try:
         batches = find_batches(journal, reference, (StudyState.DELIVERED,))
-        if not batches:
-            print(
-                "ingestd: no delivered study matches: only a delivered study can be re-sent (a held one:"
-                " `ingestd retry`; `ingestd status` lists them)",
-                file=err,
-            )
-            return 1
-        if len(batches) > 1:
-            print(
-                f"ingestd: the study has {len(batches)} delivered batches ({', '.join(map(str, batches))}):"
-                " name one by its batch id",
-                file=err,
-            )
+        refused = _refusal(journal, reference, batches)
+        if refused is not None:
+            print(f"ingestd: {refused}", file=err)
             return 1
         batch_id = batches[0]
         delivered = journal.route(batch_id)
@@ -118,6 +119,25 @@ def run_resend(
         return 0
     finally:
         journal.close()
+
+
+def _refusal(journal: Journal, reference: str, delivered: list[int]) -> str | None:
+    """Why `resend` sends nothing for `reference` (`delivered`: the delivered batches it names); None: it may."""
+    named = set(find_batches(journal, reference, tuple(StudyState)))
+    sets = sorted(batch.id for batch in journal.batches() if batch.id in named and batch.kind == BatchKind.FILES)
+    if sets:
+        return f"batch {', '.join(map(str, sets))}: {SET_RESEND_REFUSED}"
+    if not delivered:
+        return (
+            "no delivered study matches: only a delivered study can be re-sent (a held one: `ingestd retry`;"
+            " `ingestd status` lists them)"
+        )
+    if len(delivered) > 1:
+        return (
+            f"the study has {len(delivered)} delivered batches ({', '.join(map(str, delivered))}): name one by its"
+            " batch id"
+        )
+    return None
 
 
 def _rule_problem(config: Config, rule: str | None, *, chosen: bool) -> str | None:

@@ -39,7 +39,7 @@ from ingestd.journal.servers import server_states
 from ingestd.logs import uid_digest
 from ingestd.pipeline.build import load_rules_for
 from ingestd.statedir import lock_holder
-from ingestd.states import StudyState
+from ingestd.states import BatchKind, StudyState
 
 __all__ = ["RetryError", "RetryRequest", "run_retry"]
 
@@ -170,7 +170,8 @@ def _wait_for_reload(journal: Journal, before: DaemonRules, wait: float) -> Daem
 
 
 def _study(batch: BatchRow) -> str:
-    return f"{uid_digest(batch.study_uid)}#{batch.batch}"
+    what = "attachment set " if batch.kind == BatchKind.FILES else ""
+    return f"{what}{uid_digest(batch.study_uid)}#{batch.batch}"
 
 
 def _describe(result: Retried, batch: BatchRow, version: str | None) -> str:
@@ -187,6 +188,14 @@ def _describe(result: Retried, batch: BatchRow, version: str | None) -> str:
     kept = f"{head}: kept its route by rule '{old.rule}' (rule set {old.rules_version})"
     if result.outcome == RetryOutcome.KEPT_ROUTE:
         text = f"{kept}; its delivery goes on from where it can make progress"
+    elif batch.kind == BatchKind.FILES:
+        assert result.sent is not None  # noqa: S101 - kept because something was sent
+        text = (
+            f"{kept}, because XNAT may already hold some of its files: {result.sent.describe()}. Re-routing would"
+            " leave those in the session's resources and attach the files again wherever the rules say now, so its"
+            " delivery goes on with the route it has. To re-route it instead, delete its files from the resources"
+            f" of that session in XNAT, then run `ingestd retry --reroute-sent {result.batch_id}`"
+        )
     else:
         assert result.sent is not None  # noqa: S101 - kept because something was sent
         where = (
@@ -201,7 +210,12 @@ def _describe(result: Retried, batch: BatchRow, version: str | None) -> str:
             " in XNAT and send the study again under the new labels, so its delivery goes on with the route it has."
             f" To re-route it instead, {where}, then run `ingestd retry --reroute-sent {result.batch_id}`"
         )
-    if result.missing_files:
+    if result.missing_files and batch.kind == BatchKind.FILES:
+        text += (
+            f". Note: {result.missing_files} of its spooled files are gone from the state directory; if XNAT lacks"
+            " any of them its upload fails: drop those files again"
+        )
+    elif result.missing_files:
         text += (
             f". Note: {result.missing_files} of its outgoing files are gone from the state directory; if XNAT lacks"
             f" any of them its package step fails: then `ingestd retry --reroute-sent {result.batch_id}`"

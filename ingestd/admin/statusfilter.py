@@ -1,9 +1,10 @@
 """`ingestd status --filter KEY=VALUE[,KEY=VALUE]`: which batches a person asks to see.
 
 Keys: `state`, `reason` (the hold code), `source` (calling AE title, `drop:<folder>` or the folder's name,
-`import`), `rule`, `modality`, and `older-than` / `newer-than` (an age since the batch's first instance arrived:
-`90s`, `30m`, `2h`, `3d`, `1w`). Values of one key are alternatives (`state=held,routed` or `state=held,state=routed`,
-also across repeated `--filter` options); different keys must all hold. Mistakes are refused with the valid keys
+`import`), `rule`, `modality`, `kind` (`dicom`: studies' batches; `files`: attachment sets), and `older-than` /
+`newer-than` (an age since the batch's first instance arrived: `90s`, `30m`, `2h`, `3d`, `1w`). Values of one key
+are alternatives (`state=held,routed` or `state=held,state=routed`, also across repeated `--filter` options);
+different keys must all hold. Mistakes are refused with the valid keys
 or values and a did-you-mean, as `check-rules` does.
 """
 
@@ -15,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingestd.errors import IngestdError
-from ingestd.states import HoldCode, StudyState
+from ingestd.states import BatchKind, HoldCode, StudyState
 
 __all__ = ["FILTER_KEYS", "FilterError", "StudyFilter", "parse_age", "parse_filters"]
 
-FILTER_KEYS = ("state", "reason", "source", "rule", "modality", "older-than", "newer-than")
+FILTER_KEYS = ("state", "reason", "source", "rule", "modality", "kind", "older-than", "newer-than")
 _AGE_KEYS = ("older-than", "newer-than")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # `2h`, `2 h`, `2 hours`, `3days`: the unit's first letter counts (`min` and `minutes` are minutes).
@@ -73,6 +74,8 @@ def _matches(key: str, value: str, study: Mapping[str, Any]) -> bool:
         return bool(study["hold_code"] == value)
     if key == "rule":
         return bool(study["rule"] == value)
+    if key == "kind":
+        return bool(study.get("kind", BatchKind.DICOM) == value)
     if key == "modality":
         return value.upper() in (m.upper() for m in study["modalities"])
     name = str(study["source_name"])  # key == "source"
@@ -87,13 +90,15 @@ def _checked(key: str, value: str) -> str:
         known = tuple(StudyState)
     elif key == "reason":
         known = tuple(HoldCode)
+    elif key == "kind":
+        known = tuple(BatchKind)
     if known and value not in known:
         lowered = value.lower()
         if lowered in known:
             return lowered
+        noun = {"state": "state", "reason": "hold code", "kind": "kind of batch"}[key]
         raise FilterError(
-            f"--filter {key}={value}: no such {'state' if key == 'state' else 'hold code'}"
-            f"{_did_you_mean(value, known)}; one of: {', '.join(known)}"
+            f"--filter {key}={value}: no such {noun}{_did_you_mean(value, known)}; one of: {', '.join(known)}"
         )
     if not value:
         raise FilterError(f"--filter {key}=: give a value")

@@ -3,7 +3,11 @@
 The default output fits 100 columns: a heading, then one compact row per batch (its id, state, modalities, series
 and instances, source, when it arrived and how long it has been quiet, rule and XNAT labels), and under a row,
 indented, what a person should read about it: the hold code and reason, a delivery waiting for another attempt,
-the batch's note, and the labels when they do not fit the row. `--wide` puts every column of a batch on one line,
+the batch's note, and the labels when they do not fit the row. An attachment set (non-DICOM files attached to a
+session as XNAT resources) has a row of its own: `files` for modalities, its resources once routed for series, its
+files for instances; under it, while routed, its delivery step and how many of its files XNAT was seen holding.
+A hold whose code asks something particular of a person (a missing XNAT session, a held study, an ambiguous or
+conflicting file) gets a line saying what to do. `--wide` puts every column of a batch on one line,
 however long; `--json` prints every field. Nothing here reads the journal: `status_data` did, and it names
 studies and labels without patient data.
 """
@@ -130,6 +134,44 @@ def _modalities(modalities: Sequence[str], width: int | None = None) -> str:
     return f"{len(modalities)} kinds"[:width]
 
 
+def _is_set(study: dict[str, Any]) -> bool:
+    return study.get("kind") == "files"
+
+
+def _kind_cell(study: dict[str, Any], width: int | None = None) -> str:
+    return "files" if _is_set(study) else _modalities(study["modalities"], width)
+
+
+def _series_cell(study: dict[str, Any]) -> str:
+    """A study's series; an attachment set's resources once routed (`-` before)."""
+    if _is_set(study):
+        return "-" if study.get("resources") is None else str(study["resources"])
+    return str(study["series"])
+
+
+def _count_cell(study: dict[str, Any]) -> str:
+    return str(study["files"] if _is_set(study) else study["instances"])
+
+
+# What a person does about a hold that only attachment sets have (docs/xnat.md §5 says more).
+HOLD_HINTS = {
+    "no-session": "what to do: create or archive that session in XNAT (ingestd looks for it again every"
+    " attachments.recheck_seconds), or fix the rule's labels and `ingestd retry`; `ingestd release` gives up",
+    "study-held": "what to do: nothing for the set itself: it follows its study once that study is routed"
+    " (`ingestd retry` the study); released for good, `ingestd release` this set too",
+    "attach-ambiguous": "what to do: put each file in the folder of the study it belongs to and drop them again,"
+    " or `ingestd release` the set and attach the files by hand",
+    "attach-conflict": "what to do: XNAT holds a file of that name with other content: remove or rename it in the"
+    " session's resource in XNAT, then `ingestd retry`",
+}
+
+
+def _hint(study: dict[str, Any]) -> str:
+    if study.get("state") != "held":
+        return ""
+    return HOLD_HINTS.get(str(study.get("hold_code")), "")
+
+
 def _labels(study: dict[str, Any]) -> str:
     labels = study.get("labels")
     if not labels:
@@ -145,7 +187,7 @@ def _reason(study: dict[str, Any]) -> str:
     return reason
 
 
-def _delivery(delivery: dict[str, Any] | None) -> str:
+def _delivery(delivery: dict[str, Any] | None, files: bool = False) -> str:
     if delivery is None or delivery["step"] == "done":
         return ""
     text = f"delivery: {delivery['step']}"
@@ -153,7 +195,9 @@ def _delivery(delivery: dict[str, Any] | None) -> str:
         tries = delivery["attempts"] + delivery.get("faults", 0)
         text += f", attempt {tries + 1} in {age(delivery['next_attempt_in_seconds'])}"
         text += f" ({delivery['last_error']})"
-    if delivery.get("missing"):
+    if files:
+        text += f", {delivery.get('verified', 0)} of {delivery.get('files', 0)} files verified"
+    elif delivery.get("missing"):
         text += f", {delivery['missing']} of {delivery['instances']} instances not yet in XNAT"
     return text
 
@@ -196,9 +240,9 @@ def _compact_cells(study: dict[str, Any]) -> list[str]:
     return [
         str(study["batch_id"]),
         study["state"],
-        _modalities(study["modalities"], _COLUMNS[2][1]),
-        str(study["series"]),
-        str(study["instances"]),
+        _kind_cell(study, _COLUMNS[2][1]),
+        _series_cell(study),
+        _count_cell(study),
         study["source_name"],
         _when(study["first_received"]),
         age(study["quiet_seconds"]),
@@ -226,7 +270,8 @@ def _compact(studies: list[dict[str, Any]]) -> Iterator[str]:
         fits = len(text) + 2 + len(labels) <= WIDTH
         yield (text + "  " + labels) if fits else text.rstrip()
         details = [] if fits else [f"labels: {labels}"]
-        details += [part for part in (_reason(study), _delivery(study["delivery"])) if part]
+        delivery = _delivery(study["delivery"], _is_set(study))
+        details += [part for part in (_reason(study), _hint(study), delivery) if part]
         if study.get("note"):
             details.append(f"note: {study['note']}")
         for detail in details:
@@ -238,9 +283,9 @@ def _wide(studies: list[dict[str, Any]], show_seconds: bool = True) -> Iterator[
         [
             str(s["batch_id"]),
             s["state"],
-            _modalities(s["modalities"]),
-            str(s["series"]),
-            str(s["instances"]),
+            _kind_cell(s),
+            _series_cell(s),
+            _count_cell(s),
             size(s["bytes"]),
             s["source_name"],
             _when(s["first_received"], seconds=show_seconds),
@@ -250,7 +295,7 @@ def _wide(studies: list[dict[str, Any]], show_seconds: bool = True) -> Iterator[
             s["rule"] or "-",
             _labels(s),
             s["hold_code"] or "-",
-            (_reason(s) or _delivery(s["delivery"])) or "-",
+            (_reason(s) or _delivery(s["delivery"], _is_set(s))) or "-",
             s.get("note") or "-",
         ]
         for s in studies
@@ -306,6 +351,9 @@ def render_status(data: dict[str, Any], *, wide: bool = False, chosen: StudyFilt
             yield from fit(_paused(server), "  ")
     studies, quarantine = data["studies"], data["quarantine"]
     count = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} (batches)"
+    sets = sum(1 for study in studies if _is_set(study))
+    if sets:
+        count = f"{len(studies)} batches: {len(studies) - sets} of studies, {sets} attachment set{'s' * (sets != 1)}"
     if chosen:
         count = f"{len(studies)} of {data.get('total_studies', len(studies))} studies (batches) match"
         count += f" --filter {' --filter '.join(chosen.given)}"

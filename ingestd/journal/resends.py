@@ -31,12 +31,13 @@ from ingestd.durable import fsync_dir, make_dirs_durably, write_durably
 from ingestd.errors import IngestdError
 from ingestd.journal.store import RELEASED_PREFIX, Journal, Tx
 from ingestd.logs import uid_digest
-from ingestd.states import StudyState, check_batch_transition
+from ingestd.states import BatchKind, StudyState, check_batch_transition
 
 __all__ = [
     "PENDING_MARKER",
     "RELEASED_PREFIX",
     "RESENT_SOURCE",
+    "SET_RESEND_REFUSED",
     "ResendRefusedError",
     "Resent",
     "UnreleaseRefusedError",
@@ -53,6 +54,13 @@ RESENT_SOURCE = ("resend", "person")  # the (source_kind, source) of a resent in
 COPIES_GONE = (
     "send the study again from the scanner or with `ingestd import`; set delivery.keep_after_delivery: true to keep "
     "copies for `ingestd resend` (retention.delivered_days says how long)"
+)
+
+# Why an attachment set is not re-sent: its files go to XNAT's resources from the drop folder or `ingestd import`.
+SET_RESEND_REFUSED = (
+    "an attachment set (non-DICOM files) is not re-sent by `ingestd resend`, which re-sends DICOM studies: drop its"
+    " files into the drop folder again, or `ingestd import` them (a file ingestd delivered already from the same"
+    " place with the same content is taken as a duplicate and not sent again)"
 )
 
 
@@ -132,7 +140,9 @@ def resend_batch(
     """
     made: list[Path] = []
     with journal.transaction() as tx:
-        source = tx.execute("SELECT id, study_uid, state FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        source = tx.execute("SELECT id, study_uid, state, kind FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if source is not None and source["kind"] == BatchKind.FILES:
+            raise ResendRefusedError(f"batch {batch_id}: {SET_RESEND_REFUSED}")
         if source is None or source["state"] != StudyState.DELIVERED:
             raise ResendRefusedError(f"batch {batch_id} is not delivered: only a delivered batch can be re-sent")
         rows = [dict(row) for row in tx.execute("SELECT * FROM instances WHERE batch_id = ? ORDER BY id", (batch_id,))]

@@ -13,6 +13,12 @@ leaves a held batch with its route and without those files; nothing was sent (se
 A batch whose delivery may already have put something into XNAT keeps its route unless the person says
 otherwise (`sent_ok`): re-routing it would leave what XNAT holds behind (an orphan prearchive session, part of
 an archived session) and send the study again under other labels. `SentEvidence` says what the journal knows.
+
+An attachment set (a batch of kind `files`, `ingestd.journal.attachments`) is retried the same way: re-routing drops
+its `routes`, `attachments_out` and `deliveries` rows in the transaction that moves it back to `complete` (its
+spooled files under `attachments/` stay: they are its originals); its route is kept when XNAT may hold some of its
+files already: a file was seen in XNAT's listing (`attachments_out.verified_at`), or its delivery went past
+`locate` (an upload may have been sent).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from ingestd.journal.attachments import attachments_out
 from ingestd.journal.rows import Route
 from ingestd.journal.store import Journal, Tx
-from ingestd.states import Step, StudyState, check_batch_transition
+from ingestd.states import BatchKind, Step, StudyState, check_batch_transition
 
 __all__ = [
     "DAEMON_RULES_KEY",
@@ -56,14 +63,15 @@ class SentEvidence:
     step: str
     prearchive_url: str | None  # the prearchive session XNAT filed the last import under (`/prearchive/...`)
     archive_uri: str | None  # the archived session an archive request answered
-    verified: int  # outgoing instances XNAT was last seen to hold
-    instances: int  # outgoing instances of the route
+    verified: int  # outgoing instances (an attachment set: files) XNAT was last seen to hold
+    instances: int  # outgoing instances (an attachment set: files) of the route
+    noun: str = "instances"  # `files` for an attachment set
 
     def describe(self) -> str:
         """In ingestd's words: why the route is kept (no patient data: XNAT's own labels and URLs only)."""
         parts = [f"its delivery reached step {self.step}"]
         if self.verified:
-            parts.append(f"XNAT was seen holding {self.verified} of its {self.instances} instances")
+            parts.append(f"XNAT was seen holding {self.verified} of its {self.instances} {self.noun}")
         if self.prearchive_url:
             parts.append(f"XNAT filed an upload as the prearchive session /data{self.prearchive_url}")
         if self.archive_uri:
@@ -71,7 +79,22 @@ class SentEvidence:
         return ", ".join(parts)
 
 
+def _set_evidence(db: Tx, batch_id: int) -> SentEvidence | None:
+    """An attachment set's: a file seen in XNAT, or a delivery past `locate` (an upload may have gone out)."""
+    row = db.execute("SELECT step FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
+    verified, files = db.execute(
+        "SELECT count(verified_at), count(*) FROM attachments_out WHERE batch_id = ?", (batch_id,)
+    ).fetchone()
+    step = str(row["step"]) if row is not None else None
+    if not verified and step in (None, Step.LOCATE):
+        return None
+    return SentEvidence(step or "none", None, None, int(verified), int(files), "files")
+
+
 def _evidence(db: Tx, batch_id: int) -> SentEvidence | None:
+    kind = db.execute("SELECT kind FROM batches WHERE id = ?", (batch_id,)).fetchone()
+    if kind is not None and kind["kind"] == BatchKind.FILES:
+        return _set_evidence(db, batch_id)
     row = db.execute("SELECT * FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
     if row is None:
         return None
@@ -131,7 +154,7 @@ def retry_held(
         outcome = RetryOutcome.REROUTED
     else:  # never routed (back to `complete`: routed with the rules in force), or its route kept
         if route is not None:
-            missing = sum(1 for item in journal.outgoing(batch_id) if not (state_dir / item.path).is_file())
+            missing = _missing_files(journal, state_dir, batch_id)
         moved = journal.retry_batch(batch_id, now) is not None
         outcome = (
             RetryOutcome.REROUTED
@@ -141,6 +164,13 @@ def retry_held(
             else RetryOutcome.KEPT_SENT
         )
     return Retried(batch_id, outcome if moved else RetryOutcome.NOT_HELD, route, sent, missing)
+
+
+def _missing_files(journal: Journal, state_dir: Path, batch_id: int) -> int:
+    """A routed batch's outgoing files (a set's: its spooled files) that are not on disk any more."""
+    paths = [item.path for item in journal.outgoing(batch_id)]
+    paths += [item.spool_path for item in attachments_out(journal, batch_id)]
+    return sum(1 for path in paths if not (state_dir / path).is_file())
 
 
 def _remove_route_files(journal: Journal, state_dir: Path, batch_id: int) -> None:
@@ -156,14 +186,15 @@ def _remove_route_files(journal: Journal, state_dir: Path, batch_id: int) -> Non
 
 
 def _drop_route(journal: Journal, batch_id: int, now: float, *, sent_ok: bool) -> bool:
-    """In one transaction: drop the batch's route rows and move it from `held` to `complete`. False (nothing
+    """In one transaction: drop the batch's route rows (a set's `attachments_out` too) and move it from `held` to
+    `complete`. False (nothing
     changed) if it is not held any more, or if XNAT may hold part of it and `sent_ok` is not given."""
     check_batch_transition(batch_id, StudyState.HELD, StudyState.COMPLETE)
     with journal.transaction() as db:
         row = db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
         if row is None or row["state"] != StudyState.HELD or (_evidence(db, batch_id) is not None and not sent_ok):
             return False
-        for table in ("outgoing", "dropped_series", "deliveries", "routes"):
+        for table in ("outgoing", "dropped_series", "attachments_out", "deliveries", "routes"):
             db.execute(f"DELETE FROM {table} WHERE batch_id = ?", (batch_id,))  # noqa: S608 - our table names
         db.execute(
             "UPDATE batches SET state = ?, state_changed = ?, reason = NULL, hold_code = NULL, failures = 0,"

@@ -4,8 +4,10 @@ The rules (`retention:` in the configuration; `None` days: kept for ever):
 
 - a **delivered** batch, `delivered_days` after its delivery: the copies `delivery.keep_after_delivery` kept (its
   spooled files, its outbox folder, its package zip) and the copies of its instances kept aside in `superseded/`;
+  a delivered attachment set (a batch of kind `files`): its files' copies under `attachments/`;
 - a **released** batch, `released_days` after a person released it: the same files (a held batch may have been
-  routed and packaged before it was released);
+  routed and packaged before it was released); a released attachment set: its files' copies under `attachments/`
+  (the rows of its files stay, as the instances' rows do);
 - a **quarantined** item, `quarantine_days` after it was quarantined: the item and its reason sidecar (the row
   stays, with `purged_at`);
 - the journal's **receipts** of a delivered batch, `receipts_days` after its delivery, and its **outgoing** rows (the
@@ -48,7 +50,9 @@ BATCH_KINDS = {StudyState.DELIVERED: "delivered", StudyState.RELEASED: "released
 # What retention removes, by kind (the metrics' `kind` label, `ingestd purge`'s lines, `status`'s `would_purge`).
 KINDS = ("delivered", "released", "quarantine", "receipts", "outgoing")
 # The state directory's folders retention may remove from (a journal path elsewhere is never followed).
-_ROOTS = ("spool", "outbox", "packages", "superseded")
+_ROOTS = ("spool", "outbox", "packages", "superseded", "attachments")
+# Roots whose hidden entries (`spool/.tmp`, `attachments/.tmp`) are the writer's own temporary files: never named.
+_OWN_TEMP = ("spool", "attachments")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class BatchPaths:
     outgoing: tuple[str, ...] = ()  # `outbox/<batch id>/...`
     superseded: tuple[str, ...] = ()  # `superseded/...`
     zip_path: str | None = None  # the delivery's package, when one was written
+    attachments: tuple[str, ...] = ()  # an attachment set's files: `attachments/<random>`
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +152,7 @@ def safe_relative(path: str | None, roots: tuple[str, ...] = _ROOTS) -> str | No
     head, _, rest = normal.partition("/")
     if roots and (head not in roots or not rest):
         return None
-    if roots and head == "spool" and rest.startswith("."):  # the spool's temp folder is the spool's own
+    if roots and head in _OWN_TEMP and rest.startswith("."):  # the spool's (intake's) temp folder is its own
         return None
     return normal
 
@@ -164,13 +169,14 @@ def _outboxes(protected: frozenset[str]) -> frozenset[str]:
 
 
 def batch_removal(batch_id: int, kind: str, paths: BatchPaths, protected: Set[str]) -> BatchRemoval:
-    """What goes of a due batch: its spooled files, superseded copies and package files, and its outbox folder
-    whole; never a path in `protected` (one that a batch not being purged refers to), and the outbox folder file by
-    file when a protected path is inside it."""
+    """What goes of a due batch: its spooled files (an attachment set's files), superseded copies and package files,
+    and its outbox folder whole; never a path in `protected` (one that a batch not being purged refers to), and the
+    outbox folder file by file when a protected path is inside it."""
     outbox = f"outbox/{batch_id}"
     shared_outbox = str(batch_id) in protected_outboxes(protected)
     candidates = [
         *paths.spool,
+        *paths.attachments,
         *paths.superseded,
         *(paths.outgoing if shared_outbox else ()),
         f"packages/{batch_id}.zip",

@@ -107,12 +107,15 @@ def batch_paths(db: sqlite3.Connection, batch_id: int) -> BatchPaths:
     outgoing = tuple(str(r[0]) for r in db.execute("SELECT path FROM outgoing WHERE batch_id = ?", (batch_id,)))
     superseded = tuple(str(r[0]) for r in db.execute("SELECT path FROM superseded WHERE batch_id = ?", (batch_id,)))
     row = db.execute("SELECT zip_path FROM deliveries WHERE batch_id = ?", (batch_id,)).fetchone()
-    return BatchPaths(spool, outgoing, superseded, row[0] if row else None)
+    attachments = tuple(
+        str(r[0]) for r in db.execute("SELECT spool_path FROM attached_files WHERE batch_id = ?", (batch_id,))
+    )
+    return BatchPaths(spool, outgoing, superseded, row[0] if row else None, attachments)
 
 
 def protected_paths(db: sqlite3.Connection) -> set[str]:
     """Every path that a batch ingestd is still working on refers to (receiving, complete, routed or held: read
-    by the index of states, so a few batches however many were ever delivered)."""
+    by the index of states, so a few batches however many were ever delivered), an attachment set's files too."""
     active = tuple(state for state in StudyState if state not in _TERMINAL)
     query = (
         "SELECT 'spool/' || x.spool_path FROM batches b JOIN instances x ON x.batch_id = b.id"
@@ -123,6 +126,8 @@ def protected_paths(db: sqlite3.Connection) -> set[str]:
         " WHERE b.state IN (SELECT value FROM json_each(?1))"
         " UNION ALL SELECT x.zip_path FROM batches b JOIN deliveries x ON x.batch_id = b.id"
         " WHERE x.zip_path IS NOT NULL AND b.state IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT x.spool_path FROM batches b JOIN attached_files x ON x.batch_id = b.id"
+        " WHERE b.state IN (SELECT value FROM json_each(?1))"
     )
     return {str(row[0]) for row in db.execute(query, (json.dumps([str(state) for state in active]),))}
 
