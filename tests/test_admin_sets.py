@@ -38,6 +38,7 @@ from ingestd.journal.attachments import (
 from ingestd.journal.resends import ResendRefusedError, resend_batch
 from ingestd.journal.retries import RetryOutcome, retry_held, sent_evidence
 from ingestd.logs import path_digest, use_digest_key
+from ingestd.retention.plan import BatchPaths, batch_removal, safe_relative
 from ingestd.rules import load_rules
 from ingestd.spool import Spool
 from ingestd.states import BatchKind, HoldCode, Step, StudyState
@@ -272,6 +273,7 @@ def test_a_set_whose_route_de_identifies_shows_its_labels_and_every_hold_code_ha
         hints[batch_id] = code
     status, out, _err = _run(capsys, "status", "--config", str(lab.config_file))
     assert status == 0 and f"PROJ/{PATIENT_FOLDER}/{PATIENT_FOLDER}_MR" in out
+    assert all(len(line) <= 100 for line in out.splitlines()), out
     out = " ".join(out.split())  # the lines under a row are wrapped at 100 columns
     assert "it follows its study once that study is routed" in out
     assert "put each file in the folder of the study it belongs to" in out
@@ -450,3 +452,23 @@ def test_retention_removes_the_files_of_released_and_delivered_sets_only_when_du
     assert status == 1 and "its files were removed by retention" in err
     status, out, _err = _run(capsys, "purge", "--config", config, "--dry-run")
     assert "0 released batches" in out and "0 delivered batches" in out
+
+
+def test_retention_names_only_plain_files_under_attachments_and_never_a_protected_one() -> None:
+    """A set's spool paths come from the journal: one that leaves `attachments/` (absolute, `..`, the folder
+    itself), or lies in the intake's temp folder, or that a set still being worked on refers to, is never named."""
+    paths = BatchPaths(
+        attachments=(
+            "attachments/0a1b",
+            "attachments/../journal.sqlite",
+            "/etc/passwd",
+            "attachments",
+            "attachments/.tmp/0a1c",
+            "attachments/./0a1d",
+            "spool/../attachments/0a1e",
+            "attachments/0a1f",
+        )
+    )
+    removal = batch_removal(7, "released", paths, frozenset({"attachments/0a1f"}))
+    assert [f for f in removal.files if f.startswith("attachments")] == ["attachments/0a1b"]
+    assert safe_relative("attachments/0a1b") == "attachments/0a1b" and safe_relative("attachments/.tmp") is None
