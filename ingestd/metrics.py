@@ -237,14 +237,16 @@ class JournalCollector(Collector):
             received.add_metric([kind, source], size)
         yield instances
         yield received
-        studies = GaugeMetricFamily("ingestd_studies", "Study batches in the journal, by state", labels=["state"])
+        studies = GaugeMetricFamily(
+            "ingestd_studies", "Batches in the journal (of studies, and attachment sets), by state", labels=["state"]
+        )
         counts = dict(totals.states)
         for state in StudyState:
             studies.add_metric([state], counts.get(state, 0))
         yield studies
         held = GaugeMetricFamily(
             "ingestd_held_studies",
-            "Held study batches, by the hold's code (unrouted, xnat-refused, ...)",
+            "Held batches (of studies, and attachment sets), by the hold's code (unrouted, xnat-refused, ...)",
             labels=["reason"],
         )
         for code, count in sorted(totals.held_reasons):

@@ -264,13 +264,13 @@ def test_a_set_whose_route_de_identifies_shows_its_labels_and_every_hold_code_ha
 ) -> None:
     routed = lab.make_set("sub01", 1)
     lab.route(routed, profile="research")  # a de-identified route's labels are safe (loading checks them)
-    hints = {}
     for code in ("study-held", "attach-ambiguous", "attach-conflict"):
         batch_id = lab.make_set(f"u-{code}", 1)
         if code == "attach-conflict":
             lab.route(batch_id)
-        lab.hold(batch_id, code, f"{code}: something", routed=code == "attach-conflict")
-        hints[batch_id] = code
+        reason = f"{code}: XNAT holds r0.nii in session {PATIENT_FOLDER}_MR, resource qBOLD, with other content"
+        reason = reason if code == "attach-conflict" else f"{code}: something"  # only a routed set has labels
+        lab.hold(batch_id, code, reason, routed=code == "attach-conflict")
     status, out, _err = _run(capsys, "status", "--config", str(lab.config_file))
     assert status == 0 and f"PROJ/{PATIENT_FOLDER}/{PATIENT_FOLDER}_MR" in out
     assert all(len(line) <= 100 for line in out.splitlines()), out
@@ -278,6 +278,9 @@ def test_a_set_whose_route_de_identifies_shows_its_labels_and_every_hold_code_ha
     assert "it follows its study once that study is routed" in out
     assert "put each file in the folder of the study it belongs to" in out
     assert "remove or rename it in the session's resource in XNAT, then `ingestd retry`" in out
+    # the reason of a set whose route builds its labels from folder names: those labels as the logs' digests
+    assert f"in session {_installation_digest(lab, PATIENT_FOLDER + '_MR')}, resource qBOLD" in out
+    assert f"session {PATIENT_FOLDER}_MR" not in out
     docs = (Path(__file__).parent.parent / "docs" / "xnat.md").read_text(encoding="utf-8")
     for code in ("no-session", "study-held", "attach-ambiguous", "attach-conflict"):
         assert f"| `{code}` |" in docs
