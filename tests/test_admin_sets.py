@@ -218,7 +218,7 @@ def test_status_lists_sets_with_their_state_files_resources_delivery_and_what_to
 
     status, out, _err = _run(capsys, "status", "--config", config)
     assert status == 0
-    assert "4 batches: 1 of studies, 3 attachment sets" in out
+    assert "4 batches: 1 study batch, 3 attachment sets" in out
     assert PATIENT_FOLDER not in out and "DOE" not in out
     assert all(len(line) <= 100 for line in out.splitlines()), out
     rows = {int(line.split()[0]): line.split() for line in out.splitlines() if line.strip()[:1].isdigit()}

@@ -353,7 +353,11 @@ def render_status(data: dict[str, Any], *, wide: bool = False, chosen: StudyFilt
     count = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} (batches)"
     sets = sum(1 for study in studies if _is_set(study))
     if sets:
-        count = f"{len(studies)} batches: {len(studies) - sets} of studies, {sets} attachment set{'s' * (sets != 1)}"
+        dicom = len(studies) - sets
+        count = (
+            f"{len(studies)} batches: {dicom} study batch{'es' * (dicom != 1)},"
+            f" {sets} attachment set{'s' * (sets != 1)}"
+        )
     if chosen:
         count = f"{len(studies)} of {data.get('total_studies', len(studies))} studies (batches) match"
         count += f" --filter {' --filter '.join(chosen.given)}"
