@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from ingestd.deid.profile import OverrideAction
 from ingestd.patterns import PatternError, compile_regex
+from ingestd.rules.attach_model import AttachModel
 from ingestd.rules.condition_model import ConditionModel, WhenModel, keyed, regex_text, text_value
 from ingestd.rules.labels import Template, TemplateError, parse_template
 from ingestd.rules.names import did_you_mean, parse_tag, tag_name, tag_vr
@@ -397,6 +398,11 @@ class RuleModel(_Model):
     route: RouteModel
     drop_series: tuple[dict[str, ConditionModel], ...] = ()
     anonymize: str | None = None
+    # Non-DICOM files attached as resources, and what a de-identified rule must say to attach them (attach_model).
+    attach: tuple[AttachModel, ...] = ()
+    attach_unreviewed_files: bool | None = None
+    justification: str | None = None
+    attach_names: Literal["replace", "keep"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -425,6 +431,20 @@ class RuleModel(_Model):
     @classmethod
     def _drop_series(cls, value: Any) -> Any:
         return [keyed(entry, "drop_series") for entry in _list(value, "drop_series") or ()]
+
+    @field_validator("attach", mode="before")
+    @classmethod
+    def _attach(cls, value: Any) -> Any:
+        if value is None or value == []:
+            raise ValueError("attach needs at least one entry {match: <glob>, resource: <label>}; or remove it")
+        return _list(value, "attach")
+
+    @field_validator("justification")
+    @classmethod
+    def _justified(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("justification is empty: say why these files may leave as they are")
+        return value
 
     @field_validator("drop_series")
     @classmethod
