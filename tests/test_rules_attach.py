@@ -533,3 +533,31 @@ def _labelled_rule(factory: pytest.TempPathFactory) -> Rule:
             factory.mktemp("labelled"), "{match: '*/*', resource: 'r{path[0]}', level: scan, scan: '{path[0]}'}"
         )
     return _LABELLED["rule"]
+
+
+def test_example_rules_attach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped example attaches qBOLD results of the legacy layout, with or without their DICOM, names replaced."""
+    path = Path(__file__).resolve().parents[1] / "rules" / "example.rules.yaml"
+    monkeypatch.setenv("INGESTD_KEY_RESEARCH", KEY)
+    monkeypatch.setenv("INGESTD_KEY_PET", KEY)
+    rules = load_rules([path])
+    legacy = next(rule for rule in rules.rules if rule.name == "legacy-import")
+    assert legacy.files_only and legacy.attach_names == "replace"
+    assert [rule.name for rule in rules.rules if rule.files_only] == ["legacy-import"]
+    facts = _files("S01/V1/qBOLD/r2.nii.gz", "S01/V1/qBOLD/sub/t2.nii.gz", drop_folder="/srv/drop/legacy")
+    decision = files_only_decision(rules, facts)
+    assert isinstance(decision, Routed)
+    assert (decision.rule, decision.project, decision.subject, decision.session) == (
+        "legacy-import",
+        "LEGACY",
+        "S01",
+        "S01_V1",
+    )
+    labels = {"project": decision.project, "subject": decision.subject, "session": decision.session}
+    placement = place_files(legacy, [*facts.paths, "S01/V1/notes.txt"], labels)
+    assert [(place.resource, place.name) for place in placement.placed.values()] == [
+        ("qBOLD", "qBOLD_0001.nii.gz"),
+        ("qBOLD", "qBOLD_0002.nii.gz"),
+    ]
+    assert placement.unmatched == ("S01/V1/notes.txt",)
+    assert shadowed_rules(rules) == []
