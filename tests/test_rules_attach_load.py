@@ -329,3 +329,34 @@ def test_check_rules_shows_the_privacy_error(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert f"{path}:8: rules.0.attach: " in err
     assert "cannot de-identify arbitrary files" in err
+
+
+@pytest.mark.parametrize(
+    ("entry_or_keys", "key", "says"),
+    [
+        ("    attach: [123]\n", "rules.0.attach.0", "an attach entry is a mapping"),
+        ("    attach: [{match: '**', resource: true}]\n", "rules.0.attach.0.resource", "true/false"),
+        ("    attach: [{match: '**', resource: [x]}]\n", "rules.0.attach.0.resource", "expected a text value"),
+        ("    attach: [{match: '**', resource: '{'}]\n", "rules.0.attach.0.resource", "unmatched '{'"),
+        ("    attach: [{match: '**', resource: 'a{{b}}'}]\n", "rules.0.attach.0.resource", "('{' '}')"),
+        ("    attach: [{match: '**', resource: r, level: 3}]\n", "rules.0.attach.0.level", "level is one of"),
+        (
+            "    attach: [{match: '**', resource: r}]\n    attach_unreviewed_files: 'yes'\n",
+            "rules.0.attach_unreviewed_files",
+            "write attach_unreviewed_files: true",
+        ),
+    ],
+)
+def test_hostile_shapes_are_refused_with_a_hint(tmp_path: Path, entry_or_keys: str, key: str, says: str) -> None:
+    problems = _problems(tmp_path, _text(entry_or_keys))
+    assert len(problems) == 1 and f": {key}: " in problems[0] and says in problems[0], problems
+
+
+def test_a_string_yes_is_not_a_review(tmp_path: Path) -> None:
+    """`attach_unreviewed_files: "yes"` never counts as the explicit true the privacy rule asks for."""
+    text = _text(
+        "    attach: [{match: '**', resource: r}]\n",
+        "    anonymize: research\n    attach_unreviewed_files: 'yes'\n    justification: x\n",
+    )
+    problems = _problems(tmp_path, text)
+    assert any("cannot de-identify arbitrary files" in problem for problem in problems), problems

@@ -65,6 +65,13 @@ class AttachModel(_Model):
     level: str = "session"
     scan: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError('an attach entry is a mapping, e.g. {match: "*/*/qBOLD/**", resource: qBOLD}')  # noqa: TRY004 - pydantic reports ValueError
+        return data
+
     @field_validator("match", "resource", "scan", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
@@ -96,9 +103,9 @@ class AttachModel(_Model):
             raise ValueError("a resource label is 1 to 64 letters, digits, '_' or '-', starting with a letter")
         return value
 
-    @field_validator("level")
+    @field_validator("level", mode="before")
     @classmethod
-    def _level(cls, value: str) -> str:
+    def _level(cls, value: Any) -> Any:
         if value not in LEVELS:
             raise ValueError(f"level is one of {', '.join(LEVELS)} (session when not given)")
         return value

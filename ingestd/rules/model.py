@@ -12,7 +12,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ingestd.deid.profile import OverrideAction
 from ingestd.patterns import PatternError, compile_regex
@@ -400,7 +409,7 @@ class RuleModel(_Model):
     anonymize: str | None = None
     # Non-DICOM files attached as resources, and what a de-identified rule must say to attach them (attach_model).
     attach: tuple[AttachModel, ...] = ()
-    attach_unreviewed_files: bool | None = None
+    attach_unreviewed_files: StrictBool | None = None
     justification: str | None = None
     attach_names: Literal["replace", "keep"] | None = None
 
@@ -438,6 +447,13 @@ class RuleModel(_Model):
         if value is None or value == []:
             raise ValueError("attach needs at least one entry {match: <glob>, resource: <label>}; or remove it")
         return _list(value, "attach")
+
+    @field_validator("attach_unreviewed_files", mode="before")
+    @classmethod
+    def _unreviewed(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError("write attach_unreviewed_files: true (unquoted), or remove it")
+        return value
 
     @field_validator("justification")
     @classmethod
