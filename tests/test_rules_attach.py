@@ -561,3 +561,48 @@ def test_example_rules_attach(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     assert placement.unmatched == ("S01/V1/notes.txt",)
     assert shadowed_rules(rules) == []
+
+
+_AGREEING: dict[str, RuleSet] = {}
+
+
+def _agreeing_rules(factory: pytest.TempPathFactory) -> RuleSet:
+    if "rules" not in _AGREEING:
+        _AGREEING["rules"] = _ruleset(
+            factory.mktemp("agreeing"),
+            _body("{match: '*/*/qBOLD/**', resource: qBOLD}", "{match: '**/*.pdf', resource: docs}", when="{}"),
+        )
+    return _AGREEING["rules"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(subject=_COMPONENT, session=_COMPONENT, tail=st.lists(_COMPONENT, min_size=1, max_size=3).map("/".join))
+def test_files_get_the_labels_their_study_would_get(
+    tmp_path_factory: pytest.TempPathFactory, subject: str, session: str, tail: str
+) -> None:
+    """files_only_decision and decide agree on the labels of the same folders, whatever they are called (or both
+    hold them with code label); and a file is unmatched exactly when `attachable` says no rule takes it."""
+    rules = _agreeing_rules(tmp_path_factory)
+    relative = f"{subject}/{session}/{tail}"
+    files = files_only_decision(rules, _files(relative))
+    series = (SeriesFacts("1.2.3", 1, {"Modality": "MR"}, "1.2.840.10008.5.1.4.1.1.4"),)
+    study = decide(rules, StudyFacts("1.2", series, None, None, "/srv/drop/results", (f"{subject}/{session}/1.dcm",)))
+    if isinstance(study, Routed):
+        assert isinstance(files, Routed)
+        assert (files.project, files.subject, files.session) == (study.project, study.subject, study.session)
+        labels = {"project": files.project, "subject": files.subject, "session": files.session}
+        placement = place_files(rules.rules[0], [relative], labels)
+        assert (relative in placement.unmatched) == (not attachable(rules, relative))
+    else:
+        assert isinstance(files, Held) and files.code == study.code == HoldCode.LABEL
+
+
+def test_literal_entries(tmp_path: Path) -> None:
+    rule = _rule(
+        tmp_path,
+        "{match: 'a/**', resource: qBOLD}",
+        "{match: 'b/**', resource: 'r_{path[0]}'}",
+        "{match: 'c/**', resource: raw, level: scan, scan: '7'}",
+        "{match: 'd/**', resource: raw, level: scan, scan: '{path[1]}'}",
+    )
+    assert [entry.is_literal for entry in rule.attach] == [True, False, True, False]

@@ -47,6 +47,12 @@ class Attach:
     scan: Template | None  # the scan ID, at level `scan`
     index: int  # its place in the rule's list (`attach.0`)
 
+    @property
+    def is_literal(self) -> bool:
+        """Whether its resource label (and scan ID) is the rule's own text: safe to log as it is. One built from
+        folders or labels (`{path[0]}`, `{subject}`) may hold an identifying value: logs name it by a digest."""
+        return self.resource.is_literal and (self.scan is None or self.scan.is_literal)
+
 
 def _conditions(when: When) -> Iterable[str]:
     """The field of every condition of a `when`, through its `any`, `all` and `not` groups."""
