@@ -360,3 +360,14 @@ def test_a_string_yes_is_not_a_review(tmp_path: Path) -> None:
     )
     problems = _problems(tmp_path, text)
     assert any("cannot de-identify arbitrary files" in problem for problem in problems), problems
+
+
+def test_cross_key_problems_name_the_right_entry(tmp_path: Path) -> None:
+    """An entry that is not a mapping does not shift the index of the entries after it."""
+    route = 'route: {server: main, project: P, subject: "{path[0]}", session: "{path[1]}"}'
+    text = _text("    attach:\n      - 7\n      - {match: '**', resource: r, level: subject}\n", route=route)
+    problems = _problems(tmp_path, text)
+    assert [re.sub(r"^.*?:(\d+): ([^:]+):.*$", r"\1 \2", problem) for problem in problems] == [
+        "9 rules.0.attach.0",
+        "10 rules.0.attach.1.level",
+    ]

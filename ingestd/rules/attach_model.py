@@ -165,7 +165,7 @@ def attach_problems(rule: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
             if key in rule
         ]
     problems: list[tuple[tuple[Any, ...], str]] = []
-    entries = [entry for entry in attach if isinstance(entry, dict)] if isinstance(attach, list) else []
+    entries = list(enumerate(attach)) if isinstance(attach, list) else []
     if anonymize is not None:
         problems += _privacy(rule, anonymize)
     elif rule.get("attach_names") == "replace":
@@ -176,7 +176,9 @@ def attach_problems(rule: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
                 "remove attach_names",
             )
         )
-    for index, entry in enumerate(entries):
+    for index, entry in entries:
+        if not isinstance(entry, dict):
+            continue  # reported by validation
         level = entry.get("level", "session")
         if level in ("scan", "subject") and route.get("archive") is not True:
             problems.append(
