@@ -36,6 +36,7 @@ __all__ = [
     "explain_attachments",
     "explain_files_only",
     "files_only_decision",
+    "kept_name",
     "place_files",
     "replacement_extension",
 ]
