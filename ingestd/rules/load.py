@@ -24,6 +24,8 @@ from ingestd.deid.profile import Override, PrivateKeep, Profile
 from ingestd.deid.table import load_table
 from ingestd.errors import ConfigError
 from ingestd.patterns import compile_regex
+from ingestd.rules.attach_model import attach_names, attach_problems, compile_attach
+from ingestd.rules.attachment import is_files_only
 from ingestd.rules.labels import Template, TemplateError
 from ingestd.rules.match import LABEL_NAMES, Condition, Route, Rule, RuleSet, When, glob_pattern
 from ingestd.rules.model import ConditionModel, ProfileModel, RuleModel, RulesFile, WhenModel, route_template
@@ -159,6 +161,8 @@ def _check_rule(file: _File, index: int, rule: dict[str, Any], profile_names: se
         )
     if anonymize is not None:
         _check_identifying_labels(file, index, route, problems)
+    for loc, message in attach_problems(rule):
+        problems.add(file, ("rules", index, *loc), message)
     if anonymize is None and route.get("key") is None:
         for name in ("project", "subject", "session"):
             text = route.get(name)
@@ -296,9 +300,11 @@ def _rule(file: _File, index: int, model: RuleModel, profiles: dict[str, Profile
     else:
         key = route.key.material if route.key is not None else None
     templates = {name: route_template(name, getattr(route, name)) for name in LABEL_NAMES}
+    when = _when(model.when)
+    attach = compile_attach(model.attach)
     return Rule(
         name=model.name,
-        when=_when(model.when),
+        when=when,
         route=Route(
             server=route.server,
             project=templates["project"],
@@ -312,6 +318,9 @@ def _rule(file: _File, index: int, model: RuleModel, profiles: dict[str, Profile
         line=file.line("rules", index),
         label_key=key,
         identifying_labels=_identifying(templates) if model.anonymize is None else (),
+        attach=attach,
+        attach_names=attach_names(model.attach_names, model.anonymize),
+        files_only=is_files_only(when, templates.values(), attach),
     )
 
 

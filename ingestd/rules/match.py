@@ -41,6 +41,7 @@ __all__ = [
     "decide",
     "explain_match",
     "glob_pattern",
+    "route_files",
 ]
 
 
@@ -259,6 +260,27 @@ def _route(rule: Rule, study: StudyFacts) -> Routed | Held:
         profile=rule.anonymize,
         kept_series=tuple(series.series_uid for series in kept),
         dropped_series=tuple(dropped),
+    )
+
+
+def route_files(rule: Rule, study: StudyFacts) -> Routed | Held:
+    """Route an upload without DICOM (`study.series` empty, `study.paths` its files) by a rule that can
+    (`Rule.files_only`), its `when` already known to hold: the labels as `decide` would build them for a study
+    of the same files (path[N], drop_folder, literals), held with a LABEL code when they cannot be built."""
+    try:
+        labels = _labels(rule, study, [])
+    except LabelError as exc:
+        return Held(reason=f"rule '{rule.name}': {exc}", code=HoldCode.LABEL, rule=rule.name)
+    return Routed(
+        rule=rule.name,
+        server=rule.route.server,
+        project=labels["project"],
+        subject=labels["subject"],
+        session=labels["session"],
+        archive=rule.route.archive,
+        profile=rule.anonymize,
+        kept_series=(),
+        dropped_series=(),
     )
 
 

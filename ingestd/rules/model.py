@@ -12,10 +12,20 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ingestd.deid.profile import OverrideAction
 from ingestd.patterns import PatternError, compile_regex
+from ingestd.rules.attach_model import AttachModel
 from ingestd.rules.condition_model import ConditionModel, WhenModel, keyed, regex_text, text_value
 from ingestd.rules.labels import Template, TemplateError, parse_template
 from ingestd.rules.names import did_you_mean, parse_tag, tag_name, tag_vr
@@ -397,6 +407,11 @@ class RuleModel(_Model):
     route: RouteModel
     drop_series: tuple[dict[str, ConditionModel], ...] = ()
     anonymize: str | None = None
+    # Non-DICOM files attached as resources, and what a de-identified rule must say to attach them (attach_model).
+    attach: tuple[AttachModel, ...] = ()
+    attach_unreviewed_files: StrictBool | None = None
+    justification: str | None = None
+    attach_names: Literal["replace", "keep"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -425,6 +440,27 @@ class RuleModel(_Model):
     @classmethod
     def _drop_series(cls, value: Any) -> Any:
         return [keyed(entry, "drop_series") for entry in _list(value, "drop_series") or ()]
+
+    @field_validator("attach", mode="before")
+    @classmethod
+    def _attach(cls, value: Any) -> Any:
+        if value is None or value == []:
+            raise ValueError("attach needs at least one entry {match: <glob>, resource: <label>}; or remove it")
+        return _list(value, "attach")
+
+    @field_validator("attach_unreviewed_files", mode="before")
+    @classmethod
+    def _unreviewed(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError("write attach_unreviewed_files: true (unquoted), or remove it")
+        return value
+
+    @field_validator("justification")
+    @classmethod
+    def _justified(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("justification is empty: say why these files may leave as they are")
+        return value
 
     @field_validator("drop_series")
     @classmethod

@@ -14,6 +14,9 @@ shadowed is not reported, so every warning is true. What it proves:
 * a mapping implies each of its own conditions and groups; `all` is its mappings together; an `any` is implied
   when one of its branches is, and implies what each of its branches implies; `not: X` implies `not: Y` when Y
   implies X.
+
+A rule that can route files without DICOM (`Rule.files_only`) is reached by such uploads past every earlier rule
+that cannot: it is shadowed only by an earlier files-only rule (which then takes its studies and its uploads).
 """
 
 from __future__ import annotations
@@ -46,12 +49,16 @@ class Shadowed:
     why: str
 
     @property
+    def _uploads(self) -> str:
+        return " and every upload without DICOM" if self.rule.files_only else ""
+
+    @property
     def message(self) -> str:
         """`file:line: warning: ...`, for `check-rules`."""
         return (
             f"{self.rule.origin}: warning: rule '{self.rule.name}' can never match: the earlier rule "
-            f"'{self.earlier.name}' ({self.earlier.origin}) matches every study it matches ({self.why}); "
-            f"move '{self.rule.name}' above '{self.earlier.name}', or remove it"
+            f"'{self.earlier.name}' ({self.earlier.origin}) matches every study{self._uploads} it matches "
+            f"({self.why}); move '{self.rule.name}' above '{self.earlier.name}', or remove it"
         )
 
 
@@ -77,6 +84,8 @@ def shadowed_rules(rules: RuleSet) -> list[Shadowed]:
     found: list[Shadowed] = []
     for position, rule in enumerate(rules.rules):
         for earlier in rules.rules[:position]:
+            if rule.files_only and not earlier.files_only:
+                continue  # an upload without DICOM passes it by (ingestd.rules.attach.files_only_decision)
             why = implies(rule.when, earlier.when)
             if why is not None:
                 found.append(Shadowed(rule, earlier, why))
