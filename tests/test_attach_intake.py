@@ -323,3 +323,34 @@ def test_recovery_removes_temp_files_and_copies_the_journal_does_not_know(env: E
     write(env.state / "attachments/0123abcd", b"copied, never journaled")
     assert env.attachments.recover() == {"temp_files_removed": 1, "unknown_files_removed": 1}
     assert spool_files(env.state) == kept
+
+
+def test_a_file_that_changes_while_it_is_copied_is_kept_only_as_it_ends_up(env: Env) -> None:
+    original = write(env.drop / "sub01/ses01/scan.REC", os.urandom(6 * 1024 * 1024))  # copied as it is read
+    rules = attach_rules(env.tmp, *GLOBS)
+    appended: list[str] = []
+
+    def attachable_while_a_writer_appends(relative: str) -> bool:
+        if not appended:  # asked once the file was chosen, before it is copied: the writer is not done
+            appended.append(relative)
+            with (env.drop / relative).open("ab") as out:
+                out.write(b"the rest")
+        return attachable(rules, relative)
+
+    watcher = DropFolderWatcher(
+        DropFolder(path=env.drop, settle_seconds=0),
+        Archives(),
+        env.spool,
+        env.quarantine,
+        retry_seconds=0,
+        attachable=attachable_while_a_writer_appends,
+        attachments=env.attachments,
+    )
+    watcher.scan_once()
+    assert env.kept() == {} and spool_files(env.state) == set()  # the copy of a changing file is not kept
+    assert (env.drop / "sub01/ses01/scan.REC").is_file()
+    env.take(watcher)
+    [row] = env.kept().values()
+    assert (row.sha256, row.size) == (digests(original + b"the rest")[0], len(original) + 8)
+    assert spool_files(env.state) == {row.spool_path}
+    assert env.drop_is_empty()
