@@ -391,26 +391,26 @@ def _take_file(
     """Take a single file: an instance, else an attachment if `attachable`, else rejected (SourceRejected)."""
     if size > limits.max_member_mb * _MB:
         raise _too_large(size, limits)
-    relative = path_parts(detail)
-    if attach is not None and attachable(relative) and (archive_kind(detail, head) or _not_dicom_over(head, size)):
-        stream.seek(0)
+    attached = attach is not None and attachable(path_parts(detail))
+    stream.seek(0)
+    if attach is not None and attached and (archive_kind(detail, head) or _not_dicom_over(head, size)):
         attach(detail, _Bounded(stream, limits))  # an archive attached whole, or a large file: never read whole
         return Taken(None, 0, 0, 1)
-    stream.seek(0)
     data = stream.read(limits.max_member_mb * _MB + 1)
     check()
     if len(data) > limits.max_member_mb * _MB:  # it grew since it was chosen (without a check to notice)
         raise _too_large(None, limits)
     try:
-        store(prepare_instance(data), detail)
-        return Taken(None, 1, 0)
+        prepared = prepare_instance(data)
     except IncompleteInstanceError as exc:
         raise SourceIncomplete(str(exc)) from None
     except InvalidInstanceError as exc:
-        if attach is None or not attachable(relative):
+        if attach is None or not attached:
             raise SourceRejected(f"{exc}, and {NO_RULE_ATTACHES}") from None
-    attach(detail, data)
-    return Taken(None, 0, 0, 1)
+        attach(detail, data)
+        return Taken(None, 0, 0, 1)
+    store(prepared, detail)
+    return Taken(None, 1, 0)
 
 
 def _not_dicom_over(head: bytes, size: int) -> bool:
