@@ -524,8 +524,8 @@ def _run(
     except SpoolError as exc:
         progress.close(counts)
         print(
-            f"ingestd import: the spool refused an instance ({exc}); nothing more was taken. What was spooled waits"
-            " in the journal: run the import again once the spool has room",
+            f"ingestd import: the spool refused an instance or an attached file ({exc}); nothing more was taken."
+            " What was spooled waits in the journal: run the import again once the spool has room",
             file=sys.stderr,
         )
         return EXIT_FAILED
