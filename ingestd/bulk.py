@@ -4,12 +4,15 @@ Every file under the paths given is taken as a drop folder takes it (`ingestd.re
 every member of a zip or tar, into the spool and the journal, each from
 `Source("folder", <the folder given>, <its path within it>)` (`a/b.zip!c/d.dcm` for an archive member), so that the
 rules' `drop_folder`, `path` and `{path[N]}` see the layout of the folder tree. A file given on its own counts as
-dropped into its folder. Hidden and partial files are passed over (and counted); what is not DICOM, is corrupt or
-is a hostile archive is copied to quarantine with its reason. The user's files are never moved or deleted.
+dropped into its folder. The upload of everything under a folder given is `.`, that of a file given alone its name.
+Hidden and partial files are passed over (and counted); what is not DICOM but a rule's `attach:` takes is copied
+into the attachment spool (`ingestd.attachspool`), a file of its upload's attachment set; what is not DICOM (and not
+attached), is corrupt or is a hostile archive is copied to quarantine with its reason. The user's files are never
+moved or deleted.
 
-Once everything is spooled, the batches the import touched are marked complete at once (nothing waits for
-`study_idle_seconds`), and the import waits until each is delivered, held or released (handed over to a person:
-counted as such, never as delivered, and the exit status is 1 as for a held one):
+Once everything is spooled, the batches the import touched (the studies' and the attachment sets') are marked
+complete at once (nothing waits for `study_idle_seconds`), and the import waits until each is delivered, held or
+released (handed over to a person: counted as such, never as delivered, and the exit status is 1 as for a held one):
 
 - without a daemon, the import takes the state directory's lock itself (no daemon starts meanwhile), recovers the
   spool as the daemon does, and runs the router and the deliverer in its own process;
@@ -17,7 +20,8 @@ counted as such, never as delivered, and the exit status is 1 as for a held one)
   (SQLite serialises the writers), and watches the daemon route and deliver them; should the daemon stop
   meanwhile, the import takes the lock and finishes the work itself.
 
-Running it again on the same files delivers nothing twice: identical bytes are a duplicate in the spool (a no-op),
+Running it again on the same files delivers nothing twice: identical bytes are a duplicate in the spool (a no-op)
+and in the attachment spool (the same content at the same path of the same upload),
 and an instance of an already delivered batch whose spooled copy was removed after delivery is recognised by its
 SOP Instance UID and size. Such studies are reported as already delivered. A file already kept in quarantine by an
 earlier import (the same content from the same path) is not copied again: it is reported as already quarantined.
@@ -40,6 +44,7 @@ import pydicom
 import structlog
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ingestd.attachspool import AttachmentSpool, Readable
 from ingestd.config import Archives, Config
 from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
@@ -49,8 +54,9 @@ from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, ope
 from ingestd.pipeline.route import header_facts, study_facts
 from ingestd.progress import Bar, Counts, Lines
 from ingestd.quarantined import content_digest
-from ingestd.receive.intake import SourceFile, Sources, find_sources, read_source, source_name
+from ingestd.receive.intake import SourceFile, Sources, find_sources, path_parts, read_source, source_name
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts
+from ingestd.rules.attach import attachable
 from ingestd.rules.verdict import Screened, label_clashes, verdict
 from ingestd.statedir import StateDirLockedError, lock_state_dir
 from ingestd.states import StudyState
@@ -78,21 +84,32 @@ class _Problem:
 
 
 class _Taker:
-    """Takes files one at a time: their instances to `instance`, what is bad to `keep` with the reason."""
+    """Takes files one at a time: their instances to `instance`, what a rule attaches to `attach`, what is bad to
+    `keep` with the reason."""
 
-    def __init__(self, limits: Archives, counts: Counts) -> None:
+    def __init__(self, limits: Archives, counts: Counts, rules: RuleSet | None = None) -> None:
         self.limits = limits
         self.counts = counts
+        self.rules = rules  # whose `attach:` globs say which files that are not DICOM are attached
         self.problems: list[_Problem] = []
 
+    def attachable(self, relative: str) -> bool:
+        return self.rules is not None and attachable(self.rules, relative)
+
     def take(self, file: SourceFile) -> None:
-        root = source_name(str(file.root))
+        root, upload = source_name(str(file.root)), source_name(file.upload)
+
+        def source(detail: str) -> Source:
+            return Source("folder", root, detail, upload)
+
         read_source(
             file,
             self.limits,
-            found=lambda prepared, detail: self.instance(prepared, Source("folder", root, detail)),
-            refused=lambda detail, reason, name, item: self._reject(Source("folder", root, detail), reason, name, item),
+            found=lambda prepared, detail: self.instance(prepared, source(detail)),
+            refused=lambda detail, reason, name, item: self._reject(source(detail), reason, name, item),
             unreadable=self.unreadable,
+            attachable=self.attachable,
+            attached=lambda detail, content: self.attach(source(detail), content),
         )
         self.counts.scanned += 1
 
@@ -121,6 +138,10 @@ class _Taker:
     def instance(self, prepared: PreparedInstance, source: Source) -> None:
         raise NotImplementedError
 
+    def attach(self, source: Source, content: bytes | Readable) -> None:
+        """Keep a file that is not DICOM, which a rule attaches: its bytes, or its open file to read to its end."""
+        raise NotImplementedError
+
     def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> bool:
         """Keep a rejected file (its path) or archive member (its bytes) aside; False if it was kept before."""
         raise NotImplementedError
@@ -129,13 +150,16 @@ class _Taker:
 class _Importer(_Taker):
     """Spools the files of an import and follows the batches it touched until each is delivered or held."""
 
-    def __init__(self, config: Config, journal: Journal, counts: Counts, lock: IO[str] | None) -> None:
-        super().__init__(config.archives, counts)
+    def __init__(
+        self, config: Config, journal: Journal, counts: Counts, lock: IO[str] | None, rules: RuleSet | None = None
+    ) -> None:
+        super().__init__(config.archives, counts, rules)
         self.config = config
         self.journal = journal
         self.lock = lock  # the state directory's lock, when the import holds it (no daemon runs)
         self.spool, self.quarantine = open_spool(config, journal)
-        self.touched: dict[int, str] = {}  # batch id -> its state when the import first touched it
+        self.attachments = AttachmentSpool(config.state_dir, journal, min_free_bytes=config.spool.min_free_mb * 2**20)
+        self.touched: dict[int, str] = {}  # batch id -> its state when the import first touched it (sets too)
 
     def instance(self, prepared: PreparedInstance, source: Source) -> None:
         header = prepared.header
@@ -155,6 +179,14 @@ class _Importer(_Taker):
         else:
             self.counts.spooled += 1
         self._touch(outcome.batch_id)
+
+    def attach(self, source: Source, content: bytes | Readable) -> None:
+        stored = self.attachments.store(content, source, path_parts(source.detail))
+        self.counts.attached += 1
+        if stored.outcome == "duplicate":
+            self.counts.attached_known += 1
+        log.info("import.file_attached", file=path_digest(source.detail), outcome=stored.outcome, size=stored.size)
+        self._touch(stored.batch_id)
 
     def _touch(self, batch_id: int) -> None:
         if batch_id not in self.touched:
@@ -286,9 +318,10 @@ class _Study:
 class _Survey(_Taker):
     """Reads the files of a dry run into studies, as the journal would hold them; keeps nothing."""
 
-    def __init__(self, limits: Archives, counts: Counts) -> None:
-        super().__init__(limits, counts)
+    def __init__(self, limits: Archives, counts: Counts, rules: RuleSet | None = None) -> None:
+        super().__init__(limits, counts, rules)
         self.studies: dict[str, _Study] = {}
+        self.attached: list[str] = []  # the source details of the files a rule would attach
 
     def instance(self, prepared: PreparedInstance, source: Source) -> None:
         header = prepared.header
@@ -317,6 +350,9 @@ class _Survey(_Taker):
 
     def keep(self, source: Source, reason: str, name: str, item: bytes | Path) -> bool:
         return True  # a dry run keeps nothing: it says what would be kept
+
+    def attach(self, source: Source, content: bytes | Readable) -> None:
+        self.attached.append(source.detail)  # a dry run reads no further: it says what would be attached
 
     def decisions(self, rules: RuleSet) -> Iterator[tuple[str, bool]]:
         """A line per study saying what the rules would do, and whether it would be held."""
@@ -348,7 +384,7 @@ class _Survey(_Taker):
 
 def _dry_run(rules: RuleSet, sources: Sources, limits: Archives, out: TextIO, *, show_paths: bool) -> int:
     counts = Counts(files=len(sources.files), passed_over=sources.passed_over)
-    survey = _Survey(limits, counts)
+    survey = _Survey(limits, counts, rules)
     survey.take_all(sources)
     held = 0
     for line, would_hold in survey.decisions(rules):
@@ -430,7 +466,7 @@ def run_import(
             flush=True,
         )
         counts = Counts(files=len(sources.files), passed_over=sources.passed_over)
-        importer, lock = _Importer(config, Journal(config.journal_path), counts, lock), None
+        importer, lock = _Importer(config, Journal(config.journal_path), counts, lock, rules), None
         status = _run(importer, rules, sources, out, show_paths, config_name, poll_seconds)
     finally:
         if importer is not None:
@@ -445,6 +481,7 @@ def run_import(
         files=counts.files,
         instances_spooled=counts.spooled,
         instances_known=counts.known,
+        files_attached=counts.attached,
         quarantined=counts.quarantined,
         already_quarantined=counts.already_quarantined,
         unreadable=counts.unreadable,
@@ -466,6 +503,7 @@ def _run(
         with logging_redirect_tqdm() if isinstance(progress, Bar) else contextlib.nullcontext():
             if importer.lock is not None:  # no receiver of an earlier daemon may still be writing: recover_spool waits
                 recover_spool(config, importer.spool, importer.quarantine)
+                importer.attachments.recover()
             importer.take_all(sources, progress.show)
             importer.complete()
             counts.delivering = True
@@ -475,6 +513,7 @@ def _run(
                 files=counts.scanned,
                 instances_spooled=counts.spooled,
                 instances_known=counts.known,
+                files_attached=counts.attached,
                 quarantined=counts.quarantined,
                 unreadable=counts.unreadable,
                 studies=counts.studies,
@@ -485,8 +524,8 @@ def _run(
     except SpoolError as exc:
         progress.close(counts)
         print(
-            f"ingestd import: the spool refused an instance ({exc}); nothing more was taken. What was spooled waits"
-            " in the journal: run the import again once the spool has room",
+            f"ingestd import: the spool refused an instance or an attached file ({exc}); nothing more was taken."
+            " What was spooled waits in the journal: run the import again once the spool has room",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -508,7 +547,8 @@ def _run(
         print(line, file=out)
     totals = (
         f"{counts.scanned} files: {counts.spooled} instances spooled, {counts.known} already known, "
-        f"{counts.quarantined} quarantined, {counts.already_quarantined} already quarantined, "
+        + (f"{counts.attached} attached ({counts.attached_known} already kept), " if counts.attached else "")
+        + f"{counts.quarantined} quarantined, {counts.already_quarantined} already quarantined, "
         f"{counts.unreadable} unreadable, {counts.passed_over} passed over"
         " (hidden, partial or links)"
     )

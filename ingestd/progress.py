@@ -25,6 +25,8 @@ class Counts:
     scanned: int = 0
     spooled: int = 0  # instances stored (or replaced) by this import
     known: int = 0  # instances the spool or the journal already had
+    attached: int = 0  # files that are not DICOM kept for a rule's `attach:` (attachment sets)
+    attached_known: int = 0  # of those: the same content at the same path of the same upload, kept before
     quarantined: int = 0  # files and archive members kept in quarantine
     already_quarantined: int = 0  # of those not taken: kept in quarantine by an earlier import (not copied again)
     unreadable: int = 0

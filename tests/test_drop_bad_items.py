@@ -32,6 +32,7 @@ from ingestd.config import Archives, DropFolder
 from ingestd.header import InstanceHeader
 from ingestd.journal import Journal, Source
 from ingestd.logs import path_digest
+from ingestd.receive.intake import NO_RULE_ATTACHES
 from ingestd.receive.watcher import DropFolderWatcher
 from ingestd.spool import Quarantine, Spool, StoreOutcome
 from ingestd.testing.xnat import FakeXnat
@@ -41,6 +42,8 @@ from tests.test_import import ingestd, write_config
 
 NOBODY = 65534
 Events = list[MutableMapping[str, Any]]
+
+NOT_ATTACHED = f", and {NO_RULE_ATTACHES}"  # what a quarantine reason adds when no rule attaches the file
 
 
 class Drop:
@@ -135,7 +138,7 @@ def test_names_that_are_not_utf8_are_taken_and_journaled_escaped(drop: Drop) -> 
         "up\\x80load.tar!series/\\xe9\\xe8.dcm": study[2].SOPInstanceUID,
     }
     [(item, reason)] = drop.quarantined().items()
-    assert reason == "not a DICOM file"
+    assert reason == "not a DICOM file" + NOT_ATTACHED
     assert drop.sidecar(item)["detail"] == "notes\\xff.txt"
     assert list(drop.folder.iterdir()) == []
     # The logs name each file by the digest of the name the journal holds.

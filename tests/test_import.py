@@ -142,6 +142,8 @@ def test_import_twice_delivers_each_study_once(tmp_path: Path, xnat: FakeXnat) -
     assert all(sum(len(scan.files) for scan in e.scans.values()) == 4 for e in experiments)
     assert imports(xnat) == 3
     assert tree_snapshot(tree) == before  # nothing moved, deleted or changed
+    journal = tmp_path / "state" / "journal.sqlite"
+    assert journal_rows(journal, "SELECT DISTINCT upload FROM instances") == [(".",)]  # one upload: the folder
     (sidecar,) = (tmp_path / "state" / "quarantine").glob("*.reason.json")
     assert json.loads(sidecar.read_text())["detail"] == "notes.txt"  # a copy of it, with its reason
     copy = sidecar.with_name(sidecar.name.removesuffix(".reason.json"))
@@ -220,6 +222,8 @@ def test_sources_pass_over_hidden_and_partial_files_and_links(tmp_path: Path) ->
     single.write_bytes(b"y")
     found = find_sources([tree, single])
     assert [(file.root, file.relative) for file in found.files] == [(tree, "a/IM1"), (tmp_path, "single.zip")]
+    # The upload: `.` for everything under a folder given, its name for a file given alone.
+    assert [file.upload for file in found.files] == [".", "single.zip"]
     assert found.passed_over == 4 and found.unreadable == []
 
 

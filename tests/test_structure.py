@@ -40,7 +40,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # logs redacts log values with the de-identification table (deid/table.py).
     ("pure rules and de-identification", ("rules", "deid", "logs")),
     # status: the journal's read model (the `status` command, the systemd STATUS line, metrics' counts).
-    ("journal and spool", ("durable", "journal", "quarantined", "spool", "retention", "status", "metrics", "statedir")),
+    (
+        "journal and spool",
+        ("durable", "journal", "quarantined", "spool", "attachspool", "retention", "status", "metrics", "statedir"),
+    ),
     ("receive", ("receive",)),
     # Below the pipeline: the deliver stage is its user.
     ("xnat client", ("xnat",)),

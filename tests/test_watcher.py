@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRBigEndian
 from ingestd.config import Archives, DropFolder
 from ingestd.dicomfile import prepare_instance
 from ingestd.journal import Journal
+from ingestd.receive.intake import NO_RULE_ATTACHES
 from ingestd.receive.observer import _EventHandler
 from ingestd.receive.watcher import DropFolderError, DropFolderWatcher
 from ingestd.spool import Quarantine, Spool
@@ -26,6 +27,8 @@ from tests.dicom import TarMode, encode, encode_raw, make_instance, make_study, 
 from tests.procs import journal_rows, wait_until
 
 SETTLE = 0.2
+
+NOT_ATTACHED = f", and {NO_RULE_ATTACHES}"  # what a quarantine reason adds when no rule attaches the file
 
 
 @dataclass
@@ -300,10 +303,10 @@ def test_non_dicom_file_is_quarantined_with_its_reason(env: Env) -> None:
     env.watcher()
     wait_until(lambda: env.quarantined() and env.drop_is_empty(), message="the file to be quarantined")
     [(item, reason)] = env.quarantined().items()
-    assert reason == "not a DICOM file"
+    assert reason == "not a DICOM file" + NOT_ATTACHED
     assert item.endswith(".txt") and "notes" not in item  # the original name may be a patient's: only in the sidecar
     assert (env.quarantine.root / item).read_text().startswith("scan protocol notes")
-    assert _sidecar(env, item)["reason"] == "not a DICOM file"
+    assert _sidecar(env, item)["reason"] == "not a DICOM file" + NOT_ATTACHED
     assert _sidecar(env, item)["detail"] == "notes.txt"
     assert env.rows("SELECT source_kind, source FROM quarantine") == [("folder", str(env.drop))]
     assert env.spooled() == {}
@@ -414,9 +417,9 @@ def test_zip_with_bad_members_among_good_ones(env: Env) -> None:
     assert set(env.spooled()) == uids(study)
     reasons = {_sidecar(env, item)["detail"]: reason for item, reason in env.quarantined().items()}
     assert reasons == {
-        "mixed.zip!docs/notes.txt": "not a DICOM file",
-        "mixed.zip!cut.dcm": "corrupt DICOM file: truncated",
-        "mixed.zip!inner.zip": "nested archive",
+        "mixed.zip!docs/notes.txt": "not a DICOM file" + NOT_ATTACHED,
+        "mixed.zip!cut.dcm": "corrupt DICOM file: truncated" + NOT_ATTACHED,
+        "mixed.zip!inner.zip": "nested archive" + NOT_ATTACHED,
     }
 
 
@@ -448,7 +451,7 @@ def test_spool_refusal_leaves_an_archive_whole(env: Env) -> None:
     env.spool.min_free_bytes = 0
     assert watcher.scan_once() == 1
     assert set(env.spooled()) == uids(study)
-    assert list(env.quarantined().values()) == ["not a DICOM file"]
+    assert list(env.quarantined().values()) == ["not a DICOM file" + NOT_ATTACHED]
 
 
 def test_vanishing_files_do_not_stop_the_watcher(env: Env) -> None:
@@ -503,4 +506,5 @@ def test_dicomdir_is_quarantined_with_a_plain_reason(env: Env) -> None:
     (env.drop / "DICOMDIR").write_bytes(pydicom_file("DICOMDIR").read_bytes())
     watcher = env.watcher(start=False, settle_seconds=0)
     assert watcher.scan_once() == 1
-    assert list(env.quarantined().values()) == ["DICOMDIR: an index of a disc or folder, not an instance"]
+    reason = "DICOMDIR: an index of a disc or folder, not an instance"
+    assert list(env.quarantined().values()) == [reason + NOT_ATTACHED]

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
@@ -38,6 +38,7 @@ from ingestd.journal import BatchInstance, BatchRow, Journal, Outgoing, RouteRec
 from ingestd.logs import path_digest, uid_digest
 from ingestd.metrics import stage_seconds
 from ingestd.pipeline.runner import BatchWorker
+from ingestd.receive.intake import path_parts  # re-exported: where the watcher and the import compute it
 from ingestd.rules import Held, Routed, RuleSet, SeriesFacts, StudyFacts, identifying_labels
 from ingestd.rules.verdict import Screened, verdict
 from ingestd.spool import fsync_dir, make_dirs_durably
@@ -68,14 +69,6 @@ def header_facts(ds: Dataset) -> dict[str, str | tuple[str, ...]]:
         else:
             facts[elem.keyword] = str(value)
     return facts
-
-
-def path_parts(detail: str) -> str:
-    """The path of a dropped instance inside its drop folder, archives opened: `a/b.zip!c/d.dcm` -> `a/c/d.dcm`."""
-    if "!" not in detail:
-        return detail
-    archive, member = detail.split("!", 1)
-    return str(PurePosixPath(PurePosixPath(archive).parent, member))
 
 
 def study_facts(

@@ -13,6 +13,12 @@ for it to be completed, `ingestd import` keeps it in quarantine like any other.
 The file is opened once, without following a symbolic link and without blocking (a named pipe would block an
 open), and must be the regular file the caller chose: everything is read from that one open file.
 
+A file or archive member that is not DICOM goes to the caller's `attach` instead, when the `attachable` predicate
+(the rules' `attach:` globs) accepts its `relative` path (`path_parts`): its bytes when they are in memory (an
+archive member, a small file), else the open file to be read to its end (a large file, never read whole into
+memory: one with no `DICM` at 128 over a few MB is not tried as DICOM at all). An archive whose own path is
+attachable is attached whole, never opened. The `archives` limits hold for attached files as for instances.
+
 Sources are named by their path within the folder, as `source_name` escapes it: a name that is not UTF-8 (a
 Linux file name is any bytes) has its stray bytes written as `\\xNN`, so that the journal, the quarantine
 sidecar and `ingestd status` can hold and show it.
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from ingestd.attachspool import Readable
 from ingestd.config import Archives
 from ingestd.dicomfile import IncompleteInstanceError, PreparedInstance, prepare_instance
 from ingestd.errors import InvalidInstanceError, UnsafeArchiveError
@@ -42,6 +49,9 @@ from ingestd.receive.archives import (
 from ingestd.walk import DEFAULT_MAX_DEPTH, walk
 
 __all__ = [
+    "NO_RULE_ATTACHES",
+    "Attach",
+    "Attachable",
     "NotTheFileError",
     "RejectMember",
     "SourceFile",
@@ -52,20 +62,53 @@ __all__ = [
     "Taken",
     "find_sources",
     "is_ignored",
+    "path_parts",
     "read_source",
     "source_name",
     "take_source",
+    "upload_of",
 ]
 
 _MB = 1024 * 1024
 _PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".filepart")
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_STREAM_OVER = 4 * _MB  # an attachable file over this with no `DICM` at 128 is copied as it is read, not tried
+NO_RULE_ATTACHES = "no rule's attach: takes its path"
 
 Store = Callable[[PreparedInstance, str], object]
 """Called with each good instance and its source detail (`a/b.dcm`, or `a/b.zip!c/d.dcm` for a member)."""
 
 RejectMember = Callable[[str, str, bytes, str], object]
 """Called with a bad archive member's source detail, its base name, its bytes and the reason it is not taken."""
+
+Attachable = Callable[[str], bool]
+"""Whether a rule in force attaches a file that is not DICOM at this `relative` path (`path_parts`)."""
+
+Attach = Callable[[str, "bytes | Readable"], object]
+"""Called with the source detail of a file or member to attach and its content: its bytes, or the open file (read
+it to its end, and nothing else: it is positioned at its start, and reading past the `archives` limit raises
+SourceRejected)."""
+
+
+def _never(_relative: str) -> bool:
+    return False
+
+
+def path_parts(detail: str) -> str:
+    """The path of a dropped file inside its drop folder, archives opened: `a/b.zip!c/d.dcm` -> `a/c/d.dcm`.
+
+    What the rules' `path` conditions, `{path[N]}` and `attach[].match` see (`relative`)."""
+    if "!" not in detail:
+        return detail
+    archive, member = detail.split("!", 1)
+    return str(PurePosixPath(PurePosixPath(archive).parent, member))
+
+
+def upload_of(detail: str) -> str:
+    """The upload of a file dropped into a drop folder: the top-level entry below the folder it came in.
+
+    `sub01/ses/x.pdf` -> `sub01`, `scan.zip!a/b.pdf` -> `scan.zip`, `x.pdf` -> `x.pdf`."""
+    return detail.split("!", 1)[0].split("/", 1)[0]
 
 
 class SourceRejected(Exception):  # noqa: N818 - an outcome (the source goes to quarantine), not a failure
@@ -88,9 +131,10 @@ class NotTheFileError(OSError):
 class Taken:
     """What taking one source did."""
 
-    archive: ArchiveKind | None  # None: a single file
+    archive: ArchiveKind | None  # None: a single file (or an archive attached whole)
     instances: int  # handed to `store`
     rejected: int  # archive members handed to `reject_member`
+    attached: int = 0  # files or members handed to `attach`
 
 
 def is_ignored(relative: PurePosixPath | Path) -> bool:
@@ -121,6 +165,7 @@ class SourceFile:
     root: Path
     relative: str
     size: int
+    upload: str = "."  # `ingestd import`'s upload: `.` for a folder given, the file's name for a file given alone
 
 
 @dataclass
@@ -144,7 +189,7 @@ def find_sources(paths: Sequence[Path]) -> Sources:
     for given in paths:
         root = Path(os.path.abspath(given))  # noqa: PTH100 - absolute without resolving links
         if not root.is_dir():
-            found.files.append(SourceFile(root, root.parent, root.name, root.stat().st_size))
+            found.files.append(SourceFile(root, root.parent, root.name, root.stat().st_size, root.name))
             continue
 
         def unreadable(error: OSError, root: Path = root) -> None:
@@ -197,23 +242,29 @@ def read_source(
     found: Found,
     refused: Refused,
     unreadable: Callable[[str, str], object],
-) -> None:
+    attachable: Attachable = _never,
+    attached: Attach | None = None,
+) -> Taken | None:
     """Read one file found by `find_sources` as a drop folder takes it: every instance to `found` (its file meta
-    completed by `prepare_instance`), every file or archive member not taken to `refused` with the reason, and
-    a file that cannot be read at all to `unreadable` (its path within the folder, the reason)."""
+    completed by `prepare_instance`), every file or member that is not DICOM and `attachable` to `attached` (if
+    given), every file or archive member not taken to `refused` with the reason, and a file that cannot be read at
+    all to `unreadable` (its path within the folder, the reason). Returns what taking it did (None: not taken)."""
     try:
-        take_source(
+        return take_source(
             file.path,
             file.relative,
             limits,
             size=file.size,
             store=found,
             reject_member=lambda detail, name, data, reason: refused(detail, reason, name, data),
+            attachable=attachable,
+            attach=attached,
         )
     except SourceRejected as exc:
         refused(source_name(file.relative), exc.reason, file.path.name, file.path)
     except OSError as exc:
         unreadable(file.relative, f"cannot be read: {exc.strerror or exc}")
+    return None
 
 
 def _nothing() -> None:
@@ -256,34 +307,42 @@ def take_source(
     reject_member: RejectMember,
     check: Callable[[], object] = _nothing,
     identity: tuple[int, int] | None = None,
+    attachable: Attachable = _never,
+    attach: Attach | None = None,
 ) -> Taken:
-    """Hand every instance of the file or archive at `path` to `store`, and its bad members to `reject_member`.
+    """Hand every instance of the file or archive at `path` to `store`, what is not DICOM but `attachable` to
+    `attach` (if given), and its bad members to `reject_member`.
 
     `relative` is the path the sources are named by (escaped here by `source_name`), `size` the file's size as
     seen when it was chosen, `identity` its (device, inode) then, if known. `check` runs once the bytes of a
     file, or the list of an archive's members, have been read (the watcher checks there that the file did not
-    change meanwhile). Raises SourceIncomplete, SourceRejected, NotTheFileError or the OSError of reading;
-    whatever `store`, `reject_member` and `check` raise goes through.
+    change meanwhile; a file copied as an attachment as it is read is checked by `attach`'s caller). Raises
+    SourceIncomplete, SourceRejected, NotTheFileError or the OSError of reading; whatever `store`, `attach`,
+    `reject_member` and `check` raise goes through.
     """
     detail = source_name(relative)
+    wanted = _never if attach is None else attachable
     with _open_regular(path, identity) as stream:
         head = stream.read(512)
         kind = archive_kind(path.name, head)
-        if kind is None:
-            store(_read_file(stream, limits, size, check), detail)
-            return Taken(None, 1, 0)
+        if kind is None or wanted(path_parts(detail)):
+            return _take_file(stream, head, detail, limits, size, check, store, wanted, attach)
         bad: dict[str, str] = {}
-        taken = 0
+        taken = attached = 0
         try:
             check_archive(stream, kind, limits)
             check()
             for name, data in read_members(stream, kind, limits):
+                member = f"{detail}!{source_name(name)}"
                 prepared, reason = _member_instance(name, data)
-                if prepared is None:
-                    bad[name] = reason
-                    continue
-                store(prepared, f"{detail}!{source_name(name)}")
-                taken += 1
+                if prepared is not None:
+                    store(prepared, member)
+                    taken += 1
+                elif attach is not None and wanted(path_parts(member)):
+                    attach(member, data)
+                    attached += 1
+                else:
+                    bad[name] = f"{reason}, and {NO_RULE_ATTACHES}"
             if bad:
                 for name, data in read_members(stream, kind, limits, names=bad):
                     reject_member(f"{detail}!{source_name(name)}", PurePosixPath(name).name, data, bad[name])
@@ -291,28 +350,72 @@ def take_source(
             raise SourceIncomplete(str(exc)) from None
         except UnsafeArchiveError as exc:
             raise SourceRejected(str(exc)) from None
-    return Taken(kind, taken, len(bad))
+    return Taken(kind, taken, len(bad), attached)
 
 
-def _read_file(stream: IO[bytes], limits: Archives, size: int, check: Callable[[], object]) -> PreparedInstance:
+def _too_large(size: int | None, limits: Archives) -> SourceRejected:
+    what = "file is" if size is None else f"file is {size // _MB} MB,"
+    return SourceRejected(
+        f"{what} over archives.max_member_mb ({limits.max_member_mb}), the largest instance ingestd takes"
+    )
+
+
+class _Bounded:
+    """A file read to its end for an attachment, refusing (SourceRejected) past `archives.max_member_mb`: it may
+    have grown since it was chosen."""
+
+    def __init__(self, stream: IO[bytes], limits: Archives) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.read_so_far = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.stream.read(size)
+        self.read_so_far += len(data)
+        if self.read_so_far > self.limits.max_member_mb * _MB:
+            raise _too_large(None, self.limits)
+        return data
+
+
+def _take_file(
+    stream: IO[bytes],
+    head: bytes,
+    detail: str,
+    limits: Archives,
+    size: int,
+    check: Callable[[], object],
+    store: Store,
+    attachable: Attachable,
+    attach: Attach | None,
+) -> Taken:
+    """Take a single file: an instance, else an attachment if `attachable`, else rejected (SourceRejected)."""
     if size > limits.max_member_mb * _MB:
-        raise SourceRejected(
-            f"file is {size // _MB} MB, over archives.max_member_mb ({limits.max_member_mb}), "
-            "the largest instance ingestd takes"
-        )
+        raise _too_large(size, limits)
+    attached = attach is not None and attachable(path_parts(detail))
     stream.seek(0)
+    if attach is not None and attached and (archive_kind(detail, head) or _not_dicom_over(head, size)):
+        attach(detail, _Bounded(stream, limits))  # an archive attached whole, or a large file: never read whole
+        return Taken(None, 0, 0, 1)
     data = stream.read(limits.max_member_mb * _MB + 1)
     check()
     if len(data) > limits.max_member_mb * _MB:  # it grew since it was chosen (without a check to notice)
-        raise SourceRejected(
-            f"file is over archives.max_member_mb ({limits.max_member_mb}), the largest instance ingestd takes"
-        )
+        raise _too_large(None, limits)
     try:
-        return prepare_instance(data)
+        prepared = prepare_instance(data)
     except IncompleteInstanceError as exc:
         raise SourceIncomplete(str(exc)) from None
     except InvalidInstanceError as exc:
-        raise SourceRejected(str(exc)) from None
+        if attach is None or not attached:
+            raise SourceRejected(f"{exc}, and {NO_RULE_ATTACHES}") from None
+        attach(detail, data)
+        return Taken(None, 0, 0, 1)
+    store(prepared, detail)
+    return Taken(None, 1, 0)
+
+
+def _not_dicom_over(head: bytes, size: int) -> bool:
+    """Whether a file is too large to try as DICOM in memory when it does not even start like one."""
+    return size > _STREAM_OVER and head[128:132] != b"DICM"
 
 
 def _member_instance(name: str, data: bytes) -> tuple[PreparedInstance | None, str]:

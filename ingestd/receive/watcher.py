@@ -11,12 +11,18 @@ deleted or moved to the done folder only after every instance in it is in the sp
 crash at any point loses nothing: taking the same bytes again is a duplicate, a no-op in the spool. A file
 that changes while it is taken is left where it is and taken again once it settles.
 
-What is not DICOM, is corrupt or is a hostile archive goes to quarantine with its reason. A refusal by
-the spool (full, unwritable) leaves the file where it is, to be tried again later. Any other failure (the
-file cannot be read, or removed, or moved) is tried again `max_attempts` times in all, then the file goes to
-quarantine with the reason; if it cannot be moved either, it is left in place, a note with the reason goes
-to quarantine instead, and it is not tried again until it changes. Symbolic links, named pipes, sockets and
-device files are never opened, followed or removed: each is logged once as skipped.
+What is not DICOM but a rule's `attach:` takes (the `attachable` predicate the daemon gives, over the file's path
+with archives opened) is kept in the attachment spool (`ingestd.attachspool`), durable and journaled before the
+file it came from is removed, like an instance. Every instance and attached file carries its upload: the top-level
+entry below the drop folder it came in (`sub01`, `scan.zip`).
+
+What is not DICOM (and not attached), is corrupt or is a hostile archive goes to quarantine with its reason. A
+refusal by the spool or the attachment spool (full, unwritable) leaves the file where it is, to be tried again
+later. Any other failure (the file cannot be read, or removed, or moved) is tried again `max_attempts` times in
+all, then the file goes to quarantine with the reason; if it cannot be moved either, it is left in place, a note
+with the reason goes to quarantine instead, and it is not tried again until it changes.
+Symbolic links, named pipes, sockets and device files are never opened, followed or removed: each is logged once
+as skipped.
 
 Whatever the tree looks like, a scan goes on with the rest of it: folders are walked iteratively, a folder more
 than `max_depth` levels down is logged once and left alone, and a watcher whose file-system observer cannot
@@ -29,6 +35,7 @@ import queue
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,7 @@ import structlog
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from ingestd.attachspool import AttachmentSpool, Readable
 from ingestd.config import Archives, DropFolder
 from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import IngestdError, SpoolError
@@ -49,8 +57,10 @@ from ingestd.receive.intake import (
     SourceIncomplete,
     SourceRejected,
     is_ignored,
+    path_parts,
     source_name,
     take_source,
+    upload_of,
 )
 from ingestd.receive.observer import _EventHandler, _observer_running, _stop_observer
 from ingestd.spool import Quarantine, Spool, StoreOutcome, fsync_dir, make_dirs_durably, move_durably
@@ -79,6 +89,10 @@ class DropFolderWatcher(_FolderScan):
     `start()` scans the folder (files dropped while ingestd was down), starts the observer and the
     worker thread; `stop()` ends both. `scan_once()` runs one synchronous pass without any thread:
     it notes every file and takes those that have settled.
+
+    `attachable` says whether a rule in force attaches a file that is not DICOM at a path (`path_parts`, below the
+    folder); it is read at each file, so the daemon may give one that follows the rules' reloads. Such files go
+    to `attachments`; without it (None) nothing is attached, whatever `attachable` says.
     """
 
     def __init__(
@@ -89,11 +103,15 @@ class DropFolderWatcher(_FolderScan):
         quarantine: Quarantine,
         *,
         retry_seconds: float = RETRY_SECONDS,
+        attachable: Callable[[str], bool] = lambda _relative: False,
+        attachments: AttachmentSpool | None = None,
     ) -> None:
         super().__init__(folder)
         self.limits = limits
         self.spool = spool
         self.quarantine = quarantine
+        self.attachable = attachable
+        self.attachments = attachments
         self.rescan_seconds = max(_MIN_RESCAN_SECONDS, folder.settle_seconds, folder.poll_interval_seconds)
         self.retry_seconds = retry_seconds
         self._paths: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -366,7 +384,7 @@ class DropFolderWatcher(_FolderScan):
             return False
 
     def _source(self, detail: str) -> Source:
-        return Source("folder", str(self.folder.path), detail)
+        return Source("folder", str(self.folder.path), detail, upload_of(detail))
 
     def _check_unchanged(self, path: Path, signature: _Signature) -> None:
         try:
@@ -384,6 +402,24 @@ class DropFolderWatcher(_FolderScan):
         except SpoolError as exc:
             raise _Retry(f"the spool refused the instance: {exc}", self.retry_seconds) from None
 
+    def _attach(self, detail: str, content: bytes | Readable, check: Callable[[], object]) -> str:
+        """Keep a file or member that is not DICOM in the attachment spool; return the journal's outcome."""
+        if self._stopping.is_set():
+            raise _Stopped
+        assert self.attachments is not None  # noqa: S101 - take_source attaches only when it is given
+        try:
+            stored = self.attachments.store(content, self._source(detail), path_parts(detail), check=check)
+        except SpoolError as exc:
+            raise _Retry(f"the attachment spool refused a file: {exc}", self.retry_seconds) from None
+        log.info(
+            "drop.file_attached",
+            file=path_digest(detail),
+            outcome=stored.outcome,
+            batch_id=stored.batch_id,
+            size=stored.size,
+        )
+        return stored.outcome
+
     def _take_source(self, path: Path, detail: str, entry: _Pending) -> bool:
         """Spool the file, or every good member of the archive, keep what is bad in quarantine, then finish it.
 
@@ -392,8 +428,14 @@ class DropFolderWatcher(_FolderScan):
         signature = entry.signature
         outcomes: list[str] = []
 
+        def unchanged() -> None:
+            self._check_unchanged(path, signature)
+
         def store(prepared: PreparedInstance, member: str) -> None:
             outcomes.append(self._store(prepared, member).outcome)
+
+        def attach(member: str, content: bytes | Readable) -> None:
+            outcomes.append(self._attach(member, content, unchanged))
 
         try:
             taken = take_source(
@@ -403,8 +445,10 @@ class DropFolderWatcher(_FolderScan):
                 size=signature.size,
                 store=store,
                 reject_member=self._quarantine_member,
-                check=lambda: self._check_unchanged(path, signature),
+                check=unchanged,
                 identity=(signature.device, signature.inode),
+                attachable=self.attachable,
+                attach=None if self.attachments is None else attach,
             )
         except SourceIncomplete as exc:
             self._check_unchanged(path, signature)
@@ -423,13 +467,17 @@ class DropFolderWatcher(_FolderScan):
         self._finish(path)
         DROP_SOURCES.labels(folder=str(self.folder.path), outcome="taken").inc()
         if taken.archive is None:
-            log.info("drop.file_taken", file=path_digest(detail), instances=1, spool=outcomes[0])
+            log.info(
+                "drop.file_taken", file=path_digest(detail), instances=taken.instances, attached=taken.attached,
+                spool=outcomes[0],
+            )  # fmt: skip
             return True
         log.info(
             "drop.archive_taken",
             file=path_digest(detail),
-            members=taken.instances + taken.rejected,
+            members=taken.instances + taken.rejected + taken.attached,
             instances=taken.instances,
+            attached=taken.attached,
             quarantined=taken.rejected,
         )
         return True
