@@ -156,7 +156,7 @@ PET/MR separation, no file history in the archive.
 """
 
 from ingestd.testing.xnat.cli import main
-from ingestd.testing.xnat.model import ExperimentRecord, ScanRecord
+from ingestd.testing.xnat.model import ExperimentRecord, ResourceState, ScanRecord
 from ingestd.testing.xnat.server import FakeXnat
 
-__all__ = ["ExperimentRecord", "FakeXnat", "ScanRecord", "main"]
+__all__ = ["ExperimentRecord", "FakeXnat", "ResourceState", "ScanRecord", "main"]
