@@ -148,6 +148,14 @@ class _Api(_PrearcResourceApi):
             return rest if rest.startswith("/") else "/" + rest
         return None
 
+    def note_framing(self, method: str, target: str, headers: Message) -> None:
+        """Record how a request's body is framed (Content-Length or chunked), for `FakeXnat.body_framing`."""
+        chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
+        length = headers.get("Content-Length")
+        if chunked or length is not None:
+            with self._log_lock:
+                self.framing.append((method, target, int(length) if length and length.isdigit() else None, chunked))
+
     def take_reset(self, method: str, target: str) -> _Reset | None:
         """The reset that applies to this request, if any (counted and logged with status 0)."""
         path = urlsplit(target).path

@@ -318,6 +318,12 @@ class FakeXnat(_FaultInjection):
             return found_resource.state() if found_resource else None
 
     @property
+    def body_framing(self) -> list[tuple[str, str, int | None, bool]]:
+        """(method, path+query, Content-Length or None, chunked) of every request that sent a body header."""
+        with self._api._log_lock:
+            return list(self._api.framing)
+
+    @property
     def requests_log(self) -> list[tuple[str, str, int]]:
         """(method, path+query, status) of every request so far."""
         with self._api._log_lock:
