@@ -227,7 +227,9 @@ def test_resource_is_created_with_format_and_content_and_tags_pile_up(
     (resource,) = listing(alice, f"{xnat.url}{EXP}/resources")
     assert (resource["format"], resource["content"], resource["tags"]) == ("PDF", "REPORT", "t1,t2")
     rows = {row["Name"]: row for row in listing(alice, url)}
-    assert (rows["a.pdf"]["file_format"], rows["a.pdf"]["file_content"]) == ("PDF", "REPORT")
+    assert (rows["a.pdf"]["file_format"], rows["a.pdf"]["file_content"], rows["a.pdf"]["file_tags"]) == (
+        "PDF", "REPORT", "t1",
+    )  # fmt: skip
     assert rows["b.pdf"]["file_format"] == ""
     alice.put(f"{xnat.url}{EXP}/scans/1/resources/NIFTI/files/s.nii", data=b"n", headers=PDF, timeout=TIMEOUT)
     scan_resources = listing(alice, f"{xnat.url}{EXP}/scans/1/resources")
@@ -313,3 +315,15 @@ def test_experiment_json_lists_session_resources(xnat: FakeXnat, alice: requests
     (resources,) = [child for child in item["children"] if child["field"] == "resources/resource"]
     (resource,) = resources["items"]
     assert (resource["data_fields"]["label"], resource["data_fields"]["file_size"]) == ("L", 3)
+
+
+def test_scan_listings_keep_the_dicom_resource_and_know_no_other_label(
+    xnat: FakeXnat, alice: requests.Session, eid: str
+) -> None:
+    """The scan routes the resource API adds in front still serve the DICOM catalog's files; a label the scan does
+    not have lists nothing (an empty table, not 404); uploads into DICOM are not modelled (500, said so)."""
+    scan = f"{xnat.url}/data/experiments/{eid}/scans/1/resources"
+    assert len(listing(alice, f"{scan}/DICOM/files")) == 2
+    assert listing(alice, f"{scan}/NIFTI/files") == []
+    refused = alice.put(f"{scan}/DICOM/files/x.dcm", data=b"x", headers=PDF, timeout=TIMEOUT)
+    assert refused.status_code == 500 and "does not model" in h3(refused)

@@ -180,8 +180,17 @@ def _gunzip(data: bytes) -> bytes:
     return inflater.decompress(data)
 
 
-def catalogue(resource: _Resource, name: str, *, checksums: bool, fmt: str | None, content: str | None) -> None:
+def catalogue(
+    resource: _Resource,
+    name: str,
+    *,
+    checksums: bool,
+    fmt: str | None,
+    content: str | None,
+    tags: tuple[str, ...] = (),
+) -> None:
     """`CatalogUtils.addOrUpdateEntry` (2474-2487) for a file now on disk: a new entry, or the entry updated with its
-    new size and digest (2563-2571); the MD5 is filled in when checksums are on (`writeCatalogToFile` 1977-1987)."""
+    new size and digest (2563-2571); the MD5 is filled in when checksums are on (`writeCatalogToFile` 1977-1987);
+    format, content and tags from the query (`configureEntry` 1625-1670)."""
     data = resource.disk[name]
-    resource.catalog[name] = _Entry(name, len(data), md5(data) if checksums else "", fmt, content)
+    resource.catalog[name] = _Entry(name, len(data), md5(data) if checksums else "", fmt, content, tags)

@@ -53,7 +53,7 @@ class _Owner:
     base: str  # XNATCatalogTemplate.getBaseURI (82-121): the listing URIs' prefix
     cat_id: str  # the owning item's ID (listing column `cat_id` of the resources table)
     scan_resources: int = 0  # how many resources the scan had before (the first one gets content RAW)
-    scan_path: str = ""  # for the experiment's `resources` JSON children: ID/scan
+    others: frozenset[str] = frozenset()  # a scan's DICOM and pipeline resources, by label and by id
 
 
 def _catalog_path(owner: _Owner, label: str) -> str:
@@ -124,7 +124,10 @@ class _ResourceApi(_PrearchiveApi):
         if scan is None:
             raise _HttpError(404, "Unable to identify scan")
         count = (1 if scan.files else 0) + len(scan.extras) + len(scan.resources)  # DICOM, pipelines, uploads
-        return _Owner("scan", project, scan.resources, f"{base}/scans/{scan.id}", scan.id, count, scan.id)
+        others = {"DICOM", str(scan.resource_id)} | {
+            n for x in scan.extras.values() for n in (x.label, str(x.resource_id))
+        }
+        return _Owner("scan", project, scan.resources, f"{base}/scans/{scan.id}", scan.id, count, frozenset(others))
 
     def _find_experiment(self, name: str, project: _Project | None, subject: _Subject | None) -> _Experiment:
         """`{E}` as an experiment ID first, then as a label in the project (XNATTemplate 77-107)."""
@@ -161,6 +164,8 @@ class _ResourceApi(_PrearchiveApi):
         with self.store.lock:
             owner = self._owner(request)
             label, _ = self._resource(request, owner)
+        if request.groups["resource"] in owner.others:
+            raise _HttpError(500, "The XNAT stand-in does not model uploads into a scan's DICOM or pipeline resources")
         if hack_check(label):  # res §3: the catalogs fail to load, `parent` stays null: the default 200
             return _Response(200)
         if not self.store.can_edit(request.agent, owner.project):  # res §1.1: no else branch
@@ -184,7 +189,8 @@ class _ResourceApi(_PrearchiveApi):
             resource.format = fmt if fmt is not None else resource.format
             resource.content = content if content is not None else resource.content
             resource.description = description if description is not None else resource.description
-            resource.tags.extend(params.all("tags"))
+            tags = tuple(params.all("tags"))
+            resource.tags.extend(tags)
             seen = resource.version
             try:
                 self._store_files(owner, resource, body, overwrite, extract, request.cut, written, duplicates)
@@ -206,7 +212,7 @@ class _ResourceApi(_PrearchiveApi):
             for path in written:
                 if refused_name(path) or (extract and not overwrite and path in resource.catalog):
                     continue  # storeCatalogEntry 1726-1733: unknown extracted paths only, unless overwrite
-                catalogue(resource, path, checksums=self.config.checksums, fmt=fmt, content=content)
+                catalogue(resource, path, checksums=self.config.checksums, fmt=fmt, content=content, tags=tags)
             resource.version += 1
         if duplicates and not overwrite:  # FileList 345-349: 200, not 409
             # JSONObjectRepresentation(MediaType.TEXT_HTML, new JSONObject(...)): org.json's compact form
@@ -272,16 +278,10 @@ class _ResourceApi(_PrearchiveApi):
     def resource_get(self, request: _Request) -> _Response:
         """`GET .../files` (FileList.handleSingleCatalog 671-708) or `.../files/{path}` (the bytes)."""
         owner = self._owner(request)
-        try:
-            label, resource = self._resource(request, owner)
-        except _HttpError:
-            if owner.kind != "scan":
-                raise
-            label, resource = request.groups["resource"], None
-        if resource is None:
-            if owner.kind == "scan":  # the DICOM and pipeline resources are the archive module's
-                name = request.groups.get("name")
-                return self.scan_file(request) if name else self.scan_files(request)
+        if request.groups["resource"] in owner.others:  # a scan's DICOM and pipeline resources: the archive module's
+            return self.scan_file(request) if request.groups.get("name") else self.scan_files(request)
+        label, resource = self._resource(request, owner)
+        if resource is None:  # FileList.handleMultipleCatalogs over no resource: an empty table
             if "name" in request.groups:
                 raise _HttpError(404, "Unable to find file.")
             return _table(_FILES_COLUMNS, [], request.fmt(), meta=(("title", "Files"),))
