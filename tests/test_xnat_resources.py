@@ -212,6 +212,9 @@ def test_upload_file_into_a_prearchive_session(xnat: FakeXnat, client: XnatClien
     upload_file(client, path, "report 1.pdf", report)  # always overwrites
     assert list_resource(client, path) == [ResourceFile("report 1.pdf", len(report.read_bytes()), "")]
     assert download(client, path, "report 1.pdf") == report.read_bytes()
+    # XNAT keeps the prearchive name as sent, undecoded: the listing URI decodes back to the name asked for
+    state = xnat.resource_state("PROJ", "qBOLD", prearchive=(row["timestamp"], row["folderName"]))
+    assert state is not None and list(state.disk) == ["report%201.pdf"]
 
 
 def test_lookups(xnat: FakeXnat, client: XnatClient, eid: str) -> None:

@@ -11,11 +11,11 @@ SIZE metafield) and `URI`. No class allows POST (XNATApplication 293-299): 405.
 
 from __future__ import annotations
 
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ingestd.testing.xnat.common import _HttpError, _Response, _table
 from ingestd.testing.xnat.model import _Entry, _Resource, _Row
-from ingestd.testing.xnat.resource_files import file_path
+from ingestd.testing.xnat.resource_files import escape_param
 from ingestd.testing.xnat.resources import _ResourceApi
 from ingestd.testing.xnat.routing import _PA, Handler, _Request
 
@@ -40,7 +40,8 @@ class _PrearcResourceApi(_ResourceApi):
         return row
 
     def prearc_upload(self, request: _Request) -> _Response:
-        name = file_path(request.groups.get("name") or "").removeprefix("/")
+        # The writer's name is the URL remainder as sent, XML-escaped, never URL-decoded: `a%201.pdf` is that name.
+        name = escape_param(request.groups.get("name") or "")
         body = self._writers(request, name)  # before the session is looked up (handlePut 74-85)
         label = request.groups["resource"]
         with self.store.lock:
@@ -66,7 +67,7 @@ class _PrearcResourceApi(_ResourceApi):
                 raise _HttpError(404, "The server has not found anything matching the request URI")
             name = request.groups.get("name")
             if name:
-                path = file_path(name)
+                path = escape_param(name)  # CatalogUtils.getEntryByURI(catalog, filepath)
                 if path not in resource.catalog or path not in resource.disk:
                     raise _HttpError(404, "Unable to find file.")  # getFile null [INF: the status]
                 return _Response(200, resource.disk[path], "application/octet-stream")
@@ -75,7 +76,7 @@ class _PrearcResourceApi(_ResourceApi):
                 {
                     "Name": entry.name.rsplit("/", 1)[-1],
                     "Size": str(len(resource.disk[entry.name])),
-                    "URI": f"{base}/{quote(entry.name)}",
+                    "URI": f"{base}/{entry.name}",  # constructURI: the entry's URI as it is [INF]
                 }
                 for entry in resource.catalog.values()
                 if entry.name in resource.disk  # CatalogUtils.getFile: a missing file is skipped

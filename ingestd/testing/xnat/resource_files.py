@@ -63,6 +63,14 @@ def file_path(raw: str) -> str:
     return unquote_plus(raw) if "%2B" in raw or "%20" in raw else raw
 
 
+def escape_param(raw: str) -> str:
+    """`SecureResource.filepath` (W:restlet/resources/SecureResource.java 194-204): the URL after `/files/`, not
+    URL-decoded, through `TurbineUtils.escapeParam` = `StringEscapeUtils.escapeXml11`: a writer's name."""
+    for char, entity in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&quot;"), ("'", "&apos;")):
+        raw = raw.replace(char, entity)
+    return raw
+
+
 def refused_name(name: str) -> bool:
     """CatalogUtils.storeCatalogEntry 1753-1756 (filter at 86-87): a name XNAT will not catalog."""
     last = name.rsplit("/", 1)[-1]

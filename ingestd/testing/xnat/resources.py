@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from ingestd.testing.xnat.common import _HttpError, _Response, _table
 from ingestd.testing.xnat.model import _Experiment, _Project, _Resource, _Subject
@@ -294,7 +294,7 @@ class _ResourceApi(_PrearchiveApi):
         rows = [
             {
                 "Name": entry.name.rsplit("/", 1)[-1], "Size": str(entry.size),
-                "URI": f"{owner.base}/resources/{resource.id}/files/{quote(entry.name)}", "collection": label,
+                "URI": f"{owner.base}/resources/{resource.id}/files/{entry.name}", "collection": label,
                 "file_tags": ",".join(entry.tags), "file_format": entry.format or "",
                 "file_content": entry.content or "", "cat_ID": str(resource.id), "digest": entry.digest,
             }
