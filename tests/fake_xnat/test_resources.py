@@ -270,15 +270,21 @@ def test_hack_check() -> None:
 
 def test_catalog_and_lock_names(xnat: FakeXnat, alice: requests.Session, eid: str) -> None:
     """CatalogUtils.storeCatalogEntry 1753-1756 refuses (500 "XNAT cannot catalog") a `_catalog.xml` or `.~lock-`
-    name only when that file is already there: the resource's own catalog always is; a new such file is written
-    but never catalogued (res §3 names the refusal; the source checks `saveTo.isFile()` first)."""
+    name only when that file is already there: the resource's own catalog always is; a new one is written and
+    catalogued as any file, and refused the next time. Extracted members of such names are written, never
+    catalogued (1728)."""
     url = f"{xnat.url}{EXP}/resources/L/files"
     own = alice.put(f"{url}/L_catalog.xml", data=b"<x/>", headers={"Content-Type": "text/xml"}, timeout=TIMEOUT)
     assert own.status_code == 500 and h3(own) == "XNAT cannot catalog L_catalog.xml"
     new = alice.put(f"{url}/.~lock-x", data=b"l", headers=PDF, timeout=TIMEOUT)
-    assert new.status_code == 200 and listing(alice, url) == []
+    assert new.status_code == 200 and [row["Name"] for row in listing(alice, url)] == [".~lock-x"]
     again = alice.put(f"{url}/.~lock-x", data=b"l", headers=PDF, params={"overwrite": "true"}, timeout=TIMEOUT)
     assert again.status_code == 500 and h3(again) == "XNAT cannot catalog .~lock-x"
+    bundle = zip_of([("a_catalog.xml", b"<c/>"), ("ok.txt", b"ok")])
+    alice.put(f"{url}/b.zip", params={"extract": "true"}, data=bundle, headers=ZIP, timeout=TIMEOUT)
+    assert sorted(row["Name"] for row in listing(alice, url)) == [".~lock-x", "ok.txt"]
+    state = xnat.resource_state("PROJ", "L", session="SESS01")
+    assert state is not None and "a_catalog.xml" in state.disk
 
 
 def test_read_only_account_gets_an_empty_200_and_stores_nothing(

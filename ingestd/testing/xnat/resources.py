@@ -210,7 +210,7 @@ class _ResourceApi(_PrearchiveApi):
                     "exception.",
                 )
             for path in written:
-                if refused_name(path) or (extract and not overwrite and path in resource.catalog):
+                if extract and not overwrite and path in resource.catalog:
                     continue  # storeCatalogEntry 1726-1733: unknown extracted paths only, unless overwrite
                 catalogue(resource, path, checksums=self.config.checksums, fmt=fmt, content=content, tags=tags)
             resource.version += 1
@@ -261,7 +261,8 @@ class _ResourceApi(_PrearchiveApi):
                         duplicates.append(member)
                         continue
                     resource.disk[member] = content
-                    written.append(member)
+                    if not refused_name(member):  # storeCatalogEntry 1728: XNAT_CATALOGABLE_FILE_FILTER
+                        written.append(member)
                 continue
             on_disk = name in resource.disk or name == f"{resource.label}_catalog.xml"
             if on_disk and refused_name(name):  # 1753-1756: only a file already there is refused
