@@ -8,8 +8,9 @@ are named as GradualDicomImporter.getSafeFile names them, and archiving merges c
 MergeCatCatalog does. Standard library HTTP server + pydicom only. The modules, bottom up: `common` (constants,
 helpers, responses), `dicom`, `model` (state records), `auth` (accounts), `catalog` (representations), `merge`
 (archiving a row), `store` (prearchive operations), `faults`, `routing`, the handler groups `login`, `site`,
-`archive`, `import_service` and `prearchive`, `api` (routing table and request plumbing), `handler` (HTTP server),
-`server` (`FakeXnat`), `cli`.
+`archive`, `import_service`, `prearchive`, `resources` (the resource file API of archived experiments, scans and
+subjects, with its pure parts in `resource_files`) and `prearc_resources` (a prearchive session's own resources),
+`api` (routing table and request plumbing), `handler` (HTTP server), `server` (`FakeXnat`), `cli`.
 
 Sources. Comments cite XNAT's source as in github.com/NrgXnat/xnat (xnat-web under `web/`; checked at commit
 93d33cbf6): `archive/`, `helpers/`, `restlet/`, `security/`, `initialization/` and `xapi/` paths are under
@@ -71,7 +72,7 @@ Public API (`FakeXnat`):
   rebuild_repeat_seconds=60.0, session_timeout_seconds=900.0, archive_timeout_seconds=600.0,
   operation_seconds=0.0, site_id="XNAT", use_sop_instance_uid=True, token_lifetime_seconds=172800.0,
   max_failed_logins=20, lockout_seconds=3600.0, password_expiration_seconds=None, require_login=True,
-  context_path="", lastmod_refresh_seconds=None, extra_scan_resources=())`` -- `version` switches the
+  context_path="", lastmod_refresh_seconds=None, extra_scan_resources=(), checksums=True)`` -- `version` switches the
   1.8.8 / 1.8.9 / 1.8.10 behaviour (≥1.8.9: `projects?permissions=`
   without a known `dataType` is a bare 500; ≥1.8.10: default import handler, DICOM-zip
   `project`/`subject`/`session`/`dest`/`action=commit`, nested archives, `Ignore-Unparsable` scope) and is what
@@ -88,7 +89,7 @@ Public API (`FakeXnat`):
   default: 15 s scaled like the idle time, ``min(15, idle_build_seconds / 20)``); `extra_scan_resources` (e.g.
   ``("NIFTI", "SNAPSHOTS", "BIDS")``) gives every newly archived scan those resources too, with a few files each,
   in the experiment JSON/XML, the scan's resource listing, catalogs and file listings (``archived_files`` stays
-  DICOM only).
+  DICOM only); `checksums` is the site preference (MD5 `digest` in resource catalogs, "" when off).
 * ``start()`` (returns self), ``stop()``, context manager; ``url`` (``http://127.0.0.1:PORT``).
 * ``add_user(username, password, *, admin=False)``; ``add_project(project_id, *, owners=(), members=(),
   collaborators=(), prearchive_code=0, aliases=(), name=None)`` -- owners/members may edit, collaborators only
@@ -109,8 +110,10 @@ Public API (`FakeXnat`):
   ``reset_next(method, path_prefix, *, times=1, after_bytes=None)`` resets the connection (TCP RST) part-way
   through the body: for `POST /data/services/import` after `after_bytes` (default half the body), with every entry
   of a raw DICOM-zip upload that lies wholly inside them stored as a complete upload would store it (the rows stay
-  RECEIVING; multipart and other uploads store nothing); elsewhere after at most 64 KiB, processing nothing;
-  logged with status 0.
+  RECEIVING; multipart and other uploads store nothing); for a resource file upload (PUT/POST `.../files...`,
+  prearchive PUT too) after `after_bytes` (default half), the bytes that arrived left in the final file, or with
+  `extract` the members read whole, on disk and not in the catalog; elsewhere after at most 64 KiB, processing
+  nothing; logged with status 0.
   ``truncate_next(method, path_prefix, *, times=1, keep_bytes=None)`` does the real work and answers with the real
   status and headers but only the first `keep_bytes` of the body (default half; Content-Length to match).
   ``proxy_timeout_next(path_prefix="/data/services/import", *, after_seconds, import_seconds, method="POST",
@@ -148,6 +151,13 @@ Archived scans answer what a verifying client reads: ``.../scans/{id}/resources`
 ``.../files``, under `/data/projects/P/subjects/S/experiments/E`, `/data/experiments/{ID}` and the `/archive`
 aliases. Prearchive scan/resource/file listings answer from what the last build catalogued.
 
+Resources (docs/xnat-resources.md, "The stand-in" says what is modelled and what is not): ``PUT|POST
+.../resources/{label}/files[/{path}]`` below `/data[/archive]/projects/P/subjects/S/experiments/E`,
+`/projects/P/experiments/E`, `/experiments/E`, the scans of the first and last, `/projects/P/subjects/S` and
+`/subjects/S`; ``GET`` of the same (the catalog's listing, or a file), ``DELETE .../files/{path}``, ``GET
+.../resources``; ``PUT|GET /data/prearchive/projects/P/TS/S/resources/{label}/files[/{path}]`` and ``GET
+.../resources`` once the session is built; archiving moves a session's resources into the experiment.
+
 Deliberate simplifications (each [INF] where it applies): files live in memory; a minimal xnat.xsd (the
 session types the stand-in files, their scans and resources; enough for xnatpy to walk projects, subjects,
 experiments, scans and resources), no CSRF, anonymisation scripts only as `set_anon_script` failures and
@@ -156,7 +166,7 @@ PET/MR separation, no file history in the archive.
 """
 
 from ingestd.testing.xnat.cli import main
-from ingestd.testing.xnat.model import ExperimentRecord, ScanRecord
+from ingestd.testing.xnat.model import ExperimentRecord, ResourceState, ScanRecord
 from ingestd.testing.xnat.server import FakeXnat
 
-__all__ = ["ExperimentRecord", "FakeXnat", "ScanRecord", "main"]
+__all__ = ["ExperimentRecord", "FakeXnat", "ResourceState", "ScanRecord", "main"]

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 from ingestd.testing.xnat.common import _HttpError, _Response
 from ingestd.testing.xnat.faults import _NGINX_504, _Fault, _ProxyTimeout, _Reset, _Truncation
 from ingestd.testing.xnat.model import _Config
-from ingestd.testing.xnat.prearchive import _PrearchiveApi
+from ingestd.testing.xnat.prearc_resources import _PrearcResourceApi
 from ingestd.testing.xnat.routing import (
     _EXP,
     _EXP_BY_ID,
@@ -32,13 +32,15 @@ from ingestd.testing.xnat.store import _Store
 LOG = logging.getLogger("ingestd.testing.xnat")
 
 
-class _Api(_PrearchiveApi):
+class _Api(_PrearcResourceApi):
     """The HTTP behaviour: authentication, the routing table and one small handler per resource."""
 
     def __init__(self, store: _Store, config: _Config, jobs: ThreadPoolExecutor, site_url: Callable[[], str]) -> None:
         super().__init__(store, config, jobs, site_url)
         get, post, put, delete = "GET", "POST", "PUT", "DELETE"
         table: list[tuple[str, str, Handler]] = [
+            *self.resource_routes(),
+            *self.prearc_resource_routes(),
             (get, r"/", self.root),
             (get, r"/app(?:/.*)?", self.login_page),
             ("GET POST PUT DELETE", r"/data/services/auth", self.login),
@@ -102,6 +104,9 @@ class _Api(_PrearchiveApi):
             _Route(frozenset(methods.split()), re.compile(f"^{pattern}$"), handler)
             for methods, pattern, handler in table
         ]
+        self._uploads = [
+            route.pattern for route in self.routes if route.handler in (self.resource_upload, self.prearc_upload)
+        ]
 
     # -- plumbing -----------------------------------------------------------------------------------------------
 
@@ -143,6 +148,14 @@ class _Api(_PrearchiveApi):
             return rest if rest.startswith("/") else "/" + rest
         return None
 
+    def note_framing(self, method: str, target: str, headers: Message) -> None:
+        """Record how a request's body is framed (Content-Length or chunked), for `FakeXnat.body_framing`."""
+        chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
+        length = headers.get("Content-Length")
+        if chunked or length is not None:
+            with self._log_lock:
+                self.framing.append((method, target, int(length) if length and length.isdigit() else None, chunked))
+
     def take_reset(self, method: str, target: str) -> _Reset | None:
         """The reset that applies to this request, if any (counted and logged with status 0)."""
         path = urlsplit(target).path
@@ -154,10 +167,13 @@ class _Api(_PrearchiveApi):
                     return reset
         return None
 
-    @staticmethod
-    def streams_body(method: str, target: str) -> bool:
-        """Whether XNAT consumes this request's body as it arrives: only the import service's in-body uploads."""
-        return method.upper() == "POST" and _normalise(urlsplit(target).path) == "/data/services/import"
+    def streams_body(self, method: str, target: str) -> bool:
+        """Whether XNAT consumes this request's body as it arrives: the import service's in-body uploads, and the
+        resource file uploads, whose FileWriterWrapper copies the body straight into the final file (res §6)."""
+        path = _normalise(urlsplit(target).path)
+        if method.upper() == "POST" and path == "/data/services/import":
+            return True
+        return method.upper() in ("PUT", "POST") and any(pattern.match(path) for pattern in self._uploads)
 
     def process_cut(self, method: str, target: str, headers: Message, body: bytes) -> None:
         """What XNAT did with a request whose connection was reset after `body` arrived (no answer reaches anyone).
@@ -168,7 +184,8 @@ class _Api(_PrearchiveApi):
         ("unable to read data from file"), so the request ends before the >=1.8.10 synchronous build and the rows stay
         RECEIVING for the idle builder. Everything else stores nothing: multipart bodies are parsed whole by
         commons-fileupload before the importer runs (restlet/resources/SecureResource.java:1273-1277), and SI and
-        gradual-DICOM fail on the cut before a row is written [INF].
+        gradual-DICOM fail on the cut before a row is written [INF]. A raw resource file upload leaves what arrived
+        in the final file, uncatalogued; an extracting one the members read whole (`resources._ResourceApi`).
         """
         self._process(method, target, headers, body, cut=True)
 

@@ -78,6 +78,20 @@ def _experiment_item(experiment: _Experiment, subject_id: str) -> dict[str, Any]
         "UID": experiment.study_uid, "modality": experiment.modality, "date": experiment.date,
     }  # fmt: skip
     children = [{"field": "scans/scan", "items": scans}] if scans else []
+    resources = [
+        {
+            "meta": {"xsi:type": "xnat:resourceCatalog", "isHistory": False},
+            "data_fields": {
+                "xnat_abstractresource_id": r.id, "label": r.label, "file_count": len(r.catalog),
+                "file_size": sum(e.size for e in r.catalog.values()), "format": r.format or "",
+                "content": r.content or "",
+            },
+            "children": [],
+        }
+        for r in experiment.resources.values()
+    ]  # fmt: skip
+    if resources:
+        children.append({"field": "resources/resource", "items": resources})
     return {"meta": {"xsi:type": experiment.xsi_type, "isHistory": False}, "data_fields": fields, "children": children}
 
 
@@ -133,6 +147,10 @@ def _scan_resources(scan: _Scan) -> list[tuple[str, int, str, str, dict[str, byt
     """(label, xnat_abstractresource_id, format, content, name -> bytes) of every resource of a scan, DICOM first."""
     found = [("DICOM", scan.resource_id, "DICOM", "RAW", {n: f.data for n, f in scan.files.items()})]
     found += [(x.label, x.resource_id, x.format, x.content, x.files) for x in scan.extras.values()]
+    found += [
+        (r.label, r.id, r.format or "", r.content or "", {n: r.disk[n] for n in r.catalog if n in r.disk})
+        for r in scan.resources.values()
+    ]  # uploaded through the resource file API (ingestd.testing.xnat.resources)
     return found
 
 

@@ -108,8 +108,10 @@ class _FaultInjection:
 
         `POST /data/services/import`: `after_bytes` of the body (default: half of it) are read, and what XNAT does
         with them happens: a raw DICOM-zip upload has every entry that lies wholly inside them stored, as a complete
-        upload would (rows stay RECEIVING; see `_Api.process_cut`); other uploads store nothing. Other paths: up to
-        `after_bytes` (default 64 KiB) are read and nothing is processed. `requests_log` records each with status 0.
+        upload would (rows stay RECEIVING; see `_Api.process_cut`); other uploads store nothing. A resource file
+        upload (`.../resources/L/files...`, archived or prearchive): `after_bytes` (default half) arrive and stay in
+        the final file, uncatalogued (with `extract`, the members read whole). Other paths: up to `after_bytes`
+        (default 64 KiB) are read and nothing is processed. `requests_log` records each with status 0.
         """
         with self._api._log_lock:
             self._api.resets.append(_Reset(method.upper(), path_prefix, times, after_bytes))

@@ -151,6 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
                 _HttpError(404, f"The requested resource [{self.path}] is not available", tomcat=True).response()
             )
             return
+        server.api.note_framing(self.command, target, self.headers)
         reset = server.api.take_reset(self.command, target)
         if reset is not None:
             self._cut(server.api, reset, target)

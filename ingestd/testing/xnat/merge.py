@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ingestd.testing.xnat.auth import _Accounts
 from ingestd.testing.xnat.catalog import _extra_resource
 from ingestd.testing.xnat.common import (
@@ -19,6 +21,7 @@ from ingestd.testing.xnat.model import (
     _Scan,
     _Subject,
 )
+from ingestd.testing.xnat.resource_files import md5
 
 
 class _Merge(_Accounts):
@@ -83,7 +86,25 @@ class _Merge(_Accounts):
                 }
                 existing.scans[scan_id] = scan
             scan.files = entries
+        self._archive_resources(row, existing)
         return existing.uri
+
+    def _archive_resources(self, row: _Row, experiment: _Experiment) -> None:
+        """The prearchive session's own resources become the experiment's (res §5: MergeSessionsA moves the folder,
+        helpers/merge/MergeSessionsA.java 161, 369-380; PrearcUtils.cleanupScans 868-885 formalizes each catalog
+        with checksums): every entry gets the MD5 of the file on disk when checksums are on; its SIZE metafield
+        stays what the prearchive wrote [INF]. Merged into an existing session, a label it has already takes the
+        new files over its own [INF: not confirmed in the source]."""
+        for label, resource in row.resources.items():
+            target = experiment.resources.setdefault(label, resource)
+            for name, entry in resource.catalog.items():
+                if name not in resource.disk:
+                    continue
+                target.disk[name] = resource.disk[name]
+                digest = md5(resource.disk[name]) if self.config.checksums else ""
+                target.catalog[name] = replace(entry, digest=digest)
+            target.version += 1
+        row.resources = {}
 
     def _merge_catalog(self, existing: dict[str, _File], incoming: dict[str, _File]) -> dict[str, _File]:
         """`MergeCatCatalog.merge` of an incoming DICOM catalog into an existing one; the new entries (name -> file).

@@ -66,6 +66,53 @@ class _HttpSession:
 
 
 @dataclass
+class _Entry:
+    """One `cat:entry` of a resource catalog: what listings show (CatalogUtils.getEntryDetails reads `Size` from the
+    entry's SIZE metafield and `digest` from the entry, not from the disk: utils/CatalogUtils.java 535-615)."""
+
+    name: str
+    size: int
+    digest: str  # MD5 hex, "" when checksums are off or not computed yet (prearchive)
+    format: str | None = None
+    content: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class _Resource:
+    """A catalog resource (`xnat:resourceCatalog`) of an experiment, scan, subject or prearchive session.
+
+    `disk` is what the resource's folder holds (relative path -> bytes), `catalog` what its catalog lists: the two
+    part ways when a write fails after the bytes landed (helpers/FileWriterWrapper.java 104-126 writes straight into
+    the final path; CatalogUtils.storeCatalogEntry 1753-1799 catalogues only after the write). `version` counts
+    catalog writes: CatalogUtils.writeCatalogToFile (1988-2003) refuses to write a catalog changed since it was read.
+    """
+
+    id: int  # xnat_abstractresource_id
+    label: str
+    format: str | None = None
+    content: str | None = None
+    description: str | None = None
+    tags: list[str] = field(default_factory=list)
+    disk: dict[str, bytes] = field(default_factory=dict)
+    catalog: dict[str, _Entry] = field(default_factory=dict)
+    version: int = 0
+
+    def state(self) -> ResourceState:
+        catalog = {name: (entry.size, entry.digest) for name, entry in self.catalog.items()}
+        return ResourceState(self.id, dict(self.disk), catalog)
+
+
+@dataclass(frozen=True)
+class ResourceState:
+    """A snapshot of one resource: the bytes on disk by path, and what its catalog lists, path -> (Size, digest)."""
+
+    id: int
+    disk: dict[str, bytes]
+    catalog: dict[str, tuple[int, str]]
+
+
+@dataclass
 class _File:
     name: str
     data: bytes
@@ -115,6 +162,9 @@ class _Row:
     # Imports writing to the row now: PrearcUtils.lockFile's per-file locks (CACHE_DIR/prearc_locks/P/TS/FOLDER), which
     # SessionXMLRebuilder checks through PrearcUtils.isSessionReceiving before an idle build.
     receiving: int = 0
+    # Session-level resources put into the prearchive session (PrearcSessionResourceCatalogFiles), label -> resource:
+    # kept through rebuilds, archived with the session.
+    resources: dict[str, _Resource] = field(default_factory=dict)
 
     @property
     def project_label(self) -> str:
@@ -205,6 +255,7 @@ class _Scan:
     resource_id: int  # the DICOM resource's xnat_abstractresource_id
     files: dict[str, _File] = field(default_factory=dict)  # the DICOM catalog's entries: URI (file name) -> file
     extras: dict[str, _ExtraResource] = field(default_factory=dict)  # `extra_scan_resources`: label -> resource
+    resources: dict[str, _Resource] = field(default_factory=dict)  # uploaded through the resource file API
 
 
 @dataclass
@@ -230,6 +281,7 @@ class _Experiment:
     date: str
     inserted: datetime
     scans: dict[str, _Scan] = field(default_factory=dict)
+    resources: dict[str, _Resource] = field(default_factory=dict)  # session-level resources, label -> resource
 
     @property
     def uri(self) -> str:
@@ -268,6 +320,7 @@ class _Subject:
     id: str
     project: str
     label: str
+    resources: dict[str, _Resource] = field(default_factory=dict)
 
 
 @dataclass
@@ -327,6 +380,9 @@ class _Config:
     context_path: str = ""
     lastmod_refresh_seconds: float = 15.0
     extra_scan_resources: tuple[str, ...] = ()
+    # Site preference `checksums` (libs/xdat SiteConfigPreferences.java 682-683, default true: MD5 digests in
+    # catalogs). `maintainFileHistory` (708-709) is always its default, false: an overwritten file is deleted.
+    checksums: bool = True
 
     @property
     def version_numbers(self) -> tuple[int, ...]:

@@ -157,6 +157,8 @@ class _ApiBase:
         self.background: list[threading.Thread] = []  # imports still running after their 504
         self.stopping = threading.Event()
         self.log: list[tuple[str, str, int]] = []
+        # (method, target, Content-Length or None, chunked) of every request with a body: how it was framed
+        self.framing: list[tuple[str, str, int | None, bool]] = []
         self._log_lock = threading.Lock()
 
     def _project(self, request: _Request, *, edit: bool = False) -> _Project:

@@ -12,7 +12,7 @@ from types import TracebackType
 from ingestd.testing.xnat.api import _Api
 from ingestd.testing.xnat.faults import _FaultInjection
 from ingestd.testing.xnat.handler import _Server
-from ingestd.testing.xnat.model import ExperimentRecord, _Config, _Project, _User
+from ingestd.testing.xnat.model import ExperimentRecord, ResourceState, _Config, _Project, _Resource, _User
 from ingestd.testing.xnat.store import _Store
 
 LOG = logging.getLogger("ingestd.testing.xnat")
@@ -48,6 +48,7 @@ class FakeXnat(_FaultInjection):
         context_path: str = "",
         lastmod_refresh_seconds: float | None = None,
         extra_scan_resources: Sequence[str] = (),
+        checksums: bool = True,
     ) -> None:
         context_path = context_path.rstrip("/")
         if context_path and not context_path.startswith("/"):
@@ -71,6 +72,7 @@ class FakeXnat(_FaultInjection):
             context_path=context_path,
             lastmod_refresh_seconds=lastmod_refresh_seconds,
             extra_scan_resources=tuple(extra_scan_resources),
+            checksums=checksums,
         )
         self._timers: list[tuple[threading.Timer, Callable[[], None]]] = []
         self._host = host
@@ -286,6 +288,40 @@ class FakeXnat(_FaultInjection):
                         for name, file in scan.files.items()
                     }
         return {}
+
+    def resource_state(
+        self,
+        project: str,
+        resource: str,
+        *,
+        session: str | None = None,
+        scan: str | None = None,
+        subject: str | None = None,
+        prearchive: tuple[str, str] | None = None,
+    ) -> ResourceState | None:
+        """What one resource holds on disk and lists in its catalog (they part ways after an interrupted upload):
+        an archived session's (`session`, with `scan` for a scan's), a subject's (`subject`), or a prearchive
+        session's (`prearchive=(timestamp, folder)`). None if there is no such resource."""
+        with self._store.lock:
+            owner: dict[str, _Resource] = {}
+            if prearchive is not None:
+                row = self._store.rows.get((project, *prearchive))
+                owner = row.resources if row else {}
+            elif session is not None:
+                experiment = self._store.experiments.get((project, session))
+                found = experiment.scans.get(scan) if experiment and scan is not None else None
+                owner = found.resources if found else experiment.resources if experiment and scan is None else {}
+            elif subject is not None:
+                known = self._store.subjects.get((project, subject))
+                owner = known.resources if known else {}
+            found_resource = owner.get(resource)
+            return found_resource.state() if found_resource else None
+
+    @property
+    def body_framing(self) -> list[tuple[str, str, int | None, bool]]:
+        """(method, path+query, Content-Length or None, chunked) of every request that sent a body header."""
+        with self._api._log_lock:
+            return list(self._api.framing)
 
     @property
     def requests_log(self) -> list[tuple[str, str, int]]:

@@ -53,6 +53,13 @@ _XNAT_XSD = """<?xml version="1.0" encoding="UTF-8"?>
   <xs:complexType name="experimentData">
     <xs:sequence>
       <xs:element name="date" type="xs:date" minOccurs="0"/>
+      <xs:element name="resources" minOccurs="0">
+        <xs:complexType>
+          <xs:sequence>
+            <xs:element name="resource" type="xnat:abstractResource" minOccurs="0" maxOccurs="unbounded"/>
+          </xs:sequence>
+        </xs:complexType>
+      </xs:element>
     </xs:sequence>
     <xs:attribute name="ID" type="xs:string" use="required"/>
     <xs:attribute name="project" type="xs:string" use="required"/>
