@@ -21,6 +21,7 @@ import structlog
 
 from ingestd import __version__
 from ingestd.admin.checkconfig import check_config
+from ingestd.attachspool import AttachmentSpool
 from ingestd.config import Config, load_config
 from ingestd.deadline import ProcessDeadline
 from ingestd.errors import ConfigError
@@ -43,6 +44,7 @@ from ingestd.pipeline.runner import PeriodicWorker, failure_text
 from ingestd.receive.listener import DicomListener, bind_listening_socket
 from ingestd.receive.pool import ReceiverPool
 from ingestd.receive.watcher import DropFolderWatcher
+from ingestd.rules.attach import attachable
 from ingestd.statedir import lock_state_dir
 from ingestd.status import JournalStatus, status_line
 from ingestd.wakeup import Wakeup
@@ -96,6 +98,11 @@ class Daemon:
     def _deliverer(self) -> Deliverer | None:
         return None if self._pipeline is None else self._pipeline.deliverer
 
+    def _attachable(self, relative: str) -> bool:
+        """Whether a rule in force (across reloads) attaches a non-DICOM file at `relative` (ingestd.rules.attach)."""
+        router = self._router
+        return router is not None and attachable(router.rules, relative)
+
     def _lock_state_dir(self) -> None:
         self._lock_file = lock_state_dir(self.config.state_dir)
 
@@ -107,6 +114,8 @@ class Daemon:
         self.journal = Journal(config.journal_path)
         spool, quarantine = open_spool(config, self.journal)
         recover_spool(config, spool, quarantine)
+        attachments = AttachmentSpool(config.state_dir, self.journal, min_free_bytes=config.spool.min_free_mb * 2**20)
+        attachments.recover()  # copies of non-DICOM files no journal row names: their drop file is still there
         associations = AssociationCounters(config.listener.processes) if config.listener.enabled else None
         self._start_metrics(associations)
         self._pipeline = pipeline = build_pipeline(self.journal, config, rules)
@@ -123,7 +132,9 @@ class Daemon:
                     "daemon.xnat_missing", detail="no xnat.servers configured: routed studies wait, nothing is sent"
                 )
         for folder in config.drop_folders:
-            watcher = DropFolderWatcher(folder, config.archives, spool, quarantine)
+            watcher = DropFolderWatcher(
+                folder, config.archives, spool, quarantine, attachable=self._attachable, attachments=attachments
+            )
             watcher.start()
             self._services.append(watcher)
         if config.listener.enabled:

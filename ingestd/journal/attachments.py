@@ -27,18 +27,22 @@ __all__ = [
     "AttachmentOut",
     "FileStored",
     "OutgoingFile",
+    "SessionBatch",
     "attachments_out",
     "finish_set",
     "known_attachment_paths",
     "remove_files",
     "route_set",
+    "session_batches",
     "set_files",
     "set_key",
+    "set_recheck",
     "set_verified",
     "split_set",
     "start_set_delivery",
     "store_file",
     "upload_batches",
+    "upload_instances",
 ]
 
 SET_PREFIX = "files:"  # the `study_uid` of an attachment set starts so; no Study Instance UID does (digits and dots)
@@ -294,3 +298,40 @@ def finish_set(journal: Journal, batch_id: int, now: float) -> bool:
             (StudyState.DELIVERED, now, batch_id, StudyState.ROUTED),
         )
         return cursor.rowcount == 1
+
+
+def upload_instances(journal: Journal, source_kind: str, source: str, upload: str) -> list[tuple[int, str, str]]:
+    """Every instance of this upload as (its batch id, its study's UID, its source detail): which study each
+    attached file lies closest to."""
+    rows = journal.query(
+        "SELECT i.batch_id, i.study_uid, i.source_detail FROM instances i"
+        " WHERE i.source_kind = ? AND i.source = ? AND i.upload = ?",
+        (source_kind, source, upload),
+    )
+    return [(int(row[0]), str(row[1]), str(row[2])) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionBatch:
+    """A study's batch routed to a session, as an attachment set's delivery looks for its session."""
+
+    batch_id: int
+    state: str
+    prearchive_url: str | None  # where its delivery found our prearchive session, if it did
+
+
+def session_batches(journal: Journal, server: str, project: str, subject: str, session: str) -> list[SessionBatch]:
+    """The studies' batches routed to this session (newest first): is the session in XNAT, or on its way?"""
+    rows = journal.query(
+        "SELECT b.id, b.state, d.prearchive_url FROM routes r JOIN batches b ON b.id = r.batch_id"
+        " LEFT JOIN deliveries d ON d.batch_id = b.id WHERE b.kind = ? AND r.server = ? AND r.project = ?"
+        " AND r.subject = ? AND r.session = ? ORDER BY b.id DESC",
+        (BatchKind.DICOM, server, project, subject, session),
+    )
+    return [SessionBatch(int(row[0]), str(row[1]), row[2]) for row in rows]
+
+
+def set_recheck(journal: Journal, batch_id: int, at: float) -> None:
+    """When a held set (`no-session`, `study-held`) looks again whether it can move on."""
+    with journal.transaction() as tx:
+        tx.execute("UPDATE batches SET retry_at = ? WHERE id = ?", (at, batch_id))

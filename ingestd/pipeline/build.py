@@ -20,6 +20,7 @@ from ingestd.config import Config
 from ingestd.errors import ConfigError
 from ingestd.journal import Journal
 from ingestd.pipeline.assemble import Assembler, CompletionPolicy
+from ingestd.pipeline.attach import SetRouter
 from ingestd.pipeline.deliver import Deliverer
 from ingestd.pipeline.retention import RetentionWorker
 from ingestd.pipeline.route import Router
@@ -65,11 +66,12 @@ class Pipeline:
     router: Router | None
     deliverer: Deliverer | None
     retention: RetentionWorker | None = None  # removes what `retention:` says is done with (the daemon's)
+    set_router: SetRouter | None = None  # routes attachment sets (non-DICOM files) with their studies' routes
     running: list[PeriodicWorker] = field(default_factory=list)  # started, in order
 
     @property
     def workers(self) -> list[PeriodicWorker]:
-        stages = (self.assembler, self.router, self.deliverer, self.retention)
+        stages = (self.assembler, self.router, self.set_router, self.deliverer, self.retention)
         return [worker for worker in stages if worker is not None]
 
     def start(self) -> None:
@@ -90,13 +92,16 @@ class Pipeline:
         failure limits, the completion times and the wedge limit change live; a stage is never added or removed."""
         if self.router is not None and rules is not None:
             self.router.rules = rules
+        if self.set_router is not None and rules is not None:
+            self.set_router.rules = rules
+            self.set_router.config = config
         if self.deliverer is not None:
             self.deliverer.reconfigure(config)
         if self.retention is not None:
             self.retention.reconfigure(config)
         if self.assembler is not None:
             self.assembler.policy = CompletionPolicy(config.study_idle_seconds, config.study_max_wait_seconds)
-        for worker in (self.assembler, self.router):
+        for worker in (self.assembler, self.router, self.set_router):
             if worker is not None:
                 worker.wedged_after = config.wedged_worker_seconds
                 worker.failures = config.batch_failures
@@ -124,10 +129,13 @@ def build_pipeline(
             failures=config.batch_failures,
         )
         assembler.wedged_after = config.wedged_worker_seconds
-    router = deliverer = None
+    router = deliverer = set_router = None
     if rules is not None:
         router = Router(journal, rules, config.state_dir, interval=interval, failures=config.batch_failures)
         router.wedged_after = config.wedged_worker_seconds
+        quarantine = Quarantine(config.quarantine_dir, journal)
+        set_router = SetRouter(journal, rules, config, quarantine, interval=interval)
+        set_router.wedged_after = config.wedged_worker_seconds
         if config.xnat.servers:
             deliverer = Deliverer(journal, config, interval=interval)
             live = router
@@ -135,4 +143,4 @@ def build_pipeline(
     retention = (
         RetentionWorker(journal, config, interval=interval) if (assemble if retain is None else retain) else None
     )
-    return Pipeline(assembler, router, deliverer, retention)
+    return Pipeline(assembler, router, deliverer, retention, set_router)

@@ -44,8 +44,10 @@ import structlog
 
 from ingestd.config import Config, XnatServer
 from ingestd.journal import BatchRow, Delivery, Journal, Route
+from ingestd.journal.attachments import set_recheck, start_set_delivery
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
+from ingestd.pipeline.attachsteps import SET_STEPS, recheck_no_session
 from ingestd.pipeline.holdings import BROKEN, LABEL_TAKEN_ADVICE, READY, HoldError, Job, check_same_study, look_at
 from ingestd.pipeline.package import write_package
 from ingestd.pipeline.runner import BatchWorker, note_failure
@@ -149,11 +151,16 @@ class Deliverer(BatchWorker):
 
     def due(self, now: float) -> Iterator[BatchRow]:
         """The routed batches, oldest first, of the servers that admit deliveries now (see `_admit`)."""
-        for batch in sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id):
+        for batch in sorted(self.journal.batches((StudyState.ROUTED, StudyState.HELD)), key=lambda b: b.id):
             if self.stopping:
                 return
-            if batch.kind != BatchKind.DICOM:  # attachment sets: ingestd.pipeline.attach
-                continue
+            if batch.state == StudyState.HELD:  # an attachment set looks again for the session it waits for
+                if batch.hold_code != HoldCode.NO_SESSION or batch.retry_at > now:
+                    continue
+                route = self.journal.route(batch.id)
+                if route is None:
+                    continue
+                self._routes[batch.id] = route
             name = self._routes[batch.id].server
             if name not in self._admitted:
                 self._admitted[name] = self._admit(name)
@@ -164,9 +171,12 @@ class Deliverer(BatchWorker):
         """Take the batch's steps one after the other while it is due: the next check is a poll interval away."""
         route = self._routes[batch.id]
         name = route.server
+        if batch.state == StudyState.HELD:
+            return self._recheck(batch, route)
         delivery = self.journal.delivery(batch.id)
         if delivery is None:
-            self.journal.start_delivery(batch.id, time.time())
+            start = start_set_delivery if batch.kind == BatchKind.FILES else Journal.start_delivery
+            start(self.journal, batch.id, time.time())
             delivery = self.journal.delivery(batch.id)
         taken = 0
         for _ in range(_STEPS_PER_CHECK):
@@ -185,6 +195,30 @@ class Deliverer(BatchWorker):
     def _admit(self, name: str) -> bool:
         return self.servers.admit(name)
 
+    def _recheck(self, batch: BatchRow, route: Route) -> int:
+        """An attachment set held `no-session`: on to `locate` once XNAT has the session (else looked at later)."""
+        server = self.config.xnat.servers.get(route.server)
+        delivery = self.journal.delivery(batch.id)
+        if server is None or delivery is None:
+            return 0
+        job = Job(batch.id, route, delivery, server, self._client(route.server, server))
+        try:
+            moved = recheck_no_session(self, job, lambda: self.journal.retry_batch(batch.id, time.time()))
+        except XnatLoginError as exc:
+            self.breaker.refused(route.server, server, str(exc), time.time())
+            return 0
+        except XnatError:
+            set_recheck(self.journal, batch.id, time.time() + self.config.attachments.recheck_seconds)
+            return 0
+        return int(moved)
+
+    # What the steps of an attachment set (ingestd.pipeline.attachsteps) call.
+    def advance(self, batch_id: int, step: Step, *, progress: bool = False, **fields: Any) -> None:
+        self._advance(batch_id, step, progress=progress, **fields)
+
+    def wait(self, batch_id: int, seconds: float, **fields: Any) -> None:
+        self._wait(batch_id, seconds, **fields)
+
     # -- one step ------------------------------------------------------------------------------------------
 
     def step(self, batch_id: int, route: Route, delivery: Delivery) -> None:
@@ -198,7 +232,11 @@ class Deliverer(BatchWorker):
                 raise HoldError(
                     HoldCode.NO_SERVER, f"no XNAT server named '{name}' in the configuration (xnat.servers)"
                 )
-            STEPS[step](self, Job(batch_id, route, delivery, server, self._client(name, server)))
+            job = Job(batch_id, route, delivery, server, self._client(name, server))
+            if step in SET_STEPS:
+                SET_STEPS[step](self, job)
+            else:
+                STEPS[step](self, job)
         except HoldError as exc:
             self._hold(batch_id, exc.code, exc.reason, step)
         except XnatLoginError as exc:
@@ -286,6 +324,8 @@ class Deliverer(BatchWorker):
         self._settling.pop(batch_id, None)
         self.journal.update_delivery(batch_id, last_error=reason, retried_at=None)  # a retry is spent by a new hold
         if self.journal.hold_batch(batch_id, code, f"deliver: {reason}", time.time(), from_state=StudyState.ROUTED):
+            if code == HoldCode.NO_SESSION:  # an attachment set looks for its session again, by itself
+                set_recheck(self.journal, batch_id, time.time() + self.config.attachments.recheck_seconds)
             DELIVERIES.labels(outcome=StudyState.HELD).inc()
             shown = self._hide_labels(self.journal.route(batch_id), reason)
             log.warning("deliver.held", batch_id=batch_id, step=step, code=code, reason=shown)

@@ -1,0 +1,248 @@
+"""Non-DICOM files to XNAT as resources, end to end: a real daemon, a drop folder, the XNAT stand-in, xnatpy.
+
+Checked by identity: each file is in the resource its rule names, under its name, byte-identical (xnatpy downloads
+it), and once (a listing never shows a name twice, and no file ingestd did not send is there); faults and a kill -9
+during the upload change none of that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xnat
+
+from ingestd.testing.xnat import FakeXnat
+from tests.dicom import make_study, write_instances
+from tests.procs import DaemonProcess, free_port, journal_rows, wait_until, write_xnat_daemon_config
+
+pytestmark = [pytest.mark.slow]
+
+RULES = """\
+rules:
+  - name: mr
+    when: {drop_folder: DROP}
+    route: {server: main, project: PROJ, subject: '{path[0]}', session: '{path[1]}', archive: true}
+    attach:
+      - {match: "*/*/qBOLD/**", resource: qBOLD}
+      - {match: "**/*.PAR", resource: PARREC}
+      - {match: "**/*.REC", resource: PARREC}
+"""
+
+QBOLD = {"maps/r2prime.nii.gz": 300_000, "maps/oef.nii.gz": 200_000, "report.txt": 1_000}
+PARREC = {"scan_7.PAR": 20_000, "scan_7.REC": 2_000_000}
+
+
+def _bytes(name: str, size: int) -> bytes:
+    """Content that differs per name (so a file in the wrong place shows), repeatable."""
+    seed = hashlib.sha256(name.encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def _tree(root: Path, subject: str, session: str, *, dicom: bool, results: bool = True) -> dict[str, bytes]:
+    """Write `<subject>/<session>/` under `root`: DICOM (2 series) and/or qBOLD results and a PAR/REC pair.
+    Returns the non-DICOM files' bytes by their path below `<session>/`."""
+    base = root / subject / session
+    written: dict[str, bytes] = {}
+    if dicom:
+        study = make_study(series=2, per_series=3)
+        for ds in study:
+            ds.SeriesNumber = 1 if ds.SeriesInstanceUID == study[0].SeriesInstanceUID else 2
+        write_instances(study, base / "dicom")
+    if results:
+        for name, size in QBOLD.items():
+            written[f"qBOLD/{name}"] = _bytes(name, size)
+        for name, size in PARREC.items():
+            written[f"raw/{name}"] = _bytes(name, size)
+        for relative, data in written.items():
+            (base / relative).parent.mkdir(parents=True, exist_ok=True)
+            (base / relative).write_bytes(data)
+    return written
+
+
+def _drop(staging: Path, drop: Path, subject: str) -> None:
+    """Move a finished tree into the drop folder at once (a rename on the same file system)."""
+    (staging / subject).rename(drop / subject)
+
+
+def _config(tmp_path: Path, port: int, url: str, drop: Path, *, extra: str = "") -> Path:
+    drop.mkdir(exist_ok=True)
+    rules = RULES.replace("DROP", str(drop))
+    return write_xnat_daemon_config(
+        tmp_path,
+        port,
+        url,
+        rules=rules,
+        extra=f"drop_folders: [{{path: {drop}, settle_seconds: 0.3}}]\nattachments: {{recheck_seconds: 1}}\n{extra}",
+    )
+
+
+def _batches(config: Path) -> list[tuple[int, str, str, str | None]]:
+    """(id, kind, state, hold code) of every batch and set, oldest first."""
+    journal = config.parent / "state" / "journal.sqlite"
+    if not journal.exists():
+        return []
+    return [
+        (int(row[0]), str(row[1]), str(row[2]), row[3])
+        for row in journal_rows(journal, "SELECT id, kind, state, hold_code FROM batches ORDER BY id")
+    ]
+
+
+def _all_delivered(config: Path, sets: int) -> bool:
+    rows = _batches(config)
+    files = [row for row in rows if row[1] == "files"]
+    return len(files) == sets and all(row[2] == "delivered" for row in rows)
+
+
+@contextmanager
+def _xnatpy(server: FakeXnat) -> Iterator[Any]:
+    with xnat.connect(server.url, user="ingestd", password="pw-for-tests", loglevel="ERROR") as session:
+        yield session
+
+
+def _resources(server: FakeXnat, subject: str, session: str) -> dict[str, dict[str, bytes]]:
+    """What xnatpy finds in the session's resources: label -> name -> the bytes it downloads."""
+    found: dict[str, dict[str, bytes]] = {}
+    with _xnatpy(server) as connection:
+        experiment = connection.projects["PROJ"].subjects[subject].experiments[session]
+        for resource in experiment.resources.values():
+            files: dict[str, bytes] = {}
+            for name, file in resource.files.items():
+                assert name not in files, f"{name} listed twice in {resource.label}"
+                with file.open() as stream:
+                    files[name] = stream.read()
+            found[resource.label] = files
+    return found
+
+
+def _on_disk(server: FakeXnat, session: str, labels: tuple[str, ...] = ("qBOLD", "PARREC")) -> None:
+    """XNAT's disk holds exactly what its catalogs list: no partial file left from an interrupted upload."""
+    for label in labels:
+        state = server.resource_state("PROJ", label, session=session)
+        assert state is not None
+        assert set(state.disk) == set(state.catalog), label
+        assert all(len(state.disk[name]) == size for name, (size, _digest) in state.catalog.items())
+
+
+def _expected(written: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
+    return {
+        "qBOLD": {name.removeprefix("qBOLD/"): data for name, data in written.items() if name.startswith("qBOLD/")},
+        "PARREC": {name.removeprefix("raw/"): data for name, data in written.items() if name.startswith("raw/")},
+    }
+
+
+def test_a_session_folder_lands_as_one_session_with_scans_and_two_resources(tmp_path: Path, xnat: FakeXnat) -> None:
+    """`sub01/ses01/` with DICOM, qBOLD results and a PAR/REC pair: one session, its two scans, two resources,
+    every file byte-identical in xnatpy's download, and the drop folder emptied."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    written = _tree(staging, "sub01", "ses01", dicom=True)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
+        assert daemon.terminate() == 0
+    (experiment,) = xnat.experiments("PROJ")
+    assert len(experiment.scans) == 2
+    assert _resources(xnat, "sub01", "ses01") == _expected(written)
+    assert not any(drop.iterdir())
+    assert not list((config.parent / "state" / "attachments").glob("[!.]*"))  # copies removed once verified
+    log = (tmp_path / "daemon.log").read_text()
+    assert "qBOLD/maps" not in log and "scan_7" not in log  # no path below the drop folder in the log
+
+
+def test_files_without_dicom_attach_to_an_existing_session_and_wait_for_a_missing_one(
+    tmp_path: Path, xnat: FakeXnat
+) -> None:
+    """The how-to pattern `<subject>/<session>/qBOLD/...` without DICOM: attached to the session XNAT has; for a
+    session XNAT lacks, held `no-session` until it exists (here: its DICOM is dropped), then attached by itself."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    _tree(staging, "sub02", "ses02", dicom=True, results=False)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub02")
+        wait_until(lambda: _all_delivered(config, 0) and _batches(config), 60, interval=0.3)
+        later = _tree(staging, "sub02", "ses02", dicom=False)
+        missing = _tree(staging, "sub03", "ses03", dicom=False)
+        _drop(staging, drop, "sub02")
+        _drop(staging, drop, "sub03")
+
+        def held() -> bool:
+            return any(row[1] == "files" and row[3] == "no-session" for row in _batches(config))
+
+        wait_until(held, 60, interval=0.3, message="the set for the missing session held no-session")
+        assert any(row[1] == "files" and row[2] == "delivered" for row in _batches(config))
+        assert _resources(xnat, "sub02", "ses02") == _expected(later)
+        # the session appears: its DICOM is dropped (as a lab would, once the scan is exported)
+        _tree(staging, "sub03", "ses03", dicom=True, results=False)
+        _drop(staging, drop, "sub03")
+        wait_until(lambda: _all_delivered(config, 2), 60, interval=0.3, message="the held set delivered")
+        assert daemon.terminate() == 0
+    assert _resources(xnat, "sub03", "ses03") == _expected(missing)
+
+
+_UPLOAD = ("PUT", "/data/experiments/")
+
+
+@pytest.mark.parametrize("fault", ["reset", "503", "processed-then-504"])
+def test_a_fault_during_the_resource_upload_leaves_each_file_once(tmp_path: Path, xnat: FakeXnat, fault: str) -> None:
+    """XNAT resets the upload mid-body (a partial file on its disk that no listing shows), answers 503, or stores
+    everything and then a proxy answers 504: each file ends in XNAT once, byte-identical."""
+    if fault == "reset":
+        xnat.reset_next(*_UPLOAD, after_bytes=200_000)
+    elif fault == "503":
+        xnat.fail_next(*_UPLOAD, status=503)
+    else:
+        xnat.fail_next(*_UPLOAD, status=504, after_processing=True)
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    written = _tree(staging, "sub01", "ses01", dicom=True)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="delivered despite the fault")
+        assert daemon.terminate() == 0
+    assert xnat.faults_pending() == 0
+    assert _resources(xnat, "sub01", "ses01") == _expected(written)
+    _on_disk(xnat, "ses01")
+
+
+def test_kill9_during_the_resource_upload_leaves_each_file_once(tmp_path: Path, xnat: FakeXnat) -> None:
+    """The daemon dies while XNAT stores the first upload (its answer delayed): after the restart it lists the
+    resources, finds every file, and uploads nothing again."""
+    xnat.fail_next(*_UPLOAD, status=504, after_processing=True, delay=30)
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    written = _tree(staging, "sub01", "ses01", dicom=True)
+
+    def uploading() -> bool:
+        journal = config.parent / "state" / "journal.sqlite"
+        return bool(journal_rows(journal, "SELECT 1 FROM deliveries WHERE step = 'uploading'"))
+
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(uploading, 60, interval=0.2, message="the resource upload under way")
+        wait_until(lambda: _resources_answered(xnat), 30, interval=0.2, message="XNAT storing the first upload")
+        assert daemon.kill9() == -9
+        daemon.start()
+        daemon.wait_ready(port)
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="delivered after the restart")
+        assert daemon.terminate() == 0
+    puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "/resources/" in path]
+    # PARREC's upload (the first, by label) was stored before the kill and never answered; after the restart only
+    # qBOLD's was sent
+    assert len(puts) == 1 and "/resources/qBOLD/" in puts[0]
+    assert _resources(xnat, "sub01", "ses01") == _expected(written)
+    _on_disk(xnat, "ses01")
+
+
+def _resources_answered(server: FakeXnat) -> bool:
+    """Whether the stand-in holds the PARREC files the delayed upload carried (it stores before it answers)."""
+    state = server.resource_state("PROJ", "PARREC", session="ses01")
+    return state is not None and len(state.catalog) == len(PARREC)
