@@ -223,3 +223,14 @@ def test_lookups(xnat: FakeXnat, client: XnatClient, eid: str) -> None:
     assert scan_ids(client, eid) == frozenset({"1", "2"})
     assert subject_exists(client, "PROJ", "SUBJ01")
     assert not subject_exists(client, "PROJ", "NOBODY")
+
+
+def test_a_name_xnat_will_not_catalog_is_a_permanent_refusal(client: XnatClient, eid: str, tmp_path: Path) -> None:
+    """A 500 "XNAT cannot catalog" (res §1.3) does not change on retry: not retryable. The resource's own catalog
+    name is always refused."""
+    path = resource_path(f"/data/experiments/{eid}", "session", "", "L", project="PROJ", subject="SUBJ01")
+    catalog = tmp_path / "L_catalog.xml"
+    catalog.write_bytes(b"<x/>")
+    with pytest.raises(XnatError) as caught:
+        upload_file(client, path, "L_catalog.xml", catalog)
+    assert caught.value.status == 500 and not caught.value.retryable

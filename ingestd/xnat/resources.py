@@ -41,6 +41,8 @@ __all__ = [
 
 _JSON = {"format": "json"}
 LEVELS = ("session", "scan", "subject")
+# 500s of an upload that no retry changes (res §1.2, §1.3): a name XNAT will not catalog, a body it cannot take.
+_PERMANENT_UPLOAD_500 = ("XNAT cannot catalog", "In-body File posts must include")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +112,21 @@ def upload_zip(client: XnatClient, path: str, zip_path: Path, *, name: str, over
     size = zip_path.stat().st_size
     headers = {"Content-Type": "application/zip", "Content-Length": str(size)}
     with _ReportingFile(zip_path, client.progress) as body:
-        response = client.request(
-            "PUT",
-            f"{path}/files/{_q(name)}",
-            f"upload {name} into a resource",
-            params=params,
-            data=body,
-            headers=headers,
-            allow=(200,),
-        )
+        response = _put(client, f"{path}/files/{_q(name)}", f"upload {name} into a resource", body, headers, params)
     return _duplicates(client, response, name)
+
+
+def _put(
+    client: XnatClient, url: str, doing: str, body: _ReportingFile, headers: dict[str, str], params: dict[str, str]
+) -> requests.Response:
+    """One upload; the 500s no retry can change are made permanent (a concurrent catalog write, a 5xx, stays
+    retryable)."""
+    try:
+        return client.request("PUT", url, doing, params=params, data=body, headers=headers, allow=(200,))
+    except XnatError as exc:
+        if exc.status == 500 and any(text in str(exc) for text in _PERMANENT_UPLOAD_500):
+            raise XnatError(str(exc), retryable=False, status=500) from None
+        raise
 
 
 def _duplicates(client: XnatClient, response: requests.Response, name: str) -> tuple[str, ...]:
@@ -142,15 +149,9 @@ def upload_file(client: XnatClient, path: str, name: str, file_path: Path) -> No
     """Put one file into a resource under `name` (`PUT {path}/files/{name}`, raw body): for a prearchive session,
     which never extracts and always overwrites (res §5)."""
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(file_path.stat().st_size)}
+    quoted = "/".join(_q(part) for part in name.split("/"))
     with _ReportingFile(file_path, client.progress) as body:
-        response = client.request(
-            "PUT",
-            f"{path}/files/{'/'.join(_q(part) for part in name.split('/'))}",
-            "upload a file into a resource",
-            data=body,
-            headers=headers,
-            allow=(200,),
-        )
+        response = _put(client, f"{path}/files/{quoted}", "upload a file into a resource", body, headers, {})
     duplicates = _duplicates(client, response, "a file")
     if duplicates:
         raise XnatError(

@@ -43,6 +43,8 @@ def _routes(eid: str) -> dict[str, tuple[str, str]]:
         "scan-by-id-archive": (f"/data/archive/experiments/{eid}/scans/1/resources/L", "scan"),
         "subject": ("/data/projects/PROJ/subjects/SUBJ01/resources/L", "subject"),
         "subject-archive": ("/data/archive/projects/PROJ/subjects/SUBJ01/resources/L", "subject"),
+        "subject-by-id": ("/data/subjects/{sid}/resources/L", "subject"),
+        "subject-by-id-archive": ("/data/archive/subjects/{sid}/resources/L", "subject"),
     }
 
 
@@ -52,7 +54,8 @@ def test_every_route_stores_lists_and_serves_a_file(
     xnat: FakeXnat, alice: requests.Session, eid: str, route: str, method: str
 ) -> None:
     path, level = _routes(eid)[route]
-    url = f"{xnat.url}{path}/files"
+    subject_id = next(s["ID"] for s in listing(alice, f"{xnat.url}/data/projects/PROJ/subjects"))
+    url = f"{xnat.url}{path.format(sid=subject_id)}/files"
     response = alice.request(method, f"{url}/report.pdf", data=b"%PDF-1 report", headers=PDF, timeout=TIMEOUT)
     assert (response.status_code, response.text) == (200, "")
     assert response.headers["Content-Type"].startswith("text/plain")

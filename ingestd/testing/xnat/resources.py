@@ -92,11 +92,11 @@ class _ResourceApi(_PrearchiveApi):
         wanted_subject = groups.get("subject") or groups.get("subject_id")
         if wanted_subject is not None:
             name = unquote(wanted_subject)
-            subject = next(
+            subject = next(  # `/subjects/{S}` alone: an ID; below a project: a label or an ID [INF]
                 (
                     s
                     for s in store.subjects.values()
-                    if (project is None or s.project == project.id) and name in (s.label, s.id)
+                    if (s.id == name if project is None else s.project == project.id and name in (s.label, s.id))
                 ),
                 None,
             )
