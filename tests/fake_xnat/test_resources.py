@@ -336,3 +336,13 @@ def test_scan_listings_keep_the_dicom_resource_and_know_no_other_label(
     assert listing(alice, f"{scan}/NIFTI/files") == []
     refused = alice.put(f"{scan}/DICOM/files/x.dcm", data=b"x", headers=PDF, timeout=TIMEOUT)
     assert refused.status_code == 500 and "does not model" in h3(refused)
+
+
+def test_format_json_on_an_upload_is_the_resource_format(xnat: FakeXnat, alice: requests.Session, eid: str) -> None:
+    """res §1.6: `format` is both the answer's format and the resource's: `format=json` on a PUT makes "json" the
+    resource's and the file's format."""
+    url = f"{xnat.url}{EXP}/resources/L/files"
+    alice.put(f"{url}/a.pdf", params={"format": "json"}, data=b"a", headers=PDF, timeout=TIMEOUT)
+    (resource,) = listing(alice, f"{xnat.url}{EXP}/resources")
+    (row,) = listing(alice, url)
+    assert (resource["format"], row["file_format"]) == ("json", "json")
