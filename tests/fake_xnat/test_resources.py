@@ -310,6 +310,8 @@ def test_download_and_delete(xnat: FakeXnat, alice: requests.Session, eid: str) 
     alice.put(f"{url}/a.pdf", data=b"a", headers=PDF, timeout=TIMEOUT)
     missing = alice.get(f"{url}/b.pdf", timeout=TIMEOUT)
     assert (missing.status_code, h3(missing)) == (404, "Unable to find file.")
+    quiet = alice.get(f"{url}/b.pdf", params={"accept-not-found": "true"}, timeout=TIMEOUT)
+    assert (quiet.status_code, quiet.content) == (204, b"")
     assert alice.delete(f"{url}/a.pdf", timeout=TIMEOUT).status_code == 200
     assert listing(alice, url) == []
     gone = alice.delete(f"{url}/a.pdf", timeout=TIMEOUT)
