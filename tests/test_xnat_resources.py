@@ -206,7 +206,9 @@ def test_upload_file_into_a_prearchive_session(xnat: FakeXnat, client: XnatClien
     with pytest.raises(XnatError) as caught:  # not built yet: no session document
         upload_file(client, path, "report 1.pdf", report)
     assert caught.value.status == 404 and not caught.value.retryable
+    assert list_resource(client, path) is None
     xnat.build_now()
+    assert list_resource(client, path) is None  # built, but no such resource yet
     upload_file(client, path, "report 1.pdf", report)
     report.write_bytes(b"%PDF-1.4 prearchive, again")
     upload_file(client, path, "report 1.pdf", report)  # always overwrites

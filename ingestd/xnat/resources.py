@@ -79,8 +79,11 @@ def resource_path(base: str, level: str, scan: str, resource: str, *, project: s
 
 
 def list_resource(client: XnatClient, path: str) -> list[ResourceFile] | None:
-    """The files a resource's catalog lists (`GET {path}/files?format=json`, res §4); None when XNAT answers 404
-    (no such experiment, scan or subject; a resource label it does not have lists no files)."""
+    """The files a resource's catalog lists (`GET {path}/files?format=json`, res §4); None when XNAT answers 404.
+
+    Archived: 404 is no such experiment, scan or subject; a label the owner does not have lists no files ([]).
+    Prearchive: 404 is a session not built (or gone: archived, deleted) *or* a label it does not have yet
+    (PrearcSessionResourceCatalogFiles.getRepresentation answers 404 for an unknown resource)."""
     response = client.request("GET", f"{path}/files", "list a resource's files", params=_JSON, allow=(404,))
     if response.status_code == 404:
         return None
@@ -176,7 +179,8 @@ def experiment_id(client: XnatClient, project: str, subject: str, session: str) 
 
 
 def scan_ids(client: XnatClient, experiment_id: str) -> frozenset[str]:
-    """The IDs of an archived experiment's scans (`GET /data/experiments/{ID}/scans`)."""
+    """The IDs of an archived experiment's scans (`GET /data/experiments/{ID}/scans`); XnatError (404, permanent)
+    for an experiment XNAT does not have."""
     response = client.request(
         "GET", f"/data/experiments/{_q(experiment_id)}/scans", "list an experiment's scans", params=_JSON
     )
