@@ -206,7 +206,9 @@ def test_upload_file_into_a_prearchive_session(xnat: FakeXnat, client: XnatClien
     with pytest.raises(XnatError) as caught:  # not built yet: no session document
         upload_file(client, path, "report 1.pdf", report)
     assert caught.value.status == 404 and not caught.value.retryable
+    assert list_resource(client, path) is None
     xnat.build_now()
+    assert list_resource(client, path) is None  # built, but no such resource yet
     upload_file(client, path, "report 1.pdf", report)
     report.write_bytes(b"%PDF-1.4 prearchive, again")
     upload_file(client, path, "report 1.pdf", report)  # always overwrites
@@ -223,3 +225,14 @@ def test_lookups(xnat: FakeXnat, client: XnatClient, eid: str) -> None:
     assert scan_ids(client, eid) == frozenset({"1", "2"})
     assert subject_exists(client, "PROJ", "SUBJ01")
     assert not subject_exists(client, "PROJ", "NOBODY")
+
+
+def test_a_name_xnat_will_not_catalog_is_a_permanent_refusal(client: XnatClient, eid: str, tmp_path: Path) -> None:
+    """A 500 "XNAT cannot catalog" (res §1.3) does not change on retry: not retryable. The resource's own catalog
+    name is always refused."""
+    path = resource_path(f"/data/experiments/{eid}", "session", "", "L", project="PROJ", subject="SUBJ01")
+    catalog = tmp_path / "L_catalog.xml"
+    catalog.write_bytes(b"<x/>")
+    with pytest.raises(XnatError) as caught:
+        upload_file(client, path, "L_catalog.xml", catalog)
+    assert caught.value.status == 500 and not caught.value.retryable

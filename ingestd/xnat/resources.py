@@ -41,6 +41,8 @@ __all__ = [
 
 _JSON = {"format": "json"}
 LEVELS = ("session", "scan", "subject")
+# 500s of an upload that no retry changes (res §1.2, §1.3): a name XNAT will not catalog, a body it cannot take.
+_PERMANENT_UPLOAD_500 = ("XNAT cannot catalog", "In-body File posts must include")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +79,11 @@ def resource_path(base: str, level: str, scan: str, resource: str, *, project: s
 
 
 def list_resource(client: XnatClient, path: str) -> list[ResourceFile] | None:
-    """The files a resource's catalog lists (`GET {path}/files?format=json`, res §4); None when XNAT answers 404
-    (no such experiment, scan or subject; a resource label it does not have lists no files)."""
+    """The files a resource's catalog lists (`GET {path}/files?format=json`, res §4); None when XNAT answers 404.
+
+    Archived: 404 is no such experiment, scan or subject; a label the owner does not have lists no files ([]).
+    Prearchive: 404 is a session not built (or gone: archived, deleted) *or* a label it does not have yet
+    (PrearcSessionResourceCatalogFiles.getRepresentation answers 404 for an unknown resource)."""
     response = client.request("GET", f"{path}/files", "list a resource's files", params=_JSON, allow=(404,))
     if response.status_code == 404:
         return None
@@ -110,16 +115,21 @@ def upload_zip(client: XnatClient, path: str, zip_path: Path, *, name: str, over
     size = zip_path.stat().st_size
     headers = {"Content-Type": "application/zip", "Content-Length": str(size)}
     with _ReportingFile(zip_path, client.progress) as body:
-        response = client.request(
-            "PUT",
-            f"{path}/files/{_q(name)}",
-            f"upload {name} into a resource",
-            params=params,
-            data=body,
-            headers=headers,
-            allow=(200,),
-        )
+        response = _put(client, f"{path}/files/{_q(name)}", f"upload {name} into a resource", body, headers, params)
     return _duplicates(client, response, name)
+
+
+def _put(
+    client: XnatClient, url: str, doing: str, body: _ReportingFile, headers: dict[str, str], params: dict[str, str]
+) -> requests.Response:
+    """One upload; the 500s no retry can change are made permanent (a concurrent catalog write, a 5xx, stays
+    retryable)."""
+    try:
+        return client.request("PUT", url, doing, params=params, data=body, headers=headers, allow=(200,))
+    except XnatError as exc:
+        if exc.status == 500 and any(text in str(exc) for text in _PERMANENT_UPLOAD_500):
+            raise XnatError(str(exc), retryable=False, status=500) from None
+        raise
 
 
 def _duplicates(client: XnatClient, response: requests.Response, name: str) -> tuple[str, ...]:
@@ -142,15 +152,9 @@ def upload_file(client: XnatClient, path: str, name: str, file_path: Path) -> No
     """Put one file into a resource under `name` (`PUT {path}/files/{name}`, raw body): for a prearchive session,
     which never extracts and always overwrites (res §5)."""
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(file_path.stat().st_size)}
+    quoted = "/".join(_q(part) for part in name.split("/"))
     with _ReportingFile(file_path, client.progress) as body:
-        response = client.request(
-            "PUT",
-            f"{path}/files/{'/'.join(_q(part) for part in name.split('/'))}",
-            "upload a file into a resource",
-            data=body,
-            headers=headers,
-            allow=(200,),
-        )
+        response = _put(client, f"{path}/files/{quoted}", "upload a file into a resource", body, headers, {})
     duplicates = _duplicates(client, response, "a file")
     if duplicates:
         raise XnatError(
@@ -175,7 +179,8 @@ def experiment_id(client: XnatClient, project: str, subject: str, session: str) 
 
 
 def scan_ids(client: XnatClient, experiment_id: str) -> frozenset[str]:
-    """The IDs of an archived experiment's scans (`GET /data/experiments/{ID}/scans`)."""
+    """The IDs of an archived experiment's scans (`GET /data/experiments/{ID}/scans`); XnatError (404, permanent)
+    for an experiment XNAT does not have."""
     response = client.request(
         "GET", f"/data/experiments/{_q(experiment_id)}/scans", "list an experiment's scans", params=_JSON
     )

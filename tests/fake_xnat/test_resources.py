@@ -43,6 +43,8 @@ def _routes(eid: str) -> dict[str, tuple[str, str]]:
         "scan-by-id-archive": (f"/data/archive/experiments/{eid}/scans/1/resources/L", "scan"),
         "subject": ("/data/projects/PROJ/subjects/SUBJ01/resources/L", "subject"),
         "subject-archive": ("/data/archive/projects/PROJ/subjects/SUBJ01/resources/L", "subject"),
+        "subject-by-id": ("/data/subjects/{sid}/resources/L", "subject"),
+        "subject-by-id-archive": ("/data/archive/subjects/{sid}/resources/L", "subject"),
     }
 
 
@@ -52,7 +54,8 @@ def test_every_route_stores_lists_and_serves_a_file(
     xnat: FakeXnat, alice: requests.Session, eid: str, route: str, method: str
 ) -> None:
     path, level = _routes(eid)[route]
-    url = f"{xnat.url}{path}/files"
+    subject_id = next(s["ID"] for s in listing(alice, f"{xnat.url}/data/projects/PROJ/subjects"))
+    url = f"{xnat.url}{path.format(sid=subject_id)}/files"
     response = alice.request(method, f"{url}/report.pdf", data=b"%PDF-1 report", headers=PDF, timeout=TIMEOUT)
     assert (response.status_code, response.text) == (200, "")
     assert response.headers["Content-Type"].startswith("text/plain")
@@ -307,6 +310,8 @@ def test_download_and_delete(xnat: FakeXnat, alice: requests.Session, eid: str) 
     alice.put(f"{url}/a.pdf", data=b"a", headers=PDF, timeout=TIMEOUT)
     missing = alice.get(f"{url}/b.pdf", timeout=TIMEOUT)
     assert (missing.status_code, h3(missing)) == (404, "Unable to find file.")
+    quiet = alice.get(f"{url}/b.pdf", params={"accept-not-found": "true"}, timeout=TIMEOUT)
+    assert (quiet.status_code, quiet.content) == (204, b"")
     assert alice.delete(f"{url}/a.pdf", timeout=TIMEOUT).status_code == 200
     assert listing(alice, url) == []
     gone = alice.delete(f"{url}/a.pdf", timeout=TIMEOUT)
@@ -333,3 +338,13 @@ def test_scan_listings_keep_the_dicom_resource_and_know_no_other_label(
     assert listing(alice, f"{scan}/NIFTI/files") == []
     refused = alice.put(f"{scan}/DICOM/files/x.dcm", data=b"x", headers=PDF, timeout=TIMEOUT)
     assert refused.status_code == 500 and "does not model" in h3(refused)
+
+
+def test_format_json_on_an_upload_is_the_resource_format(xnat: FakeXnat, alice: requests.Session, eid: str) -> None:
+    """res §1.6: `format` is both the answer's format and the resource's: `format=json` on a PUT makes "json" the
+    resource's and the file's format."""
+    url = f"{xnat.url}{EXP}/resources/L/files"
+    alice.put(f"{url}/a.pdf", params={"format": "json"}, data=b"a", headers=PDF, timeout=TIMEOUT)
+    (resource,) = listing(alice, f"{xnat.url}{EXP}/resources")
+    (row,) = listing(alice, url)
+    assert (resource["format"], row["file_format"]) == ("json", "json")

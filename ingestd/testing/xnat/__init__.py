@@ -82,7 +82,8 @@ Public API (`FakeXnat`):
   anonymous requests as `guest` (403, not 401); `context_path` (e.g. ``"/xnat"``) serves everything under it only
   (`url` includes it; body URIs stay `/data/...`, redirects to XNAT pages include it); the idle builder
   replaces XNAT's minutes by seconds (§5.3);
-  `operation_seconds` makes every build and archive take that long, so tests can observe `BUILDING`/`_ARCHIVING`
+  `operation_seconds` makes every build and archive take that long (and holds every resource upload between its
+  file writes and its catalog write), so tests can observe `BUILDING`/`_ARCHIVING`
   and lock contention; `use_sop_instance_uid` is the site preference `useSopInstanceUidToUniquelyIdentifyDicom`
   (archived catalog entries matched by SOP Instance UID, else by file name); `lastmod_refresh_seconds` is
   GradualDicomImporter.updateSessionLastMod's 15 s (a row's lastmod is refreshed by new files at most that often;

@@ -92,11 +92,11 @@ class _ResourceApi(_PrearchiveApi):
         wanted_subject = groups.get("subject") or groups.get("subject_id")
         if wanted_subject is not None:
             name = unquote(wanted_subject)
-            subject = next(
+            subject = next(  # `/subjects/{S}` alone: an ID; below a project: a label or an ID [INF]
                 (
                     s
                     for s in store.subjects.values()
-                    if (project is None or s.project == project.id) and name in (s.label, s.id)
+                    if (s.id == name if project is None else s.project == project.id and name in (s.label, s.id))
                 ),
                 None,
             )
@@ -282,14 +282,19 @@ class _ResourceApi(_PrearchiveApi):
         if request.groups["resource"] in owner.others:  # a scan's DICOM and pipeline resources: the archive module's
             return self.scan_file(request) if request.groups.get("name") else self.scan_files(request)
         label, resource = self._resource(request, owner)
+        missing = _Response(204) if flag(request.params.get("accept-not-found")) else None  # FileList 631
         if resource is None:  # FileList.handleMultipleCatalogs over no resource: an empty table
             if "name" in request.groups:
+                if missing is not None:
+                    return missing
                 raise _HttpError(404, "Unable to find file.")
             return _table(_FILES_COLUMNS, [], request.fmt(), meta=(("title", "Files"),))
         name = request.groups.get("name")
         if name:
             path = file_path(name)
             if path not in resource.catalog or path not in resource.disk:
+                if missing is not None:
+                    return missing
                 raise _HttpError(404, "Unable to find file.")
             return _Response(200, resource.disk[path], "application/octet-stream")
         rows = [
