@@ -246,3 +246,27 @@ def _resources_answered(server: FakeXnat) -> bool:
     """Whether the stand-in holds the PARREC files the delayed upload carried (it stores before it answers)."""
     state = server.resource_state("PROJ", "PARREC", session="ses01")
     return state is not None and len(state.catalog) == len(PARREC)
+
+
+def test_a_rule_that_does_not_archive_attaches_to_its_ready_prearchive_session(tmp_path: Path, xnat: FakeXnat) -> None:
+    """XNAT's prearchive takes session-level resources once the session is built (one raw PUT per file, always
+    overwriting, no digest: docs/xnat-resources.md §5): the files land beside the DICOM of our READY session."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    rules = config.parent / "lab.rules.yaml"
+    rules.write_text(rules.read_text().replace("archive: true", "archive: false"))
+    written = _tree(staging, "sub01", "ses01", dicom=True)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
+        assert daemon.terminate() == 0
+    assert not xnat.experiments("PROJ")
+    (row,) = xnat.prearchive_rows("PROJ")
+    assert row["status"] == "READY"
+    expected = _expected(written)
+    for label, files in expected.items():
+        state = xnat.resource_state("PROJ", label, prearchive=(row["timestamp"], row["folderName"]))
+        assert state is not None and state.disk == files and set(state.catalog) == set(files)
+    puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "/resources/" in path]
+    assert len(puts) == sum(len(files) for files in expected.values())  # one per file, each once
