@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import xnat
 
 from ingestd.testing.xnat import FakeXnat
@@ -270,3 +271,40 @@ def test_a_rule_that_does_not_archive_attaches_to_its_ready_prearchive_session(t
         assert state is not None and state.disk == files and set(state.catalog) == set(files)
     puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "/resources/" in path]
     assert len(puts) == sum(len(files) for files in expected.values())  # one per file, each once
+
+
+def test_a_file_xnat_holds_with_other_content_holds_the_set_and_one_with_the_same_is_not_sent(
+    tmp_path: Path, xnat: FakeXnat
+) -> None:
+    """Someone put `qBOLD/report.txt` into the session by hand, with other content: the set is held
+    `attach-conflict` and XNAT's file is left as it is. The PAR/REC pair someone put there already, byte for byte,
+    is not sent again."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    _tree(staging, "sub01", "ses01", dicom=True, results=False)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 0) and _batches(config), 60, interval=0.3)
+        base = f"{xnat.url}/data/projects/PROJ/subjects/sub01/experiments/ses01/resources"
+        auth = ("ingestd", "pw-for-tests")
+        theirs = b"a report someone else wrote"
+        for path, data in [
+            ("qBOLD/files/report.txt", theirs),
+            *((f"PARREC/files/{n}", _bytes(n, s)) for n, s in PARREC.items()),
+        ]:
+            answer = requests.put(
+                f"{base}/{path}", data=data, auth=auth, headers={"Content-Type": "text/plain"}, timeout=10
+            )
+            assert answer.status_code == 200, answer.text
+        _tree(staging, "sub01", "ses01", dicom=False)
+        _drop(staging, drop, "sub01")
+
+        def held() -> bool:
+            return any(row[1] == "files" and row[3] == "attach-conflict" for row in _batches(config))
+
+        wait_until(held, 60, interval=0.3, message="the set held attach-conflict")
+        assert daemon.terminate() == 0
+    assert _resources(xnat, "sub01", "ses01")["qBOLD"]["report.txt"] == theirs
+    puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "ingestd-" in path]
+    assert puts == []  # nothing sent: the listing found the conflict first, and PARREC already there
