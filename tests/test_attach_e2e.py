@@ -308,3 +308,44 @@ def test_a_file_xnat_holds_with_other_content_holds_the_set_and_one_with_the_sam
     assert _resources(xnat, "sub01", "ses01")["qBOLD"]["report.txt"] == theirs
     puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "ingestd-" in path]
     assert puts == []  # nothing sent: the listing found the conflict first, and PARREC already there
+
+
+ANONYMIZING = """\
+profiles:
+  research: {key: {env: INGESTD_TEST_KEY}}
+rules:
+  - name: research
+    when: {drop_folder: DROP}
+    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR', archive: true}
+    anonymize: research
+    attach:
+      - {match: "*/*/qBOLD/**", resource: qBOLD}
+    attach_unreviewed_files: true
+    justification: the lab's qBOLD pipeline writes maps and a fit report, reviewed to hold no patient data
+"""
+
+
+def test_a_de_identifying_rule_attaches_reviewed_files_under_names_made_of_the_label(
+    tmp_path: Path, xnat: FakeXnat
+) -> None:
+    """With `anonymize`, the files leave under `<resource>_<NNNN><extension>`: no folder or file name of the drop
+    (which may hold a patient's name) reaches XNAT, and the session is the de-identified one."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    (config.parent / "lab.rules.yaml").write_text(ANONYMIZING.replace("DROP", str(drop)))
+    written = _tree(staging, "DOE^JOHN", "ses01", dicom=True)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "DOE^JOHN")
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
+        assert daemon.terminate() == 0
+    (experiment,) = xnat.experiments("PROJ")
+    assert "DOE" not in experiment.subject and experiment.label.endswith("_MR")
+    state = xnat.resource_state("PROJ", "qBOLD", session=experiment.label)
+    assert state is not None
+    qbold = {name: data for name, data in written.items() if name.startswith("qBOLD/")}
+    assert sorted(state.disk) == ["qBOLD_0001.nii.gz", "qBOLD_0002.nii.gz", "qBOLD_0003.txt"]
+    assert sorted(state.disk.values()) == sorted(qbold.values())  # the bytes as dropped (reviewed, not altered)
+    assert xnat.resource_state("PROJ", "PARREC", session=experiment.label) is None  # no entry takes them
+    log = (tmp_path / "daemon.log").read_text()
+    assert "DOE" not in log and "r2prime" not in log
