@@ -204,7 +204,7 @@ def _step_upload(host: SetHost, job: Job) -> None:
             package.unlink(missing_ok=True)
         requests += 1
         if duplicates:
-            log.info("attach.duplicates", batch_id=job.batch_id, resource=target[2], files=len(duplicates))
+            log.info("attach.duplicates", batch_id=job.batch_id, files=len(duplicates))  # looked at by `check`
     log.info(
         "attach.uploaded",
         batch_id=job.batch_id,
