@@ -50,6 +50,7 @@ from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
 from ingestd.journal import BatchInstance, Journal, Source
 from ingestd.logs import hide_member_names, path_digest, uid_digest
+from ingestd.pipeline.attachplan import FileAtHand, StudyAtHand, plan_attachments
 from ingestd.pipeline.build import Pipeline, build_pipeline, load_rules_for, open_spool, recover_spool
 from ingestd.pipeline.route import header_facts, study_facts
 from ingestd.progress import Bar, Counts, Lines
@@ -313,6 +314,7 @@ class _Study:
     instances: list[BatchInstance] = field(default_factory=list)
     headers: dict[str, dict[str, str | tuple[str, ...]]] = field(default_factory=dict)
     sops: set[str] = field(default_factory=set)
+    uploads: set[tuple[str, str]] = field(default_factory=set)  # (upload, path below the folder) of its instances
 
 
 class _Survey(_Taker):
@@ -322,6 +324,8 @@ class _Survey(_Taker):
         super().__init__(limits, counts, rules)
         self.studies: dict[str, _Study] = {}
         self.attached: list[str] = []  # the source details of the files a rule would attach
+        self.attached_files: list[FileAtHand] = []  # and each as the set router would see it
+        self.verdicts: dict[str, Routed | Held] = {}  # what the router would do with each study (`decisions`)
 
     def instance(self, prepared: PreparedInstance, source: Source) -> None:
         header = prepared.header
@@ -330,6 +334,7 @@ class _Survey(_Taker):
             self.counts.known += 1
             return
         study.sops.add(header.sop_uid)
+        study.uploads.add((_upload_key(source), path_parts(source.detail)))
         self.counts.spooled += 1
         if header.series_uid not in study.headers:  # one header per series, as the router reads them
             data = pydicom.dcmread(io.BytesIO(prepared.prefix + prepared.body), stop_before_pixels=True)
@@ -353,6 +358,7 @@ class _Survey(_Taker):
 
     def attach(self, source: Source, content: bytes | Readable) -> None:
         self.attached.append(source.detail)  # a dry run reads no further: it says what would be attached
+        self.attached_files.append(FileAtHand(_upload_key(source), path_parts(source.detail), source.name))
 
     def decisions(self, rules: RuleSet) -> Iterator[tuple[str, bool]]:
         """A line per study saying what the rules would do, and whether it would be held."""
@@ -365,6 +371,7 @@ class _Survey(_Taker):
         clashes = label_clashes(verdicts)
         for uid, routed in verdicts:
             study, decision = self.studies[uid], clashes.get(uid, routed)
+            self.verdicts[uid] = decision
             what = f"{uid_digest(uid)}: {len(study.instances)} instance(s) in {len(facts[uid].series)} series"
             if isinstance(decision, Held):
                 yield f"{what}: would be held ({decision.code}): {decision.reason}", True
@@ -382,6 +389,11 @@ class _Survey(_Taker):
             )
 
 
+def _upload_key(source: Source) -> str:
+    """The upload as the journal tells them apart: the folder given and the upload within it."""
+    return f"{source.name}\n{source.upload}"
+
+
 def _dry_run(rules: RuleSet, sources: Sources, limits: Archives, out: TextIO, *, show_paths: bool) -> int:
     counts = Counts(files=len(sources.files), passed_over=sources.passed_over)
     survey = _Survey(limits, counts, rules)
@@ -390,14 +402,19 @@ def _dry_run(rules: RuleSet, sources: Sources, limits: Archives, out: TextIO, *,
     for line, would_hold in survey.decisions(rules):
         held += would_hold
         print(line, file=out)
+    studies = [StudyAtHand(uid, tuple(study.uploads), survey.verdicts[uid]) for uid, study in survey.studies.items()]
+    for line, would_hold in plan_attachments(rules, survey.attached_files, studies, show_paths=show_paths):
+        held += would_hold
+        print(line, file=out)
     totals = (
         f"dry run: {counts.scanned} files, {counts.spooled} instances in {len(survey.studies)} studies"
-        f" ({held} would be held), {counts.quarantined} would be quarantined, {counts.unreadable} unreadable;"
+        f" ({held} would be held), {len(survey.attached)} files to attach, {counts.quarantined} would be"
+        f" quarantined, {counts.unreadable} unreadable;"
         " nothing was written or sent"
     )
     for line in _totals(totals, survey.problems, show_paths=show_paths, kept="would be quarantined"):
         print(line, file=out)
-    return EXIT_FAILED if held or counts.unreadable or not survey.studies else EXIT_OK
+    return EXIT_FAILED if held or counts.unreadable or not (survey.studies or survey.attached) else EXIT_OK
 
 
 # -- the command -------------------------------------------------------------------------------------

@@ -232,8 +232,10 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     import tempfile  # noqa: PLC0415
 
     from ingestd.logs import quiet_pydicom  # noqa: PLC0415
-    from ingestd.offline import anonymize_studies, explain_studies, read_studies  # noqa: PLC0415
+    from ingestd.offline import anonymize_studies, explain_studies, read_studies, studies_at_hand  # noqa: PLC0415
+    from ingestd.pipeline.attachplan import FileAtHand, plan_attachments  # noqa: PLC0415
     from ingestd.rules import load_rules  # noqa: PLC0415
+    from ingestd.rules.attach import attachable  # noqa: PLC0415
 
     quiet_pydicom()
     rules = load_rules(args.rules)
@@ -243,14 +245,26 @@ def _cmd_offline(args: argparse.Namespace) -> int:
         print(f"ingestd: no such file or folder: {missing[0]}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="ingestd-") as scratch:  # the instances as the spool would hold them
-        studies, skipped = read_studies(paths, Path(scratch), calling_aet=args.calling_aet, called_aet=args.called_aet)
+        attached: list[FileAtHand] = []
+        explaining = args.command == "explain"
+        studies, skipped = read_studies(
+            paths,
+            Path(scratch),
+            calling_aet=args.calling_aet,
+            called_aet=args.called_aet,
+            attachable=(lambda relative: attachable(rules, relative)) if explaining else None,
+            attachments=attached,
+        )
         for path, reason in skipped:
             print(f"skipped {path}: {reason}", file=sys.stderr)
-        if not studies:
+        if not studies and not attached:
             print("ingestd: no DICOM instances found", file=sys.stderr)
             return 1
-        if args.command == "explain":
+        if explaining:
             for line in explain_studies(rules, studies, all_instances=args.all):
+                print(line)
+            plan = plan_attachments(rules, attached, studies_at_hand(rules, studies), show_paths=True)
+            for line, _held in plan:  # paths shown: `explain` is for the operator's terminal
                 print(line)
             return 0
         failed = 0

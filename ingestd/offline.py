@@ -20,7 +20,7 @@ import io
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +31,14 @@ from ingestd.deid.engine import Change, DeidError, Labels, anonymize, screen
 from ingestd.deid.stream import open_instance
 from ingestd.dicomfile import PreparedInstance
 from ingestd.journal import BatchInstance, BatchRow, Journal
+from ingestd.journal.attachments import attachments_out, set_files
 from ingestd.logs import quiet_pydicom, uid_digest
-from ingestd.pipeline.route import deidentify_file, header_facts, study_facts
+from ingestd.pipeline.attachplan import FileAtHand, StudyAtHand
+from ingestd.pipeline.route import deidentify_file, header_facts, path_parts, study_facts
 from ingestd.receive.intake import find_sources, read_source, source_name
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts, explain_match
 from ingestd.rules.verdict import Screened, label_clashes, verdict
-from ingestd.states import StudyState
+from ingestd.states import BatchKind, StudyState
 
 _GONE = (StudyState.DELIVERED, StudyState.RELEASED)
 
@@ -48,6 +50,7 @@ __all__ = [
     "explain_studies",
     "read_studies",
     "spooled_study",
+    "studies_at_hand",
     "study_verdict",
 ]
 
@@ -61,6 +64,7 @@ class InputFile:
     sop_uid: str
     sop_class_uid: str
     modality: str
+    upload: str = ""  # the folder given and the upload within it (which non-DICOM files go with the study)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +82,16 @@ def read_studies(
     limits: Archives | None = None,
     calling_aet: str | None = None,
     called_aet: str = "INGESTD",
+    attachable: Callable[[str], bool] | None = None,
+    attachments: list[FileAtHand] | None = None,
 ) -> tuple[list[Study], list[tuple[str, str]]]:
     """The studies in `paths`, read as the daemon's intake reads them, and what was skipped with the reason.
 
     Files are found and read by `ingestd.receive.intake`, as `ingestd import` and a drop folder do: hidden and
     partial files passed over, zip and tar archives opened, a missing preamble or file meta completed. Each
     instance is written to `scratch` as the spool would hold it (the study's files point there). Skipped items
-    are named by their path (an archive member as `archive!member`).
+    are named by their path (an archive member as `archive!member`). With `attachable`, the non-DICOM files a rule
+    attaches are added to `attachments` instead of being skipped.
     """
     limits = limits or Archives()
     files: list[InputFile] = []
@@ -94,7 +101,7 @@ def read_studies(
     sops: set[tuple[str, str]] = set()
     sources = find_sources(paths)
 
-    def found(prepared: PreparedInstance, detail: str, root: Path) -> None:
+    def found(prepared: PreparedInstance, detail: str, root: Path, upload: str = "") -> None:
         header = prepared.header
         if (header.study_uid, header.sop_uid) in sops:  # as the spool: one instance per SOP Instance UID
             return
@@ -115,6 +122,7 @@ def read_studies(
                 sop_uid=header.sop_uid,
                 sop_class_uid=header.sop_class_uid,
                 modality=header.modality,
+                upload=upload,
             )
         )
         roots.setdefault(header.study_uid, source_name(str(root)))
@@ -127,10 +135,24 @@ def read_studies(
         def skip(detail: str, reason: str, *_item: object, root: Path = root) -> None:
             skipped.append((f"{root}/{detail}", reason))
 
-        def take(prepared: PreparedInstance, detail: str, root: Path = root) -> None:
-            found(prepared, detail, root)
+        upload = f"{source_name(str(root))}\n{file.upload}"
 
-        read_source(file, limits, found=take, refused=skip, unreadable=skip)
+        def take(prepared: PreparedInstance, detail: str, root: Path = root, upload: str = upload) -> None:
+            found(prepared, detail, root, upload)
+
+        def attach(detail: str, _content: object, root: Path = root, upload: str = upload) -> None:
+            if attachments is not None:
+                attachments.append(FileAtHand(upload, path_parts(detail), source_name(str(root))))
+
+        read_source(
+            file,
+            limits,
+            found=take,
+            refused=skip,
+            unreadable=skip,
+            attachable=attachable or (lambda _relative: False),
+            attached=attach,
+        )
     studies = []
     by_study: dict[str, list[InputFile]] = {}
     for item in files:
@@ -153,6 +175,18 @@ def read_studies(
         series_headers = {item.series_uid: headers[item.series_uid] for item in members}
         studies.append(Study(uid, tuple(members), study_facts(uid, instances, series_headers)))
     return studies, skipped
+
+
+def studies_at_hand(rules: RuleSet, studies: Sequence[Study]) -> list[StudyAtHand]:
+    """The studies as the attachment plan sees them: their instances' uploads and paths, and their verdicts."""
+    return [
+        StudyAtHand(
+            study.uid,
+            tuple((item.upload, path_parts(item.relative)) for item in study.files),
+            study_verdict(rules, study),
+        )
+        for study in studies
+    ]
 
 
 def study_verdict(rules: RuleSet, study: Study, *, rule: str | None = None) -> Routed | Held:
@@ -335,6 +369,9 @@ def _explain_batch(
         f"instance(s) received {_source_text(batch)}",
         True,
     )
+    if batch.kind == BatchKind.FILES:
+        yield from _explain_set(journal, batch)
+        return
     instances = journal.batch_instances(batch.id)
     missing = sum(not (spool_dir / instance.spool_path).is_file() for instance in instances)
     if missing:
@@ -352,6 +389,25 @@ def _explain_batch(
             return
         for line in explain_studies(rules, [study], all_instances=all_instances, clashes_between=False):
             yield line, True
+
+
+def _explain_set(journal: Journal, batch: BatchRow) -> Iterator[tuple[str, bool]]:
+    """An attachment set: its files, and where each goes once routed (paths shown: for the operator only)."""
+    out = {item.file_id: item for item in attachments_out(journal, batch.id)}
+    route = journal.route(batch.id)
+    if route is not None:
+        where = f"{route.server} {route.project}/{route.subject}/{route.session}"
+        yield f"  routed by rule {route.rule} to {where} ({'archive' if route.archive else 'prearchive'})", True
+    else:
+        yield "  not routed yet: it follows the route of the study in its upload, or a files-only rule", True
+    for file in set_files(journal, batch.id):
+        placed = out.get(file.id)
+        if placed is None:
+            yield f"    {file.relative} ({file.size} bytes)", True
+            continue
+        scan = f"scan {placed.scan} " if placed.level == "scan" else "subject " if placed.level == "subject" else ""
+        seen = "verified in XNAT" if placed.verified_at else "not verified yet"
+        yield f"    {file.relative} -> {scan}resource {placed.resource}: {placed.name} ({seen})", True
 
 
 def run_explain_batches(

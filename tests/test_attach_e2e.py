@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import xnat
 
 from ingestd.testing.xnat import FakeXnat
@@ -246,3 +247,105 @@ def _resources_answered(server: FakeXnat) -> bool:
     """Whether the stand-in holds the PARREC files the delayed upload carried (it stores before it answers)."""
     state = server.resource_state("PROJ", "PARREC", session="ses01")
     return state is not None and len(state.catalog) == len(PARREC)
+
+
+def test_a_rule_that_does_not_archive_attaches_to_its_ready_prearchive_session(tmp_path: Path, xnat: FakeXnat) -> None:
+    """XNAT's prearchive takes session-level resources once the session is built (one raw PUT per file, always
+    overwriting, no digest: docs/xnat-resources.md §5): the files land beside the DICOM of our READY session."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    rules = config.parent / "lab.rules.yaml"
+    rules.write_text(rules.read_text().replace("archive: true", "archive: false"))
+    written = _tree(staging, "sub01", "ses01", dicom=True)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
+        assert daemon.terminate() == 0
+    assert not xnat.experiments("PROJ")
+    (row,) = xnat.prearchive_rows("PROJ")
+    assert row["status"] == "READY"
+    expected = _expected(written)
+    for label, files in expected.items():
+        state = xnat.resource_state("PROJ", label, prearchive=(row["timestamp"], row["folderName"]))
+        assert state is not None and state.disk == files and set(state.catalog) == set(files)
+    puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "/resources/" in path]
+    assert len(puts) == sum(len(files) for files in expected.values())  # one per file, each once
+
+
+def test_a_file_xnat_holds_with_other_content_holds_the_set_and_one_with_the_same_is_not_sent(
+    tmp_path: Path, xnat: FakeXnat
+) -> None:
+    """Someone put `qBOLD/report.txt` into the session by hand, with other content: the set is held
+    `attach-conflict` and XNAT's file is left as it is. The PAR/REC pair someone put there already, byte for byte,
+    is not sent again."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    _tree(staging, "sub01", "ses01", dicom=True, results=False)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 0) and _batches(config), 60, interval=0.3)
+        base = f"{xnat.url}/data/projects/PROJ/subjects/sub01/experiments/ses01/resources"
+        auth = ("ingestd", "pw-for-tests")
+        theirs = b"a report someone else wrote"
+        for path, data in [
+            ("qBOLD/files/report.txt", theirs),
+            *((f"PARREC/files/{n}", _bytes(n, s)) for n, s in PARREC.items()),
+        ]:
+            answer = requests.put(
+                f"{base}/{path}", data=data, auth=auth, headers={"Content-Type": "text/plain"}, timeout=10
+            )
+            assert answer.status_code == 200, answer.text
+        _tree(staging, "sub01", "ses01", dicom=False)
+        _drop(staging, drop, "sub01")
+
+        def held() -> bool:
+            return any(row[1] == "files" and row[3] == "attach-conflict" for row in _batches(config))
+
+        wait_until(held, 60, interval=0.3, message="the set held attach-conflict")
+        assert daemon.terminate() == 0
+    assert _resources(xnat, "sub01", "ses01")["qBOLD"]["report.txt"] == theirs
+    puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "ingestd-" in path]
+    assert puts == []  # nothing sent: the listing found the conflict first, and PARREC already there
+
+
+ANONYMIZING = """\
+profiles:
+  research: {key: {env: INGESTD_TEST_KEY}}
+rules:
+  - name: research
+    when: {drop_folder: DROP}
+    route: {server: main, project: PROJ, subject: '{PatientID:hash8}', session: '{subject}_MR', archive: true}
+    anonymize: research
+    attach:
+      - {match: "*/*/qBOLD/**", resource: qBOLD}
+    attach_unreviewed_files: true
+    justification: the lab's qBOLD pipeline writes maps and a fit report, reviewed to hold no patient data
+"""
+
+
+def test_a_de_identifying_rule_attaches_reviewed_files_under_names_made_of_the_label(
+    tmp_path: Path, xnat: FakeXnat
+) -> None:
+    """With `anonymize`, the files leave under `<resource>_<NNNN><extension>`: no folder or file name of the drop
+    (which may hold a patient's name) reaches XNAT, and the session is the de-identified one."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    (config.parent / "lab.rules.yaml").write_text(ANONYMIZING.replace("DROP", str(drop)))
+    written = _tree(staging, "DOE^JOHN", "ses01", dicom=True)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "DOE^JOHN")
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
+        assert daemon.terminate() == 0
+    (experiment,) = xnat.experiments("PROJ")
+    assert "DOE" not in experiment.subject and experiment.label.endswith("_MR")
+    state = xnat.resource_state("PROJ", "qBOLD", session=experiment.label)
+    assert state is not None
+    qbold = {name: data for name, data in written.items() if name.startswith("qBOLD/")}
+    assert sorted(state.disk) == ["qBOLD_0001.nii.gz", "qBOLD_0002.nii.gz", "qBOLD_0003.txt"]
+    assert sorted(state.disk.values()) == sorted(qbold.values())  # the bytes as dropped (reviewed, not altered)
+    assert xnat.resource_state("PROJ", "PARREC", session=experiment.label) is None  # no entry takes them
+    log = (tmp_path / "daemon.log").read_text()
+    assert "DOE" not in log and "r2prime" not in log

@@ -354,3 +354,14 @@ def test_a_file_that_changes_while_it_is_copied_is_kept_only_as_it_ends_up(env: 
     assert (row.sha256, row.size) == (digests(original + b"the rest")[0], len(original) + 8)
     assert spool_files(env.state) == {row.spool_path}
     assert env.drop_is_empty()
+
+
+def test_a_tiny_or_empty_attachable_file_is_attached_at_once(env: Env) -> None:
+    """Under 132 bytes any file could begin a DICOM file (a preamble is any 128 bytes): one a rule attaches is
+    attached, not left to wait `incomplete_seconds` and then quarantined."""
+    files = {"sub01/ses01/qBOLD/done.txt": b"ok\n", "sub01/ses01/qBOLD/empty.txt": b""}
+    for relative, data in files.items():
+        write(env.drop / relative, data)
+    env.take()
+    assert env.drop_is_empty() and not env.quarantined()
+    assert {relative: row.size for relative, row in env.kept().items()} == {r: len(d) for r, d in files.items()}

@@ -410,7 +410,7 @@ def _v3_journal_with_one_instance(tmp_path: Path) -> tuple[Path, Spool, bytes, b
 def test_a_journal_from_before_digests_is_migrated_and_its_rows_hashed_when_a_copy_arrives(tmp_path: Path) -> None:
     path, spool, prefix, body = _v3_journal_with_one_instance(tmp_path)
     journal = spool.journal
-    assert journal.schema_version() == SCHEMA_VERSION == 5
+    assert journal.schema_version() == SCHEMA_VERSION == 6
     assert journal_rows(path, "SELECT data_sha256 FROM instances") == [(None,)]
     header = read_file_header(prefix + body)
     source = Source("dicom", "S", "INGESTD@127.0.0.1")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from ingestd.journal.rows import RouteRecord, Source
+from ingestd.journal.rows import BatchRow, RouteRecord, Source
 from ingestd.journal.store import Journal, Tx
 from ingestd.states import BatchKind, Step, StudyState, check_batch_transition, check_step_transition
 
@@ -30,6 +30,7 @@ __all__ = [
     "SessionBatch",
     "attachments_out",
     "finish_set",
+    "held_sets",
     "known_attachment_paths",
     "remove_files",
     "route_set",
@@ -335,3 +336,15 @@ def set_recheck(journal: Journal, batch_id: int, at: float) -> None:
     """When a held set (`no-session`, `study-held`) looks again whether it can move on."""
     with journal.transaction() as tx:
         tx.execute("UPDATE batches SET retry_at = ? WHERE id = ?", (at, batch_id))
+
+
+def held_sets(journal: Journal, code: str, now: float) -> list[BatchRow]:
+    """The attachment sets held with `code` whose time to look again has come (`set_recheck`), oldest first; a
+    cheap read (no counts: they are 0 in the rows), run on every check of the workers that look."""
+    rows = journal.query(
+        "SELECT id, study_uid, batch, state, source_kind, source, first_received, last_received, state_changed,"
+        " reason, hold_code, failures, retry_at, note, forced_rule, purged_at, 0, 0, 0, kind, upload FROM batches"
+        " WHERE state = ? AND hold_code = ? AND kind = ? AND retry_at <= ? ORDER BY id",
+        (StudyState.HELD, code, BatchKind.FILES, now),
+    )
+    return [BatchRow(*row) for row in rows]

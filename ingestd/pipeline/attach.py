@@ -34,6 +34,7 @@ from ingestd.journal import BatchRow, Journal, RouteRecord, Source
 from ingestd.journal.attachments import (
     AttachedFile,
     OutgoingFile,
+    held_sets,
     remove_files,
     route_set,
     set_files,
@@ -104,11 +105,10 @@ class SetRouter(BatchWorker):
         self.state_dir = config.state_dir
 
     def due(self, now: float) -> Iterator[BatchRow]:
-        for batch in sorted(self.journal.batches((StudyState.COMPLETE, StudyState.HELD)), key=lambda b: b.id):
-            if batch.kind != BatchKind.FILES or batch.retry_at > now:
-                continue
-            if batch.state == StudyState.COMPLETE or batch.hold_code == HoldCode.STUDY_HELD:
+        for batch in sorted(self.journal.batches((StudyState.COMPLETE,)), key=lambda b: b.id):
+            if batch.kind == BatchKind.FILES and batch.retry_at <= now:
                 yield batch
+        yield from held_sets(self.journal, HoldCode.STUDY_HELD, now)  # sets that look at their study again
 
     def process(self, batch: BatchRow, now: float) -> int:
         if batch.state == StudyState.HELD:

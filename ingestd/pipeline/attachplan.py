@@ -23,10 +23,12 @@ __all__ = ["FileAtHand", "StudyAtHand", "plan_attachments"]
 
 @dataclass(frozen=True, slots=True)
 class FileAtHand:
-    """A non-DICOM file a rule attaches: its upload and its path below the folder (archives opened)."""
+    """A non-DICOM file a rule attaches: its upload (any key the caller gives the same to the studies' instances of
+    that upload), its path below the folder (archives opened), and the folder it counts as dropped into."""
 
     upload: str
     relative: str
+    folder: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +49,13 @@ def plan_attachments(
     files: Sequence[FileAtHand],
     studies: Sequence[StudyAtHand],
     *,
-    drop_folder: str | None,
     show_paths: bool,
 ) -> Iterator[tuple[str, bool]]:
     """(line, would be held) for every group of files that would go one way. `show_paths`: a line per file too
     (paths below a drop folder may hold a patient's name: only for the operator's terminal)."""
     for upload in sorted({file.upload for file in files}):
         mine = sorted(file.relative for file in files if file.upload == upload)
+        folder = next(file.folder for file in files if file.upload == upload)
         nearby = {
             study.uid: {PurePosixPath(path).parts[:-1] for where, path in study.paths if where == upload}
             for study in studies
@@ -62,7 +64,7 @@ def plan_attachments(
         if not nearby:
             by_route: dict[Routed | Held, list[str]] = {}
             for relative in mine:
-                facts = StudyFacts(study_uid="", series=(), drop_folder=drop_folder, paths=(relative,))
+                facts = StudyFacts(study_uid="", series=(), drop_folder=folder, paths=(relative,))
                 by_route.setdefault(files_only_decision(rules, facts), []).append(relative)
             for decision, relatives in by_route.items():
                 yield from _placed(rules, decision, relatives, "without DICOM", show_paths=show_paths)

@@ -3,26 +3,27 @@
 The deliverer runs these steps for batches of kind `files`, with the same loop, back-off, breaker and journal row
 (`deliveries`) as for studies; the steps and their transitions are declared in `ingestd.states`:
 
-    locate -> upload -> uploading -> check -> done
-       ^         ^                     |
-       |         +---- what is missing +
-       +---------------- the session went away
+    locate -> check -> upload -> uploading -> check -> done
+                ^                               |
+                +------- what is missing -------+
 
 - `locate` finds the session: the archived experiment of the route's project, subject and session label; for a
   rule that does not archive, our READY prearchive session (from the delivery of the study's batch). Not there
   yet while the study's batch is on its way: wait (nothing is charged). Not there at all: held `no-session`, looked
   for again every `attachments.recheck_seconds`, and on by itself once it exists.
-- `upload` sends what XNAT was not seen holding, one resource at a time: an archived session gets one zip per
-  resource, `PUT .../resources/L/files/ingestd-<set>.zip?extract=true` (XNAT extracts it into the resource and
-  keeps no zip; docs/xnat-resources.md §1.4), the first time with `overwrite` false, so that a file of the same
-  name someone else put there is never replaced; after a shortfall with `overwrite=true`, because an interrupted
-  upload leaves a partial file on XNAT's disk that is in no listing and that `overwrite=false` would call a
-  duplicate forever (§6). A prearchive session takes one raw PUT per file, and always overwrites (§5).
-  `uploading` is committed before the first request: found after a crash or a failed request, `check` looks.
 - `check` lists each resource (`?format=json`) and compares every file by name, size and MD5 digest (the listing's
-  `digest`; where XNAT keeps none, the size, and the bytes for an archived file). All there: done. Some missing:
-  upload those again, `delivery.max_resends` times, then held `incomplete`. A file of that name with other content:
-  held `attach-conflict` (ingestd does not replace what it did not write).
+  `digest`; where XNAT keeps none, the size, and the bytes for an archived file). It runs before the first upload
+  too: a file XNAT already holds with the same content (an upload interrupted before its answer, the same files
+  dropped again) is not sent; a file of that name with other content holds the set `attach-conflict` (ingestd never
+  replaces what it did not write). All there: done. Some missing: `upload` those; once XNAT answered an upload and
+  still lacks files, that counts against `delivery.max_resends`, then the set is held `incomplete`.
+- `upload` sends only what the last `check` found missing, one resource at a time: an archived session gets one zip
+  per resource, `PUT .../resources/L/files/ingestd-<set>.zip?extract=true&overwrite=true` (XNAT extracts it into the
+  resource and keeps no zip; docs/xnat-resources.md §1.4). `overwrite=true` is safe there because the listing just
+  showed none of these names, and needed: an interrupted upload leaves a partial file on XNAT's disk that no
+  listing shows and that `overwrite=false` would call a duplicate for ever (§6). A prearchive session takes one raw
+  PUT per file, and always overwrites (§5). `uploading` is committed before the first request: found after a crash
+  or a failed request, `check` looks.
 
 A set is delivered only when every outgoing file was seen in XNAT's listing (`finish_set` refuses less); then its
 copies under `attachments/` are removed, unless `delivery.keep_after_delivery`.
@@ -138,7 +139,7 @@ def _on_its_way(host: SetHost, job: Job) -> bool:
 def _step_locate(host: SetHost, job: Job) -> None:
     found = _find(host, job)
     if found is not None:
-        host.advance(job.batch_id, Step.UPLOAD, progress=True, **found)
+        host.advance(job.batch_id, Step.CHECK, progress=True, **found)
         return
     if _on_its_way(host, job):
         host.wait(job.batch_id, job.server.poll_interval_seconds)
@@ -184,7 +185,6 @@ def _step_upload(host: SetHost, job: Job) -> None:
     if not pending:
         host.advance(job.batch_id, Step.CHECK)
         return
-    overwrite = job.delivery.shortfalls > 0
     host.advance(job.batch_id, Step.UPLOADING)
     started = time.monotonic()
     requests = 0
@@ -199,18 +199,17 @@ def _step_upload(host: SetHost, job: Job) -> None:
             continue
         package = _zip(host, job, number, files)
         try:
-            duplicates = upload_zip(job.client, path, package, name=f"ingestd-{job.batch_id}.zip", overwrite=overwrite)
+            duplicates = upload_zip(job.client, path, package, name=f"ingestd-{job.batch_id}.zip", overwrite=True)
         finally:
             package.unlink(missing_ok=True)
         requests += 1
         if duplicates:
-            log.info("attach.duplicates", batch_id=job.batch_id, resource=target[2], files=len(duplicates))
+            log.info("attach.duplicates", batch_id=job.batch_id, files=len(duplicates))  # looked at by `check`
     log.info(
         "attach.uploaded",
         batch_id=job.batch_id,
         files=len(pending),
         requests=requests,
-        overwrite=overwrite,
         seconds=round(time.monotonic() - started, 3),
     )
     host.advance(job.batch_id, Step.CHECK, progress=True, answered=1)
@@ -273,12 +272,12 @@ def _step_check(host: SetHost, job: Job) -> None:
     if not missing:
         _done(host, job)
         return
-    shortfalls = job.delivery.shortfalls + 1
+    shortfalls = job.delivery.shortfalls + int(job.delivery.answered)  # XNAT answered, yet lacks files
     if shortfalls > host.config.delivery.max_resends:
         raise HoldError(
             HoldCode.INCOMPLETE,
-            f"XNAT does not list {missing} of the {len(found)} files after {shortfalls - 1} uploads: the account may "
-            "lack edit access to the session (XNAT then answers 200 and stores nothing); the copies are kept",
+            f"XNAT answered {shortfalls} uploads but does not list {missing} of the {len(found)} files: the account "
+            "may lack edit access to the session (XNAT then answers 200 and stores nothing); the copies are kept",
         )
     host.advance(job.batch_id, Step.UPLOAD, shortfalls=shortfalls, answered=0)
 

@@ -44,7 +44,7 @@ import structlog
 
 from ingestd.config import Config, XnatServer
 from ingestd.journal import BatchRow, Delivery, Journal, Route
-from ingestd.journal.attachments import set_recheck, start_set_delivery
+from ingestd.journal.attachments import held_sets, set_recheck, start_set_delivery
 from ingestd.logs import hide_labels, path_digest
 from ingestd.metrics import DELIVERIES, RETRIES, STAGE_SECONDS, stage_seconds
 from ingestd.pipeline.attachsteps import SET_STEPS, recheck_no_session
@@ -151,12 +151,12 @@ class Deliverer(BatchWorker):
 
     def due(self, now: float) -> Iterator[BatchRow]:
         """The routed batches, oldest first, of the servers that admit deliveries now (see `_admit`)."""
-        for batch in sorted(self.journal.batches((StudyState.ROUTED, StudyState.HELD)), key=lambda b: b.id):
+        routed = sorted(self.journal.batches((StudyState.ROUTED,)), key=lambda b: b.id)
+        waiting = held_sets(self.journal, HoldCode.NO_SESSION, now)  # sets that look for their session again
+        for batch in [*routed, *waiting]:
             if self.stopping:
                 return
-            if batch.state == StudyState.HELD:  # an attachment set looks again for the session it waits for
-                if batch.hold_code != HoldCode.NO_SESSION or batch.retry_at > now:
-                    continue
+            if batch.state == StudyState.HELD:
                 route = self.journal.route(batch.id)
                 if route is None:
                     continue

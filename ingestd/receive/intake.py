@@ -403,6 +403,11 @@ def _take_file(
     try:
         prepared = prepare_instance(data)
     except IncompleteInstanceError as exc:
+        if attach is not None and attached and data[128:132] != b"DICM":
+            # Shorter than a DICOM preamble (an empty marker, a one-line note): it could begin a DICOM file only in
+            # theory, and a rule attaches its path: attached, not left to wait for bytes that never come.
+            attach(detail, data)
+            return Taken(None, 0, 0, 1)
         raise SourceIncomplete(str(exc)) from None
     except InvalidInstanceError as exc:
         if attach is None or not attached:
