@@ -77,6 +77,8 @@ def _sets(journal: Path) -> list[tuple[int, str]]:
 
 
 def _delivered(journal: Path, kind: str) -> int:
+    if not journal.exists():
+        return 0
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     try:
         query = "SELECT count(*) FROM batches WHERE kind = ? AND state = 'delivered'"
