@@ -129,6 +129,15 @@ def _on_disk(server: FakeXnat, session: str, labels: tuple[str, ...] = ("qBOLD",
         assert all(len(state.disk[name]) == size for name, (size, _digest) in state.catalog.items())
 
 
+def _run_until_delivered(tmp_path: Path, config: Path, port: int, staging: Path, drop: Path, subject: str) -> None:
+    """Start the daemon, drop `<subject>/` and wait until its study and one attachment set are delivered."""
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, subject)
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
+        assert daemon.terminate() == 0
+
+
 def _expected(written: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
     return {
         "qBOLD": {name.removeprefix("qBOLD/"): data for name, data in written.items() if name.startswith("qBOLD/")},
@@ -142,11 +151,7 @@ def test_a_session_folder_lands_as_one_session_with_scans_and_two_resources(tmp_
     port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
     config = _config(tmp_path, port, xnat.url, drop)
     written = _tree(staging, "sub01", "ses01", dicom=True)
-    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-        daemon.wait_ready(port)
-        _drop(staging, drop, "sub01")
-        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
-        assert daemon.terminate() == 0
+    _run_until_delivered(tmp_path, config, port, staging, drop, "sub01")
     (experiment,) = xnat.experiments("PROJ")
     assert len(experiment.scans) == 2
     assert _resources(xnat, "sub01", "ses01") == _expected(written)
@@ -173,11 +178,11 @@ def test_files_without_dicom_attach_to_an_existing_session_and_wait_for_a_missin
         _drop(staging, drop, "sub02")
         _drop(staging, drop, "sub03")
 
-        def held() -> bool:
-            return any(row[1] == "files" and row[3] == "no-session" for row in _batches(config))
+        def one_held_one_delivered() -> bool:
+            sets = [row for row in _batches(config) if row[1] == "files"]
+            return {(row[2], row[3]) for row in sets} == {("held", "no-session"), ("delivered", None)}
 
-        wait_until(held, 60, interval=0.3, message="the set for the missing session held no-session")
-        assert any(row[1] == "files" and row[2] == "delivered" for row in _batches(config))
+        wait_until(one_held_one_delivered, 60, interval=0.3, message="one set delivered, the other held no-session")
         assert _resources(xnat, "sub02", "ses02") == _expected(later)
         # the session appears: its DICOM is dropped (as a lab would, once the scan is exported)
         _tree(staging, "sub03", "ses03", dicom=True, results=False)
@@ -203,11 +208,7 @@ def test_a_fault_during_the_resource_upload_leaves_each_file_once(tmp_path: Path
     port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
     config = _config(tmp_path, port, xnat.url, drop)
     written = _tree(staging, "sub01", "ses01", dicom=True)
-    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-        daemon.wait_ready(port)
-        _drop(staging, drop, "sub01")
-        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="delivered despite the fault")
-        assert daemon.terminate() == 0
+    _run_until_delivered(tmp_path, config, port, staging, drop, "sub01")
     assert xnat.faults_pending() == 0
     assert _resources(xnat, "sub01", "ses01") == _expected(written)
     _on_disk(xnat, "ses01")
@@ -238,7 +239,10 @@ def test_kill9_during_the_resource_upload_leaves_each_file_once(tmp_path: Path, 
     puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "/resources/" in path]
     # PARREC's upload (the first, by label) was stored before the kill and never answered; after the restart only
     # qBOLD's was sent
-    assert len(puts) == 1 and "/resources/qBOLD/" in puts[0]
+    # (the stand-in logs a request once answered: the one the first daemon died waiting for shows only if its
+    # delayed answer came before the end of the test)
+    qbold = [path for path in puts if "/resources/qBOLD/" in path]
+    assert len(qbold) == 1 and len(puts) - len(qbold) <= 1
     assert _resources(xnat, "sub01", "ses01") == _expected(written)
     _on_disk(xnat, "ses01")
 
@@ -257,11 +261,7 @@ def test_a_rule_that_does_not_archive_attaches_to_its_ready_prearchive_session(t
     rules = config.parent / "lab.rules.yaml"
     rules.write_text(rules.read_text().replace("archive: true", "archive: false"))
     written = _tree(staging, "sub01", "ses01", dicom=True)
-    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-        daemon.wait_ready(port)
-        _drop(staging, drop, "sub01")
-        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
-        assert daemon.terminate() == 0
+    _run_until_delivered(tmp_path, config, port, staging, drop, "sub01")
     assert not xnat.experiments("PROJ")
     (row,) = xnat.prearchive_rows("PROJ")
     assert row["status"] == "READY"
@@ -334,11 +334,7 @@ def test_a_de_identifying_rule_attaches_reviewed_files_under_names_made_of_the_l
     config = _config(tmp_path, port, xnat.url, drop)
     (config.parent / "lab.rules.yaml").write_text(ANONYMIZING.replace("DROP", str(drop)))
     written = _tree(staging, "DOE^JOHN", "ses01", dicom=True)
-    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-        daemon.wait_ready(port)
-        _drop(staging, drop, "DOE^JOHN")
-        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="study and files delivered")
-        assert daemon.terminate() == 0
+    _run_until_delivered(tmp_path, config, port, staging, drop, "DOE^JOHN")
     (experiment,) = xnat.experiments("PROJ")
     assert "DOE" not in experiment.subject and experiment.label.endswith("_MR")
     state = xnat.resource_state("PROJ", "qBOLD", session=experiment.label)

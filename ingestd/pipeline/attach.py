@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 import structlog
 
 from ingestd.config import Config
-from ingestd.journal import BatchRow, Journal, RouteRecord, Source
+from ingestd.journal import BatchRow, Journal, Source
 from ingestd.journal.attachments import (
     AttachedFile,
     OutgoingFile,
@@ -44,7 +44,7 @@ from ingestd.journal.attachments import (
     upload_instances,
 )
 from ingestd.logs import path_digest
-from ingestd.pipeline.route import path_parts
+from ingestd.pipeline.route import path_parts, route_record
 from ingestd.pipeline.runner import BatchWorker
 from ingestd.rules import Held, Routed, RuleSet, StudyFacts
 from ingestd.rules.attach import files_only_decision, place_files
@@ -251,18 +251,7 @@ class SetRouter(BatchWorker):
             reason = f"no file of the set matches an attach: entry of rule '{rule.name}' (they are in quarantine)"
             self._hold(batch, HoldCode.UNROUTED, reason, rule=rule.name)
             return 1
-        record = RouteRecord(
-            rule=rule.name,
-            rules_version=rules.version,
-            server=decision.server,
-            project=decision.project,
-            subject=decision.subject,
-            session=decision.session,
-            archive=decision.archive,
-            profile=decision.profile,
-            study_uid=study_uid,
-            dropped=(),
-        )
+        record = route_record(decision, rules.version, study_uid)
         if route_set(self.journal, batch.id, record, outgoing, time.time()):
             log.info(
                 "attach.routed",

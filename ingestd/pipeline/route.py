@@ -44,7 +44,7 @@ from ingestd.rules.verdict import Screened, verdict
 from ingestd.spool import fsync_dir, make_dirs_durably
 from ingestd.states import BatchKind, HoldCode, Stage, StudyState
 
-__all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "study_facts"]
+__all__ = ["Router", "Written", "deidentify_file", "header_facts", "path_parts", "route_record", "study_facts"]
 
 log = structlog.get_logger("ingestd.route")
 
@@ -69,6 +69,23 @@ def header_facts(ds: Dataset) -> dict[str, str | tuple[str, ...]]:
         else:
             facts[elem.keyword] = str(value)
     return facts
+
+
+def route_record(decision: Routed, rules_version: str, study_uid: str) -> RouteRecord:
+    """What the journal keeps of a routing decision (`study_uid`: the study's UID as it leaves, or "" for files
+    without a study)."""
+    return RouteRecord(
+        rule=decision.rule,
+        rules_version=rules_version,
+        server=decision.server,
+        project=decision.project,
+        subject=decision.subject,
+        session=decision.session,
+        archive=decision.archive,
+        profile=decision.profile,
+        study_uid=study_uid,
+        dropped=decision.dropped_series,
+    )
 
 
 def study_facts(
@@ -226,18 +243,7 @@ class Router(BatchWorker):
             reason = f"{HoldCode.OUTBOX}: cannot write the outgoing instances ({exc.strerror})"
             self._hold(batch, HoldCode.OUTBOX, reason, rule=decision.rule)
             return
-        record = RouteRecord(
-            rule=decision.rule,
-            rules_version=rules.version,
-            server=decision.server,
-            project=decision.project,
-            subject=decision.subject,
-            session=decision.session,
-            archive=decision.archive,
-            profile=decision.profile,
-            study_uid=study_uid,
-            dropped=decision.dropped_series,
-        )
+        record = route_record(decision, rules.version, study_uid)
         if not self.journal.route_batch(batch.id, record, outgoing, time.time()):
             return  # the batch changed state meanwhile (it cannot today; a later `retry` might)
         # labels from raw identifying values, without anonymize

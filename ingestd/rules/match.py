@@ -246,6 +246,13 @@ def _route(rule: Rule, study: StudyFacts) -> Routed | Held:
             code=HoldCode.ALL_SERIES_DROPPED,
             rule=rule.name,
         )
+    return _routed(rule, study, kept, dropped)
+
+
+def _routed(
+    rule: Rule, study: StudyFacts, kept: list[SeriesFacts], dropped: list[tuple[str, int, str]]
+) -> Routed | Held:
+    """The rule's route with its labels built for `study` (from the `kept` series' headers), or held `label`."""
     try:
         labels = _labels(rule, study, kept)
     except LabelError as exc:
@@ -267,21 +274,7 @@ def route_files(rule: Rule, study: StudyFacts) -> Routed | Held:
     """Route an upload without DICOM (`study.series` empty, `study.paths` its files) by a rule that can
     (`Rule.files_only`), its `when` already known to hold: the labels as `decide` would build them for a study
     of the same files (path[N], drop_folder, literals), held with a LABEL code when they cannot be built."""
-    try:
-        labels = _labels(rule, study, [])
-    except LabelError as exc:
-        return Held(reason=f"rule '{rule.name}': {exc}", code=HoldCode.LABEL, rule=rule.name)
-    return Routed(
-        rule=rule.name,
-        server=rule.route.server,
-        project=labels["project"],
-        subject=labels["subject"],
-        session=labels["session"],
-        archive=rule.route.archive,
-        profile=rule.anonymize,
-        kept_series=(),
-        dropped_series=(),
-    )
+    return _routed(rule, study, [], [])
 
 
 # --- explanation (shows values: for the operator only) -------------------------------------------------------
