@@ -195,16 +195,21 @@ def test_files_without_dicom_attach_to_an_existing_session_and_wait_for_a_missin
 _UPLOAD = ("PUT", "/data/experiments/")
 
 
-@pytest.mark.parametrize("fault", ["reset", "503", "processed-then-504"])
+@pytest.mark.parametrize("fault", ["reset", "503", "processed-then-504", "listings-503", "lookups-503"])
 def test_a_fault_during_the_resource_upload_leaves_each_file_once(tmp_path: Path, xnat: FakeXnat, fault: str) -> None:
     """XNAT resets the upload mid-body (a partial file on its disk that no listing shows), answers 503, or stores
-    everything and then a proxy answers 504: each file ends in XNAT once, byte-identical."""
+    everything and then a proxy answers 504; or the listings and look-ups around it fail: each file ends in XNAT
+    once, byte-identical."""
     if fault == "reset":
         xnat.reset_next(*_UPLOAD, after_bytes=200_000)
     elif fault == "503":
         xnat.fail_next(*_UPLOAD, status=503)
-    else:
+    elif fault == "processed-then-504":
         xnat.fail_next(*_UPLOAD, status=504, after_processing=True)
+    elif fault == "listings-503":  # the resource listings `check` reads (and the study's catalogs, whoever is first)
+        xnat.fail_next("GET", "/data/experiments/", status=503, times=3)
+    else:  # the experiment look-ups of `locate` (and of the study's verify)
+        xnat.fail_next("GET", "/data/projects/PROJ/subjects/", status=503, times=3)
     port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
     config = _config(tmp_path, port, xnat.url, drop)
     written = _tree(staging, "sub01", "ses01", dicom=True)
