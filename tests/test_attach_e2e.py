@@ -350,3 +350,26 @@ def test_a_de_identifying_rule_attaches_reviewed_files_under_names_made_of_the_l
     assert xnat.resource_state("PROJ", "PARREC", session=experiment.label) is None  # no entry takes them
     log = (tmp_path / "daemon.log").read_text()
     assert "DOE" not in log and "r2prime" not in log
+
+
+def test_a_late_file_of_a_delivered_upload_joins_the_same_resource(tmp_path: Path, xnat: FakeXnat) -> None:
+    """A file of the same upload dropped after its set was delivered (a late export): a set of its own, delivered
+    into the same session's resource beside the others, nothing sent twice."""
+    port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+    config = _config(tmp_path, port, xnat.url, drop)
+    written = _tree(staging, "sub01", "ses01", dicom=True)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(port)
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 1), 60, interval=0.3, message="the first set delivered")
+        late = staging / "sub01" / "ses01" / "qBOLD" / "late.txt"
+        late.parent.mkdir(parents=True)
+        late.write_bytes(b"a late fit report\n")
+        _drop(staging, drop, "sub01")
+        wait_until(lambda: _all_delivered(config, 2), 60, interval=0.3, message="the late set delivered")
+        assert daemon.terminate() == 0
+    expected = _expected(written)
+    expected["qBOLD"]["late.txt"] = b"a late fit report\n"
+    assert _resources(xnat, "sub01", "ses01") == expected
+    puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "/resources/" in path]
+    assert len(puts) == 3  # PARREC and qBOLD once each, then the late file's zip
