@@ -17,6 +17,13 @@ expects it. As pynetdicom declares its association state machine, the tables are
        |                       |          +-----> verify     |
        +-----------------------+------------------(resend)---+
 
+An attachment set (a batch of kind `files`: non-DICOM files attached to a session as resources) goes through the
+same states; its delivery takes steps of its own, `check` deciding as `verify` does:
+
+    locate -> check -> upload -> uploading -> check -> done
+                ^                               |
+                +------- what is missing -------+
+
 A held batch carries a `HoldCode`: why it stopped, and so what a person must do (docs/xnat.md and docs/rules.md
 say it for each).
 

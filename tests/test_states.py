@@ -15,6 +15,7 @@ import pytest
 
 from ingestd.header import InstanceHeader
 from ingestd.journal import SCHEMA_VERSION, Journal, JournalVersionError, Outgoing, RouteRecord, Source
+from ingestd.pipeline.attachsteps import SET_STEPS
 from ingestd.pipeline.deliver import STEPS
 from ingestd.states import (
     BATCH_TRANSITIONS,
@@ -41,11 +42,10 @@ def test_every_state_and_step_is_in_its_table_and_every_target_is_known() -> Non
         assert targets <= set(StudyState) | set(Step)
 
 
-_SET_STEPS = {Step.LOCATE, Step.UPLOAD, Step.UPLOADING, Step.CHECK}  # an attachment set's (ingestd.pipeline.attach)
-
-
 def test_every_step_but_done_has_its_handler_in_the_delivery_dispatch() -> None:
-    assert set(STEPS) == set(Step) - {Step.DONE} - _SET_STEPS
+    """A study's steps (`STEPS`) and an attachment set's (`SET_STEPS`): each step in exactly one of them."""
+    assert not set(STEPS) & set(SET_STEPS)
+    assert set(STEPS) | set(SET_STEPS) == set(Step) - {Step.DONE}
 
 
 def test_every_hold_code_is_spelt_only_in_states() -> None:
