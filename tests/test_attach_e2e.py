@@ -373,3 +373,22 @@ def test_a_late_file_of_a_delivered_upload_joins_the_same_resource(tmp_path: Pat
     assert _resources(xnat, "sub01", "ses01") == expected
     puts = [path for method, path, _status in xnat.requests_log if method == "PUT" and "/resources/" in path]
     assert len(puts) == 3  # PARREC and qBOLD once each, then the late file's zip
+
+
+def test_a_site_without_checksums_is_checked_by_the_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """XNAT's `checksums` preference off: listings carry no digest, so each archived file's bytes are downloaded
+    and hashed before the set counts as delivered."""
+    monkeypatch.setenv("XNAT_TEST_USER", "ingestd")
+    monkeypatch.setenv("XNAT_TEST_PASSWORD", "pw-for-tests")
+    with FakeXnat(version="1.8.10", checksums=False) as server:
+        server.add_user("ingestd", "pw-for-tests")
+        server.add_project("PROJ", members=["ingestd"])
+        port, drop, staging = free_port(), tmp_path / "drop", tmp_path / "staging"
+        config = _config(tmp_path, port, server.url, drop)
+        written = _tree(staging, "sub01", "ses01", dicom=True)
+        _run_until_delivered(tmp_path, config, port, staging, drop, "sub01")
+        state = server.resource_state("PROJ", "qBOLD", session="ses01")
+        assert state is not None and {digest for _size, digest in state.catalog.values()} == {""}
+        downloads = [path for method, path, _ in server.requests_log if method == "GET" and "/files/" in path]
+        assert len(downloads) >= len(written)  # every file looked at by its bytes (a listing's path ends in /files)
+        assert _resources(server, "sub01", "ses01") == _expected(written)
