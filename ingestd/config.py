@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ingestd.configwords import problem_text
 from ingestd.errors import ConfigError
+from ingestd.uiconfig import Ui, public_read_problem
 from ingestd.walk import DEFAULT_MAX_DEPTH
 
 __all__ = [
@@ -346,12 +347,16 @@ class Config(_Model):
     batch_failures: BatchFailures = BatchFailures()
     retention: Retention = Retention()
     attachments: Attachments = Attachments()
+    ui: Ui = Ui()  # the web page under /ui/ of the metrics endpoint (ingestd/uiconfig.py)
     rules: tuple[Path, ...] = ()  # rules files (relative: to the configuration file's folder); none: nothing is routed
 
     @model_validator(mode="after")
     def _wait_above_idle(self) -> Config:
         if self.study_max_wait_seconds < self.study_idle_seconds:
             raise ValueError("study_max_wait_seconds must not be shorter than study_idle_seconds")
+        problem = public_read_problem(self.ui, self.metrics.host)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property

@@ -161,13 +161,19 @@ class Daemon:
         log.info("daemon.started", version=__version__, state_dir=str(config.state_dir), pid=os.getpid())
 
     def _start_metrics(self, associations: AssociationCounters | None) -> None:
-        """Serve /metrics and /healthz. A port that cannot be bound is logged: receiving matters more."""
+        """Serve /metrics, /healthz and the web page (/ui/). A port that cannot be bound is logged: receiving matters
+        more."""
         config = self.config
         self._collector = JournalCollector(config.journal_path, config.spool_dir, associations)
         REGISTRY.register(self._collector)
         if not config.metrics.enabled:
             return
-        server = MetricsServer(config.metrics.host, config.metrics.port, REGISTRY, self.health)
+        ui = None
+        if config.ui.enabled:
+            from ingestd.ui import UiApp  # noqa: PLC0415 - Jinja2 and the templates only when the page is served
+
+            ui = UiApp(config, self.health)
+        server = MetricsServer(config.metrics.host, config.metrics.port, REGISTRY, self.health, ui=ui)
         try:
             server.start()
         except OSError as exc:

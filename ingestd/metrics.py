@@ -292,14 +292,19 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 Health = Callable[[], dict[str, Any]]
 _StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+WsgiApp = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
 
 
 class MetricsServer:
-    """The HTTP endpoint: `/metrics` (Prometheus text format) and `/healthz` (JSON; 200 or 503)."""
+    """The HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (JSON; 200 or 503) and, when given, the
+    web page's application (`ui`: ingestd.ui.UiApp) for every path under `/ui`."""
 
     name = "metrics"
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, health: Health, ui: WsgiApp | None = None
+    ) -> None:
+        self.ui = ui
         self.host = host
         self.requested_port = port
         self.registry = registry
@@ -329,6 +334,8 @@ class MetricsServer:
 
     def _app(self, environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if self.ui is not None and (path == "/ui" or path.startswith("/ui/")):
+            return self.ui(environ, start_response)
         if path == "/metrics":
             return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # Below rules/: rules/load.py reads its YAML through config's readers (read_yaml, validate_document).
-    ("configuration", ("configwords", "config")),
+    ("configuration", ("configwords", "uiconfig", "config")),
     # logs redacts log values with the de-identification table (deid/table.py).
     ("pure rules and de-identification", ("rules", "deid", "logs")),
     # status: the journal's read model (the `status` command, the systemd STATUS line, metrics' counts).
@@ -55,6 +55,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("testing stand-ins", ("testing",)),
     # What a person does by hand (retry, release, resend, purge, check-config): the CLI's work, below it.
     ("admin commands", ("admin",)),
+    # The web page: the read model and status's filters, served by the daemon through the metrics endpoint.
+    ("web page", ("ui",)),
     ("entry points", ("cli", "__main__", "daemon", "bulk", "offline", "demo", "check_xnat")),
 ]
 ENTRY_POINTS = LAYERS[-1][1]

@@ -1,0 +1,306 @@
+"""The web page's WSGI application, mounted under `/ui/` by the metrics endpoint (`ingestd.metrics.MetricsServer`).
+
+Server-rendered HTML (Jinja2, every value escaped), one style sheet shipped in the package, no script. Pages:
+the overview (`/ui/`), the studies (`/ui/studies`, filtered as `ingestd status --filter` filters) and the
+quarantine (`/ui/quarantine`). Every page needs a login (`/ui/login`: the token of `ui.token_file`; a signed
+session cookie, `ingestd.ui.session`) unless `ui.public_read` is set, which the configuration allows on loopback
+only; even then a request whose Host is not a loopback name needs a login (a web page the browser opened elsewhere
+may point a name of its own at 127.0.0.1: DNS rebinding). A form posted from another site is refused (Origin and
+Sec-Fetch-Site). Nothing here changes the journal: this slice has no actions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from http.cookies import CookieError, SimpleCookie
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from ingestd.admin.statusfilter import FilterError, StudyFilter
+from ingestd.admin.statusview import age, size
+from ingestd.config import Config
+from ingestd.digestkey import read_digest_key
+from ingestd.states import HoldCode, StudyState
+from ingestd.ui import views
+from ingestd.ui.session import COOKIE, Session, Sessions, TokenError, read_token, token_matches
+from ingestd.uiconfig import is_loopback
+
+__all__ = ["UiApp"]
+
+log = structlog.get_logger("ingestd.ui")
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+Health = Callable[[], dict[str, Any]]
+
+REFRESH_SECONDS = 10  # the overview reloads itself this often
+_MAX_FORM_BYTES = 4096
+_PAGES = {"/ui": "overview", "/ui/": "overview", "/ui/studies": "studies", "/ui/quarantine": "quarantine"}
+_STATUS = {
+    200: "200 OK",
+    303: "303 See Other",
+    400: "400 Bad Request",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    413: "413 Content Too Large",
+    500: "500 Internal Server Error",
+}
+# What the browser may load: the style sheet from here, forms posted here, nothing else (no script at all).
+_SECURITY_HEADERS = [
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none';"
+        " base-uri 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+
+
+def _when(at: float | None) -> str:
+    return "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("ingestd.ui", "templates"),
+        autoescape=True,  # every template is HTML: every value is escaped, whatever its file name
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["size"] = lambda count: size(int(count or 0))
+    env.filters["age"] = lambda seconds: age(float(seconds or 0))
+    env.filters["when"] = _when
+    return env
+
+
+def _client(environ: dict[str, Any]) -> str:
+    return str(environ.get("REMOTE_ADDR") or "unknown")
+
+
+def _request_host(environ: dict[str, Any]) -> str:
+    host = str(environ.get("HTTP_HOST") or "")
+    return urlsplit(f"//{host}").hostname or ""
+
+
+class UiApp:
+    """The WSGI application of `/ui/` (`health`: the daemon's /healthz facts; `running`: what status says)."""
+
+    def __init__(self, config: Config, health: Health, *, running: bool = True) -> None:
+        self.config = config
+        self.health = health
+        self.running = running
+        self.sessions = Sessions(read_digest_key(config.state_dir), config.ui.session_hours * 3600)
+        self._env = _environment()
+        self._css = resources.files("ingestd.ui").joinpath("static/style.css").read_bytes()
+
+    # -- responses ------------------------------------------------------------------------------------------
+
+    def _send(
+        self,
+        start_response: StartResponse,
+        code: int,
+        body: bytes,
+        content_type: str = "text/html; charset=utf-8",
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> list[bytes]:
+        start_response(
+            _STATUS[code],
+            [("Content-Type", content_type), ("Content-Length", str(len(body))), *_SECURITY_HEADERS, *headers],
+        )
+        return [body]
+
+    def _page(
+        self,
+        start_response: StartResponse,
+        template: str,
+        code: int = 200,
+        headers: Iterable[tuple[str, str]] = (),
+        **context: Any,
+    ) -> list[bytes]:
+        context.setdefault("nav", True)
+        context.setdefault("logged_in", False)
+        context.setdefault("page", "")
+        body = self._env.get_template(template).render(**context).encode("utf-8")
+        return self._send(start_response, code, body, headers=headers)
+
+    def _message(self, start_response: StartResponse, code: int, title: str, message: str, **extra: Any) -> list[bytes]:
+        extra.setdefault("link", None)
+        extra.setdefault("link_text", "")
+        return self._page(start_response, "message.html", code, title=title, message=message, **extra)
+
+    def _redirect(
+        self, start_response: StartResponse, where: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> list[bytes]:
+        return self._send(start_response, 303, b"", "text/plain", [("Location", where), *headers])
+
+    # -- login ----------------------------------------------------------------------------------------------
+
+    def _token(self) -> str | None:
+        """The configured token; None when none is configured. Raises TokenError when the file cannot be used."""
+        path = self.config.ui.token_file
+        return None if path is None else read_token(path)
+
+    def _session(self, environ: dict[str, Any]) -> Session | None:
+        """The valid session the request's cookie stands for, or None."""
+        try:
+            cookie = SimpleCookie(str(environ.get("HTTP_COOKIE") or ""))
+        except CookieError:
+            return None
+        morsel = cookie.get(COOKIE)
+        if morsel is None:
+            return None
+        try:
+            token = self._token()
+        except TokenError:
+            return None
+        return None if token is None else self.sessions.check(morsel.value, token)
+
+    def _public(self, environ: dict[str, Any]) -> bool:
+        """Whether the read-only pages may be shown without a login (only to loopback Host names)."""
+        return self.config.ui.public_read and is_loopback(_request_host(environ))
+
+    def _cookie(self, value: str, max_age: int) -> tuple[str, str]:
+        return "Set-Cookie", f"{COOKIE}={value}; Path=/ui; Max-Age={max_age}; HttpOnly; SameSite=Strict"
+
+    def _cross_site(self, environ: dict[str, Any]) -> bool:
+        """Whether a posted form came from a page of another site (what SameSite does not cover: the login)."""
+        if str(environ.get("HTTP_SEC_FETCH_SITE") or "") in ("cross-site", "same-site"):
+            return True
+        origin = str(environ.get("HTTP_ORIGIN") or "")
+        if not origin:
+            return False
+        return origin == "null" or urlsplit(origin).netloc != str(environ.get("HTTP_HOST") or "")
+
+    def _read_form(self, environ: dict[str, Any]) -> dict[str, list[str]] | None:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > _MAX_FORM_BYTES:
+            return None
+        body = environ["wsgi.input"].read(length) if length else b""
+        return parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+
+    def _login(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        try:
+            token, problem = self._token(), None
+        except TokenError as exc:
+            token, problem = None, str(exc)
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method in ("GET", "HEAD"):
+            if self._public(environ) or self._session(environ) is not None:
+                return self._redirect(start_response, "/ui/")
+            message = "The login is unavailable: the token file cannot be used; the log says why." if problem else ""
+            return self._page(start_response, "login.html", nav=False, configured=token is not None, message=message)
+        if method != "POST":
+            return self._message(start_response, 405, "Not allowed", "Use the form.")
+        return self._login_post(environ, start_response, token, problem)
+
+    def _login_post(
+        self, environ: dict[str, Any], start_response: StartResponse, token: str | None, problem: str | None
+    ) -> list[bytes]:
+        """A posted token: right, a session cookie and the overview; wrong, 403 (logged without what was typed)."""
+        client = _client(environ)
+        if self._cross_site(environ):
+            log.warning("ui.login_refused", client=client, reason="cross-site")
+            return self._message(start_response, 403, "Refused", "A login posted from another site is refused.")
+        form = self._read_form(environ)
+        if form is None:
+            return self._message(start_response, 413, "Too large", "The form is too large.")
+        given = (form.get("token") or [""])[0]
+        if token is None:
+            log.warning("ui.login_refused", client=client, reason=problem or "no ui.token_file configured")
+            return self._message(start_response, 403, "Refused", "The login is unavailable; the log says why.")
+        if not token_matches(given, token):
+            log.warning("ui.login_refused", client=client, reason="wrong token")
+            return self._page(
+                start_response, "login.html", 403, nav=False, configured=True, message="That is not the token."
+            )
+        log.info("ui.login", client=client)
+        cookie = self._cookie(self.sessions.sign(token), int(self.sessions.lifetime_seconds))
+        return self._redirect(start_response, "/ui/", [cookie])
+
+    def _logout(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        if environ.get("REQUEST_METHOD") != "POST":
+            return self._message(start_response, 405, "Not allowed", "Log out with the button.")
+        if self._cross_site(environ):
+            return self._message(start_response, 403, "Refused", "A form posted from another site is refused.")
+        session = self._session(environ)
+        if session is not None:
+            self.sessions.end(session)
+            log.info("ui.logout", client=_client(environ))
+        return self._redirect(start_response, "/ui/login", [self._cookie("", 0)])
+
+    # -- pages ----------------------------------------------------------------------------------------------
+
+    def _data(self) -> dict[str, Any]:
+        from ingestd.status import status_data  # noqa: PLC0415 - the read model, per request
+
+        return status_data(self.config, running=self.running)
+
+    def _overview(self, start_response: StartResponse, common: dict[str, Any]) -> list[bytes]:
+        context = views.overview(self.config, self.health, self._data())
+        return self._page(
+            start_response, "overview.html", page="overview", refresh_seconds=REFRESH_SECONDS, **context, **common
+        )
+
+    def _studies(self, environ: dict[str, Any], start_response: StartResponse, common: dict[str, Any]) -> list[bytes]:
+        query = parse_qs(str(environ.get("QUERY_STRING") or ""), max_num_fields=50)
+        error, code = "", 200
+        try:
+            chosen = views.filters_from_query(query)
+        except FilterError as exc:
+            error, code, chosen = str(exc).replace("--filter ", ""), 400, StudyFilter()
+        context = views.studies(self._data(), chosen) if not error else {"studies": [], "total": 0}
+        return self._page(
+            start_response,
+            "studies.html",
+            code,
+            page="studies",
+            states=[state.value for state in StudyState],
+            codes=[code.value for code in HoldCode],
+            chosen={key: values for key, values in chosen.values.items()},
+            filtered=bool(chosen),
+            error=error,
+            **context,
+            **common,
+        )
+
+    def _quarantine(self, start_response: StartResponse, common: dict[str, Any]) -> list[bytes]:
+        context = views.quarantine(self.config, self._data())
+        return self._page(start_response, "quarantine.html", page="quarantine", **context, **common)
+
+    def _dispatch(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:  # noqa: PLR0911 - one return per route
+        path = str(environ.get("PATH_INFO") or "/")
+        if path == "/ui/static/style.css":
+            return self._send(start_response, 200, self._css, "text/css; charset=utf-8")
+        if path in ("/ui/login", "/ui/logout"):
+            return (self._login if path == "/ui/login" else self._logout)(environ, start_response)
+        page = _PAGES.get(path)
+        if page is None:
+            return self._message(start_response, 404, "Not found", "No such page.", link="/ui/", link_text="Overview")
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return self._message(start_response, 405, "Not allowed", "These pages are read-only.")
+        session = self._session(environ)
+        if session is None and not self._public(environ):
+            return self._redirect(start_response, "/ui/login")
+        common = {"logged_in": session is not None}
+        if page == "studies":
+            return self._studies(environ, start_response, common)
+        return (self._overview if page == "overview" else self._quarantine)(start_response, common)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._dispatch(environ, start_response)
+        except Exception as exc:  # noqa: BLE001 - a page that fails says so; the daemon goes on
+            page = _PAGES.get(str(environ.get("PATH_INFO") or "/"), "other")
+            log.error("ui.page_failed", page=page, error=type(exc).__name__)
+            return self._message(start_response, 500, "Error", "The page failed; the log says why.")
