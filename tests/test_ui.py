@@ -21,6 +21,7 @@ import requests
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from ingestd.cli import main
 from ingestd.config import Config, parse_config
 from ingestd.errors import ConfigError
 from ingestd.journal import Journal, Source
@@ -408,3 +409,32 @@ def test_no_planted_patient_value_appears_in_any_page(state: SpooledState) -> No
     for value in _phi(state):
         assert value not in html, value
     assert "DOE" not in html
+
+
+def _check_config(root: Path, ui: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    config = root / "ingestd.yaml"
+    config.write_text(f"state_dir: {root / 'state'}\nlistener: {{port: 11112}}\nui: {ui}\n", encoding="utf-8")
+    status = main(["check-config", str(config)])
+    out, err = capsys.readouterr()
+    assert TOKEN not in out + err
+    return status, err.splitlines()
+
+
+def test_check_config_checks_the_token_file_like_a_credentials_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "state").mkdir()
+    token_file = _token_file(tmp_path)
+    assert _check_config(tmp_path, f"{{token_file: {token_file}}}", capsys) == (0, [])
+    token_file.chmod(0o640)
+    status, errors = _check_config(tmp_path, f"{{token_file: {token_file}}}", capsys)
+    assert status == 2
+    assert errors == [
+        f"{tmp_path / 'ingestd.yaml'}:3: ui.token_file: ui token file {token_file} is readable by others"
+        f" (mode 0640): chmod 600 {token_file}"
+    ]
+    token_file.unlink()
+    status, errors = _check_config(tmp_path, f"{{token_file: {token_file}}}", capsys)
+    assert status == 2
+    assert errors[0].endswith(f"ui token file {token_file} does not exist")
+    assert _check_config(tmp_path, f"{{enabled: false, token_file: {token_file}}}", capsys) == (0, [])

@@ -185,6 +185,9 @@ def check_paths(config: Config, who: Who) -> list[Finding]:
             found.append(_warning(("listener", "tls", "key"), f"TLS key {tls.key} is readable by others: chmod 600"))
         if tls.ca_certificates is not None:
             found += _file(tls.ca_certificates, ("listener", "tls", "ca_certificates"), "CA certificates file")
+    ui = config.ui
+    if config.metrics.enabled and ui.enabled and ui.token_file is not None:  # the web page's login token
+        found += _private_file(ui.token_file, ("ui", "token_file"), "ui token file", who)
     for name, server in config.xnat.servers.items():
         found += _credentials(name, server, who)
         if server.ca_bundle is not None:
