@@ -281,6 +281,20 @@ def test_a_login_posted_from_another_site_is_refused(state: SpooledState) -> Non
             f"{url}/ui/login", data={"token": TOKEN}, headers={"Origin": url}, allow_redirects=False, timeout=10
         )
         assert same.status_code == 303
+        assert "Secure" not in same.headers["Set-Cookie"]  # plain HTTP on loopback
+        proxied = requests.post(  # the lab's reverse proxy with TLS: the browser's host forwarded
+            f"{url}/ui/login",
+            data={"token": TOKEN},
+            headers={
+                "Origin": "https://ingest.lab.example",
+                "X-Forwarded-Host": "ingest.lab.example",
+                "X-Forwarded-Proto": "https",
+            },
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert proxied.status_code == 303
+        assert proxied.headers["Set-Cookie"].endswith("; Secure")
     assert [event["reason"] for event in logged if event["event"] == "ui.login_refused"] == ["cross-site"] * 3
 
 

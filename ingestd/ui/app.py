@@ -167,8 +167,11 @@ class UiApp:
         """Whether the read-only pages may be shown without a login (only to loopback Host names)."""
         return self.config.ui.public_read and is_loopback(_request_host(environ))
 
-    def _cookie(self, value: str, max_age: int) -> tuple[str, str]:
-        return "Set-Cookie", f"{COOKIE}={value}; Path=/ui; Max-Age={max_age}; HttpOnly; SameSite=Strict"
+    def _cookie(self, environ: dict[str, Any], value: str, max_age: int) -> tuple[str, str]:
+        """The session cookie: `Secure` too when the browser came over HTTPS (a reverse proxy with TLS says so)."""
+        https = environ.get("wsgi.url_scheme") == "https" or environ.get("HTTP_X_FORWARDED_PROTO") == "https"
+        secure = "; Secure" if https else ""
+        return "Set-Cookie", f"{COOKIE}={value}; Path=/ui; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
 
     def _cross_site(self, environ: dict[str, Any]) -> bool:
         """Whether a posted form came from a page of another site (what SameSite does not cover: the login)."""
@@ -177,7 +180,10 @@ class UiApp:
         origin = str(environ.get("HTTP_ORIGIN") or "")
         if not origin:
             return False
-        return origin == "null" or urlsplit(origin).netloc != str(environ.get("HTTP_HOST") or "")
+        # Behind a reverse proxy the Host may be the proxy's upstream: the host the browser named is forwarded (a
+        # page of another site cannot add that header to a form it posts).
+        hosts = {str(environ.get("HTTP_HOST") or ""), str(environ.get("HTTP_X_FORWARDED_HOST") or "")} - {""}
+        return origin == "null" or urlsplit(origin).netloc not in hosts
 
     def _read_form(self, environ: dict[str, Any]) -> dict[str, list[str]] | None:
         try:
@@ -225,7 +231,7 @@ class UiApp:
                 start_response, "login.html", 403, nav=False, configured=True, message="That is not the token."
             )
         log.info("ui.login", client=client)
-        cookie = self._cookie(self.sessions.sign(token), int(self.sessions.lifetime_seconds))
+        cookie = self._cookie(environ, self.sessions.sign(token), int(self.sessions.lifetime_seconds))
         return self._redirect(start_response, "/ui/", [cookie])
 
     def _logout(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
@@ -237,7 +243,7 @@ class UiApp:
         if session is not None:
             self.sessions.end(session)
             log.info("ui.logout", client=_client(environ))
-        return self._redirect(start_response, "/ui/login", [self._cookie("", 0)])
+        return self._redirect(start_response, "/ui/login", [self._cookie(environ, "", 0)])
 
     # -- pages ----------------------------------------------------------------------------------------------
 
