@@ -452,3 +452,22 @@ def test_check_config_checks_the_token_file_like_a_credentials_file(
     assert status == 2
     assert errors[0].endswith(f"ui token file {token_file} does not exist")
     assert _check_config(tmp_path, f"{{enabled: false, token_file: {token_file}}}", capsys) == (0, [])
+
+
+def test_a_page_that_fails_answers_500_and_logs_only_its_name(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    config = _with_ui(parse_config(f"state_dir: {state_dir}\n", "ingestd.yaml"), public_read=True)
+    with serving(config) as (url, _app), capture_logs() as logged:
+        empty = requests.get(f"{url}/ui/studies", timeout=10)  # no journal yet (before the daemon's first start)
+        assert empty.status_code == 200
+        assert "0 of 0 batches." in empty.text
+        (state_dir / "journal.sqlite").write_bytes(b"not a journal at all " * 100)
+        for page in PAGES:
+            failed = requests.get(f"{url}{page}", timeout=10)
+            assert failed.status_code == 500, page
+            assert "The page failed; the log says why." in failed.text
+            assert "journal" not in failed.text
+    failures = [event for event in logged if event["event"] == "ui.page_failed"]
+    assert [event["page"] for event in failures] == ["overview", "studies", "quarantine"]
+    assert {event["error"] for event in failures} == {"DatabaseError"}

@@ -306,7 +306,7 @@ class UiApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
             return self._dispatch(environ, start_response)
-        except Exception as exc:  # noqa: BLE001 - a page that fails says so; the daemon goes on
+        except Exception as exc:  # a page that fails says so (500, logged); the daemon goes on
             page = _PAGES.get(str(environ.get("PATH_INFO") or "/"), "other")
-            log.error("ui.page_failed", page=page, error=type(exc).__name__)
+            log.exception("ui.page_failed", page=page, error=type(exc).__name__)  # the traceback, redacted
             return self._message(start_response, 500, "Error", "The page failed; the log says why.")
