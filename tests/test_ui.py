@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from ingestd.journal import Journal, Source
 from ingestd.metrics import MetricsServer
 from ingestd.spool import Quarantine
 from ingestd.ui import UiApp
+from ingestd.ui.app import MAX_WRONG_PER_MINUTE
 from ingestd.ui.session import COOKIE
 from ingestd.uiconfig import Ui, is_loopback
 from tests.spooled import KEY, PATIENT_FOLDER, PATIENT_ID, SpooledState, spooled_state
@@ -182,7 +184,7 @@ def test_the_pages_show_what_status_shows(state: SpooledState) -> None:
         assert "4 of 4 batches." in every
         held = session.get(f"{url}/ui/studies", params={"state": "held"}, timeout=10).text
         assert "2 of 4 batches." in held
-        assert "unrouted" in held
+        assert "<strong>unrouted</strong> no rule matches this study (2 rules tried)" in held
         assert 'class="state-routed"' not in held
         routed = session.get(f"{url}/ui/studies", params={"state": "routed", "source": "SCANNER"}, timeout=10).text
         assert "1 of 4 batches." in routed
@@ -471,3 +473,28 @@ def test_a_page_that_fails_answers_500_and_logs_only_its_name(tmp_path: Path) ->
     failures = [event for event in logged if event["event"] == "ui.page_failed"]
     assert [event["page"] for event in failures] == ["overview", "studies", "quarantine"]
     assert {event["error"] for event in failures} == {"DatabaseError"}
+
+
+def test_a_flood_of_wrong_tokens_makes_every_login_wait(state: SpooledState, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    with serving(config) as (url, app), capture_logs() as logged:
+        for _ in range(MAX_WRONG_PER_MINUTE):
+            assert requests.post(f"{url}/ui/login", data={"token": "guess-" * 4}, timeout=10).status_code == 403
+        answer = requests.post(f"{url}/ui/login", data={"token": TOKEN}, allow_redirects=False, timeout=10)
+        assert answer.status_code == 429
+        assert "Set-Cookie" not in answer.headers
+        monkeypatch.setattr(app, "_wrong", deque(at - 61 for at in app._wrong))  # a minute on: logins taken again
+        assert (
+            requests.post(f"{url}/ui/login", data={"token": TOKEN}, allow_redirects=False, timeout=10).status_code
+            == 303
+        )
+    reasons = [event["reason"] for event in logged if event["event"] == "ui.login_refused"]
+    assert reasons == ["wrong token"] * MAX_WRONG_PER_MINUTE + ["too many wrong tokens in the last minute"]
+
+
+def test_head_answers_headers_only(state: SpooledState) -> None:
+    with serving(_with_ui(state.config, public_read=True)) as (url, _app):
+        answer = requests.head(f"{url}/ui/studies", timeout=10)
+        assert answer.status_code == 200
+        assert int(answer.headers["Content-Length"]) > 0
+        assert answer.content == b""

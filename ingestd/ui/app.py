@@ -11,7 +11,9 @@ Sec-Fetch-Site). Nothing here changes the journal: this slice has no actions.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
@@ -39,6 +41,9 @@ Health = Callable[[], dict[str, Any]]
 
 REFRESH_SECONDS = 10  # the overview reloads itself this often
 _MAX_FORM_BYTES = 4096
+# Wrong tokens tolerated per minute (from anyone): beyond, every login waits until the minute has passed. A token of
+# 16+ random characters cannot be guessed anyway; this keeps a flood of guesses out of the token file and the log.
+MAX_WRONG_PER_MINUTE = 20
 _PAGES = {"/ui": "overview", "/ui/": "overview", "/ui/studies": "studies", "/ui/quarantine": "quarantine"}
 _STATUS = {
     200: "200 OK",
@@ -48,6 +53,7 @@ _STATUS = {
     404: "404 Not Found",
     405: "405 Method Not Allowed",
     413: "413 Content Too Large",
+    429: "429 Too Many Requests",
     500: "500 Internal Server Error",
 }
 # What the browser may load: the style sheet from here, forms posted here, nothing else (no script at all).
@@ -100,6 +106,8 @@ class UiApp:
         self.sessions = Sessions(read_digest_key(config.state_dir), config.ui.session_hours * 3600)
         self._env = _environment()
         self._css = resources.files("ingestd.ui").joinpath("static/style.css").read_bytes()
+        self._wrong: deque[float] = deque()  # when wrong tokens were posted, in the last minute
+        self._wrong_lock = threading.Lock()
 
     # -- responses ------------------------------------------------------------------------------------------
 
@@ -222,10 +230,15 @@ class UiApp:
         if form is None:
             return self._message(start_response, 413, "Too large", "The form is too large.")
         given = (form.get("token") or [""])[0]
+        if self._throttled():
+            log.warning("ui.login_refused", client=client, reason="too many wrong tokens in the last minute")
+            return self._message(start_response, 429, "Refused", "Too many wrong tokens: wait a minute.")
         if token is None:
             log.warning("ui.login_refused", client=client, reason=problem or "no ui.token_file configured")
             return self._message(start_response, 403, "Refused", "The login is unavailable; the log says why.")
         if not token_matches(given, token):
+            with self._wrong_lock:
+                self._wrong.append(time.monotonic())
             log.warning("ui.login_refused", client=client, reason="wrong token")
             return self._page(
                 start_response, "login.html", 403, nav=False, configured=True, message="That is not the token."
@@ -233,6 +246,14 @@ class UiApp:
         log.info("ui.login", client=client)
         cookie = self._cookie(environ, self.sessions.sign(token), int(self.sessions.lifetime_seconds))
         return self._redirect(start_response, "/ui/", [cookie])
+
+    def _throttled(self) -> bool:
+        """Whether MAX_WRONG_PER_MINUTE wrong tokens came in the last minute."""
+        now = time.monotonic()
+        with self._wrong_lock:
+            while self._wrong and self._wrong[0] < now - 60:
+                self._wrong.popleft()
+            return len(self._wrong) >= MAX_WRONG_PER_MINUTE
 
     def _logout(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         if environ.get("REQUEST_METHOD") != "POST":
@@ -305,7 +326,8 @@ class UiApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
-            return self._dispatch(environ, start_response)
+            body = self._dispatch(environ, start_response)
+            return [] if environ.get("REQUEST_METHOD") == "HEAD" else body
         except Exception as exc:  # a page that fails says so (500, logged); the daemon goes on
             page = _PAGES.get(str(environ.get("PATH_INFO") or "/"), "other")
             log.exception("ui.page_failed", page=page, error=type(exc).__name__)  # the traceback, redacted

@@ -75,8 +75,18 @@ def overview(config: Config, health: Health, data: dict[str, Any], *, now: float
 
 def studies(data: dict[str, Any], chosen: StudyFilter) -> dict[str, Any]:
     """The study list, newest first, with the filters applied and what a hold asks of a person."""
-    rows = [dict(study, hint=_hint(study)) for study in data.get("studies", []) if chosen.matches(study)]
+    rows = [
+        dict(study, hint=_hint(study), reason_text=_reason(study))
+        for study in data.get("studies", [])
+        if chosen.matches(study)
+    ]
     return {"studies": rows, "total": len(data.get("studies", []))}
+
+
+def _reason(study: Mapping[str, Any]) -> str:
+    """The reason without the hold code it starts with (the page shows the code beside it)."""
+    code, reason = study.get("hold_code"), str(study.get("reason") or "")
+    return reason.removeprefix(f"{code}:").strip() if code else reason
 
 
 def _hint(study: Mapping[str, Any]) -> str:
