@@ -262,6 +262,7 @@ def test_another_process_key_is_refused(state: SpooledState, tmp_path: Path) -> 
     config = _with_ui(state.config, token_file=_token_file(state.root))
     other_state = tmp_path / "other-state"
     other_state.mkdir()
+    (other_state / "digest.key").write_text("not a key\n", encoding="ascii")  # unusable: a key of the process
     other = UiApp(config.model_copy(update={"state_dir": other_state}), _health)  # no key there: a random one
     with serving(config) as (url, _app):
         answer = requests.get(

@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from ingestd.admin.statusfilter import FilterError, StudyFilter
 from ingestd.admin.statusview import age, size
 from ingestd.config import Config
-from ingestd.digestkey import read_digest_key
+from ingestd.digestkey import DigestKeyError, read_digest_key
 from ingestd.states import HoldCode, StudyState
 from ingestd.ui import views
 from ingestd.ui.session import COOKIE, Session, Sessions, TokenError, read_token, token_matches
@@ -103,7 +103,11 @@ class UiApp:
         self.config = config
         self.health = health
         self.running = running
-        self.sessions = Sessions(read_digest_key(config.state_dir), config.ui.session_hours * 3600)
+        try:
+            key = read_digest_key(config.state_dir)
+        except DigestKeyError:
+            key = None  # the daemon says so where it uses the key; here a key of this process does as well
+        self.sessions = Sessions(key, config.ui.session_hours * 3600)
         self._env = _environment()
         self._css = resources.files("ingestd.ui").joinpath("static/style.css").read_bytes()
         self._wrong: deque[float] = deque()  # when wrong tokens were posted, in the last minute
