@@ -6,11 +6,18 @@ quarantine (`/ui/quarantine`). Every page needs a login (`/ui/login`: the token 
 session cookie, `ingestd.ui.session`) unless `ui.public_read` is set, which the configuration allows on loopback
 only; even then a request whose Host is not a loopback name needs a login (a web page the browser opened elsewhere
 may point a name of its own at 127.0.0.1: DNS rebinding). A form posted from another site is refused (Origin and
-Sec-Fetch-Site). Nothing here changes the journal: this slice has no actions.
+Sec-Fetch-Site).
+
+A study's page (`/ui/studies/<batch id>`) carries, for a logged-in user only, the actions that apply to the
+batch's state as forms posted to `/ui/studies/<batch id>/<action>` (`ingestd.ui.actions`: the code the commands
+run). Each form carries a token, HMAC(session key, session id + action path), checked with the site of the form;
+a refused post is logged as `ui.action_refused`, a done one as `ui.action`, and answered by a redirect (303) to
+the study's page, which shows what the command would have printed.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
@@ -29,6 +36,7 @@ from ingestd.config import Config
 from ingestd.digestkey import DigestKeyError, read_digest_key
 from ingestd.states import HoldCode, StudyState
 from ingestd.ui import views
+from ingestd.ui.actions import ACTIONS, Actions, applicable
 from ingestd.ui.session import COOKIE, Session, Sessions, TokenError, read_token, token_matches
 from ingestd.uiconfig import is_loopback
 
@@ -45,6 +53,7 @@ _MAX_FORM_BYTES = 4096
 # 16+ random characters cannot be guessed anyway; this keeps a flood of guesses out of the token file and the log.
 MAX_WRONG_PER_MINUTE = 20
 _PAGES = {"/ui": "overview", "/ui/": "overview", "/ui/studies": "studies", "/ui/quarantine": "quarantine"}
+_STUDY = re.compile(r"/ui/studies/([0-9]{1,12})(?:/([a-z-]{1,20}))?")
 _STATUS = {
     200: "200 OK",
     303: "303 See Other",
@@ -112,6 +121,7 @@ class UiApp:
         self._css = resources.files("ingestd.ui").joinpath("static/style.css").read_bytes()
         self._wrong: deque[float] = deque()  # when wrong tokens were posted, in the last minute
         self._wrong_lock = threading.Lock()
+        self.actions = Actions(config)
 
     # -- responses ------------------------------------------------------------------------------------------
 
@@ -309,12 +319,84 @@ class UiApp:
         context = views.quarantine(self.config, self._data())
         return self._page(start_response, "quarantine.html", page="quarantine", **context, **common)
 
+    def _study(
+        self, environ: dict[str, Any], start_response: StartResponse, batch_id: int, session: Session | None
+    ) -> list[bytes]:
+        study = views.study(self._data(), batch_id)
+        if study is None:
+            return self._not_found(start_response, session is not None)
+        forms: list[dict[str, str]] = []
+        token = self._current_token() if session is not None else None
+        if session is not None and token is not None:
+            for action in applicable(str(study["state"])):
+                path = f"/ui/studies/{batch_id}/{action}"
+                forms.append(
+                    {"action": path, "label": ACTIONS[action], "csrf": self.sessions.form_token(session, token, path)}
+                )
+        return self._page(
+            start_response,
+            "study.html",
+            page="studies",
+            logged_in=session is not None,
+            s=study,
+            forms=forms,
+            outcome=self.actions.last(batch_id),
+        )
+
+    def _current_token(self) -> str | None:
+        try:
+            return self._token()
+        except TokenError:
+            return None
+
+    def _not_found(self, start_response: StartResponse, logged_in: bool = False) -> list[bytes]:
+        return self._message(
+            start_response,
+            404,
+            "Not found",
+            "No such page.",
+            link="/ui/studies",
+            link_text="Studies",
+            logged_in=logged_in,
+        )
+
+    def _act(self, environ: dict[str, Any], start_response: StartResponse, batch_id: int, action: str) -> list[bytes]:
+        """A posted action: the session, the form's site and its CSRF token checked, then done as the command does."""
+        client, path = _client(environ), f"/ui/studies/{batch_id}/{action}"
+
+        def refuse(code: int, reason: str, message: str) -> list[bytes]:
+            log.warning("ui.action_refused", client=client, batch_id=batch_id, action=action, reason=reason)
+            return self._message(
+                start_response, code, "Refused", message, link=f"/ui/studies/{batch_id}", link_text="The study"
+            )
+
+        session = self._session(environ)
+        token = self._current_token()
+        if session is None or token is None:
+            return refuse(403, "not logged in", "Log in to act on a study.")
+        if self._cross_site(environ):
+            return refuse(403, "cross-site", "A form posted from another site is refused.")
+        form = self._read_form(environ)
+        if form is None:
+            return refuse(413, "form too large", "The form is too large.")
+        given = (form.get("csrf") or [""])[0]
+        if not given:
+            return refuse(403, "no form token", "The form has expired: open the study's page again.")
+        if not self.sessions.form_token_matches(session, token, path, given):
+            return refuse(403, "wrong form token", "The form has expired: open the study's page again.")
+        outcome = self.actions.start(action, batch_id)
+        log.info("ui.action", client=client, batch_id=batch_id, action=action, ok=outcome.ok, done=outcome.done)
+        return self._redirect(start_response, f"/ui/studies/{batch_id}")
+
     def _dispatch(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:  # noqa: PLR0911 - one return per route
         path = str(environ.get("PATH_INFO") or "/")
         if path == "/ui/static/style.css":
             return self._send(start_response, 200, self._css, "text/css; charset=utf-8")
         if path in ("/ui/login", "/ui/logout"):
             return (self._login if path == "/ui/login" else self._logout)(environ, start_response)
+        study = _STUDY.fullmatch(path)
+        if study is not None:
+            return self._study_route(environ, start_response, int(study.group(1)), study.group(2))
         page = _PAGES.get(path)
         if page is None:
             return self._message(start_response, 404, "Not found", "No such page.", link="/ui/", link_text="Overview")
@@ -327,6 +409,31 @@ class UiApp:
         if page == "studies":
             return self._studies(environ, start_response, common)
         return (self._overview if page == "overview" else self._quarantine)(start_response, common)
+
+    def _study_route(
+        self, environ: dict[str, Any], start_response: StartResponse, batch_id: int, action: str | None
+    ) -> list[bytes]:
+        """`/ui/studies/<id>` (GET: the page) and `/ui/studies/<id>/<action>` (POST only: a GET does nothing)."""
+        method = environ.get("REQUEST_METHOD", "GET")
+        if action is not None:
+            if action not in ACTIONS:
+                return self._not_found(start_response)
+            if method != "POST":
+                return self._message(
+                    start_response,
+                    405,
+                    "Not allowed",
+                    "Use the study page's buttons.",
+                    link=f"/ui/studies/{batch_id}",
+                    link_text="The study",
+                )
+            return self._act(environ, start_response, batch_id, action)
+        if method not in ("GET", "HEAD"):
+            return self._message(start_response, 405, "Not allowed", "This page is read-only; use its buttons.")
+        session = self._session(environ)
+        if session is None and not self._public(environ):
+            return self._redirect(start_response, "/ui/login")
+        return self._study(environ, start_response, batch_id, session)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:

@@ -109,6 +109,15 @@ class Sessions:
                 return None
         return session
 
+    def form_token(self, session: Session, token: str, action: str) -> str:
+        """The CSRF token of a form posted to `action` (a path) in `session`: HMAC(session key, session id + path)."""
+        message = f"csrf\0{session.nonce}\0{action}".encode("utf-8", "replace")
+        return hmac.new(self._key(token), message, hashlib.sha256).hexdigest()
+
+    def form_token_matches(self, session: Session, token: str, action: str, given: str) -> bool:
+        """Whether `given` is the CSRF token of `action` in `session` (compared in constant time)."""
+        return hmac.compare_digest(self.form_token(session, token, action).encode(), given.encode("utf-8", "replace"))
+
     def end(self, session: Session, *, now: float | None = None) -> None:
         """Log a session out: its cookie is refused from now on, even if a copy of it was kept."""
         now = time.time() if now is None else now

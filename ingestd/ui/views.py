@@ -15,8 +15,9 @@ from ingestd.admin.statusfilter import FILTER_KEYS, StudyFilter, parse_filters
 from ingestd.admin.statusview import HOLD_HINTS
 from ingestd.config import Config
 from ingestd.states import StudyState
+from ingestd.ui.hints import hold_hint
 
-__all__ = ["filters_from_query", "overview", "quarantine", "studies"]
+__all__ = ["filters_from_query", "overview", "quarantine", "studies", "study"]
 
 Health = Callable[[], dict[str, Any]]
 
@@ -81,6 +82,15 @@ def studies(data: dict[str, Any], chosen: StudyFilter) -> dict[str, Any]:
         if chosen.matches(study)
     ]
     return {"studies": rows, "total": len(data.get("studies", []))}
+
+
+def study(data: dict[str, Any], batch_id: int) -> dict[str, Any] | None:
+    """One batch as `ingestd status --json` lists it, with what a hold asks of a person; None for an unknown id."""
+    for row in data.get("studies", []):
+        if row.get("batch_id") == batch_id:
+            held = row.get("state") == StudyState.HELD
+            return dict(row, hint=hold_hint(row.get("hold_code")) if held else "", reason_text=_reason(row))
+    return None
 
 
 def _reason(study: Mapping[str, Any]) -> str:
