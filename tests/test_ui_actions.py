@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,34 @@ def test_retry_moves_the_batch_as_ingestd_retry_does(
     assert [row for row in _all_states(state) if row[0] != held] == others  # nothing else moved
     for value in _phi(state):
         assert value not in page, value
+
+
+def test_an_action_still_running_says_so_and_its_outcome_shows_when_it_ends(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    held = state.batch_ids["OTHER"]
+    with serving(config) as (url, app):
+        app.actions.wait_seconds = 0  # the request does not wait: as a retry waiting for the daemon's reload
+        session = _login(url)
+        page = _act(session, url, held, "release")
+        deadline = time.monotonic() + 10
+        while "under way" in page and time.monotonic() < deadline:
+            time.sleep(0.05)
+            page = session.get(f"{url}/ui/studies/{held}", timeout=10).text
+        assert f"batch {held}: released" in page
+    assert _journal_state(state, held) == StudyState.RELEASED
+
+
+def test_one_action_at_a_time(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    held = state.batch_ids["OTHER"]
+    with serving(config) as (url, app):
+        session = _login(url)
+        assert app.actions._busy.acquire(blocking=False)
+        try:
+            page = _act(session, url, held, "release")
+        finally:
+            app.actions._busy.release()
+        assert "another action is under way" in page
+        assert _journal_state(state, held) == StudyState.HELD
+        page = _act(session, url, held, "release")
+        assert f"batch {held}: released" in page

@@ -118,7 +118,12 @@ class Actions:
     def start(self, action: str, batch_id: int) -> Outcome:
         """Start `action` on `batch_id`; its outcome once it ends, or within `wait_seconds` one with `done` False."""
         if not self._busy.acquire(blocking=False):
-            return Outcome(action, ("another action is under way: try again in a moment",), True, False, time.time())
+            refused = Outcome(action, ("another action is under way: try again in a moment",), True, False, time.time())
+            with self._lock:
+                running = self._outcomes.get(batch_id)
+                if running is None or running.done:  # a running one of this batch stays shown until it ends
+                    self._outcomes[batch_id] = refused
+            return refused
         lines: list[str] = []
         finished = threading.Event()
 
