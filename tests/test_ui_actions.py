@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from ingestd.cli import main
 from ingestd.journal import Journal
 from ingestd.states import StudyState
-from tests.spooled import KEY, SpooledState, spooled_state
+from tests.spooled import KEY, PATIENT_ID, SpooledState, spooled_state
 from tests.test_ui import TOKEN, _login, _phi, _token_file, _with_ui, serving
 
 NOTE = "<script>alert('x')</script>"
@@ -272,3 +272,26 @@ def test_one_action_at_a_time(state: SpooledState) -> None:
         assert _journal_state(state, held) == StudyState.HELD
         page = _act(session, url, held, "release")
         assert f"batch {held}: released" in page
+
+
+def test_what_the_command_prints_shows_identifying_labels_as_digests(state: SpooledState) -> None:
+    """The raw rule's labels carry the Patient ID; a reason quoting its session label is shown with a digest, as the
+    list shows it, in the outcome of unrelease (which prints the reason) as on the page."""
+    raw = state.batch_ids["drop"]
+    journal = Journal(state.config.journal_path)
+    try:
+        route = journal.route(raw)
+        assert route is not None and PATIENT_ID in route.label("session")
+        reason = f"label-taken: the session label {route.label('session')} is taken in project RAW"
+        assert journal.hold_batch(raw, "label-taken", reason, time.time(), from_state=StudyState.ROUTED)
+    finally:
+        journal.close()
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    with serving(config) as (url, _app):
+        session = _login(url)
+        released = _act(session, url, raw, "release")
+        page = _act(session, url, raw, "unrelease")
+    assert _journal_state(state, raw) == StudyState.HELD
+    assert f"batch {raw}: held again (label-taken: the session label sha256:" in page
+    for value in _phi(state):
+        assert value not in released + page, value

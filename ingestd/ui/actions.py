@@ -8,6 +8,9 @@ Inside the daemon `run_retry` finds the daemon's own process holding the state d
 (SIGHUP, which the main thread answers by reloading the rules) and waits until the reload is recorded, up to a
 minute. So an action runs in a worker thread of its own, one at a time; the HTTP thread waits for it at most
 `WAIT_SECONDS` and otherwise answers that it is under way (the study page then shows its outcome when it ends).
+
+What a command prints may quote a route's labels (a reason, a prearchive URL); the page shows them as
+`ingestd status` does: those the rule builds from raw identifying values as digests (`ingestd.logs.hide_labels`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ingestd.admin.batchref import find_batches
 from ingestd.config import Config
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
+from ingestd.logs import hide_labels
 from ingestd.states import StudyState
 
 __all__ = ["ACTIONS", "Actions", "Outcome", "applicable"]
@@ -101,6 +105,23 @@ def run_action(config: Config, action: str, batch_id: int, out: Callable[[str], 
     return False
 
 
+def _identifying_labels(config: Config, batch_id: int) -> list[str]:
+    """The labels of the batch's route (if any) that `ingestd status` shows as digests: taken before the action,
+    which may drop the route."""
+    from ingestd.status import _LabelPolicy  # noqa: PLC0415 - the same policy as the list's
+
+    if not config.journal_path.exists():
+        return []
+    journal = Journal(config.journal_path, read_only=True)
+    try:
+        route = journal.route(batch_id)
+    finally:
+        journal.close()
+    if route is None:
+        return []
+    return [route.label(name) for name in _LabelPolicy(config.rules).hidden(route)]
+
+
 class Actions:
     """Runs the page's actions one at a time in a worker thread, and keeps each batch's last outcome."""
 
@@ -130,7 +151,8 @@ class Actions:
         def work() -> None:
             ok = False
             try:
-                ok = run_action(self.config, action, batch_id, lines.append)
+                hidden = _identifying_labels(self.config, batch_id)
+                ok = run_action(self.config, action, batch_id, lambda line: lines.append(hide_labels(line, hidden)))
             except Exception as exc:  # the page says so; the log has the traceback
                 log.exception("ui.action_failed", batch_id=batch_id, action=action, error=type(exc).__name__)
                 lines.append("the action failed; the log says why")
