@@ -38,7 +38,7 @@ from ingestd.journal.schema import JournalVersionError, check_version
 from ingestd.logs import hide_labels, path_digest, uid_digest
 from ingestd.states import BatchKind, Step, StudyState
 
-__all__ = ["BatchSummary", "JournalStatus", "status_data", "status_line"]
+__all__ = ["BatchSummary", "JournalStatus", "LabelPolicy", "status_data", "status_line"]
 
 # Delivery steps before anything was sent: no instance can be missing from XNAT yet (unless a look found some).
 _NOT_SENT_YET = (Step.PACKAGE, Step.PREFLIGHT, Step.IMPORT, Step.IMPORTING)
@@ -197,7 +197,7 @@ def _study_reference(study_uid: str, route: Route | None, show_uids: bool) -> st
     return uid_digest(study_uid)
 
 
-class _LabelPolicy:
+class LabelPolicy:
     """Which labels of a route status names by a digest: those `ingestd.rules.identifying_labels` says the logs do.
 
     The rules are loaded (once, and only) when a route without a profile is shown: its labels are safe only if its
@@ -382,7 +382,7 @@ def status_data(
 
     _use_installation_key(config)
     drop_folders = {str(folder.path): folder.path.name for folder in config.drop_folders}
-    labels = _LabelPolicy(config.rules)
+    labels = LabelPolicy(config.rules)
     journal = Journal(config.journal_path, read_only=True)
     reader = JournalStatus(config.journal_path)
     try:

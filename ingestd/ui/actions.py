@@ -29,6 +29,7 @@ from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
 from ingestd.logs import hide_labels
 from ingestd.states import StudyState
+from ingestd.status import LabelPolicy
 
 __all__ = ["ACTIONS", "Actions", "Outcome", "applicable"]
 
@@ -108,8 +109,6 @@ def run_action(config: Config, action: str, batch_id: int, out: Callable[[str], 
 def _identifying_labels(config: Config, batch_id: int) -> list[str]:
     """The labels of the batch's route (if any) that `ingestd status` shows as digests: taken before the action,
     which may drop the route."""
-    from ingestd.status import _LabelPolicy  # noqa: PLC0415 - the same policy as the list's
-
     if not config.journal_path.exists():
         return []
     journal = Journal(config.journal_path, read_only=True)
@@ -119,7 +118,7 @@ def _identifying_labels(config: Config, batch_id: int) -> list[str]:
         journal.close()
     if route is None:
         return []
-    return [route.label(name) for name in _LabelPolicy(config.rules).hidden(route)]
+    return [route.label(name) for name in LabelPolicy(config.rules).hidden(route)]
 
 
 class Actions:
