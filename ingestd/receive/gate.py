@@ -250,8 +250,9 @@ class Gate:
             with self._lock:
                 self._stopping = True
                 leftovers, self._inbox = self._inbox, []
-            for pending in leftovers:
+            for pending in leftovers:  # accepted, never started: closed too, not left to the garbage collector
                 self._forget(pending)
+                _close(pending.sock)
             for pending in list(self._held.values()):
                 self._drop(pending)
 
