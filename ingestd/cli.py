@@ -82,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
         help="work in FOLDER and keep it (default: a temp folder): FOLDER/ingestd.yaml then runs as it is, with the"
         " stand-in the demo says how to start",
     )
+    demo.add_argument(
+        "--ui",
+        action="store_true",
+        help="the web page's walk-through: an MR study archived, a CT study held until you fix the rule and press"
+        " Retry on the page; runs until Ctrl-C",
+    )
+    demo.add_argument(
+        "--port", type=int, default=9471, help="with --ui: the web page's port on 127.0.0.1 (default 9471; 0: any)"
+    )
 
     health = commands.add_parser(
         "health", help="is the daemon running and answering? (exit 0 or 1; for HEALTHCHECK and monitoring)"
@@ -436,6 +445,10 @@ def _command(argv: list[str] | None) -> int:  # noqa: PLR0911, PLR0912 - one bra
         if args.command == "demo":
             from ingestd.demo import run_demo  # noqa: PLC0415 - starts servers; only for this command
 
+            if args.ui:
+                from ingestd.demo_ui import run_demo_ui  # noqa: PLC0415 - starts servers; only for this command
+
+                return run_demo_ui(args.keep, args.port)
             return run_demo(args.keep)
         config = load_config(args.config)
         if args.command == "health":

@@ -49,7 +49,7 @@ profiles:
 rules:
   - name: demo-scanner
     when: {calling_aet: DEMO_SCANNER, Modality: MR}
-    route: {server: main, project: DEMO, subject: "S{PatientID:hash6}", session: "{subject}_MR", archive: true}
+    route: {server: main, project: DEMO, subject: "S{PatientID:hash6}", session: "{subject}_{Modality}", archive: true}
     drop_series:
       - {SeriesDescription: {matches: "(?i)localizer"}}
     anonymize: demo

@@ -57,7 +57,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("admin commands", ("admin",)),
     # The web page: the read model and status's filters, served by the daemon through the metrics endpoint.
     ("web page", ("ui",)),
-    ("entry points", ("cli", "__main__", "daemon", "bulk", "offline", "demo", "check_xnat")),
+    ("entry points", ("cli", "__main__", "daemon", "bulk", "offline", "demo", "demo_ui", "check_xnat")),
 ]
 ENTRY_POINTS = LAYERS[-1][1]
 # Entry points do not import each other, except these (importer -> the entry points it may import).
@@ -65,6 +65,7 @@ ENTRY_POINT_IMPORTS: dict[str, tuple[str, ...]] = {
     "cli": ENTRY_POINTS,
     "__main__": ("cli",),
     "demo": ("daemon",),  # the demo runs the real daemon (listener, watcher, pipeline) against the stand-in
+    "demo_ui": ("daemon", "demo"),  # the web page's walk-through: the real daemon as `run` runs it, the demo's study
 }
 TESTING = "testing"
 TESTING_IMPORTERS = (*ENTRY_POINTS, TESTING)
