@@ -73,7 +73,9 @@ _SECURITY_HEADERS = [
         " base-uri 'none'",
     ),
     ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
+    # Not no-referrer: under it a browser posts the page's own forms with `Origin: null`, which _cross_site must
+    # refuse (the login failed in Chromium). same-origin sends the page's origin to itself only, never elsewhere.
+    ("Referrer-Policy", "same-origin"),
     ("Cache-Control", "no-store"),
 ]
 
@@ -224,7 +226,7 @@ class UiApp:
             token, problem = None, str(exc)
         method = environ.get("REQUEST_METHOD", "GET")
         if method in ("GET", "HEAD"):
-            if self._public(environ) or self._session(environ) is not None:
+            if self._session(environ) is not None:  # a public_read visitor gets the form: it is how one acts
                 return self._redirect(start_response, "/ui/")
             message = "The login is unavailable: the token file cannot be used; the log says why." if problem else ""
             return self._page(start_response, "login.html", nav=False, configured=token is not None, message=message)
