@@ -113,10 +113,14 @@ class Pages:
     def shot(self, name: str, page: Page | None = None) -> Path:
         """A full-page screenshot of what `page` (by default the test's page) shows now, and its HTML."""
         page = page or self.page
-        path = self.folder / f"{len(self.html) + 1:02d}-{_slug(name)}.png"
+        path = self.folder / f"{len(list(self.folder.glob('*.png'))) + 1:02d}-{_slug(name)}.png"
         page.screenshot(path=str(path), full_page=True)
         self.html[path.stem] = page.content()
         return path
+
+    def keep(self, name: str) -> None:
+        """Keep the HTML of what the page shows now (for the PHI checks) without a screenshot."""
+        self.html[f"{len(self.html) + 1:02d}-{_slug(name)}-html-only"] = self.page.content()
 
     def close(self) -> None:
         self.context.close()

@@ -105,6 +105,7 @@ def test_a_held_study_is_shown_retried_on_the_page_and_archived(
         page.reload()
         browser_pages.shot("overview-held")
         expect(page.get_by_role("table").filter(has_text="Held, by reason")).to_contain_text("unrouted")
+        expect(page.locator("a[href='/ui/studies?state=held']")).to_have_text("1")  # studies by state
 
         page.get_by_role("link", name="Studies").click()
         page.get_by_label("State").select_option("held")
@@ -130,6 +131,7 @@ def test_a_held_study_is_shown_retried_on_the_page_and_archived(
 
         def retried() -> bool:
             page.reload()
+            browser_pages.keep("retry-under-way")
             return "re-routed with rule set" in (page.locator("section.outcome").text_content() or "")
 
         wait_until(retried, 60, interval=0.5, message="the retry's outcome on the page")
@@ -141,7 +143,8 @@ def test_a_held_study_is_shown_retried_on_the_page_and_archived(
         expect(page.get_by_role("button")).to_have_count(1)  # Log out: nothing to do on a delivered study
         browser_pages.shot("study-delivered")
         browser_pages.visit(f"{base}/ui/", "overview-delivered")
-        expect(page.get_by_role("link", name="Studies")).to_be_visible()
+        expect(page.locator("a[href='/ui/studies?state=delivered']")).to_have_text("1")
+        expect(page.locator("a[href='/ui/studies?state=held']")).to_have_text("0")
         browser_pages.visit(f"{base}/ui/quarantine", "quarantine")
         page.get_by_role("button", name="Log out").click()
         page.wait_for_url(f"{base}/ui/login")
