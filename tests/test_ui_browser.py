@@ -113,7 +113,8 @@ def test_a_held_study_is_shown_retried_on_the_page_and_archived(
         page.wait_for_url(f"{base}/ui/studies?state=held**")
         browser_pages.shot("studies-held")
         row = page.locator("tr", has=page.get_by_role("link", name=str(batch_id), exact=True))
-        expect(row).to_contain_text("unrouted no rule matches this study")  # the list: the reason; the page: a hint
+        expect(row).to_contain_text("unrouted no rule matches this study")
+        expect(row.locator(".hint")).to_contain_text("no rule matches: fix the rules")
         expect(row).to_contain_text("drop:drop")
 
         row.get_by_role("link", name=str(batch_id), exact=True).click()

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.admin.statusfilter import FILTER_KEYS, StudyFilter, parse_filters
-from ingestd.admin.statusview import HOLD_HINTS
 from ingestd.config import Config
 from ingestd.states import StudyState
 from ingestd.ui.hints import hold_hint
@@ -100,9 +99,11 @@ def _reason(study: Mapping[str, Any]) -> str:
 
 
 def _hint(study: Mapping[str, Any]) -> str:
+    """What a hold asks of a person, as the study's page says it (`HOLD_HINTS` alone knows only the attachment
+    sets' codes: a study held `unrouted` had no hint in the list)."""
     if study.get("state") != StudyState.HELD:
         return ""
-    return HOLD_HINTS.get(str(study.get("hold_code")), "")
+    return hold_hint(study.get("hold_code"))
 
 
 def _source_name(config: Config, kind: str, source: str) -> str:
