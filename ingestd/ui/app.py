@@ -310,7 +310,7 @@ class UiApp:
             page="studies",
             states=[state.value for state in StudyState],
             codes=[code.value for code in HoldCode],
-            chosen={key: values for key, values in chosen.values.items()},
+            chosen=views.form_values(query, chosen),
             filtered=bool(chosen),
             error=error,
             **context,
