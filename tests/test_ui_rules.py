@@ -286,3 +286,48 @@ def test_a_ui_error_names_its_file_line_and_key(tmp_path: Path, capsys: pytest.C
     with pytest.raises(ConfigError) as refused:
         parse_config(text.replace("session_hours: 2", "session_hours: 0"), "ingestd.yaml")
     assert refused.value.problems == ["ingestd.yaml:7: ui.session_hours: must be greater than 0"]
+
+
+NESTED_RULES = """\
+rules:
+  - name: nested
+    when:
+      Modality: {in: [MR, PT]}
+      any: [{calling_aet: SCANNER}, {all: [{drop_folder: drop}, {StudyDescription: {present: true}}]}]
+      not: {any: [{SeriesDescription: {matches: '(?i)scout'}}, {ImageType: {matches: LOCALIZER}}]}
+    route: {server: main, project: P, subject: S, session: T}
+"""
+
+
+@pytest.mark.parametrize(
+    ("calling_aet", "modality", "description"),
+    [("SCANNER", "MR", "t1"), ("OTHER", "MR", "t1"), ("SCANNER", "CT", "t1"), ("SCANNER", "MR", "my scout")],
+)
+def test_the_page_s_explanation_agrees_with_explain_without_the_values(
+    tmp_path: Path, calling_aet: str, modality: str, description: str
+) -> None:
+    """Each condition and group of a nested `when` holds or fails on the page as `ingestd explain` says, and the
+    rule matches as the router decides; the page's rows carry no value the study holds."""
+    from ingestd.rules import SeriesFacts, StudyFacts  # noqa: PLC0415
+    from ingestd.rules.when import explain_when, when_holds  # noqa: PLC0415
+    from ingestd.ui.rulespage import _why, when_text  # noqa: PLC0415
+
+    file = tmp_path / "nested.rules.yaml"
+    file.write_text(NESTED_RULES, encoding="utf-8")
+    (rule,) = load_rules([file]).rules
+    headers = {"Modality": modality, "SeriesDescription": description, "StudyDescription": "DOE^JOHN head"}
+    study = StudyFacts("1.2.3", (SeriesFacts("1.2.3.4", 2, headers, "1.2.840.10008.5.1.4.1.1.4"),), calling_aet)
+    rows = list(_why(rule.when, study))
+    _holds, lines = explain_when(rule.when, study)
+    said = [re.match(r"\s*(when[^\s:]*).*?: (holds|fails)", line) for line in lines]
+    assert [(row["key"], "holds" if row["ok"] else "fails") for row in rows] == [
+        (found.group(1), found.group(2)) for found in said if found is not None
+    ]
+    assert all(row["ok"] for row in rows if row["depth"] == 0) == when_holds(rule.when, study)
+    shown = repr(rows)
+    for value in (description, "DOE^JOHN", calling_aet if calling_aet != "SCANNER" else "OTHER"):
+        assert value not in shown
+    assert when_text(rule.when) == (
+        "Modality in [MR, PT], any[calling_aet equals 'SCANNER'; all[drop_folder equals 'drop'; StudyDescription"
+        " present]], not(any[SeriesDescription matches '(?i)scout'; ImageType matches 'LOCALIZER'])"
+    )
