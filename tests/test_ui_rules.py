@@ -83,7 +83,7 @@ def test_the_rules_page_lists_each_rule_without_keys_or_patient_values(
         "drop_folder equals 'drop'",
         "{PatientID}_{StudyDate}",
         "none: sent as received",
-        "labels from raw identifying values (shown as digests): subject (PatientID), session (PatientID)",
+        "labels from raw identifying values (shown as digests): subject (PatientID), session (PatientID, StudyDate)",
         "Profiles: research (no options). Their keys are not shown.",
     ):
         assert expected in text, expected

@@ -61,6 +61,15 @@ def when_text(when: When) -> str:
     return ", ".join(parts) or "{} (every study)"
 
 
+def _identifying(rule: Rule) -> list[str]:
+    """The labels a rule without a profile builds from raw identifying values, each with them: `session (PatientID,
+    StudyDate)`."""
+    fields: dict[str, list[str]] = {}
+    for label, field in rule.identifying_labels:
+        fields.setdefault(label, []).append(field)
+    return [f"{label} ({', '.join(dict.fromkeys(names))})" for label, names in fields.items()]
+
+
 def _rule_view(rule: Rule, rules: RuleSet) -> dict[str, Any]:
     profile = rules.profiles.get(rule.anonymize) if rule.anonymize else None
     return {
@@ -74,7 +83,7 @@ def _rule_view(rule: Rule, rules: RuleSet) -> dict[str, Any]:
         "archive": rule.route.archive,
         "profile": rule.anonymize,
         "options": sorted(profile.options) if profile is not None else [],
-        "identifying": [f"{label} ({field})" for label, field in rule.identifying_labels],
+        "identifying": _identifying(rule),
         "drop_series": [", ".join(f"{c.field} {c.text}" for c in entry) for entry in rule.drop_series],
         "attach": [
             f"{item.match_text} -> {item.level}"
