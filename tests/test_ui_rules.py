@@ -22,6 +22,7 @@ from ingestd.cli import main
 from ingestd.config import parse_config
 from ingestd.errors import ConfigError
 from ingestd.rules import load_rules
+from ingestd.status import status_data
 from tests.dicom import make_study, write_instances
 from tests.procs import (
     SCANNER_RULES,
@@ -123,12 +124,17 @@ def test_explain_says_what_each_spooled_study_would_get(
     assert "Shown as digests session, subject" in raw
     assert "De-identification none: sent as received" in raw
 
-    scanner = ingestd_status(spooled.config_file)["studies"]
-    assert isinstance(scanner, list)
+    scanner = status_data(spooled.config, running=False)["studies"]  # as the pages read them
     (row,) = [study for study in scanner if study["batch_id"] == spooled.batch_ids["SCANNER"]]
     deidentified = explain(str(row["study"]))  # by the study as the studies page names it: its outgoing UID
     assert "Rule research" in deidentified and "De-identification research" in deidentified
     assert "XNAT labels PROJ_A/" in deidentified and "Archive yes" in deidentified and "Series kept 2" in deidentified
+
+    (other,) = [study for study in scanner if study["batch_id"] == spooled.batch_ids["OTHER"]]
+    assert str(other["study"]).startswith("sha256:")
+    by_digest = explain(str(other["study"]))  # a study not de-identified: by the digest the studies page shows
+    assert f"Batch {spooled.batch_ids['OTHER']} : held (unrouted)" in by_digest
+    assert f'value="{other["study"]}"' in pages[-1]  # kept in the form
 
     assert "no batch is that" in explain("999", 404)
     typed = explain(PATIENT_ID, 404)  # not a batch id or a digest: refused, and not shown back
