@@ -35,7 +35,7 @@ from ingestd.admin.statusview import age, size
 from ingestd.config import Config
 from ingestd.digestkey import DigestKeyError, read_digest_key
 from ingestd.states import HoldCode, StudyState
-from ingestd.ui import views
+from ingestd.ui import rulespage, views
 from ingestd.ui.actions import ACTIONS, Actions, applicable
 from ingestd.ui.session import COOKIE, Session, Sessions, TokenError, read_token, token_matches
 from ingestd.uiconfig import is_loopback
@@ -53,6 +53,7 @@ _MAX_FORM_BYTES = 4096
 # 16+ random characters cannot be guessed anyway; this keeps a flood of guesses out of the token file and the log.
 MAX_WRONG_PER_MINUTE = 20
 _PAGES = {"/ui": "overview", "/ui/": "overview", "/ui/studies": "studies", "/ui/quarantine": "quarantine"}
+_PAGES["/ui/rules"] = "rules"  # ingestd.ui.rulespage
 _STUDY = re.compile(r"/ui/studies/([0-9]{1,12})(?:/([a-z-]{1,20}))?")
 _STATUS = {
     200: "200 OK",
@@ -124,6 +125,7 @@ class UiApp:
         self._wrong: deque[float] = deque()  # when wrong tokens were posted, in the last minute
         self._wrong_lock = threading.Lock()
         self.actions = Actions(config)
+        self.rules_in_force: rulespage.RulesInForce | None = None  # the daemon's rule set, across reloads
 
     # -- responses ------------------------------------------------------------------------------------------
 
@@ -310,7 +312,7 @@ class UiApp:
             page="studies",
             states=[state.value for state in StudyState],
             codes=[code.value for code in HoldCode],
-            chosen={key: values for key, values in chosen.values.items()},
+            chosen=views.form_values(query, chosen),
             filtered=bool(chosen),
             error=error,
             **context,
@@ -410,6 +412,10 @@ class UiApp:
         common = {"logged_in": session is not None}
         if page == "studies":
             return self._studies(environ, start_response, common)
+        if page == "rules":
+            query, rows = str(environ.get("QUERY_STRING") or ""), lambda: list(self._data()["studies"])
+            code, context = rulespage.page(self.config, self.rules_in_force, query, rows)
+            return self._page(start_response, "rules.html", code, page="rules", **(context | common))
         return (self._overview if page == "overview" else self._quarantine)(start_response, common)
 
     def _study_route(

@@ -16,7 +16,7 @@ from ingestd.config import Config
 from ingestd.states import StudyState
 from ingestd.ui.hints import hold_hint
 
-__all__ = ["filters_from_query", "overview", "quarantine", "studies", "study"]
+__all__ = ["filters_from_query", "form_values", "overview", "quarantine", "studies", "study"]
 
 Health = Callable[[], dict[str, Any]]
 
@@ -25,6 +25,16 @@ def filters_from_query(query: Mapping[str, Sequence[str]]) -> StudyFilter:
     """`?state=held&reason=unrouted` as `--filter` options; FilterError as the command refuses them."""
     texts = [f"{key}={value}" for key in FILTER_KEYS for value in query.get(key, ()) if value.strip()]
     return parse_filters(texts)
+
+
+def form_values(query: Mapping[str, Sequence[str]], chosen: StudyFilter) -> dict[str, tuple[str, ...]]:
+    """What the studies form shows as chosen: the filters applied, and the ages as typed (`older-than=2h`)."""
+    values = dict(chosen.values)
+    for key in ("older-than", "newer-than"):
+        typed = [value.strip()[:20] for value in query.get(key, ()) if value.strip()]
+        if typed:
+            values[key] = (typed[-1],)  # the last one given is the one applied
+    return values
 
 
 def _health(health: Health) -> dict[str, Any]:
