@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per comma
     new_key = commands.add_parser("new-key", help="write a new random key to a new file of mode 0600")
     new_key.add_argument("file", type=Path)
 
+    password = commands.add_parser(
+        "ui-password",
+        help="set a user's password for the web page in ui.password_file (asked twice; or the first line of stdin)",
+    )
+    password.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"configuration file ({DEFAULT_CONFIG})")
+    password.add_argument("user", metavar="USER")
+
     explain = commands.add_parser(
         "explain",
         help="show which rule matches DICOM files or a spooled study, its labels, and what the profile does to each"
@@ -429,6 +436,10 @@ def _command(argv: list[str] | None) -> int:  # noqa: PLR0911, PLR0912 - one bra
             return _cmd_check_rules(args.files)
         if args.command == "new-key":
             return _cmd_new_key(args.file)
+        if args.command == "ui-password":
+            from ingestd.ui.passwords import run_ui_password  # noqa: PLC0415 - only for this command
+
+            return run_ui_password(args.config, args.user)
         if args.command == "explain" and (args.config is not None or not args.rules):
             from ingestd.offline import run_explain_batches  # noqa: PLC0415 - reads the spool and the rules
 

@@ -1,8 +1,10 @@
 """The `ui:` section of ingestd.yaml: the web page under `/ui/` of the metrics endpoint (`ingestd.ui`).
 
-Every page needs a login with the token held in `token_file` (0600, like a credentials file), unless the operator
-sets `public_read: true`, which is allowed only while the endpoint listens on loopback: a page readable without a
-login must never be served to the network.
+Every page needs a login: with the token held in `token_file`, or a user's password from `password_file` (both
+0600, like a credentials file; one or the other), or with `http_basic: true` the browser's HTTP Basic login against
+`password_file` at every request (for a reverse proxy with TLS in front). `public_read: true` opens the read-only
+pages without a login, which is allowed only while the endpoint listens on loopback (a page readable without a
+login must never be served to the network) and not with `http_basic` (which asks every request for a password).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = ["Ui", "checked_public_read", "is_loopback", "public_read_problem"]
@@ -25,7 +27,28 @@ class Ui(BaseModel):
     enabled: bool = True
     public_read: bool = False  # the read-only pages without a login; only with metrics.host on loopback
     token_file: Path | None = None  # a 0600 file holding the login token (at least 16 characters)
+    password_file: Path | None = None  # a 0600 file of `user:scrypt$...` lines (`ingestd ui-password`)
+    http_basic: bool = False  # every request logs in with HTTP Basic against password_file (behind a TLS proxy)
     session_hours: Annotated[float, Field(gt=0, le=7 * 24)] = 12.0  # a login lasts this long
+
+    # Checked at the key that contradicts an earlier one, so that the error names its file and line.
+    @field_validator("password_file")
+    @classmethod
+    def _one_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("token_file") is not None:
+            raise ValueError("ui.token_file is set too: the login takes a token or passwords, not both; remove one")
+        return value
+
+    @field_validator("http_basic")
+    @classmethod
+    def _basic_needs_passwords(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("password_file") is None:
+            raise ValueError("true checks the passwords of ui.password_file: set it (and not ui.token_file)")
+        if value and info.data.get("public_read"):
+            raise ValueError(
+                "true asks every request for a password, ui.public_read: true opens pages without one: remove one"
+            )
+        return value
 
 
 def is_loopback(host: str) -> bool:

@@ -29,7 +29,7 @@ from ingestd.journal import Journal, Source
 from ingestd.metrics import MetricsServer
 from ingestd.spool import Quarantine
 from ingestd.ui import UiApp
-from ingestd.ui.app import MAX_WRONG_PER_MINUTE
+from ingestd.ui.auth import MAX_WRONG_PER_MINUTE
 from ingestd.ui.session import COOKIE
 from ingestd.uiconfig import Ui, is_loopback
 from tests.spooled import KEY, PATIENT_FOLDER, PATIENT_ID, SpooledState, spooled_state
@@ -487,7 +487,7 @@ def test_a_flood_of_wrong_tokens_makes_every_login_wait(state: SpooledState, mon
         answer = requests.post(f"{url}/ui/login", data={"token": TOKEN}, allow_redirects=False, timeout=10)
         assert answer.status_code == 429
         assert "Set-Cookie" not in answer.headers
-        monkeypatch.setattr(app, "_wrong", deque(at - 61 for at in app._wrong))  # a minute on: logins taken again
+        monkeypatch.setattr(app.auth, "wrong", deque(at - 61 for at in app.auth.wrong))  # a minute on
         assert (
             requests.post(f"{url}/ui/login", data={"token": TOKEN}, allow_redirects=False, timeout=10).status_code
             == 303

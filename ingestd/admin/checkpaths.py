@@ -188,6 +188,8 @@ def check_paths(config: Config, who: Who) -> list[Finding]:
     ui = config.ui
     if config.metrics.enabled and ui.enabled and ui.token_file is not None:  # the web page's login token
         found += _private_file(ui.token_file, ("ui", "token_file"), "ui token file", who)
+    if config.metrics.enabled and ui.enabled and ui.password_file is not None:  # the web page's users
+        found += _private_file(ui.password_file, ("ui", "password_file"), "ui password file", who)
     for name, server in config.xnat.servers.items():
         found += _credentials(name, server, who)
         if server.ca_bundle is not None:

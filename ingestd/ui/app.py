@@ -2,8 +2,9 @@
 
 Server-rendered HTML (Jinja2, every value escaped), one style sheet shipped in the package, no script. Pages:
 the overview (`/ui/`), the studies (`/ui/studies`, filtered as `ingestd status --filter` filters) and the
-quarantine (`/ui/quarantine`). Every page needs a login (`/ui/login`: the token of `ui.token_file`; a signed
-session cookie, `ingestd.ui.session`) unless `ui.public_read` is set, which the configuration allows on loopback
+quarantine (`/ui/quarantine`). Every page needs a login (`/ui/login`: the token of `ui.token_file` or a user's
+password of `ui.password_file`, for a signed session cookie; or with `ui.http_basic` HTTP Basic at every request:
+`ingestd.ui.auth`) unless `ui.public_read` is set, which the configuration allows on loopback
 only; even then a request whose Host is not a loopback name needs a login (a web page the browser opened elsewhere
 may point a name of its own at 127.0.0.1: DNS rebinding). A form posted from another site is refused (Origin and
 Sec-Fetch-Site).
@@ -18,11 +19,8 @@ the study's page, which shows what the command would have printed.
 from __future__ import annotations
 
 import re
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -37,7 +35,8 @@ from ingestd.digestkey import DigestKeyError, read_digest_key
 from ingestd.states import HoldCode, StudyState
 from ingestd.ui import rulespage, views
 from ingestd.ui.actions import ACTIONS, Actions, applicable
-from ingestd.ui.session import COOKIE, Session, Sessions, TokenError, read_token, token_matches
+from ingestd.ui.auth import BASIC_CHALLENGE, Auth, Refusal
+from ingestd.ui.session import COOKIE, Session
 from ingestd.uiconfig import is_loopback
 
 __all__ = ["UiApp"]
@@ -49,9 +48,6 @@ Health = Callable[[], dict[str, Any]]
 
 REFRESH_SECONDS = 10  # the overview reloads itself this often
 _MAX_FORM_BYTES = 4096
-# Wrong tokens tolerated per minute (from anyone): beyond, every login waits until the minute has passed. A token of
-# 16+ random characters cannot be guessed anyway; this keeps a flood of guesses out of the token file and the log.
-MAX_WRONG_PER_MINUTE = 20
 _PAGES = {"/ui": "overview", "/ui/": "overview", "/ui/studies": "studies", "/ui/quarantine": "quarantine"}
 _PAGES["/ui/rules"] = "rules"  # ingestd.ui.rulespage
 _STUDY = re.compile(r"/ui/studies/([0-9]{1,12})(?:/([a-z-]{1,20}))?")
@@ -59,6 +55,7 @@ _STATUS = {
     200: "200 OK",
     303: "303 See Other",
     400: "400 Bad Request",
+    401: "401 Unauthorized",
     403: "403 Forbidden",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
@@ -119,11 +116,10 @@ class UiApp:
             key = read_digest_key(config.state_dir)
         except DigestKeyError:
             key = None  # the daemon says so where it uses the key; here a key of this process does as well
-        self.sessions = Sessions(key, config.ui.session_hours * 3600)
+        self.auth = Auth(config.ui, key, config.ui.session_hours * 3600)
+        self.sessions = self.auth.sessions
         self._env = _environment()
         self._css = resources.files("ingestd.ui").joinpath("static/style.css").read_bytes()
-        self._wrong: deque[float] = deque()  # when wrong tokens were posted, in the last minute
-        self._wrong_lock = threading.Lock()
         self.actions = Actions(config)
         self.rules_in_force: rulespage.RulesInForce | None = None  # the daemon's rule set, across reloads
 
@@ -153,6 +149,7 @@ class UiApp:
     ) -> list[bytes]:
         context.setdefault("nav", True)
         context.setdefault("logged_in", False)
+        context.setdefault("can_log_out", not self.config.ui.http_basic)  # a browser forgets Basic when it closes
         context.setdefault("page", "")
         body = self._env.get_template(template).render(**context).encode("utf-8")
         return self._send(start_response, code, body, headers=headers)
@@ -169,25 +166,9 @@ class UiApp:
 
     # -- login ----------------------------------------------------------------------------------------------
 
-    def _token(self) -> str | None:
-        """The configured token; None when none is configured. Raises TokenError when the file cannot be used."""
-        path = self.config.ui.token_file
-        return None if path is None else read_token(path)
-
     def _session(self, environ: dict[str, Any]) -> Session | None:
-        """The valid session the request's cookie stands for, or None."""
-        try:
-            cookie = SimpleCookie(str(environ.get("HTTP_COOKIE") or ""))
-        except CookieError:
-            return None
-        morsel = cookie.get(COOKIE)
-        if morsel is None:
-            return None
-        try:
-            token = self._token()
-        except TokenError:
-            return None
-        return None if token is None else self.sessions.check(morsel.value, token)
+        """The request's valid session (its cookie's, or HTTP Basic's), or None."""
+        return self.auth.session(environ)
 
     def _public(self, environ: dict[str, Any]) -> bool:
         """Whether the read-only pages may be shown without a login (only to loopback Host names)."""
@@ -222,58 +203,66 @@ class UiApp:
         return parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
 
     def _login(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        try:
-            token, problem = self._token(), None
-        except TokenError as exc:
-            token, problem = None, str(exc)
         method = environ.get("REQUEST_METHOD", "GET")
         if method in ("GET", "HEAD"):
             if self._session(environ) is not None:  # a public_read visitor gets the form: it is how one acts
                 return self._redirect(start_response, "/ui/")
-            message = "The login is unavailable: the token file cannot be used; the log says why." if problem else ""
-            return self._page(start_response, "login.html", nav=False, configured=token is not None, message=message)
+            problem = self.auth.problem()
+            what = "password" if self.auth.kind == "password" else "token"
+            message = f"The login is unavailable: the {what} file cannot be used; the log says why." if problem else ""
+            return self._page(start_response, "login.html", nav=False, kind=self.auth.kind, message=message)
         if method != "POST":
             return self._message(start_response, 405, "Not allowed", "Use the form.")
-        return self._login_post(environ, start_response, token, problem)
+        return self._login_post(environ, start_response)
 
-    def _login_post(
-        self, environ: dict[str, Any], start_response: StartResponse, token: str | None, problem: str | None
-    ) -> list[bytes]:
-        """A posted token: right, a session cookie and the overview; wrong, 403 (logged without what was typed)."""
+    def _login_post(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        """A posted token or password: right, a session cookie and the overview; wrong, 403 (logged without what
+        was typed)."""
         client = _client(environ)
         if self._cross_site(environ):
-            log.warning("ui.login_refused", client=client, reason="cross-site")
+            log.warning("ui.login_refused", client=client, reason="cross-site", user=None)
             return self._message(start_response, 403, "Refused", "A login posted from another site is refused.")
         form = self._read_form(environ)
         if form is None:
             return self._message(start_response, 413, "Too large", "The form is too large.")
-        given = (form.get("token") or [""])[0]
-        if self._throttled():
-            log.warning("ui.login_refused", client=client, reason="too many wrong tokens in the last minute")
-            return self._message(start_response, 429, "Refused", "Too many wrong tokens: wait a minute.")
-        if token is None:
-            log.warning("ui.login_refused", client=client, reason=problem or "no ui.token_file configured")
-            return self._message(start_response, 403, "Refused", "The login is unavailable; the log says why.")
-        if not token_matches(given, token):
-            with self._wrong_lock:
-                self._wrong.append(time.monotonic())
-            log.warning("ui.login_refused", client=client, reason="wrong token")
-            return self._page(
-                start_response, "login.html", 403, nav=False, configured=True, message="That is not the token."
-            )
-        log.info("ui.login", client=client)
-        cookie = self._cookie(environ, self.sessions.sign(token), int(self.sessions.lifetime_seconds))
+        outcome = self.auth.login(form)
+        if isinstance(outcome, Refusal):
+            log.warning("ui.login_refused", client=client, reason=outcome.reason, user=outcome.user)
+            if outcome.form:
+                kind = self.auth.kind
+                return self._page(start_response, "login.html", 403, nav=False, kind=kind, message=outcome.message)
+            return self._message(start_response, outcome.code, "Refused", outcome.message)
+        log.info("ui.login", client=client, user=outcome.user)
+        cookie = self._cookie(environ, outcome.cookie, int(self.sessions.lifetime_seconds))
         return self._redirect(start_response, "/ui/", [cookie])
 
-    def _throttled(self) -> bool:
-        """Whether MAX_WRONG_PER_MINUTE wrong tokens came in the last minute."""
-        now = time.monotonic()
-        with self._wrong_lock:
-            while self._wrong and self._wrong[0] < now - 60:
-                self._wrong.popleft()
-            return len(self._wrong) >= MAX_WRONG_PER_MINUTE
+    def _basic(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes] | None:
+        """With `ui.http_basic`: None when the request's user and password are right, else the refusal's answer."""
+        outcome = self.auth.basic(environ)
+        if not isinstance(outcome, Refusal):
+            if outcome[1]:  # a first request with this password: a login (later ones are not logged)
+                log.info("ui.login", client=_client(environ), user=outcome[0].user)
+            return None
+        if outcome.reason is not None:
+            log.warning("ui.login_refused", client=_client(environ), reason=outcome.reason, user=outcome.user)
+        headers = [BASIC_CHALLENGE] if outcome.code == 401 else []
+        return self._page(
+            start_response,
+            "message.html",
+            outcome.code,
+            headers,
+            title="Log in",
+            message=outcome.message,
+            link=None,
+            link_text="",
+            nav=False,
+        )
 
     def _logout(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        if self.config.ui.http_basic:
+            return self._message(
+                start_response, 404, "Not found", "With HTTP Basic there is no logout: close the browser."
+            )
         if environ.get("REQUEST_METHOD") != "POST":
             return self._message(start_response, 405, "Not allowed", "Log out with the button.")
         if self._cross_site(environ):
@@ -281,7 +270,7 @@ class UiApp:
         session = self._session(environ)
         if session is not None:
             self.sessions.end(session)
-            log.info("ui.logout", client=_client(environ))
+            log.info("ui.logout", client=_client(environ), user=session.user)
         return self._redirect(start_response, "/ui/login", [self._cookie(environ, "", 0)])
 
     # -- pages ----------------------------------------------------------------------------------------------
@@ -330,12 +319,11 @@ class UiApp:
         if study is None:
             return self._not_found(start_response, session is not None)
         forms: list[dict[str, str]] = []
-        token = self._current_token() if session is not None else None
-        if session is not None and token is not None:
+        if session is not None:
             for action in applicable(str(study["state"])):
                 path = f"/ui/studies/{batch_id}/{action}"
                 forms.append(
-                    {"action": path, "label": ACTIONS[action], "csrf": self.sessions.form_token(session, token, path)}
+                    {"action": path, "label": ACTIONS[action], "csrf": self.sessions.form_token(session, path)}
                 )
         return self._page(
             start_response,
@@ -346,12 +334,6 @@ class UiApp:
             forms=forms,
             outcome=self.actions.last(batch_id),
         )
-
-    def _current_token(self) -> str | None:
-        try:
-            return self._token()
-        except TokenError:
-            return None
 
     def _not_found(self, start_response: StartResponse, logged_in: bool = False) -> list[bytes]:
         return self._message(
@@ -368,15 +350,16 @@ class UiApp:
         """A posted action: the session, the form's site and its CSRF token checked, then done as the command does."""
         client, path = _client(environ), f"/ui/studies/{batch_id}/{action}"
 
+        session = self._session(environ)
+        user = None if session is None else session.user
+
         def refuse(code: int, reason: str, message: str) -> list[bytes]:
-            log.warning("ui.action_refused", client=client, batch_id=batch_id, action=action, reason=reason)
+            log.warning("ui.action_refused", client=client, batch_id=batch_id, action=action, reason=reason, user=user)
             return self._message(
                 start_response, code, "Refused", message, link=f"/ui/studies/{batch_id}", link_text="The study"
             )
 
-        session = self._session(environ)
-        token = self._current_token()
-        if session is None or token is None:
+        if session is None:
             return refuse(403, "not logged in", "Log in to act on a study.")
         if self._cross_site(environ):
             return refuse(403, "cross-site", "A form posted from another site is refused.")
@@ -386,14 +369,18 @@ class UiApp:
         given = (form.get("csrf") or [""])[0]
         if not given:
             return refuse(403, "no form token", "The form has expired: open the study's page again.")
-        if not self.sessions.form_token_matches(session, token, path, given):
+        if not self.sessions.form_token_matches(session, path, given):
             return refuse(403, "wrong form token", "The form has expired: open the study's page again.")
         outcome = self.actions.start(action, batch_id)
-        log.info("ui.action", client=client, batch_id=batch_id, action=action, ok=outcome.ok, done=outcome.done)
+        log.info(
+            "ui.action", client=client, batch_id=batch_id, action=action, ok=outcome.ok, done=outcome.done, user=user
+        )
         return self._redirect(start_response, f"/ui/studies/{batch_id}")
 
     def _dispatch(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:  # noqa: PLR0911 - one return per route
         path = str(environ.get("PATH_INFO") or "/")
+        if self.config.ui.http_basic and (refused := self._basic(environ, start_response)) is not None:
+            return refused
         if path == "/ui/static/style.css":
             return self._send(start_response, 200, self._css, "text/css; charset=utf-8")
         if path in ("/ui/login", "/ui/logout"):
