@@ -467,3 +467,12 @@ def test_check_config_checks_the_password_file_like_the_token_file(
     out, err = capsys.readouterr()
     assert f"ui.password_file: ui password file {passwords} is readable by others (mode 0644): chmod 600" in err
     assert "scrypt" not in out + err
+    passwords.chmod(0o600)
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\nlistener: {{port: 11112}}\nmetrics: {{host: 0.0.0.0}}\n"
+        f"ui: {{password_file: {passwords}, http_basic: true}}\n",
+        "utf-8",
+    )
+    assert main(["check-config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "ui.http_basic: metrics.host is 0.0.0.0, but HTTP Basic is refused from other machines" in err

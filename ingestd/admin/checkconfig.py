@@ -24,6 +24,7 @@ from ingestd.admin.checkrefs import rules_references, where
 from ingestd.config import Config, YamlDocument, read_yaml, read_yaml_file, resolve_rules, validate_document
 from ingestd.configwords import repeated_keys
 from ingestd.errors import ConfigError
+from ingestd.uiconfig import is_loopback
 
 __all__ = ["Report", "check_config", "duplicate_keys", "log_warnings", "numbers", "print_report"]
 
@@ -88,6 +89,15 @@ def numbers(config: Config, uid: int) -> list[Finding]:
     if listener.enabled and metrics.enabled and listener.port and listener.port == metrics.port and same_host:
         found.append(
             Finding("error", ("metrics", "port"), f"port {metrics.port} is the DICOM listener's too: choose another")
+        )
+    if metrics.enabled and config.ui.enabled and config.ui.http_basic and not is_loopback(metrics.host):
+        found.append(
+            Finding(
+                "warning",
+                ("ui", "http_basic"),
+                f"metrics.host is {metrics.host}, but HTTP Basic is refused from other machines over plain HTTP: keep"
+                " metrics.host on 127.0.0.1 and the lab's reverse proxy (TLS) on this machine",
+            )
         )
     return found
 

@@ -40,6 +40,7 @@ MAX_WRONG_PER_MINUTE = 20
 BASIC_CHALLENGE = ("WWW-Authenticate", 'Basic realm="ingestd", charset="UTF-8"')
 _BASIC_SESSION = "ingestd.ui.basic"  # the environ key of a Basic request's session, once checked
 _MAX_REMEMBERED = 256
+_HASHING_AT_ONCE = 2  # scrypt takes 32 MiB each: a burst of logins queues rather than taking the machine's memory
 _UNAVAILABLE = "The login is unavailable; the log says why."
 _FORWARDED = ("HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_HOST", "HTTP_FORWARDED")
 
@@ -88,6 +89,7 @@ class Auth:
         self._lock = threading.Lock()
         self._remember_key = secrets.token_bytes(32)
         self._remembered: set[bytes] = set()
+        self._hashing = threading.BoundedSemaphore(_HASHING_AT_ONCE)
 
     @property
     def kind(self) -> Literal["token", "password"] | None:
@@ -171,7 +173,8 @@ class Auth:
             with self._lock:
                 if mark in self._remembered:
                     return True, True
-        right = verify_password(password[:MAX_PASSWORD_CHARS], encoded)  # an unknown user takes as long
+        with self._hashing:
+            right = verify_password(password[:MAX_PASSWORD_CHARS], encoded)  # an unknown user takes as long
         if right and encoded is not None:
             with self._lock:
                 if len(self._remembered) >= _MAX_REMEMBERED:
