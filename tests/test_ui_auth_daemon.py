@@ -72,7 +72,7 @@ def nginx(folder: Path, upstream_port: int) -> Iterator[tuple[str, str]]:
         encoding="utf-8",
     )
     process = subprocess.Popen(
-        [NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+        [NGINX, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(folder / "nginx.conf")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
