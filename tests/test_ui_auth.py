@@ -334,6 +334,7 @@ def test_basic_asks_every_request_for_a_user_and_password(basic: tuple[str, UiAp
             assert requests.get(f"{url}{page}", headers=right, timeout=10).status_code == 200, page
         overview = requests.get(f"{url}/ui/", headers=right, timeout=10).text
         assert "Log out" not in overview  # a browser forgets Basic when it closes: no logout to offer
+        assert 'href="/ui/login"' not in overview  # nor a login: this is one
         login = requests.get(f"{url}/ui/login", headers=right, allow_redirects=False, timeout=10)
         assert (login.status_code, login.headers["Location"]) == (303, "/ui/")
         assert requests.post(f"{url}/ui/logout", headers=right, timeout=10).status_code == 404
@@ -425,16 +426,16 @@ def test_basic_with_wrong_guesses_waits_but_lets_a_checked_password_through(stat
 @pytest.mark.parametrize(
     ("ui", "said"),
     [
-        ("{token_file: /t, password_file: /p}", "ui.token_file and ui.password_file are both set"),
+        ("{token_file: /t, password_file: /p}", "ui.password_file: ui.token_file is set too"),
         ("{http_basic: true}", "ui.http_basic: true checks the passwords of ui.password_file: set it"),
         ("{http_basic: true, token_file: /t}", "ui.http_basic: true checks the passwords of ui.password_file"),
-        ("{http_basic: true, password_file: /p, public_read: true}", "remove one of them"),
+        ("{http_basic: true, password_file: /p, public_read: true}", "ui.http_basic: true asks every request"),
     ],
 )
 def test_contradicting_logins_are_refused_at_load(tmp_path: Path, ui: str, said: str) -> None:
     with pytest.raises(ConfigError) as refused:
         parse_config(f"state_dir: {tmp_path}\nui: {ui}\n", "ingestd.yaml")
-    assert said in str(refused.value)
+    assert f"ingestd.yaml:2: {said}" in str(refused.value)  # at the line of the key
 
 
 def test_public_read_rules_are_unchanged_with_passwords(tmp_path: Path) -> None:

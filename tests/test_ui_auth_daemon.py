@@ -138,7 +138,7 @@ def test_basic_through_the_readme_nginx_block(tmp_path: Path) -> None:
             overview = requests.get(f"{url}/ui/", headers=right, timeout=10, verify=cert)
             assert overview.status_code == 200
             assert "<title>Overview · ingestd</title>" in overview.text
-            assert "Log out" not in overview.text
+            assert "Log out" not in overview.text and 'href="/ui/login"' not in overview.text
             style = requests.get(f"{url}/ui/static/style.css", headers=right, timeout=10, verify=cert)
             assert style.status_code == 200
             assert requests.get(f"{url}/metrics", timeout=10, verify=cert).status_code == 404  # the page only
