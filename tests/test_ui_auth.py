@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -124,7 +125,8 @@ def test_the_command_writes_a_private_file_and_replaces_one_line_whole(
 
     status, said = command("alice", "first-password-of-alice")
     assert status == 0
-    assert said == f"set the password of alice in {passwords} (mode 0600)\n"
+    assert said.startswith(f"set the password of alice in {passwords} (mode 0600)\n")
+    assert ("is new and belongs to root: chown it" in said) == (os.geteuid() == 0)
     assert passwords.stat().st_mode & 0o777 == 0o600
     passwords.write_text(passwords.read_text() + "# the lab's admins\n", encoding="utf-8")
     assert command("bob", BOB)[0] == 0

@@ -214,8 +214,11 @@ def run_ui_password(config_path: Path, user: str, stdin: TextIO | None = None) -
         raise PasswordError(f"{config_path} names no ui.password_file: add `ui: {{password_file: FILE}}` first")
     if USER.fullmatch(user) is None:  # before the password is asked for
         raise PasswordError("a user name is 1 to 64 letters, digits, and . _ @ - (starting with a letter or digit)")
+    existed = path.exists()
     had = write_password(path, user, _ask(stdin or sys.stdin))
     what = "changed" if had else "set"
     ending = ": that user's sessions have ended" if had else ""
     print(f"{what} the password of {user} in {path} (mode 0600){ending}")
+    if not existed and os.geteuid() == 0:
+        print(f"{path} is new and belongs to root: chown it to the user ingestd runs as (or run this as that user)")
     return 0
