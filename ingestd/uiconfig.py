@@ -20,7 +20,7 @@ __all__ = ["Ui", "checked_public_read", "is_loopback", "public_read_problem"]
 
 
 class Ui(BaseModel):
-    """The web page: on by default (with the metrics endpoint), locked until a token file is configured."""
+    """The web page: on by default (with the metrics endpoint), locked until a token or password file is configured."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
