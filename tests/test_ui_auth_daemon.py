@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "daemon-password-0123456789"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
+# .ci/run installs both (nginx-light, openssl): there the test must run, not skip.
 pytestmark = pytest.mark.skipif(
-    not Path(NGINX).exists() or shutil.which("openssl") is None, reason="nginx or openssl is not installed"
+    not os.environ.get("CI") and (not Path(NGINX).exists() or shutil.which("openssl") is None),
+    reason="nginx or openssl is not installed",
 )
 
 
