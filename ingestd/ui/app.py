@@ -12,7 +12,9 @@ A study's page (`/ui/studies/<batch id>`) carries, for a logged-in user only, th
 batch's state as forms posted to `/ui/studies/<batch id>/<action>` (`ingestd.ui.actions`: the code the commands
 run). Each form carries a token, HMAC(session key, session id + action path), checked with the site of the form;
 a refused post is logged as `ui.action_refused`, a done one as `ui.action`, and answered by a redirect (303) to
-the study's page, which shows what the command would have printed.
+the study's page, which shows what the command would have printed. "Show identifiers" is posted and checked the same
+way (`/ui/studies/<batch id>/identifiers`, `ingestd.ui.identify`) and answered, not redirected: the page with the
+batch's identifiers, this once, logged as `ui.identifiers_shown`.
 """
 
 from __future__ import annotations
