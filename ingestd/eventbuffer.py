@@ -3,9 +3,11 @@
 `ingestd.logs.configure_logging` puts `EventBuffer.capture` into the log pipeline after the redaction processor
 and the formatting of exceptions, just before the renderer: what it keeps is what the log line says, nothing more
 (digests, never an original UID, a path or a header value). Only events with a `batch_id` field are kept, the last
-`per_batch` of each batch, for the `batches` batches most recently named; longer values are cut. So the buffer
-holds at most `per_batch * batches` events of bounded size, whatever the daemon does. Nothing is written anywhere:
-a restart starts it empty (the log itself has the rest).
+`per_batch` of each batch, for the `batches` batches most recently named; long values are cut. So the buffer
+holds at most `per_batch * batches` events of bounded size, whatever the daemon does: 10,000 events, measured at
+about 3 MiB as the daemon's events are and 7 MiB when every event carries long values (ASCII: the log's values are
+digests, codes, numbers and messages). Nothing is written anywhere: a restart starts it empty (the log itself has
+the rest).
 
 Events logged by the receiver processes (`listener.processes` > 1) stay in theirs; the study page shows those the
 daemon's own process logs (assembling, routing, delivering, the page's actions).
@@ -20,29 +22,29 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BATCHES", "PER_BATCH", "VALUE_CHARS", "EventBuffer", "RecordedEvent"]
+__all__ = ["BATCHES", "FIELDS_CHARS", "PER_BATCH", "VALUE_CHARS", "EventBuffer", "RecordedEvent"]
 
 PER_BATCH = 50  # events kept per batch (the newest)
-BATCHES = 300  # batches kept (those most recently named in an event)
-VALUE_CHARS = 400  # a field's value is cut to this many characters (a traceback, a long reason)
-_FIELDS = 20  # fields kept per event
+BATCHES = 200  # batches kept (those most recently named in an event)
+VALUE_CHARS = 300  # a field's value is cut to this many characters (a traceback, a long reason)
+FIELDS_CHARS = 600  # an event's fields, as one text, are cut to this many characters
 _COMMON = frozenset({"timestamp", "level", "event", "logger", "pid", "batch_id", "receiver"})
 
 
 @dataclass(frozen=True, slots=True)
 class RecordedEvent:
     """One log event of a batch as its log line has it: `at` the line's (ISO, UTC) timestamp; `fields` the other
-    keys and their values as text, sorted by key."""
+    keys with their values, sorted by key, as one text (`key=value, key=value`)."""
 
     at: str
     level: str
     event: str
-    fields: tuple[tuple[str, str], ...]
+    fields: str
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, limit: int = VALUE_CHARS) -> str:
     text = value if isinstance(value, str) else repr(value) if not isinstance(value, (int, float, bool)) else str(value)
-    return text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 3] + "..."  # ASCII: a text stays one byte a character
 
 
 def _batch_id(value: Any) -> int | None:
@@ -69,14 +71,16 @@ class EventBuffer:
         batch_id = _batch_id(event.get("batch_id"))
         if batch_id is None:
             return
-        fields = tuple(
-            sorted((str(key), _text(value)) for key, value in event.items() if key not in _COMMON and value is not None)
-        )[:_FIELDS]
+        fields = ", ".join(
+            f"{key}={_text(value)}"
+            for key, value in sorted(event.items(), key=lambda item: str(item[0]))
+            if key not in _COMMON and value is not None
+        )
         recorded = RecordedEvent(
-            at=str(event.get("timestamp") or ""),
-            level=str(event.get("level") or ""),
-            event=_text(event.get("event")),
-            fields=fields,
+            at=_text(event.get("timestamp") or "", 40),
+            level=_text(event.get("level") or "", 20),
+            event=_text(event.get("event"), 80),
+            fields=_text(fields, FIELDS_CHARS),
         )
         with self._lock:
             kept = self._events.get(batch_id)

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from ingestd.config import Config
-from ingestd.eventbuffer import VALUE_CHARS, EventBuffer
+from ingestd.eventbuffer import FIELDS_CHARS, VALUE_CHARS, EventBuffer
 from ingestd.journal import Journal
 from ingestd.logs import redact, uid_digest
 from ingestd.metrics import MetricsServer
@@ -155,7 +155,7 @@ def test_the_event_buffer_is_bounded_per_batch_and_in_batches() -> None:
     buffer = EventBuffer(per_batch=5, batches=3)
     for number in range(12):
         buffer.add(_event(1, n=number))
-    assert [dict(e.fields)["n"] for e in buffer.events(1)] == ["11", "10", "9", "8", "7"]  # the newest, newest first
+    assert [e.fields for e in buffer.events(1)] == [f"n={n}" for n in (11, 10, 9, 8, 7)]  # the newest, newest first
     buffer.add({"event": "daemon.started", "level": "info"})  # names no batch: not kept
     buffer.add(_event(True))
     buffer.add(_event("not a batch"))
@@ -167,14 +167,18 @@ def test_the_event_buffer_is_bounded_per_batch_and_in_batches() -> None:
     buffer.add(_event("5"))
     assert buffer.events(3) == [] and len(buffer.events(2)) == 2 and len(buffer.events(5)) == 1
     assert len(buffer) == 4
-    buffer.add(_event(4, reason="x" * 10_000, error=ValueError("boom")))
-    (fields,) = [dict(e.fields) for e in buffer.events(4) if e.fields]
-    assert len(fields["reason"]) == VALUE_CHARS and fields["error"] == "ValueError('boom')"
+    buffer.add(_event(4, error=ValueError("boom"), reason="x" * 10_000))
+    (fields,) = [e.fields for e in buffer.events(4) if e.fields]
+    head = "error=ValueError('boom'), reason="
+    assert fields.startswith(f"{head}xxx") and len(fields) == len(head) + VALUE_CHARS
+    buffer.add(_event(4, **{f"key{n:02}": "y" * 1000 for n in range(30)}))
+    assert len(buffer.events(4)[0].fields) == FIELDS_CHARS
     many = EventBuffer()
     for number in range(2_000):
         for _ in range(60):
-            many.add(_event(number))
-    assert len(many) == many.batches * many.per_batch  # at most 300 batches of 50 events
+            many.add(_event(number, reason="z" * 1000, error="e" * 1000))
+    assert len(many) == many.batches * many.per_batch == 10_000  # at most 200 batches of 50 events
+    assert all(len(e.fields) <= FIELDS_CHARS for n in range(2_000 - 200, 2_000) for e in many.events(n))
 
 
 def test_the_page_lists_the_batch_events_newest_first_as_redacted(state: SpooledState) -> None:
@@ -209,7 +213,7 @@ log.warning("route.held", batch_id=7, reason="no rule for 1.2.826.0.1.3680043.8.
             patient_id="SYN0001")
 log.debug("route.routed", batch_id=7)
 log.info("daemon.started", version="x")
-print(json.dumps([[e.event, e.level, dict(e.fields)] for e in event_buffer().events(7)]))
+print(json.dumps([[e.event, e.level, e.fields] for e in event_buffer().events(7)]))
 """
 
 
@@ -220,9 +224,9 @@ def test_the_buffer_keeps_what_the_log_line_says_after_the_redaction() -> None:
     ((event, level, fields),) = json.loads(done.stdout)  # the debug line is below the level: neither logged nor kept
     logged = json.loads(done.stderr.splitlines()[0])
     assert (event, level) == ("route.held", "warning")
-    assert fields == {"patient_id": logged["patient_id"], "reason": logged["reason"]}
+    assert fields == f"patient_id={logged['patient_id']}, reason={logged['reason']}"
     assert PATIENT_ID not in done.stdout and "DOE^JOHN" not in done.stdout and "123456" not in done.stdout
-    assert uid_digest("1.2.826.0.1.3680043.8.498.123456") in fields["reason"]
+    assert uid_digest("1.2.826.0.1.3680043.8.498.123456") in fields
 
 
 def test_xnat_links_only_where_no_label_is_shown_as_a_digest(state: SpooledState) -> None:
