@@ -32,8 +32,9 @@ from ingestd.logs import redact, uid_digest
 from ingestd.metrics import MetricsServer
 from ingestd.ui import UiApp
 from ingestd.ui.actions import applicable
+from ingestd.ui.session import COOKIE
 from tests.spooled import KEY, PATIENT_FOLDER, PATIENT_ID, SpooledState, spooled_state
-from tests.test_ui import _health, _login, _phi, _token_file, _with_ui
+from tests.test_ui import TOKEN, _health, _login, _phi, _token_file, _with_ui
 from tests.test_ui_actions import _forms
 
 _IDENTIFY = re.compile(
@@ -257,3 +258,24 @@ def test_xnat_links_only_where_no_label_is_shown_as_a_digest(state: SpooledState
     assert "/data/archive/projects/RAW/subjects/sha256:" in raw
     for value in _phi(state):
         assert value not in raw + deidentified, value
+
+
+def test_identifiers_of_an_unknown_batch_are_a_404_and_not_logged_as_shown(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    app = UiApp(config, _health)
+    server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), _health, ui=app)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        session = _login(url)
+        signed = app.sessions.check(session.cookies[COOKIE], TOKEN)
+        assert signed is not None
+        path = "/ui/studies/99999/identifiers"
+        with capture_logs() as logged:
+            missing = session.post(
+                f"{url}{path}", data={"csrf": app.sessions.form_token(signed, TOKEN, path)}, timeout=10
+            )
+    finally:
+        server.stop()
+    assert missing.status_code == 404
+    assert [event["event"] for event in logged] == []

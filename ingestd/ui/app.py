@@ -344,6 +344,8 @@ class UiApp:
         )
         if study is None:
             return self._not_found(start_response, session is not None)
+        if identified:  # who saw which batch's identifiers, never the values
+            log.info("ui.identifiers_shown", client=_client(environ), batch_id=batch_id)
         forms: list[dict[str, str]] = []
         token = self._current_token() if session is not None else None
         if session is not None and token is not None:
@@ -408,8 +410,7 @@ class UiApp:
             return refuse(403, "no form token", "The form has expired: open the study's page again.")
         if not self.sessions.form_token_matches(session, token, path, given):
             return refuse(403, "wrong form token", "The form has expired: open the study's page again.")
-        if action == IDENTIFIERS:  # the same page with the identifiers, this once (never the values in the log)
-            log.info("ui.identifiers_shown", client=client, batch_id=batch_id)
+        if action == IDENTIFIERS:  # the same page with the identifiers, this once
             return self._study(environ, start_response, batch_id, session, identified=True)
         outcome = self.actions.start(action, batch_id)
         log.info("ui.action", client=client, batch_id=batch_id, action=action, ok=outcome.ok, done=outcome.done)
