@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ingestd.configwords import problem_text
 from ingestd.errors import ConfigError
-from ingestd.uiconfig import Ui, public_read_problem
+from ingestd.uiconfig import Ui, checked_public_read
 from ingestd.walk import DEFAULT_MAX_DEPTH
 
 __all__ = [
@@ -354,10 +354,13 @@ class Config(_Model):
     def _wait_above_idle(self) -> Config:
         if self.study_max_wait_seconds < self.study_idle_seconds:
             raise ValueError("study_max_wait_seconds must not be shorter than study_idle_seconds")
-        problem = public_read_problem(self.ui, self.metrics.host)
-        if problem is not None:
-            raise ValueError(problem)
         return self
+
+    @field_validator("ui")
+    @classmethod
+    def _public_read_on_loopback(cls, ui: Ui, info: ValidationInfo) -> Ui:
+        metrics = info.data.get("metrics")  # absent when it failed: its own error says why
+        return ui if metrics is None else checked_public_read(ui, metrics.host)
 
     @property
     def spool_dir(self) -> Path:

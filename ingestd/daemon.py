@@ -174,6 +174,7 @@ class Daemon:
             from ingestd.ui import UiApp  # noqa: PLC0415 - Jinja2 and the templates only when the page is served
 
             ui = UiApp(config, self.health, events=event_buffer())  # the study page's recent log events
+            ui.rules_in_force = lambda: None if self._router is None else self._router.rules  # across reloads
         server = MetricsServer(config.metrics.host, config.metrics.port, REGISTRY, self.health, ui=ui)
         try:
             server.start()

@@ -11,9 +11,10 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-__all__ = ["Ui", "is_loopback", "public_read_problem"]
+__all__ = ["Ui", "checked_public_read", "is_loopback", "public_read_problem"]
 
 
 class Ui(BaseModel):
@@ -41,8 +42,18 @@ def public_read_problem(ui: Ui, metrics_host: str) -> str | None:
     """Why `ui.public_read` cannot be allowed with this metrics host, or None."""
     if ui.enabled and ui.public_read and not is_loopback(metrics_host):
         return (
-            f"ui.public_read: true serves the pages without a login, which is allowed only on loopback, and "
+            f"true serves the pages without a login, which is allowed only on loopback, and "
             f"metrics.host is {metrics_host}: set metrics.host to 127.0.0.1 (and put a reverse proxy with its own "
             "login in front), or remove ui.public_read and give ui.token_file"
         )
     return None
+
+
+def checked_public_read(ui: Ui, metrics_host: str) -> Ui:
+    """`ui`, or a ValidationError at `public_read` (so that the configuration's error names the file and the line of
+    `ui.public_read`, as every other key's does) when `public_read_problem` says it cannot be allowed."""
+    problem = public_read_problem(ui, metrics_host)
+    if problem is None:
+        return ui
+    error = PydanticCustomError("value_error", "{problem}", {"problem": problem})
+    raise ValidationError.from_exception_data("Ui", [InitErrorDetails(type=error, loc=("public_read",), input=True)])

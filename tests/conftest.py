@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -19,6 +20,11 @@ from ingestd.journal import Journal
 from ingestd.receive.listener import DicomListener
 from ingestd.spool import Quarantine, Spool
 from ingestd.testing.xnat import FakeXnat
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+    from tests.browser import Pages
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -123,3 +129,44 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
         sock.bind(path)
         sock.settimeout(0.2)
         yield sock, path
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """Debian's headless Chromium, once per session (tests/browser.py). Skipped locally when /usr/bin/chromium is
+    missing; .ci/run installs it, so CI fails instead."""
+    from tests import browser  # noqa: PLC0415 - Playwright only for the browser tests
+
+    missing = browser.chromium_missing()
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}: .ci/run must apt-get install chromium")
+        pytest.skip(missing)
+    with browser.launch() as launched:
+        yield launched
+
+
+@pytest.fixture
+def browser_pages(chromium: Browser, request: pytest.FixtureRequest) -> Iterator[Pages]:
+    """A fresh browser context and page for one test; its screenshots go to build/screenshots/<test>/."""
+    from tests.browser import Pages  # noqa: PLC0415 - Playwright only for the browser tests
+
+    pages = Pages.open(chromium, request.node.name)
+    _screenshot_folders.append(pages.folder)
+    try:
+        yield pages
+    finally:
+        with suppress(Exception):  # what the page showed at the end, failed or not (best effort)
+            pages.shot("last")
+        pages.close()
+
+
+_screenshot_folders: list[Path] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say where the browser tests' screenshots are, for a person to look at."""
+    for folder in _screenshot_folders:
+        shots = sorted(folder.glob("*.png"))
+        if shots:
+            terminalreporter.write_line(f"screenshots: {len(shots)} in {folder}")

@@ -162,6 +162,9 @@ def test_the_right_token_gives_a_strict_httponly_cookie_that_opens_every_page(st
             assert f"<title>{TITLES[page]} · ingestd</title>" in shown.text
             assert "default-src 'none'" in shown.headers["Content-Security-Policy"]
             assert shown.headers["Cache-Control"] == "no-store"
+            # Not no-referrer: under it Chromium posts the page's own forms with Origin: null, which the login and
+            # the actions refuse as another site's (found by tests/test_ui_browser.py).
+            assert shown.headers["Referrer-Policy"] == "same-origin"
             assert "Log out" in shown.text
         assert session.get(f"{url}/ui/login", allow_redirects=False, timeout=10).headers["Location"] == "/ui/"
     assert [event["event"] for event in logged if event["event"].startswith("ui.")] == ["ui.login"]

@@ -38,7 +38,7 @@ from ingestd.config import Config
 from ingestd.digestkey import DigestKeyError, read_digest_key
 from ingestd.eventbuffer import EventBuffer
 from ingestd.states import HoldCode, StudyState
-from ingestd.ui import views
+from ingestd.ui import rulespage, views
 from ingestd.ui.actions import ACTIONS, Actions, applicable
 from ingestd.ui.identify import IDENTIFIERS, identified_study
 from ingestd.ui.session import COOKIE, Session, Sessions, TokenError, read_token, token_matches
@@ -58,6 +58,7 @@ _MAX_FORM_BYTES = 4096
 # 16+ random characters cannot be guessed anyway; this keeps a flood of guesses out of the token file and the log.
 MAX_WRONG_PER_MINUTE = 20
 _PAGES = {"/ui": "overview", "/ui/": "overview", "/ui/studies": "studies", "/ui/quarantine": "quarantine"}
+_PAGES["/ui/rules"] = "rules"  # ingestd.ui.rulespage
 _STUDY = re.compile(r"/ui/studies/([0-9]{1,12})(?:/([a-z-]{1,20}))?")
 _STATUS = {
     200: "200 OK",
@@ -78,7 +79,9 @@ _SECURITY_HEADERS = [
         " base-uri 'none'",
     ),
     ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
+    # Not no-referrer: under it a browser posts the page's own forms with `Origin: null`, which _cross_site must
+    # refuse (the login failed in Chromium). same-origin sends the page's origin to itself only, never elsewhere.
+    ("Referrer-Policy", "same-origin"),
     ("Cache-Control", "no-store"),
 ]
 
@@ -131,6 +134,7 @@ class UiApp:
         self._wrong: deque[float] = deque()  # when wrong tokens were posted, in the last minute
         self._wrong_lock = threading.Lock()
         self.actions = Actions(config)
+        self.rules_in_force: rulespage.RulesInForce | None = None  # the daemon's rule set, across reloads
 
     # -- responses ------------------------------------------------------------------------------------------
 
@@ -233,7 +237,7 @@ class UiApp:
             token, problem = None, str(exc)
         method = environ.get("REQUEST_METHOD", "GET")
         if method in ("GET", "HEAD"):
-            if self._public(environ) or self._session(environ) is not None:
+            if self._session(environ) is not None:  # a public_read visitor gets the form: it is how one acts
                 return self._redirect(start_response, "/ui/")
             message = "The login is unavailable: the token file cannot be used; the log says why." if problem else ""
             return self._page(start_response, "login.html", nav=False, configured=token is not None, message=message)
@@ -317,7 +321,7 @@ class UiApp:
             page="studies",
             states=[state.value for state in StudyState],
             codes=[code.value for code in HoldCode],
-            chosen={key: values for key, values in chosen.values.items()},
+            chosen=views.form_values(query, chosen),
             filtered=bool(chosen),
             error=error,
             **context,
@@ -436,6 +440,10 @@ class UiApp:
         common = {"logged_in": session is not None}
         if page == "studies":
             return self._studies(environ, start_response, common)
+        if page == "rules":
+            query, rows = str(environ.get("QUERY_STRING") or ""), lambda: list(self._data()["studies"])
+            code, context = rulespage.page(self.config, self.rules_in_force, query, rows)
+            return self._page(start_response, "rules.html", code, page="rules", **(context | common))
         return (self._overview if page == "overview" else self._quarantine)(start_response, common)
 
     def _study_route(

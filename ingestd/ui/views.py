@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.admin.statusfilter import FILTER_KEYS, StudyFilter, parse_filters
-from ingestd.admin.statusview import HOLD_HINTS
 from ingestd.config import Config
 from ingestd.states import StudyState
 from ingestd.ui.hints import hold_hint
 
-__all__ = ["filters_from_query", "overview", "quarantine", "studies", "study"]
+__all__ = ["filters_from_query", "form_values", "overview", "quarantine", "studies", "study"]
 
 Health = Callable[[], dict[str, Any]]
 
@@ -26,6 +25,16 @@ def filters_from_query(query: Mapping[str, Sequence[str]]) -> StudyFilter:
     """`?state=held&reason=unrouted` as `--filter` options; FilterError as the command refuses them."""
     texts = [f"{key}={value}" for key in FILTER_KEYS for value in query.get(key, ()) if value.strip()]
     return parse_filters(texts)
+
+
+def form_values(query: Mapping[str, Sequence[str]], chosen: StudyFilter) -> dict[str, tuple[str, ...]]:
+    """What the studies form shows as chosen: the filters applied, and the ages as typed (`older-than=2h`)."""
+    values = dict(chosen.values)
+    for key in ("older-than", "newer-than"):
+        typed = [value.strip()[:20] for value in query.get(key, ()) if value.strip()]
+        if typed:
+            values[key] = (typed[-1],)  # the last one given is the one applied
+    return values
 
 
 def _health(health: Health) -> dict[str, Any]:
@@ -100,9 +109,11 @@ def _reason(study: Mapping[str, Any]) -> str:
 
 
 def _hint(study: Mapping[str, Any]) -> str:
+    """What a hold asks of a person, as the study's page says it (`HOLD_HINTS` alone knows only the attachment
+    sets' codes: a study held `unrouted` had no hint in the list)."""
     if study.get("state") != StudyState.HELD:
         return ""
-    return HOLD_HINTS.get(str(study.get("hold_code")), "")
+    return hold_hint(study.get("hold_code"))
 
 
 def _source_name(config: Config, kind: str, source: str) -> str:
