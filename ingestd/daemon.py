@@ -27,6 +27,7 @@ from ingestd.deadline import ProcessDeadline
 from ingestd.errors import ConfigError
 from ingestd.journal import Journal
 from ingestd.journal.retries import record_daemon_rules
+from ingestd.logs import event_buffer
 from ingestd.metrics import (
     REGISTRY,
     AssociationCounters,
@@ -172,7 +173,7 @@ class Daemon:
         if config.ui.enabled:
             from ingestd.ui import UiApp  # noqa: PLC0415 - Jinja2 and the templates only when the page is served
 
-            ui = UiApp(config, self.health)
+            ui = UiApp(config, self.health, events=event_buffer())  # the study page's recent log events
             ui.rules_in_force = lambda: None if self._router is None else self._router.rules  # across reloads
         server = MetricsServer(config.metrics.host, config.metrics.port, REGISTRY, self.health, ui=ui)
         try:

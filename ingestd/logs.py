@@ -29,8 +29,11 @@ from typing import Any, Literal
 import pydicom.config
 import structlog
 
+from ingestd.eventbuffer import EventBuffer
+
 __all__ = [
     "configure_logging",
+    "event_buffer",
     "hide_labels",
     "hide_member_names",
     "path_digest",
@@ -134,8 +137,21 @@ def redact(_logger: object, _method: str, event: structlog.types.EventDict) -> s
     return event
 
 
+_events: EventBuffer | None = None  # the recent events per batch, once logging is configured
+
+
+def event_buffer() -> EventBuffer | None:
+    """The recent log events of each batch this process logged (the web page's study page shows them); None until
+    `configure_logging` (a command that does not log, a test that does not configure logging)."""
+    return _events
+
+
 def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
-    """Configure structlog and the standard library's logging once, for the whole process."""
+    """Configure structlog and the standard library's logging once, for the whole process; the events that name a
+    batch are kept, redacted as logged, in `event_buffer()` (bounded: `ingestd.eventbuffer`)."""
+    global _events  # noqa: PLW0603 - one buffer per process, behind its one log handler
+    if _events is None:
+        _events = EventBuffer()
     numeric = logging.getLevelNamesMapping()[level.upper()]
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
@@ -160,6 +176,7 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             redact,
+            _events.capture,  # after the redaction: the page shows what the log line says, nothing more
             renderer,
         ],
     )

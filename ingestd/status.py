@@ -50,6 +50,7 @@ _SETS_SQL = (
 # States whose batch no longer waits in the spool for ingestd.
 _GONE = (StudyState.DELIVERED, StudyState.RELEASED)
 _LABEL_NAMES = ("project", "subject", "session")
+_TIMES = ("started_at", "step_started_at", "finished_at")  # a delivery's start, its current step's, its end (Unix)
 _EVERY_LABEL = frozenset(_LABEL_NAMES)
 # Every batch with its counts and modalities. The instances are aggregated first, in one pass in batch order (the
 # index on batch_id), then joined to the batches: at a million instances, quicker than `Journal.batches()`'s join
@@ -244,7 +245,7 @@ def _set_delivery_data(
     outgoing files XNAT's listing was last seen to hold (`attachments_out.verified_at`)."""
     if delivery is None:
         return None
-    keys = ("step", "attempts", "faults", "shortfalls", "last_error", "archive_uri")
+    keys = ("step", "attempts", "faults", "shortfalls", "last_error", "archive_uri", *_TIMES)
     data = {key: getattr(delivery, key) for key in keys}
     data["next_attempt_in_seconds"] = max(0.0, round(delivery.next_attempt_at - now, 1))
     _resources, files, verified = counts or (0, 0, 0)
@@ -257,7 +258,7 @@ def _delivery_data(delivery: Delivery | None, counts: tuple[int, int] | None, no
     if delivery is None:
         return None
     keys = ("step", "attempts", "faults", "shortfalls", "last_error", "prearchive_url", "archive_uri", "zip_size")
-    data = {key: getattr(delivery, key) for key in keys}
+    data = {key: getattr(delivery, key) for key in (*keys, *_TIMES)}
     data["next_attempt_in_seconds"] = max(0.0, round(delivery.next_attempt_at - now, 1))
     instances, verified = counts or (0, 0)
     data["instances"], data["verified"] = instances, verified

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "notify",
             "synthetic",
             "progress",
+            "eventbuffer",
         ),
     ),
     # Below rules/: rules/load.py reads its YAML through config's readers (read_yaml, validate_document).

@@ -141,7 +141,10 @@ def test_a_held_study_is_shown_retried_on_the_page_and_archived(
         wait_until(lambda: in_state(tmp_path, uid, "delivered"), 60, message="delivered")
         page.reload()
         expect(page.locator("dd.state-delivered")).to_have_text("delivered")
-        expect(page.get_by_role("button")).to_have_count(1)  # Log out: nothing to do on a delivered study
+        # a delivered study: Resend and Show identifiers, beside Log out; no Retry or Release any more
+        expect(page.get_by_role("button")).to_have_count(3)
+        for label in ("Resend", "Show identifiers", "Log out"):
+            expect(page.get_by_role("button", name=label, exact=True)).to_be_visible()
         browser_pages.shot("study-delivered")
         browser_pages.visit(f"{base}/ui/", "overview-delivered")
         expect(page.locator("a[href='/ui/studies?state=delivered']")).to_have_text("1")

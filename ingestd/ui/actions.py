@@ -1,8 +1,11 @@
-"""The web page's actions on one batch: retry, retry now, release and unrelease, by the code the commands run.
+"""The web page's actions on one batch: retry, retry now, release, unrelease and resend, by the code the commands
+run.
 
 `retry` and `retry now` are `ingestd retry BATCH` and `ingestd retry --now BATCH` (`ingestd.admin.retry.run_retry`),
 `release` is what `ingestd release BATCH` does (`Journal.release_batch` on the held batch), `unrelease` is
-`ingestd unrelease BATCH` (`ingestd.admin.resend.run_unrelease`). Each returns the lines the command would print.
+`ingestd unrelease BATCH` and `resend` is `ingestd resend BATCH` (`ingestd.admin.resend.run_unrelease`,
+`run_resend`: a delivered study sent again as a new batch, by the rule that delivered it, from the copies the spool
+kept; refused as the command refuses it when they are gone). Each returns the lines the command would print.
 
 Inside the daemon `run_retry` finds the daemon's own process holding the state directory's lock: it signals it
 (SIGHUP, which the main thread answers by reloading the rules) and waits until the reload is recorded, up to a
@@ -28,7 +31,7 @@ from ingestd.config import Config
 from ingestd.errors import ConfigError, IngestdError
 from ingestd.journal import Journal
 from ingestd.logs import hide_labels
-from ingestd.states import StudyState
+from ingestd.states import BatchKind, StudyState
 from ingestd.status import LabelPolicy
 
 __all__ = ["ACTIONS", "Actions", "Outcome", "applicable"]
@@ -36,14 +39,26 @@ __all__ = ["ACTIONS", "Actions", "Outcome", "applicable"]
 log = structlog.get_logger("ingestd.ui")
 
 # What the page calls each action (the last part of its URL) and what its button says.
-ACTIONS = {"retry": "Retry", "retry-now": "Retry now", "release": "Release", "unrelease": "Unrelease"}
-_BY_STATE = {StudyState.HELD.value: ("retry", "retry-now", "release"), StudyState.RELEASED.value: ("unrelease",)}
+ACTIONS = {
+    "retry": "Retry",
+    "retry-now": "Retry now",
+    "release": "Release",
+    "unrelease": "Unrelease",
+    "resend": "Resend",
+}
+_BY_STATE = {
+    StudyState.HELD.value: ("retry", "retry-now", "release"),
+    StudyState.RELEASED.value: ("unrelease",),
+    StudyState.DELIVERED.value: ("resend",),
+}
 WAIT_SECONDS = 5.0  # how long a request waits for its action before answering "under way"
 
 
-def applicable(state: str) -> tuple[str, ...]:
-    """The actions that apply to a batch in `state` (held: retry, retry now, release; released: unrelease)."""
-    return _BY_STATE.get(state, ())
+def applicable(state: str, kind: str = BatchKind.DICOM) -> tuple[str, ...]:
+    """The actions that apply to a batch in `state` (held: retry, retry now, release; released: unrelease;
+    delivered: resend, but never for an attachment set (`kind` files), which `ingestd resend` refuses)."""
+    actions = _BY_STATE.get(state, ())
+    return tuple(action for action in actions if action != "resend" or kind != BatchKind.FILES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +88,15 @@ def _release(config: Config, batch_id: int, out: Callable[[str], None]) -> bool:
     return True
 
 
-def _unrelease(config: Config, batch_id: int, out: Callable[[str], None]) -> bool:
-    from ingestd.admin.resend import run_unrelease  # noqa: PLC0415 - loads the rules; only for this action
+def _unrelease_or_resend(config: Config, action: str, batch_id: int, out: Callable[[str], None]) -> bool:
+    """`ingestd unrelease BATCH` or `ingestd resend BATCH` (the rule that delivered it), printed as they print."""
+    from ingestd.admin.resend import run_resend, run_unrelease  # noqa: PLC0415 - loads the rules; only for these
 
     stdout, stderr = io.StringIO(), io.StringIO()
-    status = run_unrelease(config, str(batch_id), stdout, stderr)
+    if action == "resend":
+        status = run_resend(config, str(batch_id), None, stdout, stderr)
+    else:
+        status = run_unrelease(config, str(batch_id), stdout, stderr)
     for line in (stdout.getvalue() + stderr.getvalue()).splitlines():
         out(line.removeprefix("ingestd: "))
     return status == 0
@@ -95,8 +114,8 @@ def run_action(config: Config, action: str, batch_id: int, out: Callable[[str], 
     try:
         if action == "release":
             return _release(config, batch_id, out)
-        if action == "unrelease":
-            return _unrelease(config, batch_id, out)
+        if action in ("unrelease", "resend"):
+            return _unrelease_or_resend(config, action, batch_id, out)
         return _retry(config, batch_id, out, now=action == "retry-now")
     except ConfigError as exc:
         for problem in exc.problems:

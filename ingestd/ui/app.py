@@ -13,7 +13,9 @@ A study's page (`/ui/studies/<batch id>`) carries, for a logged-in user only, th
 batch's state as forms posted to `/ui/studies/<batch id>/<action>` (`ingestd.ui.actions`: the code the commands
 run). Each form carries a token, HMAC(session key, session id + action path), checked with the site of the form;
 a refused post is logged as `ui.action_refused`, a done one as `ui.action`, and answered by a redirect (303) to
-the study's page, which shows what the command would have printed.
+the study's page, which shows what the command would have printed. "Show identifiers" is posted and checked the same
+way (`/ui/studies/<batch id>/identifiers`, `ingestd.ui.identify`) and answered, not redirected: the page with the
+batch's identifiers, this once, logged as `ui.identifiers_shown`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from ingestd.admin.statusfilter import FilterError, StudyFilter
 from ingestd.admin.statusview import age, size
 from ingestd.config import Config
 from ingestd.digestkey import DigestKeyError, read_digest_key
+from ingestd.eventbuffer import EventBuffer
 from ingestd.states import HoldCode, StudyState
 from ingestd.ui import rulespage, views
 from ingestd.ui.actions import ACTIONS, Actions, applicable
 from ingestd.ui.auth import BASIC_CHALLENGE, Auth, Refusal
+from ingestd.ui.identify import IDENTIFIERS, identified_study
 from ingestd.ui.session import COOKIE, Session
+from ingestd.ui.studyextras import study_extras
 from ingestd.uiconfig import is_loopback
 
 __all__ = ["UiApp"]
@@ -106,12 +111,16 @@ def _request_host(environ: dict[str, Any]) -> str:
 
 
 class UiApp:
-    """The WSGI application of `/ui/` (`health`: the daemon's /healthz facts; `running`: what status says)."""
+    """The WSGI application of `/ui/` (`health`: the daemon's /healthz facts; `running`: what status says;
+    `events`: the daemon's recent log events per batch, None where there are none)."""
 
-    def __init__(self, config: Config, health: Health, *, running: bool = True) -> None:
+    def __init__(
+        self, config: Config, health: Health, *, running: bool = True, events: EventBuffer | None = None
+    ) -> None:
         self.config = config
         self.health = health
         self.running = running
+        self.events = events
         try:
             key = read_digest_key(config.state_dir)
         except DigestKeyError:
@@ -313,26 +322,42 @@ class UiApp:
         return self._page(start_response, "quarantine.html", page="quarantine", **context, **common)
 
     def _study(
-        self, environ: dict[str, Any], start_response: StartResponse, batch_id: int, session: Session | None
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        batch_id: int,
+        session: Session | None,
+        identified: bool = False,
     ) -> list[bytes]:
-        study = views.study(self._data(), batch_id)
+        """The study page; `identified`: with its identifiers (`ingestd.ui.identify`), for a checked post only."""
+        study = (
+            identified_study(self.config, batch_id, running=self.running)
+            if identified
+            else views.study(self._data(), batch_id)
+        )
         if study is None:
             return self._not_found(start_response, session is not None)
+        if identified:  # who saw which batch's identifiers, never the values
+            user = None if session is None else session.user
+            log.info("ui.identifiers_shown", client=_client(environ), batch_id=batch_id, user=user)
         forms: list[dict[str, str]] = []
         if session is not None:
-            for action in applicable(str(study["state"])):
+            for action in (*applicable(str(study["state"]), str(study["kind"])), IDENTIFIERS):
                 path = f"/ui/studies/{batch_id}/{action}"
-                forms.append(
-                    {"action": path, "label": ACTIONS[action], "csrf": self.sessions.form_token(session, path)}
-                )
+                label = ACTIONS.get(action, "Show identifiers")
+                forms.append({"action": path, "label": label, "csrf": self.sessions.form_token(session, path)})
+        identify = forms.pop() if forms else None  # the toggle, apart from the actions
         return self._page(
             start_response,
             "study.html",
             page="studies",
             logged_in=session is not None,
             s=study,
+            identified=identified,
             forms=forms,
+            identify=identify,
             outcome=self.actions.last(batch_id),
+            **study_extras(self.config, study, self.events),
         )
 
     def _not_found(self, start_response: StartResponse, logged_in: bool = False) -> list[bytes]:
@@ -346,7 +371,9 @@ class UiApp:
             logged_in=logged_in,
         )
 
-    def _act(self, environ: dict[str, Any], start_response: StartResponse, batch_id: int, action: str) -> list[bytes]:
+    def _act(  # noqa: PLR0911 - one return per refusal
+        self, environ: dict[str, Any], start_response: StartResponse, batch_id: int, action: str
+    ) -> list[bytes]:
         """A posted action: the session, the form's site and its CSRF token checked, then done as the command does."""
         client, path = _client(environ), f"/ui/studies/{batch_id}/{action}"
 
@@ -371,6 +398,8 @@ class UiApp:
             return refuse(403, "no form token", "The form has expired: open the study's page again.")
         if not self.sessions.form_token_matches(session, path, given):
             return refuse(403, "wrong form token", "The form has expired: open the study's page again.")
+        if action == IDENTIFIERS:  # the same page with the identifiers, this once
+            return self._study(environ, start_response, batch_id, session, identified=True)
         outcome = self.actions.start(action, batch_id)
         log.info(
             "ui.action", client=client, batch_id=batch_id, action=action, ok=outcome.ok, done=outcome.done, user=user
@@ -411,7 +440,7 @@ class UiApp:
         """`/ui/studies/<id>` (GET: the page) and `/ui/studies/<id>/<action>` (POST only: a GET does nothing)."""
         method = environ.get("REQUEST_METHOD", "GET")
         if action is not None:
-            if action not in ACTIONS:
+            if action not in ACTIONS and action != IDENTIFIERS:
                 return self._not_found(start_response)
             if method != "POST":
                 return self._message(
