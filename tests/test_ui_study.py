@@ -98,7 +98,7 @@ def test_identifiers_are_shown_to_a_logged_in_user_once_and_logged_without_them(
     assert "Shown as digests" not in shown["drop"]
     audit = [event for event in logged if event["event"] == "ui.identifiers_shown"]
     assert sorted(event["batch_id"] for event in audit) == sorted(state.batch_ids.values())
-    assert all(set(event) == {"event", "log_level", "client", "batch_id"} for event in audit)
+    assert all(set(event) == {"event", "log_level", "client", "batch_id", "user"} for event in audit)
     text = json.dumps(logged)
     for value in planted:
         assert value not in text, value
