@@ -175,6 +175,7 @@ class Daemon:
 
             ui = UiApp(config, self.health, events=event_buffer())  # the study page's recent log events
             ui.rules_in_force = lambda: None if self._router is None else self._router.rules  # across reloads
+            ui.current_config = lambda: self.config  # what a reload applied: the rules files, the XNAT servers
         server = MetricsServer(config.metrics.host, config.metrics.port, REGISTRY, self.health, ui=ui)
         try:
             server.start()

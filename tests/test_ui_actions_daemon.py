@@ -62,3 +62,41 @@ def test_retry_on_the_page_delivers_a_fixed_study(tmp_path: Path, xnat: FakeXnat
     log = (tmp_path / "daemon.log").read_text(encoding="utf-8")
     assert '"event": "ui.action"' in log and '"event": "daemon.reload"' in log
     assert TOKEN not in log and uid not in log
+
+
+def test_the_page_acts_with_the_rules_files_a_reload_named(tmp_path: Path, xnat: FakeXnat) -> None:
+    """The page reads the configuration a reload applied, not the one the daemon started with: a reload that names
+    other rules files (`rules:` in ingestd.yaml) and another XNAT server; Retry routes with the new files, and the
+    overview lists the new server."""
+    config = daemon_config(tmp_path, xnat)
+    token_file = tmp_path / "ui.token"
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    metrics = f"metrics: {{host: 127.0.0.1, port: 0}}\nui: {{token_file: {token_file}}}\n"
+    config.write_text(config.read_text().replace("metrics: {enabled: false}\n", metrics), encoding="utf-8")
+    (tmp_path / "lab.rules.yaml").write_text(rules(project="WRONG"))
+    mr = make_study(series=1, per_series=2)
+    uid = str(mr[0].StudyInstanceUID)
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_logged("daemon.started")
+        base = f"http://127.0.0.1:{int(daemon.wait_logged('metrics.started')['port'])}"
+        drop(tmp_path, mr, "mr")
+        batch_id, _, code, _reason = wait_until(lambda: in_state(tmp_path, uid, "held"), 60, message="held")
+        assert code == "xnat-refused"
+        # The admin writes the fixed rules into a new file and names it instead; the old file stays wrong.
+        (tmp_path / "fixed.rules.yaml").write_text(rules(project="PROJ"))
+        text = config.read_text().replace("rules: [lab.rules.yaml]", "rules: [fixed.rules.yaml]")
+        credentials = "{env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}"
+        backup = f"    backup:\n      url: {xnat.url}/backup\n      credentials: {credentials}\n"
+        config.write_text(text.replace("  servers:\n", "  servers:\n" + backup))
+
+        session = requests.Session()
+        assert session.post(f"{base}/ui/login", data={"token": TOKEN}, timeout=10).status_code == 200
+        page = session.get(f"{base}/ui/studies/{batch_id}", timeout=10).text
+        path = f"/ui/studies/{batch_id}/retry"
+        answer = session.post(f"{base}{path}", data={"csrf": _forms(page)[path]}, allow_redirects=False, timeout=30)
+        assert answer.status_code == 303
+        wait_until(lambda: in_state(tmp_path, uid, "delivered"), 60, message=f"delivered\n{daemon.log_tail()}")
+        assert [experiment.project for experiment in xnat.experiments("PROJ")] == ["PROJ"]
+        assert f"{xnat.url}/backup" in session.get(f"{base}/ui/", timeout=10).text  # reloaded by the retry
+        assert daemon.terminate() == 0

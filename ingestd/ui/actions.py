@@ -143,8 +143,8 @@ def _identifying_labels(config: Config, batch_id: int) -> list[str]:
 class Actions:
     """Runs the page's actions one at a time in a worker thread, and keeps each batch's last outcome."""
 
-    def __init__(self, config: Config, wait_seconds: float = WAIT_SECONDS) -> None:
-        self.config = config
+    def __init__(self, config_of: Callable[[], Config], wait_seconds: float = WAIT_SECONDS) -> None:
+        self.config_of = config_of  # the configuration as it is now (a reload may change the rules files)
         self.wait_seconds = wait_seconds
         self._outcomes: dict[int, Outcome] = {}
         self._lock = threading.Lock()
@@ -169,8 +169,9 @@ class Actions:
         def work() -> None:
             ok = False
             try:
-                hidden = _identifying_labels(self.config, batch_id)
-                ok = run_action(self.config, action, batch_id, lambda line: lines.append(hide_labels(line, hidden)))
+                config = self.config_of()
+                hidden = _identifying_labels(config, batch_id)
+                ok = run_action(config, action, batch_id, lambda line: lines.append(hide_labels(line, hidden)))
             except Exception as exc:  # the page says so; the log has the traceback
                 log.exception("ui.action_failed", batch_id=batch_id, action=action, error=type(exc).__name__)
                 lines.append("the action failed; the log says why")

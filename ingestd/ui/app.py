@@ -117,7 +117,9 @@ class UiApp:
     def __init__(
         self, config: Config, health: Health, *, running: bool = True, events: EventBuffer | None = None
     ) -> None:
-        self.config = config
+        # The daemon's configuration as it is now (a reload applies new rules files, XNAT servers...): the pages
+        # and actions read it at each request. `ui` and `metrics` changes need a restart, so those stay as started.
+        self.current_config: Callable[[], Config] = lambda: config
         self.health = health
         self.running = running
         self.events = events
@@ -129,8 +131,12 @@ class UiApp:
         self.sessions = self.auth.sessions
         self._env = _environment()
         self._css = resources.files("ingestd.ui").joinpath("static/style.css").read_bytes()
-        self.actions = Actions(config)
+        self.actions = Actions(lambda: self.config)
         self.rules_in_force: rulespage.RulesInForce | None = None  # the daemon's rule set, across reloads
+
+    @property
+    def config(self) -> Config:
+        return self.current_config()
 
     # -- responses ------------------------------------------------------------------------------------------
 
