@@ -48,6 +48,7 @@ from ingestd.attachspool import AttachmentSpool, Readable
 from ingestd.config import Archives, Config
 from ingestd.dicomfile import PreparedInstance
 from ingestd.errors import SpoolError
+from ingestd.importprogress import Recorded
 from ingestd.journal import BatchInstance, Journal, Source
 from ingestd.logs import hide_member_names, path_digest, uid_digest
 from ingestd.pipeline.attachplan import FileAtHand, StudyAtHand, plan_attachments
@@ -224,7 +225,7 @@ class _Importer(_Taker):
         """Update the counts from the journal; say whether every touched batch is delivered, released or held."""
         return self.counts.tally(self.journal.batch_state(batch_id) for batch_id in self.touched)
 
-    def wait(self, rules: RuleSet, progress: Lines | Bar, poll: float) -> None:
+    def wait(self, rules: RuleSet, progress: Recorded, poll: float) -> None:
         """Wait until every touched batch is finished, routing and delivering them here unless a daemon does.
 
         Should the daemon stop meanwhile, the import takes the state directory's lock and does the rest itself.
@@ -515,9 +516,10 @@ def _run(
 ) -> int:
     """Spool, complete, wait, print the summary; return the exit status."""
     config, counts = importer.config, importer.counts
-    progress = Bar(out) if out.isatty() else Lines(out)
+    shown = Bar(out) if out.isatty() else Lines(out)
+    progress = Recorded(shown, config.state_dir, counts)  # also where the daemon's web page reads it
     try:
-        with logging_redirect_tqdm() if isinstance(progress, Bar) else contextlib.nullcontext():
+        with progress, logging_redirect_tqdm() if isinstance(shown, Bar) else contextlib.nullcontext():
             if importer.lock is not None:  # no receiver of an earlier daemon may still be writing: recover_spool waits
                 recover_spool(config, importer.spool, importer.quarantine)
                 importer.attachments.recover()

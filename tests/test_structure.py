@@ -43,7 +43,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # status: the journal's read model (the `status` command, the systemd STATUS line, metrics' counts).
     (
         "journal and spool",
-        ("durable", "journal", "quarantined", "spool", "attachspool", "retention", "status", "metrics", "statedir"),
+        (
+            "durable",
+            "journal",
+            "quarantined",
+            "spool",
+            "attachspool",
+            "retention",
+            "status",
+            "metrics",
+            "statedir",
+            "importprogress",
+        ),
     ),
     ("receive", ("receive",)),
     # Below the pipeline: the deliver stage is its user.

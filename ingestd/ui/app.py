@@ -1,6 +1,7 @@
 """The web page's WSGI application, mounted under `/ui/` by the metrics endpoint (`ingestd.metrics.MetricsServer`).
 
-Server-rendered HTML (Jinja2, every value escaped), one style sheet shipped in the package, no script. Pages:
+Server-rendered HTML (Jinja2, every value escaped), one style sheet and one small script (`static/ui.js`: the
+pages' live parts, `ingestd.ui.live`) shipped in the package. Pages:
 the overview (`/ui/`), the studies (`/ui/studies`, filtered as `ingestd status --filter` filters) and the
 quarantine (`/ui/quarantine`). Every page needs a login (`/ui/login`: the token of `ui.token_file` or a user's
 password of `ui.password_file`, for a signed session cookie; or with `ui.http_basic` HTTP Basic at every request:
@@ -40,6 +41,7 @@ from ingestd.ui import rulespage, views
 from ingestd.ui.actions import ACTIONS, Actions, applicable
 from ingestd.ui.auth import BASIC_CHALLENGE, Auth, Refusal
 from ingestd.ui.identify import IDENTIFIERS, identified_study
+from ingestd.ui.live import LIVE_SECONDS, Live
 from ingestd.ui.session import COOKIE, Session
 from ingestd.ui.studyextras import study_extras
 from ingestd.uiconfig import is_loopback
@@ -68,12 +70,13 @@ _STATUS = {
     429: "429 Too Many Requests",
     500: "500 Internal Server Error",
 }
-# What the browser may load: the style sheet from here, forms posted here, nothing else (no script at all).
+# What the browser may load: the style sheet and the one script from here (no inline script, no eval), fragments
+# fetched from here, forms posted here, nothing else.
 _SECURITY_HEADERS = [
     (
         "Content-Security-Policy",
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none';"
-        " base-uri 'none'",
+        "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self';"
+        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
     ("X-Content-Type-Options", "nosniff"),
     # Not no-referrer: under it a browser posts the page's own forms with `Origin: null`, which _cross_site must
@@ -133,6 +136,7 @@ class UiApp:
         self._css = resources.files("ingestd.ui").joinpath("static/style.css").read_bytes()
         self.actions = Actions(lambda: self.config)
         self.rules_in_force: rulespage.RulesInForce | None = None  # the daemon's rule set, across reloads
+        self.live = Live(self)
 
     @property
     def config(self) -> Config:
@@ -296,7 +300,7 @@ class UiApp:
         return status_data(self.config, running=self.running)
 
     def _overview(self, start_response: StartResponse, common: dict[str, Any]) -> list[bytes]:
-        context = views.overview(self.config, self.health, self._data())
+        context = self.live.overview_context()
         return self._page(
             start_response, "overview.html", page="overview", refresh_seconds=REFRESH_SECONDS, **context, **common
         )
@@ -319,6 +323,7 @@ class UiApp:
             chosen=views.form_values(query, chosen),
             filtered=bool(chosen),
             error=error,
+            **self.live.studies_page(environ),
             **context,
             **common,
         )
@@ -364,6 +369,7 @@ class UiApp:
             identify=identify,
             outcome=self.actions.last(batch_id),
             **study_extras(self.config, study, self.events),
+            live_seconds=LIVE_SECONDS,
         )
 
     def _not_found(self, start_response: StartResponse, logged_in: bool = False) -> list[bytes]:
@@ -418,6 +424,10 @@ class UiApp:
             return refused
         if path == "/ui/static/style.css":
             return self._send(start_response, 200, self._css, "text/css; charset=utf-8")
+        if path == "/ui/static/ui.js":
+            return self._send(start_response, 200, self.live.script, "text/javascript; charset=utf-8")
+        if path.startswith("/ui/fragments/"):
+            return self.live.route(environ, start_response, path)
         if path in ("/ui/login", "/ui/logout"):
             return (self._login if path == "/ui/login" else self._logout)(environ, start_response)
         study = _STUDY.fullmatch(path)

@@ -1,0 +1,96 @@
+// ingestd's web page, live: the page's live region (the element with data-live="<fragment URL>") is fetched again
+// every data-live-seconds seconds while the tab is shown, and swapped in. Plain fetch, no library, nothing from
+// elsewhere; the page works without it (the overview reloads itself, <noscript>).
+//
+// What it did is visible on the region (for people and for tests): data-updated (ISO time of the last swap),
+// data-live-state (ok | lost | login | paused) and the text of #live-status ("updated HH:MM:SS",
+// "connection lost", "log in again").
+(function () {
+  "use strict";
+  var region = document.querySelector("[data-live]");
+  if (!region) {
+    return;
+  }
+  var url = region.getAttribute("data-live");
+  var seconds = Math.max(1, Number(region.getAttribute("data-live-seconds")) || 5);
+  var status = document.getElementById("live-status");
+  var timer = null;
+  var busy = false;
+  var stopped = false;
+
+  function two(number) {
+    return (number < 10 ? "0" : "") + number;
+  }
+
+  function say(text, state) {
+    region.setAttribute("data-live-state", state);
+    if (status) {
+      status.textContent = text;
+    }
+  }
+
+  function loginAgain() {
+    stopped = true;
+    region.setAttribute("data-live-state", "login");
+    if (status) {
+      status.textContent = "Your session has ended: ";
+      var link = document.createElement("a");
+      link.href = "/ui/login";
+      link.textContent = "log in again";
+      status.appendChild(link);
+    }
+  }
+
+  function schedule() {
+    if (!stopped && timer === null && document.visibilityState === "visible") {
+      timer = window.setTimeout(refresh, seconds * 1000);
+    }
+  }
+
+  function refresh() {
+    timer = null;
+    if (stopped || busy || document.visibilityState !== "visible") {
+      return;
+    }
+    busy = true;
+    fetch(url, { credentials: "same-origin", cache: "no-store", redirect: "manual", headers: { Accept: "text/html" } })
+      .then(function (response) {
+        if (response.status === 401 || response.status === 403 || response.type === "opaqueredirect") {
+          loginAgain();
+          return null;
+        }
+        if (!response.ok) {
+          throw new Error("HTTP " + response.status);
+        }
+        return response.text().then(function (html) {
+          region.innerHTML = html;
+          var now = new Date();
+          region.setAttribute("data-updated", now.toISOString());
+          say("updated " + two(now.getHours()) + ":" + two(now.getMinutes()) + ":" + two(now.getSeconds()), "ok");
+        });
+      })
+      .catch(function () {
+        say("connection lost: trying again every " + seconds + " s", "lost");
+      })
+      .then(function () {
+        busy = false;
+        schedule();
+      });
+  }
+
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "visible") {
+      refresh(); // at once: what was shown may be old
+    } else {
+      if (timer !== null) {
+        window.clearTimeout(timer);
+        timer = null;
+      }
+      if (!stopped) {
+        region.setAttribute("data-live-state", "paused");
+      }
+    }
+  });
+  region.setAttribute("data-live-state", "ok");
+  schedule();
+})();
