@@ -1,0 +1,172 @@
+"""The web page, live (ingestd/ui/live.py, static/ui.js): fragments over real HTTP against a real MetricsServer.
+
+A fragment is readable exactly where its page is (a login, or public_read with a loopback Host; 401 otherwise, also
+once the session is gone); it is the part its page includes, rendered from the same partial template; the script is
+served from the package with the right type and the CSP allows it (and fetches to the same origin) and nothing else;
+no planted patient value appears in any fragment; imports under way show on the overview.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import requests
+
+from ingestd.importprogress import ImportProgress
+from ingestd.progress import Counts
+from tests.spooled import SpooledState
+from tests.test_ui import TOKEN, _login, _phi, _token_file, _with_ui, serving
+from tests.test_ui import state as state  # noqa: PLC0414 - the spooled state fixture, shared
+
+FRAGMENTS = ("/ui/fragments/overview", "/ui/fragments/studies", "/ui/fragments/studies?state=held")
+
+
+def _study_fragments(state: SpooledState) -> list[str]:
+    return [f"/ui/fragments/studies/{batch_id}" for batch_id in state.batch_ids.values()]
+
+
+def _region(page: str) -> str:
+    """What a page's live region holds (between its opening tag and the status line after it)."""
+    match = re.search(r'<div id="live"[^>]*>\n(.*)</div>\n<p class="small live-status"', page, re.DOTALL)
+    assert match is not None, page
+    return match.group(1)
+
+
+def _without_time(html: str) -> str:
+    return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "TIME", html)
+
+
+def test_fragments_need_a_login_exactly_as_their_pages(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    with serving(config) as (url, _app):
+        for fragment in (*FRAGMENTS, *_study_fragments(state)):
+            answer = requests.get(f"{url}{fragment}", allow_redirects=False, timeout=10)
+            assert answer.status_code == 401, fragment  # not a redirect: the script would swap the login form in
+            assert "Log in again" in answer.text
+            assert "batch" not in answer.text.lower()
+            assert "Content-Security-Policy" in answer.headers
+        session = _login(url)
+        for fragment in (*FRAGMENTS, *_study_fragments(state)):
+            assert session.get(f"{url}{fragment}", timeout=10).status_code == 200, fragment
+        assert session.get(f"{url}/ui/fragments/studies/999999", timeout=10).status_code == 404
+        assert session.get(f"{url}/ui/fragments/other", timeout=10).status_code == 404
+        assert session.post(f"{url}/ui/fragments/overview", timeout=10).status_code == 405
+        kept = dict(session.cookies)
+        assert session.post(f"{url}/ui/logout", timeout=10).status_code == 200
+        # the session is gone (a copy of its cookie too): the fragments say so, the script asks for a login
+        for fragment in FRAGMENTS:
+            assert requests.get(f"{url}{fragment}", cookies=kept, timeout=10).status_code == 401
+
+
+def test_public_read_opens_fragments_to_loopback_names_only(state: SpooledState) -> None:
+    config = _with_ui(state.config, public_read=True)
+    with serving(config) as (url, _app):
+        port = url.rsplit(":", 1)[1]
+        for fragment in (*FRAGMENTS, *_study_fragments(state)):
+            for host in ("127.0.0.1", "localhost", "[::1]"):
+                answer = requests.get(f"{url}{fragment}", headers={"Host": f"{host}:{port}"}, timeout=10)
+                assert answer.status_code == 200, (fragment, host)
+            for host in ("evil.example", "127.0.0.1.evil.example", "ingest.lab.example"):
+                page = fragment.replace("/fragments", "")
+                page = "/ui/" if page == "/ui/overview" else page
+                shown = requests.get(f"{url}{page}", headers={"Host": host}, allow_redirects=False, timeout=10)
+                assert shown.status_code == 303, (page, host)  # the page is not readable there...
+                answer = requests.get(f"{url}{fragment}", headers={"Host": host}, allow_redirects=False, timeout=10)
+                assert answer.status_code == 401, (fragment, host)  # ...and neither is its fragment
+
+
+def test_a_fragment_is_what_its_page_includes(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    with serving(config) as (url, _app):
+        session = _login(url)
+        for page, fragment in (
+            ("/ui/", "/ui/fragments/overview"),
+            ("/ui/studies", "/ui/fragments/studies"),
+            ("/ui/studies?state=held&reason=unrouted", "/ui/fragments/studies?state=held&reason=unrouted"),
+            *((f"/ui/studies/{n}", f"/ui/fragments/studies/{n}") for n in state.batch_ids.values()),
+        ):
+            shown = session.get(f"{url}{page}", timeout=10).text
+            assert f'data-live="{fragment.replace("&", "&amp;")}"' in shown
+            assert 'data-updated=""' in shown
+            assert _without_time(_region(shown)) == _without_time(session.get(f"{url}{fragment}", timeout=10).text)
+        held = session.get(f"{url}/ui/fragments/studies?state=held", timeout=10).text
+        assert "2 of 4 batches." in held and "<strong>unrouted</strong>" in held
+        assert "<html" not in held and "<form" not in held  # the table only
+        overview = session.get(f"{url}/ui/fragments/overview", timeout=10).text
+        assert ">ok<" in overview and "1 quarantined item<" in overview
+        assert "No <code>ingestd import</code> under way." in overview
+        study = session.get(f"{url}/ui/fragments/studies/{state.batch_ids['OTHER']}", timeout=10).text
+        assert "<dt>State</dt>" in study and '<h2 id="delivery">Delivery</h2>' in study
+        assert "csrf" not in study  # the actions' forms stay on the page, not in the fragment
+        # a filter the page refuses: the page says why and does not refresh; the fragment refuses it too
+        wrong = session.get(f"{url}/ui/studies", params={"state": "hled"}, timeout=10)
+        assert wrong.status_code == 400 and "data-live=" not in wrong.text
+        assert session.get(f"{url}/ui/fragments/studies", params={"state": "hled"}, timeout=10).status_code == 400
+        # the overview works without script: it reloads itself, in <noscript> only
+        assert '<noscript><meta http-equiv="refresh" content="10"></noscript>' in session.get(f"{url}/ui/").text
+
+
+def test_the_script_is_served_and_the_csp_allows_it_and_nothing_else(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    with serving(config) as (url, _app):
+        script = requests.get(f"{url}/ui/static/ui.js", timeout=10)  # like the style sheet: no login
+        assert script.status_code == 200
+        assert script.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert script.headers["X-Content-Type-Options"] == "nosniff"
+        assert script.content == (Path(__file__).parents[1] / "ingestd/ui/static/ui.js").read_bytes()
+        for word in ("eval(", "new Function", "http://", "https://", "document.write", "import("):
+            assert word not in script.text, word
+        session = _login(url)
+        for page in ("/ui/", "/ui/studies", "/ui/quarantine", f"/ui/studies/{state.batch_ids['OTHER']}"):
+            answer = session.get(f"{url}{page}", timeout=10)
+            policy = dict(part.strip().split(" ", 1) for part in answer.headers["Content-Security-Policy"].split(";"))
+            assert policy == {
+                "default-src": "'none'",
+                "script-src": "'self'",
+                "connect-src": "'self'",
+                "style-src": "'self'",
+                "img-src": "'self'",
+                "form-action": "'self'",
+                "frame-ancestors": "'none'",
+                "base-uri": "'none'",
+            }
+            # no inline script, no event handler attribute: what the CSP would refuse is not there to refuse
+            assert set(re.findall(r"<script[^>]*>", answer.text)) <= {'<script src="/ui/static/ui.js" defer>'}
+            assert "</script>" not in answer.text.replace('<script src="/ui/static/ui.js" defer></script>', "")
+            assert not re.search(r"\son[a-z]+=", answer.text)
+            assert "javascript:" not in answer.text
+
+
+def test_no_patient_value_in_any_fragment(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    with serving(config) as (url, _app):
+        session = _login(url)
+        html = "\n".join(session.get(f"{url}{f}", timeout=10).text for f in (*FRAGMENTS, *_study_fragments(state)))
+    for value in _phi(state):
+        assert value not in html, value
+    assert TOKEN not in html
+
+
+def test_the_overview_lists_imports_under_way_with_their_counts(state: SpooledState) -> None:
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    record = ImportProgress(config.state_dir, pid=4242)  # as an import of pid 4242 would (this process holds its lock)
+    counts = Counts(files=120, scanned=80, spooled=70, known=5, quarantined=3, studies=4, delivered=1, held=1)
+    with serving(config) as (url, _app):
+        session = _login(url)
+        try:
+            record.start(counts)
+            fragment = session.get(f"{url}/ui/fragments/overview", timeout=10).text
+            assert '<tr class="import" data-pid="4242">' in fragment
+            for cell in ("<td>scanning</td>", '"scanned">80/120<', '"spooled">70<', "<td>5</td>", "<td>3</td>"):
+                assert cell in fragment, cell
+            assert '"studies">4<' in fragment and '"delivered">1<' in fragment
+            assert '<tr class="import"' in session.get(f"{url}/ui/", timeout=10).text  # the page too
+            counts.delivering, counts.delivered = True, 3
+            record.update(counts)
+            fragment = session.get(f"{url}/ui/fragments/overview", timeout=10).text
+            assert "<td>delivering</td>" in fragment and '"delivered">3<' in fragment
+        finally:
+            record.remove()
+        fragment = session.get(f"{url}/ui/fragments/overview", timeout=10).text
+        assert "data-pid" not in fragment and "No <code>ingestd import</code> under way." in fragment
