@@ -24,9 +24,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import structlog
+
 from ingestd.progress import PROGRESS_SECONDS, Bar, Counts, Lines
 
 __all__ = ["IMPORTS_DIR", "ImportProgress", "Recorded", "RunningImport", "running_imports"]
+
+log = structlog.get_logger("ingestd.import")
 
 IMPORTS_DIR = "imports"
 _MAX_FILE_BYTES = 4096
@@ -81,9 +85,10 @@ class ImportProgress:
             self._lock = os.fdopen(descriptor, "wb")
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.replace(locking, self.lock_path)
-        except OSError:
+        except OSError as exc:
             self._close_lock()
             self._done = True
+            log.warning("import.progress_unrecorded", reason=exc.strerror or type(exc).__name__)
             return
         self.update(counts, force=True)
 

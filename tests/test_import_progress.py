@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from structlog.testing import capture_logs
 
 from ingestd.importprogress import IMPORTS_DIR, ImportProgress, Recorded, running_imports
 from ingestd.progress import Counts, Lines
@@ -97,6 +98,16 @@ def test_the_file_goes_when_the_import_fails_or_is_interrupted(tmp_path: Path) -
             assert len(running_imports(tmp_path)) == 1
             raise error
         assert _files(tmp_path) == []
+
+
+def test_an_import_that_cannot_record_its_progress_goes_on_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / IMPORTS_DIR).write_text("not a folder")
+    counts = Counts(files=3)
+    with capture_logs() as logged, Recorded(Lines(io.StringIO()), tmp_path, counts) as progress:
+        progress.show(counts)
+    assert [event["event"] for event in logged] == ["import.progress_unrecorded"]
+    assert str(tmp_path) not in str(logged)
+    assert running_imports(tmp_path) == []
 
 
 def test_a_killed_import_leaves_a_file_the_reader_ignores_and_removes(tmp_path: Path) -> None:
