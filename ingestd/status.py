@@ -33,6 +33,7 @@ from typing import Any
 
 from ingestd.config import Config
 from ingestd.errors import IngestdError
+from ingestd.importprogress import running_imports
 from ingestd.journal import BatchRow, Delivery, Journal, Route, Totals
 from ingestd.journal.schema import JournalVersionError, check_version
 from ingestd.logs import hide_labels, path_digest, uid_digest
@@ -456,6 +457,7 @@ def status_data(
         "disk_free_bytes": stat.f_bavail * stat.f_frsize,
         "held_by_reason": held,
         "paused_servers": [server["server"] for server in servers if server["state"] == "paused"],
+        "imports": [dataclasses.asdict(running) for running in running_imports(config.state_dir)],
     }
     from ingestd.retention import retention_summary  # noqa: PLC0415 - keeps the metrics and the STATUS line light
 

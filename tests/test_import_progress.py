@@ -28,8 +28,8 @@ from ingestd.importprogress import IMPORTS_DIR, ImportProgress, Recorded, runnin
 from ingestd.progress import Counts, Lines
 from ingestd.testing.xnat import FakeXnat
 from tests.dicom import make_study, write_instances
-from tests.procs import DaemonProcess, wait_until
-from tests.spooled import PATIENT_FOLDER, PATIENT_ID
+from tests.procs import DaemonProcess, run_ingestd, wait_until
+from tests.spooled import KEY, PATIENT_FOLDER, PATIENT_ID, spooled_state
 
 RULES = """
 profiles:
@@ -123,6 +123,28 @@ def test_a_killed_import_leaves_a_file_the_reader_ignores_and_removes(tmp_path: 
     assert _files(tmp_path) == [f"{child.pid}.json", f"{child.pid}.lock"]  # kill -9: nothing removed it
     assert running_imports(tmp_path) == []  # its lock is free: ignored...
     assert _files(tmp_path) == []  # ...and removed
+
+
+def test_ingestd_status_lists_an_import_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INGESTD_TEST_KEY", KEY)
+    state = spooled_state(tmp_path)
+    with subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(state.config.state_dir)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "started"
+            text = run_ingestd("status", "--config", str(state.config_file), check=True).stdout
+            shown = run_ingestd("status", "--config", str(state.config_file), "--json", check=True).stdout
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+    assert f"import under way (pid {child.pid}, " in text
+    assert "scanning): files 3/7 scanned, 0 instances spooled" in text
+    [running] = json.loads(shown)["health"]["imports"]
+    assert (running["pid"], running["phase"], running["counts"]["files"]) == (child.pid, "scanning", 7)
+    text = run_ingestd("status", "--config", str(state.config_file), check=True).stdout
+    assert "import under way" not in text  # killed: ignored, and its file removed
+    assert _files(state.config.state_dir) == []
 
 
 def test_a_file_whose_pid_is_alive_but_whose_lock_is_free_is_not_an_import(tmp_path: Path) -> None:

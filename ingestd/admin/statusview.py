@@ -227,6 +227,24 @@ def _heading(data: dict[str, Any]) -> str:
     )
 
 
+def _notices(data: dict[str, Any]) -> Iterator[str]:
+    """The lines under the heading: servers paused, imports under way."""
+    yield from (_paused(server) for server in data.get("xnat_servers", []) if server["state"] == "paused")
+    yield from (_import(running) for running in data["health"].get("imports", []))
+
+
+def _import(running: dict[str, Any]) -> str:
+    """An `ingestd import` under way (ingestd.importprogress), as its progress file says."""
+    counts = running["counts"]
+    elapsed = age(max(0.0, time.time() - float(running["started"])))
+    return (
+        f"import under way (pid {running['pid']}, {elapsed}, {running['phase']}): files {counts['scanned']}/"
+        f"{counts['files']} scanned, {counts['spooled']} instances spooled, {counts['known']} known,"
+        f" {counts['quarantined']} quarantined; studies {counts['delivered']}/{counts['studies']} delivered,"
+        f" {counts['held']} held"
+    )
+
+
 def _paused(server: dict[str, Any]) -> str:
     return (
         f"XNAT server {server['server']} PAUSED for {age(server['paused_seconds'])}"
@@ -346,9 +364,8 @@ def render_status(data: dict[str, Any], *, wide: bool = False, chosen: StudyFilt
         return [text] if wide else _wrap(text, indent)
 
     yield from fit(_heading(data))
-    for server in data.get("xnat_servers", []):
-        if server["state"] == "paused":
-            yield from fit(_paused(server), "  ")
+    for notice in _notices(data):
+        yield from fit(notice, "  ")
     studies, quarantine = data["studies"], data["quarantine"]
     count = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} (batches)"
     sets = sum(1 for study in studies if _is_set(study))
