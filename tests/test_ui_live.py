@@ -15,6 +15,7 @@ import requests
 
 from ingestd.importprogress import ImportProgress
 from ingestd.progress import Counts
+from ingestd.ui.session import COOKIE
 from tests.spooled import SpooledState
 from tests.test_ui import TOKEN, _login, _phi, _token_file, _with_ui, serving
 from tests.test_ui import state as state  # noqa: PLC0414 - the spooled state fixture, shared
@@ -170,3 +171,41 @@ def test_the_overview_lists_imports_under_way_with_their_counts(state: SpooledSt
             record.remove()
         fragment = session.get(f"{url}/ui/fragments/overview", timeout=10).text
         assert "data-pid" not in fragment and "No <code>ingestd import</code> under way." in fragment
+
+
+def test_a_fragment_opens_exactly_where_its_page_opens(state: SpooledState) -> None:
+    """Whatever the login scheme becomes, a fragment must follow its page: checked request by request."""
+    study = state.batch_ids["OTHER"]
+    pairs = [
+        ("/ui/", "/ui/fragments/overview"),
+        ("/ui/studies?state=held", "/ui/fragments/studies?state=held"),
+        (f"/ui/studies/{study}", f"/ui/fragments/studies/{study}"),
+    ]
+    for public in (False, True):
+        config = _with_ui(state.config, token_file=_token_file(state.root), public_read=public)
+        with serving(config) as (url, app):
+            port = url.rsplit(":", 1)[1]
+            good = app.sessions.sign(TOKEN)
+            ended = app.sessions.sign(TOKEN)
+            session = app.sessions.check(ended, TOKEN)
+            assert session is not None
+            app.sessions.end(session)
+            requests_made = 0
+            for cookie in (None, good, ended, "forged", app.sessions.sign("another-token-of-some-length")):
+                for host in (f"127.0.0.1:{port}", f"localhost:{port}", "evil.example", "ingest.lab.example:443"):
+                    cookies = {COOKIE: cookie} if cookie else {}
+                    for page, fragment in pairs:
+                        opened = [
+                            requests.get(
+                                f"{url}{path}",
+                                headers={"Host": host},
+                                cookies=cookies,
+                                allow_redirects=False,
+                                timeout=10,
+                            ).status_code
+                            == 200
+                            for path in (page, fragment)
+                        ]
+                        assert opened[0] == opened[1], (public, cookie, host, page)
+                        requests_made += 1
+            assert requests_made == 5 * 4 * len(pairs)
