@@ -24,9 +24,19 @@
     return (number < 10 ? "0" : "") + number;
   }
 
+  // "updated ..." every few seconds is not announced to a screen reader; a lost connection or login is.
+  function announce(on) {
+    if (status && on) {
+      status.setAttribute("role", "alert");
+    } else if (status) {
+      status.removeAttribute("role");
+    }
+  }
+
   function say(text, state) {
     region.setAttribute("data-live-state", state);
     if (status) {
+      announce(state !== "ok" && status.textContent !== text);
       status.textContent = text;
     }
   }
@@ -35,6 +45,7 @@
     stopped = true;
     region.setAttribute("data-live-state", "login");
     if (status) {
+      announce(true);
       status.textContent = "Your session has ended: ";
       var link = document.createElement("a");
       link.href = "/ui/login";
