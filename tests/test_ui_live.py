@@ -12,10 +12,13 @@ import re
 from pathlib import Path
 
 import requests
+from playwright.sync_api import expect
 
 from ingestd.importprogress import ImportProgress
+from ingestd.journal import Journal
 from ingestd.progress import Counts
 from ingestd.ui.session import COOKIE
+from tests.browser import Pages
 from tests.spooled import SpooledState
 from tests.test_ui import TOKEN, _login, _phi, _token_file, _with_ui, serving
 from tests.test_ui import state as state  # noqa: PLC0414 - the spooled state fixture, shared
@@ -209,3 +212,57 @@ def test_a_fragment_opens_exactly_where_its_page_opens(state: SpooledState) -> N
                         assert opened[0] == opened[1], (public, cookie, host, page)
                         requests_made += 1
             assert requests_made == 5 * 4 * len(pairs)
+
+
+def test_in_a_real_browser_the_page_follows_the_journal_without_a_reload(
+    state: SpooledState, browser_pages: Pages
+) -> None:
+    """Headless Chromium (tests/browser.py) under the page's CSP: the script swaps the fragment in (data-updated,
+    "updated HH:MM:SS"), a change in the journal shows without a navigation, a lost session asks for a login, a
+    stopped server says the connection is lost."""
+    config = _with_ui(state.config, token_file=_token_file(state.root))
+    page = browser_pages.page
+    navigations: list[str] = []
+    csp_errors: list[str] = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url))
+    page.on("console", lambda message: csp_errors.append(message.text) if "Content Security" in message.text else None)
+    live = page.locator("#live")
+    with serving(config) as (url, app):
+        page.goto(f"{url}/ui/login")
+        page.get_by_label("Token").fill(TOKEN)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(f"{url}/ui/")
+        held = page.locator("a[href='/ui/studies?state=held']")
+        expect(held).to_have_text("2")
+        expect(live).to_have_attribute("data-updated", re.compile(r"^\d{4}-\d\d-\d\dT"), timeout=15_000)
+        expect(page.locator("#live-status")).to_have_text(re.compile(r"^updated \d\d:\d\d:\d\d$"))
+        shown = len(navigations)
+        journal = Journal(config.journal_path)
+        try:
+            with journal.transaction() as tx:
+                tx.execute("UPDATE batches SET state = 'released' WHERE id = ?", (state.batch_ids["OTHER"],))
+        finally:
+            journal.close()
+        expect(held).to_have_text("1", timeout=15_000)  # fetched and swapped in...
+        assert len(navigations) == shown  # ...without a reload
+        browser_pages.shot("overview-live")
+        cookie = next(c["value"] for c in browser_pages.context.cookies() if c["name"] == COOKIE)
+        session = app.sessions.check(cookie, TOKEN)
+        assert session is not None
+        app.sessions.end(session)  # logged out elsewhere (or expired)
+        expect(live).to_have_attribute("data-live-state", "login", timeout=15_000)
+        expect(page.get_by_role("link", name="log in again")).to_have_attribute("href", "/ui/login")
+        browser_pages.shot("overview-log-in-again")
+        page.goto(f"{url}/ui/login")
+        page.get_by_label("Token").fill(TOKEN)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(f"{url}/ui/")
+        page.goto(f"{url}/ui/studies?state=held")
+        expect(live).to_have_attribute("data-live", "/ui/fragments/studies?state=held")
+        expect(live).to_have_attribute("data-updated", re.compile(r"^\d{4}-"), timeout=15_000)
+        expect(page.get_by_text("1 of 4 batches.")).to_be_visible()
+    expect(live).to_have_attribute("data-live-state", "lost", timeout=15_000)  # the server is gone
+    expect(page.locator("#live-status")).to_have_text("connection lost: trying again")
+    expect(page.get_by_text("1 of 4 batches.")).to_be_visible()  # what was shown stays
+    browser_pages.shot("studies-connection-lost")
+    assert csp_errors == []
