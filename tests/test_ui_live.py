@@ -218,7 +218,8 @@ def test_in_a_real_browser_the_page_follows_the_journal_without_a_reload(
     state: SpooledState, browser_pages: Pages
 ) -> None:
     """Headless Chromium (tests/browser.py) under the page's CSP: the script swaps the fragment in (data-updated,
-    "updated HH:MM:SS"), a change in the journal shows without a navigation, a lost session asks for a login, a
+    "updated HH:MM:SS"), fetches nothing while the tab is hidden and at once when it is shown again, a change in the
+    journal shows without a navigation, a lost session asks for a login, a
     stopped server says the connection is lost."""
     config = _with_ui(state.config, token_file=_token_file(state.root))
     page = browser_pages.page
@@ -227,6 +228,12 @@ def test_in_a_real_browser_the_page_follows_the_journal_without_a_reload(
     page.on("framenavigated", lambda frame: navigations.append(frame.url))
     page.on("console", lambda message: csp_errors.append(message.text) if "Content Security" in message.text else None)
     live = page.locator("#live")
+    # A hidden tab, as far as the page can tell (headless Chromium keeps every tab visible): the test sets it.
+    browser_pages.context.add_init_script(
+        "window.hideTab = (hidden) => { window.tabHidden = hidden;"
+        " document.dispatchEvent(new Event('visibilitychange')); };"
+        "Object.defineProperty(document, 'visibilityState', {get: () => (window.tabHidden ? 'hidden' : 'visible')});"
+    )
     with serving(config) as (url, app):
         page.goto(f"{url}/ui/login")
         page.get_by_label("Token").fill(TOKEN)
@@ -236,6 +243,15 @@ def test_in_a_real_browser_the_page_follows_the_journal_without_a_reload(
         expect(held).to_have_text("2")
         expect(live).to_have_attribute("data-updated", re.compile(r"^\d{4}-\d\d-\d\dT"), timeout=15_000)
         expect(page.locator("#live-status")).to_have_text(re.compile(r"^updated \d\d:\d\d:\d\d$"))
+        page.evaluate("() => window.hideTab(true)")
+        expect(live).to_have_attribute("data-live-state", "paused")
+        page.wait_for_timeout(1_000)  # a fetch under way when the tab was hidden ends
+        before = live.get_attribute("data-updated")
+        page.wait_for_timeout(7_000)  # more than one interval: nothing fetched while hidden
+        assert live.get_attribute("data-updated") == before
+        page.evaluate("() => window.hideTab(false)")  # shown again: fetched at once
+        expect(live).not_to_have_attribute("data-updated", before or "", timeout=2_000)
+        expect(live).to_have_attribute("data-live-state", "ok")
         shown = len(navigations)
         journal = Journal(config.journal_path)
         try:

@@ -36,7 +36,7 @@
   function say(text, state) {
     region.setAttribute("data-live-state", state);
     if (status) {
-      announce(state !== "ok" && status.textContent !== text);
+      announce((state === "lost" || state === "login") && status.textContent !== text);
       status.textContent = text;
     }
   }
@@ -83,7 +83,8 @@
           }
           var now = new Date();
           region.setAttribute("data-updated", now.toISOString());
-          say("updated " + two(now.getHours()) + ":" + two(now.getMinutes()) + ":" + two(now.getSeconds()), "ok");
+          var state = document.visibilityState === "visible" ? "ok" : "paused";
+          say("updated " + two(now.getHours()) + ":" + two(now.getMinutes()) + ":" + two(now.getSeconds()), state);
         });
       })
       .catch(function () {
