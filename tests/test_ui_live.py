@@ -88,6 +88,7 @@ def test_a_fragment_is_what_its_page_includes(state: SpooledState) -> None:
             ("/ui/", "/ui/fragments/overview"),
             ("/ui/studies", "/ui/fragments/studies"),
             ("/ui/studies?state=held&reason=unrouted", "/ui/fragments/studies?state=held&reason=unrouted"),
+            ("/ui/studies?modality=MR&older-than=1s", "/ui/fragments/studies?modality=MR&older-than=1s"),
             *((f"/ui/studies/{n}", f"/ui/fragments/studies/{n}") for n in state.batch_ids.values()),
         ):
             shown = session.get(f"{url}{page}", timeout=10).text
