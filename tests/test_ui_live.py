@@ -191,7 +191,7 @@ def test_a_fragment_opens_exactly_where_its_page_opens(state: SpooledState) -> N
             port = url.rsplit(":", 1)[1]
             good = app.sessions.sign(TOKEN)
             ended = app.sessions.sign(TOKEN)
-            session = app.sessions.check(ended, TOKEN)
+            session = app.sessions.check(ended, lambda _user: TOKEN)
             assert session is not None
             app.sessions.end(session)
             requests_made = 0
@@ -264,7 +264,7 @@ def test_in_a_real_browser_the_page_follows_the_journal_without_a_reload(
         assert len(navigations) == shown  # ...without a reload
         browser_pages.shot("overview-live")
         cookie = next(c["value"] for c in browser_pages.context.cookies() if c["name"] == COOKIE)
-        session = app.sessions.check(cookie, TOKEN)
+        session = app.sessions.check(cookie, lambda _user: TOKEN)
         assert session is not None
         app.sessions.end(session)  # logged out elsewhere (or expired)
         expect(live).to_have_attribute("data-live-state", "login", timeout=15_000)
