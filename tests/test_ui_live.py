@@ -22,6 +22,8 @@ from tests.browser import Pages
 from tests.spooled import SpooledState
 from tests.test_ui import TOKEN, _login, _phi, _token_file, _with_ui, serving
 from tests.test_ui import state as state  # noqa: PLC0414 - the spooled state fixture, shared
+from tests.test_ui_auth import _basic, _password_file
+from tests.test_ui_auth import _login as _password_login
 
 FRAGMENTS = ("/ui/fragments/overview", "/ui/fragments/studies", "/ui/fragments/studies?state=held")
 
@@ -283,3 +285,27 @@ def test_in_a_real_browser_the_page_follows_the_journal_without_a_reload(
     expect(page.get_by_text("1 of 4 batches.")).to_be_visible()  # what was shown stays
     browser_pages.shot("studies-connection-lost")
     assert csp_errors == []
+
+
+def test_with_passwords_and_http_basic_a_fragment_opens_exactly_where_its_page_opens(state: SpooledState) -> None:
+    passwords = _password_file(state.root, {"ana": "ana-password-1", "ben": "ben-password-2"})
+    study = state.batch_ids["OTHER"]
+    pairs = [("/ui/", "/ui/fragments/overview"), (f"/ui/studies/{study}", f"/ui/fragments/studies/{study}")]
+    seen: list[tuple[int, int]] = []
+    with serving(_with_ui(state.config, password_file=passwords)) as (url, _app):
+        for session in (_password_login(url, "ana", "ana-password-1"), requests.Session()):
+            for page, fragment in pairs:
+                codes = [
+                    session.get(f"{url}{path}", allow_redirects=False, timeout=10).status_code
+                    for path in (page, fragment)
+                ]
+                seen.append((codes[0], codes[1]))
+    with serving(_with_ui(state.config, password_file=passwords, http_basic=True)) as (url, _app):
+        for headers in (_basic("ana", "ana-password-1"), _basic("ana", "wrong-password"), {}):
+            for page, fragment in pairs:
+                answers = [requests.get(f"{url}{path}", headers=headers, timeout=10) for path in (page, fragment)]
+                seen.append((answers[0].status_code, answers[1].status_code))
+                if answers[1].status_code == 401:  # the script stops and asks for a login
+                    assert answers[1].headers.get("WWW-Authenticate") == answers[0].headers.get("WWW-Authenticate")
+    # opened (200) both, or neither: a password login's page and fragment; Basic's right, wrong and no password
+    assert seen == [(200, 200), (200, 200), (303, 401), (303, 401), (200, 200), (200, 200), *[(401, 401)] * 4]
