@@ -29,10 +29,12 @@ from jinja2 import Environment
 
 from ingestd.admin.statusfilter import FILTER_KEYS, FilterError
 from ingestd.config import Config
+from ingestd.eventbuffer import EventBuffer
 from ingestd.importprogress import running_imports
 from ingestd.ui import views
 from ingestd.ui.actions import Actions
 from ingestd.ui.session import Session
+from ingestd.ui.studyextras import study_extras
 
 __all__ = ["LIVE_SECONDS", "Live"]
 
@@ -46,10 +48,13 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 class Pages(Protocol):
     """What the fragments use of the pages' application (`ingestd.ui.app.UiApp`): its checks, data and answers."""
 
-    config: Config
     health: Callable[[], dict[str, Any]]
     actions: Actions
+    events: EventBuffer | None
     _env: Environment
+
+    @property
+    def config(self) -> Config: ...
 
     def _session(self, environ: dict[str, Any]) -> Session | None: ...
     def _public(self, environ: dict[str, Any]) -> bool: ...
@@ -132,4 +137,5 @@ class Live:
         if study is None:
             return self.app._send(start_response, 404, b"No such study.\n", "text/plain; charset=utf-8")
         outcome = self.app.actions.last(batch_id)
-        return self._fragment(start_response, "partials/study_live.html", s=study, outcome=outcome)
+        extras = study_extras(self.app.config, study, self.app.events)
+        return self._fragment(start_response, "partials/study_live.html", s=study, outcome=outcome, **extras)
