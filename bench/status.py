@@ -101,7 +101,12 @@ def build(state_dir: Path, instances: int, per_batch: int) -> None:
             yield (i, b, study, series, sop, _CT, _EXPLICIT, "CT", 1, 525_000, 1200, "dicom", "CT1", "", now,
                    f"{study}/1/{series}/{sop}.dcm", None)  # fmt: skip
 
-    db.executemany("INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows())
+    db.executemany(
+        "INSERT INTO instances (id, batch_id, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax, modality,"
+        " series_number, size, data_offset, source_kind, source, source_detail, received_at, spool_path, data_sha256)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows(),
+    )
     db.execute(
         "INSERT INTO receipts (batch_id, sop_uid, outcome, source_kind, source, size, at)"
         " SELECT batch_id, sop_uid, 'stored', source_kind, source, size, received_at FROM instances"
