@@ -3,7 +3,8 @@ run`) and the XNAT stand-in, as a lab admin uses it: log in through the form; th
 folder named after its patient that no rule takes, shown held with its reason and what to do; the rules file fixed
 and Retry pressed; the study archived (checked by SOP Instance UID in the stand-in). Then what must not work: a
 logged-out visitor acting (no buttons; a post refused, nothing done), a form posted from another site and a form
-with a tampered token (refused, nothing done). No page shows a planted patient value. Every page is saved as a
+with a tampered token (refused, nothing done). No page shows a planted patient value, but the answer to "Show
+identifiers" (audited without the values, gone again on the next GET). Every page is saved as a
 screenshot (build/screenshots/<test>/) and checked for the accessibility basics (tests.browser).
 """
 
@@ -378,3 +379,31 @@ def test_every_page_passes_the_accessibility_basics(held: HeldSite, browser_page
     assert page.locator("td.status-ok").count() >= 1 and page.locator("tr.state-held").count() >= 1
     _assert_accessible(page)
     _assert_no_phi(browser_pages, held.study)
+
+
+def test_identifiers_show_only_after_the_toggle_and_are_gone_when_hidden(held: HeldSite, browser_pages: Pages) -> None:
+    uid = str(held.study[0].StudyInstanceUID)
+    page = _log_in(browser_pages, held.base)
+    browser_pages.visit(held.study_url(), "study-digests")
+    before = len(held.daemon.logged("ui.identifiers_shown"))
+    page.get_by_role("button", name="Show identifiers", exact=True).click()
+    page.wait_for_load_state()
+    shown = page.content()  # not recorded in browser_pages.html: this page is meant to carry them
+    page.screenshot(path=str(browser_pages.folder / "90-identifiers-shown.png"), full_page=True)
+    expect(page.get_by_role("heading", name="Identifiers shown")).to_be_visible()
+    assert uid in shown  # the Study Instance UID as received (a drop folder's study has no source path to show)
+    assert page.locator("[data-live]").count() == 0  # the identified answer is not polled into digests
+    _assert_accessible(page)
+    wait_until(lambda: len(held.daemon.logged("ui.identifiers_shown")) > before, 10, message="the audit event")
+    audit = held.daemon.logged("ui.identifiers_shown")[-1]
+    assert audit["batch_id"] == held.batch_id and audit["user"] is None  # the token login has no user name
+    assert uid not in str(audit) and PATIENT_FOLDER not in str(audit)  # the event, without the values
+    page.get_by_role("link", name="hide the identifiers").click()
+    page.wait_for_url(held.study_url())
+    browser_pages.shot("study-hidden-again")
+    page.reload()  # a reload shows digests: the identifiers are not kept in the session
+    browser_pages.shot("study-reloaded")
+    held.assert_nothing_done()
+    _assert_no_phi(browser_pages, held.study)
+    log = (held.root / "daemon.log").read_text(encoding="utf-8")
+    assert uid not in log and PATIENT_FOLDER not in log
