@@ -31,7 +31,15 @@ from pynetdicom import AE
 
 from ingestd.config import load_config
 from ingestd.daemon import Daemon
-from ingestd.demo import _IDLE_BUILD_SECONDS, _PATIENT, _REBUILD_REPEAT_SECONDS, _RULES, _secret, _study
+from ingestd.demo import (
+    _IDLE_BUILD_SECONDS,
+    _PATIENT,
+    _REBUILD_REPEAT_SECONDS,
+    _RULES,
+    _secret,
+    _study,
+    _write_config,
+)
 from ingestd.journal import Journal
 from ingestd.logs import configure_logging
 from ingestd.states import StudyState
@@ -42,24 +50,6 @@ __all__ = ["DEFAULT_UI_PORT", "run_demo_ui"]
 
 DEFAULT_UI_PORT = 9471  # the metrics endpoint's usual port
 _WAIT_SECONDS = 120.0
-
-_CONFIG = """\
-# Written by `ingestd demo --ui`: the stand-in at {url} lives only as long as the demo.
-state_dir: {state}
-listener: {{host: 127.0.0.1, port: 0, ae_title: INGESTD, processes: 1}}
-spool: {{min_free_mb: 100}}
-study_idle_seconds: 2
-rules: [demo.rules.yaml]
-xnat:
-  servers:
-    main:
-      url: {url}
-      credentials: {{file: {credentials}}}
-      poll_interval_seconds: 0.2
-logging: {{level: warning, format: console}}
-metrics: {{host: 127.0.0.1, port: {port}}}
-ui: {{token_file: {token}}}
-"""
 
 _FIX = "Modality: {in: [MR, CT]}"
 
@@ -202,15 +192,8 @@ def run_demo_ui(workdir: Path | None = None, port: int = DEFAULT_UI_PORT, say: C
         xnat.add_project("DEMO", members=["demo"])
         (folder / "demo.rules.yaml").write_text(_RULES.replace("@KEY@", str(folder / "demo.key")))
         config_path = folder / "ingestd.yaml"
-        config_path.write_text(
-            _CONFIG.format(
-                url=xnat.url,
-                state=folder / "state",
-                credentials=folder / "xnat.credentials",
-                port=port,
-                token=folder / "ui.token",
-            )
-        )
+        ui = f"metrics: {{host: 127.0.0.1, port: {port}}}\nui: {{token_file: {folder / 'ui.token'}}}\n"
+        _write_config(config_path, folder, url=xnat.url, port=0, level="warning", metrics=ui)
         config = load_config(config_path)
         configure_logging(config.logging.level, config.logging.format)
         say(f"XNAT stand-in at {xnat.url} (project DEMO); ingestd's state, configuration and rules in {folder}")

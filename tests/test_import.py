@@ -43,8 +43,9 @@ rules:
 SUBJECTS = ("subj01", "subj02", "subj03")
 
 
-def write_config(tmp_path: Path, url: str) -> Path:
-    (tmp_path / "import.rules.yaml").write_text(RULES)
+def write_config(tmp_path: Path, url: str, *, rules: str = RULES, extra: str = "") -> Path:
+    """A daemon's configuration for `ingestd import` into the stand-in at `url` (`extra`: more top-level lines)."""
+    (tmp_path / "import.rules.yaml").write_text(rules)
     config = tmp_path / "ingestd.yaml"
     config.write_text(
         f"state_dir: {tmp_path / 'state'}\n"
@@ -60,7 +61,7 @@ def write_config(tmp_path: Path, url: str) -> Path:
         "      poll_interval_seconds: 0.1\n"
         "      build_wait_seconds: 0.3\n"
         "      ready_timeout_seconds: 30\n"
-        "      retry: {initial_seconds: 0.1, max_seconds: 0.5, max_attempts: 10}\n"
+        "      retry: {initial_seconds: 0.1, max_seconds: 0.5, max_attempts: 10}\n" + extra
     )
     return config
 

@@ -30,6 +30,7 @@ from ingestd.testing.xnat import FakeXnat
 from tests.dicom import make_study, write_instances
 from tests.procs import DaemonProcess, run_ingestd, wait_until
 from tests.spooled import KEY, PATIENT_FOLDER, PATIENT_ID, spooled_state
+from tests.test_import import write_config
 
 RULES = """
 profiles:
@@ -163,27 +164,10 @@ def test_a_file_whose_pid_is_alive_but_whose_lock_is_free_is_not_an_import(tmp_p
 
 
 def _write_config(tmp_path: Path, url: str) -> Path:
-    (tmp_path / "import.rules.yaml").write_text(RULES)
-    config = tmp_path / "ingestd.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
-        "listener: {enabled: false}\n"
-        "spool: {min_free_mb: 0}\n"
-        "logging: {level: info, format: json}\n"
-        "metrics: {host: 127.0.0.1, port: 0}\n"
-        "ui: {public_read: true}\n"
-        "rules: [import.rules.yaml]\n"
-        "xnat:\n"
-        "  servers:\n"
-        "    main:\n"
-        f"      url: {url}\n"
-        "      credentials: {env_username: XNAT_TEST_USER, env_password: XNAT_TEST_PASSWORD}\n"
-        "      poll_interval_seconds: 0.1\n"
-        "      build_wait_seconds: 0.3\n"
-        "      ready_timeout_seconds: 30\n"
-        "      retry: {initial_seconds: 0.1, max_seconds: 0.5, max_attempts: 10}\n"
+    """tests.test_import's daemon, with these rules (any MR) and the page open to loopback."""
+    return write_config(
+        tmp_path, url, rules=RULES, extra="metrics: {host: 127.0.0.1, port: 0}\nui: {public_read: true}\n"
     )
-    return config
 
 
 def _make_tree(root: Path, studies: int, per_series: int) -> Path:

@@ -27,7 +27,6 @@ from structlog.testing import capture_logs
 from ingestd.cli import main
 from ingestd.config import parse_config
 from ingestd.errors import ConfigError
-from ingestd.journal import Journal
 from ingestd.states import StudyState
 from ingestd.ui import UiApp
 from ingestd.ui.auth import MAX_WRONG_PER_MINUTE
@@ -35,6 +34,7 @@ from ingestd.ui.passwords import hash_password, read_passwords, verify_password,
 from ingestd.ui.session import COOKIE
 from tests.spooled import KEY, SpooledState, spooled_state
 from tests.test_ui import _health, _with_ui, serving
+from tests.test_ui_actions import _journal_state
 
 ALICE, BOB = "alice-password-0123", "bob-password-456789"
 _CSRF = re.compile(
@@ -301,14 +301,6 @@ def test_the_study_pages_forms_are_bound_to_the_user(state: SpooledState) -> Non
     assert _journal_state(state, held) == StudyState.RELEASED
     acted = [(e["event"], e.get("reason"), e["user"]) for e in logged if e["event"].startswith("ui.action")]
     assert acted == [("ui.action_refused", "wrong form token", "alice"), ("ui.action", None, "alice")]
-
-
-def _journal_state(spooled: SpooledState, batch_id: int) -> str:
-    journal = Journal(spooled.config.journal_path)
-    try:
-        return str(journal.batch_state(batch_id))
-    finally:
-        journal.close()
 
 
 # -- HTTP Basic -----------------------------------------------------------------------------------------------
