@@ -19,7 +19,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -144,10 +145,10 @@ def _write_files(folder: Path, url: str) -> tuple[Path, Config]:
         run_path.unlink()
 
 
-def run_demo(workdir: Path | None = None, say: Callable[[str], None] = print) -> int:
-    """Run the demo; return 0 when the study arrived de-identified and archived in the stand-in."""
-    folder = (workdir or Path(tempfile.mkdtemp(prefix="ingestd-demo-"))).absolute()
-    folder.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def _stand_in(folder: Path) -> Iterator[FakeXnat]:
+    """The demo's XNAT stand-in (project DEMO, its user's password in `folder`/xnat.credentials) and the demo's
+    de-identification key, both 0600 files kept for a run again in the same folder."""
     _secret(folder / "demo.key", lambda: secrets.token_hex(32))
     _, password = _secret(folder / "xnat.credentials", lambda: f"demo:{secrets.token_urlsafe(12)}").split(":", 1)
     with FakeXnat(
@@ -155,6 +156,14 @@ def run_demo(workdir: Path | None = None, say: Callable[[str], None] = print) ->
     ) as xnat:
         xnat.add_user("demo", password)
         xnat.add_project("DEMO", members=["demo"])
+        yield xnat
+
+
+def run_demo(workdir: Path | None = None, say: Callable[[str], None] = print) -> int:
+    """Run the demo; return 0 when the study arrived de-identified and archived in the stand-in."""
+    folder = (workdir or Path(tempfile.mkdtemp(prefix="ingestd-demo-"))).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _stand_in(folder) as xnat:
         config_path, config = _write_files(folder, xnat.url)
         configure_logging(config.logging.level, config.logging.format)
         say(f"XNAT stand-in at {xnat.url} (project DEMO); ingestd state in {folder / 'state'}")

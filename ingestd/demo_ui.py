@@ -32,11 +32,10 @@ from pynetdicom import AE
 from ingestd.config import load_config
 from ingestd.daemon import Daemon
 from ingestd.demo import (
-    _IDLE_BUILD_SECONDS,
     _PATIENT,
-    _REBUILD_REPEAT_SECONDS,
     _RULES,
     _secret,
+    _stand_in,
     _study,
     _write_config,
 )
@@ -182,14 +181,8 @@ def run_demo_ui(workdir: Path | None = None, port: int = DEFAULT_UI_PORT, say: C
     """Run the web page's demo until SIGINT or SIGTERM; 0 when it ran (and stopped) cleanly."""
     folder = (workdir or Path(tempfile.mkdtemp(prefix="ingestd-demo-ui-"))).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    _secret(folder / "demo.key", lambda: secrets.token_hex(32))
     _secret(folder / "ui.token", lambda: secrets.token_hex(24))
-    _, password = _secret(folder / "xnat.credentials", lambda: f"demo:{secrets.token_urlsafe(12)}").split(":", 1)
-    with FakeXnat(
-        version="1.8.10", idle_build_seconds=_IDLE_BUILD_SECONDS, rebuild_repeat_seconds=_REBUILD_REPEAT_SECONDS
-    ) as xnat:
-        xnat.add_user("demo", password)
-        xnat.add_project("DEMO", members=["demo"])
+    with _stand_in(folder) as xnat:
         (folder / "demo.rules.yaml").write_text(_RULES.replace("@KEY@", str(folder / "demo.key")))
         config_path = folder / "ingestd.yaml"
         ui = f"metrics: {{host: 127.0.0.1, port: {port}}}\nui: {{token_file: {folder / 'ui.token'}}}\n"
