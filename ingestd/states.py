@@ -106,6 +106,7 @@ class HoldCode(StrEnum):
     OUTBOX = "outbox"
     # Routing: the profile's screening and de-identification (ingestd.deid).
     BURNED_IN = "burned-in"
+    PIXEL_DATA = "pixel-data"  # Pixel Data to clean that cannot be decoded, or is too large to clean in memory
     STRUCTURED_CONTENT = "structured-content"
     UNREADABLE = "unreadable"
     ENCODE = "encode"

@@ -31,10 +31,12 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 import ingestd
+from ingestd.deid.hold import DeidError
 from ingestd.deid.keyed import date_offset_days, pseudonym, remap_uid, shift_da, shift_dt
+from ingestd.deid.pixels import check as check_pixels
+from ingestd.deid.pixels import clean as clean_pixels
 from ingestd.deid.profile import Override, Profile
 from ingestd.deid.table import OPTION_CODES, OPTION_MEANINGS, Table, load_table
-from ingestd.errors import IngestdError
 from ingestd.states import HoldCode
 
 __all__ = ["Change", "DeidError", "Labels", "anonymize", "screen"]
@@ -42,15 +44,6 @@ __all__ = ["Change", "DeidError", "Labels", "anonymize", "screen"]
 # ingestd's Implementation Class UID: 2.25 + uuid5(NAMESPACE_URL, "https://ingestd.invalid/implementation-class").
 IMPLEMENTATION_CLASS_UID = "2.25.19246594826947478539115802516302672517"
 IMPLEMENTATION_VERSION = ("INGESTD_" + ingestd.__version__.replace(".", "_"))[:16]
-
-
-class DeidError(IngestdError):
-    """A data set cannot be de-identified safely; the study is held with `code` and `reason`."""
-
-    def __init__(self, code: HoldCode, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-        super().__init__(reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,44 +103,21 @@ _DUMMY_DATE = {"DA": "19000101", "DT": "19000101000000", "TM": "000000"}
 _NUMERIC_BINARY = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 _BINARY = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
 
-# SOP classes and modalities that carry text in pixels or free-text content the header profile cannot clean.
+# SOP classes with free-text content the header profile cannot clean (SR, KOS, presentation states).
 _STRUCTURED_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.")
-_BURNED_IN_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (all kinds: screen saves, dose reports)
-    "1.2.840.10008.5.1.4.1.1.6.",  # Ultrasound
-    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
-    "1.2.840.10008.5.1.4.1.1.77.",  # Visible Light (photographs, endoscopy, video)
-    "1.2.840.10008.5.1.4.1.1.104.",  # Encapsulated documents (PDF, CDA, STL, ...)
-)
-# The retired ultrasound classes, which no prefix above covers: Ultrasound Image and Multi-frame Image Storage.
-_BURNED_IN_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"})
-_BURNED_IN_MODALITIES = frozenset({"US", "IVUS", "XC", "ES", "GM", "SM", "OT", "DOC", "SC", "VL"})
 
 
 def screen(ds: Dataset, profile: Profile) -> None:
-    """Raise DeidError if this instance must be held rather than de-identified by its header alone."""
+    """Raise DeidError if this instance must be held rather than de-identified (pixels: ingestd.deid.pixels)."""
+    check_pixels(ds, profile)
     sop_class = str(ds.get("SOPClassUID", "")).strip()
     modality = str(ds.get("Modality", "")).strip().upper()
-    burned_in = str(ds.get("BurnedInAnnotation", "")).strip().upper()
-    if burned_in == "YES":
-        raise DeidError(HoldCode.BURNED_IN, "Burned In Annotation is YES and ingestd does not clean pixel data")
     structured = sop_class.startswith(_STRUCTURED_PREFIXES) or modality in ("SR", "KO", "PR")
     if structured and "clean-structured-content" not in profile.options:
         raise DeidError(
             HoldCode.STRUCTURED_CONTENT,
             f"SOP class {sop_class or '(none)'} carries free-text content; drop the series with a "
             "drop_series filter or enable clean-structured-content",
-        )
-    risky = (
-        sop_class.startswith(_BURNED_IN_PREFIXES)
-        or sop_class in _BURNED_IN_CLASSES
-        or modality in _BURNED_IN_MODALITIES
-    )
-    if not structured and risky and (profile.burned_in == "hold" or burned_in != "NO"):
-        raise DeidError(
-            HoldCode.BURNED_IN,
-            f"SOP class {sop_class or '(none)'} / modality {modality or '(none)'} often has text burned into "
-            "the pixels; drop the series or set burned_in: trust-header if the header says NO",
         )
 
 
@@ -193,6 +163,10 @@ def anonymize(ds: Dataset, profile: Profile, labels: Labels, changes: list[Chang
     _write_method(out, profile)
     out.file_meta = _file_meta(ds, out)
     out.preamble = b"\x00" * 128
+    region = clean_pixels(ds, out, profile)  # Burned In Annotation NO and 113101 only when pixels changed
+    if region is not None and changes is not None and 0x7FE00010 in out:
+        why = f"E.3.1 Clean Pixel Data, region {region.name}"
+        _note(run, "(7FE0,0010)", ds[0x7FE00010], "clean pixels", why, out[0x7FE00010])
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from ingestd.patterns import Regex
 
-__all__ = ["Override", "OverrideAction", "PrivateKeep", "Profile"]
+__all__ = ["BurnedIn", "Override", "OverrideAction", "PrivateKeep", "Profile", "Rectangle", "Region", "RegionTest"]
 
 OverrideAction = Literal[
     "remove",  # X: delete the element (a sequence with all its items)
@@ -51,6 +51,42 @@ class PrivateKeep:
     justification: str
 
 
+BurnedIn = Literal[
+    "hold",  # every instance that may carry burned-in text is held for a person
+    "trust-header",  # ... unless its Burned In Annotation says NO
+    "clean",  # ... cleaned by the first matching region (ingestd.deid.pixels), held when none matches
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Rectangle:
+    """An area of every frame blacked out, in pixels from the top left corner (0, 0)."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegionTest:
+    """One condition of a region's `when`: the attribute's value (any of them, when it has several) is one of
+    `values`, or `pattern` finds a match in it (RE2, as `matches` in rules)."""
+
+    keyword: str  # a DICOM keyword (Manufacturer, Rows, ImageType, ...); SOPClassUID for `sop_class`
+    values: frozenset[str] = frozenset()
+    pattern: Regex | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One `pixels.regions` entry: which instances it applies to, and what to black out in them."""
+
+    name: str
+    when: tuple[RegionTest, ...]
+    rectangles: tuple[Rectangle, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     """One de-identification profile, compiled."""
@@ -62,5 +98,7 @@ class Profile:
     date_shift_days: tuple[int, int] = (30, 730)  # keyed per-patient offset range, in days into the past
     overrides: Mapping[int, Override] = field(default_factory=dict)
     private_keep: tuple[PrivateKeep, ...] = ()
-    burned_in: Literal["hold", "trust-header"] = "hold"
+    burned_in: BurnedIn = "hold"
+    regions: tuple[Region, ...] = ()  # with burned_in "clean": the first that matches an instance cleans it
+    max_decoded_bytes: int = 1 << 30  # an instance whose decoded Pixel Data is larger is held, not cleaned
     source: str = ""  # "rules.yaml@<sha256 prefix>", written into De-identification Method
