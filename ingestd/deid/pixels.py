@@ -230,8 +230,11 @@ class _Buffer(io.BufferedIOBase):
 
 
 def _short(exc: BaseException) -> str:
-    """An exception as a short cause: its first line, without pydicom's 'With tag' wrapping."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """An exception as a short cause: its first line, without pydicom's 'With tag' wrapping; when every decoder
+    plugin failed (one line each, `  name: message`), the first message that speaks of decoding, else the first."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    plugins = [line.split(": ", 1)[1] for line in lines[1:] if ": " in line]
+    text = next((m for m in plugins if "decod" in m.lower()), plugins[0]) if plugins else lines[0]
     text = text.split("got exception: ", 1)[-1]
     return text if len(text) <= 100 else text[:97] + "..."
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import time
 import zlib
@@ -34,6 +35,7 @@ from typing import BinaryIO
 
 import pydicom.errors
 from pydicom.charset import convert_encodings
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filebase import DicomIO
@@ -64,6 +66,10 @@ _UNREADABLE = (pydicom.errors.InvalidDicomError, ValueError, EOFError, zlib.erro
 
 def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return int(tag) in PIXEL_TAGS
+
+
+class _CutShortError(EOFError):
+    """The file ends inside a pixel element: the instance was cut short (a transfer broken off, a full disk)."""
 
 
 class _Window(io.BufferedIOBase):
@@ -101,7 +107,7 @@ class _Window(io.BufferedIOBase):
             want = min(end, self._length) - self._pos
             data = os.pread(self._fd, want, self._start + self._pos)
             if len(data) != want:
-                raise EOFError("the file ended inside a pixel element")
+                raise _CutShortError("the file ended inside a pixel element")
         if end > self._length:
             data += b"\x00"
         self._pos = end
@@ -156,7 +162,7 @@ def _encapsulated_end(fd: int, start: int, size: int, little: bool) -> int:
         if len(chunk) < _CHUNK:
             break
         pos += len(chunk) - 3
-    raise EOFError("End of file reached before the Pixel Data's sequence delimiter")
+    raise _CutShortError("End of file reached before the Pixel Data's sequence delimiter")
 
 
 def _pixel_element(ds: Dataset, fd: int, pos: int, size: int, implicit: bool, little: bool) -> int:
@@ -164,7 +170,7 @@ def _pixel_element(ds: Dataset, fd: int, pos: int, size: int, implicit: bool, li
     tags, _short, long = _unpack(little)
     head = os.pread(fd, 12, pos)
     if len(head) < 8:
-        raise EOFError("the file ended inside a pixel element's header")
+        raise _CutShortError("the file ended inside a pixel element's header")
     group, element = tags.unpack(head[:4])
     vr: str | None = None
     if implicit:
@@ -179,7 +185,7 @@ def _pixel_element(ds: Dataset, fd: int, pos: int, size: int, implicit: bool, li
     else:
         value_end = end = start + length
     if end > size:
-        raise EOFError("the file ended inside a pixel element")
+        raise _CutShortError("the file ended inside a pixel element")
     tag = BaseTag(group << 16 | element)
     ds[tag] = RawDataElement(tag, vr, length, b"", start, implicit, little)
     elem: DataElement = ds[tag]  # converted as pydicom converts any raw element: VR resolved, UN replaced
@@ -274,6 +280,12 @@ def open_instance(path: Path, scratch: Path) -> Iterator[Instance]:
         fp = stack.enter_context(path.open("rb"))
         try:
             instance = _parse(fp, path, inflated, stack)
+        except _CutShortError:
+            raise DeidError(
+                HoldCode.UNREADABLE,
+                "a spooled instance cannot be parsed: the file ends inside its Pixel Data (it was cut short); "
+                "have it sent again",
+            ) from None
         except _UNREADABLE as exc:
             raise DeidError(
                 HoldCode.UNREADABLE, f"a spooled instance cannot be parsed ({type(exc).__name__})"
@@ -344,6 +356,22 @@ def _write_deflated(out: Dataset, sink: BinaryIO) -> None:
         sink.write(b"\x00")
 
 
+_TAG_TEXT = re.compile(r"\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)")
+
+
+def _encode_reason(exc: Exception) -> str:
+    """What pydicom's writer refused, by the tags its message names (never a value) and the exception's type."""
+    tags = sorted({int(group + element, 16) for group, element in _TAG_TEXT.findall(str(exc))})
+    named = ", ".join(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword_for_tag(tag) or 'unknown'}" for tag in tags)
+    if isinstance(exc, AttributeError) and tags and all(tag >> 16 == 0x0002 for tag in tags):
+        return (
+            f"the de-identified instance cannot be encoded: its file meta would lack {named}, which come from "
+            "the SOP Class and Instance UIDs the spooled instance does not have (AttributeError)"
+        )
+    where = f" at {named}" if named else ""
+    return f"the de-identified instance cannot be encoded: pydicom's writer failed{where} ({type(exc).__name__})"
+
+
 def write_instance(out: Dataset, target: Path) -> int:
     """Encode `out` (pixel elements may be windows) into a new file `target`, fsync'd; return its size.
 
@@ -361,9 +389,7 @@ def write_instance(out: Dataset, target: Path) -> int:
             except OSError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an encoding failure holds the study, whatever pydicom raised
-                raise DeidError(
-                    HoldCode.ENCODE, f"the de-identified instance cannot be encoded ({type(exc).__name__})"
-                ) from None
+                raise DeidError(HoldCode.ENCODE, _encode_reason(exc)) from None
             sink.flush()
             os.fsync(sink.fileno())
             return sink.tell()

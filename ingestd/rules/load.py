@@ -272,7 +272,9 @@ def _profile(model: ProfileModel, path: Path, version: str) -> Profile:
             PrivateKeep(entry.creator, int(entry.group, 16), int(entry.element, 16), entry.justification)
             for entry in model.private
         ),
-        burned_in=model.burned_in,
+        burned_in=model.pixels.burned_in if model.pixels is not None else model.burned_in,
+        regions=model.pixels.compile() if model.pixels is not None else (),
+        max_decoded_bytes=(model.pixels.max_decoded_mb if model.pixels is not None else 1024) << 20,
         source=f"{path.name}@{version}",
     )
 

@@ -29,6 +29,7 @@ from ingestd.rules.attach_model import AttachModel
 from ingestd.rules.condition_model import ConditionModel, WhenModel, keyed, regex_text, text_value
 from ingestd.rules.labels import Template, TemplateError, parse_template
 from ingestd.rules.names import did_you_mean, parse_tag, tag_name, tag_vr
+from ingestd.rules.pixels_model import PixelsModel
 from ingestd.rules.sources import read_env_key, read_key_file, read_table
 
 __all__ = [
@@ -296,7 +297,8 @@ class ProfileModel(_Model):
     name: str = Field(alias="@name")
     options: tuple[str, ...] = ()
     key: KeyModel
-    burned_in: Literal["hold", "trust-header"] = "hold"
+    burned_in: Literal["hold", "trust-header"] = "hold"  # also pixels.burned_in (rules/pixels_model.py)
+    pixels: PixelsModel | None = None
     attributes: tuple[AttributeModel, ...] = ()
     private: tuple[PrivateModel, ...] = ()
     dates: DatesModel = DatesModel()
@@ -307,6 +309,12 @@ class ProfileModel(_Model):
         if isinstance(data, dict) and "@name" in data:
             _check_name(str(data["@name"]), "profile")
         return data
+
+    @model_validator(mode="after")
+    def _burned_in_once(self) -> ProfileModel:
+        if self.pixels is not None and "burned_in" in self.model_fields_set:
+            raise ValueError("burned_in is given twice: keep pixels.burned_in and remove the profile's burned_in")
+        return self
 
     @field_validator("options", "attributes", "private", mode="before")
     @classmethod
