@@ -12,7 +12,8 @@
 study of the run takes in XNAT first (it archives there) is held by the deliverer's pre-flight (`label-taken`).
 
 The screening reads three attributes of each instance (`Screened`): its SOP Class UID and Modality, as the journal
-holds them for every instance, and Burned In Annotation, as the header of its series says.
+holds them for every instance, and Burned In Annotation, as the header of its series says; and, for a profile's
+pixel regions, the device and image size its series' header says (each instance is checked again when cleaned).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from ingestd.deid.engine import DeidError, screen
+from ingestd.deid.pixels import REGION_KEYWORDS
 from ingestd.rules.match import Held, Routed, RuleSet, StudyFacts, decide
 from ingestd.states import HoldCode
 
@@ -45,6 +47,15 @@ def _screen_dataset(item: Screened, headers: Mapping[str, str | tuple[str, ...]]
     burned_in = headers.get("BurnedInAnnotation", "")
     if isinstance(burned_in, str) and burned_in:
         ds.BurnedInAnnotation = burned_in
+    for keyword in REGION_KEYWORDS:  # what a profile's pixel regions match on (ingestd.deid.pixels)
+        value = headers.get(keyword)
+        if keyword in ds or value is None or value == "":
+            continue
+        if keyword in ("Rows", "Columns"):
+            if isinstance(value, str) and value.strip().isdigit():
+                setattr(ds, keyword, int(value))
+        else:
+            setattr(ds, keyword, list(value) if isinstance(value, tuple) else value)
     return ds
 
 
