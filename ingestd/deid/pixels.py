@@ -276,9 +276,11 @@ def clean(original: Dataset, out: Dataset, profile: Profile) -> Region | None:
     """Black out the region of `profile` that matches `original` in the Pixel Data of `out`, its de-identified
     copy (whose file meta is already written); return the region, or None when nothing needed cleaning.
 
-    Raises DeidError when the instance must be held: no region (as `check`), Pixel Data that cannot be decoded
-    (`pixel-data`), or larger decoded than the profile allows.
+    Only under `burned_in: clean`. Raises DeidError when the instance must be held: no region (as `check`), Pixel
+    Data that cannot be decoded (`pixel-data`), or larger decoded than the profile allows.
     """
+    if profile.burned_in != "clean":
+        return None  # held or trusted by `screen`, which the callers run first; nothing here changes pixels
     region = check(original, profile)
     if region is None:
         return None
