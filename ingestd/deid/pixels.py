@@ -259,11 +259,20 @@ def _decoder(syntax: UID) -> Decoder:
     return decoder
 
 
+def _number(ds: Dataset, keyword: str, default: int) -> int:
+    """An Image Pixel attribute as a number; DeidError naming it (never its value) when it is not one."""
+    try:
+        return int(ds.get(keyword) or default)
+    except (TypeError, ValueError):
+        raise DeidError(
+            HoldCode.PIXEL_DATA, f"{keyword} is not a number, so its Pixel Data cannot be decoded: drop the series"
+        ) from None
+
+
 def _decoded_size(ds: Dataset) -> int:
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    bits = int(ds.get("BitsAllocated") or 8)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    return int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * samples * max(1, bits // 8) * frames
+    samples, bits = _number(ds, "SamplesPerPixel", 1), _number(ds, "BitsAllocated", 8)
+    frames, rows, columns = _number(ds, "NumberOfFrames", 1), _number(ds, "Rows", 0), _number(ds, "Columns", 0)
+    return rows * columns * samples * max(1, bits // 8) * frames
 
 
 def _black(photometric: str, bits_stored: int, signed: bool) -> int:
@@ -286,7 +295,7 @@ def clean(original: Dataset, out: Dataset, profile: Profile) -> Region | None:
         return None
     if any(tag in original for tag in _NOT_CLEANABLE) or _PIXEL_DATA not in original:
         raise DeidError(HoldCode.PIXEL_DATA, "the instance has no (integer) Pixel Data to clean: drop the series")
-    if int(original.get("BitsAllocated") or 0) not in (8, 16, 32):
+    if _number(original, "BitsAllocated", 0) not in (8, 16, 32):
         raise DeidError(
             HoldCode.PIXEL_DATA,
             f"Pixel Data with Bits Allocated {original.get('BitsAllocated')} is not cleaned (8, 16 or 32 are): "
@@ -312,7 +321,7 @@ def clean(original: Dataset, out: Dataset, profile: Profile) -> Region | None:
 def _decode(original: Dataset, syntax: UID, region: Region) -> tuple[np.ndarray, dict[str, str | int]]:
     """Every frame decoded (colour as RGB) with the region's rectangles blacked out, in one array."""
     decoder = _decoder(syntax)
-    count = int(original.get("NumberOfFrames") or 1)
+    count = _number(original, "NumberOfFrames", 1)
     element = original[_PIXEL_DATA]
     if element.is_buffered:
         element.value.seek(0)
