@@ -2,8 +2,9 @@
 
 `image` makes an ultrasound, secondary capture or other instance whose frames are a smooth gradient with bright
 blocks of "text" drawn inside the rectangles `TEXT` (and a bright mark outside them that must survive); `encode`
-writes it in a transfer syntax: uncompressed as made, RLE Lossless and JPEG 2000 (lossless or lossy) by pydicom's
-encoders, JPEG Baseline by DCMTK's dcmcjpeg (a real external encoder, as a scanner's would be).
+writes it in a transfer syntax: uncompressed as made or converted by DCMTK's dcmconv, RLE Lossless and JPEG 2000
+(lossless or lossy) by pydicom's encoders, JPEG Baseline by DCMTK's dcmcjpeg (a real external encoder, as a
+scanner's would be).
 """
 
 from __future__ import annotations
@@ -97,8 +98,12 @@ def image(
     return ds
 
 
+_DCMCONV = {"implicit": "+ti", "big-endian": "+tb", "deflated": "+td"}  # DCMTK's dcmconv, uncompressed
+
+
 def encode(ds: Dataset, syntax: str, folder: Path) -> Path:
-    """Write `ds` in transfer syntax `syntax` (native, rle, jpeg, j2k, j2k-lossy) into `folder`; return the path."""
+    """Write `ds` in transfer syntax `syntax` (native, implicit, big-endian, deflated, rle, jpeg, j2k, j2k-lossy)
+    into `folder`; return the path."""
     path = folder / f"{syntax}-{ds.SOPInstanceUID}.dcm"
     if syntax == "native":
         ds.save_as(path, enforce_file_format=True)
@@ -112,6 +117,11 @@ def encode(ds: Dataset, syntax: str, folder: Path) -> Path:
             ds.compress(JPEG2000, j2k_psnr=[45.0], generate_instance_uid=False)
             ds.LossyImageCompression = "01"
         ds.save_as(path, enforce_file_format=True)
+    elif syntax in _DCMCONV:
+        native = folder / f"native-for-{syntax}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(native, enforce_file_format=True)
+        subprocess.run(["dcmconv", _DCMCONV[syntax], str(native), str(path)], check=True, capture_output=True)
+        native.unlink()
     elif syntax == "jpeg":
         native = folder / f"native-for-jpeg-{ds.SOPInstanceUID}.dcm"
         ds.save_as(native, enforce_file_format=True)
