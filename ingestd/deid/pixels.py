@@ -322,32 +322,52 @@ def _decode(original: Dataset, syntax: UID, region: Region) -> tuple[np.ndarray,
     """Every frame decoded (colour as RGB) with the region's rectangles blacked out, in one array."""
     decoder = _decoder(syntax)
     count = _number(original, "NumberOfFrames", 1)
-    element = original[_PIXEL_DATA]
-    if element.is_buffered:
-        element.value.seek(0)
-    frames: np.ndarray | None = None
-    meta: dict[str, str | int] = {}
     try:
-        for index, (frame, meta) in enumerate(decoder.iter_array(original, as_rgb=True)):
-            if frames is None:
-                import numpy as np  # noqa: PLC0415 - only when pixels are cleaned
-
-                frames = np.empty((count, *frame.shape), dtype=frame.dtype.newbyteorder("<"))
-            photometric = str(meta.get("photometric_interpretation", ""))
-            bits_stored = int(str(meta.get("bits_stored", frame.dtype.itemsize * 8)))
-            black = _black(photometric, bits_stored, frame.dtype.kind == "i")
-            frames[index] = frame
-            for box in region.rectangles:
-                frames[index, box.y : box.y + box.height, box.x : box.x + box.width, ...] = black
+        _rewind(original)
+        return _blacked(decoder.iter_array(original, as_rgb=True), count, region, syntax)
     except DeidError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the instance is held with its cause
-        raise DeidError(HoldCode.PIXEL_DATA, f"Pixel Data cannot be decoded ({syntax.name}: {_short(exc)})") from None
-    if frames is None or index + 1 != count:
-        raise DeidError(
-            HoldCode.PIXEL_DATA,
-            f"Pixel Data cannot be decoded ({syntax.name}: {0 if frames is None else index + 1} of {count} frames)",
-        )
+        first = exc
+    # pydicom 3.0's frame-by-frame path fails where its whole-array one does not (a JPEG 2000 whose pixel
+    # representation differs from the header's: it corrects a read-only frame); that costs a second copy in memory.
+    try:
+        _rewind(original)
+        whole, meta = decoder.as_array(original)  # raw=False: colour as RGB, as above
+        each = ((whole[index] if count > 1 else whole, meta) for index in range(count))
+        return _blacked(each, count, region, syntax)
+    except DeidError:
+        raise
+    except Exception:  # noqa: BLE001 - as above; the first cause is the one reported
+        raise DeidError(HoldCode.PIXEL_DATA, f"Pixel Data cannot be decoded ({syntax.name}: {_short(first)})") from None
+
+
+def _rewind(ds: Dataset) -> None:
+    element = ds[_PIXEL_DATA]
+    if element.is_buffered:
+        element.value.seek(0)
+
+
+def _blacked(
+    decoded: Iterable[tuple[np.ndarray, dict[str, str | int]]], count: int, region: Region, syntax: UID
+) -> tuple[np.ndarray, dict[str, str | int]]:
+    frames: np.ndarray | None = None
+    meta: dict[str, str | int] = {}
+    done = 0
+    for index, (frame, meta) in enumerate(decoded):
+        if frames is None:
+            import numpy as np  # noqa: PLC0415 - only when pixels are cleaned
+
+            frames = np.empty((count, *frame.shape), dtype=frame.dtype.newbyteorder("<"))
+        photometric = str(meta.get("photometric_interpretation", ""))
+        bits_stored = int(str(meta.get("bits_stored", frame.dtype.itemsize * 8)))
+        black = _black(photometric, bits_stored, frame.dtype.kind == "i")
+        frames[index] = frame
+        for box in region.rectangles:
+            frames[index, box.y : box.y + box.height, box.x : box.x + box.width, ...] = black
+        done = index + 1
+    if frames is None or done != count:
+        raise DeidError(HoldCode.PIXEL_DATA, f"Pixel Data cannot be decoded ({syntax.name}: {done} of {count} frames)")
     return frames, meta
 
 
