@@ -8,7 +8,7 @@ the call and its peak resident memory (VmHWM from /proc/self/status) before and 
 the output's first and last frames are black inside the rectangles.
 
     .venv/bin/python bench/pixels.py                                   # native and jpeg, 300 frames
-    .venv/bin/python bench/pixels.py --frames 60 --syntaxes native rle --json -
+    .venv/bin/python bench/pixels.py --frames 60 --syntaxes native rle --compress rle --json -
 
 See bench/README.md for the numbers.
 """
@@ -50,7 +50,7 @@ from ingestd.pipeline.route import deidentify_file
 region = Region("bench", (RegionTest("Modality", frozenset({"US"})),),
                 (Rectangle(*json.loads(sys.argv[3])), Rectangle(*json.loads(sys.argv[4]))))
 profile = Profile(name="bench", key=b"bench key, 32 bytes, not secret", burned_in="clean", regions=(region,),
-                  max_decoded_bytes=4 << 30)
+                  max_decoded_bytes=4 << 30, compress=sys.argv[5])
 before = hwm()
 started = time.perf_counter()
 written = deidentify_file(source, profile, Labels(), out)
@@ -98,9 +98,9 @@ def _write(ds: Dataset, syntax: str, folder: Path) -> Path:
     return path
 
 
-def _run(source: Path, out: Path) -> dict[str, Any]:
+def _run(source: Path, out: Path, compress: str) -> dict[str, Any]:
     out.mkdir()
-    args = [sys.executable, "-c", CHILD, str(source), str(out), json.dumps(BANNER), json.dumps(CORNER)]
+    args = [sys.executable, "-c", CHILD, str(source), str(out), json.dumps(BANNER), json.dumps(CORNER), compress]
     result = subprocess.run(args, check=True, capture_output=True, text=True, cwd=REPO)
     row: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     cleaned = dcmread(out / f"{row['sop_uid']}.dcm")
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--columns", type=int, default=800)
     parser.add_argument("--syntaxes", nargs="+", default=["native", "jpeg"], choices=["native", "jpeg", "rle"])
+    parser.add_argument("--compress", choices=["none", "rle"], default="none", help="the profile's pixels.compress")
     parser.add_argument("--json", help="also write the rows as JSON to this file ('-': stdout)")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -129,9 +130,10 @@ def main() -> None:
             started = time.perf_counter()
             source = _write(ds, syntax, folder)
             made = time.perf_counter() - started
-            row = {"syntax": syntax, "frames": args.frames, "decoded_mb": round(decoded_mb, 1)}
+            row = {"syntax": syntax, "compress": args.compress, "frames": args.frames}
+            row["decoded_mb"] = round(decoded_mb, 1)
             row["source_mb"] = round(source.stat().st_size / (1 << 20), 1)
-            row.update(_run(source, folder / f"out-{syntax}"))
+            row.update(_run(source, folder / f"out-{syntax}", args.compress))
             row["made_seconds"] = round(made, 1)
             rows.append(row)
             print(

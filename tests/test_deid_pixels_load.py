@@ -43,6 +43,7 @@ def test_pixels_compile(tmp_path: Path) -> None:
         "    pixels:\n"
         "      burned_in: clean\n"
         "      max_decoded_mb: 200\n"
+        "      compress: rle\n"
         "      regions:\n"
         "        - name: sono-9\n"
         "          when:\n"
@@ -63,6 +64,7 @@ def test_pixels_compile(tmp_path: Path) -> None:
     profile = load_rules([path]).profiles["us"]
     assert profile.burned_in == "clean"
     assert profile.max_decoded_bytes == 200 << 20
+    assert profile.compress == "rle"
     first, second = profile.regions
     assert first.name == "sono-9"
     assert first.rectangles == (Rectangle(0, 0, 800, 40), Rectangle(600, 560, 200, 40))
@@ -78,7 +80,7 @@ def test_default_is_hold_and_the_old_key_still_works(tmp_path: Path) -> None:
     path = tmp_path / "r.rules.yaml"
     path.write_text(_profile("    burned_in: trust-header\n"))
     profile = load_rules([path]).profiles["us"]
-    assert (profile.burned_in, profile.regions) == ("trust-header", ())
+    assert (profile.burned_in, profile.regions, profile.compress) == ("trust-header", (), "none")
 
 
 @pytest.mark.parametrize(
@@ -150,6 +152,8 @@ def test_default_is_hold_and_the_old_key_still_works(tmp_path: Path) -> None:
             "a is used twice",
         ),
         ("    pixels: {burned_in: scrub}\n", 4, "burned_in"),
+        ("    pixels: {burned_in: hold, compress: jpeg}\n", 4, "compress"),
+        ("    pixels: {burned_in: trust-header, compress: rle}\n", 4, "compress is used only with burned_in: clean"),
     ],
 )
 def test_mistakes_name_file_and_line(tmp_path: Path, pixels: str, line: int, says: str) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from ingestd.deid.hold import DeidError
 from ingestd.deid.profile import Profile, Region
@@ -312,6 +312,8 @@ def clean(original: Dataset, out: Dataset, profile: Profile) -> Region | None:
     frames, meta = _decode(original, syntax, region)
     try:
         _write(original, out, frames, meta, syntax)
+        if profile.compress == "rle":
+            _compress_rle(out, frames, meta)
     except Exception as exc:  # noqa: BLE001 - fail closed: never hand on Pixel Data half described
         raise DeidError(HoldCode.PIXEL_DATA, f"the cleaned Pixel Data cannot be stored ({_short(exc)})") from None
     _record(out, region)
@@ -403,6 +405,30 @@ def _write(original: Dataset, out: Dataset, frames: np.ndarray, meta: dict[str, 
             compressed = _stored_length(original)
             if "LossyImageCompressionRatio" not in out and compressed:
                 out.LossyImageCompressionRatio = f"{len(data) / compressed:.4g}"
+
+
+def _compress_rle(out: Dataset, frames: np.ndarray, meta: dict[str, str | int]) -> None:
+    """Store the cleaned frames RLE Lossless instead (smaller, lossless; GDCM's encoder when installed)."""
+    from pydicom.encaps import encapsulate  # noqa: PLC0415 - only when pixels are cleaned
+    from pydicom.pixels.encoders.base import RLELosslessEncoder  # noqa: PLC0415
+
+    options = {
+        "rows": frames.shape[1],
+        "columns": frames.shape[2],
+        "samples_per_pixel": int(str(meta.get("samples_per_pixel", 1))),
+        "bits_allocated": int(str(meta.get("bits_allocated", 8))),
+        "bits_stored": int(str(meta.get("bits_stored", 8))),
+        "pixel_representation": int(str(meta.get("pixel_representation", 0))),
+        "photometric_interpretation": str(meta.get("photometric_interpretation", "")),
+        "number_of_frames": 1,
+        "planar_configuration": 0,
+    }
+    plugin = "gdcm" if "gdcm" in RLELosslessEncoder.available_plugins else ""
+    encoded = [RLELosslessEncoder.encode(frame, encoding_plugin=plugin, **options) for frame in frames]
+    # pydicom's encapsulate_buffer would spare this copy, but its reads slow down with the number of frames
+    out[_PIXEL_DATA] = DataElement(_PIXEL_DATA, "OB", encapsulate(encoded))
+    out[_PIXEL_DATA].is_undefined_length = True
+    out.file_meta.TransferSyntaxUID = RLELossless
 
 
 def _stored_length(ds: Dataset) -> int:

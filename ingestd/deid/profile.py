@@ -101,4 +101,5 @@ class Profile:
     burned_in: BurnedIn = "hold"
     regions: tuple[Region, ...] = ()  # with burned_in "clean": the first that matches an instance cleans it
     max_decoded_bytes: int = 1 << 30  # an instance whose decoded Pixel Data is larger is held, not cleaned
+    compress: Literal["none", "rle"] = "none"  # cleaned frames stored uncompressed, or RLE Lossless
     source: str = ""  # "rules.yaml@<sha256 prefix>", written into De-identification Method

@@ -275,6 +275,7 @@ def _profile(model: ProfileModel, path: Path, version: str) -> Profile:
         burned_in=model.pixels.burned_in if model.pixels is not None else model.burned_in,
         regions=model.pixels.compile() if model.pixels is not None else (),
         max_decoded_bytes=(model.pixels.max_decoded_mb if model.pixels is not None else 1024) << 20,
+        compress=model.pixels.compress if model.pixels is not None else "none",
         source=f"{path.name}@{version}",
     )
 

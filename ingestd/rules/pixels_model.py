@@ -4,6 +4,7 @@
 pixels:
   burned_in: clean            # hold (default) | trust-header | clean
   max_decoded_mb: 1024        # an instance larger than this decoded is held, not cleaned
+  compress: none              # none (default): cleaned frames stored uncompressed | rle: RLE Lossless
   regions:                    # the first whose `when` holds cleans the instance
     - name: acme-sono9
       when: {Manufacturer: Acme Imaging, ManufacturerModelName: {matches: "^Sono"}, Rows: 768, Columns: 1024}
@@ -169,12 +170,15 @@ class PixelsModel(_Model):
 
     burned_in: Literal["hold", "trust-header", "clean"] = "hold"
     max_decoded_mb: Annotated[int, Field(ge=1, le=65536)] = 1024
+    compress: Literal["none", "rle"] = "none"
     regions: tuple[RegionModel, ...] = ()
 
     @model_validator(mode="after")
     def _consistent(self) -> PixelsModel:
         if self.burned_in == "clean" and not self.regions:
             raise ValueError("burned_in: clean needs at least one entry under regions (where to black out)")
+        if self.compress != "none" and self.burned_in != "clean":
+            raise ValueError(f"compress is used only with burned_in: clean (this says {self.burned_in})")
         if self.regions and self.burned_in != "clean":
             raise ValueError(f"regions are used only with burned_in: clean (this says {self.burned_in})")
         names = [region.name for region in self.regions]
