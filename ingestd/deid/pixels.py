@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
@@ -309,24 +310,41 @@ def clean(original: Dataset, out: Dataset, profile: Profile) -> Region | None:
             f"profile {profile.name} cleans in memory: raise pixels.max_decoded_mb, or drop the series",
         )
     syntax = UID(str(original.file_meta.TransferSyntaxUID))
-    frames, meta = _decode(original, syntax, region)
     try:
-        _write(original, out, frames, meta, syntax)
         if profile.compress == "rle":
-            _compress_rle(out, frames, meta)
+            encoded, meta = _decode(original, syntax, region, _encode_rle)
+            _describe(original, out, meta, syntax, size)
+            out[_PIXEL_DATA] = DataElement(_PIXEL_DATA, "OB", encapsulate(encoded))
+            out[_PIXEL_DATA].is_undefined_length = True
+            out.file_meta.TransferSyntaxUID = RLELossless
+        else:
+            frames, meta = _decode(original, syntax, region, _collect)
+            _describe(original, out, meta, syntax, frames.nbytes)
+            data = frames.reshape(-1).view("u1").data
+            padded = data if len(data) % 2 == 0 else memoryview(bytes(data) + b"\x00")
+            vr = "OB" if int(str(meta.get("bits_allocated", 8))) == 8 else "OW"
+            out[_PIXEL_DATA] = DataElement(_PIXEL_DATA, vr, _Buffer(padded))
+    except DeidError:
+        raise
     except Exception as exc:  # noqa: BLE001 - fail closed: never hand on Pixel Data half described
         raise DeidError(HoldCode.PIXEL_DATA, f"the cleaned Pixel Data cannot be stored ({_short(exc)})") from None
     _record(out, region)
     return region
 
 
-def _decode(original: Dataset, syntax: UID, region: Region) -> tuple[np.ndarray, dict[str, str | int]]:
-    """Every frame decoded (colour as RGB) with the region's rectangles blacked out, in one array."""
+_Frames = Iterator[tuple["np.ndarray", dict[str, str | int]]]
+_T = TypeVar("_T")
+
+
+def _decode(
+    original: Dataset, syntax: UID, region: Region, collect: Callable[[_Frames, int], _T]
+) -> tuple[_T, dict[str, str | int]]:
+    """Every frame decoded (colour as RGB), the region's rectangles blacked out, handed to `collect` one by one."""
     decoder = _decoder(syntax)
     count = _number(original, "NumberOfFrames", 1)
     try:
         _rewind(original)
-        return _blacked(decoder.iter_array(original, as_rgb=True), count, region, syntax)
+        return _collected(decoder.iter_array(original, as_rgb=True), count, region, syntax, collect)
     except DeidError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the instance is held with its cause
@@ -337,7 +355,7 @@ def _decode(original: Dataset, syntax: UID, region: Region) -> tuple[np.ndarray,
         _rewind(original)
         whole, meta = decoder.as_array(original)  # raw=False: colour as RGB, as above
         each = ((whole[index] if count > 1 else whole, meta) for index in range(count))
-        return _blacked(each, count, region, syntax)
+        return _collected(each, count, region, syntax, collect)
     except DeidError:
         raise
     except Exception:  # noqa: BLE001 - as above; the first cause is the one reported
@@ -350,37 +368,81 @@ def _rewind(ds: Dataset) -> None:
         element.value.seek(0)
 
 
-def _blacked(
-    decoded: Iterable[tuple[np.ndarray, dict[str, str | int]]], count: int, region: Region, syntax: UID
-) -> tuple[np.ndarray, dict[str, str | int]]:
-    frames: np.ndarray | None = None
+def _collected(
+    decoded: Iterable[tuple[np.ndarray, dict[str, str | int]]],
+    count: int,
+    region: Region,
+    syntax: UID,
+    collect: Callable[[_Frames, int], _T],
+) -> tuple[_T, dict[str, str | int]]:
     meta: dict[str, str | int] = {}
     done = 0
-    for index, (frame, meta) in enumerate(decoded):
-        if frames is None:
-            import numpy as np  # noqa: PLC0415 - only when pixels are cleaned
 
-            frames = np.empty((count, *frame.shape), dtype=frame.dtype.newbyteorder("<"))
-        photometric = str(meta.get("photometric_interpretation", ""))
-        bits_stored = int(str(meta.get("bits_stored", frame.dtype.itemsize * 8)))
-        black = _black(photometric, bits_stored, frame.dtype.kind == "i")
-        frames[index] = frame
-        for box in region.rectangles:
-            frames[index, box.y : box.y + box.height, box.x : box.x + box.width, ...] = black
-        done = index + 1
-    if frames is None or done != count:
+    def blacked() -> _Frames:
+        nonlocal meta, done
+        for frame, frame_meta in decoded:
+            meta = frame_meta
+            copy = frame.astype(frame.dtype.newbyteorder("<"), copy=True)  # writable, little endian
+            photometric = str(meta.get("photometric_interpretation", ""))
+            bits_stored = int(str(meta.get("bits_stored", frame.dtype.itemsize * 8)))
+            black = _black(photometric, bits_stored, frame.dtype.kind == "i")
+            for box in region.rectangles:
+                copy[box.y : box.y + box.height, box.x : box.x + box.width, ...] = black
+            done += 1
+            yield copy, meta
+
+    result = collect(blacked(), count)
+    if done != count:
         raise DeidError(HoldCode.PIXEL_DATA, f"Pixel Data cannot be decoded ({syntax.name}: {done} of {count} frames)")
-    return frames, meta
+    return result, meta
 
 
-def _write(original: Dataset, out: Dataset, frames: np.ndarray, meta: dict[str, str | int], syntax: UID) -> None:
-    """The cleaned frames as `out`'s Pixel Data, uncompressed, with the attributes that describe them."""
-    data = frames.reshape(-1).view("u1").data
-    padded = data if len(data) % 2 == 0 else memoryview(bytes(data) + b"\x00")
-    bits = int(str(meta.get("bits_allocated", 8)))
-    element = DataElement(_PIXEL_DATA, "OB" if bits == 8 else "OW", _Buffer(padded))
-    out[_PIXEL_DATA] = element
+def _collect(frames: _Frames, count: int) -> np.ndarray:
+    """The cleaned frames in one array (the uncompressed Pixel Data)."""
+    import numpy as np  # noqa: PLC0415 - only when pixels are cleaned
+
+    whole: np.ndarray | None = None
+    for index, (frame, _meta) in enumerate(frames):
+        if whole is None:
+            whole = np.empty((count, *frame.shape), dtype=frame.dtype)
+        if index < count:
+            whole[index] = frame
+    if whole is None:
+        raise DeidError(HoldCode.PIXEL_DATA, "Pixel Data cannot be decoded: it has no frame")
+    return whole
+
+
+def _encode_rle(frames: _Frames, _count: int) -> list[bytes]:
+    """Each cleaned frame RLE Lossless as it comes (GDCM's encoder when installed): only the encoded are kept."""
+    from pydicom.pixels.encoders.base import RLELosslessEncoder  # noqa: PLC0415 - only when pixels are cleaned
+
+    plugin = "gdcm" if "gdcm" in RLELosslessEncoder.available_plugins else ""
+    encoded: list[bytes] = []
+    for frame, meta in frames:
+        options = {
+            "rows": frame.shape[0],
+            "columns": frame.shape[1],
+            "samples_per_pixel": int(str(meta.get("samples_per_pixel", 1))),
+            "bits_allocated": int(str(meta.get("bits_allocated", 8))),
+            "bits_stored": int(str(meta.get("bits_stored", 8))),
+            "pixel_representation": int(str(meta.get("pixel_representation", 0))),
+            "photometric_interpretation": str(meta.get("photometric_interpretation", "")),
+            "number_of_frames": 1,
+            "planar_configuration": 0,
+        }
+        try:
+            encoded.append(RLELosslessEncoder.encode(frame, encoding_plugin=plugin, **options))
+        except Exception as exc:  # noqa: BLE001 - an encoder's failure is not a decoding one
+            raise DeidError(
+                HoldCode.PIXEL_DATA, f"the cleaned Pixel Data cannot be stored as RLE Lossless ({_short(exc)})"
+            ) from None
+    return encoded
+
+
+def _describe(original: Dataset, out: Dataset, meta: dict[str, str | int], syntax: UID, decoded: int) -> None:
+    """The attributes that describe the cleaned frames (stored uncompressed unless the caller says otherwise)."""
     samples = int(str(meta.get("samples_per_pixel", 1)))
+    bits = int(str(meta.get("bits_allocated", 8)))
     out.PhotometricInterpretation = str(meta.get("photometric_interpretation", out.get("PhotometricInterpretation")))
     out.SamplesPerPixel = samples
     out.BitsAllocated = bits
@@ -404,31 +466,7 @@ def _write(original: Dataset, out: Dataset, frames: np.ndarray, meta: dict[str, 
             out.LossyImageCompressionMethod = method
             compressed = _stored_length(original)
             if "LossyImageCompressionRatio" not in out and compressed:
-                out.LossyImageCompressionRatio = f"{len(data) / compressed:.4g}"
-
-
-def _compress_rle(out: Dataset, frames: np.ndarray, meta: dict[str, str | int]) -> None:
-    """Store the cleaned frames RLE Lossless instead (smaller, lossless; GDCM's encoder when installed)."""
-    from pydicom.encaps import encapsulate  # noqa: PLC0415 - only when pixels are cleaned
-    from pydicom.pixels.encoders.base import RLELosslessEncoder  # noqa: PLC0415
-
-    options = {
-        "rows": frames.shape[1],
-        "columns": frames.shape[2],
-        "samples_per_pixel": int(str(meta.get("samples_per_pixel", 1))),
-        "bits_allocated": int(str(meta.get("bits_allocated", 8))),
-        "bits_stored": int(str(meta.get("bits_stored", 8))),
-        "pixel_representation": int(str(meta.get("pixel_representation", 0))),
-        "photometric_interpretation": str(meta.get("photometric_interpretation", "")),
-        "number_of_frames": 1,
-        "planar_configuration": 0,
-    }
-    plugin = "gdcm" if "gdcm" in RLELosslessEncoder.available_plugins else ""
-    encoded = [RLELosslessEncoder.encode(frame, encoding_plugin=plugin, **options) for frame in frames]
-    # pydicom's encapsulate_buffer would spare this copy, but its reads slow down with the number of frames
-    out[_PIXEL_DATA] = DataElement(_PIXEL_DATA, "OB", encapsulate(encoded))
-    out[_PIXEL_DATA].is_undefined_length = True
-    out.file_meta.TransferSyntaxUID = RLELossless
+                out.LossyImageCompressionRatio = f"{decoded / compressed:.4g}"
 
 
 def _stored_length(ds: Dataset) -> int:
