@@ -398,11 +398,12 @@ def test_option_canary(options: frozenset[str], tmp_path: Path) -> None:
     # The writing path: the planted file read as the daemon reads it, written as the daemon writes it.
     source, target = tmp_path / "in.dcm", tmp_path / "out.dcm"
     ds.save_as(source, enforce_file_format=True)
+    written_changes: list[Change] = []
     with open_instance(source, tmp_path) as instance:
-        written = write_instance(anonymize(instance.dataset, _profile(options), LABELS), target)
+        written = write_instance(anonymize(instance.dataset, _profile(options), LABELS, written_changes), target)
     blob = target.read_bytes()
     assert written == len(blob)
-    assert check(dcmread(target), planter, options, blob) == []
+    assert check(dcmread(target), planter, options, blob, _after_values(written_changes)) == []
     # The canary is not vacuous: every enabled option keeps or cleans something that was planted.
     judged = {site.tag for site in planter.sites if not site.private and oracle.option_code(site.tag, options)}
     for option in options - {"retain-safe-private"}:
