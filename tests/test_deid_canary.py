@@ -51,7 +51,7 @@ SAFE_CREATOR = "CANARY SAFE CREATOR"
 # The private element a research profile keeps: numeric, justified.
 SAFE_KEEP = PrivateKeep(SAFE_CREATOR, 0x0029, 0x01, "slice count, numeric")
 # Binary attributes that an option column cleans (C). The engine cannot clean bytes, so it holds the study.
-UNCLEANABLE_UNDER_RESEARCH = frozenset({0x00340007, 0x0016002B, 0x0016004B})
+UNCLEANABLE_UNDER_RESEARCH = frozenset({0x00340007, 0x0016002B, 0x0016004B, 0x04000310})
 
 
 def _uid(*parts: int) -> str:
