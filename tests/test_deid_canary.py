@@ -28,7 +28,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from structlog.testing import capture_logs
 
-from ingestd.deid.engine import DeidError, Labels, anonymize
+from ingestd.deid.engine import Change, DeidError, Labels, anonymize
 from ingestd.deid.profile import Override, OverrideAction, PrivateKeep, Profile
 from ingestd.patterns import compile_regex
 from tests import deid_oracle as oracle
@@ -522,3 +522,38 @@ def test_references_resolve_across_runs_and_processes(tmp_path: Path) -> None:
             assert ref.ReferencedSOPInstanceUID in new_sop.values()
             assert ref.ReferencedSOPClassUID in UID_dictionary
         assert item.SeriesInstanceUID in new_series.values()
+
+
+# The Basic Profile codes whose non-removing branch is a dummy (D): a sequence with one keeps its items only as a
+# dummy of the content, so text the table does not list inside them (a code's value and meaning: an employee
+# number, a person's or an institution's name) must not survive either.
+_DUMMY_CODES = frozenset({"D", "X/D", "X/Z/D", "Z/D"})
+
+
+def test_unlisted_text_inside_a_sequence_the_table_replaces_does_not_survive() -> None:
+    sequences = sorted(tag for tag, code in oracle.SINGLE.items() if code in _DUMMY_CODES and oracle.vr_of(tag) == "SQ")
+    assert len(sequences) >= 8  # Person Identification Code, Institution Code, Verifying Observer, ...
+    ds = _base(1, _uid(7, 1))
+    where: dict[str, str] = {}
+    for n, tag in enumerate(sequences):
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator = f"CANARYCV{n}", "99LOCAL"
+        code.CodeMeaning = f"CANARYMEANING{n}"
+        code.LongCodeValue = f"CANARYLONG{n}"
+        inner = Dataset()
+        inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = f"CANARYIN{n}", "99LOCAL", "CANARYINNER"
+        code.EquivalentCodeSequence = Sequence([inner])
+        ds.add(DataElement(tag, "SQ", Sequence([code])))
+        name = keyword_for_tag(tag)
+        where.update({f"CANARYCV{n}": name, f"CANARYMEANING{n}": name, f"CANARYLONG{n}": name})
+        where[f"CANARYIN{n}"] = name
+    where["CANARYINNER"] = "nested"
+    changes: list[Change] = []
+    out = anonymize(ds, _profile(frozenset()), Labels(), changes)
+    data = oracle.to_bytes(out)
+    assert [token for token in where if token.encode() in data] == []
+    assert [c.after for c in changes if any(token in c.after for token in where)] == []
+    # what is left of them is still valid: coding scheme designators (CS) kept, values replaced, not emptied
+    for node in oracle.walk(None, out):
+        if node.out is not None and node.out.keyword in ("CodeValue", "CodeMeaning"):
+            assert str(node.out.value).strip(), node.path

@@ -11,7 +11,8 @@ Per element, at every sequence depth, in this order:
 3. the sweeps by VR for attributes the table does not list: UIDs remapped, DA/DT/TM by the date option,
    PN emptied, undecodable (UN) elements removed; everything else kept.
 A sequence's own action comes first: removed or emptied sequences are not entered; kept ones are processed
-item by item. UIDs are remapped by value (keyed HMAC -> 2.25), so references anywhere stay consistent;
+item by item; in a sequence the table replaces (D) text the table does not list is replaced too (a code's value
+and meaning in Person Identification Code Sequence are an employee number and a name). UIDs are remapped by value (keyed HMAC -> 2.25), so references anywhere stay consistent;
 structural UIDs (SOP classes, transfer syntaxes, registered standard UIDs) are never changed.
 Private elements go, except those the profile keeps by (creator, group, element) under retain-safe-private.
 """
@@ -159,6 +160,7 @@ class _Run:
     date_offset: int
     changes: list[Change] | None
     uid_cache: dict[str, str] = field(default_factory=dict)
+    in_dummy: int = 0  # depth of sequences E.1-1 replaces (D): their unlisted text is replaced too
 
     def uid(self, value: str) -> str:
         value = value.strip("\x00 ")
@@ -314,7 +316,11 @@ def _apply_code(  # noqa: PLR0911 - one return per resolved code
         _put(out, run, where, elem, "empty", why, new)
         return
     if elem.VR == "SQ":  # K, C, D, U on a sequence: keep it and process every item
-        _put(out, run, where, elem, "process items", why, _sequence(elem, run, table, where))
+        run.in_dummy += code == "D"  # D: a dummy in place of the content, so unlisted text in it is replaced
+        try:
+            _put(out, run, where, elem, "process items", why, _sequence(elem, run, table, where))
+        finally:
+            run.in_dummy -= code == "D"
         return
     if code == "K":
         _put(out, run, where, elem, "keep", why, elem)
@@ -402,6 +408,8 @@ def _sweep(elem: DataElement, out: Dataset, run: _Run, table: Table, where: str)
         _put(out, run, where, elem, "empty", "person name not in E.1-1", DataElement(elem.tag, "PN", ""))
     elif vr == "UN":
         _note(run, where, elem, "remove", "not in E.1-1 and undecodable (UN)", None)
+    elif run.in_dummy and vr in _TEXT_VRS and vr != "CS" and str(elem.value or "").strip():
+        _put(out, run, where, elem, "dummy", "text not in E.1-1, in a sequence it replaces (D)", _dummy(elem, run))
     else:
         out.add(elem)
 
