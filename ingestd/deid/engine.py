@@ -12,8 +12,9 @@ Per element, at every sequence depth, in this order:
    PN emptied, undecodable (UN) elements removed; everything else kept.
 A sequence's own action comes first: removed or emptied sequences are not entered; kept ones are processed
 item by item; in a sequence the table replaces (D) text the table does not list is replaced too (a code's value
-and meaning in Person Identification Code Sequence are an employee number and a name). UIDs are remapped by value (keyed HMAC -> 2.25), so references anywhere stay consistent;
-structural UIDs (SOP classes, transfer syntaxes, registered standard UIDs) are never changed.
+and meaning in Person Identification Code Sequence are an employee number and a name). UIDs are remapped by
+value (keyed HMAC -> 2.25), so references anywhere stay consistent; structural UIDs (SOP classes, transfer
+syntaxes, registered standard UIDs) are never changed.
 Private elements go, except those the profile keeps by (creator, group, element) under retain-safe-private.
 """
 
