@@ -39,6 +39,7 @@ __all__ = [
     "dcmtk_conversions",
     "deidentify",
     "packaged_sources",
+    "reencode",
     "tools_missing",
     "usable",
 ]
@@ -140,6 +141,14 @@ def usable(source: Source, scratch: Path) -> str | None:
     except DeidError:
         return "refused by the daemon's reader (unreadable)"
     return None
+
+
+def reencode(source: Path, target: Path) -> bool:
+    """`source` as DCMTK reads and writes it in its own transfer syntax (`dcmconv +t=`), not de-identified: the
+    baseline of an input dciodvfy cannot read to the end (an odd-length element, say) whose re-encoding it reads.
+    False when DCMTK cannot read it either."""
+    result = subprocess.run(["dcmconv", "+t=", str(source), str(target)], capture_output=True, check=False, timeout=120)
+    return result.returncode == 0 and target.is_file()
 
 
 @dataclass(frozen=True)
