@@ -2,7 +2,7 @@
 
 The corpus (tests/validator_corpus.py) is built in the test run: pydicom's and pydicom-data's test files, deid-data's
 DICOM files and DCMTK conversions of a subset into other transfer syntaxes. Each instance is de-identified through
-the daemon's write path (`open_instance`, `anonymize`, `write_instance`) with the basic profile and each option set
+the daemon's write path (`ingestd.pipeline.route.deidentify_file`) with the basic profile and each option set
 of `OPTION_SETS`; instances `screen` would hold are de-identified anyway (counted). `dciodvfy -new` runs on every
 input and every output (tests/dciodvfy.py reads its findings without values or item numbers) and an Error the
 output has more often than its input is new. New errors fail the test with the file, the option set and the
@@ -120,8 +120,9 @@ def outcome(dicom3tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
         after: dict[tuple[str, str], Future[Report]] = {}
         for number, source in enumerate(sources):
             for options_name, options in corpus.OPTION_SETS.items():
-                target = work / f"out-{number:03d}-{options_name}.dcm"
-                done = corpus.deidentify(source.path, options, target, work)
+                folder = work / f"out-{number:03d}-{options_name}"
+                folder.mkdir()
+                done = corpus.deidentify(source.path, options, folder, work)
                 if done.held_by_screen is not None:
                     found.held_by_screen[done.held_by_screen] += 1
                 if done.path is None:
@@ -200,6 +201,22 @@ def test_allow_list_is_specific_and_used(outcome: Outcome) -> None:
             for finding in outcome.new_errors.get((entry.file, options), Counter())
         )
         assert used, f"stale allow-list entry (no such new error any more): {entry}"
+
+
+def test_an_allow_list_entry_covers_one_file_option_set_and_message() -> None:
+    entry = Allowed(
+        "pydicom-data:bad_sequence.dcm",
+        ("uids+full-dates",),
+        "Error - </MediaStorageSOPInstanceUID(0002,0003)> - Illegal root for UID",
+        "the input's SOP Instance UID is not a UID, retain-uids keeps it",
+    )
+    finding = Finding("Error", "/MediaStorageSOPInstanceUID(0002,0003)", "Illegal root for UID = <>")
+    assert entry.covers("pydicom-data:bad_sequence.dcm", "uids+full-dates", finding)
+    assert not entry.covers("pydicom-data:bad_sequence.dcm", "basic", finding)
+    assert not entry.covers("pydicom:bad_sequence.dcm", "uids+full-dates", finding)
+    other = Finding("Error", "/SOPInstanceUID(0008,0018)", "Illegal root for UID = <>")
+    assert not entry.covers("pydicom-data:bad_sequence.dcm", "uids+full-dates", other)
+    assert isinstance(load_allowed(), list)
 
 
 # -- reading dciodvfy's output (no tools needed) ---------------------------------------------------------------

@@ -9,9 +9,9 @@ Sources, each named by where it comes from (the names are the allow-list's and t
 Only instances pydicom reads (not a DICOMDIR, with a SOP Instance UID and a transfer syntax) and the daemon's
 reader opens (`ingestd.deid.stream.open_instance`) are kept; the others are counted by reason.
 
-`deidentify` is the write path of the daemon and `ingestd anonymize` (`ingestd.pipeline.route.deidentify_file`):
-`open_instance`, `anonymize`, `write_instance`, except that an instance `screen` would hold (burned-in text,
-structured reports) is de-identified anyway and only counted, as tests/test_deid_corpus.py does.
+`deidentify` is the write path of the daemon and `ingestd anonymize`, `ingestd.pipeline.route.deidentify_file`
+(`open_instance`, `screen`, `anonymize`, `write_instance`); an instance `screen` holds (burned-in text, structured
+reports) is de-identified anyway by the same calls after `screen`, and counted, as tests/test_deid_corpus.py does.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pydicom.data import get_testdata_files
 from ingestd.deid.engine import DeidError, Labels, anonymize, screen
 from ingestd.deid.profile import Profile
 from ingestd.deid.stream import open_instance, write_instance
+from ingestd.pipeline.route import deidentify_file
 
 __all__ = [
     "CONVERSIONS",
@@ -158,24 +159,31 @@ class Deidentified:
     held: str | None  # the engine's hold code when `anonymize` or `write_instance` refused it
 
 
-def deidentify(source: Path, options: frozenset[str], target: Path, scratch: Path) -> Deidentified:
-    """`source` de-identified with the basic profile and `options` into `target`, as `deidentify_file` writes it
-    (which also screens: a `screen` hold is recorded here, and the instance de-identified anyway)."""
+def deidentify(source: Path, options: frozenset[str], folder: Path, scratch: Path) -> Deidentified:
+    """`source` de-identified with the basic profile and `options` into the empty folder `folder` by the daemon's
+    `deidentify_file`. When `screen` holds it, the hold is recorded and the instance de-identified anyway, by the
+    same calls `deidentify_file` makes after `screen` (`anonymize`, `write_instance`)."""
     profile = Profile(name="validator", key=b"validator key, tests only, 32 b", options=options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        try:
+            written = deidentify_file(source, profile, Labels(), folder)
+            return Deidentified(folder / f"{written.sop_uid}.dcm", None, None)
+        except DeidError as exc:
+            held = str(exc.code)
         with open_instance(source, scratch) as instance:
-            held_by_screen = None
             try:
                 screen(instance.dataset, profile)
-            except DeidError as exc:
-                held_by_screen = str(exc.code)
+            except DeidError:
+                pass
+            else:
+                return Deidentified(None, None, held)  # held after screen: by the engine or the writer
             try:
-                out = anonymize(instance.dataset, profile, Labels())
-                write_instance(out, target)
+                target = folder / "screened.dcm"
+                write_instance(anonymize(instance.dataset, profile, Labels()), target)
             except DeidError as exc:
-                return Deidentified(None, held_by_screen, str(exc.code))
-    return Deidentified(target, held_by_screen, None)
+                return Deidentified(None, held, str(exc.code))
+    return Deidentified(target, held, None)
 
 
 def tools_missing() -> list[str]:
