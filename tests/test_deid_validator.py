@@ -31,6 +31,8 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 
 from tests import dciodvfy
 from tests import validator_corpus as corpus
@@ -201,6 +203,30 @@ def test_allow_list_is_specific_and_used(outcome: Outcome) -> None:
             for finding in outcome.new_errors.get((entry.file, options), Counter())
         )
         assert used, f"stale allow-list entry (no such new error any more): {entry}"
+
+
+@pytest.mark.dicom3tools
+def test_an_attribute_removed_from_a_valid_input_is_a_new_error(dicom3tools: None, tmp_path: Path) -> None:
+    """The comparison is not vacuous: CT_small.dcm without its Image Position (Patient), Type 1 in the Image Plane
+    module, has exactly that one new error, whatever values the other attributes hold."""
+    source = Path(str(get_testdata_file("CT_small.dcm")))
+    ds = dcmread(source)
+    del ds.ImagePositionPatient
+    ds.PatientName = "Other^Name"
+    ds.InstanceNumber = 7
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken, enforce_file_format=True)
+    before, after = dciodvfy.validate(source, tmp_path), dciodvfy.validate(broken, tmp_path)
+    assert before.complete and after.complete and before.iod == after.iod == "CTImage"
+    assert after.errors() - before.errors() == Counter(
+        {
+            Finding(
+                "Error",
+                "/ImagePositionPatient(0020,0032)",
+                "Missing attribute for Type 1 Required - Module=<ImagePlane>",
+            ): 1
+        }
+    )
 
 
 def test_an_allow_list_entry_covers_one_file_option_set_and_message() -> None:
