@@ -15,6 +15,8 @@ new. When that cannot be read either (dciodvfy aborts on 32-bit pixel data), its
 both lists are in the summary.
 
 Run alone: `.venv/bin/pytest tests/test_deid_validator.py -q -s` (-s prints the summary and the new warnings).
+Measured on 2 shared cores (2026-12-06): 265 inputs, 1057 outputs, 30-45 s in all; dciodvfy over those 1318 files
+took 39 s one at a time and 16 s on a pool of 2 threads, which also overlaps it with the de-identification.
 """
 
 from __future__ import annotations
