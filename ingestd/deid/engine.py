@@ -6,8 +6,9 @@ so a partially de-identified data set cannot leave.
 
 Per element, at every sequence depth, in this order:
 1. the profile's override for the tag, else
-2. the table's code under the profile's options (combined codes resolved to their non-removing branch with a
-   new value, since the IOD Type is not known here: Z/D, X/D, X/Z/D -> D; X/Z -> Z; X/Z/U* -> U), else
+2. the table's code under the profile's options, combined codes (and a plain X on a Type 1/2 attribute) resolved
+   by the Type in the instance's IOD (ingestd.deid.iod); where that is unknown, the non-removing branch with a
+   new value: Z/D, X/D, X/Z/D -> D; X/Z -> Z; X/Z/U* -> U, else
 3. the sweeps by VR for attributes the table does not list: UIDs remapped, DA/DT/TM by the date option,
    PN emptied, undecodable (UN) elements removed; everything else kept.
 A sequence's own action comes first: removed or emptied sequences are not entered; kept ones are processed
@@ -16,6 +17,7 @@ and meaning in Person Identification Code Sequence are an employee number and a 
 value (keyed HMAC -> 2.25), so references anywhere stay consistent; structural UIDs (SOP classes, transfer
 syntaxes, registered standard UIDs) are never changed.
 Private elements go, except those the profile keeps by (creator, group, element) under retain-safe-private.
+A 50xx/60xx group whose (gggg,3000) data goes is removed whole (ingestd.deid.groups).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 import ingestd
+from ingestd.deid.groups import removed_groups
+from ingestd.deid.iod import Iod, iod_for, resolve
 from ingestd.deid.keyed import date_offset_days, pseudonym, remap_uid, shift_da, shift_dt
 from ingestd.deid.profile import Override, Profile
 from ingestd.deid.table import OPTION_CODES, OPTION_MEANINGS, Table, load_table
@@ -160,6 +164,7 @@ class _Run:
     identifiers: tuple[str, ...]
     date_offset: int
     changes: list[Change] | None
+    iod: Iod | None = None  # the instance's IOD: the Types that resolve the combined codes (ingestd.deid.iod)
     uid_cache: dict[str, str] = field(default_factory=dict)
     in_dummy: int = 0  # depth of sequences E.1-1 replaces (D): their unlisted text is replaced too
 
@@ -186,6 +191,7 @@ def anonymize(ds: Dataset, profile: Profile, labels: Labels, changes: list[Chang
         identifiers=_identifiers(ds),
         date_offset=_patient_offset(ds, profile),
         changes=changes,
+        iod=iod_for(str(ds.get("SOPClassUID", ""))),
     )
     try:
         out = _walk(ds, run, table, "")
@@ -236,6 +242,7 @@ def _walk(ds: Dataset, run: _Run, table: Table, path: str) -> Dataset:
     out = Dataset()
     kept_blocks: dict[int, str] = {}  # private creator tag -> creator, for blocks with a kept element
     private_creators: dict[int, str] = {}  # creators come before their blocks: elements are in tag order
+    whole_groups = {} if path else removed_groups(ds, run.profile, table)  # 50xx/60xx going with their data
     for elem in ds:
         tag = int(elem.tag)
         group, element = tag >> 16, tag & 0xFFFF
@@ -246,6 +253,9 @@ def _walk(ds: Dataset, run: _Run, table: Table, path: str) -> Dataset:
             if 0x10 <= element <= 0xFF:
                 private_creators[tag] = str(elem.value).strip()
             _private(elem, out, run, table, private_creators, kept_blocks, where)
+            continue
+        if group in whole_groups:
+            _note(run, where, elem, "remove", whole_groups[group], None)
             continue
         if tag in _ALWAYS_REMOVED:
             _note(run, where, elem, "remove", "never kept (old values, signatures, icons)", None)
@@ -258,6 +268,7 @@ def _walk(ds: Dataset, run: _Run, table: Table, path: str) -> Dataset:
         if entry is not None:
             code = entry.code(run.profile.options)
             why = f"E.1-1 {entry.basic}" if code == entry.basic else f"E.1-1 {entry.basic}, by option {code}"
+            code, why = resolve(run.iod, where, code, elem.VR, why)
             _apply_code(elem, code, why, out, run, table, where)
             continue
         _sweep(elem, out, run, table, where)
