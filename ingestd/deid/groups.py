@@ -20,6 +20,8 @@ from ingestd.deid.table import Table
 __all__ = ["removed_groups"]
 
 _KINDS = {0x5000: "Curve Data", 0x6000: "Overlay Data"}
+# (gggg,3000) of the 16 curve and 16 overlay groups: 5000-501E and 6000-601E, even (PS3.5 7.6).
+_DATA_TAGS = tuple((base + offset) << 16 | 0x3000 for base in (0x5000, 0x6000) for offset in range(0, 0x20, 2))
 
 
 def _removes(tag: int, profile: Profile, table: Table) -> str | None:
@@ -36,13 +38,12 @@ def _removes(tag: int, profile: Profile, table: Table) -> str | None:
 def removed_groups(ds: Dataset, profile: Profile, table: Table) -> dict[int, str]:
     """Groups 50xx/60xx of `ds` (top level) to remove whole -> why."""
     found: dict[int, str] = {}
-    for elem in ds:
-        tag = int(elem.tag)
-        group = tag >> 16
-        kind = _KINDS.get(group & 0xFF01)
-        if kind is None or tag & 0xFFFF != 0x3000:
-            continue
-        why = _removes(tag, profile, table)
-        if why is not None:
-            found[group] = f"{why}: {kind} ({group:04X},3000) goes, and with it its whole group {group:04X}"
+    keys = ds.keys()  # membership in the keys view: no element is read or converted, no tag parsed
+    for data in _DATA_TAGS:
+        if data in keys:
+            group = data >> 16
+            why = _removes(data, profile, table)
+            if why is not None:
+                kind = _KINDS[group & 0xFF00]
+                found[group] = f"{why}: {kind} ({group:04X},3000) goes, and with it its whole group {group:04X}"
     return found

@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from types import MappingProxyType
 
@@ -89,6 +89,7 @@ def iod_for(sop_class: str) -> Iod | None:
     return None if name is None else _iod(name)
 
 
+@lru_cache(maxsize=8192)  # the same locations recur in every instance of a series
 def path_of(where: str) -> tuple[int, ...]:
     """The tag path of an engine location such as ``(0040,0275)[0]/(0008,1110)``: item numbers dropped."""
     return tuple((int(group, 16) << 16) | int(element, 16) for group, element in _TAG.findall(where.upper()))
