@@ -509,8 +509,9 @@ def test_references_resolve_across_runs_and_processes(tmp_path: Path) -> None:
         new_sop[_uid(100, n)] for n in (1, 2, 3)
     ]
     # Source Image and Referenced Image Sequence are X/Z/U*, resolved by the Segmentation IOD (ingestd.deid.iod):
-    # Type 2 in the Derivation Image macro (emptied), Type 3 at the top level (removed). Retain UIDs keeps them.
-    assert seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence == []
+    # Type 2 in the Derivation Image macro (kept, UIDs remapped), Type 3 at the top level (removed).
+    derived = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert derived.ReferencedSOPInstanceUID == new_sop[_uid(100, 1)]
     assert "SourceImageSequence" not in seg
     assert "ReferencedImageSequence" not in seg
     assert b1 not in oracle.to_bytes(seg).decode("latin-1")

@@ -8,7 +8,10 @@ strongest Type of each E.1-1 attribute by its path (the tags of the enclosing se
 
 - combined codes by the Type at the element's path: X/Z -> Z if Type 2/2C else X; X/D -> D if 1/1C else X;
   X/Z/D -> D (1/1C), Z (2/2C), else X; Z/D -> D if 1/1C else Z; X/Z/U* -> U (items processed, UIDs remapped) if
-  1/1C, Z if 2/2C, else X. An unknown SOP class or path leaves the code as it is: the engine then takes the
+  1/1C/2/2C, else X. X/Z/U* is "X unless Z or U is needed for conformance": for a Type 2 reference sequence
+  (Source Image Sequence in the Derivation Image macro of a SEG or an enhanced image) Z would drop the references
+  that other modules' conditions rely on (dciodvfy: "ReferencedSeriesSequence present but Instance does not
+  reference Instances"), so U. An unknown SOP class or path leaves the code as it is: the engine then takes the
   non-removing branch with a new value (Z/D, X/D, X/Z/D -> D; X/Z -> Z; X/Z/U* -> U), as before this table.
 - a removal (a plain X, or the X branch above) of an attribute the IOD makes Type 2/2C (1/1C), which the input
   has: Z (a dummy, D) instead, so the output keeps a required attribute, never its value. A sequence the IOD makes
@@ -100,7 +103,7 @@ _COMBINED: dict[str, tuple[str, str, str]] = {  # code -> its branch if Type 1/1
     "X/D": ("D", "X", "X"),
     "X/Z/D": ("D", "Z", "X"),
     "Z/D": ("D", "Z", "Z"),
-    "X/Z/U*": ("U", "Z", "X"),
+    "X/Z/U*": ("U", "U", "X"),
 }
 _ACTION = {"X": "removed", "Z": "emptied", "D": "dummy value", "U": "items kept, UIDs remapped"}
 
