@@ -6,9 +6,8 @@ so a partially de-identified data set cannot leave.
 
 Per element, at every sequence depth, in this order:
 1. the profile's override for the tag, else
-2. the table's code under the profile's options, combined codes (and a plain X on a Type 1/2 attribute) resolved
-   by the Type in the instance's IOD (ingestd.deid.iod); where that is unknown, the non-removing branch with a
-   new value: Z/D, X/D, X/Z/D -> D; X/Z -> Z; X/Z/U* -> U, else
+2. the table's code under the profile's options, its combined codes and removals of required attributes resolved
+   by the Type in the instance's IOD, where unknown to the non-removing branch (ingestd.deid.iod), else
 3. the sweeps by VR for attributes the table does not list: UIDs remapped, DA/DT/TM by the date option,
    PN emptied, undecodable (UN) elements removed; everything else kept.
 A sequence's own action comes first: removed or emptied sequences are not entered; kept ones are processed
@@ -17,7 +16,6 @@ and meaning in Person Identification Code Sequence are an employee number and a 
 value (keyed HMAC -> 2.25), so references anywhere stay consistent; structural UIDs (SOP classes, transfer
 syntaxes, registered standard UIDs) are never changed.
 Private elements go, except those the profile keeps by (creator, group, element) under retain-safe-private.
-A 50xx/60xx group whose (gggg,3000) data goes is removed whole (ingestd.deid.groups).
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from pydicom.uid import UID
 
 import ingestd
 from ingestd.deid.groups import removed_groups
-from ingestd.deid.iod import Iod, iod_for, orphans, resolve
+from ingestd.deid.iod import Iod, drop_orphans, iod_for, resolve
 from ingestd.deid.keyed import date_offset_days, pseudonym, remap_uid, shift_da, shift_dt
 from ingestd.deid.profile import Override, Profile
 from ingestd.deid.table import OPTION_CODES, OPTION_MEANINGS, Table, load_table
@@ -195,9 +193,7 @@ def anonymize(ds: Dataset, profile: Profile, labels: Labels, changes: list[Chang
     )
     try:
         out = _walk(ds, run, table, "")
-        for where, orphan, why in orphans(out):  # a 1C attribute whose condition the walk emptied
-            _note(run, where, orphan, "remove", why, None)
-            del out[orphan.tag]
+        drop_orphans(out, lambda where, elem, why: _note(run, where, elem, "remove", why, None))
     except DeidError:
         raise
     except Exception as exc:  # noqa: BLE001 - fail closed: never hand on a half-processed data set

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import resources
@@ -31,7 +31,7 @@ from types import MappingProxyType
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-__all__ = ["Iod", "iod_for", "orphans", "path_of", "resolve"]
+__all__ = ["Iod", "drop_orphans", "iod_for", "path_of", "resolve"]
 
 _DATA = "iod_types.json"
 _RANK = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
@@ -137,12 +137,10 @@ def resolve(iod: Iod | None, where: str, code: str, vr: str, why: str) -> tuple[
 _NEEDS_A_VALUE = {0x00102298: 0x00102297}
 
 
-def orphans(out: Dataset) -> list[tuple[str, DataElement, str]]:
-    """(where, element, why) of the top-level elements of a de-identified data set whose condition is gone."""
-    found = []
+def drop_orphans(out: Dataset, note: Callable[[str, DataElement, str], None]) -> None:
+    """Remove the top-level elements of a de-identified data set whose condition is gone; `note(where, elem, why)`."""
     for tag, needed in _NEEDS_A_VALUE.items():
         if tag in out and (needed not in out or out[needed].value in ("", None)):
-            where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
             why = f"Type 1C while ({needed >> 16:04X},{needed & 0xFFFF:04X}) has a value, which it no longer has"
-            found.append((where, out[tag], why))
-    return found
+            note(f"({tag >> 16:04X},{tag & 0xFFFF:04X})", out[tag], why)
+            del out[tag]
