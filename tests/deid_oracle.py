@@ -54,6 +54,7 @@ __all__ = [
     "OPTION_COLUMNS",
     "PRIVATE_COLUMN",
     "SINGLE",
+    "X_REQUIRED_SOMEWHERE",
     "Expectation",
     "basic_code",
     "check_instance",
@@ -157,7 +158,7 @@ _BIRTH = _tags("PatientBirthDate", "PatientBirthTime")
 # Presentation Creation Date and Time, Type 1 in the Presentation State Identification Module). Removing one that
 # the input has leaves an invalid instance, so a de-identifier may keep it empty or with a new value instead, never
 # with its original value: checked as X/Z/D (a sequence as X/Z: absent or without items).
-_X_REQUIRED_SOMEWHERE = _tags_in(
+X_REQUIRED_SOMEWHERE = _tags_in(
     """
     ResponsiblePerson ResponsibleOrganization PresentationCreationDate PresentationCreationTime RetrieveAETitle
     IssuerOfClinicalTrialProtocolID MAC NonconformingDataElementValue PatientSetupPhotoDescription
@@ -467,7 +468,7 @@ def _check_node(node: Node, expect: Expectation, uids: set[str]) -> list[str]:  
         problems += _check_uid(node, expect, uids)
     if why is not None:
         return problems
-    if code == "X" and tag in _X_REQUIRED_SOMEWHERE:
+    if code == "X" and tag in X_REQUIRED_SOMEWHERE:
         code = "X/Z" if vr == "SQ" else "X/Z/D"
     if code == "X":
         problems.append(f"{where} {keyword_for_tag(tag) or ''}: code X but present")
