@@ -1,8 +1,9 @@
 """An independent checker for de-identified DICOM: PS3.15 Table E.1-1 (2026c) and the invariants of deid.md §6.2.
 
 Independent of ingestd's own table: Table E.1-1 comes from dicom-anonymizer's ``dicomfields_2026c`` (pinned test
-dependency, produced by a different parser), and what each E.3 option may retain is a small, explicit list in this
-file. Nothing here imports ``ingestd.deid``.
+dependency, produced by a different parser), and the E.3 option columns from the innolitics 2024b file as published
+(tools/deid/innolitics-confidentiality-2024b-7f4749d.json, pinned by its sha256), parsed here. Nothing here imports
+``ingestd``: the option columns are read from the published bytes, never from ingestd's generated JSON.
 
 The checks take an original data set and its de-identified counterpart and walk both in parallel (sequence items
 are paired by index), so "differs from the original" always compares the same attribute at the same place.
@@ -26,12 +27,15 @@ Determinism (16) and fail-closed behaviour (17) are properties of a call, checke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from io import BytesIO
+from pathlib import Path
 
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _oracle_table
 from pydicom import config as pydicom_config
@@ -44,15 +48,21 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
 __all__ = [
+    "BINARY_VRS",
     "MASKED",
     "OPTION_CODE",
+    "OPTION_COLUMNS",
+    "PRIVATE_COLUMN",
     "SINGLE",
+    "X_REQUIRED_SOMEWHERE",
     "Expectation",
     "basic_code",
     "check_instance",
     "check_study",
     "check_unlinkable",
+    "columns_of",
     "leaked_secrets",
+    "option_code",
     "secrets",
     "text_values",
     "to_bytes",
@@ -143,51 +153,118 @@ def _tags_in(text: str) -> frozenset[int]:
 
 
 _BIRTH = _tags("PatientBirthDate", "PatientBirthTime")
-# Attributes each option may keep or clean instead of removing. An option not listed here is not modelled: see
-# `Expectation.exempt` for how the checker then skips only what that option could affect.
-_RETAINS: dict[str, frozenset[int]] = {
-    "retain-patient-characteristics": _tags_in(
-        """
-        PatientSex PatientAge PatientSize PatientWeight Allergies EthnicGroup SmokingStatus PregnancyStatus
-        PatientSexNeutered SpecialNeeds PatientState PreMedication
-        """
-    ),
-    "retain-institution-identity": _tags_in(
-        """
-        InstitutionName InstitutionAddress InstitutionCodeSequence InstitutionalDepartmentName
-        InstitutionalDepartmentTypeCodeSequence ClinicalTrialSiteID ClinicalTrialSiteName
-        ClinicalTrialCoordinatingCenterName ClinicalTrialProtocolEthicsCommitteeName
-        """
-    ),
-    "retain-device-identity": _tags_in(
-        """
-        StationName LensSpecification LensMake LensModel LensSerialNumber DeviceSerialNumber DeviceUID PlateID
-        GeneratorID CassetteID GantryID UniqueDeviceIdentifier UDISequence ManufacturerDeviceClassUID
-        TransducerIdentificationSequence DetectorID XRaySourceID XRayDetectorID XRayDetectorLabel
-        ScheduledStudyLocation ScheduledStudyLocationAETitle ScheduledStationAETitle ScheduledStationName
-        ScheduledProcedureStepLocation PerformedStationAETitle PerformedStationName ScheduledStationNameCodeSequence
-        ScheduledStationGeographicLocationCodeSequence PerformedStationNameCodeSequence
-        PerformedStationGeographicLocationCodeSequence DeviceDescription SourceSerialNumber TreatmentMachineName
-        SourceManufacturer DeviceLabel ManufacturerDeviceIdentifier
-        """
-    ),
-    "clean-structured-content": _tags("ContentSequence", "AcquisitionContextSequence", "SpecimenPreparationSequence"),
-    "clean-graphics": _tags("GraphicAnnotationSequence"),
-    # Sequences whose only identifying content is UIDs: kept under Retain UIDs.
-    "retain-uids": _tags_in(
-        """
-        ReferencedStudySequence ReferencedPerformedProcedureStepSequence ReferencedImageSequence SourceImageSequence
-        """
-    ),
-    # Non-date attributes in the longitudinal columns.
-    "retain-longitudinal": _tags("TimezoneOffsetFromUTC", "FrameOriginTimestamp"),
+# Table E.1-1 X attributes that PS3.3 makes Type 1, 1C, 2 or 2C in some module (read from its module tables: e.g.
+# Responsible Person and Responsible Organization, Type 2C in the Patient Module when the patient is an animal;
+# Presentation Creation Date and Time, Type 1 in the Presentation State Identification Module). Removing one that
+# the input has leaves an invalid instance, so a de-identifier may keep it empty or with a new value instead, never
+# with its original value: checked as X/Z/D (a sequence as X/Z: absent or without items).
+X_REQUIRED_SOMEWHERE = _tags_in(
+    """
+    ResponsiblePerson ResponsibleOrganization PresentationCreationDate PresentationCreationTime RetrieveAETitle
+    IssuerOfClinicalTrialProtocolID MAC NonconformingDataElementValue PatientSetupPhotoDescription
+    PatientTreatmentPreparationProcedureParameterDescription PositionAcquisitionTemplateDescription
+    PositionAcquisitionTemplateName PriorTreatmentDoseDescription RadiopharmaceuticalStartDateTime
+    ReasonForRequestedProcedureCodeSequence RequestedProcedureID ScheduledProcedureStepID SeriesDescription
+    SourceManufacturer StudyDescription TimezoneOffsetFromUTC UniqueDeviceIdentifier
+    """
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The E.3 option columns of Table E.1-1, 2024b: innolitics/dicom-standard's
+# standard/confidentiality_profile_attributes.json at 7f4749d (last changed in 8670abd, "Update standard to
+# rev2024b"), vendored byte for byte (621 rows, MIT); tools/deid/README.md says where it came from.
+
+INNOLITICS_2024B = (
+    Path(__file__).resolve().parents[1] / "tools" / "deid" / "innolitics-confidentiality-2024b-7f4749d.json"
+)
+INNOLITICS_2024B_SHA256 = "a99a35d1278e2bace8d90ff791b11aea2d45f1e3e1230388eb5224c9dbcd29e6"
+_COLUMN_KEYS = {
+    "rtnSafePrivOpt": "retain-safe-private",
+    "rtnUIDsOpt": "retain-uids",
+    "rtnDevIdOpt": "retain-device-identity",
+    "rtnInstIdOpt": "retain-institution-identity",
+    "rtnPatCharsOpt": "retain-patient-characteristics",
+    "rtnLongFullDatesOpt": "retain-longitudinal-full-dates",
+    "rtnLongModifDatesOpt": "retain-longitudinal-modified-dates",
+    "cleanDescOpt": "clean-descriptors",
+    "cleanStructContOpt": "clean-structured-content",
+    "cleanGraphOpt": "clean-graphics",
 }
+
+
+def _load_columns() -> tuple[dict[int, dict[str, str]], list[tuple[int, int, dict[str, str]]], dict[str, str]]:
+    data = INNOLITICS_2024B.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == INNOLITICS_2024B_SHA256, "the vendored 2024b file changed"
+    singles: dict[int, dict[str, str]] = {}
+    groups: list[tuple[int, int, dict[str, str]]] = []
+    private: dict[str, str] = {}
+    rows = json.loads(data)
+    for row in rows:
+        columns = {_COLUMN_KEYS[key]: value for key, value in row.items() if key in _COLUMN_KEYS}
+        assert set(row) - set(_COLUMN_KEYS) == {"name", "tag", "stdCompIOD", "basicProfile", "id"}, row
+        assert set(columns.values()) <= {"K", "C"}, row  # 2024b's option columns hold nothing else
+        ident = row["id"]
+        if ident == "ggggeeee-where-gggg-is-odd":
+            private = columns
+            continue
+        assert re.fullmatch("[0-9a-fx]{8}", ident), ident
+        value = int(ident.replace("x", "0"), 16)
+        mask = int("".join("0" if char == "x" else "F" for char in ident), 16)
+        if mask == 0xFFFFFFFF:
+            assert value not in singles, ident
+            singles[value] = columns
+        else:
+            groups.append((value, mask, columns))
+    assert (len(rows), len(singles), len(groups)) == (621, 617, 3), (len(rows), len(singles), len(groups))
+    return singles, groups, private
+
+
+OPTION_COLUMNS, _OPTION_GROUPS, PRIVATE_COLUMN = _load_columns()
+BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
+def columns_of(tag: int) -> dict[str, str]:
+    """The option columns of a standard tag's row: {option: "K" or "C"}; {} when no option has an entry.
+
+    Rows of 2026c that 2024b lacks get the two mechanical rules of E.3.6 and E.3.9 (a date or time keeps K/C in
+    the longitudinal columns, a U attribute K under Retain UIDs), the only columns derivable without the newer
+    text. Private tags (odd groups) have no row here: see `PRIVATE_COLUMN`.
+    """
+    if (tag >> 16) % 2:
+        return {}
+    found = OPTION_COLUMNS.get(tag)
+    if found is not None:
+        return dict(found)
+    for value, mask, columns in _OPTION_GROUPS:
+        if tag & mask == value:
+            return dict(columns)
+    derived: dict[str, str] = {}
+    if tag in SINGLE and vr_of(tag) in _DATE_VRS:
+        derived |= {"retain-longitudinal-full-dates": "K", "retain-longitudinal-modified-dates": "C"}
+    if SINGLE.get(tag) == "U":
+        derived["retain-uids"] = "K"
+    return derived
+
+
+def option_code(tag: int, options: Iterable[str]) -> str | None:
+    """The code the enabled options give a standard tag: "K" if any enabled option's column keeps it, else "C" if
+    any cleans it, else None (the Basic Profile applies). E.3: an option's requirement overrides the Basic Profile;
+    where two enabled options disagree (K and C), the retaining one is taken, as the options combine. Except for
+    dates: under Modified Dates without Full Dates, a row the modified-dates column cleans is cleaned whatever
+    another option says (a real calibration date among shifted dates would undo the shift, E.3.6)."""
+    enabled = set(options)
+    columns = columns_of(tag)
+    modified = "retain-longitudinal-modified-dates"
+    if modified in enabled and "retain-longitudinal-full-dates" not in enabled and columns.get(modified) == "C":
+        return "C"
+    entries = {code for option, code in columns.items() if option in enabled}
+    return "K" if "K" in entries else "C" if "C" in entries else None
+
+
 _DATE_OPTIONS = frozenset({"retain-longitudinal-full-dates", "retain-longitudinal-modified-dates"})
 _DATE_VRS = frozenset({"DA", "DT", "TM"})
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 _STRING_VRS = _TEXT_VRS | _DATE_VRS | {"AS", "DS", "IS", "UI"}
-_DESCRIPTOR_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "SQ", "OB"})
-_MODELLED = frozenset(_RETAINS) | _DATE_OPTIONS | {"retain-safe-private", "clean-descriptors"}
 
 # Structural UIDs: values from the standard's registry or of coding schemes, never instance UIDs (E.3.9 note).
 STRUCTURAL_UID_TAGS = _tags_in(
@@ -231,27 +308,16 @@ class Expectation:
     def retain_uids(self) -> bool:
         return "retain-uids" in self.options
 
-    def exempt(self, tag: int, vr: str) -> str | None:  # noqa: PLR0911 - one return per reason
+    def exempt(self, tag: int, vr: str) -> str | None:
         """Why an attribute's original value may legitimately survive (an override or an option), else None."""
         if tag in self.keep or tag in self.overridden:
             return "override"
-        for option in self.options:
-            if tag in _RETAINS.get(option, ()):
-                return option
-        if self.options & _DATE_OPTIONS and (vr in _DATE_VRS or tag in _RETAINS["retain-longitudinal"]):
-            # Birth date and time are in no longitudinal column: they stay protected.
-            return None if tag in _BIRTH else "dates"
-        if self.retain_uids and vr == "UI":
+        if option_code(tag, self.options) is not None:
+            return "option column"  # an enabled option keeps (K) or cleans (C) it: `check_options` judges which
+        if self.options & _DATE_OPTIONS and vr in _DATE_VRS and basic_code(tag) is None:
+            return "dates"  # an unlisted date or time, which ingestd's sweep keeps or shifts under a date option
+        if self.retain_uids and vr == "UI" and basic_code(tag) is None:
             return "retain-uids"
-        if "clean-descriptors" in self.options and vr in _DESCRIPTOR_VRS:
-            # Not modelled tag by tag (134 rows): any free-text, sequence or OB attribute may be cleaned (C) rather
-            # than removed, so such attributes are not checked for removal under this option.
-            return "clean-descriptors"
-        if "clean-graphics" in self.options and basic_code(tag) is not None and tag not in SINGLE:
-            return "clean-graphics"  # the 50xx / 60xx repeating groups
-        unmodelled = self.options - _MODELLED - {"clean-pixel-data", "clean-recognizable-visual-features"}
-        if unmodelled:  # an option this checker knows nothing about: it could retain anything
-            return "unmodelled option " + ", ".join(sorted(unmodelled))
         return None
 
 
@@ -402,6 +468,8 @@ def _check_node(node: Node, expect: Expectation, uids: set[str]) -> list[str]:  
         problems += _check_uid(node, expect, uids)
     if why is not None:
         return problems
+    if code == "X" and tag in X_REQUIRED_SOMEWHERE:
+        code = "X/Z" if vr == "SQ" else "X/Z/D"
     if code == "X":
         problems.append(f"{where} {keyword_for_tag(tag) or ''}: code X but present")
     elif code in _Z_FAMILY and vr == "SQ":

@@ -28,7 +28,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from structlog.testing import capture_logs
 
-from ingestd.deid.engine import DeidError, Labels, anonymize
+from ingestd.deid.engine import Change, DeidError, Labels, anonymize
 from ingestd.deid.profile import Override, OverrideAction, PrivateKeep, Profile
 from ingestd.patterns import compile_regex
 from tests import deid_oracle as oracle
@@ -51,7 +51,7 @@ SAFE_CREATOR = "CANARY SAFE CREATOR"
 # The private element a research profile keeps: numeric, justified.
 SAFE_KEEP = PrivateKeep(SAFE_CREATOR, 0x0029, 0x01, "slice count, numeric")
 # Binary attributes that an option column cleans (C). The engine cannot clean bytes, so it holds the study.
-UNCLEANABLE_UNDER_RESEARCH = frozenset({0x00340007, 0x0016002B, 0x0016004B})
+UNCLEANABLE_UNDER_RESEARCH = frozenset({0x00340007, 0x0016002B, 0x0016004B, 0x04000310})
 
 
 def _uid(*parts: int) -> str:
@@ -508,10 +508,13 @@ def test_references_resolve_across_runs_and_processes(tmp_path: Path) -> None:
     assert [i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence] == [
         new_sop[_uid(100, n)] for n in (1, 2, 3)
     ]
+    # Source Image and Referenced Image Sequence are X/Z/U*, resolved by the Segmentation IOD (ingestd.deid.iod):
+    # Type 2 in the Derivation Image macro (kept, UIDs remapped), Type 3 at the top level (removed).
     derived = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
     assert derived.ReferencedSOPInstanceUID == new_sop[_uid(100, 1)]
-    assert [i.ReferencedSOPInstanceUID for i in seg.SourceImageSequence] == [new_sop[_uid(100, n)] for n in (2, 3)]
-    assert seg.ReferencedImageSequence[0].ReferencedSOPInstanceUID == b1
+    assert "SourceImageSequence" not in seg
+    assert "ReferencedImageSequence" not in seg
+    assert b1 not in oracle.to_bytes(seg).decode("latin-1")
     assert seg.DimensionOrganizationSequence[0].DimensionOrganizationUID == (
         seg.DimensionIndexSequence[0].DimensionOrganizationUID
     )
@@ -522,3 +525,38 @@ def test_references_resolve_across_runs_and_processes(tmp_path: Path) -> None:
             assert ref.ReferencedSOPInstanceUID in new_sop.values()
             assert ref.ReferencedSOPClassUID in UID_dictionary
         assert item.SeriesInstanceUID in new_series.values()
+
+
+# The Basic Profile codes whose non-removing branch is a dummy (D): a sequence with one keeps its items only as a
+# dummy of the content, so text the table does not list inside them (a code's value and meaning: an employee
+# number, a person's or an institution's name) must not survive either.
+_DUMMY_CODES = frozenset({"D", "X/D", "X/Z/D", "Z/D"})
+
+
+def test_unlisted_text_inside_a_sequence_the_table_replaces_does_not_survive() -> None:
+    sequences = sorted(tag for tag, code in oracle.SINGLE.items() if code in _DUMMY_CODES and oracle.vr_of(tag) == "SQ")
+    assert len(sequences) >= 8  # Person Identification Code, Institution Code, Verifying Observer, ...
+    ds = _base(1, _uid(7, 1))
+    where: dict[str, str] = {}
+    for n, tag in enumerate(sequences):
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator = f"CANARYCV{n}", "99LOCAL"
+        code.CodeMeaning = f"CANARYMEANING{n}"
+        code.LongCodeValue = f"CANARYLONG{n}"
+        inner = Dataset()
+        inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = f"CANARYIN{n}", "99LOCAL", "CANARYINNER"
+        code.EquivalentCodeSequence = Sequence([inner])
+        ds.add(DataElement(tag, "SQ", Sequence([code])))
+        name = keyword_for_tag(tag)
+        where.update({f"CANARYCV{n}": name, f"CANARYMEANING{n}": name, f"CANARYLONG{n}": name})
+        where[f"CANARYIN{n}"] = name
+    where["CANARYINNER"] = "nested"
+    changes: list[Change] = []
+    out = anonymize(ds, _profile(frozenset()), Labels(), changes)
+    data = oracle.to_bytes(out)
+    assert [token for token in where if token.encode() in data] == []
+    assert [c.after for c in changes if any(token in c.after for token in where)] == []
+    # what is left of them is still valid: coding scheme designators (CS) kept, values replaced, not emptied
+    for node in oracle.walk(None, out):
+        if node.out is not None and node.out.keyword in ("CodeValue", "CodeMeaning"):
+            assert str(node.out.value).strip(), node.path

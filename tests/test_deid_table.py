@@ -91,7 +91,7 @@ def test_option_columns() -> None:
     assert entry(0x00080080).options == {"retain-institution-identity": "K"}
     assert entry(0x0008103E).options == {"clean-descriptors": "C"}
     assert entry(0x0020000D).options == {"retain-uids": "K"}
-    assert entry(0x00081120).options == {"retain-uids": "X"}  # Referenced Patient Sequence stays removed
+    assert entry(0x00081120).options == {"retain-uids": "K"}  # Referenced Patient Sequence: K in 2024b
     assert entry(0x00100010).options == {}  # Patient's Name: no option keeps it
     for _, _, group in table.groups:
         assert set(group.options) <= SUPPORTED_OPTIONS
@@ -109,6 +109,12 @@ def test_code_precedence() -> None:
     both = frozenset({"retain-longitudinal-modified-dates", "retain-longitudinal-full-dates"})
     assert study_date.code(both) == "K"
     assert study_date.code(frozenset({"clean-pixel-data"})) == "Z"  # a pixel option has no column
+    calibration = table.lookup(0x00181200)  # Date of Last Calibration: K under device identity, C under modified
+    assert calibration is not None
+    device = frozenset({"retain-device-identity"})
+    assert calibration.code(device) == "K"
+    assert calibration.code(device | {"retain-longitudinal-modified-dates"}) == "C"  # shifted with the others
+    assert calibration.code(device | both) == "K"
     with pytest.raises(ValueError, match="retain-everything"):
         study_date.code(frozenset({"retain-everything"}))
 

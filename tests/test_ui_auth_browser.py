@@ -15,7 +15,8 @@ from playwright.sync_api import Error as PlaywrightError
 from tests.browser import Pages, accessibility_problems
 from tests.spooled import KEY, SpooledState, spooled_state
 from tests.test_ui import _with_ui, serving
-from tests.test_ui_auth import ALICE, _journal_state, _password_file
+from tests.test_ui_actions import _journal_state
+from tests.test_ui_auth import ALICE, _password_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -6,13 +6,15 @@ so a partially de-identified data set cannot leave.
 
 Per element, at every sequence depth, in this order:
 1. the profile's override for the tag, else
-2. the table's code under the profile's options (combined codes resolved to their non-removing branch with a
-   new value, since the IOD Type is not known here: Z/D, X/D, X/Z/D -> D; X/Z -> Z; X/Z/U* -> U), else
+2. the table's code under the profile's options, its combined codes and removals of required attributes resolved
+   by the Type in the instance's IOD, where unknown to the non-removing branch (ingestd.deid.iod), else
 3. the sweeps by VR for attributes the table does not list: UIDs remapped, DA/DT/TM by the date option,
    PN emptied, undecodable (UN) elements removed; everything else kept.
 A sequence's own action comes first: removed or emptied sequences are not entered; kept ones are processed
-item by item. UIDs are remapped by value (keyed HMAC -> 2.25), so references anywhere stay consistent;
-structural UIDs (SOP classes, transfer syntaxes, registered standard UIDs) are never changed.
+item by item; in a sequence the table replaces (D) text the table does not list is replaced too (a code's value
+and meaning in Person Identification Code Sequence are an employee number and a name). UIDs are remapped by
+value (keyed HMAC -> 2.25), so references anywhere stay consistent; structural UIDs (SOP classes, transfer
+syntaxes, registered standard UIDs) are never changed.
 Private elements go, except those the profile keeps by (creator, group, element) under retain-safe-private.
 """
 
@@ -31,7 +33,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 import ingestd
+from ingestd.deid.groups import removed_groups
 from ingestd.deid.hold import DeidError
+from ingestd.deid.iod import Iod, drop_orphans, iod_for, resolve
 from ingestd.deid.keyed import date_offset_days, pseudonym, remap_uid, shift_da, shift_dt
 from ingestd.deid.pixels import check as check_pixels
 from ingestd.deid.pixels import clean as clean_pixels
@@ -128,7 +132,9 @@ class _Run:
     identifiers: tuple[str, ...]
     date_offset: int
     changes: list[Change] | None
+    iod: Iod | None = None  # the instance's IOD: the Types that resolve the combined codes (ingestd.deid.iod)
     uid_cache: dict[str, str] = field(default_factory=dict)
+    in_dummy: int = 0  # depth of sequences E.1-1 replaces (D): their unlisted text is replaced too
 
     def uid(self, value: str) -> str:
         value = value.strip("\x00 ")
@@ -153,9 +159,11 @@ def anonymize(ds: Dataset, profile: Profile, labels: Labels, changes: list[Chang
         identifiers=_identifiers(ds),
         date_offset=_patient_offset(ds, profile),
         changes=changes,
+        iod=iod_for(str(ds.get("SOPClassUID", ""))),
     )
     try:
         out = _walk(ds, run, table, "")
+        drop_orphans(out, lambda where, elem, why: _note(run, where, elem, "remove", why, None))
     except DeidError:
         raise
     except Exception as exc:  # noqa: BLE001 - fail closed: never hand on a half-processed data set
@@ -207,6 +215,7 @@ def _walk(ds: Dataset, run: _Run, table: Table, path: str) -> Dataset:
     out = Dataset()
     kept_blocks: dict[int, str] = {}  # private creator tag -> creator, for blocks with a kept element
     private_creators: dict[int, str] = {}  # creators come before their blocks: elements are in tag order
+    whole_groups = {} if path else removed_groups(ds, run.profile, table)  # 50xx/60xx going with their data
     for elem in ds:
         tag = int(elem.tag)
         group, element = tag >> 16, tag & 0xFFFF
@@ -217,6 +226,9 @@ def _walk(ds: Dataset, run: _Run, table: Table, path: str) -> Dataset:
             if 0x10 <= element <= 0xFF:
                 private_creators[tag] = str(elem.value).strip()
             _private(elem, out, run, table, private_creators, kept_blocks, where)
+            continue
+        if group in whole_groups:
+            _note(run, where, elem, "remove", whole_groups[group], None)
             continue
         if tag in _ALWAYS_REMOVED:
             _note(run, where, elem, "remove", "never kept (old values, signatures, icons)", None)
@@ -229,6 +241,7 @@ def _walk(ds: Dataset, run: _Run, table: Table, path: str) -> Dataset:
         if entry is not None:
             code = entry.code(run.profile.options)
             why = f"E.1-1 {entry.basic}" if code == entry.basic else f"E.1-1 {entry.basic}, by option {code}"
+            code, why = resolve(run.iod, where, code, elem.VR, why)
             _apply_code(elem, code, why, out, run, table, where)
             continue
         _sweep(elem, out, run, table, where)
@@ -288,7 +301,11 @@ def _apply_code(  # noqa: PLR0911 - one return per resolved code
         _put(out, run, where, elem, "empty", why, new)
         return
     if elem.VR == "SQ":  # K, C, D, U on a sequence: keep it and process every item
-        _put(out, run, where, elem, "process items", why, _sequence(elem, run, table, where))
+        run.in_dummy += code == "D"  # D: a dummy in place of the content, so unlisted text in it is replaced
+        try:
+            _put(out, run, where, elem, "process items", why, _sequence(elem, run, table, where))
+        finally:
+            run.in_dummy -= code == "D"
         return
     if code == "K":
         _put(out, run, where, elem, "keep", why, elem)
@@ -376,6 +393,8 @@ def _sweep(elem: DataElement, out: Dataset, run: _Run, table: Table, where: str)
         _put(out, run, where, elem, "empty", "person name not in E.1-1", DataElement(elem.tag, "PN", ""))
     elif vr == "UN":
         _note(run, where, elem, "remove", "not in E.1-1 and undecodable (UN)", None)
+    elif run.in_dummy and vr in _TEXT_VRS and vr != "CS" and str(elem.value or "").strip():
+        _put(out, run, where, elem, "dummy", "text not in E.1-1, in a sequence it replaces (D)", _dummy(elem, run))
     else:
         out.add(elem)
 

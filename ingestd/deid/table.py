@@ -71,6 +71,7 @@ BASIC_CODES: frozenset[str] = frozenset({"X", "Z", "D", "U", "Z/D", "X/Z", "X/D"
 _RETENTION_ORDER: tuple[str, ...] = ("K", "C", "D", "U", "Z/D", "Z", "X/D", "X/Z/D", "X/Z/U*", "X/Z", "X")
 _RANK: dict[str, int] = {code: rank for rank, code in enumerate(_RETENTION_ORDER)}
 _KNOWN_OPTIONS: frozenset[str] = frozenset(OPTION_CODES)
+_FULL_DATES, _MODIFIED_DATES = "retain-longitudinal-full-dates", "retain-longitudinal-modified-dates"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +89,15 @@ class TableEntry:
         applies unless an enabled option has an entry in this row; then that entry applies. If several enabled
         options have entries that disagree, the most retaining one wins, in the order
         K > C > D > U > Z/D > Z > X/D > X/Z/D > X/Z/U* > X/Z > X. Options without a column here (including the
-        pixel options) leave the row alone; a name that is no E.3 option raises ValueError.
+        pixel options) leave the row alone; a name that is no E.3 option raises ValueError. One exception: under
+        Modified Dates (without Full Dates) a row its column cleans is cleaned even if another option keeps it
+        (Retain Device Identity's calibration, manufacture and installation dates): one real date among shifted
+        ones would undo the shift (E.3.6), and shifting them too keeps every interval.
         """
         if not options <= _KNOWN_OPTIONS:
             raise ValueError(f"unknown de-identification options: {', '.join(sorted(options - _KNOWN_OPTIONS))}")
+        if _MODIFIED_DATES in options and _FULL_DATES not in options and self.options.get(_MODIFIED_DATES) == "C":
+            return "C"
         best: str | None = None
         for option, code in self.options.items():
             if option in options and (best is None or _RANK[code] < _RANK[best]):

@@ -1,14 +1,15 @@
 """Generate ingestd/deid/e1_1_2026c.json: DICOM PS3.15 Table E.1-1 with its E.3 option columns.
 
 Basic Profile codes and names come from dicom-anonymizer's ``dicomfields_2026c.py`` (parsed as source text, so
-the attribute names in its comments are kept); option columns come from the vendored innolitics copy next to
-this script (see README.md). Usage: ``python tools/deid/generate_table.py [--output PATH]``.
+the attribute names in its comments are kept); option columns come from the vendored innolitics 2024b file next to
+this script, byte for byte as published (see README.md). Usage: ``python tools/deid/generate_table.py [--output PATH]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -22,14 +23,14 @@ EDITION = "2026c"
 ORACLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-VENDORED = HERE / "innolitics-e1-1-0d01bf1.json"
+VENDORED = HERE / "innolitics-confidentiality-2024b-7f4749d.json"
 DEFAULT_OUTPUT = ROOT / "ingestd" / "deid" / "e1_1_2026c.json"
-INNOLITICS_COMMIT = "0d01bf11dfc1d0b73b6df85bbf6e1764d3c558a3"
-# The vendored snapshot is labelled 2024b by the request that produced it, but its rows are a subset of the
-# 2023 table (see README.md); the label below says what the data is.
+# innolitics/dicom-standard at HEAD 7f4749d; standard/confidentiality_profile_attributes.json was last changed in
+# 8670abd ("Update standard to rev2024b"). The file is vendored unchanged; its digest pins it.
+INNOLITICS_COMMIT = "7f4749d09ed3ef2fa70637d376d423a4b13523cd"
+VENDORED_SHA256 = "a99a35d1278e2bace8d90ff791b11aea2d45f1e3e1230388eb5224c9dbcd29e6"
 OPTIONS_SOURCE = (
-    "innolitics/dicom-standard confidentiality_profile_attributes.json "
-    f"(snapshot older than 2024b) @ {INNOLITICS_COMMIT}"
+    f"innolitics/dicom-standard standard/confidentiality_profile_attributes.json (2024b) @ {INNOLITICS_COMMIT}"
 )
 PRIVATE_ID = "ggggeeee-where-gggg-is-odd"
 
@@ -133,8 +134,22 @@ def show(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+# Fields of an innolitics row that are not option columns: the row's identity and the Basic Profile code.
+ROW_FIELDS = frozenset({"name", "tag", "stdCompIOD", "basicProfile", "id"})
+
+
+def load_vendored() -> list[dict[str, str]]:
+    """The vendored innolitics rows, after checking the file is the pinned one."""
+    data = VENDORED.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != VENDORED_SHA256:
+        raise SystemExit(f"{VENDORED.name}: sha256 {digest}, expected {VENDORED_SHA256}")
+    rows: list[dict[str, str]] = json.loads(data)
+    return rows
+
+
 def options_of(row: dict[str, str]) -> dict[str, str]:
-    unknown = set(row) - {"name", "basic"} - set(OPTION_KEYS)
+    unknown = set(row) - ROW_FIELDS - {"basic"} - set(OPTION_KEYS)
     if unknown:
         raise ValueError(f"unknown columns {sorted(unknown)} in {row['name']!r}")
     return {OPTION_KEYS[key]: row[key] for key in OPTION_KEYS if key in row}
@@ -149,7 +164,13 @@ def build(report: list[str]) -> dict[str, Any]:  # noqa: PLR0915 - one pass, one
     check_against_import(oracle)
     version = importlib.metadata.version("dicom-anonymizer")
 
-    vendored: dict[str, dict[str, str]] = json.loads(VENDORED.read_text(encoding="utf-8"))
+    rows = load_vendored()
+    # Some names carry a footnote reference after a blank line ("Icon Image Sequence\n\n(see Note 11)").
+    vendored = {
+        row["id"]: {**row, "name": row["name"].split("\n")[0].strip(), "basic": row["basicProfile"]} for row in rows
+    }
+    if len(vendored) != len(rows):
+        raise ValueError(f"{VENDORED.name}: duplicate ids")
     private_row = vendored[PRIVATE_ID]
     innolitics = {innolitics_key(ident): row for ident, row in vendored.items() if ident != PRIVATE_ID}
 
@@ -235,13 +256,15 @@ def build(report: list[str]) -> dict[str, Any]:  # noqa: PLR0915 - one pass, one
 
 
 def derived_options(value: int, mask: int, basic: str) -> dict[str, str]:
-    """Option columns for a row the vendored snapshot lacks, where the standard's rule is mechanical.
+    """Option columns for a 2026c row the vendored 2024b file lacks, where the standard's rule is mechanical.
 
-    E.3.6 applies both longitudinal options to every date and time attribute of the table (K under full dates,
-    C under modified dates) and E.3.9 keeps every U attribute under retain-uids; the vendored rows follow
-    this without exception (every DA/DT/TM row with option data has K/C, every U row has K), and the result
-    (165 date/time rows) matches the count of the 2024b table. The other options' columns depend on the
-    attribute's meaning, so rows without vendored data keep the Basic Profile for them (the cautious side).
+    E.3.6 applies both longitudinal options to date and time attributes (K under full dates, C under modified
+    dates) and E.3.9 keeps U attributes under retain-uids. The 2024b rows follow this with five exceptions, none
+    of which is a 2026c-only row: Patient's Birth Date and Time and GPS Time Stamp have no longitudinal entry,
+    Digital Signature UID and UID (0040,A124) no retain-uids entry. Of the 35 rows added since 2024b only
+    (300A,0054) Table Top Position Alignment UID (U) gets a derived column; the new date-times are unknown to
+    pydicom's dictionary and so keep the Basic Profile. The other options' columns depend on the attribute's
+    meaning, so rows without vendored data keep the Basic Profile for them (the cautious side).
     """
     from pydicom.datadict import dictionary_VR  # noqa: PLC0415 - pydicom is a dependency of the generator only here
 
