@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage, RLELossless
@@ -243,6 +244,16 @@ def test_truncated_jpeg_2000_is_held_as_undecodable(tmp_path: Path) -> None:
         "Error decoding the J2K data: failed to decode image)"
     )
     assert "AttributeError" not in caught.value.reason
+
+
+def test_a_file_cut_short_inside_pixel_data_is_held_as_such(tmp_path: Path) -> None:
+    """pydicom-data's JPEG 2000 file whose Pixel Data the file ends inside: held as unreadable, saying so."""
+    source = get_testdata_file("emri_small_jpeg_2k_lossless_too_short.dcm")
+    assert source is not None
+    with pytest.raises(DeidError) as caught:
+        _clean_one(tmp_path, Path(source), px.profile(px.region(Modality="MR")))
+    assert caught.value.code == "unreadable"
+    assert "the file ends inside its Pixel Data (it was cut short)" in caught.value.reason
 
 
 def test_too_large_to_clean_in_memory_is_held(tmp_path: Path) -> None:
