@@ -481,3 +481,19 @@ def test_no_new_validator_errors(name: str, dciodvfy: str, tmp_path: Path) -> No
                 legacy.add(elem)
     legacy.save_as(tmp_path / "legacy.dcm", enforce_file_format=True)
     assert any(ISSUE_ERRORS[name] in line for line in _errors(dciodvfy, tmp_path / "legacy.dcm"))
+
+
+def test_a_required_timezone_offset_gets_a_valid_dummy() -> None:
+    """Timezone Offset From UTC is X in E.1-1 and Type 1 in the Timezone module (of the Simplified Adult Echo SR):
+    its dummy is a valid offset, not a pseudonym of the original."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.72", "1.2.3.4"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.1", "SR"
+    ds.TimezoneOffsetFromUTC = "-0500"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    changes: list[Change] = []
+    out = anonymize(ds, Profile(name="tz", key=b"k" * 32), Labels(), changes)
+    assert out.TimezoneOffsetFromUTC == "+0000"
+    (change,) = [c for c in changes if c.tag == 0x00080201]
+    assert "Type 1 in simplified-adult-echo-sr" in change.why

@@ -482,6 +482,8 @@ _DUMMY_BY_VR: dict[str, object] = {
 
 def _dummy(elem: DataElement, run: _Run) -> DataElement:
     vr = elem.VR
+    if int(elem.tag) == 0x00080201:  # Timezone Offset From UTC: "&ZZXX" (PS3.3 C.12.1.1.8); UTC is no one's zone
+        return DataElement(elem.tag, vr, "+0000")
     if vr in _DUMMY_BY_VR:
         return DataElement(elem.tag, vr, _DUMMY_BY_VR[vr])
     if vr in _TEXT_VRS:
