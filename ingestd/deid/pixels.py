@@ -18,7 +18,6 @@ written. Decoding needs the whole output in memory: `max_decoded_bytes` bounds i
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, TypeVar
@@ -31,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from ingestd.deid.hold import DeidError
 from ingestd.deid.profile import Profile, Region
+from ingestd.deid.seekable import SeekableReader
 from ingestd.states import HoldCode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -198,36 +198,18 @@ def _check_geometry(ds: Dataset, region: Region) -> None:
             )
 
 
-class _Buffer(io.BufferedIOBase):
+class _Buffer(SeekableReader):
     """A read-only stream over the cleaned frames, which pydicom's writer copies in chunks (no second copy)."""
 
     def __init__(self, data: memoryview) -> None:
-        super().__init__()
+        super().__init__(len(data))
         self._data = data
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._data)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
     def read(self, size: int | None = -1) -> bytes:
-        end = len(self._data) if size is None or size < 0 else min(len(self._data), self._pos + size)
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
         data = bytes(self._data[self._pos : end])
         self._pos = max(self._pos, end)
         return data
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(size)
 
 
 def _short(exc: BaseException) -> str:

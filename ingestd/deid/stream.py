@@ -52,6 +52,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ingestd.deid.engine import DeidError
+from ingestd.deid.seekable import SeekableReader
 from ingestd.states import HoldCode
 
 __all__ = ["PIXEL_TAGS", "Instance", "open_instance", "write_instance"]
@@ -72,31 +73,15 @@ class _CutShortError(EOFError):
     """The file ends inside a pixel element: the instance was cut short (a transfer broken off, a full disk)."""
 
 
-class _Window(io.BufferedIOBase):
+class _Window(SeekableReader):
     """Bytes [start, start + length) of an open file, read with pread, plus one zero byte when length is odd
     (the pad pydicom's writer adds to an odd value, counted here so the length it writes includes it)."""
 
     def __init__(self, fd: int, start: int, length: int) -> None:
-        super().__init__()
+        super().__init__(length + (length % 2))
         self._fd = fd
         self._start = start
         self._length = length
-        self._size = length + (length % 2)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
     def read(self, size: int | None = -1) -> bytes:
         end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
@@ -112,14 +97,6 @@ class _Window(io.BufferedIOBase):
             data += b"\x00"
         self._pos = end
         return data
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(size)
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
 
 
 @dataclass
